@@ -1,0 +1,243 @@
+"""Eviction policies: which cached (registered, unreferenced) block a pool reuses next.
+
+A pool tells its policy when a block becomes evictable (``insert``, on its last release) and when
+it stops being evictable (``remove``, when a match takes a reference again); when it needs blocks
+and has no reset ones left it asks ``evict(n)`` for victims. The policy only chooses; the pool
+does the bookkeeping (registry, events). Every operation is O(1) amortized in the number of cached
+blocks (O(p) in the number of distinct priorities, which is small).
+
+Also here: ``FrequencyFilter``, the admission rule that decides which blocks are worth writing to
+disk (a block seen only once is rarely read back).
+
+Invariant shared by all policies (the contract suite in tests/kvbm/test_eviction.py checks it):
+``len(policy)`` counts the blocks inserted and neither removed nor evicted; ``evict(n)`` returns
+``min(n, len(policy))`` distinct such blocks and forgets them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from enum import Enum
+from typing import Protocol
+
+from fabric.errors import ConfigError
+from fabric.kvbm.types import BlockId, SequenceHash
+
+
+class EvictionPolicy(Protocol):
+    def insert(self, block_id: BlockId, priority: int) -> None:
+        """``block_id`` became evictable; ``priority`` is the block's (higher is kept longer)."""
+
+    def remove(self, block_id: BlockId) -> None:
+        """``block_id`` is referenced again and must not be evicted."""
+
+    def evict(self, n: int) -> list[BlockId]:
+        """Choose and forget up to ``n`` victims, best victim first."""
+
+    def clear(self) -> None:
+        """Forget every block."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, block_id: object) -> bool: ...
+
+
+class _Buckets:
+    """Blocks grouped by an integer key, LRU order inside each group; lowest key evicted first."""
+
+    __slots__ = ("_block_to_key", "_buckets")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, OrderedDict[BlockId, None]] = {}
+        self._block_to_key: dict[BlockId, int] = {}
+
+    def add(self, block_id: BlockId, key: int) -> None:
+        if block_id in self._block_to_key:
+            raise ValueError(f"block {block_id} is already evictable")
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = OrderedDict()
+        bucket[block_id] = None
+        self._block_to_key[block_id] = key
+
+    def discard(self, block_id: BlockId) -> int | None:
+        key = self._block_to_key.pop(block_id, None)
+        if key is not None:
+            bucket = self._buckets[key]
+            del bucket[block_id]
+            if not bucket:
+                del self._buckets[key]
+        return key
+
+    def pop_lowest(self, n: int) -> list[BlockId]:
+        victims: list[BlockId] = []
+        while len(victims) < n and self._buckets:
+            key = min(self._buckets)
+            bucket = self._buckets[key]
+            while bucket and len(victims) < n:
+                victims.append(bucket.popitem(last=False)[0])
+            if not bucket:
+                del self._buckets[key]
+        for block_id in victims:
+            del self._block_to_key[block_id]
+        return victims
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self._block_to_key.clear()
+
+    def __len__(self) -> int:
+        return len(self._block_to_key)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._block_to_key
+
+
+class LruPolicy:
+    """Least recently released first; priorities ignored."""
+
+    __slots__ = ("_order",)
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[BlockId, None] = OrderedDict()
+
+    def insert(self, block_id: BlockId, priority: int) -> None:
+        if block_id in self._order:
+            raise ValueError(f"block {block_id} is already evictable")
+        self._order[block_id] = None
+
+    def remove(self, block_id: BlockId) -> None:
+        self._order.pop(block_id, None)
+
+    def evict(self, n: int) -> list[BlockId]:
+        order = self._order
+        return [order.popitem(last=False)[0] for _ in range(min(n, len(order)))]
+
+    def clear(self) -> None:
+        self._order.clear()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._order
+
+
+class PriorityLruPolicy:
+    """Lowest priority first, least recently released first among equals (the default)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets = _Buckets()
+
+    def insert(self, block_id: BlockId, priority: int) -> None:
+        self._buckets.add(block_id, priority)
+
+    def remove(self, block_id: BlockId) -> None:
+        self._buckets.discard(block_id)
+
+    def evict(self, n: int) -> list[BlockId]:
+        return self._buckets.pop_lowest(n)
+
+    def clear(self) -> None:
+        self._buckets.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._buckets
+
+
+class LfuPolicy:
+    """Least frequently used first (uses = releases since the block was last evicted), then LRU.
+
+    A block's count survives being matched again (``remove``) and is dropped when it is evicted,
+    since the block id then holds other content.
+    """
+
+    __slots__ = ("_buckets", "_uses")
+
+    def __init__(self) -> None:
+        self._buckets = _Buckets()
+        self._uses: dict[BlockId, int] = {}
+
+    def insert(self, block_id: BlockId, priority: int) -> None:
+        uses = self._uses.get(block_id, 0) + 1
+        self._buckets.add(block_id, uses)
+        self._uses[block_id] = uses
+
+    def remove(self, block_id: BlockId) -> None:
+        self._buckets.discard(block_id)
+
+    def evict(self, n: int) -> list[BlockId]:
+        victims = self._buckets.pop_lowest(n)
+        for block_id in victims:
+            del self._uses[block_id]
+        return victims
+
+    def clear(self) -> None:
+        self._buckets.clear()
+        self._uses.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._buckets
+
+
+class EvictionKind(Enum):
+    LRU = "lru"
+    PRIORITY_LRU = "priority_lru"
+    LFU = "lfu"
+
+
+_POLICIES: dict[EvictionKind, type[LruPolicy | PriorityLruPolicy | LfuPolicy]] = {
+    EvictionKind.LRU: LruPolicy,
+    EvictionKind.PRIORITY_LRU: PriorityLruPolicy,
+    EvictionKind.LFU: LfuPolicy,
+}
+
+
+def build_policy(kind: EvictionKind) -> EvictionPolicy:
+    """A fresh policy of the given kind."""
+    return _POLICIES[kind]()
+
+
+class FrequencyFilter:
+    """Admits a block to a slow tier once its sequence hash has been seen ``min_count`` times.
+
+    Counts are bounded: after ``window`` observations every count is halved and zeros are
+    dropped (the aging step of TinyLFU), so memory stays O(window) and old popularity fades.
+    ``min_count=1`` admits every hash observed at least once.
+    """
+
+    __slots__ = ("_counts", "_min_count", "_observed", "_window")
+
+    def __init__(self, min_count: int = 2, window: int = 1 << 20) -> None:
+        if min_count < 1:
+            raise ConfigError(f"disk admission min_count must be >= 1, got {min_count}")
+        if window < 1:
+            raise ConfigError(f"disk admission window must be >= 1, got {window}")
+        self._min_count = min_count
+        self._window = window
+        self._counts: dict[SequenceHash, int] = {}
+        self._observed = 0
+
+    def observe(self, sequence_hashes: list[SequenceHash]) -> None:
+        """Count one use of each hash (a registration or a match)."""
+        counts = self._counts
+        for h in sequence_hashes:
+            counts[h] = counts.get(h, 0) + 1
+        self._observed += len(sequence_hashes)
+        if self._observed >= self._window:
+            self._counts = {h: c >> 1 for h, c in counts.items() if c > 1}
+            self._observed = 0
+
+    def admits(self, sequence_hash: SequenceHash) -> bool:
+        return self._counts.get(sequence_hash, 0) >= self._min_count
+
+    def count(self, sequence_hash: SequenceHash) -> int:
+        return self._counts.get(sequence_hash, 0)

@@ -1,0 +1,126 @@
+"""Chained, salted sequence hashes of full token blocks (xxh3-64), the scheme of Dynamo's KVBM.
+
+For a prompt split into full blocks of ``block_size`` tokens (a trailing partial block is never
+hashed):
+
+* ``block_hash[i] = xxh3_64(tokens[i*bs:(i+1)*bs] as little-endian u32, seed)``
+* ``sequence_hash[0] = block_hash[0]``
+* ``sequence_hash[i] = xxh3_64(pack("<QQ", sequence_hash[i-1], block_hash[i]), seed)``
+
+``seed`` is 1337 when there is no salt, which makes ``block_hash`` equal to the local block hash of
+Dynamo's KV router (``compute_block_hash_for_seq``), so KV events we publish can be indexed by it.
+With a salt (model name, dtype, layout: anything that makes KV incompatible), ``seed =
+xxh3_64(salt, 1337)`` and no hash of one salt ever matches a hash of another.
+
+Invariants: hashes depend only on (salt, tokens, block_size) — never on the process (no Python
+``hash()``), the platform's byte order, or how the prompt was split into calls (``parent`` chains a
+continuation onto the hashes already computed). Test vectors are in ``tests/kvbm/test_hashing.py``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import xxhash
+
+from fabric.errors import InvalidInput
+from fabric.kvbm.types import BlockHash, SequenceHash
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_SEED = 1337
+"""Seed of the unsalted scheme: equal to the Dynamo KV router's."""
+
+_MAX_TOKEN = 2**32 - 1
+_pack_pair = struct.Struct("<QQ").pack
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def seed_for_salt(salt: str | bytes | None) -> int:
+    """The xxh3 seed for a salt: ``DEFAULT_SEED`` without one, else ``xxh3_64(salt, 1337)``."""
+    if salt is None:
+        return DEFAULT_SEED
+    data = salt.encode() if isinstance(salt, str) else bytes(salt)
+    return _xxh3(data, DEFAULT_SEED)
+
+
+@dataclass(frozen=True, slots=True)
+class HashedBlocks:
+    """The hashes of a prompt's full blocks, in order; both lists have ``num_blocks`` entries."""
+
+    block_hashes: list[BlockHash]
+    sequence_hashes: list[SequenceHash]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.sequence_hashes)
+
+
+def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Token ids as a contiguous little-endian u32 array; raises ``InvalidInput`` on bad input.
+
+    Accepts a sequence of ints, a 1-D integer numpy array or a 1-D integer torch tensor.
+    """
+    if hasattr(tokens, "detach"):  # torch.Tensor, without importing torch here
+        tokens = tokens.detach().cpu().numpy()  # type: ignore[union-attr]
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise InvalidInput(f"tokens must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype="<u4")
+    if arr.dtype.kind not in "iu":
+        raise InvalidInput(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise InvalidInput(f"token ids must be >= 0, got {int(arr.min())}")
+    if int(arr.max()) > _MAX_TOKEN:
+        raise InvalidInput(f"token ids must fit in u32, got {int(arr.max())}")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def hash_token_blocks(
+    tokens: Sequence[int] | np.ndarray | torch.Tensor,
+    block_size: int,
+    *,
+    seed: int = DEFAULT_SEED,
+    parent: SequenceHash | None = None,
+) -> HashedBlocks:
+    """Hash every full block of ``tokens``.
+
+    Args:
+        tokens: the token ids (trailing tokens that do not fill a block are ignored).
+        block_size: tokens per block, > 0.
+        seed: from ``seed_for_salt``.
+        parent: the sequence hash of the block just before ``tokens[0]``, to continue a chain.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise InvalidInput(f"block_size must be a positive int, got {block_size!r}")
+    arr = as_token_array(tokens)
+    num_blocks = arr.size // block_size
+    view = memoryview(arr).cast("B")
+    step = 4 * block_size
+    block_hashes: list[BlockHash] = [
+        BlockHash(_xxh3(view[i * step : (i + 1) * step], seed)) for i in range(num_blocks)
+    ]
+    sequence_hashes: list[SequenceHash] = []
+    append = sequence_hashes.append
+    prev = parent
+    for bh in block_hashes:
+        prev = SequenceHash(bh if prev is None else _xxh3(_pack_pair(prev, bh), seed))
+        append(prev)
+    return HashedBlocks(block_hashes, sequence_hashes)
+
+
+def sequence_hashes(
+    tokens: Sequence[int] | np.ndarray | torch.Tensor,
+    block_size: int,
+    *,
+    seed: int = DEFAULT_SEED,
+    parent: SequenceHash | None = None,
+) -> list[SequenceHash]:
+    """Just the chained sequence hashes of ``hash_token_blocks``."""
+    return hash_token_blocks(tokens, block_size, seed=seed, parent=parent).sequence_hashes

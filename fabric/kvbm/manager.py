@@ -1,0 +1,394 @@
+"""KvBlockManager: the facade a worker talks to, over one pool + storage per tier.
+
+What it owns: the tiers (G1 device always; G2 host and G3 disk when configured), the salt seed
+that makes hashes model-specific, the disk admission filter, and the moves between tiers. Pools
+only allocate / register / match / release; storages only hold bytes; ``copy_blocks`` only copies.
+The manager is where a block changes tier::
+
+    offload:  DEVICE -> HOST -> DISK      (copies, registered in the target, source keeps its copy)
+    onboard:  HOST -> DEVICE, DISK -> DEVICE
+
+A move copies only the blocks the target does not already hold (dedup by sequence hash), holds a
+reference on the ones it does hold so the allocation cannot evict them mid-move, and returns
+every block it allocated if the copy fails. Moves are synchronous here; the asynchronous
+per-path queues build on ``move`` (tiering issue).
+
+``match`` looks through the tiers fastest first and returns one contiguous prefix split by tier;
+``match_and_onboard`` turns that into device blocks. Not thread-safe: one owner thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fabric.config import FabricConfig
+from fabric.errors import ConfigError, InvalidInput, TransferError
+from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
+from fabric.kvbm.copy import copy_blocks
+from fabric.kvbm.events import EventSink, NullSink
+from fabric.kvbm.eviction import FrequencyFilter, build_policy
+from fabric.kvbm.hashing import HashedBlocks, hash_token_blocks, seed_for_salt
+from fabric.kvbm.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.metrics import KvbmMetrics
+from fabric.kvbm.pool import BlockPool
+from fabric.kvbm.storage import DiskStorage, Storage, device_storage, host_storage
+from fabric.kvbm.types import SequenceHash, Tier
+
+logger = logging.getLogger(__name__)
+
+_MOVES = {
+    (Tier.DEVICE, Tier.HOST),
+    (Tier.HOST, Tier.DISK),
+    (Tier.DEVICE, Tier.DISK),
+    (Tier.HOST, Tier.DEVICE),
+    (Tier.DISK, Tier.DEVICE),
+}
+_SPEED_ORDER = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+
+
+@dataclass(frozen=True, slots=True)
+class KvGeometry:
+    """What the model's KV cache looks like per token; with the config it fixes every layout."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype = torch.float16
+    kv_split: bool = True
+    """K and V in separate chunks (outer dim 2); False for one joined page per layer."""
+
+    def layout(self, kind: LayoutKind, num_blocks: int, block_size: int) -> LayoutSpec:
+        return LayoutSpec(
+            kind=kind,
+            num_blocks=num_blocks,
+            num_layers=self.num_layers,
+            outer_dim=2 if self.kv_split else 1,
+            block_size=block_size,
+            inner_dim=self.num_kv_heads * self.head_size * (1 if self.kv_split else 2),
+            dtype=self.dtype,
+        )
+
+
+@dataclass(slots=True)
+class TierSlot:
+    """One tier: its pool and the storage that holds its blocks' bytes."""
+
+    pool: BlockPool
+    storage: Storage
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """A matched prefix, split by tier: ``by_tier[t]`` covers the next blocks after the faster
+    tiers' ones. Release with ``KvBlockManager.release_match`` (or onboard it)."""
+
+    by_tier: dict[Tier, ImmutableBlocks] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(h) for h in self.by_tier.values())
+
+    def count(self, tier: Tier) -> int:
+        handle = self.by_tier.get(tier)
+        return 0 if handle is None else len(handle)
+
+
+class KvBlockManager:
+    """The per-worker KV block manager. Build it with ``build_kvbm``."""
+
+    def __init__(
+        self,
+        tiers: dict[Tier, TierSlot],
+        *,
+        block_size: int,
+        seed: int,
+        disk_filter: FrequencyFilter,
+        metrics: KvbmMetrics,
+        events: EventSink,
+    ) -> None:
+        if Tier.DEVICE not in tiers:
+            raise ConfigError("a KvBlockManager needs a DEVICE tier")
+        self._tiers = tiers
+        self.block_size = block_size
+        self.seed = seed
+        self.disk_filter = disk_filter
+        self.metrics = metrics
+        self.events = events
+        for tier, slot in tiers.items():
+            metrics.bind_pool(tier, slot.pool.stats)
+
+    # -- access --------------------------------------------------------------------------------
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return tuple(t for t in _SPEED_ORDER if t in self._tiers)
+
+    def pool(self, tier: Tier = Tier.DEVICE) -> BlockPool:
+        return self._slot(tier).pool
+
+    def storage(self, tier: Tier = Tier.DEVICE) -> Storage:
+        return self._slot(tier).storage
+
+    def hash_tokens(
+        self, tokens: Sequence[int], parent: SequenceHash | None = None
+    ) -> HashedBlocks:
+        """Hashes of the full blocks of ``tokens`` under this manager's salt and block size."""
+        return hash_token_blocks(tokens, self.block_size, seed=self.seed, parent=parent)
+
+    # -- device lifecycle (the engine's path) ---------------------------------------------------
+
+    def allocate(self, num_blocks: int) -> MutableBlocks | None:
+        return self._slot(Tier.DEVICE).pool.allocate(num_blocks)
+
+    def register(
+        self,
+        blocks: MutableBlocks,
+        sequence_hashes: Sequence[SequenceHash],
+        *,
+        parent_hash: SequenceHash | None = None,
+        priority: int = 0,
+        token_ids: Sequence[int] | None = None,
+    ) -> ImmutableBlocks:
+        """Register complete device blocks (see ``BlockPool.register``); feeds the disk filter."""
+        self.disk_filter.observe(list(sequence_hashes))
+        return blocks._pool.register(
+            blocks, sequence_hashes, parent_hash=parent_hash, priority=priority, token_ids=token_ids
+        )
+
+    def release(self, blocks: MutableBlocks | ImmutableBlocks) -> None:
+        blocks._pool.release(blocks)
+
+    # -- matching across tiers -----------------------------------------------------------------
+
+    def match(self, sequence_hashes: Sequence[SequenceHash]) -> PrefixMatch:
+        """The longest prefix held by any tier, each block taken from the fastest tier holding it.
+
+        Stops at the first hash no tier holds. References are taken on every returned block.
+        """
+        self.disk_filter.observe(list(sequence_hashes))
+        result = PrefixMatch()
+        start = 0
+        for tier in self.tiers:
+            if start == len(sequence_hashes):
+                break
+            handle = self._tiers[tier].pool.match(sequence_hashes[start:])
+            if len(handle):
+                result.by_tier[tier] = handle
+                start += len(handle)
+        return result
+
+    def release_match(self, match: PrefixMatch) -> None:
+        for handle in match.by_tier.values():
+            if handle.live:
+                self.release(handle)
+        match.by_tier.clear()
+
+    def match_and_onboard(self, sequence_hashes: Sequence[SequenceHash]) -> ImmutableBlocks:
+        """Device blocks for the longest prefix any tier holds, onboarding host and disk hits.
+
+        If the device pool cannot take every onboarded block, the prefix is cut where it
+        could not be onboarded (still a valid, shorter prefix). Nothing is leaked on failure.
+        """
+        found = self.match(sequence_hashes)
+        device = found.by_tier.pop(Tier.DEVICE, None)
+        try:
+            for tier in (Tier.HOST, Tier.DISK):
+                handle = found.by_tier.pop(tier, None)
+                if handle is None:
+                    continue
+                moved = self.move(handle, Tier.DEVICE)
+                self.release(handle)
+                if moved is None:
+                    break
+                device = moved if device is None else device.join(moved)
+        finally:
+            self.release_match(found)
+        if device is None:
+            return self._slot(Tier.DEVICE).pool.match([])
+        return device
+
+    # -- moves between tiers -------------------------------------------------------------------
+
+    def offload(self, blocks: ImmutableBlocks, target: Tier) -> int:
+        """Copy ``blocks`` into ``target`` where they stay cached; returns blocks newly stored.
+
+        Offloads to DISK write only blocks the frequency filter admits. The caller keeps its
+        handle on ``blocks``. Returns 0 when the target has no room (backpressure, not an error).
+        """
+        if target is Tier.DISK:
+            keep = [i for i, h in enumerate(blocks._sequence_hashes) if self.disk_filter.admits(h)]
+            if not keep:
+                return 0
+            if len(keep) < len(blocks):
+                blocks = blocks._pool.retain(blocks, keep)
+                try:
+                    return self._offload(blocks, target)
+                finally:
+                    self.release(blocks)
+        return self._offload(blocks, target)
+
+    def move(self, blocks: ImmutableBlocks, target: Tier) -> ImmutableBlocks | None:
+        """A handle on ``blocks``' hashes in ``target``, copying those it lacks.
+
+        Returns None when the target cannot make room (every block there is referenced). The
+        caller keeps its handle on ``blocks``; on a failed copy the blocks allocated in the
+        target are returned and ``TransferError`` is raised.
+        """
+        source = blocks.tier
+        if (source, target) not in _MOVES:
+            raise InvalidInput(f"no move from {source.name} to {target.name}")
+        src, dst = self._slot(source), self._slot(target)
+        hashes = blocks._sequence_hashes
+        held = dst.pool.match_present(hashes)  # references keep present blocks in place
+        present = set(held._sequence_hashes)
+        missing = [i for i, h in enumerate(hashes) if h not in present]
+        try:
+            if missing:
+                allocation = dst.pool.allocate(len(missing))
+                if allocation is None:
+                    return None
+                self._copy_and_register(src, blocks, dst, allocation, missing)
+                if target is Tier.DEVICE:
+                    self.metrics.record_onboards(source, target, len(missing))
+                else:
+                    self.metrics.record_offloads(source, target, len(missing))
+            return dst.pool.match(hashes)
+        finally:
+            dst.pool.release(held)
+
+    def close(self) -> None:
+        """Close every storage (idempotent). Handles must not be used afterwards."""
+        for slot in self._tiers.values():
+            slot.storage.close()
+        self.events.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _slot(self, tier: Tier) -> TierSlot:
+        slot = self._tiers.get(tier)
+        if slot is None:
+            raise ConfigError(
+                f"the {tier.name} tier is not configured; give it a size "
+                "(FABRIC_CPU_CACHE_GB / FABRIC_DISK_CACHE_GB or their *_BLOCKS overrides)"
+            )
+        return slot
+
+    def _offload(self, blocks: ImmutableBlocks, target: Tier) -> int:
+        before = self._slot(target).pool.stats().registered
+        moved = self.move(blocks, target)
+        if moved is None:
+            logger.debug("offload to %s skipped: no free blocks", target.name)
+            return 0
+        self.release(moved)
+        return self._slot(target).pool.stats().registered - before
+
+    def _copy_and_register(
+        self,
+        src: TierSlot,
+        blocks: ImmutableBlocks,
+        dst: TierSlot,
+        allocation: MutableBlocks,
+        missing: list[int],
+    ) -> None:
+        """Copy the ``missing`` positions of ``blocks`` into ``allocation`` and register them,
+        one contiguous run at a time so events carry the right parent hash."""
+        ids = blocks._block_ids
+        hashes = blocks._sequence_hashes
+        try:
+            copy_blocks(src.storage, [ids[i] for i in missing], dst.storage, allocation.block_ids)
+        except (OSError, RuntimeError, ValueError) as exc:
+            dst.pool.release(allocation)
+            raise TransferError(
+                f"copying {len(missing)} blocks {src.pool.tier.name} -> {dst.pool.tier.name} "
+                f"failed: {exc}"
+            ) from exc
+        allocation.advance(allocation.capacity)
+        rest = allocation
+        start = 0
+        while start < len(missing):
+            end = start + 1
+            while end < len(missing) and missing[end] == missing[end - 1] + 1:
+                end += 1
+            run, rest = rest.split(end - start)
+            first = missing[start]
+            parent = hashes[first - 1] if first > 0 else None
+            dst.pool.release(
+                dst.pool.register(run, [hashes[i] for i in missing[start:end]], parent_hash=parent)
+            )
+            start = end
+        dst.pool.release(rest)  # empty
+
+
+def build_kvbm(
+    config: FabricConfig,
+    geometry: KvGeometry,
+    *,
+    events: EventSink | None = None,
+    device: torch.device | str | None = None,
+    metrics: KvbmMetrics | None = None,
+) -> KvBlockManager:
+    """Wire a KvBlockManager from the config: pools, storages, policies, events, metrics."""
+    events = events if events is not None else NullSink()
+    block_bytes = geometry.layout(LayoutKind.FULLY_CONTIGUOUS, 1, config.block_size).block_bytes
+    tiers: dict[Tier, TierSlot] = {}
+    try:
+        for tier in _SPEED_ORDER:
+            num_blocks = config.tier_blocks(tier, block_bytes)
+            if num_blocks == 0:
+                continue
+            kind = LayoutKind.FULLY_CONTIGUOUS if tier is Tier.DISK else config.layout
+            layout = geometry.layout(kind, num_blocks, config.block_size)
+            storage: Storage
+            if tier is Tier.DEVICE:
+                storage = device_storage(layout, device)
+            elif tier is Tier.HOST:
+                storage = host_storage(layout, shared_name=config.host_shared_name)
+            else:
+                os.makedirs(config.disk_cache_dir, exist_ok=True)
+                storage = DiskStorage(layout, config.disk_cache_dir)
+            pool = BlockPool(
+                num_blocks,
+                config.block_size,
+                tier,
+                policy=build_policy(config.eviction),
+                events=events,
+            )
+            tiers[tier] = TierSlot(pool, storage)
+            logger.info(
+                "%s tier: %d blocks of %d tokens (%.1f MiB)",
+                tier.name,
+                num_blocks,
+                config.block_size,
+                num_blocks * block_bytes / 2**20,
+            )
+    except BaseException:
+        for slot in tiers.values():
+            slot.storage.close()
+        raise
+    return KvBlockManager(
+        tiers,
+        block_size=config.block_size,
+        seed=seed_for_salt(_salt(config, geometry)),
+        disk_filter=FrequencyFilter(config.disk_admit_after),
+        metrics=metrics if metrics is not None else KvbmMetrics(),
+        events=events,
+    )
+
+
+def _salt(config: FabricConfig, geometry: KvGeometry) -> str:
+    """Everything that makes KV incompatible goes into the hash seed (plus the user's salt)."""
+    parts = [
+        f"layers={geometry.num_layers}",
+        f"kv_heads={geometry.num_kv_heads}",
+        f"head={geometry.head_size}",
+        f"dtype={str(geometry.dtype).removeprefix('torch.')}",
+        f"kv_split={geometry.kv_split}",
+    ]
+    if config.salt:
+        parts.append(f"salt={config.salt}")
+    return "|".join(parts)

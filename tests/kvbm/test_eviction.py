@@ -1,0 +1,145 @@
+"""Eviction policies: one contract suite over every policy, then each policy's own order."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fabric.errors import ConfigError
+from fabric.kvbm.eviction import (
+    EvictionKind,
+    EvictionPolicy,
+    FrequencyFilter,
+    LfuPolicy,
+    LruPolicy,
+    PriorityLruPolicy,
+    build_policy,
+)
+from fabric.kvbm.types import BlockId
+
+ALL_KINDS = list(EvictionKind)
+
+
+@pytest.fixture(params=ALL_KINDS, ids=lambda k: k.value)
+def policy(request: pytest.FixtureRequest) -> EvictionPolicy:
+    return build_policy(request.param)
+
+
+# -- contract ----------------------------------------------------------------------------------
+
+
+def test_evict_returns_each_inserted_block_once(policy: EvictionPolicy) -> None:
+    for i in range(10):
+        policy.insert(BlockId(i), i % 3)
+    victims = policy.evict(4) + policy.evict(100)
+    assert sorted(victims) == list(range(10))
+    assert len(policy) == 0 and policy.evict(1) == []
+
+
+def test_removed_blocks_are_never_evicted(policy: EvictionPolicy) -> None:
+    for i in range(6):
+        policy.insert(BlockId(i), 0)
+    policy.remove(BlockId(2))
+    policy.remove(BlockId(4))
+    policy.remove(BlockId(99))  # unknown: no-op
+    assert 2 not in policy and 3 in policy
+    assert sorted(policy.evict(10)) == [0, 1, 3, 5]
+
+
+def test_double_insert_is_refused(policy: EvictionPolicy) -> None:
+    policy.insert(BlockId(1), 0)
+    with pytest.raises(ValueError, match="already evictable"):
+        policy.insert(BlockId(1), 0)
+
+
+def test_clear(policy: EvictionPolicy) -> None:
+    for i in range(3):
+        policy.insert(BlockId(i), 0)
+    policy.clear()
+    assert len(policy) == 0 and policy.evict(3) == []
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS, ids=lambda k: k.value)
+@given(ops=st.lists(st.tuples(st.sampled_from("ire"), st.integers(0, 15), st.integers(0, 3))))
+def test_contract_under_random_ops(kind: EvictionKind, ops: list[tuple[str, int, int]]) -> None:
+    policy = build_policy(kind)
+    model: set[int] = set()
+    for op, block, arg in ops:
+        if op == "i" and block not in model:
+            policy.insert(BlockId(block), arg)
+            model.add(block)
+        elif op == "r":
+            policy.remove(BlockId(block))
+            model.discard(block)
+        elif op == "e":
+            victims = policy.evict(arg)
+            assert len(victims) == min(arg, len(model)) == len(set(victims))
+            assert set(victims) <= model
+            model -= set(victims)
+        assert len(policy) == len(model)
+        assert all(b in policy for b in model)
+
+
+# -- each policy's order -----------------------------------------------------------------------
+
+
+def test_lru_order() -> None:
+    p = LruPolicy()
+    for i in (5, 1, 3):
+        p.insert(BlockId(i), 9 - i)
+    p.remove(BlockId(5))
+    p.insert(BlockId(5), 0)
+    assert p.evict(3) == [1, 3, 5]
+
+
+def test_priority_lru_evicts_low_priority_first_then_lru() -> None:
+    p = PriorityLruPolicy()
+    p.insert(BlockId(1), 5)
+    p.insert(BlockId(2), 0)
+    p.insert(BlockId(3), 5)
+    p.insert(BlockId(4), 0)
+    assert p.evict(4) == [2, 4, 1, 3]
+
+
+def test_lfu_evicts_least_used_and_forgets_counts_on_eviction() -> None:
+    p = LfuPolicy()
+    for _ in range(3):  # block 1 used three times
+        p.insert(BlockId(1), 0)
+        p.remove(BlockId(1))
+    p.insert(BlockId(1), 0)
+    p.insert(BlockId(2), 0)
+    p.insert(BlockId(3), 0)
+    assert p.evict(2) == [2, 3]
+    assert p.evict(1) == [1]
+    p.insert(BlockId(1), 0)  # new content in block 1: count starts again
+    p.insert(BlockId(4), 0)
+    assert p.evict(1) == [1]
+
+
+# -- disk admission filter ---------------------------------------------------------------------
+
+
+def test_frequency_filter_admits_after_min_count() -> None:
+    f = FrequencyFilter(min_count=2)
+    f.observe([10, 11])
+    assert not f.admits(10)
+    f.observe([10])
+    assert f.admits(10) and not f.admits(11)
+    assert FrequencyFilter(min_count=1).admits(1) is False  # never seen is never admitted
+
+
+def test_frequency_filter_ages_counts() -> None:
+    f = FrequencyFilter(min_count=2, window=8)
+    f.observe([1, 1, 1, 1, 2, 2, 3])  # 7 observations: no aging yet
+    assert f.count(1) == 4 and f.count(2) == 2
+    f.observe([4])  # the 8th: halve everything, drop singletons
+    assert (f.count(1), f.count(2), f.count(3), f.count(4)) == (2, 1, 0, 0)
+    assert f.admits(1) and not f.admits(2)
+
+
+def test_frequency_filter_bad_config() -> None:
+    with pytest.raises(ConfigError, match="min_count"):
+        FrequencyFilter(min_count=0)
+    with pytest.raises(ConfigError, match="window"):
+        FrequencyFilter(window=0)
