@@ -70,10 +70,10 @@ class FabricConfig(BaseSettings):
         ge=0,
         validation_alias=_env("disk_cache_blocks", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"),
     )
-    disk_cache_dir: Path = Field(
-        Path(tempfile.gettempdir()) / "kv-fabric",
-        validation_alias=_env("disk_cache_dir", "DYN_KVBM_DISK_CACHE_DIR"),
+    disk_cache_dir: Path | None = Field(
+        None, validation_alias=_env("disk_cache_dir", "DYN_KVBM_DISK_CACHE_DIR")
     )
+    """Directory of the disk tier; it must exist. Unset: ``<tmp>/kv-fabric``, created on use."""
     disk_zerofill_fallback: bool = Field(
         True, validation_alias=_env("disk_zerofill_fallback", "DYN_KVBM_DISK_ZEROFILL_FALLBACK")
     )
@@ -103,6 +103,14 @@ class FabricConfig(BaseSettings):
     def _enum_by_name(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    def resolved_disk_dir(self) -> Path:
+        """The disk tier's directory: the configured one, or the default temp one (created)."""
+        if self.disk_cache_dir is not None:
+            return self.disk_cache_dir
+        default = Path(tempfile.gettempdir()) / "kv-fabric"
+        default.mkdir(exist_ok=True)
+        return default
+
     def tier_blocks(self, tier: Tier, block_bytes: int) -> int:
         """Blocks of ``tier`` for blocks of ``block_bytes`` (0 means the tier is off)."""
         if tier is Tier.DEVICE:
@@ -129,7 +137,16 @@ def load_config(**overrides: Any) -> FabricConfig:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            where = str(err["loc"][0]).upper() if err["loc"] else "?"
-            name = where if where.startswith(("FABRIC_", "DYN_")) else f"FABRIC_{where}"
-            problems.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            where = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"{_setting_names(where)}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _setting_names(where: str) -> str:
+    """Every environment name of the field that ``where`` (a field name or alias) refers to."""
+    for name, info in FabricConfig.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else []
+        if where.lower() in (name, *(c.lower() for c in choices)):
+            return " / ".join(choices) or name
+    return where

@@ -37,7 +37,7 @@ class StorageError(FabricError, OSError):
 
 
 class TransferError(FabricError):
-    """A transfer between tiers or peers failed; the blocks involved were returned to their pools."""
+    """A transfer between tiers or peers failed; its blocks were returned to their pools."""
 
 
 class TransferTimeout(TransferError):

@@ -20,7 +20,6 @@ per-path queues build on ``move`` (tiering issue).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from fabric.config import FabricConfig
 from fabric.errors import ConfigError, InvalidInput, TransferError
 from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
 from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.events import EventSink, NullSink
+from fabric.kvbm.events import EventSink, NullSink, ZmqEventPublisher
 from fabric.kvbm.eviction import FrequencyFilter, build_policy
 from fabric.kvbm.hashing import HashedBlocks, hash_token_blocks, seed_for_salt
 from fabric.kvbm.layout import LayoutKind, LayoutSpec
@@ -257,7 +256,7 @@ class KvBlockManager:
                     self.metrics.record_onboards(source, target, len(missing))
                 else:
                     self.metrics.record_offloads(source, target, len(missing))
-            return dst.pool.match(hashes)
+            return dst.pool.match_present(hashes)  # all present now; counts no hit
         finally:
             dst.pool.release(held)
 
@@ -332,8 +331,18 @@ def build_kvbm(
     device: torch.device | str | None = None,
     metrics: KvbmMetrics | None = None,
 ) -> KvBlockManager:
-    """Wire a KvBlockManager from the config: pools, storages, policies, events, metrics."""
-    events = events if events is not None else NullSink()
+    """Wire a KvBlockManager from the config: pools, storages, policies, events, metrics.
+
+    Events go to ``events`` when given, else to a ZMQ publisher on ``config.events_endpoint``
+    when set, else nowhere. The manager owns the sink: ``close`` closes it, and so does a failure
+    here, after closing every storage already built.
+    """
+    if events is None:
+        events = (
+            ZmqEventPublisher(config.events_endpoint, replay_endpoint=config.events_replay_endpoint)
+            if config.events_endpoint
+            else NullSink()
+        )
     block_bytes = geometry.layout(LayoutKind.FULLY_CONTIGUOUS, 1, config.block_size).block_bytes
     tiers: dict[Tier, TierSlot] = {}
     try:
@@ -349,8 +358,7 @@ def build_kvbm(
             elif tier is Tier.HOST:
                 storage = host_storage(layout, shared_name=config.host_shared_name)
             else:
-                os.makedirs(config.disk_cache_dir, exist_ok=True)
-                storage = DiskStorage(layout, config.disk_cache_dir)
+                storage = DiskStorage(layout, config.resolved_disk_dir())
             pool = BlockPool(
                 num_blocks,
                 config.block_size,
@@ -369,6 +377,7 @@ def build_kvbm(
     except BaseException:
         for slot in tiers.values():
             slot.storage.close()
+        events.close()
         raise
     return KvBlockManager(
         tiers,

@@ -16,8 +16,8 @@ from hypothesis.stateful import (
 
 from fabric.errors import InvalidInput, InvalidTransition, PoolExhausted
 from fabric.kvbm.block import BlockState, ImmutableBlocks, MutableBlocks
-from fabric.kvbm.eviction import EvictionKind, build_policy
 from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, RecordingSink
+from fabric.kvbm.eviction import EvictionKind, build_policy
 from fabric.kvbm.pool import BlockPool
 from fabric.kvbm.types import SequenceHash, Tier
 
