@@ -358,7 +358,12 @@ def build_kvbm(
             elif tier is Tier.HOST:
                 storage = host_storage(layout, shared_name=config.host_shared_name)
             else:
-                storage = DiskStorage(layout, config.resolved_disk_dir())
+                storage = DiskStorage(
+                    layout,
+                    config.resolved_disk_dir(),
+                    o_direct=config.disk_o_direct,
+                    zerofill_fallback=config.disk_zerofill_fallback,
+                )
             pool = BlockPool(
                 num_blocks,
                 config.block_size,
