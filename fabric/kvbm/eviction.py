@@ -43,54 +43,58 @@ class EvictionPolicy(Protocol):
 
 
 class _Buckets:
-    """Blocks grouped by an integer key, LRU order inside each group; lowest key evicted first."""
+    """Blocks grouped by an integer key, LRU order inside each group; lowest key evicted first.
 
-    __slots__ = ("_block_to_key", "_buckets")
+    Each block maps straight to its bucket, so removal is one dict pop and one ``del``. Buckets
+    emptied by removal are dropped lazily, when eviction reaches them.
+    """
+
+    __slots__ = ("_block_to_bucket", "_buckets")
 
     def __init__(self) -> None:
         self._buckets: dict[int, OrderedDict[BlockId, None]] = {}
-        self._block_to_key: dict[BlockId, int] = {}
+        self._block_to_bucket: dict[BlockId, OrderedDict[BlockId, None]] = {}
 
     def add(self, block_id: BlockId, key: int) -> None:
-        if block_id in self._block_to_key:
+        if block_id in self._block_to_bucket:
             raise ValueError(f"block {block_id} is already evictable")
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = OrderedDict()
         bucket[block_id] = None
-        self._block_to_key[block_id] = key
+        self._block_to_bucket[block_id] = bucket
 
-    def discard(self, block_id: BlockId) -> int | None:
-        key = self._block_to_key.pop(block_id, None)
-        if key is not None:
-            bucket = self._buckets[key]
+    def discard(self, block_id: BlockId) -> None:
+        bucket = self._block_to_bucket.pop(block_id, None)
+        if bucket is not None:
             del bucket[block_id]
-            if not bucket:
-                del self._buckets[key]
-        return key
 
     def pop_lowest(self, n: int) -> list[BlockId]:
         victims: list[BlockId] = []
-        while len(victims) < n and self._buckets:
-            key = min(self._buckets)
-            bucket = self._buckets[key]
-            while bucket and len(victims) < n:
-                victims.append(bucket.popitem(last=False)[0])
+        buckets = self._buckets
+        n = min(n, len(self._block_to_bucket))
+        while len(victims) < n:
+            key = min(buckets)
+            bucket = buckets[key]
+            popitem = bucket.popitem
+            for _ in range(min(n - len(victims), len(bucket))):
+                victims.append(popitem(last=False)[0])
             if not bucket:
-                del self._buckets[key]
+                del buckets[key]
+        block_to_bucket = self._block_to_bucket
         for block_id in victims:
-            del self._block_to_key[block_id]
+            del block_to_bucket[block_id]
         return victims
 
     def clear(self) -> None:
         self._buckets.clear()
-        self._block_to_key.clear()
+        self._block_to_bucket.clear()
 
     def __len__(self) -> int:
-        return len(self._block_to_key)
+        return len(self._block_to_bucket)
 
     def __contains__(self, block_id: object) -> bool:
-        return block_id in self._block_to_key
+        return block_id in self._block_to_bucket
 
 
 class LruPolicy:
