@@ -29,7 +29,8 @@ from fabric.config import FabricConfig
 from fabric.errors import ConfigError, InvalidInput, TransferError
 from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
 from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.events import EventSink, NullSink, ZmqEventPublisher
+from fabric.kvbm.event_publisher import ZmqEventPublisher
+from fabric.kvbm.events import EventSink, NullSink
 from fabric.kvbm.eviction import FrequencyFilter, build_policy
 from fabric.kvbm.hashing import HashedBlocks, hash_token_blocks, seed_for_salt
 from fabric.kvbm.layout import LayoutKind, LayoutSpec

@@ -19,20 +19,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.errors import ConfigError, InvalidInput, InvalidTransition, ProtocolMismatch
+from fabric.kvbm.event_publisher import ZmqEventPublisher
+from fabric.kvbm.event_wire import EventBatch, WireFormat, decode_event_batch, encode_event_batch
 from fabric.kvbm.events import (
     AllCleared,
     BlockRemoved,
     BlockStored,
-    EventBatch,
     EventSink,
     FanoutSink,
     KvEvent,
     NullSink,
     RecordingSink,
-    WireFormat,
-    ZmqEventPublisher,
-    decode_event_batch,
-    encode_event_batch,
 )
 from fabric.kvbm.types import BlockHash, SequenceHash, Tier
 

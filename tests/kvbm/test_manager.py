@@ -12,7 +12,9 @@ import zmq
 from fabric.config import load_config
 from fabric.errors import ConfigError, InvalidInput, StorageError, TransferError
 from fabric.kvbm import manager as manager_module
-from fabric.kvbm.events import BlockStored, RecordingSink, ZmqEventPublisher, decode_event_batch
+from fabric.kvbm.event_publisher import ZmqEventPublisher
+from fabric.kvbm.event_wire import decode_event_batch
+from fabric.kvbm.events import BlockStored, RecordingSink
 from fabric.kvbm.layout import LayoutKind
 from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
 from fabric.kvbm.storage import TensorStorage
