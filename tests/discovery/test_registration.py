@@ -1,0 +1,271 @@
+"""WorkerRegistration and WorkerDirectory: over every registry, then against real etcd failures
+(a SIGKILLed worker process, an etcd stopped and restarted with or without its data)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.registration import (
+    WorkerDirectory,
+    WorkerEvent,
+    WorkerEventKind,
+    WorkerRegistration,
+)
+from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.errors import DiscoveryError, InvalidTransition
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TTL_S = 1.0
+BOUND_S = 10.0  # generous bound for anything that should take about one TTL
+
+
+def record_of(worker_id: str, role: Role = Role.PREFILL, port: int = 5555) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=worker_id,
+        role=role,
+        endpoints={"signal": f"tcp://127.0.0.1:{port}"},
+        agent_name=f"nixl-{worker_id}",
+        layout={"block_size": 16, "dtype": "float32"},
+        compat_hash=0xC0FFEE,
+        started_at=time.time(),
+    )
+
+
+def registration_threads(worker_id: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"registration:{worker_id}"]
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+# -- over every registry -----------------------------------------------------------------------
+
+
+def test_record_lives_while_open_and_vanishes_at_close(registry: Registry, namespace: str) -> None:
+    record = record_of("alive")
+    registration = WorkerRegistration(registry, record, ttl_s=TTL_S, namespace=namespace)
+    with registration:
+        assert registration.registered
+        assert registry.get(record.key(namespace)) == record.to_bytes()
+        threading.Event().wait(2.5 * TTL_S)  # keepalives carry it past several TTLs
+        assert registry.get(record.key(namespace)) == record.to_bytes()
+    assert registry.get(record.key(namespace)) is None  # revoked at once, no TTL wait
+    assert not registration.registered
+    assert registration_threads("alive") == []
+    registration.close()  # idempotent
+
+
+def test_a_lost_lease_is_replaced_by_itself(
+    registry: Registry, namespace: str, caplog: pytest.LogCaptureFixture, wait_until
+) -> None:
+    caplog.set_level(logging.INFO, logger="fabric.discovery")
+    record = record_of("phoenix")
+    with WorkerRegistration(registry, record, ttl_s=TTL_S, namespace=namespace) as registration:
+        old = registration.lease
+        assert old is not None
+        registry.revoke(old)  # as if the lease had expired during a long stall
+        assert registry.get(record.key(namespace)) is None
+        assert wait_until(lambda: registry.get(record.key(namespace)) is not None, BOUND_S)
+        assert registration.lease is not None and registration.lease.id != old.id
+        assert wait_until(lambda: registration.registered, BOUND_S)
+    assert any("phoenix" in m and "lost" in m for m in messages(caplog, logging.WARNING))
+    assert any("restored" in m and "a new lease" in m for m in messages(caplog, logging.INFO))
+
+
+def test_registration_lifecycle_misuse_raises(registry: Registry, namespace: str) -> None:
+    registration = WorkerRegistration(registry, record_of("once"), ttl_s=TTL_S, namespace=namespace)
+    registration.start()
+    with pytest.raises(InvalidTransition):
+        registration.start()
+    registration.close()
+    with pytest.raises(InvalidTransition):
+        registration.start()
+    never_started = WorkerRegistration(registry, record_of("never"), namespace=namespace)
+    never_started.close()
+
+
+def test_directory_sees_joins_updates_and_leaves(
+    registry: Registry, namespace: str, wait_until
+) -> None:
+    early = WorkerRegistration(registry, record_of("p-early"), ttl_s=TTL_S, namespace=namespace)
+    early.start()
+    events: list[tuple[WorkerEventKind, str]] = []
+
+    def on_change(event: WorkerEvent) -> None:
+        events.append((event.kind, event.record.worker_id))
+
+    directory = WorkerDirectory(registry, namespace=namespace, on_change=on_change)
+    with directory:
+        assert directory.connected
+        assert set(directory.workers()) == {"p-early"}  # existing workers are there at start
+        late = WorkerRegistration(
+            registry, record_of("d-late", Role.DECODE), ttl_s=TTL_S, namespace=namespace
+        ).start()
+        assert directory.wait_for(lambda w: "d-late" in w, BOUND_S)
+        assert directory.get("d-late") == late.record
+
+        moved = record_of("d-late", Role.DECODE, port=6666)
+        registry.put(moved.key(namespace), moved.to_bytes(), lease=late.lease)
+        assert directory.wait_for(lambda w: w["d-late"] == moved, BOUND_S)
+
+        early.close()
+        assert directory.wait_for(lambda w: "p-early" not in w, BOUND_S)
+
+        orphan = record_of("p-orphan")  # registered under a lease nobody keeps alive
+        registry.put(orphan.key(namespace), orphan.to_bytes(), lease=registry.grant_lease(TTL_S))
+        assert directory.wait_for(lambda w: "p-orphan" in w, BOUND_S)
+        assert directory.wait_for(lambda w: "p-orphan" not in w, BOUND_S)
+        late.close()
+        assert directory.wait_for(lambda w: not w, BOUND_S)
+    assert events == [
+        (WorkerEventKind.JOINED, "p-early"),
+        (WorkerEventKind.JOINED, "d-late"),
+        (WorkerEventKind.UPDATED, "d-late"),
+        (WorkerEventKind.LEFT, "p-early"),
+        (WorkerEventKind.JOINED, "p-orphan"),
+        (WorkerEventKind.LEFT, "p-orphan"),
+        (WorkerEventKind.LEFT, "d-late"),
+    ]
+
+
+def test_directory_filters_by_role_and_skips_malformed_records(
+    registry: Registry, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefill, decode = record_of("p-0"), record_of("d-0", Role.DECODE)
+    registry.put(prefill.key(namespace), prefill.to_bytes())
+    registry.put(decode.key(namespace), decode.to_bytes())
+    registry.put(f"/{namespace}/workers/decode/d-bad", b"{not json")
+    with WorkerDirectory(registry, role=Role.DECODE, namespace=namespace) as directory:
+        assert directory.workers() == {"d-0": decode}
+    assert any("d-bad" in m for m in messages(caplog, logging.WARNING))
+
+
+def test_start_fails_fast_when_etcd_is_unreachable() -> None:
+    registry = EtcdRegistry("http://127.0.0.1:1", timeout_s=0.5)
+    try:
+        registration = WorkerRegistration(registry, record_of("nowhere"), ttl_s=TTL_S)
+        with pytest.raises(DiscoveryError, match="etcd is running"):
+            registration.start()
+        assert registration_threads("nowhere") == []
+        with pytest.raises(DiscoveryError):
+            WorkerDirectory(registry).start()
+    finally:
+        registry.close()
+
+
+# -- against real etcd failures --------------------------------------------------------------
+
+CHILD = """
+import sys, time
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.registration import WorkerRegistration
+from fabric.discovery.registry import Role, WorkerRecord
+
+endpoint, namespace, ttl_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+record = WorkerRecord("victim", Role.PREFILL, {}, None, {}, 0, time.time())
+registry = EtcdRegistry(endpoint, timeout_s=2)
+WorkerRegistration(registry, record, ttl_s=ttl_s, namespace=namespace).start()
+time.sleep(120)
+"""
+
+
+@pytest.mark.etcd
+def test_a_sigkilled_worker_disappears_after_its_ttl(
+    etcd_server: EtcdServer, namespace: str, wait_until
+) -> None:
+    registry = EtcdRegistry(etcd_server.endpoint, timeout_s=2)
+    directory = WorkerDirectory(registry, namespace=namespace).start()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, etcd_server.endpoint, namespace, str(TTL_S)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert directory.wait_for(lambda w: "victim" in w, 20), "the child never registered"
+        key = directory.workers()["victim"].key(namespace)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        killed_at = time.monotonic()
+        assert registry.get(key) is not None  # nobody revoked it: only the TTL can remove it
+        assert directory.wait_for(lambda w: "victim" not in w, BOUND_S)
+        assert registry.get(key) is None
+        assert time.monotonic() - killed_at <= TTL_S + 2.5
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        directory.close()
+        registry.close()
+
+
+@pytest.mark.etcd
+@pytest.mark.parametrize("wipe", [True, False], ids=["wiped", "same-data"])
+def test_registration_comes_back_after_an_etcd_outage(
+    fresh_etcd: EtcdServer,
+    namespace: str,
+    wipe: bool,
+    caplog: pytest.LogCaptureFixture,
+    wait_until,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fabric.discovery")
+    worker_registry = EtcdRegistry(fresh_etcd.endpoint, timeout_s=1)
+    router_registry = EtcdRegistry(fresh_etcd.endpoint, timeout_s=1)
+    record = record_of("survivor")
+    registration = WorkerRegistration(worker_registry, record, ttl_s=TTL_S, namespace=namespace)
+    directory = WorkerDirectory(router_registry, namespace=namespace)
+    try:
+        registration.start()
+        directory.start()
+        assert directory.get("survivor") == record
+
+        fresh_etcd.stop()
+        assert wait_until(lambda: not registration.registered, BOUND_S)
+        assert wait_until(lambda: not directory.connected, BOUND_S)
+        fresh_etcd.restart(wipe=wipe)
+        restarted_at = time.monotonic()
+
+        assert wait_until(lambda: registration.registered, BOUND_S)
+        assert router_registry.get(record.key(namespace)) == record.to_bytes()
+        assert directory.wait_for(lambda w: w.get("survivor") == record, BOUND_S)
+        assert wait_until(lambda: directory.connected, BOUND_S)
+        assert time.monotonic() - restarted_at < 5.0
+    finally:
+        registration.close()
+        directory.close()
+        worker_registry.close()
+        router_registry.close()
+    warnings, infos = messages(caplog, logging.WARNING), messages(caplog, logging.INFO)
+    assert any("registration of" in m and "lost" in m for m in warnings)
+    assert any("registration of" in m and "restored" in m for m in infos)
+    if wipe:
+        assert any("restored" in m and "a new lease" in m for m in infos)
+
+
+@pytest.mark.etcd
+def test_close_is_bounded_while_etcd_is_down(
+    fresh_etcd: EtcdServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = EtcdRegistry(fresh_etcd.endpoint, timeout_s=0.5)
+    registration = WorkerRegistration(registry, record_of("stranded"), ttl_s=TTL_S)
+    try:
+        registration.start()
+        fresh_etcd.stop()
+        started = time.monotonic()
+        registration.close()  # at most one keepalive and one revoke, each 0.5 s
+        assert time.monotonic() - started < 2 * 0.5 + 1.0
+        assert registration_threads("stranded") == []
+    finally:
+        registry.close()
+    assert any("could not revoke" in m for m in messages(caplog, logging.WARNING))
