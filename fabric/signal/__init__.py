@@ -1,0 +1,72 @@
+"""Handoff signals: small versioned control messages between prefill and decode workers.
+
+``messages`` owns the message types and their msgpack wire codec; ``errors`` the ``ErrorCode``
+vocabulary and the exceptions a refused message raises; ``framing`` the correlation-id frames and
+peer identities the ZeroMQ channel adds; ``server`` (``SignalServer``) and ``client``
+(``SignalClient``) the two ends of that channel; ``liveness`` the bounded last-seen table. KV bytes
+never travel here (NIXL moves them). Imports only ``fabric.errors`` (never ``kvbm`` or
+``transfer``).
+"""
+
+from __future__ import annotations
+
+from fabric.signal.client import SignalClient
+from fabric.signal.errors import (
+    ERROR_CODE_TO_EXCEPTION,
+    ErrorCode,
+    IncompatiblePeer,
+    MalformedMessage,
+    MessageTooLarge,
+    RemoteError,
+    SignalError,
+    UnknownMessageType,
+    UnsupportedVersion,
+    error_from_reply,
+)
+from fabric.signal.framing import PeerId
+from fabric.signal.messages import (
+    DEFAULT_MAX_BYTES,
+    MAX_SAMPLING_ENTRIES,
+    PROTOCOL_VERSION,
+    Abort,
+    BlocksReady,
+    ErrorReply,
+    Heartbeat,
+    Message,
+    MessageType,
+    PrefillRequest,
+    TransferDone,
+    decode,
+    encode,
+)
+from fabric.signal.server import Handler, SignalServer
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_SAMPLING_ENTRIES",
+    "ERROR_CODE_TO_EXCEPTION",
+    "PROTOCOL_VERSION",
+    "Abort",
+    "BlocksReady",
+    "ErrorCode",
+    "ErrorReply",
+    "Handler",
+    "Heartbeat",
+    "IncompatiblePeer",
+    "MalformedMessage",
+    "Message",
+    "MessageTooLarge",
+    "MessageType",
+    "PeerId",
+    "PrefillRequest",
+    "RemoteError",
+    "SignalClient",
+    "SignalError",
+    "SignalServer",
+    "TransferDone",
+    "UnknownMessageType",
+    "UnsupportedVersion",
+    "decode",
+    "encode",
+    "error_from_reply",
+]

@@ -1,0 +1,358 @@
+"""Handoff signal messages and their msgpack wire codec (no pickle, ever).
+
+Owns the control messages prefill and decode workers exchange (KV bytes never travel here: NIXL
+moves them) and their validation. The ``ErrorCode`` vocabulary and the exceptions a refused message
+raises live in ``fabric.signal.errors``. Imports only ``fabric.errors``, ``fabric.signal.errors``,
+msgpack and the stdlib.
+
+Invariants:
+
+* A message object is always valid: every field's type and range is checked on construction,
+  so ``encode`` never emits what ``decode`` would refuse, and ``decode`` builds messages through
+  the same constructors.
+* ``decode`` checks, in this order, and stops at the first failure: payload size
+  (``MessageTooLarge``), msgpack well-formedness under strict length limits and UTF-8 strings
+  (``MalformedMessage``), the envelope's shape and protocol version (``UnsupportedVersion``), the
+  message type (``UnknownMessageType``), the compatibility hash (``IncompatiblePeer``, naming both
+  hashes), then the body (``MalformedMessage``). It raises nothing else.
+* The compatibility hash is checked before the body is looked at. The one exception is
+  ``ErrorReply``: it carries no KV data, and a peer must be able to tell an incompatible sender
+  why it was refused, so an ``ErrorReply`` is accepted whatever its compatibility hash.
+
+Wire layout, protocol version 1 (a contract: changing it means a new ``PROTOCOL_VERSION``)::
+
+    payload = msgpack array [version: uint, type: uint, compat_hash: uint64, body: array]
+
+    body, by type (fields in declaration order, positional):
+      1 PrefillRequest [request_id: str, token_ids: [uint32, ...], max_tokens: uint32 >= 1,
+                        decode_worker: str, sampling: {str: float | int | str | bool},
+                        deadline_ms: int64 >= 0 (wall clock, ms since the Unix epoch)]
+      2 BlocksReady    [request_id: str, first_token: uint32, agent_name: str,
+                        block_set: bin (opaque; the transfer layer owns and versions it),
+                        num_tokens: uint32]
+      3 TransferDone   [request_id: str, num_blocks: uint32]
+      4 Abort          [request_id: str, reason: str]
+      5 ErrorReply     [request_id: str | nil, code: uint (ErrorCode), message: str]
+      6 Heartbeat      [worker_id: str, seq: uint64, sent_at_ms: int64 >= 0]
+
+Strings are msgpack str (UTF-8), ``block_set`` is msgpack bin; ``request_id``, ``decode_worker``,
+``agent_name``, ``worker_id`` and sampling keys are non-empty; at most 64 sampling entries. Adding
+a message type or an error code is a new protocol version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+import msgpack
+
+from fabric.errors import InvalidInput
+from fabric.signal.errors import (
+    ErrorCode,
+    IncompatiblePeer,
+    MalformedMessage,
+    MessageTooLarge,
+    UnknownMessageType,
+    UnsupportedVersion,
+)
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_BYTES = 1 << 20
+MAX_SAMPLING_ENTRIES = 64
+_U32 = 1 << 32
+_U64 = 1 << 64
+_I64 = 1 << 63
+_ENVELOPE_LEN = 4
+_E = TypeVar("_E", bound=Enum)
+
+
+class MessageType(Enum):
+    """The ``type`` slot of the envelope."""
+
+    PREFILL_REQUEST = 1
+    BLOCKS_READY = 2
+    TRANSFER_DONE = 3
+    ABORT = 4
+    ERROR_REPLY = 5
+    HEARTBEAT = 6
+
+
+# Field checks (shared by construction and decoding)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_str(owner: str, name: str, value: object, *, non_empty: bool = True) -> None:
+    if type(value) is not str:
+        raise MalformedMessage(f"{owner}.{name} must be a str, got {type(value).__name__}")
+    if non_empty and not value:
+        raise MalformedMessage(f"{owner}.{name} must not be empty")
+
+
+def _check_int(owner: str, name: str, value: object, low: int, high: int) -> None:
+    """Check ``low <= value < high``; bools are refused (they are ints in Python)."""
+    if type(value) is not int:
+        raise MalformedMessage(f"{owner}.{name} must be an int, got {type(value).__name__}")
+    if not low <= value < high:
+        raise MalformedMessage(f"{owner}.{name} must be in [{low}, {high}), got {value}")
+
+
+def _check_token_ids(owner: str, value: object) -> None:
+    if type(value) is not list:
+        raise MalformedMessage(f"{owner}.token_ids must be a list, got {type(value).__name__}")
+    if not set(map(type, value)) <= {int}:
+        raise MalformedMessage(f"{owner}.token_ids must hold only ints")
+    if value and not (min(value) >= 0 and max(value) < _U32):
+        raise MalformedMessage(f"{owner}.token_ids must be uint32 (0 <= id < 2**32)")
+
+
+def _check_sampling(owner: str, value: object) -> None:
+    if type(value) is not dict:
+        raise MalformedMessage(f"{owner}.sampling must be a dict, got {type(value).__name__}")
+    if len(value) > MAX_SAMPLING_ENTRIES:
+        raise MalformedMessage(
+            f"{owner}.sampling has {len(value)} entries, at most {MAX_SAMPLING_ENTRIES} allowed"
+        )
+    for key, item in value.items():
+        _check_str(owner, "sampling key", key)
+        if type(item) not in (float, int, str, bool):
+            raise MalformedMessage(
+                f"{owner}.sampling[{key!r}] must be a float, int, str or bool, "
+                f"got {type(item).__name__}"
+            )
+        if type(item) is int and not -_I64 <= item < _U64:
+            raise MalformedMessage(f"{owner}.sampling[{key!r}] = {item} does not fit 64 bits")
+
+
+# Messages
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    """Frontend -> prefill worker: compute the KV of ``token_ids`` for ``decode_worker``.
+
+    ``sampling`` holds the sampling parameters (temperature, top_p, seed...), ``deadline_ms`` the
+    wall-clock time (ms since the Unix epoch) after which the result is useless.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.PREFILL_REQUEST
+    request_id: str
+    token_ids: list[int]
+    max_tokens: int
+    decode_worker: str
+    sampling: dict[str, float | int | str | bool]
+    deadline_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("PrefillRequest", "request_id", self.request_id)
+        _check_token_ids("PrefillRequest", self.token_ids)
+        _check_int("PrefillRequest", "max_tokens", self.max_tokens, 1, _U32)
+        _check_str("PrefillRequest", "decode_worker", self.decode_worker)
+        _check_sampling("PrefillRequest", self.sampling)
+        _check_int("PrefillRequest", "deadline_ms", self.deadline_ms, 0, _I64)
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksReady:
+    """Prefill -> decode worker: the prefill's KV blocks are registered and readable.
+
+    ``block_set`` is opaque here: the transfer layer writes and versions it (agent metadata,
+    layout, block ids or addresses).
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.BLOCKS_READY
+    request_id: str
+    first_token: int
+    agent_name: str
+    block_set: bytes
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        _check_str("BlocksReady", "request_id", self.request_id)
+        _check_int("BlocksReady", "first_token", self.first_token, 0, _U32)
+        _check_str("BlocksReady", "agent_name", self.agent_name)
+        if type(self.block_set) is not bytes:
+            raise MalformedMessage(
+                f"BlocksReady.block_set must be bytes, got {type(self.block_set).__name__}"
+            )
+        _check_int("BlocksReady", "num_tokens", self.num_tokens, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferDone:
+    """Decode -> prefill worker: the blocks were read; the prefill may release its references."""
+
+    TYPE: ClassVar[MessageType] = MessageType.TRANSFER_DONE
+    request_id: str
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        _check_str("TransferDone", "request_id", self.request_id)
+        _check_int("TransferDone", "num_blocks", self.num_blocks, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Either side: stop working on a request and release what it holds."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ABORT
+    request_id: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_str("Abort", "request_id", self.request_id)
+        _check_str("Abort", "reason", self.reason, non_empty=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """A refusal or failure; ``request_id`` is None when the offending message was unreadable."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR_REPLY
+    request_id: str | None
+    code: ErrorCode
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.request_id is not None:
+            _check_str("ErrorReply", "request_id", self.request_id)
+        if type(self.code) is not ErrorCode:
+            raise MalformedMessage(f"ErrorReply.code must be an ErrorCode, got {self.code!r}")
+        _check_str("ErrorReply", "message", self.message, non_empty=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Liveness probe; ``sent_at_ms`` is the sender's wall clock (ms since the Unix epoch)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HEARTBEAT
+    worker_id: str
+    seq: int
+    sent_at_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("Heartbeat", "worker_id", self.worker_id)
+        _check_int("Heartbeat", "seq", self.seq, 0, _U64)
+        _check_int("Heartbeat", "sent_at_ms", self.sent_at_ms, 0, _I64)
+
+
+Message: TypeAlias = PrefillRequest | BlocksReady | TransferDone | Abort | ErrorReply | Heartbeat
+
+_MESSAGE_CLASSES = (PrefillRequest, BlocksReady, TransferDone, Abort, ErrorReply, Heartbeat)
+_TYPE_TO_CLASS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in _MESSAGE_CLASSES}
+_TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {
+    message_type: tuple(field.name for field in fields(cls))
+    for message_type, cls in _TYPE_TO_CLASS.items()
+}
+
+
+# Codec
+# ---------------------------------------------------------------------------------------------
+
+
+def encode(message: Message, compat_hash: int) -> bytes:
+    """Serialize ``message`` in the version-1 envelope.
+
+    Raises:
+        InvalidInput: ``compat_hash`` is not a uint64, or ``message`` is not a signal message.
+    """
+    if type(compat_hash) is not int or not 0 <= compat_hash < _U64:
+        raise InvalidInput(f"compat_hash must be a uint64, got {compat_hash!r}")
+    if type(message) not in _MESSAGE_CLASSES:
+        raise InvalidInput(f"not a signal message: {type(message).__name__}")
+    message_type = message.TYPE
+    body = [getattr(message, name) for name in _TYPE_TO_FIELDS[message_type]]
+    if message_type is MessageType.ERROR_REPLY:
+        body[1] = body[1].value
+    return msgpack.packb(
+        [PROTOCOL_VERSION, message_type.value, compat_hash, body], use_bin_type=True
+    )
+
+
+def decode(payload: bytes, *, expected_compat: int | None, max_bytes: int) -> Message:
+    """Parse and validate one payload (checks in the order the module docstring gives).
+
+    Args:
+        expected_compat: the receiver's compatibility hash; None skips the check.
+        max_bytes: the largest payload accepted.
+
+    Raises:
+        MalformedMessage: (an ``InvalidInput``) too large, not msgpack, bad envelope or body.
+        ProtocolMismatch: another version (``UnsupportedVersion``), an unknown message type
+            (``UnknownMessageType``) or another compatibility hash (``IncompatiblePeer``).
+        All of them are ``SignalError``s, whose ``code`` is the ``ErrorCode`` to answer with.
+    """
+    if len(payload) > max_bytes:
+        raise MessageTooLarge(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        envelope = msgpack.unpackb(
+            payload,
+            raw=False,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=MAX_SAMPLING_ENTRIES,
+            max_ext_len=0,
+        )
+    except ValueError as exc:  # every msgpack parse error, and invalid UTF-8, is a ValueError
+        raise MalformedMessage(f"message is not well-formed msgpack: {exc}") from exc
+    if type(envelope) is not list or not envelope:
+        got = "an empty array" if type(envelope) is list else type(envelope).__name__
+        raise MalformedMessage(
+            f"message must be a msgpack array [version, type, compat_hash, body], got {got}"
+        )
+    version = envelope[0]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"message has protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}"
+        )
+    if len(envelope) != _ENVELOPE_LEN:
+        raise MalformedMessage(
+            f"version-{PROTOCOL_VERSION} envelope has {_ENVELOPE_LEN} items, got {len(envelope)}"
+        )
+    _, raw_type, compat_hash, body = envelope
+    message_type = _enum_member(MessageType, raw_type)
+    if message_type is None:
+        raise UnknownMessageType(
+            f"unknown message type {raw_type!r} (protocol version {PROTOCOL_VERSION} knows "
+            f"{', '.join(f'{t.value}={t.name}' for t in MessageType)})"
+        )
+    _check_int("envelope", "compat_hash", compat_hash, 0, _U64)
+    if (
+        expected_compat is not None
+        and compat_hash != expected_compat
+        and message_type is not MessageType.ERROR_REPLY
+    ):
+        raise IncompatiblePeer(
+            f"{message_type.name} has KV compatibility hash {compat_hash:#018x}, the receiver "
+            f"expects {expected_compat:#018x}: model, dtype, layout or block size differ"
+        )
+    return _decode_body(message_type, body)
+
+
+def _decode_body(message_type: MessageType, body: Any) -> Message:
+    names = _TYPE_TO_FIELDS[message_type]
+    if type(body) is not list or len(body) != len(names):
+        got = f"{len(body)} fields" if type(body) is list else type(body).__name__
+        raise MalformedMessage(
+            f"{message_type.name} body must be an array of {len(names)} fields "
+            f"({', '.join(names)}), got {got}"
+        )
+    if message_type is MessageType.ERROR_REPLY:
+        code = _enum_member(ErrorCode, body[1])
+        if code is None:
+            raise MalformedMessage(f"ErrorReply.code {body[1]!r} is not a known ErrorCode")
+        body[1] = code
+    return _TYPE_TO_CLASS[message_type](*body)
+
+
+def _enum_member(enum: type[_E], value: object) -> _E | None:
+    """The member of ``enum`` whose value is the int ``value``, else None."""
+    if type(value) is not int:
+        return None
+    try:
+        return enum(value)
+    except ValueError:
+        return None
