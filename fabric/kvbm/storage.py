@@ -1,7 +1,8 @@
 """Backing storage for a pool's blocks: device / host tensors and one preallocated disk file.
 
 A storage owns the memory (or file) behind one ``LayoutSpec`` and describes it as ``BufferInfo``
-records a transfer agent can register. It knows nothing of block states; ``copy.py`` moves blocks.
+records (defined in ``fabric.transfer.memory``, re-exported here) a transfer agent can register.
+It knows nothing of block states; ``copy.py`` moves blocks.
 
 * ``TensorStorage`` (DRAM or VRAM): one tensor per layout buffer, shaped by
   ``LayoutSpec.tensor_shapes``. Built by ``device_storage``, ``host_storage`` (pinned when CUDA is
@@ -27,8 +28,6 @@ import mmap
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch, StorageError
 from fabric.kvbm.layout import LayoutKind, LayoutSpec
+from fabric.transfer.memory import BufferInfo, MemoryKind
 
 logger = logging.getLogger(__name__)
 
@@ -47,31 +47,6 @@ DIRECT_IO_ALIGNMENT = 4096
 
 _ZERO_FILL_CHUNK = 16 << 20
 _FALLOCATE_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
-
-
-class MemoryKind(Enum):
-    """The memory type a transfer agent registers a buffer as (NIXL's DRAM / VRAM / FILE)."""
-
-    DRAM = "DRAM"
-    VRAM = "VRAM"
-    FILE = "FILE"
-
-
-@dataclass(frozen=True, slots=True)
-class BufferInfo:
-    """What a transfer agent needs to register one buffer.
-
-    Memory: ``address`` is the raw pointer, ``device_id`` the CUDA device index (0 for DRAM) and
-    ``path`` is None. File: ``address`` is the byte offset of the buffer in the file (0),
-    ``device_id`` the open file descriptor (NIXL's FILE descriptors take the fd there) and ``path``
-    the file's path.
-    """
-
-    address: int
-    nbytes: int
-    kind: MemoryKind
-    device_id: int
-    path: str | None
 
 
 class Storage(Protocol):
