@@ -1,26 +1,49 @@
-"""Whole-block copies between any two storages of the same block geometry.
+"""Whole-block copies between any two storages of the same block geometry, and staging packs.
 
 ``copy_blocks`` moves every layer and outer (K, V) of each block ``src_ids[i]`` of one storage to
 block ``dst_ids[i]`` of another: memory <-> memory (any mix of layout kinds, alignments, CPU or
-CUDA tensors), memory <-> disk and disk <-> disk. It is pure torch/numpy; a compiled kernel may
-replace the memory path later behind the same function.
+CUDA tensors), memory <-> disk and disk <-> disk. ``gather_to_staging`` packs scattered blocks
+back to back into one uint8 buffer (block ``i`` at ``i * block_bytes``, fully-contiguous order
+``[layer][outer][token][inner]``, no padding) and ``scatter_from_staging`` unpacks such a buffer,
+so a transfer agent can move many small scattered blocks as one descriptor.
 
-How memory is moved. Each buffer is viewed, bit for bit, as ``(num_blocks, chunks, chunk_words)``
-of the widest integer word (8, 4, 2 or 1 bytes) that divides the chunk size, the strides and the
-buffer addresses, so padding is skipped and no value is ever converted. Two fully-contiguous sides
-are copied in one step; otherwise both sides are split per layer. Pairs of ids that ascend
-together form runs, copied one of two ways, chosen by measurement on this 2-core CPU (64 MiB
-moved, strided or not):
+How memory is moved. Both sides are cut into buffer pairs: one pair when both are fully
+contiguous, else one per layer. Pairs of ids that ascend together form runs. On CPU there are
+three ways, chosen by measurement on this 2-core CPU: 64 MiB moved in 16-token fp16 blocks of
+8 layers x K/V, best of 9 interleaved rounds, GB/s, "old" being the choice before the native
+kernel (numpy below 16 KiB runs, else slices), scattered = every other block, LS = layer
+separate (rows of block/8 bytes), contiguous = one run:
 
-* one ``copy_`` per run: memcpy speed plus about 4 us per call; wins from 16 KiB runs up
-  (64 KiB: 11 ms vs 18 ms; 256 KiB: 8 ms vs 18 ms);
-* one gather/scatter for all rows: numpy fancy indexing on CPU (4 KiB rows: 22 ms vs 62 ms for
-  slices). torch ``index_select``/``index_copy_`` were as fast single-threaded but 20-40x slower
-  when the two intra-op threads compete with another process for the cores, so they are used
-  only for CUDA tensors.
+    scattered          old -> native             contiguous      old -> native
+                       1 thread    2 threads                     1 thread    2 threads: idle | busy
+    FC 16 KiB blocks   2.3 -> 4.9  1.7 -> 4.6    FC 16 KiB       5.0 -> 5.7  8.1 -> 5.6 | 4.2 -> 5.6
+    FC 64 KiB          3.5 -> 4.6  3.6 -> 5.6    FC 64 KiB       5.4 -> 6.0  8.4 -> 5.4 | 4.3 -> 6.1
+    FC 256 KiB         4.7 -> 6.0  4.7 -> 5.1    FC 256 KiB      4.7 -> 5.7  6.5 -> 6.0 | 4.4 -> 6.1
+    LS 16 KiB          2.4 -> 3.7  1.9 -> 3.2    LS 16 KiB       5.1 -> 5.8  8.0 -> 5.3 | 1.8 -> 4.5
+    LS 64 KiB          3.0 -> 4.3  3.0 -> 4.4    LS 64 KiB       5.0 -> 5.4  9.1 -> 5.8 | 1.1 -> 5.7
+    LS 256 KiB         3.3 -> 4.9  3.3 -> 5.1    LS 256 KiB      5.1 -> 5.8  9.4 -> 6.0 | 2.2 -> 5.5
 
-Runs averaging at least ``SLICE_MIN_RUN_BYTES`` per buffer pair use slices, shorter ones the
-gather.
+("2 threads" is torch's default here; "idle | busy": the other core free, or used by another
+process during the run.) Hence:
+
+* native (``kernels.batched_copy``): one call per buffer pair, one memcpy per block (per run
+  when both sides hold rows back to back), no Python step per block, single-threaded. Used
+  for runs averaging under ``NATIVE_MAX_RUN_BYTES`` per buffer pair, and for every run when
+  torch is limited to one thread (as a process sharing these cores should be).
+* one ``copy_`` per run: about 4 us per call, and torch spreads a long copy over both cores:
+  up to 1.6x native when the other core is free, 1.3-5x slower when it is not. Used for runs of
+  ``NATIVE_MAX_RUN_BYTES`` and more when torch may use two threads (torch's own choice, as
+  before the native kernel). FC <-> LS contiguous copies of small blocks were the one case
+  where slices stayed slightly ahead with one thread (4.2-5.0 vs 3.4-4.0 GB/s at 16 KiB).
+* one gather/scatter for all rows (numpy fancy indexing on word views): the only way that is
+  correct when source and destination blocks overlap inside one storage (it reads everything
+  before writing), and the short-run path when the extension is not available (then runs of
+  ``SLICE_MIN_RUN_BYTES`` and more use slices).
+
+CUDA tensors (unmeasured here: no GPU) use slices for long runs and torch
+``index_select``/``index_copy_`` otherwise. Every memory view is taken bit for bit as the widest
+integer word (8, 4, 2 or 1 bytes) dividing chunk size, strides and addresses, or as bytes, so
+padding is skipped and no value is ever converted.
 
 Disk. A disk side goes through a page-aligned staging buffer laid out as the file is (block
 stride, padding included): reads fill it with one ``preadv`` per run of adjacent file blocks, then
@@ -28,7 +51,7 @@ its rows are scattered; writes gather into it, then ``pwritev`` per run.
 
 Invariants: ids are checked before anything is touched (range, equal lengths, no duplicate
 destination); the geometry is checked even for empty id lists, which are otherwise a no-op; the
-source is never modified; duplicate source ids are allowed.
+source is never modified; duplicate source ids are allowed; every path writes the same bytes.
 """
 
 from __future__ import annotations
@@ -42,13 +65,20 @@ import numpy as np
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch
+from fabric.kvbm import kernels
 from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import DiskStorage, Storage, TensorStorage
+from fabric.kvbm.storage import DiskStorage, MemoryKind, Storage, TensorStorage
 
 logger = logging.getLogger(__name__)
 
 SLICE_MIN_RUN_BYTES = 16 << 10
-"""Average run size (bytes per buffer pair) from which per-run slice copies beat index ops."""
+"""Without the native kernels: average run (bytes per buffer pair) from which slices beat index
+ops (64 KiB: 11 ms vs 18 ms; 256 KiB: 8 ms vs 18 ms; 4 KiB: 62 ms vs 22 ms)."""
+
+NATIVE_MAX_RUN_BYTES = 512 << 10
+"""With the native kernels on CPU and torch on two threads: average run (bytes per buffer pair)
+from which slices are used instead (from 512 KiB runs two-thread slices reached 7-8 GB/s against
+native's 5-6 with the other core free; at 128-256 KiB native still led)."""
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -101,6 +131,88 @@ def copy_blocks(src: Storage, src_ids: Sequence[int], dst: Storage, dst_ids: Seq
         _copy_rows(src_side, dst_side, same_storage=source is target)
 
 
+def gather_to_staging(
+    storage: Storage, block_ids: Sequence[int] | np.ndarray, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pack blocks ``block_ids`` of ``storage`` back to back into one uint8 buffer.
+
+    Block ``block_ids[i]`` lands at ``i * layout.block_bytes`` in fully-contiguous order
+    (``[layer][outer][token][inner]``, no padding), the order ``scatter_from_staging`` reads.
+
+    Args:
+        out: where to pack: a contiguous uint8 tensor of at least ``len(block_ids) *
+            block_bytes`` bytes on any device (e.g. a buffer registered once with a transfer
+            agent). None: a new tensor on the storage's device (CPU for disk).
+
+    Returns:
+        The packed bytes: the first ``len(block_ids) * block_bytes`` bytes of ``out``, or the
+        new tensor.
+
+    Raises:
+        InvalidInput: an id is out of range, or ``out`` is not a large enough contiguous uint8
+            tensor.
+        StorageError: reading a disk storage failed.
+    """
+    supported = _supported(storage)
+    layout = storage.layout
+    ids = layout.block_id_array(block_ids)
+    nbytes = ids.size * layout.block_bytes
+    if out is None:
+        device = supported.tensors[0].device if isinstance(supported, TensorStorage) else "cpu"
+        out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    packed = _packed_bytes(out, nbytes, "out")
+    if ids.size:
+        copy_blocks(supported, ids, _packed_storage(layout, packed), np.arange(ids.size))
+    return packed
+
+
+def scatter_from_staging(
+    staging: torch.Tensor, storage: Storage, block_ids: Sequence[int] | np.ndarray
+) -> None:
+    """Unpack a ``gather_to_staging`` buffer: its block ``i`` becomes block ``block_ids[i]``.
+
+    Only the first ``len(block_ids) * block_bytes`` bytes of ``staging`` are read.
+
+    Raises:
+        InvalidInput: an id is out of range or repeated, or ``staging`` is not a large enough
+            contiguous uint8 tensor.
+        StorageError: writing a disk storage failed.
+    """
+    supported = _supported(storage)
+    layout = storage.layout
+    ids = layout.block_id_array(block_ids)
+    packed = _packed_bytes(staging, ids.size * layout.block_bytes, "staging")
+    if ids.size:
+        copy_blocks(_packed_storage(layout, packed), np.arange(ids.size), supported, ids)
+
+
+def _packed_bytes(buffer: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
+    """The first ``nbytes`` of a contiguous uint8 tensor, flat."""
+    if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8:
+        kind = buffer.dtype if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+        raise InvalidInput(f"{what} must be a uint8 tensor, got {kind}")
+    if not buffer.is_contiguous():
+        raise InvalidInput(f"{what} must be contiguous")
+    if buffer.numel() < nbytes:
+        raise InvalidInput(
+            f"{what} holds {buffer.numel()} bytes; these blocks need {nbytes} (block_bytes each)"
+        )
+    return buffer.reshape(-1)[:nbytes]
+
+
+def _packed_storage(layout: LayoutSpec, packed: torch.Tensor) -> TensorStorage:
+    """``packed`` (flat uint8, whole blocks) as a storage: fully contiguous, no padding."""
+    packed_layout = dataclasses.replace(
+        layout,
+        kind=LayoutKind.FULLY_CONTIGUOUS,
+        num_blocks=packed.numel() // layout.block_bytes,
+        alignment=1,
+    )
+    kind = MemoryKind.VRAM if packed.device.type == "cuda" else MemoryKind.DRAM
+    # Moved as bytes: copy.py's views never read the tensor's dtype, only its bytes.
+    return TensorStorage(packed_layout, [packed], kind)
+
+
 def _supported(storage: Storage) -> TensorStorage | DiskStorage:
     if not isinstance(storage, TensorStorage | DiskStorage):
         raise InvalidInput(
@@ -125,15 +237,23 @@ def _read_side(storage: TensorStorage | DiskStorage, ids: np.ndarray) -> _Side:
 
 
 def _copy_rows(src: _Side, dst: _Side, *, same_storage: bool) -> None:
+    overlapping = same_storage and np.intersect1d(src.ids, dst.ids).size > 0
+    starts = _run_starts(src.ids, dst.ids)
+    num_pairs = 1 if _both_contiguous(src.layout, dst.layout) else src.layout.num_layers
+    bytes_per_pair = src.ids.size * src.layout.block_bytes // num_pairs
+    on_cpu = all(t.device.type == "cpu" for t in (*src.tensors, *dst.tensors))
+    short_runs = bytes_per_pair < NATIVE_MAX_RUN_BYTES * starts.size
+    if (
+        on_cpu
+        and not overlapping
+        and (short_runs or torch.get_num_threads() == 1)
+        and kernels.native_available()
+    ):
+        _batched_copy_rows(src, dst, starts)
+        return
     word = _word_size(src, dst)
     src_views = _split(src.layout, [_word_view(src.layout, t, word) for t in src.tensors], dst)
     dst_views = _split(dst.layout, [_word_view(dst.layout, t, word) for t in dst.tensors], src)
-    starts = np.flatnonzero(
-        (np.diff(src.ids, prepend=src.ids[0] - 2) != 1)
-        | (np.diff(dst.ids, prepend=dst.ids[0] - 2) != 1)
-    )
-    bytes_per_pair = src.ids.size * src.layout.block_bytes // len(src_views)
-    overlapping = same_storage and np.intersect1d(src.ids, dst.ids).size > 0
     if bytes_per_pair >= SLICE_MIN_RUN_BYTES * starts.size and not overlapping:
         ends = np.append(starts[1:], src.ids.size)
         runs = [
@@ -150,6 +270,55 @@ def _copy_rows(src: _Side, dst: _Side, *, same_storage: bool) -> None:
         else:
             rows = sv.index_select(0, torch.from_numpy(src.ids).to(sv.device))
             dv.index_copy_(0, torch.from_numpy(dst.ids).to(dv.device), rows.to(dv.device))
+
+
+def _run_starts(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
+    """Positions where a run of pairs ascending together by one (in both id lists) starts."""
+    return np.flatnonzero(
+        (np.diff(src_ids, prepend=src_ids[0] - 2) != 1)
+        | (np.diff(dst_ids, prepend=dst_ids[0] - 2) != 1)
+    )
+
+
+def _batched_copy_rows(src: _Side, dst: _Side, starts: np.ndarray) -> None:
+    """One native batched copy per buffer pair.
+
+    Each pair copies one row per block, or one chunk per run when both sides hold their rows
+    back to back (no padding, no per-layer split).
+    """
+    src_rows = _byte_rows(src.layout, src.tensors, dst)
+    dst_rows = _byte_rows(dst.layout, dst.tensors, src)
+    row_bytes = src.layout.block_bytes // len(src_rows)
+    src_stride, dst_stride = src.layout.block_stride, dst.layout.block_stride
+    if src_stride == dst_stride == row_bytes:
+        run_lengths = np.diff(starts, append=src.ids.size)
+        src_offsets = src.ids[starts] * src_stride
+        dst_offsets = dst.ids[starts] * dst_stride
+        lengths = torch.from_numpy(run_lengths * row_bytes)
+    else:
+        src_offsets, dst_offsets = src.ids * src_stride, dst.ids * dst_stride
+        lengths = torch.full((src.ids.size,), row_bytes, dtype=torch.int64)
+    for (src_bytes, src_base), (dst_bytes, dst_base) in zip(src_rows, dst_rows, strict=True):
+        kernels.batched_copy(
+            src_bytes,
+            dst_bytes,
+            torch.from_numpy(src_offsets + src_base),
+            torch.from_numpy(dst_offsets + dst_base),
+            lengths,
+        )
+
+
+def _byte_rows(
+    layout: LayoutSpec, tensors: list[torch.Tensor], other: _Side
+) -> list[tuple[torch.Tensor, int]]:
+    """Per buffer pair (cut as ``_split`` cuts): the buffer as flat bytes, and the offset of the
+    pair's row inside each slot."""
+    flats = [t.reshape(-1).view(torch.uint8) for t in tensors]
+    if _both_contiguous(layout, other.layout) or layout.kind is LayoutKind.LAYER_SEPARATE:
+        return [(flat, 0) for flat in flats]
+    (flat,) = flats
+    layer_bytes = layout.outer_dim * layout.chunk_bytes
+    return [(flat, layer * layer_bytes) for layer in range(layout.num_layers)]
 
 
 def _word_size(*sides: _Side) -> int:
@@ -174,11 +343,11 @@ def _word_view(layout: LayoutSpec, buffer: torch.Tensor, word: int) -> torch.Ten
 
 def _split(layout: LayoutSpec, views: list[torch.Tensor], other: _Side) -> list[torch.Tensor]:
     """One view per layer unless both sides are fully contiguous (then the one whole view)."""
-    both_contiguous = (
-        layout.kind is LayoutKind.FULLY_CONTIGUOUS
-        and other.layout.kind is LayoutKind.FULLY_CONTIGUOUS
-    )
-    if both_contiguous or layout.kind is LayoutKind.LAYER_SEPARATE:
+    if _both_contiguous(layout, other.layout) or layout.kind is LayoutKind.LAYER_SEPARATE:
         return views
     (view,) = views
     return list(view.split(layout.outer_dim, dim=1))
+
+
+def _both_contiguous(a: LayoutSpec, b: LayoutSpec) -> bool:
+    return a.kind is b.kind is LayoutKind.FULLY_CONTIGUOUS
