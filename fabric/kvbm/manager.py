@@ -154,14 +154,13 @@ class KvBlockManager:
         priority: int = 0,
         token_ids: Sequence[int] | None = None,
     ) -> ImmutableBlocks:
-        """Register complete device blocks (see ``BlockPool.register``); feeds the disk filter."""
-        self.disk_filter.observe(list(sequence_hashes))
-        return blocks._pool.register(
+        """Register complete blocks in their tier's pool (see ``BlockPool.register``)."""
+        return self.pool(blocks.tier).register(
             blocks, sequence_hashes, parent_hash=parent_hash, priority=priority, token_ids=token_ids
         )
 
     def release(self, blocks: MutableBlocks | ImmutableBlocks) -> None:
-        blocks._pool.release(blocks)
+        self.pool(blocks.tier).release(blocks)
 
     # -- matching across tiers -----------------------------------------------------------------
 
@@ -169,6 +168,8 @@ class KvBlockManager:
         """The longest prefix held by any tier, each block taken from the fastest tier holding it.
 
         Stops at the first hash no tier holds. References are taken on every returned block.
+        Each call is one use of every hash asked for, as the disk frequency filter counts them
+        (a request's later ``register`` of the missing blocks does not count again).
         """
         self.disk_filter.observe(list(sequence_hashes))
         result = PrefixMatch()
@@ -221,15 +222,16 @@ class KvBlockManager:
         handle on ``blocks``. Returns 0 when the target has no room (backpressure, not an error).
         """
         if target is Tier.DISK:
-            keep = [i for i, h in enumerate(blocks._sequence_hashes) if self.disk_filter.admits(h)]
-            if not keep:
-                return 0
+            admits = self.disk_filter.admits
+            keep = [i for i, h in enumerate(blocks.sequence_hashes) if admits(h)]
             if len(keep) < len(blocks):
-                blocks = blocks._pool.retain(blocks, keep)
+                if not keep:
+                    return 0
+                subset = self.pool(blocks.tier).retain(blocks, keep)
                 try:
-                    return self._offload(blocks, target)
+                    return self._offload(subset, target)
                 finally:
-                    self.release(blocks)
+                    self.release(subset)
         return self._offload(blocks, target)
 
     def move(self, blocks: ImmutableBlocks, target: Tier) -> ImmutableBlocks | None:
@@ -239,13 +241,26 @@ class KvBlockManager:
         caller keeps its handle on ``blocks``; on a failed copy the blocks allocated in the
         target are returned and ``TransferError`` is raised.
         """
+        moved = self._move(blocks, target)
+        return None if moved is None else moved[0]
+
+    def close(self) -> None:
+        """Close every storage (idempotent). Handles must not be used afterwards."""
+        for slot in self._tiers.values():
+            slot.storage.close()
+        self.events.close()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _move(self, blocks: ImmutableBlocks, target: Tier) -> tuple[ImmutableBlocks, int] | None:
+        """``move``, also returning how many blocks were copied (the rest were present)."""
         source = blocks.tier
         if (source, target) not in _MOVES:
             raise InvalidInput(f"no move from {source.name} to {target.name}")
         src, dst = self._slot(source), self._slot(target)
-        hashes = blocks._sequence_hashes
+        hashes = blocks.sequence_hashes
         held = dst.pool.match_present(hashes)  # references keep present blocks in place
-        present = set(held._sequence_hashes)
+        present = set(held.sequence_hashes)
         missing = [i for i, h in enumerate(hashes) if h not in present]
         try:
             if missing:
@@ -257,17 +272,9 @@ class KvBlockManager:
                     self.metrics.record_onboards(source, target, len(missing))
                 else:
                     self.metrics.record_offloads(source, target, len(missing))
-            return dst.pool.match_present(hashes)  # all present now; counts no hit
+            return dst.pool.match_present(hashes), len(missing)  # all present; counts no hit
         finally:
             dst.pool.release(held)
-
-    def close(self) -> None:
-        """Close every storage (idempotent). Handles must not be used afterwards."""
-        for slot in self._tiers.values():
-            slot.storage.close()
-        self.events.close()
-
-    # -- internals -----------------------------------------------------------------------------
 
     def _slot(self, tier: Tier) -> TierSlot:
         slot = self._tiers.get(tier)
@@ -279,13 +286,13 @@ class KvBlockManager:
         return slot
 
     def _offload(self, blocks: ImmutableBlocks, target: Tier) -> int:
-        before = self._slot(target).pool.stats().registered
-        moved = self.move(blocks, target)
+        moved = self._move(blocks, target)
         if moved is None:
             logger.debug("offload to %s skipped: no free blocks", target.name)
             return 0
-        self.release(moved)
-        return self._slot(target).pool.stats().registered - before
+        handle, num_copied = moved
+        self.release(handle)
+        return num_copied
 
     def _copy_and_register(
         self,
@@ -297,8 +304,8 @@ class KvBlockManager:
     ) -> None:
         """Copy the ``missing`` positions of ``blocks`` into ``allocation`` and register them,
         one contiguous run at a time so events carry the right parent hash."""
-        ids = blocks._block_ids
-        hashes = blocks._sequence_hashes
+        ids = blocks.block_ids
+        hashes = blocks.sequence_hashes
         try:
             copy_blocks(src.storage, [ids[i] for i in missing], dst.storage, allocation.block_ids)
         except (OSError, RuntimeError, ValueError) as exc:

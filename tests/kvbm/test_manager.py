@@ -43,6 +43,7 @@ def kvbm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KvBlockMana
 def fill_device(kvbm: KvBlockManager, tokens: list[int]) -> tuple[list[int], list[torch.Tensor]]:
     """Run a fake prefill: allocate, write random KV into every chunk, register; release."""
     hashed = kvbm.hash_tokens(tokens)
+    kvbm.release_match(kvbm.match(hashed.sequence_hashes))  # a request looks up first
     blocks = kvbm.allocate(hashed.num_blocks)
     assert blocks is not None
     storage = kvbm.storage(Tier.DEVICE)
@@ -147,8 +148,9 @@ def test_disk_offload_respects_the_frequency_filter(tmp_path: Path) -> None:
     )
     kvbm = build_kvbm(config, GEOMETRY)
     try:
-        hashes, _ = fill_device(kvbm, list(range(2 * BS)))  # seen once (register)
-        kvbm.release_match(kvbm.match(hashes[:1]))  # first block seen twice more
+        hashes, _ = fill_device(kvbm, list(range(2 * BS)))  # one request: each block used once
+        assert kvbm.disk_filter.count(hashes[1]) == 1  # registering is not a second use
+        kvbm.release_match(kvbm.match(hashes[:1]))  # first block used twice more
         kvbm.release_match(kvbm.match(hashes[:1]))
         with kvbm.pool(Tier.DEVICE).match(hashes) as on_device:
             kvbm.offload(on_device, Tier.HOST)
