@@ -125,6 +125,14 @@ class KvBlockManager:
     # -- access --------------------------------------------------------------------------------
 
     @property
+    def compat_hash(self) -> int:
+        """Equal on two managers iff their KV is interchangeable: block size, layers, KV heads,
+        head size, dtype, K/V split and user salt all match (layout kind and alignment may
+        differ: remote reads pair them). The hash seed doubles as this, so blocks of
+        incompatible managers can neither match by hash nor be read over the wire."""
+        return self.seed
+
+    @property
     def tiers(self) -> tuple[Tier, ...]:
         return tuple(t for t in _SPEED_ORDER if t in self._tiers)
 
@@ -405,6 +413,7 @@ def build_kvbm(
 def _salt(config: FabricConfig, geometry: KvGeometry) -> str:
     """Everything that makes KV incompatible goes into the hash seed (plus the user's salt)."""
     parts = [
+        f"block_size={config.block_size}",
         f"layers={geometry.num_layers}",
         f"kv_heads={geometry.num_kv_heads}",
         f"head={geometry.head_size}",
