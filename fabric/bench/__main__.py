@@ -23,6 +23,7 @@ from fabric.errors import FabricError
 
 SUBCOMMANDS: dict[str, str] = {
     "kvbm": "fabric.bench.kvbm",
+    "copy": "fabric.bench.copy",
     "transfer": "fabric.bench.transfer",
 }
 """Subcommand name -> module implementing it."""
