@@ -203,8 +203,13 @@ class NixlAgent:
         for name, known in self._peer_metadata.items():
             if known == metadata:
                 return name
-        with _nixl_errors("loading peer metadata"):
-            raw = self._nixl.add_remote_agent(metadata)
+        try:
+            with _nixl_errors("loading peer metadata"):
+                raw = self._nixl.add_remote_agent(metadata)
+        except InvalidInput:
+            raise
+        except TransferError as e:  # well-formed metadata whose backend endpoints don't answer
+            raise PeerUnavailable(f"{e}; the peer's process is gone or unreachable") from e
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         self._peer_metadata[name] = metadata
         logger.debug("%s added peer %s", self._name, name)
