@@ -1,0 +1,225 @@
+"""Engine: the reference Llama engine whose KV cache is the KVBM device pool.
+
+A worker owns one ``Engine`` and one ``KvBlockManager``; the engine computes, the manager decides
+which blocks a request uses. The three entry points:
+
+* ``prefill(tokens, block_table, num_computed)``: one sequence; computes positions
+  ``>= num_computed`` and reuses the K/V already in the table's blocks for the rest (a prefix hit
+  skips its compute). Returns the last position's logits.
+* ``decode_step(batch)``: one new token for each of several sequences (continuous batching), each
+  with its own block table and position. Returns ``(B, vocab)`` logits.
+* ``generate(prompt, max_tokens)``: greedy generation of one request through
+  ``SequenceBlocks`` (match, reserve, register full blocks, release). A full device pool is the
+  value ``FinishReason.NO_BLOCKS``, not an exception.
+
+Invariants: the engine checks at construction that the pool's geometry (layers, KV heads, head
+size, dtype, K/V split) is the model's, and raises ``LayoutMismatch`` naming the difference;
+``stats`` counts every position computed (prefill and decode), which is how tests see prefix hits
+skip compute. Not thread-safe: one owner thread, like the manager.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tokenizers import Tokenizer
+
+from fabric.engine.config import ModelConfig
+from fabric.engine.model import LlamaModel
+from fabric.engine.paged import PagedKv, decode_batch, prefill_batch
+from fabric.engine.sequence import SequenceBlocks
+from fabric.engine.weights import load_weights
+from fabric.errors import InvalidInput, LayoutMismatch
+from fabric.kvbm.manager import KvBlockManager
+from fabric.kvbm.storage import TensorStorage
+from fabric.kvbm.types import Tier
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeRequest(NamedTuple):
+    """One sequence's decode input: ``token`` goes at ``position`` (its K/V is written there)."""
+
+    token: int
+    block_table: Sequence[int]
+    position: int
+
+
+class FinishReason(Enum):
+    LENGTH = "length"
+    NO_BLOCKS = "no_blocks"
+    """The device pool had no room for the request now; nothing was generated."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What ``generate`` produced and how much of the prompt came from the cache."""
+
+    tokens: list[int]
+    finish: FinishReason
+    num_cached_tokens: int
+    num_computed_tokens: int
+    """Positions computed by this request's prefill (prompt length minus the cached prefix)."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Lifetime counters (positions, not calls, except the ``*_calls`` fields)."""
+
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_prefill_calls: int = 0
+    num_decode_calls: int = 0
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    """The argmax token of each row of ``logits`` (``(vocab,)`` or ``(B, vocab)``)."""
+    return logits.reshape(-1, logits.shape[-1]).argmax(dim=-1).tolist()
+
+
+class Engine:
+    """A Llama model over the device pool of ``kvbm``.
+
+    Args:
+        model_dir: a Hugging Face-style directory (config.json, model.safetensors,
+            tokenizer.json optional); nothing is downloaded.
+        kvbm: the worker's block manager; its device pool must have the model's KV geometry
+            (build it with ``ModelConfig.from_dir(model_dir).kv_geometry()``).
+        device: where to compute; defaults to (and must equal) the device pool's device.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        kvbm: KvBlockManager,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.config = ModelConfig.from_dir(self.model_dir)
+        self.kvbm = kvbm
+        storage = kvbm.storage(Tier.DEVICE)
+        if not isinstance(storage, TensorStorage):
+            raise LayoutMismatch(f"the device tier is a {type(storage).__name__}, not tensors")
+        layout = storage.layout
+        wanted = self.config.kv_geometry().layout(layout.kind, layout.num_blocks, layout.block_size)
+        diff = layout.geometry_diff(wanted)
+        if diff:
+            raise LayoutMismatch(
+                f"the device pool's KV geometry differs from {self.model_dir}'s: "
+                + ", ".join(
+                    f"{k} is {mine}, the model needs {model}" for k, (mine, model) in diff.items()
+                )
+                + "; build the manager with ModelConfig.kv_geometry()"
+            )
+        pool_device = storage.tensors[0].device
+        if device is not None and torch.device(device) != pool_device:
+            raise InvalidInput(f"device={device} but the device pool lives on {pool_device}")
+        self.device = pool_device
+        self.kv = PagedKv(storage)
+        self.model = LlamaModel(
+            self.config, load_weights(self.model_dir, self.config, pool_device), pool_device
+        )
+        tokenizer_path = self.model_dir / "tokenizer.json"
+        self.tokenizer = (
+            Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+        )
+        self.stats = EngineStats()
+        logger.info(
+            "engine: %s, %d layers, hidden %d, %d blocks of %d tokens on %s",
+            self.model_dir,
+            self.config.num_layers,
+            self.config.hidden_size,
+            layout.num_blocks,
+            layout.block_size,
+            pool_device,
+        )
+
+    def prefill(
+        self, tokens: Sequence[int], block_table: Sequence[int], num_computed: int
+    ) -> torch.Tensor:
+        """Compute positions ``num_computed ..`` of ``tokens``; return the last one's logits.
+
+        Args:
+            tokens: the whole sequence so far (prefix included).
+            block_table: the sequence's device blocks in order, covering ``len(tokens)`` tokens;
+                blocks before ``num_computed`` must already hold that prefix's K/V.
+            num_computed: positions whose K/V is already in the blocks (0 .. len(tokens) - 1).
+
+        Returns:
+            ``(vocab,)`` logits of position ``len(tokens) - 1``.
+        """
+        self._check_positions(len(tokens) - 1)
+        batch = prefill_batch(self.kv, block_table, num_computed, len(tokens))
+        ids = self._token_tensor(tokens[num_computed:]).unsqueeze(0)
+        logits = self.model.forward(ids, batch, self.kv)[0]
+        self.stats.num_prefill_tokens += batch.num_tokens
+        self.stats.num_prefill_calls += 1
+        return logits
+
+    def decode_step(
+        self, batch: Sequence[DecodeRequest | tuple[int, Sequence[int], int]]
+    ) -> torch.Tensor:
+        """One token for each sequence of ``batch``; returns ``(len(batch), vocab)`` logits.
+
+        Each entry's ``block_table`` must cover ``position`` and hold the K/V of positions
+        ``0 .. position - 1``; the token's K/V is written at ``position``.
+        """
+        if not batch:
+            raise InvalidInput("decode_step needs at least one sequence")
+        requests = [DecodeRequest(*entry) for entry in batch]
+        positions = [r.position for r in requests]
+        self._check_positions(max(positions))
+        paged = decode_batch(self.kv, [r.block_table for r in requests], positions)
+        ids = self._token_tensor([r.token for r in requests]).unsqueeze(1)
+        logits = self.model.forward(ids, paged, self.kv)
+        self.stats.num_decode_tokens += len(requests)
+        self.stats.num_decode_calls += 1
+        return logits
+
+    def generate(self, prompt_tokens: Sequence[int], max_tokens: int) -> Generation:
+        """Greedy-generate ``max_tokens`` tokens, reusing and registering cached blocks."""
+        if max_tokens < 1:
+            raise InvalidInput(f"max_tokens={max_tokens} must be at least 1")
+        with SequenceBlocks.open(self.kvbm, prompt_tokens) as seq:
+            num_cached = seq.num_computed
+            if not seq.reserve(len(prompt_tokens) + max_tokens - 1):
+                logger.warning(
+                    "generate: the device pool has no room for %d + %d tokens now",
+                    len(prompt_tokens),
+                    max_tokens,
+                )
+                return Generation([], FinishReason.NO_BLOCKS, num_cached, 0)
+            logits = self.prefill(seq.tokens, seq.block_table, num_cached)
+            seq.commit()
+            out = greedy(logits)
+            while len(out) < max_tokens:
+                position = len(seq.tokens)
+                seq.append(out[-1])
+                logits = self.decode_step([DecodeRequest(out[-1], seq.block_table, position)])
+                seq.commit()
+                out.extend(greedy(logits))
+            num_computed = len(prompt_tokens) - num_cached
+            logger.debug(
+                "generate: %d cached, %d computed, %d out", num_cached, num_computed, len(out)
+            )
+            return Generation(out, FinishReason.LENGTH, num_cached, num_computed)
+
+    def _check_positions(self, last_position: int) -> None:
+        limit = self.config.max_position_embeddings
+        if last_position >= limit:
+            raise InvalidInput(
+                f"position {last_position} exceeds the model's max_position_embeddings={limit}"
+            )
+
+    def _token_tensor(self, tokens: Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(tokens, dtype=torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise InvalidInput(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        return ids.to(self.device)
