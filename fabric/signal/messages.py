@@ -19,7 +19,8 @@ Invariants:
   ``ErrorReply``: it carries no KV data, and a peer must be able to tell an incompatible sender
   why it was refused, so an ``ErrorReply`` is accepted whatever its compatibility hash.
 
-Wire layout, protocol version 1 (a contract: changing it means a new ``PROTOCOL_VERSION``)::
+Wire layout, protocol version 2 (version 1 lacked types 7 and 8). A contract: changing it
+means a new ``PROTOCOL_VERSION``::
 
     payload = msgpack array [version: uint, type: uint, compat_hash: uint64, body: array]
 
@@ -34,6 +35,12 @@ Wire layout, protocol version 1 (a contract: changing it means a new ``PROTOCOL_
       4 Abort          [request_id: str, reason: str]
       5 ErrorReply     [request_id: str | nil, code: uint (ErrorCode), message: str]
       6 Heartbeat      [worker_id: str, seq: uint64, sent_at_ms: int64 >= 0]
+      7 GenerateRequest [request_id: str, token_ids: [uint32, ...], max_tokens: uint32 >= 1,
+                        prefill_worker: str ("" = compute the prompt locally),
+                        sampling: {str: float | int | str | bool}, deadline_ms: int64 >= 0]
+      8 TokenChunk     [request_id: str, token_ids: [uint32, ...], finished: bool,
+                        finish_reason: str ("" until finished), stats: {str: float | int | str
+                        | bool} (timings and counts, e.g. kv_transfer_ms, cached_tokens)]
 
 Strings are msgpack str (UTF-8), ``block_set`` is msgpack bin; ``request_id``, ``decode_worker``,
 ``agent_name``, ``worker_id`` and sampling keys are non-empty; at most 64 sampling entries. Adding
@@ -58,7 +65,7 @@ from fabric.signal.errors import (
     UnsupportedVersion,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_BYTES = 1 << 20
 MAX_SAMPLING_ENTRIES = 64
 _U32 = 1 << 32
@@ -77,6 +84,8 @@ class MessageType(Enum):
     ABORT = 4
     ERROR_REPLY = 5
     HEARTBEAT = 6
+    GENERATE_REQUEST = 7
+    TOKEN_CHUNK = 8
 
 
 # Field checks (shared by construction and decoding)
@@ -107,22 +116,23 @@ def _check_token_ids(owner: str, value: object) -> None:
         raise MalformedMessage(f"{owner}.token_ids must be uint32 (0 <= id < 2**32)")
 
 
-def _check_sampling(owner: str, value: object) -> None:
+def _check_sampling(owner: str, value: object, name: str = "sampling") -> None:
+    """A small flat map of str -> scalar (sampling parameters, stats)."""
     if type(value) is not dict:
-        raise MalformedMessage(f"{owner}.sampling must be a dict, got {type(value).__name__}")
+        raise MalformedMessage(f"{owner}.{name} must be a dict, got {type(value).__name__}")
     if len(value) > MAX_SAMPLING_ENTRIES:
         raise MalformedMessage(
-            f"{owner}.sampling has {len(value)} entries, at most {MAX_SAMPLING_ENTRIES} allowed"
+            f"{owner}.{name} has {len(value)} entries, at most {MAX_SAMPLING_ENTRIES} allowed"
         )
     for key, item in value.items():
-        _check_str(owner, "sampling key", key)
+        _check_str(owner, f"{name} key", key)
         if type(item) not in (float, int, str, bool):
             raise MalformedMessage(
-                f"{owner}.sampling[{key!r}] must be a float, int, str or bool, "
+                f"{owner}.{name}[{key!r}] must be a float, int, str or bool, "
                 f"got {type(item).__name__}"
             )
         if type(item) is int and not -_I64 <= item < _U64:
-            raise MalformedMessage(f"{owner}.sampling[{key!r}] = {item} does not fit 64 bits")
+            raise MalformedMessage(f"{owner}.{name}[{key!r}] = {item} does not fit 64 bits")
 
 
 # Messages
@@ -238,9 +248,81 @@ class Heartbeat:
         _check_int("Heartbeat", "sent_at_ms", self.sent_at_ms, 0, _I64)
 
 
-Message: TypeAlias = PrefillRequest | BlocksReady | TransferDone | Abort | ErrorReply | Heartbeat
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """Frontend -> decode (or aggregated) worker: generate up to ``max_tokens`` after the prompt.
 
-_MESSAGE_CLASSES = (PrefillRequest, BlocksReady, TransferDone, Abort, ErrorReply, Heartbeat)
+    ``prefill_worker`` names the prefill worker whose KV to read; empty means the worker computes
+    the prompt itself (aggregated serving, or a fallback). Tokens stream back as ``TokenChunk``s.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.GENERATE_REQUEST
+    request_id: str
+    token_ids: list[int]
+    max_tokens: int
+    prefill_worker: str
+    sampling: dict[str, float | int | str | bool]
+    deadline_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("GenerateRequest", "request_id", self.request_id)
+        _check_token_ids("GenerateRequest", self.token_ids)
+        _check_int("GenerateRequest", "max_tokens", self.max_tokens, 1, _U32)
+        _check_str("GenerateRequest", "prefill_worker", self.prefill_worker, non_empty=False)
+        _check_sampling("GenerateRequest", self.sampling)
+        _check_int("GenerateRequest", "deadline_ms", self.deadline_ms, 0, _I64)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """Worker -> frontend: the next generated tokens of a request; the last has ``finished``.
+
+    ``finish_reason`` is empty until the last chunk ("length", "stop", ...); ``stats`` carries
+    timings and counts (e.g. ``kv_transfer_ms``, ``cached_tokens``), usually on the first and
+    last chunks.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.TOKEN_CHUNK
+    request_id: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str
+    stats: dict[str, float | int | str | bool]
+
+    def __post_init__(self) -> None:
+        _check_str("TokenChunk", "request_id", self.request_id)
+        _check_token_ids("TokenChunk", self.token_ids)
+        if type(self.finished) is not bool:
+            raise MalformedMessage(
+                f"TokenChunk.finished must be a bool, got {type(self.finished).__name__}"
+            )
+        _check_str("TokenChunk", "finish_reason", self.finish_reason, non_empty=False)
+        if self.finished != bool(self.finish_reason):
+            raise MalformedMessage("TokenChunk.finish_reason is set exactly when finished")
+        _check_sampling("TokenChunk", self.stats, "stats")
+
+
+Message: TypeAlias = (
+    PrefillRequest
+    | BlocksReady
+    | TransferDone
+    | Abort
+    | ErrorReply
+    | Heartbeat
+    | GenerateRequest
+    | TokenChunk
+)
+
+_MESSAGE_CLASSES = (
+    PrefillRequest,
+    BlocksReady,
+    TransferDone,
+    Abort,
+    ErrorReply,
+    Heartbeat,
+    GenerateRequest,
+    TokenChunk,
+)
 _TYPE_TO_CLASS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in _MESSAGE_CLASSES}
 _TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {
     message_type: tuple(field.name for field in fields(cls))
@@ -253,7 +335,7 @@ _TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {
 
 
 def encode(message: Message, compat_hash: int) -> bytes:
-    """Serialize ``message`` in the version-1 envelope.
+    """Serialize ``message`` in the protocol envelope.
 
     Raises:
         InvalidInput: ``compat_hash`` is not a uint64, or ``message`` is not a signal message.

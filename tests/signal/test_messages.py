@@ -26,10 +26,12 @@ from fabric.signal.messages import (
     Abort,
     BlocksReady,
     ErrorReply,
+    GenerateRequest,
     Heartbeat,
     Message,
     MessageType,
     PrefillRequest,
+    TokenChunk,
     TransferDone,
     decode,
     encode,
@@ -81,6 +83,33 @@ messages: st.SearchStrategy[Message] = st.one_of(
         ErrorReply, request_id=st.none() | ids, code=st.sampled_from(ErrorCode), message=st.text()
     ),
     st.builds(Heartbeat, worker_id=ids, seq=st.integers(0, U64), sent_at_ms=st.integers(0, I64)),
+    st.builds(
+        GenerateRequest,
+        request_id=ids,
+        token_ids=st.lists(u32, max_size=300),
+        max_tokens=st.integers(1, U32),
+        prefill_worker=st.text(max_size=40),
+        sampling=st.dictionaries(ids, sampling_values, max_size=MAX_SAMPLING_ENTRIES),
+        deadline_ms=st.integers(0, I64),
+    ),
+    st.one_of(
+        st.builds(
+            TokenChunk,
+            request_id=ids,
+            token_ids=st.lists(u32, max_size=50),
+            finished=st.just(False),
+            finish_reason=st.just(""),
+            stats=st.dictionaries(ids, sampling_values, max_size=8),
+        ),
+        st.builds(
+            TokenChunk,
+            request_id=ids,
+            token_ids=st.lists(u32, max_size=50),
+            finished=st.just(True),
+            finish_reason=ids,
+            stats=st.dictionaries(ids, sampling_values, max_size=8),
+        ),
+    ),
 )
 # Any msgpack-representable value: the raw material of well-formed but wrong structures.
 msgpack_values = st.recursive(
@@ -124,7 +153,7 @@ def test_golden_bytes_pin_the_wire_layout() -> None:
     )
     golden = bytes.fromhex(
         "94"  # array of 4: the envelope
-        "01"  # version 1
+        "02"  # protocol version 2
         "01"  # type 1 = PREFILL_REQUEST
         "cf0123456789abcdef"  # compat hash as uint64
         "96"  # body: array of 6 fields
@@ -167,28 +196,46 @@ def test_size_is_checked_before_parsing() -> None:
         (b"\xc1", "not well-formed msgpack"),
         (b"\x94\x01", "not well-formed msgpack"),
         (b"\xa2\xff\xfe", "not well-formed msgpack"),  # invalid UTF-8 in a str
-        (_raw(1, 3, COMPAT, ["r", 1]) + b"\x00", "not well-formed msgpack"),  # trailing bytes
+        (
+            _raw(PROTOCOL_VERSION, 3, COMPAT, ["r", 1]) + b"\x00",
+            "not well-formed msgpack",
+        ),  # trailing bytes
         (msgpack.packb({"version": 1}), "must be a msgpack array"),
         (_raw(), "got an empty array"),
-        (_raw(1, 3, COMPAT), "envelope has 4 items, got 3"),
-        (_raw(1, 3, -1, ["r", 1]), "compat_hash must be in"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT), "envelope has 4 items, got 3"),
+        (_raw(PROTOCOL_VERSION, 3, -1, ["r", 1]), "compat_hash must be in"),
         (
-            _raw(1, 3, COMPAT, {"request_id": "r"}),
+            _raw(PROTOCOL_VERSION, 3, COMPAT, {"request_id": "r"}),
             "TRANSFER_DONE body must be an array of 2 fields",
         ),
-        (_raw(1, 3, COMPAT, ["r"]), "got 1 fields"),
-        (_raw(1, 3, COMPAT, ["r", "1"]), "num_blocks must be an int, got str"),
-        (_raw(1, 3, COMPAT, ["r", True]), "num_blocks must be an int, got bool"),
-        (_raw(1, 3, COMPAT, ["r", -1]), "num_blocks must be in"),
-        (_raw(1, 3, COMPAT, ["", 1]), "request_id must not be empty"),
-        (_raw(1, 1, COMPAT, ["r", [1, 2**32], 1, "d", {}, 0]), "uint32"),
-        (_raw(1, 1, COMPAT, ["r", [1, 2.0], 1, "d", {}, 0]), "only ints"),
-        (_raw(1, 1, COMPAT, ["r", [], 0, "d", {}, 0]), "max_tokens must be in"),
-        (_raw(1, 1, COMPAT, ["r", [], 1, "d", {"t": [1]}, 0]), r"sampling\['t'\] must be"),
-        (_raw(1, 1, COMPAT, ["r", [], 1, "d", {"t": 1}, -5]), "deadline_ms must be in"),
-        (_raw(1, 2, COMPAT, ["r", 0, "agent", "not-bin", 1]), "block_set must be bytes, got str"),
-        (_raw(1, 5, COMPAT, [None, 99, "x"]), "ErrorReply.code 99 is not a known ErrorCode"),
-        (_raw(1, 6, COMPAT, ["w", 2**64 - 1, None]), "sent_at_ms must be an int, got NoneType"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT, ["r"]), "got 1 fields"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT, ["r", "1"]), "num_blocks must be an int, got str"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT, ["r", True]), "num_blocks must be an int, got bool"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT, ["r", -1]), "num_blocks must be in"),
+        (_raw(PROTOCOL_VERSION, 3, COMPAT, ["", 1]), "request_id must not be empty"),
+        (_raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [1, 2**32], 1, "d", {}, 0]), "uint32"),
+        (_raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [1, 2.0], 1, "d", {}, 0]), "only ints"),
+        (_raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [], 0, "d", {}, 0]), "max_tokens must be in"),
+        (
+            _raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [], 1, "d", {"t": [1]}, 0]),
+            r"sampling\['t'\] must be",
+        ),
+        (
+            _raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [], 1, "d", {"t": 1}, -5]),
+            "deadline_ms must be in",
+        ),
+        (
+            _raw(PROTOCOL_VERSION, 2, COMPAT, ["r", 0, "agent", "not-bin", 1]),
+            "block_set must be bytes, got str",
+        ),
+        (
+            _raw(PROTOCOL_VERSION, 5, COMPAT, [None, 99, "x"]),
+            "ErrorReply.code 99 is not a known ErrorCode",
+        ),
+        (
+            _raw(PROTOCOL_VERSION, 6, COMPAT, ["w", 2**64 - 1, None]),
+            "sent_at_ms must be an int, got NoneType",
+        ),
     ],
 )
 def test_malformed_content_is_refused_with_a_reason(payload: bytes, match: str) -> None:
@@ -200,32 +247,32 @@ def test_malformed_content_is_refused_with_a_reason(payload: bytes, match: str) 
 def test_too_many_sampling_entries_is_refused() -> None:
     sampling = {f"k{i}": i for i in range(MAX_SAMPLING_ENTRIES + 1)}
     with pytest.raises(MalformedMessage, match="not well-formed msgpack"):
-        _decode(_raw(1, 1, COMPAT, ["r", [], 1, "d", sampling, 0]))
+        _decode(_raw(PROTOCOL_VERSION, 1, COMPAT, ["r", [], 1, "d", sampling, 0]))
     with pytest.raises(MalformedMessage, match=f"at most {MAX_SAMPLING_ENTRIES}"):
         PrefillRequest("r", [], 1, "d", sampling, 0)
 
 
-@pytest.mark.parametrize("version", [0, 2, True, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, True, "2", None])
 def test_another_version_is_a_protocol_mismatch(version: object) -> None:
     with pytest.raises(
-        UnsupportedVersion, match=f"protocol version {version!r}, this peer speaks 1"
+        UnsupportedVersion, match=f"protocol version {version!r}, this peer speaks 2"
     ):
         _decode(_raw(version, 3, COMPAT, ["r", 1]))
 
 
 def test_version_is_checked_before_the_envelope_shape() -> None:
     with pytest.raises(UnsupportedVersion):
-        _decode(_raw(2, "a future envelope"))
+        _decode(_raw(3, "a future envelope"))
 
 
-@pytest.mark.parametrize("raw_type", [0, 7, 255, "TRANSFER_DONE", None])
+@pytest.mark.parametrize("raw_type", [0, 9, 255, "TRANSFER_DONE", None])
 def test_unknown_type_is_a_protocol_mismatch(raw_type: object) -> None:
     with pytest.raises(UnknownMessageType, match="unknown message type"):
-        _decode(_raw(1, raw_type, COMPAT, []))
+        _decode(_raw(PROTOCOL_VERSION, raw_type, COMPAT, []))
 
 
 def test_compat_mismatch_names_both_hashes_and_is_checked_before_the_body() -> None:
-    payload = _raw(1, 3, 0xBAD, "a body that would be malformed")
+    payload = _raw(PROTOCOL_VERSION, 3, 0xBAD, "a body that would be malformed")
     with pytest.raises(IncompatiblePeer, match=r"0x0000000000000bad.*0x0123456789abcdef"):
         _decode(payload)
     assert _decode(encode(TransferDone("r", 1), 0xBAD), compat=None) == TransferDone("r", 1)
@@ -251,6 +298,11 @@ def test_error_reply_is_accepted_from_an_incompatible_peer() -> None:
         lambda: BlocksReady("r", 0, "a", bytearray(b"x"), 0),  # type: ignore[arg-type]
         lambda: ErrorReply("r", 5, "x"),  # type: ignore[arg-type]
         lambda: Heartbeat("w", 2**64, 0),
+        lambda: GenerateRequest("r", [1], 0, "", {}, 0),
+        lambda: TokenChunk("r", [1], True, "", {}),  # finished needs a reason
+        lambda: TokenChunk("r", [1], False, "length", {}),  # a reason needs finished
+        lambda: TokenChunk("r", [1], 1, "length", {}),  # type: ignore[arg-type]
+        lambda: TokenChunk("r", [1], False, "", {"ms": [1]}),  # type: ignore[dict-item]
     ],
 )
 def test_invalid_messages_cannot_be_built(build: Any) -> None:
