@@ -5,7 +5,9 @@ A subcommand is a module of this package with two functions:
 * ``add_arguments(parser: argparse.ArgumentParser) -> None``: its flags;
 * ``run(args: argparse.Namespace) -> dict``: measure, return JSON-serialisable figures.
 
-Its docstring's first line is its help. Add one with a row in ``SUBCOMMANDS``. Every module is
+Its docstring's first line is its help. Never name a module here after a standard-library
+module (``copy``, ``json``...): ``vllm_pool_mix.py`` runs as a script from this directory, so
+such a module would shadow the stdlib one in the vLLM process. Add one with a row in ``SUBCOMMANDS``. Every module is
 imported to build ``--help``, so a module keeps heavy or optional imports (NIXL, vLLM) inside
 ``run``. Progress and diagnostics go to stderr; stdout carries only the JSON.
 """
@@ -23,7 +25,7 @@ from fabric.errors import FabricError
 
 SUBCOMMANDS: dict[str, str] = {
     "kvbm": "fabric.bench.kvbm",
-    "copy": "fabric.bench.copy",
+    "copy": "fabric.bench.block_copy",
     "transfer": "fabric.bench.transfer",
 }
 """Subcommand name -> module implementing it."""
