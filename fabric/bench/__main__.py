@@ -7,9 +7,10 @@ A subcommand is a module of this package with two functions:
 
 Its docstring's first line is its help. Never name a module here after a standard-library
 module (``copy``, ``json``...): ``vllm_pool_mix.py`` runs as a script from this directory, so
-such a module would shadow the stdlib one in the vLLM process. Add one with a row in ``SUBCOMMANDS``. Every module is
-imported to build ``--help``, so a module keeps heavy or optional imports (NIXL, vLLM) inside
-``run``. Progress and diagnostics go to stderr; stdout carries only the JSON.
+such a module would shadow the stdlib one in the vLLM process. Add one with a row in
+``SUBCOMMANDS``. Every module is imported to build ``--help``, so a module keeps heavy or
+optional imports (NIXL, vLLM) inside ``run``. Progress and diagnostics go to stderr; stdout
+carries only the JSON.
 """
 
 from __future__ import annotations
