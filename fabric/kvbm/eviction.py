@@ -1,10 +1,11 @@
 """Eviction policies: which cached (registered, unreferenced) block a pool reuses next.
 
-A pool tells its policy when a block becomes evictable (``insert``, on its last release) and when
-it stops being evictable (``remove``, when a match takes a reference again); when it needs blocks
-and has no reset ones left it asks ``evict(n)`` for victims. The policy only chooses; the pool
-does the bookkeeping (registry, events). Every operation is O(1) amortized in the number of cached
-blocks (O(p) in the number of distinct priorities, which is small).
+A pool tells its policy when blocks become evictable (``insert``, on their last release) and
+when they stop being evictable (``remove``, when a match takes a reference again), a batch at a
+time; when it needs blocks and has no reset ones left it asks ``evict(n)`` for victims. The
+policy only chooses; the pool does the bookkeeping (registry, events). Every operation is O(1)
+amortized per block in the number of cached blocks (O(p) in the number of distinct priorities,
+which is small).
 
 Also here: ``FrequencyFilter``, the admission rule that decides which blocks are worth writing to
 disk (a block seen only once is rarely read back).
@@ -17,6 +18,7 @@ Invariant shared by all policies (the contract suite in tests/kvbm/test_eviction
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Protocol
 
@@ -25,11 +27,16 @@ from fabric.kvbm.types import BlockId, SequenceHash
 
 
 class EvictionPolicy(Protocol):
-    def insert(self, block_id: BlockId, priority: int) -> None:
-        """``block_id`` became evictable; ``priority`` is the block's (higher is kept longer)."""
+    """Verbs take batches: a pool releases or matches a request's blocks at once, and one call
+    per batch instead of per block is most of the policy's cost (tests/kvbm/test_eviction.py)."""
 
-    def remove(self, block_id: BlockId) -> None:
-        """``block_id`` is referenced again and must not be evicted."""
+    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+        """These blocks became evictable, in this order (the last is the most recently used);
+        ``priorities[i]`` is block i's (higher is kept longer). Refuses (ValueError, changing
+        nothing) a block that is already evictable."""
+
+    def remove(self, block_ids: Iterable[BlockId]) -> None:
+        """These blocks are referenced again and must not be evicted (unknown ids: no-op)."""
 
     def evict(self, n: int) -> list[BlockId]:
         """Choose and forget up to ``n`` victims, best victim first."""
@@ -40,6 +47,14 @@ class EvictionPolicy(Protocol):
     def __len__(self) -> int: ...
 
     def __contains__(self, block_id: object) -> bool: ...
+
+
+def _refuse_evictable(evictable: Mapping[BlockId, object], block_ids: Sequence[BlockId]) -> None:
+    if not evictable.keys().isdisjoint(block_ids):
+        again = sorted(set(block_ids) & evictable.keys())
+        raise ValueError(f"blocks {again} are already evictable")
+    if len(set(block_ids)) != len(block_ids):
+        raise ValueError(f"blocks {list(block_ids)} repeat an id")
 
 
 class _Buckets:
@@ -55,19 +70,27 @@ class _Buckets:
         self._buckets: dict[int, OrderedDict[BlockId, None]] = {}
         self._block_to_bucket: dict[BlockId, OrderedDict[BlockId, None]] = {}
 
-    def add(self, block_id: BlockId, key: int) -> None:
-        if block_id in self._block_to_bucket:
-            raise ValueError(f"block {block_id} is already evictable")
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = OrderedDict()
-        bucket[block_id] = None
-        self._block_to_bucket[block_id] = bucket
+    def add(self, block_ids: Sequence[BlockId], keys: Sequence[int]) -> None:
+        block_to_bucket = self._block_to_bucket
+        _refuse_evictable(block_to_bucket, block_ids)
+        buckets = self._buckets
+        bucket: OrderedDict[BlockId, None] | None = None
+        bucket_key: int | None = None
+        for block_id, key in zip(block_ids, keys, strict=True):
+            if key != bucket_key or bucket is None:
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = OrderedDict()
+                bucket_key = key
+            bucket[block_id] = None
+            block_to_bucket[block_id] = bucket
 
-    def discard(self, block_id: BlockId) -> None:
-        bucket = self._block_to_bucket.pop(block_id, None)
-        if bucket is not None:
-            del bucket[block_id]
+    def discard(self, block_ids: Iterable[BlockId]) -> None:
+        pop = self._block_to_bucket.pop
+        for block_id in block_ids:
+            bucket = pop(block_id, None)
+            if bucket is not None:
+                del bucket[block_id]
 
     def pop_lowest(self, n: int) -> list[BlockId]:
         victims: list[BlockId] = []
@@ -105,13 +128,16 @@ class LruPolicy:
     def __init__(self) -> None:
         self._order: OrderedDict[BlockId, None] = OrderedDict()
 
-    def insert(self, block_id: BlockId, priority: int) -> None:
-        if block_id in self._order:
-            raise ValueError(f"block {block_id} is already evictable")
-        self._order[block_id] = None
+    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+        order = self._order
+        _refuse_evictable(order, block_ids)
+        for block_id in block_ids:
+            order[block_id] = None
 
-    def remove(self, block_id: BlockId) -> None:
-        self._order.pop(block_id, None)
+    def remove(self, block_ids: Iterable[BlockId]) -> None:
+        pop = self._order.pop
+        for block_id in block_ids:
+            pop(block_id, None)
 
     def evict(self, n: int) -> list[BlockId]:
         order = self._order
@@ -135,11 +161,11 @@ class PriorityLruPolicy:
     def __init__(self) -> None:
         self._buckets = _Buckets()
 
-    def insert(self, block_id: BlockId, priority: int) -> None:
-        self._buckets.add(block_id, priority)
+    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+        self._buckets.add(block_ids, priorities)
 
-    def remove(self, block_id: BlockId) -> None:
-        self._buckets.discard(block_id)
+    def remove(self, block_ids: Iterable[BlockId]) -> None:
+        self._buckets.discard(block_ids)
 
     def evict(self, n: int) -> list[BlockId]:
         return self._buckets.pop_lowest(n)
@@ -167,13 +193,14 @@ class LfuPolicy:
         self._buckets = _Buckets()
         self._uses: dict[BlockId, int] = {}
 
-    def insert(self, block_id: BlockId, priority: int) -> None:
-        uses = self._uses.get(block_id, 0) + 1
-        self._buckets.add(block_id, uses)
-        self._uses[block_id] = uses
+    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+        get = self._uses.get
+        counts = [get(block_id, 0) + 1 for block_id in block_ids]
+        self._buckets.add(block_ids, counts)  # refuses before anything is counted
+        self._uses.update(zip(block_ids, counts, strict=True))
 
-    def remove(self, block_id: BlockId) -> None:
-        self._buckets.discard(block_id)
+    def remove(self, block_ids: Iterable[BlockId]) -> None:
+        self._buckets.discard(block_ids)
 
     def evict(self, n: int) -> list[BlockId]:
         victims = self._buckets.pop_lowest(n)

@@ -219,7 +219,7 @@ class BlockPool:
                 stored.append(i)
             else:
                 if existing.ref_count == 0:
-                    policy.remove(existing.block_id)
+                    policy.remove((existing.block_id,))
                     self._num_in_use += 1
                 existing.ref_count += 1
                 out_ids.append(existing.block_id)
@@ -239,20 +239,20 @@ class BlockPool:
         or may simply be dropped: it holds nothing).
         """
         registry = self._registry
-        policy = self._policy
         ids: list[BlockId] = []
-        revived = 0
+        revived: list[BlockId] = []
         for h in sequence_hashes:
             record = registry.get(h)
             if record is None:
                 break
             if record.ref_count == 0:
-                policy.remove(record.block_id)
-                revived += 1
+                revived.append(record.block_id)
             record.ref_count += 1
             ids.append(record.block_id)
         num = len(ids)
-        self._num_in_use += revived
+        if revived:
+            self._policy.remove(revived)
+            self._num_in_use += len(revived)
         self._hits += num
         self._misses += len(sequence_hashes) - num
         return ImmutableBlocks(self, ids, list(sequence_hashes[:num]))
@@ -261,19 +261,21 @@ class BlockPool:
         """References on every registered hash among ``sequence_hashes`` (not only a prefix),
         in order; the handle's ``sequence_hashes`` say which were present. Counts no hit."""
         registry = self._registry
-        policy = self._policy
         ids: list[BlockId] = []
         present: list[SequenceHash] = []
+        revived: list[BlockId] = []
         for h in sequence_hashes:
             record = registry.get(h)
             if record is None:
                 continue
             if record.ref_count == 0:
-                policy.remove(record.block_id)
-                self._num_in_use += 1
+                revived.append(record.block_id)
             record.ref_count += 1
             ids.append(record.block_id)
             present.append(h)
+        if revived:
+            self._policy.remove(revived)
+            self._num_in_use += len(revived)
         return ImmutableBlocks(self, ids, present)
 
     def retain(
@@ -303,9 +305,10 @@ class BlockPool:
         blocks._check(self)
         ids = blocks._spend()
         records = self._records
-        policy = self._policy
         reset = self._reset
         freed = 0
+        cached: list[BlockId] = []
+        priorities: list[int] = []
         for block_id in ids:
             record = records[block_id]
             record.ref_count -= 1
@@ -314,9 +317,12 @@ class BlockPool:
                 if record.sequence_hash is None:
                     reset.append(block_id)
                 else:
-                    policy.insert(block_id, record.priority)
+                    cached.append(block_id)
+                    priorities.append(record.priority)
             elif record.ref_count < 0:  # pragma: no cover - guarded by handle spending
                 raise FabricError(f"{self.name}: block {block_id} released more than taken")
+        if cached:
+            self._policy.insert(cached, priorities)
         self._num_in_use -= freed
 
     def reset_cache(self) -> bool:

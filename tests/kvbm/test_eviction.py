@@ -31,7 +31,7 @@ def policy(request: pytest.FixtureRequest) -> EvictionPolicy:
 
 def test_evict_returns_each_inserted_block_once(policy: EvictionPolicy) -> None:
     for i in range(10):
-        policy.insert(BlockId(i), i % 3)
+        policy.insert([BlockId(i)], [i % 3])
     victims = policy.evict(4) + policy.evict(100)
     assert sorted(victims) == list(range(10))
     assert len(policy) == 0 and policy.evict(1) == []
@@ -39,23 +39,39 @@ def test_evict_returns_each_inserted_block_once(policy: EvictionPolicy) -> None:
 
 def test_removed_blocks_are_never_evicted(policy: EvictionPolicy) -> None:
     for i in range(6):
-        policy.insert(BlockId(i), 0)
-    policy.remove(BlockId(2))
-    policy.remove(BlockId(4))
-    policy.remove(BlockId(99))  # unknown: no-op
+        policy.insert([BlockId(i)], [0])
+    policy.remove([BlockId(2)])
+    policy.remove([BlockId(4)])
+    policy.remove([BlockId(99)])  # unknown: no-op
     assert 2 not in policy and 3 in policy
     assert sorted(policy.evict(10)) == [0, 1, 3, 5]
 
 
-def test_double_insert_is_refused(policy: EvictionPolicy) -> None:
-    policy.insert(BlockId(1), 0)
+def test_double_insert_is_refused_and_changes_nothing(policy: EvictionPolicy) -> None:
+    policy.insert([BlockId(1)], [0])
     with pytest.raises(ValueError, match="already evictable"):
-        policy.insert(BlockId(1), 0)
+        policy.insert([BlockId(2), BlockId(1)], [0, 0])
+    with pytest.raises(ValueError, match="repeat an id"):
+        policy.insert([BlockId(3), BlockId(3)], [0, 0])
+    assert len(policy) == 1 and 2 not in policy and 3 not in policy
+
+
+def test_a_batch_is_inserted_in_order(policy: EvictionPolicy) -> None:
+    policy.insert([BlockId(7), BlockId(3), BlockId(5)], [0, 0, 0])
+    policy.insert([BlockId(1)], [0])
+    assert policy.evict(4) == [7, 3, 5, 1]
+
+
+def test_batches_with_mixed_priorities() -> None:
+    p = PriorityLruPolicy()
+    p.insert([BlockId(1), BlockId(2), BlockId(3), BlockId(4)], [5, 0, 5, 1])
+    p.remove([BlockId(2), BlockId(99)])
+    assert p.evict(3) == [4, 1, 3]
 
 
 def test_clear(policy: EvictionPolicy) -> None:
     for i in range(3):
-        policy.insert(BlockId(i), 0)
+        policy.insert([BlockId(i)], [0])
     policy.clear()
     assert len(policy) == 0 and policy.evict(3) == []
 
@@ -67,10 +83,10 @@ def test_contract_under_random_ops(kind: EvictionKind, ops: list[tuple[str, int,
     model: set[int] = set()
     for op, block, arg in ops:
         if op == "i" and block not in model:
-            policy.insert(BlockId(block), arg)
+            policy.insert([BlockId(block)], [arg])
             model.add(block)
         elif op == "r":
-            policy.remove(BlockId(block))
+            policy.remove([BlockId(block)])
             model.discard(block)
         elif op == "e":
             victims = policy.evict(arg)
@@ -87,33 +103,33 @@ def test_contract_under_random_ops(kind: EvictionKind, ops: list[tuple[str, int,
 def test_lru_order() -> None:
     p = LruPolicy()
     for i in (5, 1, 3):
-        p.insert(BlockId(i), 9 - i)
-    p.remove(BlockId(5))
-    p.insert(BlockId(5), 0)
+        p.insert([BlockId(i)], [9 - i])
+    p.remove([BlockId(5)])
+    p.insert([BlockId(5)], [0])
     assert p.evict(3) == [1, 3, 5]
 
 
 def test_priority_lru_evicts_low_priority_first_then_lru() -> None:
     p = PriorityLruPolicy()
-    p.insert(BlockId(1), 5)
-    p.insert(BlockId(2), 0)
-    p.insert(BlockId(3), 5)
-    p.insert(BlockId(4), 0)
+    p.insert([BlockId(1)], [5])
+    p.insert([BlockId(2)], [0])
+    p.insert([BlockId(3)], [5])
+    p.insert([BlockId(4)], [0])
     assert p.evict(4) == [2, 4, 1, 3]
 
 
 def test_lfu_evicts_least_used_and_forgets_counts_on_eviction() -> None:
     p = LfuPolicy()
     for _ in range(3):  # block 1 used three times
-        p.insert(BlockId(1), 0)
-        p.remove(BlockId(1))
-    p.insert(BlockId(1), 0)
-    p.insert(BlockId(2), 0)
-    p.insert(BlockId(3), 0)
+        p.insert([BlockId(1)], [0])
+        p.remove([BlockId(1)])
+    p.insert([BlockId(1)], [0])
+    p.insert([BlockId(2)], [0])
+    p.insert([BlockId(3)], [0])
     assert p.evict(2) == [2, 3]
     assert p.evict(1) == [1]
-    p.insert(BlockId(1), 0)  # new content in block 1: count starts again
-    p.insert(BlockId(4), 0)
+    p.insert([BlockId(1)], [0])  # new content in block 1: count starts again
+    p.insert([BlockId(4)], [0])
     assert p.evict(1) == [1]
 
 
