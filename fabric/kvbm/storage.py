@@ -132,12 +132,17 @@ def _aligned_empty(layout: LayoutSpec, device: torch.device, pin: bool) -> torch
 
 
 def device_storage(layout: LayoutSpec, device: torch.device | str | None = None) -> TensorStorage:
-    """Storage on ``device`` (default: CUDA when available, else CPU); VRAM only on CUDA."""
+    """Storage on ``device`` (default: CUDA when available, else CPU); VRAM only on CUDA.
+
+    Zero-filled once: attention kernels read whole pages and mask the slots past a sequence's
+    end, and a masked slot holding a NaN or inf bit pattern (fresh memory can) still poisons the
+    result (0 * NaN = NaN). After that, slots only ever hold KV that was written, all finite.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     kind = MemoryKind.VRAM if device.type == "cuda" else MemoryKind.DRAM
-    raw = _aligned_empty(layout, device, pin=False)
+    raw = _aligned_empty(layout, device, pin=False).zero_()
     logger.debug("device storage: %d bytes on %s", layout.total_bytes, device)
     return TensorStorage(layout, _typed_buffers(raw, layout), kind)
 

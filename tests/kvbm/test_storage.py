@@ -352,3 +352,17 @@ def test_disk_falls_back_to_buffered_io_when_o_direct_is_refused(
         assert np.array_equal(src, dest)
     finally:
         disk.close()
+
+
+def test_device_storage_starts_zeroed_even_on_reused_memory() -> None:
+    """Attention reads masked slots too: a NaN left in freed memory would poison outputs."""
+    layout = spec(num_blocks=4)  # small: the allocator hands freed chunks straight back
+    for _ in range(5):
+        dirty = device_storage(layout)
+        for t in dirty.tensors:
+            t.fill_(float("nan"))
+        dirty.close()
+        del dirty, t
+        fresh = device_storage(layout)
+        assert all(torch.count_nonzero(t) == 0 for t in fresh.tensors)
+        fresh.close()
