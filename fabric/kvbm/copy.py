@@ -9,32 +9,20 @@ so a transfer agent can move many small scattered blocks as one descriptor.
 
 How memory is moved. Both sides are cut into buffer pairs: one pair when both are fully
 contiguous, else one per layer. Pairs of ids that ascend together form runs. On CPU there are
-three ways, chosen by measurement on this 2-core CPU: 64 MiB moved in 16-token fp16 blocks of
-8 layers x K/V, best of 9 interleaved rounds, GB/s, "old" being the choice before the native
-kernel (numpy below 16 KiB runs, else slices), scattered = every other block, LS = layer
-separate (rows of block/8 bytes), contiguous = one run:
-
-    scattered          old -> native             contiguous      old -> native
-                       1 thread    2 threads                     1 thread    2 threads: idle | busy
-    FC 16 KiB blocks   2.3 -> 4.9  1.7 -> 4.6    FC 16 KiB       5.0 -> 5.7  8.1 -> 5.6 | 4.2 -> 5.6
-    FC 64 KiB          3.5 -> 4.6  3.6 -> 5.6    FC 64 KiB       5.4 -> 6.0  8.4 -> 5.4 | 4.3 -> 6.1
-    FC 256 KiB         4.7 -> 6.0  4.7 -> 5.1    FC 256 KiB      4.7 -> 5.7  6.5 -> 6.0 | 4.4 -> 6.1
-    LS 16 KiB          2.4 -> 3.7  1.9 -> 3.2    LS 16 KiB       5.1 -> 5.8  8.0 -> 5.3 | 1.8 -> 4.5
-    LS 64 KiB          3.0 -> 4.3  3.0 -> 4.4    LS 64 KiB       5.0 -> 5.4  9.1 -> 5.8 | 1.1 -> 5.7
-    LS 256 KiB         3.3 -> 4.9  3.3 -> 5.1    LS 256 KiB      5.1 -> 5.8  9.4 -> 6.0 | 2.2 -> 5.5
-
-("2 threads" is torch's default here; "idle | busy": the other core free, or used by another
-process during the run.) Hence:
+three ways, chosen by measurement (``python -m fabric.bench copy``, figures in
+docs/benchmarks.md: native against the fallback and memcpy, per block size, layout pair and id
+pattern). Hence:
 
 * native (``kernels.batched_copy``): one call per buffer pair, one memcpy per block (per run
   when both sides hold rows back to back), no Python step per block, single-threaded. Used
   for runs averaging under ``NATIVE_MAX_RUN_BYTES`` per buffer pair, and for every run when
   torch is limited to one thread (as a process sharing these cores should be).
-* one ``copy_`` per run: about 4 us per call, and torch spreads a long copy over both cores:
-  up to 1.6x native when the other core is free, 1.3-5x slower when it is not. Used for runs of
+* one ``copy_`` per run: a few microseconds per call, and torch spreads a long copy over both
+  cores: faster than native when the other core is free, much slower when it is not (compare
+  ``python -m fabric.bench copy --threads 2`` on an idle and a busy machine). Used for runs of
   ``NATIVE_MAX_RUN_BYTES`` and more when torch may use two threads (torch's own choice, as
-  before the native kernel). FC <-> LS contiguous copies of small blocks were the one case
-  where slices stayed slightly ahead with one thread (4.2-5.0 vs 3.4-4.0 GB/s at 16 KiB).
+  before the native kernel). Fully contiguous -> layer separate contiguous copies of 16 KiB
+  blocks are the one measured case where slices stay ahead with one thread.
 * one gather/scatter for all rows (numpy fancy indexing on word views): the only way that is
   correct when source and destination blocks overlap inside one storage (it reads everything
   before writing), and the short-run path when the extension is not available (then runs of
