@@ -1,0 +1,264 @@
+"""The OpenAI-compatible HTTP API (FastAPI): ``build_app(frontend)``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with
+``"stream": true``), ``GET /v1/models``, ``GET /health`` (eligible workers by role; 503 while no
+decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), and FastAPI's
+``/openapi.json`` and ``/docs``.
+
+Errors: every failure is OpenAI's error JSON (``errors.ApiError``): 400 for bad input with
+``param`` naming the field (validation errors included: ``param`` is the field's path, e.g.
+``messages.0.role``), 404 for another model or an unknown route, 500 when the worker reports an
+error (its message included), 503 when no worker can take the request, 504 when the worker
+sends nothing within the idle timeout or the deadline.
+
+A streaming response starts only after the first chunk arrived, so failures before the first
+token (no worker, worker error, timeout) still get their HTTP status; later failures are an SSE
+error event (``responses``). A client that disconnects at any point aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fabric.discovery.registry import Role
+from fabric.frontend.errors import ApiError, bad_request, model_not_found
+from fabric.frontend.generation import Frontend, Generation, Scalar
+from fabric.frontend.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GenerationParams,
+    Health,
+    ModelCard,
+    ModelList,
+)
+from fabric.frontend.responses import (
+    ChatShape,
+    CompletionShape,
+    Disconnected,
+    ResponseShape,
+    collect_text,
+    sse_events,
+    unless_disconnected,
+)
+from fabric.frontend.tokenizer import render_chat
+
+logger = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)
+}
+_DESCRIPTION = (
+    "OpenAI-compatible frontend of KV Fabric: requests are routed to decode or aggregated "
+    "workers by load, and to the prefill worker that caches the longest prefix of the prompt. "
+    "Workers decode greedily today (temperature, top_p and seed are accepted and forwarded). "
+    'Chat template: each message renders as "<role>: <content>\\n", then "assistant:".'
+)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away
+
+
+def build_app(frontend: Frontend) -> FastAPI:
+    """The FastAPI app serving ``frontend``; the caller owns the frontend's lifecycle."""
+    app = FastAPI(title="KV Fabric frontend", version="0.1.0", description=_DESCRIPTION)
+    _add_error_handlers(app, frontend)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Complete a prompt (text or token ids)."""
+        frontend.metrics.requests.labels("completions").inc()
+        shape = CompletionShape(frontend.model_name, frontend.created)
+        return await _generate(frontend, request, body, _prompt_ids(frontend, body), shape)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Answer a conversation, rendered with the chat template (see the description)."""
+        frontend.metrics.requests.labels("chat").inc()
+        text = render_chat([(message.role, message.text()) for message in body.messages])
+        shape = ChatShape(frontend.model_name, frontend.created)
+        return await _generate(frontend, request, body, frontend.codec.encode(text), shape)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        """The one model this frontend serves."""
+        return ModelList(data=[ModelCard(id=frontend.model_name, created=frontend.created)])
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health() -> JSONResponse:
+        """Eligible workers by role; 503 while no decode or aggregated worker is known."""
+        counts = frontend.router.count_by_role()
+        serving = counts[Role.DECODE] + counts[Role.AGGREGATED]
+        body = Health(
+            status="ok" if serving else "unavailable",
+            model=frontend.model_name,
+            workers={role.value: count for role, count in counts.items()},
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if serving else 503)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics (``fabric_frontend_*``)."""
+        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _generate(
+    frontend: Frontend,
+    request: Request,
+    body: GenerationParams,
+    token_ids: list[int],
+    shape: ResponseShape,
+) -> Response:
+    if body.model != frontend.model_name:
+        raise model_not_found(body.model, frontend.model_name)
+    generation = frontend.start(
+        "cmpl" if shape.endpoint == "completions" else "chatcmpl",
+        token_ids,
+        _max_tokens(frontend, body, len(token_ids)),
+        _sampling(body),
+    )
+    streaming = False
+    try:
+        first = await unless_disconnected(request, generation.next())
+        assert first is not None, "a generation that has not ended yields an output"
+        if body.stream:
+            events = sse_events(
+                generation, first, shape, frontend.metrics, include_usage=body.include_usage
+            )
+            # The background task also covers a stream cancelled before its first iteration.
+            streaming = True
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                background=BackgroundTask(_abort, generation),
+            )
+        text = await unless_disconnected(request, collect_text(generation, first))
+        return JSONResponse(shape.body(generation, text).model_dump(mode="json"))
+    except Disconnected:
+        logger.debug("%s: the client disconnected", generation.request_id)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    finally:
+        if not streaming:
+            generation.abort("client disconnected")  # a no-op once the generation ended
+
+
+async def _abort(generation: Generation) -> None:
+    """Abort on the event loop (a sync background task would run on a worker thread)."""
+    generation.abort("client disconnected")
+
+
+def _prompt_ids(frontend: Frontend, body: CompletionRequest) -> list[int]:
+    """The prompt's token ids (one prompt: text, ids, or a batch of one of either)."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(
+                f"prompt: a batch of {len(prompt)} prompts was given; send one per request",
+                "prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return frontend.codec.encode(prompt)
+    token_ids = [token for token in prompt if isinstance(token, int)]
+    vocab_size = frontend.codec.vocab_size
+    outside = [token for token in token_ids if not 0 <= token < vocab_size]
+    if outside:
+        raise bad_request(
+            f"prompt: token id {outside[0]} is outside the vocabulary (size {vocab_size})",
+            "prompt",
+        )
+    return token_ids
+
+
+def _max_tokens(frontend: Frontend, body: GenerationParams, num_prompt: int) -> int:
+    """The request's ``max_tokens``, after checking prompt and answer fit the model's context."""
+    is_chat = isinstance(body, ChatCompletionRequest)
+    prompt_param = "messages" if is_chat else "prompt"
+    max_param = "max_completion_tokens" if is_chat else "max_tokens"
+    if num_prompt == 0:
+        raise bad_request(f"{prompt_param}: the prompt is empty (0 tokens)", prompt_param)
+    requested = body.max_completion_tokens if isinstance(body, ChatCompletionRequest) else None
+    if requested is None:
+        requested, max_param = body.max_tokens, "max_tokens"
+    limit = frontend.codec.max_model_len
+    if limit is not None and num_prompt >= limit:
+        raise bad_request(
+            f"{prompt_param}: the prompt has {num_prompt} tokens, the model's context is {limit}",
+            prompt_param,
+        )
+    if requested is None:
+        default = frontend.settings.default_max_tokens
+        return default if limit is None else min(default, limit - num_prompt)
+    if limit is not None and num_prompt + requested > limit:
+        raise bad_request(
+            f"{max_param}: {num_prompt} prompt tokens + {max_param}={requested} exceed the "
+            f"model's context of {limit} tokens",
+            max_param,
+        )
+    return requested
+
+
+def _sampling(body: GenerationParams) -> dict[str, Scalar]:
+    values = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _add_error_handlers(app: FastAPI, frontend: Frontend) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        frontend.metrics.errors.labels(_endpoint(request), str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            param, message = None, f"the body is not valid JSON ({first.get('msg')})"
+        else:
+            param = _param_path(first.get("loc", ()))
+            message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+            others = {_param_path(error.get("loc", ())) for error in errors[1:]} - {param}
+            if others:
+                message += f" (also invalid: {', '.join(sorted(p or 'body' for p in others))})"
+        frontend.metrics.requests.labels(_endpoint(request)).inc()
+        frontend.metrics.errors.labels(_endpoint(request), "400").inc()
+        return JSONResponse(bad_request(message, param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+def _endpoint(request: Request) -> str:
+    return "chat" if request.url.path.endswith("/chat/completions") else "completions"
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _param_path(loc: Sequence[object]) -> str | None:
+    """The field path of a validation error, e.g. ``messages.0.role``.
+
+    Drops the leading ``body`` and stops at pydantic's union member tags (``str``,
+    ``list[int]``, class names), which name a type, not a field.
+    """
+    parts: list[str] = []
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        text = str(part)
+        if text in _TYPE_TAGS or "[" in text or text[:1].isupper():
+            break
+        parts.append(text)
+    return ".".join(parts) or None

@@ -1,0 +1,213 @@
+"""One request from routing to its last token: ``Frontend.start`` and the ``Generation`` it returns.
+
+Owns the request lifecycle on the event loop, between the HTTP layer (``api``) and the router::
+
+    start ──route + send──▶ RUNNING ──finished chunk──▶ DONE        (slots released)
+                               │
+                               ├──error chunk / StreamFailure──▶ FAILED (ApiError raised)
+                               ├──no chunk for idle_timeout_s, or past the deadline──▶ FAILED (504)
+                               └──abort() (client gone)──▶ ABORTED
+
+Invariants: every path out of RUNNING releases the request's worker slots exactly once; every
+path but DONE sends ``Abort`` to the worker (harmless when it already stopped), so a worker never
+keeps generating for a client that is gone or a request the frontend gave up on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from fabric.frontend.connection import StreamFailure
+from fabric.frontend.errors import ApiError, deadline_exceeded, worker_error
+from fabric.frontend.metrics import FrontendMetrics
+from fabric.frontend.router import RoutedRequest, Router
+from fabric.frontend.tokenizer import Detokenizer, TextCodec
+from fabric.signal.framing import wall_ms
+
+Scalar = float | int | str | bool
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendSettings:
+    """Timeouts and limits of request handling.
+
+    Attributes:
+        idle_timeout_s: a request that receives no chunk for this long fails with 504 (the
+            first chunk includes the prefill, so this bounds TTFT too).
+        request_timeout_s: the whole request's deadline (sent as ``deadline_ms``; 504 past it).
+        default_max_tokens: ``max_tokens`` of a request that gives none.
+    """
+
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 600.0
+    default_max_tokens: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What one chunk added: decoded text (may be "") and tokens; ``finish_reason`` on the last."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+
+
+class Generation:
+    """The output stream of one routed request (see the module docstring)."""
+
+    def __init__(
+        self,
+        routed: RoutedRequest,
+        detokenizer: Detokenizer,
+        metrics: FrontendMetrics,
+        settings: FrontendSettings,
+        received_at: float,
+    ) -> None:
+        self.routed = routed
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.stats: dict[str, Scalar] = {}
+        self._detokenizer = detokenizer
+        self._metrics = metrics
+        self._settings = settings
+        self._received_at = received_at
+        self._deadline = received_at + settings.request_timeout_s
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+        self._ended = False
+
+    @property
+    def request_id(self) -> str:
+        return self.routed.request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.routed.request.token_ids)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def next(self) -> Output | None:
+        """The next chunk's output, or None once finished.
+
+        Raises:
+            ApiError: the worker failed (500), went away (503) or was too slow (504); the request
+                was aborted and its slots released.
+        """
+        if self._ended:
+            return None
+        wait_s = max(0.0, min(self._settings.idle_timeout_s, self._deadline - time.monotonic()))
+        item = await self.routed.stream.get(wait_s)
+        if item is None:
+            past_deadline = time.monotonic() >= self._deadline
+            what = "the request deadline" if past_deadline else "the idle timeout"
+            self._fail(f"no tokens from worker {self.routed.decode.worker_id} within {what}")
+            raise deadline_exceeded(
+                f"worker {self.routed.decode.worker_id} sent no tokens within {wait_s:.1f} s "
+                f"({what}); the request was aborted"
+            )
+        if isinstance(item, StreamFailure):
+            self._fail(item.message)
+            raise ApiError(item.status, item.message, code="worker_unavailable")
+        self.routed.prefill_done()
+        if item.finish_reason == "error":
+            message = str(item.stats.get("error") or "the worker reported an error")
+            self._fail(message)
+            raise worker_error(f"worker {self.routed.decode.worker_id}: {message}")
+        self._observe(len(item.token_ids))
+        text = self._detokenizer.step(item.token_ids)
+        if item.finished:
+            self._ended = True
+            self.finish_reason = item.finish_reason
+            self.stats = dict(item.stats)
+            self.routed.finish()
+        return Output(text, len(item.token_ids), item.finish_reason or None)
+
+    def abort(self, reason: str) -> None:
+        """Cancel the request on its worker unless it already ended (idempotent)."""
+        if not self._ended:
+            self._ended = True
+            self.routed.abort(reason)
+
+    def fabric_info(self) -> dict[str, Scalar]:
+        """The response's ``fabric`` field: routing and the worker's statistics."""
+        routed = self.routed
+        info: dict[str, Scalar] = {
+            "decode_worker": routed.decode.worker_id,
+            "prefill_worker": routed.request.prefill_worker,
+            "routed_prefix_blocks": routed.prefill.matched_blocks if routed.prefill else 0,
+        }
+        if self._first_token_at is not None:
+            info["frontend_ttft_ms"] = round((self._first_token_at - self._received_at) * 1e3, 3)
+        info.update(self.stats)
+        return info
+
+    def _observe(self, num_tokens: int) -> None:
+        if num_tokens == 0:
+            return
+        now = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            self._metrics.ttft.observe(now - self._received_at)
+        elif self._last_token_at is not None:
+            gap = (now - self._last_token_at) / num_tokens
+            for _ in range(num_tokens):
+                self._metrics.itl.observe(gap)
+        self._last_token_at = now
+        self.completion_tokens += num_tokens
+        self._metrics.completion_tokens.inc(num_tokens)
+
+    def _fail(self, reason: str) -> None:
+        self._ended = True
+        self.routed.abort(reason)
+
+
+class Frontend:
+    """Routes requests and wraps them as ``Generation``s; the HTTP layer's one collaborator."""
+
+    def __init__(
+        self,
+        router: Router,
+        codec: TextCodec,
+        metrics: FrontendMetrics,
+        *,
+        model_name: str,
+        settings: FrontendSettings,
+    ) -> None:
+        self.router = router
+        self.codec = codec
+        self.metrics = metrics
+        self.model_name = model_name
+        self.settings = settings
+        self.created = int(time.time())
+
+    def start(
+        self, prefix: str, token_ids: list[int], max_tokens: int, sampling: dict[str, Scalar]
+    ) -> Generation:
+        """Route and send one request (``prefix`` starts its id, e.g. ``"cmpl"``).
+
+        Raises:
+            ApiError: 503 when no worker can take it.
+        """
+        received_at = time.monotonic()
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        routed = self.router.submit(
+            request_id,
+            token_ids,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            deadline_ms=wall_ms() + int(self.settings.request_timeout_s * 1000),
+            loop=asyncio.get_running_loop(),
+        )
+        self.metrics.prompt_tokens.inc(len(token_ids))
+        if routed.prefill is not None:
+            hits = routed.prefill.matched_blocks
+            self.metrics.prefix_blocks.labels("hit").inc(hits)
+            self.metrics.prefix_blocks.labels("miss").inc(routed.prefill.num_blocks - hits)
+        return Generation(
+            routed, self.codec.detokenizer(), self.metrics, self.settings, received_at
+        )

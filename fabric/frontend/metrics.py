@@ -1,0 +1,98 @@
+"""Prometheus metrics of the frontend (``GET /metrics``), every name ``fabric_frontend_*``.
+
+Owns a private ``CollectorRegistry`` (never the process-global one), so several frontends can
+live in one test process.
+
+* ``requests_total{endpoint}``, ``request_errors_total{endpoint,status}`` (HTTP status of the
+  failure: 400, 404, 500, 503, 504), ``prompt_tokens_total``, ``completion_tokens_total``;
+* ``ttft_seconds`` (request received -> first token) and ``itl_seconds`` (time between tokens:
+  the gap between two chunks divided by the second chunk's tokens, one observation per token);
+* ``prefix_blocks_total{result}``: full prompt blocks routed to a prefill worker that already
+  held them (``hit``) or not (``miss``);
+* read at scrape time from the router: ``worker_in_flight{worker,role}`` and
+  ``workers{role}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fabric.discovery.registry import Role
+
+PREFIX = "fabric_frontend_"
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+InFlightReader = Callable[[], Mapping[str, tuple[Role, int]]]
+
+
+class _RouterCollector(Collector):
+    def __init__(self, read: InFlightReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            PREFIX + "worker_in_flight",
+            "Requests in flight on a worker (prefill: until its first token).",
+            labels=["worker", "role"],
+        )
+        workers = GaugeMetricFamily(
+            PREFIX + "workers", "Eligible workers known to the router.", labels=["role"]
+        )
+        counts = dict.fromkeys((Role.PREFILL, Role.DECODE, Role.AGGREGATED), 0)
+        for worker_id, (role, count) in sorted(self._read().items()):
+            in_flight.add_metric([worker_id, role.value], count)
+            counts[role] = counts.get(role, 0) + 1
+        for role, count in counts.items():
+            workers.add_metric([role.value], count)
+        yield in_flight
+        yield workers
+
+
+class FrontendMetrics:
+    """The frontend's metrics (see the module docstring)."""
+
+    def __init__(self, read_in_flight: InFlightReader) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            PREFIX + "requests", "Requests received.", ["endpoint"], registry=self.registry
+        )
+        self.errors = Counter(
+            PREFIX + "request_errors",
+            "Requests that failed, by HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of routed requests.", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            PREFIX + "completion_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.ttft = Histogram(
+            PREFIX + "ttft_seconds",
+            "Time from request to first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            PREFIX + "itl_seconds",
+            "Time between two generated tokens.",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.prefix_blocks = Counter(
+            PREFIX + "prefix_blocks",
+            "Full prompt blocks routed to a prefill worker that held them (hit) or not (miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.registry.register(_RouterCollector(read_in_flight))
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)

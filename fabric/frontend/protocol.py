@@ -1,0 +1,189 @@
+"""The OpenAI-compatible request and response bodies (pydantic), as the OpenAPI spec shows them.
+
+Owns the wire shapes of ``/v1/completions``, ``/v1/chat/completions`` (and their SSE chunks),
+``/v1/models``, ``/health`` and the error body. Unknown request fields are ignored, as OpenAI's
+own server does for fields it does not know; fields the fabric cannot honour are refused with a
+400 naming them (``n`` > 1, ``stop``).
+
+``temperature``, ``top_p`` and ``seed`` are accepted and forwarded in ``GenerateRequest.sampling``;
+the workers decode greedily today, so they do not change the output yet.
+
+Beyond OpenAI's fields, responses carry ``fabric``: the workers that served the request and the
+worker's statistics (``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``,
+``ttft_ms``...) plus the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that
+carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Scalar = float | int | str | bool
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="The served model's id (see /v1/models).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="Accepted; workers decode greedily today."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Accepted; workers decode greedily today."
+    )
+    seed: int | None = Field(default=None, description="Accepted; forwarded to the workers.")
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    stop: str | list[str] | None = Field(
+        default=None, description="Not supported yet: null or empty only."
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop_sequences(cls, value: str | list[str] | None) -> None:
+        if value:
+            raise ValueError(
+                "stop sequences are not supported yet (workers stop at the model's EOS token "
+                "and at max_tokens)"
+            )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="One prompt: text, or token ids (a batch of one is accepted)."
+    )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Preferred over max_tokens when both are given."
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    fabric: dict[str, Scalar] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    fabric: dict[str, Scalar] | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    fabric: dict[str, Scalar] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kv-fabric"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model: str
+    workers: dict[str, int] = Field(description="Eligible workers by role.")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

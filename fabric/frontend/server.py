@@ -1,0 +1,157 @@
+"""Building and serving a frontend: ``build_frontend``, ``run_frontend``, ``BackgroundServer``.
+
+``build_frontend`` wires one ``Frontend`` from a registry and a model (the only place that
+constructs collaborators); ``run_frontend`` serves it with uvicorn in the foreground until
+SIGINT / SIGTERM; ``BackgroundServer`` serves an app on a uvicorn thread bound to a socket the
+caller may leave on an ephemeral port (tests, benchmarks).
+
+Invariant: ``run_frontend`` closes its router and registry on every way out; a
+``BackgroundServer`` is stopped (``should_exit``, bounded join) by ``stop`` or its ``with`` block.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
+from fabric.errors import ConfigError
+from fabric.frontend.api import build_app
+from fabric.frontend.generation import Frontend, FrontendSettings
+from fabric.frontend.metrics import FrontendMetrics
+from fabric.frontend.router import Router
+from fabric.frontend.tokenizer import TextCodec, resolve_model
+
+logger = logging.getLogger(__name__)
+
+_GRACEFUL_S = 2  # open streams get this long to finish at shutdown, then they are cut
+
+
+def build_frontend(
+    registry: Registry,
+    model: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    settings: FrontendSettings | None = None,
+    identity: str | None = None,
+) -> Frontend:
+    """A frontend for ``model`` (a model directory or a preset name); its router is started.
+
+    Args:
+        identity: the signal identity workers push chunks to; unique per frontend (default
+            ``frontend-<random>``).
+    """
+    resolved = resolve_model(model)
+    codec = TextCodec.from_dir(resolved.directory)
+    router = Router(
+        registry,
+        model_name=resolved.name,
+        identity=identity or f"frontend-{uuid.uuid4().hex[:12]}",
+        namespace=namespace,
+    )
+    metrics = FrontendMetrics(router.in_flight)
+    frontend = Frontend(
+        router,
+        codec,
+        metrics,
+        model_name=resolved.name,
+        settings=settings or FrontendSettings(),
+    )
+    router.start()
+    return frontend
+
+
+def run_frontend(
+    *,
+    etcd: str,
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    namespace: str = DEFAULT_NAMESPACE,
+    settings: FrontendSettings | None = None,
+) -> None:
+    """Serve the frontend on ``host:port`` until SIGINT / SIGTERM (workers found in ``etcd``)."""
+    from fabric.discovery.etcd import EtcdRegistry  # gRPC: only when serving for real
+
+    registry = EtcdRegistry(etcd)
+    try:
+        frontend = build_frontend(registry, model, namespace=namespace, settings=settings)
+        try:
+            logger.info(
+                "serving %s on http://%s:%d (workers from %s)",
+                frontend.model_name,
+                host,
+                port,
+                etcd,
+            )
+            uvicorn.run(
+                build_app(frontend),
+                host=host,
+                port=port,
+                log_level="warning",
+                timeout_graceful_shutdown=_GRACEFUL_S,
+            )
+        finally:
+            frontend.router.close()
+    finally:
+        registry.close()
+
+
+class BackgroundServer:
+    """Serves ``app`` with uvicorn on a daemon thread, on ``host:port`` (0: ephemeral)."""
+
+    def __init__(
+        self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0
+    ) -> None:
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+        # and without it every response pays a 40 ms Nagle + delayed-ACK stall.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.url = f"http://{host}:{self._sock.getsockname()[1]}"
+        self._timeout_s = timeout_s
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=_GRACEFUL_S
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def start(self) -> BackgroundServer:
+        """Start serving; returns once uvicorn accepts connections (ConfigError otherwise)."""
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ConfigError(f"uvicorn did not start serving on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and wait (bounded) for its thread; idempotent."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(self._timeout_s)
+            if self._thread.is_alive():
+                logger.warning("uvicorn on %s did not stop in time", self.url)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,155 @@
+"""A fake decode / aggregated worker for the frontend tests, and shared helpers.
+
+Imported by bare name (pytest puts this directory on ``sys.path``); the name is unique across the
+test tree.
+
+``FakeWorker`` is a real ``SignalServer`` registered (lease + record) in a real registry: it
+answers each ``GenerateRequest`` from its own thread with one ``TokenChunk`` per token of
+``ANSWER`` plus EOS (finish "stop"), or the first ``max_tokens`` of them (finish "length"), and
+records every request and ``Abort``. Knobs: ``fail_with`` (an error chunk), ``silent`` (never
+answers), ``token_delay_s`` (before each chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fabric.discovery.registration import WorkerRegistration
+from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.errors import FabricError
+from fabric.frontend.generation import Frontend
+from fabric.frontend.server import BackgroundServer
+from fabric.frontend.tokenizer import TextCodec
+from fabric.signal.framing import PeerId
+from fabric.signal.messages import Abort, GenerateRequest, Message, TokenChunk
+from fabric.signal.server import SignalServer
+
+COMPAT = 0xFAB0C0DE
+BLOCK_SIZE = 16
+MODEL = "tiny"
+ANSWER = " the fabric moves blocks"
+EOS = 1
+WAIT_S = 10.0
+STATS: dict[str, float | int | str | bool] = {
+    "cached_tokens": 16,
+    "computed_tokens": 4,
+    "kv_transfer_ms": 1.5,
+    "prefill_ms": 3.0,
+    "ttft_ms": 5.0,
+}
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = WAIT_S) -> bool:
+    """Poll ``predicate`` until it is truthy; False once ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def register(
+    registry: Registry,
+    worker_id: str,
+    role: Role,
+    endpoints: dict[str, str],
+    *,
+    compat_hash: int = COMPAT,
+    model: str = MODEL,
+) -> WorkerRegistration:
+    record = WorkerRecord(
+        worker_id=worker_id,
+        role=role,
+        endpoints=endpoints,
+        agent_name=None,
+        layout={"model": model, "block_size": BLOCK_SIZE},
+        compat_hash=compat_hash,
+        started_at=time.time(),
+    )
+    return WorkerRegistration(registry, record, ttl_s=5.0).start()
+
+
+@dataclass
+class RunningFrontend:
+    frontend: Frontend
+    server: BackgroundServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+class FakeWorker:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        worker_id: str,
+        codec: TextCodec,
+        *,
+        role: Role = Role.DECODE,
+        model: str = MODEL,
+    ) -> None:
+        self.worker_id = worker_id
+        self.answer_ids = [*codec.encode(ANSWER), EOS]
+        self.requests: queue.Queue[GenerateRequest] = queue.Queue()
+        self.aborts: queue.Queue[Abort] = queue.Queue()
+        self.fail_with: str | None = None
+        self.silent = False
+        self.token_delay_s = 0.0
+        self._aborted: set[str] = set()
+        self._server = SignalServer(
+            "tcp://127.0.0.1:0", self._handle, compat_hash=COMPAT, name=worker_id
+        )
+        self._registration = register(
+            registry, worker_id, role, {"signal": self._server.endpoint}, model=model
+        )
+
+    def close(self) -> None:
+        """Leave the registry (the record disappears at once) and stop serving; idempotent."""
+        self._registration.close()
+        self._server.close()
+
+    def next_request(self) -> GenerateRequest:
+        return self.requests.get(timeout=WAIT_S)
+
+    def next_abort(self) -> Abort:
+        return self.aborts.get(timeout=WAIT_S)
+
+    def _handle(self, message: Message, peer: PeerId) -> Message | None:
+        if isinstance(message, GenerateRequest):
+            self.requests.put(message)
+            threading.Thread(target=self._generate, args=(message, peer), daemon=True).start()
+        elif isinstance(message, Abort):
+            self._aborted.add(message.request_id)
+            self.aborts.put(message)
+        return None
+
+    def _generate(self, request: GenerateRequest, peer: PeerId) -> None:
+        rid = request.request_id
+        if self.silent:
+            return
+        if self.fail_with is not None:
+            stats: dict[str, float | int | str | bool] = {"error": self.fail_with}
+            with contextlib.suppress(FabricError):
+                self._server.send(peer, TokenChunk(rid, [], True, "error", stats))
+            return
+        tokens = self.answer_ids[: request.max_tokens]
+        reason = "stop" if len(tokens) == len(self.answer_ids) else "length"
+        for i, token in enumerate(tokens):
+            time.sleep(self.token_delay_s)
+            if rid in self._aborted:
+                return
+            last = i == len(tokens) - 1
+            chunk = TokenChunk(rid, [token], last, reason if last else "", STATS if last else {})
+            try:
+                self._server.send(peer, chunk)
+            except FabricError:  # the frontend went away: nobody to stream to
+                return
