@@ -203,7 +203,7 @@ class ZmqEventPublisher:
         try:
             while True:
                 ready = dict(poller.poll())
-                if self._wake_recv in ready:
+                if self._wake_recv.fileno() in ready:  # plain sockets poll by fd
                     self._drain_wake()
                 with self._lock:
                     batches, self._pending = self._pending, deque()

@@ -230,7 +230,7 @@ class SignalServer:
         try:
             while True:
                 ready = dict(poller.poll(_POLL_INTERVAL_MS))
-                if self._wake_recv in ready:
+                if self._wake_recv.fileno() in ready:  # plain sockets poll by fd
                     with contextlib.suppress(BlockingIOError):
                         while self._wake_recv.recv(4096):
                             pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -545,3 +546,18 @@ def test_a_busy_port_is_a_config_error(publishers: list[ZmqEventPublisher]) -> N
     publishers.append(publisher)
     with pytest.raises(ConfigError, match="cannot bind"):
         ZmqEventPublisher(LOCALHOST, replay_endpoint=publisher.endpoint)
+
+
+def test_the_wake_socket_is_drained_after_a_publish(publishers: list[ZmqEventPublisher]) -> None:
+    """An undrained wake socket keeps the publisher thread spinning on every later poll."""
+    publisher = ZmqEventPublisher(LOCALHOST)
+    publishers.append(publisher)
+    publisher.publish([AllCleared(Tier.DEVICE)])
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        try:
+            publisher._wake_recv.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return  # drained by the publisher thread
+        assert time.monotonic() < deadline, "the publisher never drained its wake socket"
+        time.sleep(0.01)

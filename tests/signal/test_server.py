@@ -7,6 +7,7 @@ Every wait is bounded; every server, client and raw socket is closed by a fixtur
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -359,3 +360,21 @@ def test_last_seen_bounds_are_validated(
 ) -> None:
     with pytest.raises(ConfigError, match="last-seen"):
         make_server(recorder, **bounds)
+
+
+def test_the_wake_socket_is_drained_after_a_push(
+    make_client: Callable[..., SignalClient], server: SignalServer
+) -> None:
+    """An undrained wake socket keeps the server thread spinning on every later poll."""
+    client = make_client(server.endpoint, identity="decode-0")
+    client.ping()  # the server learns the client's identity
+    server.send("decode-0", Abort("r", "x"))
+    assert client.receive(WAIT_S) == Abort("r", "x")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            server._wake_recv.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return  # drained by the server thread
+        assert time.monotonic() < deadline, "the server thread never drained its wake socket"
+        time.sleep(0.01)
