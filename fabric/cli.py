@@ -1,4 +1,8 @@
-"""The ``fabric`` command: one subcommand per job, each a module with add_arguments / run."""
+"""The ``fabric`` command: one subcommand per job, each a module with add_arguments / run.
+
+``fabric serve ROLE`` has one sub-command per process kind: the three worker roles
+(``fabric.worker.serve``) and the frontend (``fabric.frontend.cli``).
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,38 @@ from fabric.errors import FabricError
 
 _COMMANDS = {
     "demo": ("fabric.demo", "walk one worker's KV blocks through the device, host and disk tiers"),
+    "launch": ("fabric.launch", "start etcd, prefill/decode workers and the frontend together"),
 }
+_SERVE_ROLES = {
+    "prefill": ("fabric.worker.serve", "a prefill worker: computes prompts, hands KV to decode"),
+    "decode": ("fabric.worker.serve", "a decode worker: reads KV from prefill, generates"),
+    "aggregated": ("fabric.worker.serve", "an aggregated worker: computes and generates alone"),
+    "frontend": ("fabric.frontend.cli", "the OpenAI-compatible HTTP frontend and router"),
+}
+_LOUD = {"serve", "launch"}  # servers say what they do at INFO; one-shot commands stay quiet
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fabric",
         description="KV Fabric: disaggregated prefill/decode KV-cache transfer fabric.",
+        epilog="Benchmarks: python -m fabric.bench --help",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        _add(sub, name, module_name, help_text)
+    serve = sub.add_parser("serve", help="run one process of a deployment (worker or frontend)")
+    roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
+    for role, (module_name, help_text) in _SERVE_ROLES.items():
+        _add(roles, role, module_name, help_text)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command in _LOUD
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -36,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     except FabricError as exc:
         print(f"fabric {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _add(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    module_name: str,
+    help_text: str,
+) -> None:
+    module = importlib.import_module(module_name)
+    command = subparsers.add_parser(name, help=help_text, description=help_text)
+    module.add_arguments(command)
+    command.set_defaults(run=module.run)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ variable and what is allowed; nothing is read lazily later.
 
 Tier sizes are given in GB (like the seeds) or as block counts (the count wins); they are turned
 into blocks by ``tier_blocks`` once the model's block size in bytes is known.
+
+The serving section configures one worker process (``fabric serve``): where etcd is, which model,
+how many threads and which CPUs, what a decode does when its prefill worker fails, and the
+timeouts of the prefill -> decode handoff.
 """
 
 from __future__ import annotations
 
 import tempfile
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +31,21 @@ from fabric.kvbm.types import Tier
 _GIB = 1 << 30
 
 
+class PrefillFallback(Enum):
+    """What a decode worker does when the prefill worker it was sent to fails."""
+
+    RECOMPUTE = "recompute"
+    """Compute the prompt locally and answer anyway (slower, still correct)."""
+    FAIL = "fail"
+    """Answer the request with an error chunk."""
+
+
 def _env(name: str, *aliases: str) -> AliasChoices:
     return AliasChoices(f"FABRIC_{name.upper()}", *aliases)
 
 
 class FabricConfig(BaseSettings):
-    """Settings of one worker's KV block manager (later sections add transfer and serving)."""
+    """Settings of one worker: its KV block manager, then its serving process."""
 
     model_config = SettingsConfigDict(
         env_prefix="FABRIC_",
@@ -98,10 +112,64 @@ class FabricConfig(BaseSettings):
         None, validation_alias=_env("events_replay_endpoint")
     )
 
-    @field_validator("layout", "eviction", mode="before")
+    # -- serving: one worker process (``fabric serve``) -------------------------------------------
+
+    etcd_endpoint: str = Field(
+        "http://127.0.0.1:2379", validation_alias=_env("etcd_endpoint", "FABRIC_ETCD")
+    )
+    """etcd client URL(s), comma-separated; workers register there and find their peers."""
+
+    namespace: str = Field("kv-fabric", min_length=1, validation_alias=_env("namespace"))
+    """Discovery namespace: workers of one deployment share it (keys ``/<namespace>/workers/``)."""
+
+    model: str = Field("tiny", min_length=1, validation_alias=_env("model"))
+    """``tiny`` or ``small`` (embedded presets, made offline on first use) or a model directory."""
+
+    worker_id: str | None = Field(None, validation_alias=_env("worker_id"))
+    """Unique id in the namespace; default ``<role>-<8 hex digits>``."""
+
+    threads: int = Field(1, ge=1, validation_alias=_env("threads"))
+    """torch compute threads of the worker (keep workers x threads <= cores)."""
+
+    cpus: str | None = Field(
+        None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$", validation_alias=_env("cpus")
+    )
+    """Pin the worker to these CPUs (``os.sched_setaffinity``), e.g. ``1`` or ``0,2-3``."""
+
+    prefill_fallback: PrefillFallback = Field(
+        PrefillFallback.RECOMPUTE, validation_alias=_env("prefill_fallback")
+    )
+    """Decode workers: recompute the prompt locally when the prefill worker fails, or fail."""
+
+    max_waiting: int = Field(64, ge=0, validation_alias=_env("max_waiting"))
+    """Requests that may wait for device blocks; beyond this they are refused with an error."""
+
+    prefill_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("prefill_timeout_s"))
+    """Decode workers: the longest wait for a prefill worker's blocks (queueing + compute)."""
+
+    transfer_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("transfer_timeout_s"))
+    """Decode workers: the longest NIXL read of one request's blocks."""
+
+    hold_timeout_s: float = Field(30.0, gt=0, validation_alias=_env("hold_timeout_s"))
+    """Prefill workers: release offered blocks a decode has not acknowledged within this."""
+
+    registration_ttl_s: float = Field(5.0, gt=0, validation_alias=_env("registration_ttl_s"))
+    """Lease TTL of the worker's etcd record: a killed worker disappears within about this."""
+
+    @field_validator("layout", "eviction", "prefill_fallback", mode="before")
     @classmethod
     def _enum_by_name(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    def cpu_set(self) -> set[int] | None:
+        """The CPUs of ``cpus`` (``"0,2-3"`` -> ``{0, 2, 3}``), or None when unset."""
+        if self.cpus is None:
+            return None
+        cpus: set[int] = set()
+        for part in self.cpus.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        return cpus
 
     def resolved_disk_dir(self) -> Path:
         """The disk tier's directory: the configured one, or the default temp one (created)."""

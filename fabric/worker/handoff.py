@@ -14,7 +14,8 @@ messages and the transfer agent moves the bytes. The sequence::
 
 Invariants:
 
-* The prefill holds exactly one reference per offered block from ``offer`` until ``complete``,
+* The prefill holds exactly one reference per offered block from ``offer`` (or, for
+  ``offer_owned``, the owner it was given, released once) until ``complete``,
   ``abort``, ``expire`` (older than ``hold_timeout_s``: a decode that died never leaks prefill
   blocks) or ``close``, whichever comes first; afterwards the request id is unknown and a late
   ``complete`` / ``abort`` returns False (an expected outcome after an expiry, not an error).
@@ -25,6 +26,11 @@ Invariants:
   ``TransferTimeout``, ``DecodePoolFull``), ``ProtocolMismatch`` / ``LayoutMismatch`` when the
   peer's KV is incompatible. The caller then sends ``Abort``, else
   ``TransferDone(request_id, len(blocks))``.
+* ``offer_owned`` / ``read_into`` are the serving path's pair: the prefill offers every block of
+  the prompt, the partial last one included (it is owned, not registered, so the owner's
+  references stand in for the retained ones), and the decode reads the offered blocks it lacks
+  into blocks it already reserved, then registers them itself (``SequenceBlocks.commit``). The
+  whole prompt's KV crosses, so the decode computes nothing of the prompt.
 * Neither class is thread-safe: one owner thread each, like the ``KvBlockManager`` they use. The
   agent must already have the device storage registered (``agent.register(kvbm.storage()
   .buffers())`` once at start), on both sides.
@@ -35,14 +41,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from fabric.errors import InvalidInput, ProtocolMismatch, TransferError
 from fabric.kvbm.block import ImmutableBlocks
 from fabric.kvbm.manager import KvBlockManager
 from fabric.kvbm.remote import RemoteBlockSet, export_block_set, read_remote_blocks
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.types import BlockId, SequenceHash, Tier
 from fabric.signal.messages import BlocksReady, TransferDone
 from fabric.transfer.agent import TransferAgent
 
@@ -53,11 +60,19 @@ class DecodePoolFull(TransferError):
     """The decode device pool cannot take the blocks now (all referenced); retry or abort."""
 
 
+class Releasable(Protocol):
+    """Something holding block references that it returns, once, on ``release``
+    (``SequenceBlocks`` is one)."""
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class _Held:
     """One offered request: the references the prefill keeps until the decode acknowledges."""
 
-    blocks: ImmutableBlocks
+    release: Callable[[], None]
+    num_blocks: int
     offered_at: float
 
 
@@ -95,8 +110,35 @@ class PrefillHandoff:
             self._kvbm.storage(blocks.tier), blocks.block_ids, self._agent, self._kvbm.compat_hash
         )
         held = self._kvbm.pool(blocks.tier).retain(blocks)
-        self._request_to_held[request_id] = _Held(held, time.monotonic())
-        logger.debug("offered %d blocks of request %s", len(held), request_id)
+        self._hold(request_id, _Held(lambda: self._kvbm.release(held), len(held), time.monotonic()))
+        return BlocksReady(
+            request_id, first_token, self._agent.name, block_set.to_bytes(), num_tokens
+        )
+
+    def offer_owned(
+        self,
+        request_id: str,
+        block_ids: Sequence[BlockId],
+        owner: Releasable,
+        *,
+        first_token: int,
+        num_tokens: int,
+    ) -> BlocksReady:
+        """Export device blocks ``block_ids`` that ``owner`` keeps referenced, and take ``owner``.
+
+        Unlike ``offer``, the blocks may include a partial, unregistered last block. From here
+        on the handoff owns ``owner`` and calls its ``release`` exactly once (``complete``,
+        ``abort``, ``expire`` or ``close``). If this raises, the caller still owns it.
+
+        Raises:
+            InvalidInput: ``request_id`` is already held.
+        """
+        if request_id in self._request_to_held:
+            raise InvalidInput(f"request {request_id!r} already has blocks on offer")
+        block_set = export_block_set(
+            self._kvbm.storage(Tier.DEVICE), block_ids, self._agent, self._kvbm.compat_hash
+        )
+        self._hold(request_id, _Held(owner.release, len(block_ids), time.monotonic()))
         return BlocksReady(
             request_id, first_token, self._agent.name, block_set.to_bytes(), num_tokens
         )
@@ -138,11 +180,15 @@ class PrefillHandoff:
         for request_id in list(self._request_to_held):
             self._release(request_id)
 
+    def _hold(self, request_id: str, held: _Held) -> None:
+        self._request_to_held[request_id] = held
+        logger.debug("offered %d blocks of request %s", held.num_blocks, request_id)
+
     def _release(self, request_id: str) -> bool:
         held = self._request_to_held.pop(request_id, None)
         if held is None:
             return False
-        self._kvbm.release(held.blocks)
+        held.release()
         return True
 
 
@@ -177,12 +223,7 @@ class DecodeHandoff:
             InvalidInput: the offer is malformed or its block count differs from the hashes'.
             PoolExhausted: the prompt needs more blocks than the decode pool holds in total.
         """
-        remote = RemoteBlockSet.from_bytes(ready.block_set)
-        if remote.agent_name != ready.agent_name:
-            raise ProtocolMismatch(
-                f"request {ready.request_id}: BlocksReady names agent {ready.agent_name!r} but "
-                f"its block set is {remote.agent_name!r}'s"
-            )
+        remote = self._block_set(ready)
         if len(remote.block_ids) != len(sequence_hashes):
             raise InvalidInput(
                 f"request {ready.request_id}: {len(remote.block_ids)} blocks offered for "
@@ -198,6 +239,56 @@ class DecodeHandoff:
         except BaseException:
             self._kvbm.release(local)
             raise
+
+    def read_into(self, ready: BlocksReady, start: int, block_ids: Sequence[BlockId]) -> None:
+        """Read offered blocks ``start .. start + len(block_ids) - 1`` into ``block_ids``.
+
+        ``block_ids`` are device blocks the caller owns (allocated, not registered); it
+        registers or releases them afterwards: the pool is not touched here, on success or
+        failure.
+
+        Raises:
+            TransferError: ``PeerUnavailable`` (the prefill is gone), ``TransferTimeout``, or
+                another failed transfer.
+            ProtocolMismatch / LayoutMismatch: the prefill's KV cannot be read into this cache.
+            InvalidInput: the offer is malformed or holds fewer blocks than asked for.
+        """
+        remote = self._block_set(ready)
+        end = start + len(block_ids)
+        if not 0 <= start <= end <= len(remote.block_ids):
+            raise InvalidInput(
+                f"request {ready.request_id}: blocks {start}..{end - 1} asked for, "
+                f"{len(remote.block_ids)} offered"
+            )
+        try:
+            self._add_peer(remote)
+            read_remote_blocks(
+                self._agent,
+                self._kvbm.storage(Tier.DEVICE),
+                block_ids,
+                dataclasses.replace(remote, block_ids=remote.block_ids[start:end]),
+                compat_hash=self._kvbm.compat_hash,
+                timeout_s=self.timeout_s,
+            )
+        except TransferError:
+            self._forget_peer(remote.agent_name)
+            raise
+        logger.debug(
+            "request %s: read %d blocks from %s",
+            ready.request_id,
+            len(block_ids),
+            remote.agent_name,
+        )
+
+    @staticmethod
+    def _block_set(ready: BlocksReady) -> RemoteBlockSet:
+        remote = RemoteBlockSet.from_bytes(ready.block_set)
+        if remote.agent_name != ready.agent_name:
+            raise ProtocolMismatch(
+                f"request {ready.request_id}: BlocksReady names agent {ready.agent_name!r} but "
+                f"its block set is {remote.agent_name!r}'s"
+            )
+        return remote
 
     def _read(
         self,

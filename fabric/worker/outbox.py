@@ -1,0 +1,16 @@
+"""``Outbox``: where a worker's scheduler pushes messages to its clients.
+
+``SignalServer`` is the real one (``send(peer, message)`` pushes to the client whose identity is
+``peer``, from any thread); tests pass a recording fake. A failed push raises a ``FabricError``
+(``PeerUnavailable`` when the client is gone), which the scheduler treats as a disconnect.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fabric.signal.messages import Message
+
+
+class Outbox(Protocol):
+    def send(self, peer: str, message: Message) -> None: ...

@@ -1,0 +1,199 @@
+"""The prefill role: compute prompts for decode workers and hold their blocks until read.
+
+Runs on the scheduler thread (it owns the engine and the manager). A ``PrefillRequest``::
+
+    queued ──room in the pool──▶ prompt computed (prefix hits skip compute), full blocks
+        registered ──offer_owned──▶ held ──TransferDone / Abort / hold timeout──▶ released
+
+Replies are pushed to the asking decode worker's signal client, in this order: a
+``TokenChunk([first token], stats)`` with this worker's ``computed_tokens``, ``cached_tokens``
+and ``prefill_ms`` (``BlocksReady`` has no stats field), then ``BlocksReady``. A request that
+cannot be served gets ``ErrorReply(request_id, code, message)`` instead: ``UNAVAILABLE`` (queue
+full, prompt larger than the pool, or invalid), ``DEADLINE_EXCEEDED``, ``INTERNAL``. A prompt
+larger than the pool is refused at once; one that fits waits, in order, until held blocks are
+released.
+
+Invariants: every queued request is answered exactly once (blocks or an error) unless aborted;
+a request's blocks are held by its ``SequenceBlocks`` from compute to release, and released
+exactly once, through ``PrefillHandoff`` (which owns it after the offer). ``close`` releases
+everything held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from fabric.engine import Engine, SequenceBlocks
+from fabric.errors import FabricError
+from fabric.signal.errors import ErrorCode
+from fabric.signal.framing import PeerId, wall_ms
+from fabric.signal.messages import ErrorReply, Message, PrefillRequest, TokenChunk, TransferDone
+from fabric.worker.handoff import PrefillHandoff
+from fabric.worker.metrics import ErrorKind, WorkerMetrics
+from fabric.worker.outbox import Outbox
+from fabric.worker.request import check_fits, check_prompt, compute_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Queued:
+    request: PrefillRequest
+    peer: PeerId
+    arrived_at: float
+
+
+class PrefillService:
+    """The prefill worker's side of the handoff (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        handoff: PrefillHandoff,
+        outbox: Outbox,
+        metrics: WorkerMetrics,
+        *,
+        max_waiting: int,
+    ) -> None:
+        self._engine = engine
+        self._kvbm = engine.kvbm
+        self._handoff = handoff
+        self._outbox = outbox
+        self._metrics = metrics
+        self._max_waiting = max_waiting
+        self._queue: deque[_Queued] = deque()
+        self._blocked = False  # the queue head found no room; nothing was released since
+
+    @property
+    def has_work(self) -> bool:
+        """A queued request may be computable now."""
+        return bool(self._queue) and not self._blocked
+
+    def submit(self, request: PrefillRequest, peer: PeerId, arrived_at: float) -> None:
+        self._metrics.requests.labels("prefill").inc()
+        problem = check_prompt(request.token_ids, self._engine.config) or check_fits(
+            len(request.token_ids), self._kvbm.block_size, self._kvbm.pool().num_blocks
+        )
+        if problem is None and len(self._queue) >= self._max_waiting:
+            problem = f"{len(self._queue)} prefills already wait for blocks; try another worker"
+        if problem is not None:
+            self._reply_error(peer, request.request_id, ErrorCode.UNAVAILABLE, problem)
+            return
+        self._queue.append(_Queued(request, peer, arrived_at))
+        self._metrics.waiting.set(len(self._queue))
+
+    def complete(self, done: TransferDone) -> None:
+        if not self._handoff.complete(done):
+            logger.debug("TransferDone for %s: nothing held (aborted or expired)", done.request_id)
+        self._released()
+
+    def abort(self, request_id: str) -> None:
+        for queued in self._queue:
+            if queued.request.request_id == request_id:
+                self._queue.remove(queued)
+                break
+        else:
+            self._handoff.abort(request_id)
+        logger.debug("prefill %s aborted", request_id)
+        self._metrics.waiting.set(len(self._queue))
+        self._released()
+
+    def step(self) -> bool:
+        """Compute the oldest queued prefill if the pool has room; True when one was served."""
+        if not self._queue:
+            return False
+        head = self._queue[0]
+        request = head.request
+        if 0 < request.deadline_ms <= wall_ms():
+            self._queue.popleft()
+            self._reply_error(
+                head.peer, request.request_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed"
+            )
+            return True
+        seq = SequenceBlocks.open(self._kvbm, request.token_ids)
+        room = seq.reserve(len(request.token_ids))  # it fits: submit checked
+        self._blocked = not room
+        if not room:
+            seq.release()  # wait until a decode acknowledges (or a handoff expires)
+            return False
+        self._queue.popleft()
+        self._metrics.waiting.set(len(self._queue))
+        self._serve(head, seq)
+        return True
+
+    def expire(self) -> None:
+        """Release handoffs no decode acknowledged within the hold timeout."""
+        if self._handoff.expire(time.monotonic()):
+            self._released()
+
+    def fail_queued(self, message: str) -> None:
+        """Answer every queued request with an error (offered blocks stay held for their reads)."""
+        while self._queue:
+            queued = self._queue.popleft()
+            self._reply_error(queued.peer, queued.request.request_id, ErrorCode.INTERNAL, message)
+        self._metrics.waiting.set(0)
+
+    def close(self) -> None:
+        """Refuse what is queued and release everything held (idempotent)."""
+        self.fail_queued("the prefill worker is shutting down")
+        self._handoff.close()
+        self._released()
+
+    def _released(self) -> None:
+        self._blocked = False
+        self._metrics.held_handoffs.set(self._handoff.num_held)
+
+    def _serve(self, queued: _Queued, seq: SequenceBlocks) -> None:
+        request = queued.request
+        num_cached = seq.num_computed
+        try:
+            token, num_computed, ms = compute_prompt(self._engine, seq)
+            num_blocks = -(-len(request.token_ids) // self._kvbm.block_size)
+            ready = self._handoff.offer_owned(
+                request.request_id,
+                seq.block_table[:num_blocks],
+                seq,
+                first_token=token,
+                num_tokens=len(request.token_ids),
+            )
+        except FabricError as exc:
+            seq.release()
+            logger.warning("prefill %s failed: %s", request.request_id, exc, exc_info=True)
+            self._reply_error(queued.peer, request.request_id, ErrorCode.INTERNAL, str(exc))
+            return
+        self._metrics.computed_tokens.inc(num_computed)
+        self._metrics.cached_tokens.inc(num_cached)
+        self._metrics.held_handoffs.set(self._handoff.num_held)
+        stats = {
+            "computed_tokens": num_computed,
+            "cached_tokens": num_cached,
+            "prefill_ms": round(ms, 3),
+        }
+        logger.debug(
+            "prefill %s: %d cached, %d computed in %.1f ms, %d blocks offered to %s",
+            request.request_id,
+            num_cached,
+            num_computed,
+            ms,
+            num_blocks,
+            queued.peer,
+        )
+        chunk = TokenChunk(request.request_id, [token], False, "", stats)
+        if not (self._push(queued.peer, chunk) and self._push(queued.peer, ready)):
+            self._handoff.abort(request.request_id)
+
+    def _reply_error(self, peer: PeerId, request_id: str, code: ErrorCode, message: str) -> None:
+        logger.info("prefill %s refused (%s): %s", request_id, code.name, message)
+        self._metrics.errors.labels(ErrorKind.REFUSED.value).inc()
+        self._push(peer, ErrorReply(request_id, code, message))
+
+    def _push(self, peer: PeerId, message: Message) -> bool:
+        try:
+            self._outbox.send(peer, message)
+        except FabricError as exc:
+            logger.warning("cannot reach decode %s: %s", peer, exc)
+            return False
+        return True

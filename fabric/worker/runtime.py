@@ -1,0 +1,272 @@
+"""``build_worker``: wire one worker process from its role and its ``FabricConfig``.
+
+Start-up, in order (each step logged at INFO with its duration; a failure closes what was
+built, newest first, and raises)::
+
+    CPU pinning + threads ─▶ model directory ─▶ KV block manager (device pool, KV event
+    publisher) ─▶ engine ─▶ NIXL agent (device pool registered once) ─▶ metrics HTTP endpoint
+    ─▶ worker directory (decode: to find prefill workers) ─▶ scheduler + signal server
+    ─▶ etcd registration (last: a registered worker is ready to serve)
+
+``WorkerRuntime.close`` undoes it newest first: the record is revoked (no new traffic), the
+signal server stops, the scheduler ends every request (releasing its blocks), then the sockets,
+the agent and the manager close. Every endpoint is on 127.0.0.1 with an ephemeral port; the
+record publishes them: ``signal``, ``metrics``, ``events`` and ``events_replay``, the agent name,
+the layout facts plus ``model`` (the served model name) and ``model_path``, and the manager's
+compatibility hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fabric.config import FabricConfig
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
+from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.engine import Engine, ModelConfig, Preset, ensure_model
+from fabric.errors import ConfigError
+from fabric.kvbm.event_publisher import ZmqEventPublisher
+from fabric.kvbm.manager import KvBlockManager, build_kvbm
+from fabric.signal.server import SignalServer
+from fabric.transfer.agent import TransferAgent
+from fabric.transfer.nixl_agent import NixlAgent
+from fabric.worker.generation import GenerationService
+from fabric.worker.handoff import DecodeHandoff, PrefillHandoff
+from fabric.worker.metrics import MetricsServer, WorkerMetrics
+from fabric.worker.prefill_service import PrefillService
+from fabric.worker.remote_prefill import RemotePrefills
+from fabric.worker.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class WorkerRuntime:
+    """A running worker: what tests and the CLI need to reach it, and ``close``."""
+
+    role: Role
+    record: WorkerRecord
+    scheduler: Scheduler
+    kvbm: KvBlockManager
+    _stack: ExitStack
+
+    @property
+    def worker_id(self) -> str:
+        return self.record.worker_id
+
+    @property
+    def healthy(self) -> bool:
+        return self.scheduler.alive
+
+    def close(self) -> None:
+        """Stop everything, newest first (idempotent)."""
+        self._stack.close()
+
+    def __enter__(self) -> WorkerRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_model(model: str) -> tuple[str, Path]:
+    """``(served name, directory)`` of a preset name or a model directory."""
+    if model in {p.value for p in Preset}:
+        return model, ensure_model(model)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"--model {model!r} is neither a preset ({', '.join(p.value for p in Preset)}) nor a "
+            "directory holding config.json"
+        )
+    return path.resolve().name, path.resolve()
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Pin every thread of this process to ``cpus`` (threads started later inherit it).
+
+    Raises:
+        ConfigError: a CPU is not available to this process.
+    """
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ConfigError(f"--cpu {sorted(cpus)}: this process may only use CPUs {sorted(allowed)}")
+    task_dir = Path("/proc/self/task")
+    thread_ids = [int(t) for t in os.listdir(task_dir)] if task_dir.is_dir() else [0]
+    for thread_id in thread_ids:
+        os.sched_setaffinity(thread_id, cpus)
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    logger.info("%s (%.2f s)", what, time.perf_counter() - start)
+
+
+def build_worker(
+    role: Role,
+    config: FabricConfig,
+    *,
+    registry: Registry | None = None,
+    make_agent: Callable[[str], TransferAgent] = NixlAgent,
+) -> WorkerRuntime:
+    """Start a worker of ``role`` (PREFILL, DECODE or AGGREGATED) and register it.
+
+    Args:
+        registry: where to register and find peers; default an ``EtcdRegistry`` on
+            ``config.etcd_endpoint``, closed with the worker (a given one is the caller's).
+        make_agent: builds the transfer agent from the worker id (tests pass a loopback one).
+
+    Raises:
+        ConfigError / DiscoveryError / FabricError: a step failed; everything built is closed.
+    """
+    if role is Role.FRONTEND:
+        raise ConfigError("fabric serve starts prefill, decode or aggregated workers")
+    began = time.perf_counter()
+    cpus = config.cpu_set()
+    if cpus is not None:
+        pin_process(cpus)
+    worker_id = config.worker_id or f"{role.value}-{uuid.uuid4().hex[:8]}"
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every endpoint here is loopback
+    stack = ExitStack()
+    try:
+        if registry is None:
+            registry = EtcdRegistry(config.etcd_endpoint, timeout_s=2.0)
+            stack.callback(registry.close)
+        return _build(
+            role,
+            config,
+            worker_id=worker_id,
+            registry=registry,
+            make_agent=make_agent,
+            stack=stack,
+            began=began,
+        )
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _build(
+    role: Role,
+    config: FabricConfig,
+    *,
+    worker_id: str,
+    registry: Registry,
+    make_agent: Callable[[str], TransferAgent],
+    stack: ExitStack,
+    began: float,
+) -> WorkerRuntime:
+    torch.set_num_threads(config.threads)
+    logger.info(
+        "%s worker %s: %d compute thread(s), CPUs %s",
+        role.value,
+        worker_id,
+        config.threads,
+        sorted(os.sched_getaffinity(0)),
+    )
+    with _step("model ready"):
+        model_name, model_dir = resolve_model(config.model)
+        model_config = ModelConfig.from_dir(model_dir)
+    with _step("KV block manager built"):
+        events = ZmqEventPublisher(
+            config.events_endpoint or f"tcp://{LOOPBACK}:0",
+            replay_endpoint=config.events_replay_endpoint or f"tcp://{LOOPBACK}:0",
+        )
+        kvbm = build_kvbm(config, model_config.kv_geometry(), events=events, device="cpu")
+        stack.callback(kvbm.close)
+    with _step(f"engine loaded from {model_dir}"):
+        engine = Engine(model_dir, kvbm)
+    with _step("transfer agent up, device pool registered"):
+        agent = make_agent(worker_id)
+        stack.callback(agent.close)
+        agent.register(kvbm.storage().buffers())
+    metrics = WorkerMetrics(
+        kvbm.metrics.registry, role=role.value, worker_id=worker_id, model=model_name
+    )
+    metrics_server = MetricsServer(kvbm.metrics.registry)
+    stack.callback(metrics_server.close)
+    scheduler = Scheduler(role, threads=config.threads, name=f"scheduler:{worker_id}")
+    server = SignalServer(
+        f"tcp://{LOOPBACK}:0", scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
+    )
+    stack.callback(server.close)
+    if role is Role.PREFILL:
+        handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.hold_timeout_s)
+        prefill = PrefillService(engine, handoff, server, metrics, max_waiting=config.max_waiting)
+        scheduler.start(prefill=prefill)
+    else:
+        remote, decode_handoff = None, None
+        if role is Role.DECODE:
+            with _step("watching prefill workers in etcd"):
+                directory = WorkerDirectory(
+                    registry, role=Role.PREFILL, namespace=config.namespace
+                ).start()
+                stack.callback(directory.close)
+            remote = RemotePrefills(
+                directory,
+                identity=worker_id,
+                compat_hash=kvbm.compat_hash,
+                timeout_s=config.prefill_timeout_s,
+            )
+            decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.transfer_timeout_s)
+        generation = GenerationService(
+            engine,
+            server,
+            metrics,
+            worker_id=worker_id,
+            max_waiting=config.max_waiting,
+            remote=remote,
+            handoff=decode_handoff,
+            fallback=config.prefill_fallback,
+        )
+        scheduler.start(generation=generation)
+    stack.callback(scheduler.close)  # before server.close: final chunks still go out
+    layout = kvbm.storage().layout
+    record = WorkerRecord(
+        worker_id=worker_id,
+        role=role,
+        endpoints={
+            "signal": server.endpoint,
+            "metrics": metrics_server.url,
+            "events": events.endpoint,
+            "events_replay": events.replay_endpoint or "",
+        },
+        agent_name=agent.name,
+        layout={
+            **layout.compat_fields(),
+            "kind": layout.kind.value,
+            "num_blocks": layout.num_blocks,
+            "model": model_name,
+            "model_path": str(model_dir),
+        },
+        compat_hash=kvbm.compat_hash,
+        started_at=time.time(),
+    )
+    with _step(f"registered in namespace {config.namespace!r}"):
+        registration = WorkerRegistration(
+            registry, record, ttl_s=config.registration_ttl_s, namespace=config.namespace
+        ).start()
+        stack.callback(registration.close)
+    logger.info(
+        "%s worker %s ready in %.1f s: signal %s, metrics %s",
+        role.value,
+        worker_id,
+        time.perf_counter() - began,
+        server.endpoint,
+        metrics_server.url,
+    )
+    return WorkerRuntime(role, record, scheduler, kvbm, stack)

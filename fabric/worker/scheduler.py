@@ -1,0 +1,174 @@
+"""The scheduler thread: the one owner of a worker's engine, block manager and peer sockets.
+
+The ``SignalServer`` calls ``handle`` on its own thread for every message; ``handle`` computes
+nothing: it checks the message suits the worker's role and queues it with its arrival time.
+The scheduler thread loops::
+
+    drain the inbox (wait when idle) ─▶ dispatch each message to the role's service
+        ─▶ service steps: prefill role computes one queued prompt and expires stale handoffs;
+           decode / aggregated roles collect remote prefills, admit, run one decode step
+
+Messages by role: PREFILL serves ``PrefillRequest``, ``TransferDone`` and ``Abort``; DECODE and
+AGGREGATED serve ``GenerateRequest`` and ``Abort``. Anything else is answered ``ErrorReply``
+(``UNKNOWN_TYPE``; a ``GenerateRequest`` to a prefill worker gets an error ``TokenChunk``).
+
+Waiting: with local work the loop does not wait; with only remote prefills in flight it waits in
+their sockets (``POLL_S``); idle, it waits on the inbox (``IDLE_S``, which also paces handoff
+expiry).
+
+Failures: an unexpected exception in a step is logged with its traceback, every request in
+flight is ended with an error chunk and its blocks released, and the loop goes on. ``close``
+stops the loop; the services then end and release everything on this thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from fabric.discovery.registry import Role
+from fabric.errors import ConfigError
+from fabric.signal.errors import ErrorCode
+from fabric.signal.framing import PeerId
+from fabric.signal.messages import (
+    Abort,
+    ErrorReply,
+    GenerateRequest,
+    Message,
+    PrefillRequest,
+    TransferDone,
+)
+from fabric.worker.generation import GenerationService
+from fabric.worker.prefill_service import PrefillService
+from fabric.worker.request import error_chunk
+
+logger = logging.getLogger(__name__)
+
+IDLE_S = 0.05
+POLL_S = 0.002
+_ROLE_TO_TYPES: dict[Role, tuple[type, ...]] = {
+    Role.PREFILL: (PrefillRequest, TransferDone, Abort),
+    Role.DECODE: (GenerateRequest, Abort),
+    Role.AGGREGATED: (GenerateRequest, Abort),
+}
+
+
+class Scheduler:
+    """Owns the role's service on one thread (see the module docstring)."""
+
+    def __init__(self, role: Role, *, threads: int = 1, name: str = "scheduler") -> None:
+        self.role = role
+        self._threads = threads
+        self._generation: GenerationService | None = None
+        self._prefill: PrefillService | None = None
+        self._inbox: queue.SimpleQueue[tuple[Message, PeerId, float]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(
+        self,
+        *,
+        generation: GenerationService | None = None,
+        prefill: PrefillService | None = None,
+    ) -> Scheduler:
+        """Start the loop with the role's service (messages queued before wait for it).
+
+        Raises:
+            ConfigError: the service does not suit the role (prefill needs ``prefill``, the
+                others ``generation``).
+        """
+        if (prefill is not None) != (self.role is Role.PREFILL) or (generation is None) == (
+            prefill is None
+        ):
+            raise ConfigError(f"a {self.role.value} worker needs exactly its own service")
+        self._generation, self._prefill = generation, prefill
+        self._thread.start()
+        return self
+
+    def handle(self, message: Message, peer: PeerId) -> Message | None:
+        """The ``SignalServer`` handler: queue a message this role serves, refuse the rest."""
+        if isinstance(message, _ROLE_TO_TYPES[self.role]):
+            self._inbox.put((message, peer, time.perf_counter()))
+            return None
+        text = f"a {self.role.value} worker does not serve {type(message).__name__}"
+        if isinstance(message, GenerateRequest):
+            return error_chunk(message.request_id, text)
+        return ErrorReply(getattr(message, "request_id", None), ErrorCode.UNKNOWN_TYPE, text)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop; requests in flight end with an error chunk (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("the scheduler did not stop within %.1f s", timeout_s)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)  # per thread with some OpenMP runtimes
+        next_expiry = 0.0
+        try:
+            while not self._stop.is_set():
+                gen, prefill = self._generation, self._prefill
+                busy = (gen is not None and gen.has_local_work) or (
+                    prefill is not None and prefill.has_work
+                )
+                remote = gen is not None and gen.has_remote_work
+                self._drain(0.0 if busy or remote else IDLE_S)
+                try:
+                    if gen is not None:
+                        gen.step(0.0 if busy else POLL_S)
+                    if prefill is not None:
+                        prefill.step()
+                        if time.monotonic() >= next_expiry:
+                            prefill.expire()
+                            next_expiry = time.monotonic() + IDLE_S
+                except Exception:
+                    logger.exception("scheduler step failed; ending every request in flight")
+                    self._fail_all("internal error in the worker (see its log)")
+        finally:
+            if self._generation is not None:
+                self._generation.close()
+            if self._prefill is not None:
+                self._prefill.close()
+
+    def _drain(self, timeout_s: float) -> None:
+        try:
+            item = self._inbox.get(timeout=timeout_s) if timeout_s > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._dispatch(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, message: Message, peer: PeerId, arrived_at: float) -> None:
+        gen, prefill = self._generation, self._prefill
+        if isinstance(message, GenerateRequest) and gen is not None:
+            gen.submit(message, peer, arrived_at)
+        elif isinstance(message, PrefillRequest) and prefill is not None:
+            prefill.submit(message, peer, arrived_at)
+        elif isinstance(message, TransferDone) and prefill is not None:
+            prefill.complete(message)
+        elif isinstance(message, Abort):
+            if gen is not None:
+                gen.abort(message.request_id, message.reason)
+            if prefill is not None:
+                prefill.abort(message.request_id)
+
+    def _fail_all(self, message: str) -> None:
+        if self._generation is not None:
+            self._generation.fail_all(message)
+        if self._prefill is not None:
+            self._prefill.fail_queued(message)

@@ -1,0 +1,132 @@
+"""``fabric serve prefill|decode|aggregated``: run one worker process until SIGINT or SIGTERM.
+
+``fabric.cli`` gives each role its own sub-command (``args.role`` is set by it).
+
+Flags override the ``FABRIC_*`` environment (``fabric.config``), which overrides the defaults.
+The process registers in etcd once it is ready (the signal for launchers and tests), stops
+cleanly on SIGINT / SIGTERM (record revoked, requests ended with an error chunk, blocks
+released) and exits 1 if its scheduler thread dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from enum import Enum
+from types import FrameType
+
+from pydantic import AliasChoices
+
+from fabric.config import FabricConfig, PrefillFallback, load_config
+from fabric.discovery.registry import Role
+
+logger = logging.getLogger(__name__)
+
+_ROLES = {
+    "prefill": Role.PREFILL,
+    "decode": Role.DECODE,
+    "aggregated": Role.AGGREGATED,
+}
+_FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, metavar, help
+    ("--etcd", "etcd_endpoint", str, "URL", "etcd client URL(s), comma-separated"),
+    ("--namespace", "namespace", str, "NAME", "discovery namespace shared by one deployment"),
+    (
+        "--model",
+        "model",
+        str,
+        "MODEL",
+        "tiny or small (made offline on first use, cached in ~/.cache/kv-fabric) or a "
+        "Hugging Face-style Llama directory",
+    ),
+    ("--worker-id", "worker_id", str, "ID", "unique id in the namespace (default <role>-<random>)"),
+    ("--device-blocks", "device_blocks", int, "N", "KV blocks in the device pool"),
+    ("--block-size", "block_size", int, "TOKENS", "tokens per KV block (all workers must agree)"),
+    ("--threads", "threads", int, "N", "torch compute threads"),
+    ("--cpu", "cpus", str, "CPUS", "pin the process to these CPUs, e.g. 1 or 0,2-3"),
+    (
+        "--prefill-fallback",
+        "prefill_fallback",
+        str,
+        "MODE",
+        "decode: when the prefill worker fails, recompute the prompt here or answer an error",
+    ),
+    (
+        "--max-waiting",
+        "max_waiting",
+        int,
+        "N",
+        "requests that may wait for blocks; more are refused",
+    ),
+    (
+        "--prefill-timeout",
+        "prefill_timeout_s",
+        float,
+        "SECONDS",
+        "decode: longest wait for a prefill (s)",
+    ),
+    ("--transfer-timeout", "transfer_timeout_s", float, "SECONDS", "decode: longest KV read (s)"),
+    (
+        "--hold-timeout",
+        "hold_timeout_s",
+        float,
+        "SECONDS",
+        "prefill: release blocks unread after (s)",
+    ),
+    ("--registration-ttl", "registration_ttl_s", float, "SECONDS", "etcd lease TTL (s)"),
+)
+_HEALTH_CHECK_S = 0.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Start one worker: prefill (computes prompts for decode workers and hands their KV over "
+        "NIXL), decode (asks the prefill worker each request names, reads the KV it lacks and "
+        "generates; computes the prompt itself when none is named) or aggregated (computes and "
+        "generates alone). It registers in etcd once ready; clients send GenerateRequests to "
+        "its signal endpoint. Flags override FABRIC_* variables, which override defaults."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG"
+    )
+    for flag, field, kind, metavar, text in _FLAGS:
+        info = FabricConfig.model_fields[field]
+        alias = info.validation_alias
+        env = alias.choices[0] if isinstance(alias, AliasChoices) else field.upper()
+        default = info.default.value if isinstance(info.default, Enum) else info.default
+        choices = [f.value for f in PrefillFallback] if field == "prefill_fallback" else None
+        suffix = f" [env {env}" + ("]" if default is None else f"; default {default}]")
+        parser.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            choices=choices,
+            metavar=None if choices else metavar,
+            help=text + suffix,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fabric.worker.runtime import build_worker  # torch, NIXL: only when serving
+
+    overrides = {
+        field: getattr(args, field) for _, field, *_ in _FLAGS if getattr(args, field) is not None
+    }
+    config = load_config(**overrides)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with build_worker(_ROLES[args.role], config) as worker:
+        while not stop.wait(_HEALTH_CHECK_S):
+            if not worker.healthy:
+                logger.error("worker %s: the scheduler thread died; exiting", worker.worker_id)
+                return 1
+        logger.info("worker %s stopping", worker.worker_id)
+    logger.info("worker %s stopped", worker.worker_id)
+    return 0

@@ -1,0 +1,219 @@
+"""Helpers of the serving tests: worker processes, a signal-level frontend, metrics scrapes.
+
+``WorkerProcess`` is one ``python -m fabric.worker ROLE`` child with its log file; ``stop`` sends
+SIGTERM and waits (bounded), then SIGKILLs. ``Frontend`` plays the frontend of the protocol: one
+``SignalClient`` per worker (identity: the frontend's id), ``GenerateRequest`` sent one-way,
+``TokenChunk``s collected per request id until the finished one. ``blocks_in_use`` scrapes a
+worker's ``fabric_kvbm_blocks_in_use{tier="G1"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabric.discovery.registration import WorkerDirectory
+from fabric.discovery.registry import WorkerRecord
+from fabric.signal.client import SignalClient
+from fabric.signal.messages import Abort, GenerateRequest, TokenChunk
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STOP_S = 15.0
+REPLY_S = 30.0
+
+
+@dataclass
+class WorkerProcess:
+    """A running worker child (its stderr and stdout go to ``log_path``)."""
+
+    worker_id: str
+    role: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=STOP_S)
+
+    def stop(self) -> None:
+        """SIGTERM (the worker revokes its record and releases everything); SIGKILL if stuck."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def spawn_worker(
+    role: str,
+    worker_id: str,
+    *,
+    etcd: str,
+    namespace: str,
+    model_dir: Path,
+    log_dir: Path,
+    extra: Sequence[str] = (),
+) -> WorkerProcess:
+    log_path = log_dir / f"{worker_id}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fabric.worker",
+                role,
+                f"--etcd={etcd}",
+                f"--namespace={namespace}",
+                f"--model={model_dir}",
+                f"--worker-id={worker_id}",
+                "--threads=1",
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=dict(os.environ, UCX_NET_DEVICES="lo"),
+        )
+    return WorkerProcess(worker_id, role, proc, log_path)
+
+
+@dataclass
+class Result:
+    """Everything streamed for one request."""
+
+    tokens: list[int]
+    chunks: list[TokenChunk]
+
+    @property
+    def final(self) -> TokenChunk:
+        return self.chunks[-1]
+
+    @property
+    def stats(self) -> dict[str, float | int | str | bool]:
+        return dict(self.final.stats)
+
+
+@dataclass
+class Frontend:
+    """The frontend side of the protocol, over one client per worker."""
+
+    directory: WorkerDirectory
+    identity: str = field(default_factory=lambda: f"test-frontend-{uuid.uuid4().hex[:8]}")
+    _clients: dict[str, SignalClient] = field(default_factory=dict)
+    _chunks: dict[str, list[TokenChunk]] = field(default_factory=dict)
+
+    def record(self, worker_id: str) -> WorkerRecord:
+        record = self.directory.get(worker_id)
+        assert record is not None, f"{worker_id} is not registered"
+        return record
+
+    def client(self, worker_id: str) -> SignalClient:
+        if worker_id not in self._clients:
+            record = self.record(worker_id)
+            self._clients[worker_id] = SignalClient(
+                record.endpoints["signal"], identity=self.identity, compat_hash=record.compat_hash
+            )
+        return self._clients[worker_id]
+
+    def send(
+        self,
+        worker_id: str,
+        prompt: list[int],
+        max_tokens: int,
+        *,
+        prefill_worker: str = "",
+        ignore_eos: bool = True,
+        deadline_ms: int = 0,
+    ) -> str:
+        """Send a ``GenerateRequest`` one-way; returns its request id."""
+        request_id = f"req-{uuid.uuid4().hex[:10]}"
+        sampling: dict[str, float | int | str | bool] = {"ignore_eos": ignore_eos}
+        self._chunks[request_id] = []
+        self.client(worker_id).send(
+            GenerateRequest(request_id, prompt, max_tokens, prefill_worker, sampling, deadline_ms)
+        )
+        return request_id
+
+    def abort(self, worker_id: str, request_id: str) -> None:
+        self.client(worker_id).send(Abort(request_id, "test abort"))
+
+    def wait_chunks(
+        self, worker_id: str, request_id: str, predicate: Callable[[list[TokenChunk]], bool]
+    ) -> list[TokenChunk]:
+        """Receive from ``worker_id`` until ``predicate(chunks of request_id)`` holds."""
+        deadline = time.monotonic() + REPLY_S
+        chunks = self._chunks[request_id]
+        while not predicate(chunks):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{request_id}: only {len(chunks)} chunks in {REPLY_S} s"
+            message = self.client(worker_id).receive(min(remaining, 1.0))
+            if isinstance(message, TokenChunk):
+                self._chunks[message.request_id].append(message)
+        return chunks
+
+    def result(self, worker_id: str, request_id: str) -> Result:
+        chunks = self.wait_chunks(worker_id, request_id, lambda c: bool(c) and c[-1].finished)
+        assert all(not c.finished for c in chunks[:-1])
+        return Result([t for c in chunks for t in c.token_ids], list(chunks))
+
+    def generate(
+        self, worker_id: str, prompt: list[int], max_tokens: int, *, prefill_worker: str = ""
+    ) -> Result:
+        request_id = self.send(worker_id, prompt, max_tokens, prefill_worker=prefill_worker)
+        return self.result(worker_id, request_id)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
+def scrape(record: WorkerRecord) -> str:
+    with urllib.request.urlopen(record.endpoints["metrics"], timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels, e.g. ``x{tier="G1"}``) in ``text``."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in the scrape")
+
+
+def blocks_in_use(record: WorkerRecord) -> float:
+    return metric(scrape(record), 'fabric_kvbm_blocks_in_use{tier="G1"}')
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def stop_all(workers: Sequence[WorkerProcess]) -> None:
+    """Stop workers in parallel (SIGTERM to all, then wait for each)."""
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    for worker in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(timeout=STOP_S)
+        worker.kill()
