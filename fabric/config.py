@@ -11,6 +11,9 @@ into blocks by ``tier_blocks`` once the model's block size in bytes is known.
 The serving section configures one worker process (``fabric serve``): where etcd is, which model,
 how many threads and which CPUs, what a decode does when its prefill worker fails, and the
 timeouts of the prefill -> decode handoff.
+
+The offload section configures the asynchronous tier moves (``fabric.kvbm.offload``): write-through
+or write-back, the bound on copies in flight and on queued blocks, the batch size of one copy.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ class PrefillFallback(Enum):
     """Compute the prompt locally and answer anyway (slower, still correct)."""
     FAIL = "fail"
     """Answer the request with an error chunk."""
+
+
+class OffloadMode(Enum):
+    """When device (and host) blocks are copied to the next tier (``fabric.kvbm.offload``)."""
+
+    WRITE_THROUGH = "write_through"
+    """Copy every block to the next tier as soon as it is registered (or lands there)."""
+    WRITE_BACK = "write_back"
+    """Mark blocks dirty; copy the oldest when their tier runs low on free blocks."""
 
 
 def _env(name: str, *aliases: str) -> AliasChoices:
@@ -112,6 +124,34 @@ class FabricConfig(BaseSettings):
         None, validation_alias=_env("events_replay_endpoint")
     )
 
+    # -- offload: asynchronous tier moves (``fabric.kvbm.offload``) -----------------------------
+
+    offload_mode: OffloadMode = Field(
+        OffloadMode.WRITE_THROUGH, validation_alias=_env("offload_mode")
+    )
+    """write_through (copy on registration) or write_back (copy under eviction pressure)."""
+
+    offload_max_in_flight: int = Field(4, ge=1, validation_alias=_env("offload_max_in_flight"))
+    """Copy batches handed to the copy thread and not yet collected."""
+
+    offload_max_queued_blocks: int = Field(
+        4096, ge=1, validation_alias=_env("offload_max_queued_blocks")
+    )
+    """Blocks waiting in the offload queues; a submission beyond this is refused (BUSY)."""
+
+    offload_batch_blocks: int = Field(64, ge=1, validation_alias=_env("offload_batch_blocks"))
+    """Blocks of one path coalesced into one copy."""
+
+    offload_writeback_free: float = Field(
+        0.1, ge=0, le=1, validation_alias=_env("offload_writeback_free")
+    )
+    """write_back: a tier with fewer free blocks than this fraction of it writes back dirty ones."""
+
+    offload_close_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=_env("offload_close_timeout_s")
+    )
+    """Bound on draining queued and in-flight copies when the worker closes."""
+
     # -- serving: one worker process (``fabric serve``) -------------------------------------------
 
     etcd_endpoint: str = Field(
@@ -156,7 +196,7 @@ class FabricConfig(BaseSettings):
     registration_ttl_s: float = Field(5.0, gt=0, validation_alias=_env("registration_ttl_s"))
     """Lease TTL of the worker's etcd record: a killed worker disappears within about this."""
 
-    @field_validator("layout", "eviction", "prefill_fallback", mode="before")
+    @field_validator("layout", "eviction", "prefill_fallback", "offload_mode", mode="before")
     @classmethod
     def _enum_by_name(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -322,21 +322,35 @@ class KvBlockManager:
                 f"copying {len(missing)} blocks {src.pool.tier.name} -> {dst.pool.tier.name} "
                 f"failed: {exc}"
             ) from exc
-        allocation.advance(allocation.capacity)
-        rest = allocation
-        start = 0
-        while start < len(missing):
-            end = start + 1
-            while end < len(missing) and missing[end] == missing[end - 1] + 1:
-                end += 1
-            run, rest = rest.split(end - start)
-            first = missing[start]
-            parent = hashes[first - 1] if first > 0 else None
-            dst.pool.release(
-                dst.pool.register(run, [hashes[i] for i in missing[start:end]], parent_hash=parent)
-            )
-            start = end
-        dst.pool.release(rest)  # empty
+        register_positions(dst.pool, allocation, hashes, missing, [None, *hashes[:-1]])
+
+
+def register_positions(
+    pool: BlockPool,
+    allocation: MutableBlocks,
+    sequence_hashes: Sequence[SequenceHash],
+    positions: Sequence[int],
+    parents: Sequence[SequenceHash | None],
+) -> None:
+    """Register freshly copied blocks, the i-th of ``allocation`` under
+    ``sequence_hashes[positions[i]]``, and leave them cached (references released).
+
+    Registration goes one run of consecutive positions at a time, each run with
+    ``parents[first position]`` as its parent, so every ``BlockStored`` event chains correctly.
+    ``allocation`` is consumed; its blocks become complete here.
+    """
+    allocation.advance(allocation.capacity - allocation.num_tokens)
+    rest = allocation
+    start = 0
+    while start < len(positions):
+        end = start + 1
+        while end < len(positions) and positions[end] == positions[end - 1] + 1:
+            end += 1
+        run, rest = rest.split(end - start)
+        run_hashes = [sequence_hashes[i] for i in positions[start:end]]
+        pool.release(pool.register(run, run_hashes, parent_hash=parents[positions[start]]))
+        start = end
+    pool.release(rest)  # empty
 
 
 def build_kvbm(

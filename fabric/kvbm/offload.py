@@ -1,0 +1,606 @@
+"""OffloadManager: asynchronous tier moves over a table of paths; bytes move off the owner thread.
+
+One worker type serves every row of a table of ``OffloadPath(source, target, priority,
+batch_size)``. The default table (``build_offload_manager``; priorities in brackets)::
+
+    DEVICE ──offload [1]──▶ HOST ──offload [0]──▶ DISK     (DEVICE ─▶ DISK [1] if there is no HOST)
+      ▲ ▲                    │                     │
+      │ └────onboard [10]────┘                     │
+      └──────onboard [10]──────────────────────────┘
+
+Threading: pools are single-owner, so every reference, allocation and registration happens on
+the owner (scheduler) thread; one copy thread only runs ``copy_blocks`` on storages::
+
+    owner thread                                              copy thread
+    offload() / onboard(): take references, queue per path
+    step(): collect finished copies ◀── outbox ◀───────────── copy_blocks(src ids -> dst ids)
+            register them, release every reference
+            dispatch: best path first, one batch per copy ─▶ inbox (by path priority) ─▶
+    Onboarding.wait(t): step() until its copies are registered
+
+A block under copy is referenced on both sides: the source is registered (immutable) and pinned
+(not evictable); the target is an unregistered allocation owned by the transfer (no one matches or
+writes it). Registration follows the copy, so a target block is matchable only with its bytes.
+The owner feeds it: ``on_registered`` after each registration, ``step`` once per loop. (CUDA
+copies from this thread would need their own stream; untested here, no GPU.)
+
+Lifecycle of a ``Transfer``::
+
+    QUEUED ──dispatch──▶ IN_FLIGHT ──copied, registered──▶ DONE
+      │ └─target full──▶ DROPPED      ├──copy raised──▶ FAILED (TransferError logged, counted)
+      └─────cancel─────▶ CANCELLED ◀──┘ cancel: the copy ends, its allocation is returned
+    at submission: BUSY (queue bound reached), or DONE when the target lacks nothing
+
+Choices. Backpressure is a value, never a wait: over ``max_queued_blocks`` an offload returns a
+BUSY transfer (the owner thread must not stall; the blocks stay cached, resubmit later).
+``max_in_flight`` bounds the copy batches handed to the copy thread. A target that cannot make
+room (``allocate`` -> None) drops an offload (DROPPED: pinned source blocks go back at once
+instead of waiting on a full tier) and cuts an onboarded prefix there (a shorter hit, never a
+failed request), as ``match_and_onboard`` does. Onboards are never refused and dispatch first
+(path priority, then request priority, then age). Offloads skip hashes the target holds or that
+are queued or in flight to it; offloads to DISK copy only what ``kvbm.disk_filter`` admits when
+they are dispatched, as ``KvBlockManager.offload`` does.
+
+Modes (``FABRIC_OFFLOAD_MODE``). *write_through*: ``on_registered`` offloads every new device
+block at once and every block landing in HOST goes on to DISK: a hit survives any eviction, at
+the cost of copying every block, hot or cold, while its request may still run. *write_back*:
+new blocks are only marked dirty; ``step`` copies the oldest dirty blocks of a tier once it has
+fewer than ``writeback_free`` of its blocks free (its next allocations evict): fewer copies, but a
+block evicted before its write-back (between two steps) is lost to the lower tiers.
+
+Invariants: every reference a transfer takes is released once when it ends (DONE, FAILED,
+CANCELLED, DROPPED); a hash is queued or in flight at most once per offload target and registered
+there once (the pool dedups). ``close`` drains within its bound, then cancels; a copy still running
+at the deadline keeps its blocks (freeing memory a copy may still write would corrupt another
+block) and ``close`` returns False.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from fabric.config import FabricConfig, OffloadMode
+from fabric.errors import InvalidInput, InvalidTransition, PoolExhausted, TransferError
+from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
+from fabric.kvbm.copy import copy_blocks
+from fabric.kvbm.manager import KvBlockManager, register_positions
+from fabric.kvbm.storage import Storage
+from fabric.kvbm.types import SequenceHash, Tier
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadPath:
+    """One row of the table: a tier move, its priority (higher first), blocks per copy."""
+
+    source: Tier
+    target: Tier
+    priority: int = 0
+    batch_size: int = 64
+
+    @property
+    def onboard(self) -> bool:
+        return self.target is Tier.DEVICE
+
+
+class TransferState(Enum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DROPPED = "dropped"
+    BUSY = "busy"
+
+
+@dataclass(slots=True)
+class OffloadStats:
+    """Ended transfers by state, and blocks, since the manager was built."""
+
+    transfers: Counter[TransferState] = field(default_factory=Counter)
+    num_blocks_copied: int = 0
+    num_blocks_skipped: int = 0
+    """Not queued: the target held the hash or a transfer to it was queued already."""
+    num_blocks_filtered: int = 0
+    """Not written to disk: the frequency filter did not admit them."""
+
+
+@dataclass(slots=True, eq=False)
+class Transfer:
+    """One submission on one path; owner thread only. ``sequence_hashes``: what it moves (a DONE
+    transfer put them all in the target). ``cancel()`` gives its references back."""
+
+    path: OffloadPath
+    state: TransferState
+    priority: int = 0
+    sequence_hashes: list[SequenceHash] = field(default_factory=list)
+    num_copied: int = 0
+    error: TransferError | None = None
+    _manager: OffloadManager | None = None
+    _source: ImmutableBlocks | None = None
+    _parents: list[SequenceHash | None] = field(default_factory=list)
+    _held: ImmutableBlocks | None = None
+    _allocation: MutableBlocks | None = None
+    _missing: list[int] = field(default_factory=list)
+    _result: ImmutableBlocks | None = None
+    _queued_blocks: int = 0
+    _cancelling: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.state not in (TransferState.QUEUED, TransferState.IN_FLIGHT)
+
+    def cancel(self) -> bool:
+        """Queued: ends now. In flight: ends when its copy returns, registering nothing.
+        False if it had ended already."""
+        return self._manager is not None and self._manager._cancel(self)
+
+
+class Onboarding:
+    """Device blocks for the longest prefix any tier held at ``onboard`` time."""
+
+    def __init__(
+        self, manager: OffloadManager, device: ImmutableBlocks | None, parts: list[Transfer]
+    ) -> None:
+        self._manager, self._device, self._parts = manager, device, parts
+        self._live = True
+
+    @property
+    def done(self) -> bool:
+        return all(p.done for p in self._parts)
+
+    def wait(self, timeout_s: float | None = None) -> ImmutableBlocks | None:
+        """On the owner thread: step the manager until every copy is registered, then return the
+        device handle (once; the caller releases it), cut at the first part that failed or did
+        not fit. None if ``timeout_s`` passed first: wait again or ``cancel``."""
+        if not self._live:
+            raise InvalidTransition("this onboarding was already taken or cancelled")
+        if not self._manager._wait_until(lambda: self.done, timeout_s):
+            return None
+        kvbm, result = self._end(), self._device
+        for i, part in enumerate(self._parts):
+            if part._result is None:
+                self._release_results(self._parts[i:])
+                break
+            result = part._result if result is None else result.join(part._result)
+            part._result = None
+        return result if result is not None else kvbm.pool().match([])
+
+    def cancel(self) -> None:
+        """Give back every block this onboarding holds or is still copying."""
+        if self._live:
+            kvbm = self._end()
+            for part in self._parts:
+                part.cancel()
+            self._release_results(self._parts)
+            if self._device is not None:
+                kvbm.release(self._device)
+
+    def _end(self) -> KvBlockManager:
+        self._live = False
+        self._manager._onboardings.discard(self)
+        return self._manager._kvbm
+
+    def _release_results(self, parts: list[Transfer]) -> None:
+        for part in parts:
+            if part._result is not None:
+                self._manager._kvbm.release(part._result)
+                part._result = None
+
+
+@dataclass(slots=True, eq=False)
+class _CopyJob:
+    """One batch for the copy thread: storages and ids, never a pool."""
+
+    path: OffloadPath
+    transfers: list[Transfer]
+    src: Storage
+    src_ids: list[int]
+    dst: Storage
+    dst_ids: list[int]
+    error: Exception | None = None
+
+
+class OffloadManager:
+    """Per-path queues over ``kvbm`` and one copy thread; every method belongs to ``kvbm``'s
+    owner thread. Built by ``build_offload_manager``."""
+
+    def __init__(
+        self,
+        kvbm: KvBlockManager,
+        *,
+        paths: Sequence[OffloadPath],
+        mode: OffloadMode = OffloadMode.WRITE_THROUGH,
+        max_in_flight: int = 4,
+        max_queued_blocks: int = 4096,
+        writeback_free: float = 0.1,
+        close_timeout_s: float = 5.0,
+    ) -> None:
+        if max_in_flight < 1 or max_queued_blocks < 1:
+            raise InvalidInput("max_in_flight and max_queued_blocks must be >= 1")
+        self._kvbm, self.mode, self.stats = kvbm, mode, OffloadStats()
+        self._paths = sorted(paths, key=lambda p: -p.priority)
+        self._queues: dict[OffloadPath, list[tuple[int, int, Transfer]]] = {
+            p: [] for p in self._paths
+        }
+        self._pending: dict[Tier, set[SequenceHash]] = {p.target: set() for p in paths}
+        self._dirty: dict[OffloadPath, OrderedDict[SequenceHash, None]] = {
+            p: OrderedDict() for p in paths if not p.onboard
+        }
+        self._low = {t: int(writeback_free * kvbm.pool(t).num_blocks) for t in kvbm.tiers}
+        self._max_in_flight, self._max_queued = max_in_flight, max_queued_blocks
+        self.close_timeout_s = close_timeout_s
+        self._num_queued = 0
+        self._in_flight: set[_CopyJob] = set()
+        self._onboardings: set[Onboarding] = set()
+        self._seq = itertools.count()
+        self._inbox: queue.PriorityQueue[tuple[int, int, _CopyJob | None]] = queue.PriorityQueue()
+        self._outbox: queue.SimpleQueue[_CopyJob] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._copy_loop, name="kvbm-offload", daemon=True)
+        self._thread.start()
+
+    # -- submissions ---------------------------------------------------------------------------
+
+    def offload(
+        self, blocks: ImmutableBlocks, target: Tier | None = None, *, priority: int = 0
+    ) -> Transfer:
+        """Queue a copy of ``blocks`` (the caller keeps its handle) to ``target`` (default: the
+        table's first offload path from their tier). Returns it QUEUED; DONE at once if the
+        target lacks nothing; BUSY if ``max_queued_blocks`` are queued already."""
+        if self._closed:
+            raise InvalidTransition("the offload manager is closed")
+        path = self._path(blocks.tier, target)
+        hashes, pending = blocks.sequence_hashes, self._pending[path.target]
+        dst, keep = self._kvbm.pool(path.target), dict[SequenceHash, int]()
+        for i, h in enumerate(hashes):
+            if h not in pending and h not in keep and not dst.contains(h):
+                keep[h] = i
+        self.stats.num_blocks_skipped += len(hashes) - len(keep)
+        if not keep or (self._num_queued and self._num_queued + len(keep) > self._max_queued):
+            state = TransferState.BUSY if keep else TransferState.DONE
+            self.stats.transfers[state] += 1
+            return Transfer(path, state, priority, list(keep))
+        pending.update(keep)
+        source = self._kvbm.pool(blocks.tier).retain(blocks, list(keep.values()))
+        return self._enqueue(
+            path, source, priority, [hashes[i - 1] if i else None for i in keep.values()]
+        )
+
+    def onboard(self, sequence_hashes: Sequence[SequenceHash], *, priority: int = 0) -> Onboarding:
+        """Match ``sequence_hashes`` over the tiers (one use each, for the disk filter) and start
+        copying the host and disk parts to the device; ``wait`` before computing on them."""
+        if self._closed:
+            raise InvalidTransition("the offload manager is closed")
+        found = self._kvbm.match(sequence_hashes)
+        device = found.by_tier.pop(Tier.DEVICE, None)
+        paths = {p.source: p for p in self._paths if p.onboard}
+        parts: list[Transfer] = []
+        start, cut = 0 if device is None else len(device), False
+        for tier in (Tier.HOST, Tier.DISK):
+            handle = found.by_tier.pop(tier, None)
+            if handle is None:
+                continue
+            cut = cut or tier not in paths  # the prefix ends before a part it cannot onboard
+            if cut:
+                self._kvbm.release(handle)
+                continue
+            parents = [
+                sequence_hashes[i - 1] if i else None for i in range(start, start + len(handle))
+            ]
+            start += len(handle)
+            parts.append(self._enqueue(paths[tier], handle, priority, parents))
+        self._kvbm.release_match(found)
+        onboarding = Onboarding(self, device, parts)
+        self._onboardings.add(onboarding)
+        self._dispatch()
+        return onboarding
+
+    def on_registered(self, blocks: ImmutableBlocks, *, priority: int = 0) -> None:
+        """``blocks`` were just registered: write-through offloads them, write-back marks them
+        dirty. The caller keeps its handle."""
+        for path in self._paths:
+            if path.source is not blocks.tier or path.onboard or self._closed:
+                continue
+            if self.mode is OffloadMode.WRITE_THROUGH:
+                self.offload(blocks, path.target, priority=priority)
+                continue
+            dirty, bound = self._dirty[path], 2 * self._kvbm.pool(path.source).num_blocks
+            for h in blocks.sequence_hashes:
+                dirty[h] = None
+                dirty.move_to_end(h)  # least recently registered first, like the eviction order
+            while len(dirty) > bound:  # beyond twice the tier, the oldest are gone: forget
+                dirty.popitem(last=False)
+
+    # -- the owner thread's loop ---------------------------------------------------------------
+
+    def step(self) -> int:
+        """Register finished copies, write back under pressure, dispatch; never blocks.
+        Returns how many copy batches were collected."""
+        collected = self._collect(0.0)
+        if self.mode is OffloadMode.WRITE_BACK and not self._closed:
+            self._write_back()
+        self._dispatch()
+        return collected
+
+    @property
+    def idle(self) -> bool:
+        return not self._in_flight and not any(self._queues.values())
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Step until nothing is queued or in flight; False if ``timeout_s`` passed first."""
+        return self._wait_until(lambda: self.idle, timeout_s)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Drain within ``timeout_s`` (default ``close_timeout_s``), cancel what is left, stop the
+        copy thread. False (logged) if a copy still ran at the deadline: its blocks stay held."""
+        if timeout_s is None:
+            timeout_s = self.close_timeout_s
+        if not self._closed:
+            self._closed = True
+            deadline = time.monotonic() + timeout_s
+            self.drain(timeout_s)
+            for onboarding in list(self._onboardings):
+                onboarding.cancel()
+            for entries in self._queues.values():
+                for *_, transfer in entries:
+                    transfer.cancel()
+                entries.clear()
+            for job in self._in_flight:
+                for transfer in job.transfers:
+                    transfer._cancelling = True
+            while self._in_flight and (left := deadline - time.monotonic()) > 0:
+                self._collect(min(left, _POLL_S))
+            self._inbox.put((1 << 62, 0, None))  # after every job already handed over
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._in_flight:
+                logger.error(
+                    "offload close: %d copy batches still running after %.1f s; their "
+                    "blocks stay referenced",
+                    len(self._in_flight),
+                    timeout_s,
+                )
+        return not self._in_flight
+
+    # -- internals: owner thread ---------------------------------------------------------------
+
+    def _path(self, source: Tier, target: Tier | None) -> OffloadPath:
+        for p in self._paths:
+            if p.source is source and not p.onboard and target in (None, p.target):
+                return p
+        wanted = "any tier" if target is None else target.name
+        raise InvalidInput(f"no offload path from {source.name} to {wanted} in the table")
+
+    def _enqueue(
+        self,
+        path: OffloadPath,
+        source: ImmutableBlocks,
+        priority: int,
+        parents: list[SequenceHash | None],
+    ) -> Transfer:
+        """Queue a transfer holding ``source`` (``parents[i]``: the hash before block i)."""
+        queued = 0 if path.onboard else len(source)
+        t = Transfer(
+            path,
+            TransferState.QUEUED,
+            priority,
+            source.sequence_hashes,
+            _manager=self,
+            _source=source,
+            _parents=parents,
+            _queued_blocks=queued,
+        )
+        self._num_queued += queued
+        heapq.heappush(self._queues[path], (-priority, next(self._seq), t))
+        return t
+
+    def _cancel(self, transfer: Transfer) -> bool:
+        if transfer.state is TransferState.IN_FLIGHT:
+            transfer._cancelling = True
+            return True
+        if transfer.state is TransferState.QUEUED:
+            self._finish(transfer, TransferState.CANCELLED)
+            return True
+        return False
+
+    def _dispatch(self) -> None:
+        while len(self._in_flight) < self._max_in_flight:
+            path = next((p for p in self._paths if self._queues[p]), None)
+            if path is None:
+                return
+            entries, batch, num = self._queues[path], list[Transfer](), 0
+            while entries and (not batch or num < path.batch_size):
+                transfer = heapq.heappop(entries)[2]
+                if transfer.state is TransferState.QUEUED:  # cancelled ones are left in place
+                    batch.append(transfer)
+                    num += len(transfer.sequence_hashes)
+            job = self._prepare(path, batch)
+            if job is not None:
+                self._in_flight.add(job)
+                self._inbox.put((-path.priority, next(self._seq), job))
+
+    def _prepare(self, path: OffloadPath, batch: list[Transfer]) -> _CopyJob | None:
+        """Take target references and allocations for a batch; end what needs no copy."""
+        dst = self._kvbm.pool(path.target)
+        job = _CopyJob(
+            path, [], self._kvbm.storage(path.source), [], self._kvbm.storage(path.target), []
+        )
+        for t in batch:
+            self._num_queued -= t._queued_blocks
+            t._queued_blocks = 0
+            if path.target is Tier.DISK and not self._admit(t):
+                continue
+            t._held = dst.match_present(t.sequence_hashes)
+            present = set(t._held.sequence_hashes)
+            t._missing = [i for i, h in enumerate(t.sequence_hashes) if h not in present]
+            if not t._missing:
+                self._finish(t, TransferState.DONE)
+                continue
+            try:
+                t._allocation = dst.allocate(len(t._missing))
+            except PoolExhausted:  # larger than the whole target tier
+                t._allocation = None
+            if t._allocation is None:
+                logger.debug(
+                    "%s -> %s full: %d blocks dropped",
+                    path.source.name,
+                    path.target.name,
+                    len(t._missing),
+                )
+                self._finish(t, TransferState.DROPPED)
+                continue
+            assert t._source is not None
+            ids = t._source.block_ids
+            job.src_ids += [ids[i] for i in t._missing]
+            job.dst_ids += t._allocation.block_ids
+            t.state = TransferState.IN_FLIGHT
+            job.transfers.append(t)
+        return job if job.transfers else None
+
+    def _admit(self, t: Transfer) -> bool:
+        """Keep the blocks the disk filter admits now; False (ended DONE) if it admits none."""
+        admits, source = self._kvbm.disk_filter.admits, t._source
+        keep = [i for i, h in enumerate(t.sequence_hashes) if admits(h)]
+        assert source is not None
+        if len(keep) < len(t.sequence_hashes):
+            self.stats.num_blocks_filtered += len(t.sequence_hashes) - len(keep)
+            self._pending[t.path.target].difference_update(t.sequence_hashes)
+            t._source = self._kvbm.pool(source.tier).retain(source, keep) if keep else None
+            self._kvbm.release(source)
+            t.sequence_hashes = [t.sequence_hashes[i] for i in keep]
+            t._parents = [t._parents[i] for i in keep]
+            self._pending[t.path.target].update(t.sequence_hashes)
+        if not keep:
+            self._finish(t, TransferState.DONE)
+        return bool(keep)
+
+    def _collect(self, timeout_s: float) -> int:
+        jobs: list[_CopyJob] = []
+        try:
+            if timeout_s > 0:
+                jobs.append(self._outbox.get(timeout=timeout_s))
+            while True:
+                jobs.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        for job in jobs:
+            self._in_flight.discard(job)
+            failure = None
+            if job.error is not None:
+                p = job.path
+                failure = TransferError(
+                    f"copying {len(job.src_ids)} blocks {p.source.name} -> "
+                    f"{p.target.name} failed: {job.error}"
+                )
+                logger.warning("%s; the blocks were returned", failure)
+            for t in job.transfers:
+                if t._cancelling:
+                    state = TransferState.CANCELLED
+                elif failure is not None:
+                    t.error, state = failure, TransferState.FAILED
+                else:
+                    self._register(t)
+                    state = TransferState.DONE
+                self._finish(t, state)
+        return len(jobs)
+
+    def _register(self, t: Transfer) -> None:
+        """Register the copied blocks one contiguous run at a time (events chain by parent)."""
+        missing = t._missing
+        assert t._allocation is not None
+        register_positions(
+            self._kvbm.pool(t.path.target), t._allocation, t.sequence_hashes, missing, t._parents
+        )
+        t.num_copied = len(missing)
+        self.stats.num_blocks_copied += len(missing)
+        metrics = self._kvbm.metrics
+        record = metrics.record_onboards if t.path.onboard else metrics.record_offloads
+        record(t.path.source, t.path.target, len(missing))
+
+    def _finish(self, t: Transfer, state: TransferState) -> None:
+        """End ``t``: release every reference it holds, keeping a DONE onboard's device blocks;
+        blocks a DONE offload put in a tier go on (write-through) or are marked dirty."""
+        kvbm, path = self._kvbm, t.path
+        self._num_queued -= t._queued_blocks
+        t._queued_blocks = 0
+        if state is TransferState.DONE and path.onboard:
+            t._result = kvbm.pool(Tier.DEVICE).match_present(t.sequence_hashes)
+        for handle in (t._held, t._allocation, t._source):
+            if handle is not None and handle.live:
+                kvbm.release(handle)
+        t._held = t._allocation = t._source = None
+        if not path.onboard:
+            self._pending[path.target].difference_update(t.sequence_hashes)
+        t.state = state
+        self.stats.transfers[state] += 1
+        if state is TransferState.DONE and t.num_copied and not path.onboard:
+            with kvbm.pool(path.target).match_present(t.sequence_hashes) as landed:
+                self.on_registered(landed, priority=t.priority)
+
+    def _write_back(self) -> None:
+        """Under pressure, offload the oldest dirty blocks their tier still holds."""
+        for path, dirty in self._dirty.items():
+            pool = self._kvbm.pool(path.source)
+            if not dirty or pool.stats().num_free >= self._low[path.source]:
+                continue
+            picked: list[SequenceHash] = []
+            while dirty and len(picked) < path.batch_size:
+                h = dirty.popitem(last=False)[0]
+                if pool.contains(h):
+                    picked.append(h)
+            if picked:
+                with pool.match_present(picked) as handle:
+                    if self.offload(handle, path.target).state is TransferState.BUSY:
+                        for h in reversed(picked):  # keep them dirty, oldest first
+                            dirty[h] = None
+                            dirty.move_to_end(h, last=False)
+
+    def _wait_until(self, ready: Callable[[], bool], timeout_s: float | None) -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.step()
+            left = _POLL_S if deadline is None else deadline - time.monotonic()
+            if ready() or left <= 0 or not self._in_flight:
+                return ready()
+            self._collect(min(left, _POLL_S))
+
+    # -- the copy thread -----------------------------------------------------------------------
+
+    def _copy_loop(self) -> None:
+        while (job := self._inbox.get()[2]) is not None:
+            try:
+                copy_blocks(job.src, job.src_ids, job.dst, job.dst_ids)
+            except Exception as exc:  # reported as data; the owner thread returns the blocks
+                job.error = exc
+            self._outbox.put(job)
+
+
+def build_offload_manager(kvbm: KvBlockManager, config: FabricConfig) -> OffloadManager:
+    """The default table (module docstring) over ``kvbm``'s tiers, sized from ``config``."""
+    rows = [(Tier.DEVICE, Tier.HOST, 1), (Tier.HOST, Tier.DISK, 0)]
+    rows += [(Tier.HOST, Tier.DEVICE, 10), (Tier.DISK, Tier.DEVICE, 10)]
+    if Tier.HOST not in kvbm.tiers:
+        rows.append((Tier.DEVICE, Tier.DISK, 1))
+    size = config.offload_batch_blocks
+    paths = [OffloadPath(s, t, p, size) for s, t, p in rows if {s, t} <= set(kvbm.tiers)]
+    return OffloadManager(
+        kvbm,
+        paths=paths,
+        mode=config.offload_mode,
+        max_in_flight=config.offload_max_in_flight,
+        max_queued_blocks=config.offload_max_queued_blocks,
+        writeback_free=config.offload_writeback_free,
+        close_timeout_s=config.offload_close_timeout_s,
+    )
