@@ -1,7 +1,9 @@
 """OffloadManager: asynchronous tier moves over a table of paths; bytes move off the owner thread.
 
 One worker type serves every row of a table of ``OffloadPath(source, target, priority,
-batch_size)``. The default table (``build_offload_manager``; priorities in brackets)::
+batch_size)``; its parts: ``offload_transfer`` (records), ``offload_queue`` (per-path queues),
+``offload_worker`` (copy thread), ``offload_writeback`` (dirty blocks). The default table
+(``build_offload_manager``; priorities in brackets)::
 
     DEVICE ──offload [1]──▶ HOST ──offload [0]──▶ DISK     (DEVICE ─▶ DISK [1] if there is no HOST)
       ▲ ▲                    │                     │
@@ -21,15 +23,7 @@ the owner (scheduler) thread; one copy thread only runs ``copy_blocks`` on stora
 A block under copy is referenced on both sides: the source is registered (immutable) and pinned
 (not evictable); the target is an unregistered allocation owned by the transfer (no one matches or
 writes it). Registration follows the copy, so a target block is matchable only with its bytes.
-The owner feeds it: ``on_registered`` after each registration, ``step`` once per loop. (CUDA
-copies from this thread would need their own stream; untested here, no GPU.)
-
-Lifecycle of a ``Transfer``::
-
-    QUEUED ──dispatch──▶ IN_FLIGHT ──copied, registered──▶ DONE
-      │ └─target full──▶ DROPPED      ├──copy raised──▶ FAILED (TransferError logged, counted)
-      └─────cancel─────▶ CANCELLED ◀──┘ cancel: the copy ends, its allocation is returned
-    at submission: BUSY (queue bound reached), or DONE when the target lacks nothing
+The owner feeds it: ``on_registered`` after each registration, ``step`` once per loop.
 
 Choices. Backpressure is a value, never a wait: over ``max_queued_blocks`` an offload returns a
 BUSY transfer (the owner thread must not stall; the blocks stay cached, resubmit later).
@@ -41,176 +35,50 @@ failed request), as ``match_and_onboard`` does. Onboards are never refused and d
 are queued or in flight to it; offloads to DISK copy only what ``kvbm.disk_filter`` admits when
 they are dispatched, as ``KvBlockManager.offload`` does.
 
-Modes (``FABRIC_OFFLOAD_MODE``). *write_through*: ``on_registered`` offloads every new device
-block at once and every block landing in HOST goes on to DISK: a hit survives any eviction, at
-the cost of copying every block, hot or cold, while its request may still run. *write_back*:
-new blocks are only marked dirty; ``step`` copies the oldest dirty blocks of a tier once it has
-fewer than ``writeback_free`` of its blocks free (its next allocations evict): fewer copies, but a
-block evicted before its write-back (between two steps) is lost to the lower tiers.
+Modes (``FABRIC_OFFLOAD_MODE``): *write_through* offloads every block as it is registered;
+*write_back* copies dirty blocks only under pressure (``offload_writeback``).
 
-Invariants: every reference a transfer takes is released once when it ends (DONE, FAILED,
-CANCELLED, DROPPED); a hash is queued or in flight at most once per offload target and registered
-there once (the pool dedups). ``close`` drains within its bound, then cancels; a copy still running
+Invariants: a hash is queued or in flight at most once per offload target and registered there
+once (the pool dedups). ``close`` drains within its bound, then cancels; a copy still running
 at the deadline keeps its blocks (freeing memory a copy may still write would corrupt another
 block) and ``close`` returns False.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import queue
-import threading
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
 
 from fabric.config import FabricConfig, OffloadMode
 from fabric.errors import InvalidInput, InvalidTransition, PoolExhausted, TransferError
-from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
-from fabric.kvbm.copy import copy_blocks
+from fabric.kvbm.block import ImmutableBlocks
 from fabric.kvbm.manager import KvBlockManager, register_positions
-from fabric.kvbm.storage import Storage
+from fabric.kvbm.offload_queue import PathQueues
+from fabric.kvbm.offload_transfer import (
+    OffloadPath,
+    OffloadStats,
+    Onboarding,
+    Transfer,
+    TransferState,
+)
+from fabric.kvbm.offload_worker import CopyJob, CopyThread
+from fabric.kvbm.offload_writeback import DirtyBlocks
 from fabric.kvbm.types import SequenceHash, Tier
+
+__all__ = [
+    "OffloadManager",
+    "OffloadPath",
+    "OffloadStats",
+    "Onboarding",
+    "Transfer",
+    "TransferState",
+    "build_offload_manager",
+]
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05
-
-
-@dataclass(frozen=True, slots=True)
-class OffloadPath:
-    """One row of the table: a tier move, its priority (higher first), blocks per copy."""
-
-    source: Tier
-    target: Tier
-    priority: int = 0
-    batch_size: int = 64
-
-    @property
-    def onboard(self) -> bool:
-        return self.target is Tier.DEVICE
-
-
-class TransferState(Enum):
-    QUEUED = "queued"
-    IN_FLIGHT = "in_flight"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    DROPPED = "dropped"
-    BUSY = "busy"
-
-
-@dataclass(slots=True)
-class OffloadStats:
-    """Ended transfers by state, and blocks, since the manager was built."""
-
-    transfers: Counter[TransferState] = field(default_factory=Counter)
-    num_blocks_copied: int = 0
-    num_blocks_skipped: int = 0
-    """Not queued: the target held the hash or a transfer to it was queued already."""
-    num_blocks_filtered: int = 0
-    """Not written to disk: the frequency filter did not admit them."""
-
-
-@dataclass(slots=True, eq=False)
-class Transfer:
-    """One submission on one path; owner thread only. ``sequence_hashes``: what it moves (a DONE
-    transfer put them all in the target). ``cancel()`` gives its references back."""
-
-    path: OffloadPath
-    state: TransferState
-    priority: int = 0
-    sequence_hashes: list[SequenceHash] = field(default_factory=list)
-    num_copied: int = 0
-    error: TransferError | None = None
-    _manager: OffloadManager | None = None
-    _source: ImmutableBlocks | None = None
-    _parents: list[SequenceHash | None] = field(default_factory=list)
-    _held: ImmutableBlocks | None = None
-    _allocation: MutableBlocks | None = None
-    _missing: list[int] = field(default_factory=list)
-    _result: ImmutableBlocks | None = None
-    _queued_blocks: int = 0
-    _cancelling: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.state not in (TransferState.QUEUED, TransferState.IN_FLIGHT)
-
-    def cancel(self) -> bool:
-        """Queued: ends now. In flight: ends when its copy returns, registering nothing.
-        False if it had ended already."""
-        return self._manager is not None and self._manager._cancel(self)
-
-
-class Onboarding:
-    """Device blocks for the longest prefix any tier held at ``onboard`` time."""
-
-    def __init__(
-        self, manager: OffloadManager, device: ImmutableBlocks | None, parts: list[Transfer]
-    ) -> None:
-        self._manager, self._device, self._parts = manager, device, parts
-        self._live = True
-
-    @property
-    def done(self) -> bool:
-        return all(p.done for p in self._parts)
-
-    def wait(self, timeout_s: float | None = None) -> ImmutableBlocks | None:
-        """On the owner thread: step the manager until every copy is registered, then return the
-        device handle (once; the caller releases it), cut at the first part that failed or did
-        not fit. None if ``timeout_s`` passed first: wait again or ``cancel``."""
-        if not self._live:
-            raise InvalidTransition("this onboarding was already taken or cancelled")
-        if not self._manager._wait_until(lambda: self.done, timeout_s):
-            return None
-        kvbm, result = self._end(), self._device
-        for i, part in enumerate(self._parts):
-            if part._result is None:
-                self._release_results(self._parts[i:])
-                break
-            result = part._result if result is None else result.join(part._result)
-            part._result = None
-        return result if result is not None else kvbm.pool().match([])
-
-    def cancel(self) -> None:
-        """Give back every block this onboarding holds or is still copying."""
-        if self._live:
-            kvbm = self._end()
-            for part in self._parts:
-                part.cancel()
-            self._release_results(self._parts)
-            if self._device is not None:
-                kvbm.release(self._device)
-
-    def _end(self) -> KvBlockManager:
-        self._live = False
-        self._manager._onboardings.discard(self)
-        return self._manager._kvbm
-
-    def _release_results(self, parts: list[Transfer]) -> None:
-        for part in parts:
-            if part._result is not None:
-                self._manager._kvbm.release(part._result)
-                part._result = None
-
-
-@dataclass(slots=True, eq=False)
-class _CopyJob:
-    """One batch for the copy thread: storages and ids, never a pool."""
-
-    path: OffloadPath
-    transfers: list[Transfer]
-    src: Storage
-    src_ids: list[int]
-    dst: Storage
-    dst_ids: list[int]
-    error: Exception | None = None
 
 
 class OffloadManager:
@@ -232,25 +100,15 @@ class OffloadManager:
             raise InvalidInput("max_in_flight and max_queued_blocks must be >= 1")
         self._kvbm, self.mode, self.stats = kvbm, mode, OffloadStats()
         self._paths = sorted(paths, key=lambda p: -p.priority)
-        self._queues: dict[OffloadPath, list[tuple[int, int, Transfer]]] = {
-            p: [] for p in self._paths
-        }
+        self._queues = PathQueues(paths, max_queued_blocks)
         self._pending: dict[Tier, set[SequenceHash]] = {p.target: set() for p in paths}
-        self._dirty: dict[OffloadPath, OrderedDict[SequenceHash, None]] = {
-            p: OrderedDict() for p in paths if not p.onboard
-        }
-        self._low = {t: int(writeback_free * kvbm.pool(t).num_blocks) for t in kvbm.tiers}
-        self._max_in_flight, self._max_queued = max_in_flight, max_queued_blocks
+        self._dirty = DirtyBlocks(kvbm, paths, writeback_free)
+        self._max_in_flight = max_in_flight
         self.close_timeout_s = close_timeout_s
-        self._num_queued = 0
-        self._in_flight: set[_CopyJob] = set()
+        self._in_flight: set[CopyJob] = set()
         self._onboardings: set[Onboarding] = set()
-        self._seq = itertools.count()
-        self._inbox: queue.PriorityQueue[tuple[int, int, _CopyJob | None]] = queue.PriorityQueue()
-        self._outbox: queue.SimpleQueue[_CopyJob] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._copy_loop, name="kvbm-offload", daemon=True)
-        self._thread.start()
+        self._thread = CopyThread("kvbm-offload")
 
     # -- submissions ---------------------------------------------------------------------------
 
@@ -269,7 +127,7 @@ class OffloadManager:
             if h not in pending and h not in keep and not dst.contains(h):
                 keep[h] = i
         self.stats.num_blocks_skipped += len(hashes) - len(keep)
-        if not keep or (self._num_queued and self._num_queued + len(keep) > self._max_queued):
+        if not keep or self._queues.full(len(keep)):
             state = TransferState.BUSY if keep else TransferState.DONE
             self.stats.transfers[state] += 1
             return Transfer(path, state, priority, list(keep))
@@ -317,12 +175,7 @@ class OffloadManager:
             if self.mode is OffloadMode.WRITE_THROUGH:
                 self.offload(blocks, path.target, priority=priority)
                 continue
-            dirty, bound = self._dirty[path], 2 * self._kvbm.pool(path.source).num_blocks
-            for h in blocks.sequence_hashes:
-                dirty[h] = None
-                dirty.move_to_end(h)  # least recently registered first, like the eviction order
-            while len(dirty) > bound:  # beyond twice the tier, the oldest are gone: forget
-                dirty.popitem(last=False)
+            self._dirty.mark(path, blocks.sequence_hashes)
 
     # -- the owner thread's loop ---------------------------------------------------------------
 
@@ -337,7 +190,7 @@ class OffloadManager:
 
     @property
     def idle(self) -> bool:
-        return not self._in_flight and not any(self._queues.values())
+        return not self._in_flight and not self._queues
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Step until nothing is queued or in flight; False if ``timeout_s`` passed first."""
@@ -354,17 +207,14 @@ class OffloadManager:
             self.drain(timeout_s)
             for onboarding in list(self._onboardings):
                 onboarding.cancel()
-            for entries in self._queues.values():
-                for *_, transfer in entries:
-                    transfer.cancel()
-                entries.clear()
+            for transfer in self._queues.take_all():
+                transfer.cancel()
             for job in self._in_flight:
                 for transfer in job.transfers:
                     transfer._cancelling = True
             while self._in_flight and (left := deadline - time.monotonic()) > 0:
                 self._collect(min(left, _POLL_S))
-            self._inbox.put((1 << 62, 0, None))  # after every job already handed over
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread.stop(deadline - time.monotonic())  # after every job handed over
             if self._in_flight:
                 logger.error(
                     "offload close: %d copy batches still running after %.1f s; their "
@@ -391,7 +241,6 @@ class OffloadManager:
         parents: list[SequenceHash | None],
     ) -> Transfer:
         """Queue a transfer holding ``source`` (``parents[i]``: the hash before block i)."""
-        queued = 0 if path.onboard else len(source)
         t = Transfer(
             path,
             TransferState.QUEUED,
@@ -400,10 +249,8 @@ class OffloadManager:
             _manager=self,
             _source=source,
             _parents=parents,
-            _queued_blocks=queued,
         )
-        self._num_queued += queued
-        heapq.heappush(self._queues[path], (-priority, next(self._seq), t))
+        self._queues.push(t)
         return t
 
     def _cancel(self, transfer: Transfer) -> bool:
@@ -417,29 +264,21 @@ class OffloadManager:
 
     def _dispatch(self) -> None:
         while len(self._in_flight) < self._max_in_flight:
-            path = next((p for p in self._paths if self._queues[p]), None)
-            if path is None:
+            if (popped := self._queues.pop_batch()) is None:
                 return
-            entries, batch, num = self._queues[path], list[Transfer](), 0
-            while entries and (not batch or num < path.batch_size):
-                transfer = heapq.heappop(entries)[2]
-                if transfer.state is TransferState.QUEUED:  # cancelled ones are left in place
-                    batch.append(transfer)
-                    num += len(transfer.sequence_hashes)
-            job = self._prepare(path, batch)
+            job = self._prepare(*popped)
             if job is not None:
                 self._in_flight.add(job)
-                self._inbox.put((-path.priority, next(self._seq), job))
+                self._thread.submit(job)
 
-    def _prepare(self, path: OffloadPath, batch: list[Transfer]) -> _CopyJob | None:
+    def _prepare(self, path: OffloadPath, batch: list[Transfer]) -> CopyJob | None:
         """Take target references and allocations for a batch; end what needs no copy."""
         dst = self._kvbm.pool(path.target)
-        job = _CopyJob(
+        job = CopyJob(
             path, [], self._kvbm.storage(path.source), [], self._kvbm.storage(path.target), []
         )
         for t in batch:
-            self._num_queued -= t._queued_blocks
-            t._queued_blocks = 0
+            self._queues.unqueue(t)
             if path.target is Tier.DISK and not self._admit(t):
                 continue
             t._held = dst.match_present(t.sequence_hashes)
@@ -487,14 +326,7 @@ class OffloadManager:
         return bool(keep)
 
     def _collect(self, timeout_s: float) -> int:
-        jobs: list[_CopyJob] = []
-        try:
-            if timeout_s > 0:
-                jobs.append(self._outbox.get(timeout=timeout_s))
-            while True:
-                jobs.append(self._outbox.get_nowait())
-        except queue.Empty:
-            pass
+        jobs = self._thread.collect(timeout_s)
         for job in jobs:
             self._in_flight.discard(job)
             failure = None
@@ -533,8 +365,7 @@ class OffloadManager:
         """End ``t``: release every reference it holds, keeping a DONE onboard's device blocks;
         blocks a DONE offload put in a tier go on (write-through) or are marked dirty."""
         kvbm, path = self._kvbm, t.path
-        self._num_queued -= t._queued_blocks
-        t._queued_blocks = 0
+        self._queues.unqueue(t)
         if state is TransferState.DONE and path.onboard:
             t._result = kvbm.pool(Tier.DEVICE).match_present(t.sequence_hashes)
         for handle in (t._held, t._allocation, t._source):
@@ -551,21 +382,10 @@ class OffloadManager:
 
     def _write_back(self) -> None:
         """Under pressure, offload the oldest dirty blocks their tier still holds."""
-        for path, dirty in self._dirty.items():
-            pool = self._kvbm.pool(path.source)
-            if not dirty or pool.stats().num_free >= self._low[path.source]:
-                continue
-            picked: list[SequenceHash] = []
-            while dirty and len(picked) < path.batch_size:
-                h = dirty.popitem(last=False)[0]
-                if pool.contains(h):
-                    picked.append(h)
-            if picked:
-                with pool.match_present(picked) as handle:
-                    if self.offload(handle, path.target).state is TransferState.BUSY:
-                        for h in reversed(picked):  # keep them dirty, oldest first
-                            dirty[h] = None
-                            dirty.move_to_end(h, last=False)
+        for path, picked in self._dirty.batched_pick():
+            with self._kvbm.pool(path.source).match_present(picked) as handle:
+                if self.offload(handle, path.target).state is TransferState.BUSY:
+                    self._dirty.unpick(path, picked)
 
     def _wait_until(self, ready: Callable[[], bool], timeout_s: float | None) -> bool:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -575,16 +395,6 @@ class OffloadManager:
             if ready() or left <= 0 or not self._in_flight:
                 return ready()
             self._collect(min(left, _POLL_S))
-
-    # -- the copy thread -----------------------------------------------------------------------
-
-    def _copy_loop(self) -> None:
-        while (job := self._inbox.get()[2]) is not None:
-            try:
-                copy_blocks(job.src, job.src_ids, job.dst, job.dst_ids)
-            except Exception as exc:  # reported as data; the owner thread returns the blocks
-                job.error = exc
-            self._outbox.put(job)
 
 
 def build_offload_manager(kvbm: KvBlockManager, config: FabricConfig) -> OffloadManager:
