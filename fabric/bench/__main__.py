@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "kvbm": "fabric.bench.kvbm",
     "copy": "fabric.bench.block_copy",
     "transfer": "fabric.bench.transfer",
+    "serve": "fabric.bench.serve",
 }
 """Subcommand name -> module implementing it."""
 
