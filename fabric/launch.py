@@ -10,6 +10,10 @@ Invariants: every process it started is stopped when it returns, whatever happen
 then SIGKILL after ``STOP_TIMEOUT_S``); the failure of any child stops the whole deployment
 with an error naming the child and the tail of its log; every wait is bounded.
 
+The helpers (``worker_command``, ``frontend_command``, ``start_process``, ``wait_ready``,
+``check_alive``, ``stop_processes``, ``private_etcd``) are public: ``fabric.bench.serve`` starts
+its deployments with them. Each takes a ``progress`` callback (stdout by default).
+
 Cores: with ``--pin`` (default on a 2+ core machine) worker i is pinned to core ``i % ncores``
 and runs one compute thread, so a 1P1D pair on two cores puts prefill and decode on separate
 cores instead of oversubscribing both.
@@ -28,7 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,12 @@ logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.2
+
+Progress = Callable[[str], None]
+
+
+def print_progress(message: str) -> None:
+    print(f"[launch] {message}", flush=True)
 
 
 @dataclass(slots=True)
@@ -102,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = _install_signal_handlers()
     with ExitStack() as stack:
-        etcd = args.etcd or stack.enter_context(_private_etcd(run_dir))
-        _progress(f"etcd: {etcd}")
+        etcd = args.etcd or stack.enter_context(private_etcd(run_dir))
+        print_progress(f"etcd: {etcd}")
         children: list[Child] = []
-        stack.callback(_stop_all, children)
+        stack.callback(stop_processes, children)
         roles = (
             [("aggregated", i) for i in range(args.aggregated)]
             if args.aggregated
@@ -115,30 +125,69 @@ def run(args: argparse.Namespace) -> int:
         ncores = os.cpu_count() or 1
         for index, (role, i) in enumerate(roles):
             worker_id = f"{role}-{i}"
-            cmd = [sys.executable, "-m", "fabric.cli", "serve", role, "--etcd", etcd]
-            cmd += ["--model", args.model, "--worker-id", worker_id]
-            if args.pin:
-                cmd += ["--cpu", str(index % ncores), "--threads", "1"]
-            children.append(_start(worker_id, cmd, run_dir))
-        port = args.port or _free_port()
-        cmd = [sys.executable, "-m", "fabric.cli", "serve", "frontend", "--etcd", etcd]
-        cmd += ["--model", args.model, "--port", str(port)]
-        children.append(_start("frontend", cmd, run_dir))
+            cmd = worker_command(
+                role,
+                etcd=etcd,
+                model=args.model,
+                worker_id=worker_id,
+                cpus=str(index % ncores) if args.pin else None,
+                threads=1 if args.pin else None,
+            )
+            children.append(start_process(worker_id, cmd, run_dir))
+        port = args.port or free_port()
+        cmd = frontend_command(etcd=etcd, model=args.model, port=port)
+        children.append(start_process("frontend", cmd, run_dir))
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, children, len(roles), args.startup_timeout, stopping)
-        _progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
+        wait_ready(
+            url, children, len(roles), args.startup_timeout, should_stop=lambda: stopping["flag"]
+        )
+        print_progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
         if args.prompt is not None:
             _answer(url, args.prompt, args.max_tokens)
             return 0
-        _progress("serving; Ctrl-C stops everything")
+        print_progress("serving; Ctrl-C stops everything")
         while not stopping["flag"]:
-            _check_alive(children)
+            check_alive(children)
             time.sleep(POLL_S)
     return 0
 
 
-def _progress(message: str) -> None:
-    print(f"[launch] {message}", flush=True)
+def worker_command(
+    role: str,
+    *,
+    etcd: str,
+    model: str,
+    worker_id: str,
+    namespace: str | None = None,
+    cpus: str | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """The command line of one ``fabric serve <role>`` worker process."""
+    cmd = [sys.executable, "-m", "fabric.cli", "serve", role, "--etcd", etcd]
+    cmd += ["--model", model, "--worker-id", worker_id]
+    if namespace is not None:
+        cmd += ["--namespace", namespace]
+    if cpus is not None:
+        cmd += ["--cpu", cpus]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def frontend_command(
+    *,
+    etcd: str,
+    model: str,
+    port: int,
+    namespace: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line of the ``fabric serve frontend`` process."""
+    cmd = [sys.executable, "-m", "fabric.cli", "serve", "frontend", "--etcd", etcd]
+    cmd += ["--model", model, "--port", str(port)]
+    if namespace is not None:
+        cmd += ["--namespace", namespace]
+    return [*cmd, *extra]
 
 
 def _install_signal_handlers() -> dict[str, bool]:
@@ -153,7 +202,8 @@ def _install_signal_handlers() -> dict[str, bool]:
 
 
 @contextmanager
-def _private_etcd(run_dir: Path) -> Iterator[str]:
+def private_etcd(run_dir: Path) -> Iterator[str]:
+    """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint."""
     from fabric.discovery.etcd_server import EtcdServer
 
     server = EtcdServer(data_dir=run_dir / "etcd-data")
@@ -164,18 +214,22 @@ def _private_etcd(run_dir: Path) -> Iterator[str]:
         server.close()
 
 
-def _start(name: str, cmd: list[str], run_dir: Path) -> Child:
+def start_process(
+    name: str, cmd: list[str], run_dir: Path, progress: Progress = print_progress
+) -> Child:
+    """Start ``cmd`` with its output in ``run_dir/<name>.log``."""
     log_path = run_dir / f"{name}.log"
     log_file = log_path.open("wb")
     env = {**os.environ, "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo")}
     process = subprocess.Popen(
         cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
     )
-    _progress(f"started {name} (pid {process.pid}), log {log_path}")
+    progress(f"started {name} (pid {process.pid}), log {log_path}")
     return Child(name, process, log_path, log_file)
 
 
-def _check_alive(children: list[Child]) -> None:
+def check_alive(children: list[Child]) -> None:
+    """Raise ``FabricError`` naming the first child that exited, with the tail of its log."""
     for child in children:
         code = child.process.poll()
         if code is not None:
@@ -185,16 +239,22 @@ def _check_alive(children: list[Child]) -> None:
             )
 
 
-def _wait_ready(
-    url: str, children: list[Child], num_workers: int, timeout_s: float, stopping: dict[str, bool]
+def wait_ready(
+    url: str,
+    children: list[Child],
+    num_workers: int,
+    timeout_s: float,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Progress = print_progress,
 ) -> None:
     """Until /health reports every worker; bounded, and aborted by a child's death or Ctrl-C."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        if stopping["flag"]:
+        if should_stop():
             raise FabricError("interrupted during start-up")
-        _check_alive(children)
+        check_alive(children)
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 health = json.loads(response.read())
@@ -206,7 +266,7 @@ def _wait_ready(
                 return
             status = f"{registered}/{num_workers} workers registered"
             if status != last:
-                _progress(status)
+                progress(status)
                 last = status
         time.sleep(POLL_S)
     raise FabricError(f"not ready within {timeout_s:.0f} s ({last or 'frontend not answering'})")
@@ -255,13 +315,14 @@ def _answer(url: str, prompt: str, max_tokens: int) -> None:
         )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (a race is possible but harmless on loopback)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _stop_all(children: list[Child]) -> None:
+def stop_processes(children: list[Child], progress: Progress = print_progress) -> None:
     """SIGTERM everyone, then SIGKILL whoever is still there after ``STOP_TIMEOUT_S``."""
     for child in reversed(children):
         if child.process.poll() is None:
@@ -277,4 +338,4 @@ def _stop_all(children: list[Child]) -> None:
             child.process.wait()
         child.log_file.close()
     if children:
-        _progress("stopped every process")
+        progress("stopped every process")

@@ -73,12 +73,14 @@ from fabric.discovery.registry import Role
 from fabric.errors import FabricError
 from fabric.launch import (
     Child,
-    _check_alive,
-    _free_port,
-    _private_etcd,
-    _start,
-    _stop_all,
-    _wait_ready,
+    check_alive,
+    free_port,
+    frontend_command,
+    private_etcd,
+    start_process,
+    stop_processes,
+    wait_ready,
+    worker_command,
 )
 
 STARTUP_S = 240.0
@@ -207,11 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     workload = Workload(lengths, args.requests, args.max_tokens)
-    with (
-        _sigterm_raises(),
-        contextlib.redirect_stdout(sys.stderr),  # launch's helpers print progress
-        _private_etcd(run_dir) as etcd,
-    ):
+    with _sigterm_raises(), private_etcd(run_dir) as etcd:
         for preset in presets:
             cells = _run_preset(preset, modes, workload, etcd, run_dir)
             preset_rows = _rows(preset, modes, workload, cells)
@@ -289,7 +287,7 @@ def _run_preset(
                 prompt = _prompt(vocab, n, index=i)
                 turn = deployments if i % 2 == 0 else deployments[::-1]
                 for deployment in turn:
-                    _check_alive(children)
+                    check_alive(children)
                     result = _request(deployment, prompt, workload.max_tokens)
                     cells[(deployment.mode, n)].results.append(result)
                     _log(
@@ -297,7 +295,7 @@ def _run_preset(
                         f"{result.ttft_ms:.0f} ms, {result.completion_tokens} tokens"
                     )
     finally:
-        _stop_all(children)
+        stop_processes(children, _log)
     return cells
 
 
@@ -311,19 +309,29 @@ def _start_all(
         workers = MODE_TO_WORKERS[mode]
         for index, spec in enumerate(workers):
             name = f"{preset}-{mode.value}-{spec.role.value}-{index}"
-            cmd = [sys.executable, "-m", "fabric.cli", "serve", spec.role.value, "--etcd", etcd]
-            cmd += ["--namespace", namespace, "--model", preset, "--worker-id", name]
-            cmd += ["--cpu", spec.cpus, "--threads", str(spec.threads)]
-            children.append(_start(name, cmd, run_dir))
-        port = _free_port()
-        cmd = [sys.executable, "-m", "fabric.cli", "serve", "frontend", "--etcd", etcd]
-        cmd += ["--namespace", namespace, "--model", preset, "--port", str(port)]
-        cmd += ["--request-timeout", str(REQUEST_TIMEOUT_S)]
-        children.append(_start(f"{preset}-{mode.value}-frontend", cmd, run_dir))
+            cmd = worker_command(
+                spec.role.value,
+                etcd=etcd,
+                model=preset,
+                worker_id=name,
+                namespace=namespace,
+                cpus=spec.cpus,
+                threads=spec.threads,
+            )
+            children.append(start_process(name, cmd, run_dir, _log))
+        port = free_port()
+        cmd = frontend_command(
+            etcd=etcd,
+            model=preset,
+            port=port,
+            namespace=namespace,
+            extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+        )
+        children.append(start_process(f"{preset}-{mode.value}-frontend", cmd, run_dir, _log))
         urls.append((mode, f"http://127.0.0.1:{port}", len(workers)))
     deployments = []
     for mode, url, num_workers in urls:
-        _wait_ready(url, children, num_workers, STARTUP_S, {"flag": False})
+        wait_ready(url, children, num_workers, STARTUP_S, progress=_log)
         with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
             model = json.loads(response.read())["data"][0]["id"]
         deployments.append(Deployment(mode, url, model))
