@@ -27,15 +27,23 @@ _LOUD = {"serve", "launch"}  # servers say what they do at INFO; one-shot comman
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: every flag after "bench" is the benchmark's
+        return _run_bench(argv[1:])
     parser = argparse.ArgumentParser(
         prog="fabric",
         description="KV Fabric: disaggregated prefill/decode KV-cache transfer fabric.",
-        epilog="Benchmarks: python -m fabric.bench --help",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
         _add(sub, name, module_name, help_text)
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark and print its JSON (fabric bench --help lists them)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     serve = sub.add_parser("serve", help="run one process of a deployment (worker or frontend)")
     roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
     for role, (module_name, help_text) in _SERVE_ROLES.items():
@@ -54,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except FabricError as exc:
         print(f"fabric {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_bench(argv: list[str]) -> int:
+    from fabric.bench.__main__ import main as bench_main
+
+    bench_main(argv)
+    return 0
 
 
 def _add(
