@@ -21,7 +21,7 @@ skip compute. Not thread-safe: one owner thread, like the manager.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,6 +36,7 @@ from fabric.engine.paged import PagedKv, decode_batch, prefill_batch
 from fabric.engine.sequence import SequenceBlocks
 from fabric.engine.weights import load_weights
 from fabric.errors import InvalidInput, LayoutMismatch
+from fabric.kvbm.block import ImmutableBlocks
 from fabric.kvbm.manager import KvBlockManager
 from fabric.kvbm.storage import TensorStorage
 from fabric.kvbm.types import Tier
@@ -131,6 +132,9 @@ class Engine:
             Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
         )
         self.stats = EngineStats()
+        self.on_registered: Callable[[ImmutableBlocks], None] | None = None
+        """Called with every device block handle a request registers (a worker sets its offload
+        manager's ``on_registered`` here); ``SequenceBlocks.open`` callers pass it on."""
         logger.info(
             "engine: %s, %d layers, hidden %d, %d blocks of %d tokens on %s",
             self.model_dir,
@@ -187,7 +191,7 @@ class Engine:
         """Greedy-generate ``max_tokens`` tokens, reusing and registering cached blocks."""
         if max_tokens < 1:
             raise InvalidInput(f"max_tokens={max_tokens} must be at least 1")
-        with SequenceBlocks.open(self.kvbm, prompt_tokens) as seq:
+        with SequenceBlocks.open(self.kvbm, prompt_tokens, on_registered=self.on_registered) as seq:
             num_cached = seq.num_computed
             if not seq.reserve(len(prompt_tokens) + max_tokens - 1):
                 logger.warning(

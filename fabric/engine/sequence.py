@@ -10,7 +10,8 @@ whole prompt is cached it gives back the last matched block, so at least one pos
 and the engine has logits to sample from (the recomputed block deduplicates on registration).
 ``reserve`` allocates the blocks a length needs; "no room now" is the value False, a request that
 could never fit raises ``PoolExhausted``. ``commit`` records that the K/V of every appended token
-is written and registers each block that became full, chained on the previous block's hash.
+is written and registers each block that became full, chained on the previous block's hash,
+and passes each registered handle to ``on_registered`` (the worker's offload manager) if given.
 
 Invariants: ``block_table[i]`` holds tokens ``i*block_size .. (i+1)*block_size - 1``; the
 first ``num_computed // block_size`` blocks are registered (held by ``ImmutableBlocks``), the rest
@@ -22,7 +23,7 @@ idempotent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fabric.errors import InvalidInput
 from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
@@ -31,12 +32,22 @@ from fabric.kvbm.types import BlockId, SequenceHash
 
 logger = logging.getLogger(__name__)
 
+OnRegistered = Callable[[ImmutableBlocks], None]
+
 
 class SequenceBlocks:
     """A request's tokens and the device blocks holding their K/V. Build with ``open``."""
 
-    def __init__(self, kvbm: KvBlockManager, prompt: Sequence[int], cached: ImmutableBlocks):
+    def __init__(
+        self,
+        kvbm: KvBlockManager,
+        prompt: Sequence[int],
+        cached: ImmutableBlocks,
+        *,
+        on_registered: OnRegistered | None = None,
+    ):
         self._kvbm = kvbm
+        self._on_registered = on_registered
         self.block_size = kvbm.block_size
         self.tokens: list[int] = list(prompt)
         self.block_table: list[BlockId] = cached.block_ids
@@ -47,8 +58,16 @@ class SequenceBlocks:
         self._open: list[MutableBlocks] = []
 
     @classmethod
-    def open(cls, kvbm: KvBlockManager, prompt: Sequence[int]) -> SequenceBlocks:
-        """Match the prompt's cached prefix (leaving at least one token to compute)."""
+    def open(
+        cls,
+        kvbm: KvBlockManager,
+        prompt: Sequence[int],
+        *,
+        on_registered: OnRegistered | None = None,
+    ) -> SequenceBlocks:
+        """Match the prompt's cached prefix over every tier, onboarding host and disk hits to
+        the device (leaving at least one token to compute); ``on_registered`` sees each block
+        ``commit`` registers."""
         if not prompt:
             raise InvalidInput("the prompt is empty; give at least one token")
         hashes = kvbm.hash_tokens(prompt).sequence_hashes
@@ -58,7 +77,7 @@ class SequenceBlocks:
             kvbm.release(cached)
             cached = trimmed
         logger.debug("sequence: %d of %d prompt blocks cached", len(cached), len(hashes))
-        return cls(kvbm, prompt, cached)
+        return cls(kvbm, prompt, cached, on_registered=on_registered)
 
     def reserve(self, num_tokens: int) -> bool:
         """Make the table hold ``num_tokens`` tokens; False (nothing changed) if the pool is full.
@@ -113,6 +132,8 @@ class SequenceBlocks:
                 token_ids=new_tokens[done * bs : (done + n) * bs],
             )
             self._held.append(registered)
+            if self._on_registered is not None:
+                self._on_registered(registered)
             self.block_table[start + done : start + done + n] = registered.block_ids
             self._hashes.extend(hashes[done : done + n])
             done += n

@@ -93,6 +93,10 @@ class GenerationService:
     def has_remote_work(self) -> bool:
         return self._remote is not None and self._remote.num_in_flight > 0
 
+    def retry_admission(self) -> None:
+        """Blocks were freed outside a request's end (offload copies done): retry the head."""
+        self._blocked = False
+
     def submit(self, request: GenerateRequest, peer: PeerId, arrived_at: float) -> None:
         self._metrics.requests.labels("generate").inc()
         gen = new_generation(
@@ -156,7 +160,9 @@ class GenerationService:
             remote = self._remote is not None and bool(gen.request.prefill_worker)
             if not remote and local_budget == 0:
                 return
-            seq = SequenceBlocks.open(self._kvbm, gen.prompt)
+            seq = SequenceBlocks.open(
+                self._kvbm, gen.prompt, on_registered=self._engine.on_registered
+            )
             room = seq.reserve(len(gen.prompt) + gen.request.max_tokens - 1)  # fits: submit checked
             self._blocked = not room
             if not room:  # wait: running requests free blocks as they end

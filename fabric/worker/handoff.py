@@ -202,6 +202,8 @@ class DecodeHandoff:
         self._agent = agent
         self.timeout_s = timeout_s
         self._peer_to_metadata: dict[str, bytes] = {}
+        self.on_registered: Callable[[ImmutableBlocks], None] | None = None
+        """Sees the blocks ``receive`` registers (the worker's offload manager)."""
 
     def receive(
         self, ready: BlocksReady, sequence_hashes: Sequence[SequenceHash]
@@ -329,7 +331,10 @@ class DecodeHandoff:
             remote.agent_name,
             num_local,
         )
-        return self._kvbm.register(allocation, missing, parent_hash=parent)
+        registered = self._kvbm.register(allocation, missing, parent_hash=parent)
+        if self.on_registered is not None:
+            self.on_registered(registered)
+        return registered
 
     def _add_peer(self, remote: RemoteBlockSet) -> None:
         """Load the peer's metadata unless this exact metadata is loaded under its name."""

@@ -72,6 +72,10 @@ class PrefillService:
         """A queued request may be computable now."""
         return bool(self._queue) and not self._blocked
 
+    def retry_admission(self) -> None:
+        """Blocks were freed outside a release (offload copies done): retry the head."""
+        self._blocked = False
+
     def submit(self, request: PrefillRequest, peer: PeerId, arrived_at: float) -> None:
         self._metrics.requests.labels("prefill").inc()
         problem = check_prompt(request.token_ids, self._engine.config) or check_fits(
@@ -113,7 +117,9 @@ class PrefillService:
                 head.peer, request.request_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed"
             )
             return True
-        seq = SequenceBlocks.open(self._kvbm, request.token_ids)
+        seq = SequenceBlocks.open(
+            self._kvbm, request.token_ids, on_registered=self._engine.on_registered
+        )
         room = seq.reserve(len(request.token_ids))  # it fits: submit checked
         self._blocked = not room
         if not room:

@@ -3,17 +3,22 @@
 Start-up, in order (each step logged at INFO with its duration; a failure closes what was
 built, newest first, and raises)::
 
-    CPU pinning + threads ─▶ model directory ─▶ KV block manager (device pool, KV event
-    publisher) ─▶ engine ─▶ NIXL agent (device pool registered once) ─▶ metrics HTTP endpoint
+    CPU pinning + threads ─▶ model directory ─▶ KV block manager (device pool, host / disk
+    pools when sized, KV event publisher) ─▶ offload manager (with a host or disk tier)
+    ─▶ engine ─▶ NIXL agent (device pool registered once) ─▶ metrics HTTP endpoint
     ─▶ worker directory (decode: to find prefill workers) ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
 ``WorkerRuntime.close`` undoes it newest first: the record is revoked (no new traffic), the
 signal server stops, the scheduler ends every request (releasing its blocks), then the sockets,
-the agent and the manager close. Every endpoint is on 127.0.0.1 with an ephemeral port; the
-record publishes them: ``signal``, ``metrics``, ``events`` and ``events_replay``, the agent name,
-the layout facts plus ``model`` (the served model name) and ``model_path``, and the manager's
-compatibility hash.
+the agent, the offload manager and the manager close. With a host or disk tier, the offload
+manager (``build_offload_manager``) sees every device registration (engine and decode handoff)
+and is stepped by the scheduler thread, which closes it when its loop ends; prefix matches
+onboard host and disk hits synchronously (``KvBlockManager.match_and_onboard``).
+
+Every endpoint is on 127.0.0.1 with an ephemeral port; the record publishes them: ``signal``,
+``metrics``, ``events`` and ``events_replay``, the agent name, the layout facts plus ``model``
+(the served model name) and ``model_path``, and the manager's compatibility hash.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from fabric.engine import Engine, ModelConfig, Preset, ensure_model
 from fabric.errors import ConfigError
 from fabric.kvbm.event_publisher import ZmqEventPublisher
 from fabric.kvbm.manager import KvBlockManager, build_kvbm
+from fabric.kvbm.offload import OffloadManager, build_offload_manager
+from fabric.kvbm.types import Tier
 from fabric.signal.server import SignalServer
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
@@ -62,6 +69,7 @@ class WorkerRuntime:
     scheduler: Scheduler
     kvbm: KvBlockManager
     _stack: ExitStack
+    offload: OffloadManager | None = None
 
     @property
     def worker_id(self) -> str:
@@ -189,6 +197,18 @@ def build_worker(
         raise
 
 
+def _offload_manager(
+    kvbm: KvBlockManager, config: FabricConfig, stack: ExitStack
+) -> OffloadManager | None:
+    """The offload manager when ``kvbm`` has a host or disk tier, else None."""
+    if Tier.HOST not in kvbm.tiers and Tier.DISK not in kvbm.tiers:
+        return None
+    with _step("offload manager started"):
+        offload = build_offload_manager(kvbm, config)
+        stack.callback(offload.close)  # the scheduler closes it first; idempotent
+    return offload
+
+
 def _build(
     role: Role,
     config: FabricConfig,
@@ -217,8 +237,11 @@ def _build(
         )
         kvbm = build_kvbm(config, model_config.kv_geometry(), events=events, device="cpu")
         stack.callback(kvbm.close)
+    offload = _offload_manager(kvbm, config, stack)
     with _step(f"engine loaded from {model_dir}"):
         engine = Engine(model_dir, kvbm)
+        if offload is not None:
+            engine.on_registered = offload.on_registered
     with _step("transfer agent up, device pool registered"):
         agent = make_agent(worker_id)
         stack.callback(agent.close)
@@ -236,7 +259,7 @@ def _build(
     if role is Role.PREFILL:
         handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.hold_timeout_s)
         prefill = PrefillService(engine, handoff, server, metrics, max_waiting=config.max_waiting)
-        scheduler.start(prefill=prefill)
+        scheduler.start(prefill=prefill, offload=offload)
     else:
         remote, decode_handoff = None, None
         if role is Role.DECODE:
@@ -252,6 +275,8 @@ def _build(
                 timeout_s=config.prefill_timeout_s,
             )
             decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.transfer_timeout_s)
+            if offload is not None:
+                decode_handoff.on_registered = offload.on_registered
         generation = GenerationService(
             engine,
             server,
@@ -262,7 +287,7 @@ def _build(
             handoff=decode_handoff,
             fallback=config.prefill_fallback,
         )
-        scheduler.start(generation=generation)
+        scheduler.start(generation=generation, offload=offload)
     stack.callback(scheduler.close)  # before server.close: final chunks still go out
     layout = kvbm.storage().layout
     record = WorkerRecord(
@@ -298,4 +323,4 @@ def _build(
         server.endpoint,
         metrics_server.url,
     )
-    return WorkerRuntime(role, record, scheduler, kvbm, stack)
+    return WorkerRuntime(role, record, scheduler, kvbm, stack, offload)

@@ -12,8 +12,12 @@ Messages by role: PREFILL serves ``PrefillRequest``, ``TransferDone`` and ``Abor
 AGGREGATED serve ``GenerateRequest`` and ``Abort``. Anything else is answered ``ErrorReply``
 (``UNKNOWN_TYPE``; a ``GenerateRequest`` to a prefill worker gets an error ``TokenChunk``).
 
-Waiting: with local work the loop does not wait; with only remote prefills in flight it waits in
-their sockets (``POLL_S``); idle, it waits on the inbox (``IDLE_S``, which also paces handoff
+Offload: with a host or disk tier, the worker's ``OffloadManager`` is stepped once per loop
+(finished copies registered, next batches dispatched; it never blocks). Copies pin device
+blocks, so when some finish a request waiting for room is retried.
+
+Waiting: with local work the loop does not wait; with only remote prefills or offload copies in
+flight it waits ``POLL_S``; idle, it waits on the inbox (``IDLE_S``, which also paces handoff
 expiry).
 
 Failures: an unexpected exception in a step is logged with its traceback, every request in
@@ -32,6 +36,7 @@ import torch
 
 from fabric.discovery.registry import Role
 from fabric.errors import ConfigError
+from fabric.kvbm.offload import OffloadManager
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (
@@ -65,6 +70,7 @@ class Scheduler:
         self._threads = threads
         self._generation: GenerationService | None = None
         self._prefill: PrefillService | None = None
+        self._offload: OffloadManager | None = None
         self._inbox: queue.SimpleQueue[tuple[Message, PeerId, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -78,8 +84,10 @@ class Scheduler:
         *,
         generation: GenerationService | None = None,
         prefill: PrefillService | None = None,
+        offload: OffloadManager | None = None,
     ) -> Scheduler:
-        """Start the loop with the role's service (messages queued before wait for it).
+        """Start the loop with the role's service (messages queued before wait for it) and the
+        offload manager, if any (this thread owns it from here; it is closed when the loop ends).
 
         Raises:
             ConfigError: the service does not suit the role (prefill needs ``prefill``, the
@@ -89,7 +97,7 @@ class Scheduler:
             prefill is None
         ):
             raise ConfigError(f"a {self.role.value} worker needs exactly its own service")
-        self._generation, self._prefill = generation, prefill
+        self._generation, self._prefill, self._offload = generation, prefill, offload
         self._thread.start()
         return self
 
@@ -123,7 +131,8 @@ class Scheduler:
                     prefill is not None and prefill.has_work
                 )
                 remote = gen is not None and gen.has_remote_work
-                self._drain(0.0 if busy or remote else IDLE_S)
+                copying = self._offload is not None and not self._offload.idle
+                self._drain(0.0 if busy else POLL_S if remote or copying else IDLE_S)
                 try:
                     if gen is not None:
                         gen.step(0.0 if busy else POLL_S)
@@ -132,6 +141,7 @@ class Scheduler:
                         if time.monotonic() >= next_expiry:
                             prefill.expire()
                             next_expiry = time.monotonic() + IDLE_S
+                    self._step_offload()  # after the steps: their registrations go out now
                 except Exception:
                     logger.exception("scheduler step failed; ending every request in flight")
                     self._fail_all("internal error in the worker (see its log)")
@@ -140,6 +150,19 @@ class Scheduler:
                 self._generation.close()
             if self._prefill is not None:
                 self._prefill.close()
+            if self._offload is not None:
+                self._offload.close()
+
+    def _step_offload(self) -> None:
+        """Step the offload manager; when copies ended (their pins released), retry admission."""
+        if self._offload is None:
+            return
+        was_copying = not self._offload.idle
+        if self._offload.step() or (was_copying and self._offload.idle):
+            if self._generation is not None:
+                self._generation.retry_admission()
+            if self._prefill is not None:
+                self._prefill.retry_admission()
 
     def _drain(self, timeout_s: float) -> None:
         try:
