@@ -278,34 +278,13 @@ def _count_workers(health: dict[str, Any]) -> int:
 
 
 def _answer(url: str, prompt: str, max_tokens: int) -> None:
-    """One streamed completion: print the text, TTFT and the per-token pace."""
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
-        model = json.loads(response.read())["data"][0]["id"]
-    body = json.dumps(
-        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
-    ).encode()
-    request = urllib.request.Request(
-        f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    start = time.perf_counter()
-    first: float | None = None
-    pieces: list[str] = []
-    info: dict[str, Any] = {}
-    with urllib.request.urlopen(request, timeout=120) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            info = chunk.get("fabric") or info
-            text = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
-            if text and first is None:
-                first = time.perf_counter()
-            pieces.append(text)
-    total = time.perf_counter() - start
-    print(f"\nprompt: {prompt!r}\nanswer: {''.join(pieces)!r}")
-    ttft = (first - start) * 1e3 if first is not None else float("nan")
-    print(f"time to first token {ttft:.0f} ms, total {total * 1e3:.0f} ms")
+    """One streamed completion: print the text, TTFT and the route the KV took."""
+    from fabric.frontend.client import served_model, stream_completion
+
+    got = stream_completion(url, served_model(url), prompt, max_tokens, timeout_s=120)
+    info = got.fabric
+    print(f"\nprompt: {prompt!r}\nanswer: {got.text!r}")
+    print(f"time to first token {got.ttft_s * 1e3:.0f} ms, total {got.total_s * 1e3:.0f} ms")
     if info:
         print(
             f"route: prefill {info.get('prefill_worker') or '(none)'} -> decode "

@@ -51,15 +51,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import platform
 import signal
 import statistics
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -71,6 +68,7 @@ import numpy as np
 
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
+from fabric.frontend.client import served_model, stream_completion
 from fabric.launch import (
     Child,
     check_alive,
@@ -332,9 +330,7 @@ def _start_all(
     deployments = []
     for mode, url, num_workers in urls:
         wait_ready(url, children, num_workers, STARTUP_S, progress=_log)
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
-            model = json.loads(response.read())["data"][0]["id"]
-        deployments.append(Deployment(mode, url, model))
+        deployments.append(Deployment(mode, url, served_model(url)))
         _log(f"{preset} {mode.value}: ready at {url}")
     return deployments
 
@@ -347,53 +343,19 @@ def _prompt(vocab: int, num_tokens: int, *, index: int) -> list[int]:
 
 def _request(deployment: Deployment, prompt: list[int], max_tokens: int) -> RequestResult:
     """One streamed completion, timed at the client: TTFT, per-chunk gaps, text, stats."""
-    body = {
-        "model": deployment.model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    request = urllib.request.Request(
-        f"{deployment.url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    arrivals: list[float] = []
-    pieces: list[str] = []
-    info: dict[str, Any] = {}
-    completion_tokens = 0
-    done = False
-    start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
-        for raw in response:
-            now = time.perf_counter()
-            line = raw.decode().strip()
-            if line == "data: [DONE]":
-                done = True
-                break
-            if not line.startswith("data: "):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise FabricError(f"{deployment.mode.value}: the stream failed: {chunk['error']}")
-            info = chunk.get("fabric") or info
-            if chunk.get("usage"):
-                completion_tokens = int(chunk["usage"]["completion_tokens"])
-            text = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
-            if text:
-                arrivals.append(now)
-                pieces.append(text)
-    total_s = time.perf_counter() - start
-    if not done or not arrivals:
-        raise FabricError(f"{deployment.mode.value}: the stream ended without [DONE] or text")
+    try:
+        got = stream_completion(
+            deployment.url, deployment.model, prompt, max_tokens, REQUEST_TIMEOUT_S
+        )
+    except FabricError as exc:
+        raise FabricError(f"{deployment.mode.value}: {exc}") from exc
     return RequestResult(
-        ttft_ms=(arrivals[0] - start) * 1e3,
-        gaps_ms=[(b - a) * 1e3 for a, b in itertools.pairwise(arrivals)],
-        total_s=total_s,
-        text="".join(pieces),
-        completion_tokens=completion_tokens,
-        fabric=info,
+        ttft_ms=got.ttft_s * 1e3,
+        gaps_ms=[(b - a) * 1e3 for a, b in itertools.pairwise(got.arrivals)],
+        total_s=got.total_s,
+        text=got.text,
+        completion_tokens=got.completion_tokens,
+        fabric=got.fabric,
     )
 
 

@@ -6,7 +6,7 @@ workers from discovery; ``policy`` chooses) over ``connection`` (one thread per 
 aggregated worker, owning its ``SignalClient``) and ``kv_subscriber`` / ``kv_index`` (prefill
 workers' KV events -> which worker caches which prefix). ``tokenizer`` holds the text codec and
 chat template, ``metrics`` the Prometheus metrics, ``server`` the factory and the uvicorn runners,
-``cli`` the command.
+``cli`` the command, ``client`` a stdlib client of one streamed completion (launcher, benchmarks).
 
 Imports ``discovery``, ``signal``, ``kvbm`` (hashing and the event wire codec, no torch) and
 ``errors``; ``engine`` only to make a preset model on first use.
