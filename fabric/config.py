@@ -108,6 +108,17 @@ class FabricConfig(BaseSettings):
     disk_o_direct: bool = Field(True, validation_alias=_env("disk_o_direct"))
     """Use O_DIRECT for the disk tier where the filesystem allows it."""
 
+    shared_disk_dir: Path | None = Field(None, validation_alias=_env("shared_disk_dir"))
+    """Directory of the G4 shared disk store (``fabric.kvbm.disk_store``): blocks stored by
+    sequence hash, shared by every instance pointing at it (also across hosts, on a network
+    filesystem), kept across restarts. Unset: no G4 tier."""
+    shared_disk_gb: float = Field(0.0, ge=0, validation_alias=_env("shared_disk_gb"))
+    shared_disk_blocks: int | None = Field(None, ge=0, validation_alias=_env("shared_disk_blocks"))
+    """Blocks this instance keeps indexed in the shared store (overrides ``shared_disk_gb``);
+    instances sharing a directory should use the same size."""
+    shared_disk_fsync: bool = Field(False, validation_alias=_env("shared_disk_fsync"))
+    """fsync each block file before it becomes visible (survives power loss, slower writes)."""
+
     disk_admit_after: int = Field(2, ge=1, validation_alias=_env("disk_admit_after"))
     """Frequency filter: offload a block to disk once its hash was seen this many times."""
 
@@ -228,7 +239,7 @@ class FabricConfig(BaseSettings):
         elif tier is Tier.DISK:
             override, gb = self.disk_cache_blocks, self.disk_cache_gb
         else:
-            raise ConfigError(f"tier {tier.name} has no local pool size")
+            override, gb = self.shared_disk_blocks, self.shared_disk_gb
         if override is not None:
             return override
         return int(gb * _GIB) // block_bytes

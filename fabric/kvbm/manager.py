@@ -1,12 +1,20 @@
 """KvBlockManager: the facade a worker talks to, over one pool + storage per tier.
 
-What it owns: the tiers (G1 device always; G2 host and G3 disk when configured), the salt seed
-that makes hashes model-specific, the disk admission filter, and the moves between tiers. Pools
-only allocate / register / match / release; storages only hold bytes; ``copy_blocks`` only copies.
-The manager is where a block changes tier::
+What it owns: the tiers (G1 device always; G2 host and G3 disk pools when configured; the G4
+shared disk store when configured), the salt seed that makes hashes model-specific, the disk
+admission filter, and the moves between tiers. Pools only allocate / register / match / release;
+storages only hold bytes; ``copy_blocks`` only copies; the G4 ``DiskStore`` only stores files by
+sequence hash. The manager is where a block changes tier::
 
     offload:  DEVICE -> HOST -> DISK      (copies, registered in the target, source keeps its copy)
-    onboard:  HOST -> DEVICE, DISK -> DEVICE
+              HOST -> SHARED (DEVICE -> SHARED without a host tier): packed, one file per block
+    onboard:  HOST -> DEVICE, DISK -> DEVICE, SHARED -> DEVICE
+
+G4 is not a pool: several instances write and read its directory, so nothing there can be
+referenced. A match lists the hashes G4 holds after the pools' prefix (``PrefixMatch.shared``);
+onboarding reads them, each verified against its checksum, and cuts the prefix at the first
+block that vanished or failed verification (a shorter hit, never wrong bytes). Its blocks are
+compatible iff their compat hash is this manager's (the store keys its directory by it).
 
 A move copies only the blocks the target does not already hold (dedup by sequence hash), holds a
 reference on the ones it does hold so the allocation cannot evict them mid-move, and returns
@@ -28,7 +36,8 @@ import torch
 from fabric.config import FabricConfig
 from fabric.errors import ConfigError, InvalidInput, TransferError
 from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
-from fabric.kvbm.copy import copy_blocks
+from fabric.kvbm.copy import copy_blocks, gather_to_staging, scatter_from_staging
+from fabric.kvbm.disk_store import DiskStore
 from fabric.kvbm.event_publisher import ZmqEventPublisher
 from fabric.kvbm.events import EventSink, NullSink
 from fabric.kvbm.eviction import FrequencyFilter, build_policy
@@ -49,6 +58,7 @@ _MOVES = {
     (Tier.DISK, Tier.DEVICE),
 }
 _SPEED_ORDER = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+"""The pool tiers, fastest first; G4 (``Tier.SHARED``, not a pool) comes after them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +98,16 @@ class PrefixMatch:
     tiers' ones. Release with ``KvBlockManager.release_match`` (or onboard it)."""
 
     by_tier: dict[Tier, ImmutableBlocks] = field(default_factory=dict)
+    shared: list[SequenceHash] = field(default_factory=list)
+    """The hashes after the pools' blocks that the G4 store holds (files, no references)."""
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(h) for h in self.by_tier.values())
+        return sum(len(h) for h in self.by_tier.values()) + len(self.shared)
 
     def count(self, tier: Tier) -> int:
+        if tier is Tier.SHARED:
+            return len(self.shared)
         handle = self.by_tier.get(tier)
         return 0 if handle is None else len(handle)
 
@@ -110,10 +124,17 @@ class KvBlockManager:
         disk_filter: FrequencyFilter,
         metrics: KvbmMetrics,
         events: EventSink,
+        shared: DiskStore | None = None,
     ) -> None:
         if Tier.DEVICE not in tiers:
             raise ConfigError("a KvBlockManager needs a DEVICE tier")
+        if shared is not None and shared.compat_hash != seed:
+            raise ConfigError(
+                f"the shared disk store is keyed by compat hash {shared.compat_hash:#x}, this "
+                f"manager's is {seed:#x}: open it with the manager's compat hash"
+            )
         self._tiers = tiers
+        self._shared = shared
         self.block_size = block_size
         self.seed = seed
         self.disk_filter = disk_filter
@@ -134,7 +155,25 @@ class KvBlockManager:
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
-        return tuple(t for t in _SPEED_ORDER if t in self._tiers)
+        """The configured tiers, fastest first (G4 last when configured)."""
+        pools = tuple(t for t in _SPEED_ORDER if t in self._tiers)
+        return pools if self._shared is None else (*pools, Tier.SHARED)
+
+    @property
+    def shared_store(self) -> DiskStore:
+        """The G4 store. Raises ``ConfigError`` when G4 is not configured."""
+        if self._shared is None:
+            raise ConfigError(
+                "the SHARED (G4) tier is not configured; set FABRIC_SHARED_DISK_DIR and "
+                "FABRIC_SHARED_DISK_GB (or FABRIC_SHARED_DISK_BLOCKS)"
+            )
+        return self._shared
+
+    def contains(self, tier: Tier, sequence_hash: SequenceHash) -> bool:
+        """Whether ``tier`` holds ``sequence_hash`` now (no reference taken)."""
+        if tier is Tier.SHARED:
+            return self.shared_store.contains(sequence_hash)
+        return self._slot(tier).pool.contains(sequence_hash)
 
     def pool(self, tier: Tier = Tier.DEVICE) -> BlockPool:
         return self._slot(tier).pool
@@ -182,13 +221,18 @@ class KvBlockManager:
         self.disk_filter.observe(list(sequence_hashes))
         result = PrefixMatch()
         start = 0
-        for tier in self.tiers:
+        for tier in _SPEED_ORDER:
             if start == len(sequence_hashes):
                 break
+            if tier not in self._tiers:
+                continue
             handle = self._tiers[tier].pool.match(sequence_hashes[start:])
             if len(handle):
                 result.by_tier[tier] = handle
                 start += len(handle)
+        if self._shared is not None and start < len(sequence_hashes):
+            rest = sequence_hashes[start:]
+            result.shared = list(rest[: self._shared.prefix_length(rest)])
         return result
 
     def release_match(self, match: PrefixMatch) -> None:
@@ -196,6 +240,7 @@ class KvBlockManager:
             if handle.live:
                 self.release(handle)
         match.by_tier.clear()
+        match.shared.clear()
 
     def match_and_onboard(self, sequence_hashes: Sequence[SequenceHash]) -> ImmutableBlocks:
         """Device blocks for the longest prefix any tier holds, onboarding host and disk hits.
@@ -205,6 +250,7 @@ class KvBlockManager:
         """
         found = self.match(sequence_hashes)
         device = found.by_tier.pop(Tier.DEVICE, None)
+        cut = False
         try:
             for tier in (Tier.HOST, Tier.DISK):
                 handle = found.by_tier.pop(tier, None)
@@ -213,8 +259,18 @@ class KvBlockManager:
                 moved = self.move(handle, Tier.DEVICE)
                 self.release(handle)
                 if moved is None:
+                    cut = True
                     break
                 device = moved if device is None else device.join(moved)
+            if found.shared and not cut:
+                start = 0 if device is None else len(device)
+                loaded = self._onboard_shared(sequence_hashes, start, len(found.shared))
+                if loaded is not None:
+                    device = loaded if device is None else device.join(loaded)
+        except BaseException:
+            if device is not None and device.live:
+                self.release(device)
+            raise
         finally:
             self.release_match(found)
         if device is None:
@@ -228,7 +284,10 @@ class KvBlockManager:
 
         Offloads to DISK write only blocks the frequency filter admits. The caller keeps its
         handle on ``blocks``. Returns 0 when the target has no room (backpressure, not an error).
+        Offloads to SHARED write one file per block it lacks (``store_shared``).
         """
+        if target is Tier.SHARED:
+            return self.store_shared(blocks)
         if target is Tier.DISK:
             admits = self.disk_filter.admits
             keep = [i for i, h in enumerate(blocks.sequence_hashes) if admits(h)]
@@ -252,10 +311,32 @@ class KvBlockManager:
         moved = self._move(blocks, target)
         return None if moved is None else moved[0]
 
+    def store_shared(self, blocks: ImmutableBlocks) -> int:
+        """Write the blocks G4 lacks into it; returns how many were written. Any thread may
+        call it while the caller's handle keeps ``blocks`` (their bytes) in place.
+
+        Raises:
+            StorageError: writing failed (e.g. the filesystem is full).
+        """
+        store = self.shared_store
+        hashes = blocks.sequence_hashes
+        missing = [i for i, h in enumerate(hashes) if not store.contains(h)]
+        if not missing:
+            return 0
+        storage = self._slot(blocks.tier).storage
+        ids = blocks.block_ids
+        packed = gather_to_staging(storage, [ids[i] for i in missing]).numpy()
+        rows = packed.reshape(len(missing), store.block_bytes)
+        written = store.write_many((hashes[i], rows[n]) for n, i in enumerate(missing))
+        self.metrics.record_offloads(blocks.tier, Tier.SHARED, written)
+        return written
+
     def close(self) -> None:
         """Close every storage (idempotent). Handles must not be used afterwards."""
         for slot in self._tiers.values():
             slot.storage.close()
+        if self._shared is not None:
+            self._shared.close()
         self.events.close()
 
     # -- internals -----------------------------------------------------------------------------
@@ -283,6 +364,38 @@ class KvBlockManager:
             return dst.pool.match_present(hashes), len(missing)  # all present; counts no hit
         finally:
             dst.pool.release(held)
+
+    def _onboard_shared(
+        self, sequence_hashes: Sequence[SequenceHash], start: int, count: int
+    ) -> ImmutableBlocks | None:
+        """Device blocks for ``sequence_hashes[start:start + count]`` read from G4, cut at the
+        first block that is gone or fails verification; None when none could be onboarded."""
+        pool, store = self._slot(Tier.DEVICE).pool, self.shared_store
+        allocation = pool.allocate(count)
+        if allocation is None:
+            return None
+        wanted = sequence_hashes[start : start + count]
+        staging = torch.empty(count * store.block_bytes, dtype=torch.uint8)
+        try:
+            num_read = store.read_many(wanted, staging.numpy().reshape(count, store.block_bytes))
+            if num_read:
+                scatter_from_staging(
+                    staging, self._slot(Tier.DEVICE).storage, allocation.block_ids[:num_read]
+                )
+        except BaseException:
+            pool.release(allocation)
+            raise
+        if num_read == 0:
+            pool.release(allocation)
+            return None
+        loaded, rest = allocation.split(num_read)
+        pool.release(rest)
+        positions = range(start, start + num_read)
+        register_positions(pool, loaded, sequence_hashes, positions, [None, *sequence_hashes[:-1]])
+        self.metrics.record_onboards(Tier.SHARED, Tier.DEVICE, num_read)
+        if num_read < count:
+            logger.info("shared store: %d of %d matched blocks onboarded", num_read, count)
+        return pool.match_present(wanted[:num_read])
 
     def _slot(self, tier: Tier) -> TierSlot:
         slot = self._tiers.get(tier)
@@ -409,6 +522,8 @@ def build_kvbm(
                 config.block_size,
                 num_blocks * block_bytes / 2**20,
             )
+        seed = seed_for_salt(_salt(config, geometry))
+        shared = _shared_store(config, seed, block_bytes)
     except BaseException:
         for slot in tiers.values():
             slot.storage.close()
@@ -416,12 +531,45 @@ def build_kvbm(
         raise
     return KvBlockManager(
         tiers,
+        shared=shared,
         block_size=config.block_size,
-        seed=seed_for_salt(_salt(config, geometry)),
+        seed=seed,
         disk_filter=FrequencyFilter(config.disk_admit_after),
         metrics=metrics if metrics is not None else KvbmMetrics(),
         events=events,
     )
+
+
+def _shared_store(config: FabricConfig, seed: int, block_bytes: int) -> DiskStore | None:
+    """The G4 store when ``shared_disk_dir`` is set (its size must be too), else None."""
+    num_blocks = config.tier_blocks(Tier.SHARED, block_bytes)
+    if config.shared_disk_dir is None:
+        if num_blocks:
+            raise ConfigError(
+                "FABRIC_SHARED_DISK_GB / FABRIC_SHARED_DISK_BLOCKS is set but "
+                "FABRIC_SHARED_DISK_DIR is not: name the shared directory"
+            )
+        return None
+    if num_blocks == 0:
+        raise ConfigError(
+            f"FABRIC_SHARED_DISK_DIR={config.shared_disk_dir} needs a size: set "
+            "FABRIC_SHARED_DISK_GB or FABRIC_SHARED_DISK_BLOCKS"
+        )
+    store = DiskStore(
+        config.shared_disk_dir,
+        compat_hash=seed,
+        block_bytes=block_bytes,
+        capacity_blocks=num_blocks,
+        fsync=config.shared_disk_fsync,
+    )
+    logger.info(
+        "SHARED tier: %d blocks (%.1f MiB) in %s, %d found there",
+        num_blocks,
+        num_blocks * block_bytes / 2**20,
+        config.shared_disk_dir,
+        len(store),
+    )
+    return store
 
 
 def _salt(config: FabricConfig, geometry: KvGeometry) -> str:

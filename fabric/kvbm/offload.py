@@ -6,9 +6,14 @@ batch_size)``; its parts: ``offload_transfer`` (records), ``offload_queue`` (per
 (``build_offload_manager``; priorities in brackets)::
 
     DEVICE ──offload [1]──▶ HOST ──offload [0]──▶ DISK     (DEVICE ─▶ DISK [1] if there is no HOST)
-      ▲ ▲                    │                     │
+      ▲ ▲                    │  └──offload [0]──▶ SHARED (DEVICE ─▶ SHARED [1] if there is no HOST)
       │ └────onboard [10]────┘                     │
       └──────onboard [10]──────────────────────────┘
+
+G4 (SHARED) is the last tier and not a pool: a batch to it packs the source blocks and writes
+one file per missing hash on the copy thread (nothing is allocated or registered; the store
+indexes what it wrote). G4 hits onboard synchronously in ``KvBlockManager.match_and_onboard``
+(read, verified, scattered: milliseconds per prompt); ``onboard`` here stops before them.
 
 Threading: pools are single-owner, so every reference, allocation and registration happens on
 the owner (scheduler) thread; one copy thread only runs ``copy_blocks`` on storages::
@@ -122,9 +127,9 @@ class OffloadManager:
             raise InvalidTransition("the offload manager is closed")
         path = self._path(blocks.tier, target)
         hashes, pending = blocks.sequence_hashes, self._pending[path.target]
-        dst, keep = self._kvbm.pool(path.target), dict[SequenceHash, int]()
+        holds, keep = self._kvbm.contains, dict[SequenceHash, int]()
         for i, h in enumerate(hashes):
-            if h not in pending and h not in keep and not dst.contains(h):
+            if h not in pending and h not in keep and not holds(path.target, h):
                 keep[h] = i
         self.stats.num_blocks_skipped += len(hashes) - len(keep)
         if not keep or self._queues.full(len(keep)):
@@ -273,6 +278,8 @@ class OffloadManager:
 
     def _prepare(self, path: OffloadPath, batch: list[Transfer]) -> CopyJob | None:
         """Take target references and allocations for a batch; end what needs no copy."""
+        if path.target is Tier.SHARED:
+            return self._prepare_shared(path, batch)
         dst = self._kvbm.pool(path.target)
         job = CopyJob(
             path, [], self._kvbm.storage(path.source), [], self._kvbm.storage(path.target), []
@@ -304,6 +311,25 @@ class OffloadManager:
             ids = t._source.block_ids
             job.src_ids += [ids[i] for i in t._missing]
             job.dst_ids += t._allocation.block_ids
+            t.state = TransferState.IN_FLIGHT
+            job.transfers.append(t)
+        return job if job.transfers else None
+
+    def _prepare_shared(self, path: OffloadPath, batch: list[Transfer]) -> CopyJob | None:
+        """A batch to G4: the copy thread writes the blocks the store lacks (no allocation:
+        files are named by hash; the source references keep the bytes in place)."""
+        store = self._kvbm.shared_store
+        job = CopyJob(path, [], self._kvbm.storage(path.source), [], store, [])
+        for t in batch:
+            self._queues.unqueue(t)
+            t._missing = [i for i, h in enumerate(t.sequence_hashes) if not store.contains(h)]
+            if not t._missing:
+                self._finish(t, TransferState.DONE)
+                continue
+            assert t._source is not None
+            ids = t._source.block_ids
+            job.src_ids += [ids[i] for i in t._missing]
+            job.dst_ids += [t.sequence_hashes[i] for i in t._missing]
             t.state = TransferState.IN_FLIGHT
             job.transfers.append(t)
         return job if job.transfers else None
@@ -349,12 +375,18 @@ class OffloadManager:
         return len(jobs)
 
     def _register(self, t: Transfer) -> None:
-        """Register the copied blocks one contiguous run at a time (events chain by parent)."""
+        """Register the copied blocks one contiguous run at a time (events chain by parent);
+        blocks written to G4 are there already (the store indexes them as it writes)."""
         missing = t._missing
-        assert t._allocation is not None
-        register_positions(
-            self._kvbm.pool(t.path.target), t._allocation, t.sequence_hashes, missing, t._parents
-        )
+        if t.path.target is not Tier.SHARED:
+            assert t._allocation is not None
+            register_positions(
+                self._kvbm.pool(t.path.target),
+                t._allocation,
+                t.sequence_hashes,
+                missing,
+                t._parents,
+            )
         t.num_copied = len(missing)
         self.stats.num_blocks_copied += len(missing)
         metrics = self._kvbm.metrics
@@ -376,7 +408,12 @@ class OffloadManager:
             self._pending[path.target].difference_update(t.sequence_hashes)
         t.state = state
         self.stats.transfers[state] += 1
-        if state is TransferState.DONE and t.num_copied and not path.onboard:
+        if (
+            state is TransferState.DONE
+            and t.num_copied
+            and not path.onboard
+            and path.target is not Tier.SHARED  # the last tier: nothing goes on from there
+        ):
             with kvbm.pool(path.target).match_present(t.sequence_hashes) as landed:
                 self.on_registered(landed, priority=t.priority)
 
@@ -399,10 +436,10 @@ class OffloadManager:
 
 def build_offload_manager(kvbm: KvBlockManager, config: FabricConfig) -> OffloadManager:
     """The default table (module docstring) over ``kvbm``'s tiers, sized from ``config``."""
-    rows = [(Tier.DEVICE, Tier.HOST, 1), (Tier.HOST, Tier.DISK, 0)]
+    rows = [(Tier.DEVICE, Tier.HOST, 1), (Tier.HOST, Tier.DISK, 0), (Tier.HOST, Tier.SHARED, 0)]
     rows += [(Tier.HOST, Tier.DEVICE, 10), (Tier.DISK, Tier.DEVICE, 10)]
     if Tier.HOST not in kvbm.tiers:
-        rows.append((Tier.DEVICE, Tier.DISK, 1))
+        rows += [(Tier.DEVICE, Tier.DISK, 1), (Tier.DEVICE, Tier.SHARED, 1)]
     size = config.offload_batch_blocks
     paths = [OffloadPath(s, t, p, size) for s, t, p in rows if {s, t} <= set(kvbm.tiers)]
     return OffloadManager(

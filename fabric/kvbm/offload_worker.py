@@ -1,11 +1,12 @@
 """The offload manager's copy thread: batches of block ids in, finished batches out.
 
-Pools are single-owner, so the copy thread never sees one: the owner thread hands it a
-``CopyJob`` (two storages and their block ids, already referenced and allocated), the thread only
-runs ``copy_blocks`` on the storages and hands the job back, with the exception on it if the copy
-raised (a failure is data; the owner thread returns the blocks). Jobs run by priority (higher
-first), then in submission order. (CUDA copies from this thread would need their own stream;
-untested here, no GPU.)
+Pools are single-owner, so the copy thread never sees one: the owner thread hands it a ``CopyJob``
+(two storages and their block ids, already referenced and allocated; or a storage's block ids and
+the G4 store with the sequence hashes to write them under), the thread only runs ``copy_blocks``
+(or packs the blocks and writes them to the store) and hands the job back, with the exception on it
+if the copy raised (a failure is data; the owner thread returns the blocks). Jobs run by priority
+(higher first), then in submission order. (CUDA copies from this thread would need their own
+stream; untested here, no GPU.)
 
 Invariant: every submitted job comes back through ``collect`` exactly once, unless ``stop``'s
 join timed out while it still ran.
@@ -18,22 +19,32 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from fabric.kvbm.copy import copy_blocks
+from fabric.kvbm.copy import copy_blocks, gather_to_staging
+from fabric.kvbm.disk_store import DiskStore
 from fabric.kvbm.offload_transfer import OffloadPath, Transfer
 from fabric.kvbm.storage import Storage
 
 
 @dataclass(slots=True, eq=False)
 class CopyJob:
-    """One batch for the copy thread: storages and ids, never a pool."""
+    """One batch for the copy thread: storages and ids, never a pool. With a ``DiskStore`` as
+    ``dst``, ``dst_ids`` are the sequence hashes to store ``src_ids`` under."""
 
     path: OffloadPath
     transfers: list[Transfer]
     src: Storage
     src_ids: list[int]
-    dst: Storage
+    dst: Storage | DiskStore
     dst_ids: list[int]
     error: Exception | None = None
+
+    def run(self) -> None:
+        if not isinstance(self.dst, DiskStore):
+            copy_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
+            return
+        packed = gather_to_staging(self.src, self.src_ids).numpy()
+        rows = packed.reshape(len(self.src_ids), self.dst.block_bytes)
+        self.dst.write_many(zip(self.dst_ids, rows, strict=True))
 
 
 class CopyThread:
@@ -74,7 +85,7 @@ class CopyThread:
     def _loop(self) -> None:
         while (job := self._inbox.get()[2]) is not None:
             try:
-                copy_blocks(job.src, job.src_ids, job.dst, job.dst_ids)
+                job.run()
             except Exception as exc:  # reported as data; the owner thread returns the blocks
                 job.error = exc
             self._outbox.put(job)

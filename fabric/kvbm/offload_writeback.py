@@ -32,7 +32,8 @@ class DirtyBlocks:
         self._dirty: dict[OffloadPath, OrderedDict[SequenceHash, None]] = {
             p: OrderedDict() for p in paths if not p.onboard
         }
-        self._low = {t: int(writeback_free * kvbm.pool(t).num_blocks) for t in kvbm.tiers}
+        sources = {p.source for p in paths if not p.onboard}
+        self._low = {t: int(writeback_free * kvbm.pool(t).num_blocks) for t in sources}
 
     def mark(self, path: OffloadPath, sequence_hashes: Sequence[SequenceHash]) -> None:
         """``sequence_hashes`` were just registered in ``path.source``: newest dirty blocks."""

@@ -22,7 +22,8 @@ class Tier(Enum):
     DEVICE = "G1"
     HOST = "G2"
     DISK = "G3"
-    REMOTE = "G4"
+    SHARED = "G4"
+    """The shared disk store (``disk_store.DiskStore``): a directory several instances share."""
 
     @property
     def medium(self) -> str:
@@ -30,4 +31,9 @@ class Tier(Enum):
         return _MEDIUM[self]
 
 
-_MEDIUM = {Tier.DEVICE: "GPU", Tier.HOST: "CPU_PINNED", Tier.DISK: "DISK", Tier.REMOTE: "REMOTE"}
+_MEDIUM = {
+    Tier.DEVICE: "GPU",
+    Tier.HOST: "CPU_PINNED",
+    Tier.DISK: "DISK",
+    Tier.SHARED: "SHARED_DISK",
+}
