@@ -161,8 +161,9 @@ def worker_command(
     namespace: str | None = None,
     cpus: str | None = None,
     threads: int | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of one ``fabric serve <role>`` worker process."""
+    """The command line of one ``fabric serve <role>`` worker process (``extra``: more flags)."""
     cmd = [sys.executable, "-m", "fabric.cli", "serve", role, "--etcd", etcd]
     cmd += ["--model", model, "--worker-id", worker_id]
     if namespace is not None:
@@ -171,7 +172,7 @@ def worker_command(
         cmd += ["--cpu", cpus]
     if threads is not None:
         cmd += ["--threads", str(threads)]
-    return cmd
+    return [*cmd, *extra]
 
 
 def frontend_command(

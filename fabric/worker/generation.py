@@ -14,12 +14,13 @@ decode handoff. One ``step``:
    token as a ``TokenChunk``; finished requests release their blocks;
 4. end requests past their deadline.
 
-Aggregated workers (built without prefill links) compute every prompt here, whatever
-``prefill_worker`` says. A request the pool can never hold, an invalid one, or one arriving at a
-full queue gets a final error chunk at once; a client whose chunks cannot be delivered is
-treated as gone (its request is released). ``Abort`` ends a request in any phase with a final
-error chunk ("aborted: ...") and releases its blocks here and, through ``Abort``, on its
-prefill worker.
+Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that is a
+peer hit (the router saw that peer hold a longer cached prefix), read like a remote prefill, with
+the same fallback. Only the blocks this worker lacks are read. A request the pool can never hold,
+an invalid one, or one arriving at a full queue gets a final error chunk at once; a client whose
+chunks cannot be delivered is treated as gone (its request is released). ``Abort`` ends a request
+in any phase with a final error chunk ("aborted: ...") and releases its blocks here and, through
+``Abort``, on its prefill worker.
 
 Invariants: every request ends with exactly one final chunk (unless its client is gone) and,
 when it ends, holds no block; ``_id_to_gen`` holds exactly the requests not yet ended, each in
@@ -157,7 +158,8 @@ class GenerationService:
         local_budget = 1
         while self._waiting:
             gen = self._waiting[0]
-            remote = self._remote is not None and bool(gen.request.prefill_worker)
+            source = gen.request.prefill_worker
+            remote = self._remote is not None and source not in ("", self._worker_id)
             if not remote and local_budget == 0:
                 return
             seq = SequenceBlocks.open(

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from fabric.discovery.registration import WorkerDirectory
+from fabric.discovery.registry import Role
 from fabric.errors import FabricError
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import (
@@ -43,6 +44,8 @@ from fabric.worker.request import StatValue
 
 logger = logging.getLogger(__name__)
 
+KV_SOURCE_ROLES = (Role.PREFILL, Role.AGGREGATED)
+"""Roles that serve ``PrefillRequest``s: prefill workers, and aggregated workers for peer hits."""
 _FOLLOW_UP_S = 0.01
 _MIN_WAIT_S = 0.001
 
@@ -104,6 +107,8 @@ class RemotePrefills:
         record = self._directory.get(worker_id)
         if record is None:
             return f"prefill worker {worker_id!r} is not registered (gone or never started)"
+        if record.role not in KV_SOURCE_ROLES:
+            return f"worker {worker_id!r} is a {record.role.value} worker: it serves no prefills"
         if record.compat_hash != self._compat_hash:
             return (
                 f"prefill worker {worker_id!r} has compatibility hash {record.compat_hash:#x}, "

@@ -4,17 +4,19 @@ Start-up, in order (each step logged at INFO with its duration; a failure closes
 built, newest first, and raises)::
 
     CPU pinning + threads ─▶ model directory ─▶ KV block manager (device pool, host / disk
-    pools when sized, KV event publisher) ─▶ offload manager (with a host or disk tier)
-    ─▶ engine ─▶ NIXL agent (device pool registered once) ─▶ metrics HTTP endpoint
-    ─▶ worker directory (decode: to find prefill workers) ─▶ scheduler + signal server
+    pools when sized, G4 shared store when set, KV event publisher) ─▶ offload manager (with a
+    host, disk or shared tier) ─▶ engine ─▶ NIXL agent (device pool registered once)
+    ─▶ metrics HTTP endpoint
+    ─▶ worker directory (decode: prefill workers; aggregated: every worker, for peer hits)
+    ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
 ``WorkerRuntime.close`` undoes it newest first: the record is revoked (no new traffic), the
 signal server stops, the scheduler ends every request (releasing its blocks), then the sockets,
-the agent, the offload manager and the manager close. With a host or disk tier, the offload
-manager (``build_offload_manager``) sees every device registration (engine and decode handoff)
-and is stepped by the scheduler thread, which closes it when its loop ends; prefix matches
-onboard host and disk hits synchronously (``KvBlockManager.match_and_onboard``).
+the agent, the offload manager and the manager close. With a host, disk or shared tier, the
+offload manager (``build_offload_manager``) sees every device registration (engine and decode
+handoff) and is stepped by the scheduler thread, which closes it when its loop ends; prefix
+matches onboard host, disk and shared hits synchronously (``KvBlockManager.match_and_onboard``).
 
 Every endpoint is on 127.0.0.1 with an ephemeral port; the record publishes them: ``signal``,
 ``metrics``, ``events`` and ``events_replay``, the agent name, the layout facts plus ``model``
@@ -200,8 +202,8 @@ def build_worker(
 def _offload_manager(
     kvbm: KvBlockManager, config: FabricConfig, stack: ExitStack
 ) -> OffloadManager | None:
-    """The offload manager when ``kvbm`` has a host or disk tier, else None."""
-    if Tier.HOST not in kvbm.tiers and Tier.DISK not in kvbm.tiers:
+    """The offload manager when ``kvbm`` has a tier below the device, else None."""
+    if kvbm.tiers == (Tier.DEVICE,):
         return None
     with _step("offload manager started"):
         offload = build_offload_manager(kvbm, config)
@@ -256,27 +258,27 @@ def _build(
         f"tcp://{LOOPBACK}:0", scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
     )
     stack.callback(server.close)
-    if role is Role.PREFILL:
+    prefill, generation = None, None
+    if role in (Role.PREFILL, Role.AGGREGATED):  # aggregated: serves peers' prefix hits too
         handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.hold_timeout_s)
         prefill = PrefillService(engine, handoff, server, metrics, max_waiting=config.max_waiting)
-        scheduler.start(prefill=prefill, offload=offload)
-    else:
-        remote, decode_handoff = None, None
-        if role is Role.DECODE:
-            with _step("watching prefill workers in etcd"):
-                directory = WorkerDirectory(
-                    registry, role=Role.PREFILL, namespace=config.namespace
-                ).start()
-                stack.callback(directory.close)
-            remote = RemotePrefills(
-                directory,
-                identity=worker_id,
-                compat_hash=kvbm.compat_hash,
-                timeout_s=config.prefill_timeout_s,
-            )
-            decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.transfer_timeout_s)
-            if offload is not None:
-                decode_handoff.on_registered = offload.on_registered
+    if role in (Role.DECODE, Role.AGGREGATED):
+        with _step("watching KV sources in etcd"):
+            directory = WorkerDirectory(
+                registry,
+                role=Role.PREFILL if role is Role.DECODE else None,
+                namespace=config.namespace,
+            ).start()
+            stack.callback(directory.close)
+        remote = RemotePrefills(
+            directory,
+            identity=worker_id,
+            compat_hash=kvbm.compat_hash,
+            timeout_s=config.prefill_timeout_s,
+        )
+        decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.transfer_timeout_s)
+        if offload is not None:
+            decode_handoff.on_registered = offload.on_registered
         generation = GenerationService(
             engine,
             server,
@@ -287,7 +289,7 @@ def _build(
             handoff=decode_handoff,
             fallback=config.prefill_fallback,
         )
-        scheduler.start(generation=generation, offload=offload)
+    scheduler.start(generation=generation, prefill=prefill, offload=offload)
     stack.callback(scheduler.close)  # before server.close: final chunks still go out
     layout = kvbm.storage().layout
     record = WorkerRecord(

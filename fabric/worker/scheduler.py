@@ -8,8 +8,10 @@ The scheduler thread loops::
         ─▶ service steps: prefill role computes one queued prompt and expires stale handoffs;
            decode / aggregated roles collect remote prefills, admit, run one decode step
 
-Messages by role: PREFILL serves ``PrefillRequest``, ``TransferDone`` and ``Abort``; DECODE and
-AGGREGATED serve ``GenerateRequest`` and ``Abort``. Anything else is answered ``ErrorReply``
+Messages by role: PREFILL serves ``PrefillRequest``, ``TransferDone`` and ``Abort``; DECODE
+serves ``GenerateRequest`` and ``Abort``; AGGREGATED serves all four (it computes its own requests
+and serves its cached prefixes to peers: a "peer hit" is a ``PrefillRequest`` from another worker
+that reads the blocks instead of computing them). Anything else is answered ``ErrorReply``
 (``UNKNOWN_TYPE``; a ``GenerateRequest`` to a prefill worker gets an error ``TokenChunk``).
 
 Offload: with a host or disk tier, the worker's ``OffloadManager`` is stepped once per loop
@@ -58,7 +60,7 @@ POLL_S = 0.002
 _ROLE_TO_TYPES: dict[Role, tuple[type, ...]] = {
     Role.PREFILL: (PrefillRequest, TransferDone, Abort),
     Role.DECODE: (GenerateRequest, Abort),
-    Role.AGGREGATED: (GenerateRequest, Abort),
+    Role.AGGREGATED: (GenerateRequest, PrefillRequest, TransferDone, Abort),
 }
 
 
@@ -90,13 +92,13 @@ class Scheduler:
         offload manager, if any (this thread owns it from here; it is closed when the loop ends).
 
         Raises:
-            ConfigError: the service does not suit the role (prefill needs ``prefill``, the
-                others ``generation``).
+            ConfigError: the services do not suit the role (prefill needs ``prefill``, decode
+                ``generation``, aggregated both).
         """
-        if (prefill is not None) != (self.role is Role.PREFILL) or (generation is None) == (
-            prefill is None
-        ):
-            raise ConfigError(f"a {self.role.value} worker needs exactly its own service")
+        wants_prefill = self.role in (Role.PREFILL, Role.AGGREGATED)
+        wants_generation = self.role in (Role.DECODE, Role.AGGREGATED)
+        if (prefill is not None) != wants_prefill or (generation is not None) != wants_generation:
+            raise ConfigError(f"a {self.role.value} worker needs exactly its own services")
         self._generation, self._prefill, self._offload = generation, prefill, offload
         self._thread.start()
         return self

@@ -45,6 +45,21 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
     ("--host-blocks", "cpu_cache_blocks", int, "N", "KV blocks in the host (CPU) pool; 0: none"),
     ("--disk-blocks", "disk_cache_blocks", int, "N", "KV blocks in the disk pool; 0: none"),
     ("--disk-dir", "disk_cache_dir", str, "DIR", "directory of the disk pool (must exist)"),
+    (
+        "--shared-disk-dir",
+        "shared_disk_dir",
+        str,
+        "DIR",
+        "G4: a directory of KV blocks shared by every instance pointing at it, kept across "
+        "restarts (created if missing; needs --shared-disk-blocks)",
+    ),
+    (
+        "--shared-disk-blocks",
+        "shared_disk_blocks",
+        int,
+        "N",
+        "KV blocks this instance keeps in the shared directory",
+    ),
     ("--block-size", "block_size", int, "TOKENS", "tokens per KV block (all workers must agree)"),
     ("--threads", "threads", int, "N", "torch compute threads"),
     ("--cpu", "cpus", str, "CPUS", "pin the process to these CPUs, e.g. 1 or 0,2-3"),
@@ -87,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Start one worker: prefill (computes prompts for decode workers and hands their KV over "
         "NIXL), decode (asks the prefill worker each request names, reads the KV it lacks and "
         "generates; computes the prompt itself when none is named) or aggregated (computes and "
-        "generates alone). It registers in etcd once ready; clients send GenerateRequests to "
+        "generates, and serves its cached prefixes to peers). It registers in etcd once ready; clients send GenerateRequests to "
         "its signal endpoint. Flags override FABRIC_* variables, which override defaults."
     )
     parser.add_argument(

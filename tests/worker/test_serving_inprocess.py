@@ -188,11 +188,11 @@ def test_eos_stops_and_deadlines_end_requests(
 
 def test_roles_refuse_what_they_do_not_serve(start_worker: StartWorker, frontend: Frontend) -> None:
     start_worker(Role.PREFILL, "prefill")
-    start_worker(Role.AGGREGATED, "aggregated")
+    start_worker(Role.DECODE, "decode")
     assert_error(frontend.generate("prefill", [5, 6, 7], 2), "does not serve GenerateRequest")
     request = PrefillRequest("p", [5, 6, 7], 1, frontend.identity, {}, 0)
     with pytest.raises(UnknownMessageType, match="does not serve PrefillRequest"):
-        frontend.client("aggregated").request(request, timeout_s=5.0)
+        frontend.client("decode").request(request, timeout_s=5.0)
 
 
 def test_shutdown_ends_requests_in_flight(start_worker: StartWorker, frontend: Frontend) -> None:
