@@ -2,11 +2,12 @@
 
 Layers, top down: ``api`` (FastAPI routes, OpenAI errors) and ``responses`` (JSON / SSE bodies)
 over ``generation`` (one request's lifecycle: ``Frontend``, ``Generation``) over ``router`` (live
-workers from discovery; ``policy`` chooses) over ``connection`` (one thread per decode or
-aggregated worker, owning its ``SignalClient``) and ``kv_subscriber`` / ``kv_index`` (prefill
-workers' KV events -> which worker caches which prefix). ``tokenizer`` holds the text codec and
-chat template, ``metrics`` the Prometheus metrics, ``server`` the factory and the uvicorn runners,
-``cli`` the command, ``client`` a stdlib client of one streamed completion (launcher, benchmarks).
+workers from discovery, per-request pins; ``policy`` chooses) over ``connection`` (one thread per
+decode or aggregated worker, owning its ``SignalClient``) and ``kv_subscriber`` / ``kv_index``
+(every worker's KV events -> which worker caches which prefix, on which tier). ``tokenizer``
+holds the text codec and chat template, ``metrics`` the Prometheus metrics, ``server`` the
+factory and the uvicorn runners, ``cli`` the command, ``client`` a stdlib client of one streamed
+completion (launcher, benchmarks).
 
 Imports ``discovery``, ``signal``, ``kvbm`` (hashing and the event wire codec, no torch) and
 ``errors``; ``engine`` only to make a preset model on first use.

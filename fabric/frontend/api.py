@@ -5,11 +5,14 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE wit
 decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), and FastAPI's
 ``/openapi.json`` and ``/docs``.
 
+Both generation routes accept the ``fabric`` routing pin (``protocol``'s docstring).
+
 Errors: every failure is OpenAI's error JSON (``errors.ApiError``): 400 for bad input with
 ``param`` naming the field (validation errors included: ``param`` is the field's path, e.g.
-``messages.0.role``), 404 for another model or an unknown route, 500 when the worker reports an
-error (its message included), 503 when no worker can take the request, 504 when the worker
-sends nothing within the idle timeout or the deadline.
+``messages.0.role``; a pin naming no live worker of the right role: ``fabric.worker``), 404 for
+another model or an unknown route, 500 when the worker reports an error (its message included),
+503 when no worker can take the request, 504 when the worker sends nothing within the idle
+timeout or the deadline.
 
 A streaming response starts only after the first chunk arrived, so failures before the first
 token (no worker, worker error, timeout) still get their HTTP status; later failures are an SSE
@@ -52,6 +55,7 @@ from fabric.frontend.responses import (
     sse_events,
     unless_disconnected,
 )
+from fabric.frontend.router import RoutePin
 from fabric.frontend.tokenizer import render_chat
 
 logger = logging.getLogger(__name__)
@@ -61,7 +65,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _DESCRIPTION = (
     "OpenAI-compatible frontend of KV Fabric: requests are routed to decode or aggregated "
-    "workers by load, and to the prefill worker that caches the longest prefix of the prompt. "
+    "workers by load, and read the prompt's KV from the worker that caches its longest prefix "
+    "(a prefill worker, or a peer holding more of it than the serving worker). The optional "
+    '`fabric` object pins a route: {"worker": id, "prefill_worker": id or ""}. '
     "Workers decode greedily today (temperature, top_p and seed are accepted and forwarded). "
     'Chat template: each message renders as "<role>: <content>\\n", then "assistant:".'
 )
@@ -127,6 +133,7 @@ async def _generate(
         token_ids,
         _max_tokens(frontend, body, len(token_ids)),
         _sampling(body),
+        _pin(body),
     )
     streaming = False
     try:
@@ -207,6 +214,13 @@ def _max_tokens(frontend: Frontend, body: GenerationParams, num_prompt: int) -> 
             max_param,
         )
     return requested
+
+
+def _pin(body: GenerationParams) -> RoutePin | None:
+    options = body.fabric
+    if options is None:
+        return None
+    return RoutePin(worker=options.worker, prefill_worker=options.prefill_worker)
 
 
 def _sampling(body: GenerationParams) -> dict[str, Scalar]:

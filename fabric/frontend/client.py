@@ -44,9 +44,16 @@ def served_model(url: str, timeout_s: float = 10.0) -> str:
 
 
 def stream_completion(
-    url: str, model: str, prompt: str | Sequence[int], max_tokens: int, timeout_s: float
+    url: str,
+    model: str,
+    prompt: str | Sequence[int],
+    max_tokens: int,
+    timeout_s: float,
+    *,
+    fabric: dict[str, str] | None = None,
 ) -> StreamedCompletion:
-    """POST one streaming ``/v1/completions`` and read it to ``[DONE]``.
+    """POST one streaming ``/v1/completions`` and read it to ``[DONE]``; ``fabric`` is the
+    request's routing pin (``{"worker": ..., "prefill_worker": ...}``, see ``protocol``).
 
     Raises:
         FabricError: the stream carried an error, or ended without ``[DONE]`` or any text.
@@ -58,6 +65,8 @@ def stream_completion(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if fabric is not None:
+        body["fabric"] = fabric
     request = urllib.request.Request(
         f"{url}/v1/completions",
         data=json.dumps(body).encode(),

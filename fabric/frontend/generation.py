@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fabric.frontend.connection import StreamFailure
 from fabric.frontend.errors import ApiError, deadline_exceeded, worker_error
 from fabric.frontend.metrics import FrontendMetrics
-from fabric.frontend.router import RoutedRequest, Router
+from fabric.frontend.router import RoutedRequest, RoutePin, Router
 from fabric.frontend.tokenizer import Detokenizer, TextCodec
 from fabric.signal.framing import wall_ms
 
@@ -105,9 +105,9 @@ class Generation:
         if item is None:
             past_deadline = time.monotonic() >= self._deadline
             what = "the request deadline" if past_deadline else "the idle timeout"
-            self._fail(f"no tokens from worker {self.routed.decode.worker_id} within {what}")
+            self._fail(f"no tokens from worker {self.routed.serving.worker_id} within {what}")
             raise deadline_exceeded(
-                f"worker {self.routed.decode.worker_id} sent no tokens within {wait_s:.1f} s "
+                f"worker {self.routed.serving.worker_id} sent no tokens within {wait_s:.1f} s "
                 f"({what}); the request was aborted"
             )
         if isinstance(item, StreamFailure):
@@ -117,7 +117,7 @@ class Generation:
         if item.finish_reason == "error":
             message = str(item.stats.get("error") or "the worker reported an error")
             self._fail(message)
-            raise worker_error(f"worker {self.routed.decode.worker_id}: {message}")
+            raise worker_error(f"worker {self.routed.serving.worker_id}: {message}")
         self._observe(len(item.token_ids))
         text = self._detokenizer.step(item.token_ids)
         if item.finished:
@@ -134,12 +134,27 @@ class Generation:
             self.routed.abort(reason)
 
     def fabric_info(self) -> dict[str, Scalar]:
-        """The response's ``fabric`` field: routing and the worker's statistics."""
+        """The response's ``fabric`` field: routing and the worker's statistics.
+
+        ``worker`` (and, as before, ``decode_worker``) is the serving worker;
+        ``routed_prefill_worker`` the KV source the router named ("" for none); ``prefill_worker``
+        starts as the same and is replaced by the worker's own statistic when it reports one
+        (who supplied the KV in the end: "" after a fallback, with ``fallback`` saying why);
+        ``route`` is the ``RouteKind``; ``routed_prefix_blocks`` and ``routed_local_blocks`` are
+        the full prompt blocks the router saw cached on the KV provider (the source, or the
+        serving worker for a local route) and on the serving worker.
+        """
         routed = self.routed
+        route = routed.route
         info: dict[str, Scalar] = {
-            "decode_worker": routed.decode.worker_id,
+            "worker": routed.serving.worker_id,
+            "decode_worker": routed.serving.worker_id,
             "prefill_worker": routed.request.prefill_worker,
-            "routed_prefix_blocks": routed.prefill.matched_blocks if routed.prefill else 0,
+            "routed_prefill_worker": routed.request.prefill_worker,
+            "route": route.kind.value,
+            "route_pinned": route.pinned,
+            "routed_prefix_blocks": route.source_blocks,
+            "routed_local_blocks": route.local_blocks,
         }
         if self._first_token_at is not None:
             info["frontend_ttft_ms"] = round((self._first_token_at - self._received_at) * 1e3, 3)
@@ -186,12 +201,17 @@ class Frontend:
         self.created = int(time.time())
 
     def start(
-        self, prefix: str, token_ids: list[int], max_tokens: int, sampling: dict[str, Scalar]
+        self,
+        prefix: str,
+        token_ids: list[int],
+        max_tokens: int,
+        sampling: dict[str, Scalar],
+        pin: RoutePin | None = None,
     ) -> Generation:
         """Route and send one request (``prefix`` starts its id, e.g. ``"cmpl"``).
 
         Raises:
-            ApiError: 503 when no worker can take it.
+            ApiError: 503 when no worker can take it; 400 when ``pin`` cannot be honoured.
         """
         received_at = time.monotonic()
         request_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -202,12 +222,14 @@ class Frontend:
             sampling=sampling,
             deadline_ms=wall_ms() + int(self.settings.request_timeout_s * 1000),
             loop=asyncio.get_running_loop(),
+            pin=pin,
         )
+        route = routed.route
         self.metrics.prompt_tokens.inc(len(token_ids))
-        if routed.prefill is not None:
-            hits = routed.prefill.matched_blocks
-            self.metrics.prefix_blocks.labels("hit").inc(hits)
-            self.metrics.prefix_blocks.labels("miss").inc(routed.prefill.num_blocks - hits)
+        self.metrics.routes.labels(route.kind.value).inc()
+        if route.num_blocks:
+            self.metrics.prefix_blocks.labels("hit").inc(route.source_blocks)
+            self.metrics.prefix_blocks.labels("miss").inc(route.num_blocks - route.source_blocks)
         return Generation(
             routed, self.codec.detokenizer(), self.metrics, self.settings, received_at
         )

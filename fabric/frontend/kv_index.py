@@ -13,13 +13,17 @@ Invariants:
   as does ``clear_worker``: the index may miss what a worker holds, never claim what it lacks
   (a miss costs a recompute, a false hit would not).
 * Sequence hashes are chained, so a prefix match walks the request's hashes in order and stops,
-  per worker, at the first hash the worker lacks.
+  per worker, at the first hash the worker lacks (on the tiers asked for, when a match names
+  tiers: the router matches device and host copies only, see ``policy``).
+
+Every worker that publishes KV events is indexed, whatever its role: prefill, decode and
+aggregated workers alike (the router decides which of them may supply KV to whom).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, KvEvent
 from fabric.kvbm.types import SequenceHash, Tier
@@ -55,9 +59,16 @@ class KvPrefixIndex:
             return len(self._worker_to_tiers.get(worker_id, ()))
 
     def match_lengths(
-        self, hashes: Sequence[SequenceHash], workers: Iterable[str]
+        self,
+        hashes: Sequence[SequenceHash],
+        workers: Iterable[str],
+        tiers: Collection[Tier] | None = None,
     ) -> dict[str, int]:
-        """For each of ``workers``, how many leading ``hashes`` it holds (0 for none)."""
+        """For each of ``workers``, how many leading ``hashes`` it holds (0 for none).
+
+        Args:
+            tiers: count only copies on these tiers; None: any tier.
+        """
         lengths = dict.fromkeys(workers, 0)
         active = set(lengths)
         with self._lock:
@@ -66,11 +77,24 @@ class KvPrefixIndex:
                 if holders is None:
                     break
                 active &= holders
+                if tiers is not None:
+                    active = {w for w in active if self._holds_on(w, sequence_hash, tiers)}
                 if not active:
                     break
                 for worker_id in active:
                     lengths[worker_id] = depth + 1
         return lengths
+
+    def tiers_of(self, worker_id: str, sequence_hash: SequenceHash) -> frozenset[Tier]:
+        """The tiers on which ``worker_id`` holds ``sequence_hash`` (empty: it does not)."""
+        with self._lock:
+            return frozenset(self._worker_to_tiers.get(worker_id, {}).get(sequence_hash, ()))
+
+    def _holds_on(
+        self, worker_id: str, sequence_hash: SequenceHash, tiers: Collection[Tier]
+    ) -> bool:
+        held = self._worker_to_tiers[worker_id][sequence_hash]  # exists: worker is a holder
+        return any(tier in held for tier in tiers)
 
     def _store(self, worker_id: str, tier: Tier, hashes: Iterable[SequenceHash]) -> None:
         tiers_by_hash = self._worker_to_tiers.setdefault(worker_id, {})

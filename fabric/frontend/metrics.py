@@ -7,8 +7,13 @@ live in one test process.
   failure: 400, 404, 500, 503, 504), ``prompt_tokens_total``, ``completion_tokens_total``;
 * ``ttft_seconds`` (request received -> first token) and ``itl_seconds`` (time between tokens:
   the gap between two chunks divided by the second chunk's tokens, one observation per token);
-* ``prefix_blocks_total{result}``: full prompt blocks routed to a prefill worker that already
-  held them (``hit``) or not (``miss``);
+* ``routes_total{kind}``: routed requests by route kind (``policy.RouteKind``): ``local`` (the
+  serving worker computes the prompt), ``prefill`` (a decode worker reads a dedicated prefill
+  worker's KV), ``peer_hit`` (the serving worker reads a prefix another worker holds); every kind
+  is exported from the start, at 0;
+* ``prefix_blocks_total{result}``: full prompt blocks the chosen KV provider (the named
+  ``prefill_worker``, else the serving worker itself) already held (``hit``) or not (``miss``),
+  as the router saw them;
 * read at scrape time from the router: ``worker_in_flight{worker,role}`` and
   ``workers{role}``.
 """
@@ -22,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fabric.discovery.registry import Role
+from fabric.frontend.policy import RouteKind
 
 PREFIX = "fabric_frontend_"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -85,9 +91,17 @@ class FrontendMetrics:
             buckets=_ITL_BUCKETS,
             registry=self.registry,
         )
+        self.routes = Counter(
+            PREFIX + "routes",
+            "Routed requests by route kind (local, prefill, peer_hit).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in RouteKind:
+            self.routes.labels(kind.value)
         self.prefix_blocks = Counter(
             PREFIX + "prefix_blocks",
-            "Full prompt blocks routed to a prefill worker that held them (hit) or not (miss).",
+            "Full prompt blocks the chosen KV provider already held (hit) or not (miss).",
             ["result"],
             registry=self.registry,
         )

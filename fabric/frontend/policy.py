@@ -1,44 +1,103 @@
-"""Routing policy: which decode and which prefill worker serve a request. Choices only.
+"""Routing policy: which worker serves a request and which worker supplies its KV. Choices only.
 
-Owns two pure functions over worker records, loads and the KV prefix index; the router
-(``router.Router``) owns the state they read.
+Owns pure functions over worker records, loads and the KV prefix index; the router
+(``router.Router``) owns the state they read and resolves per-request pins before calling them.
 
-* ``choose_decode``: the decode or aggregated worker with the fewest in-flight requests (ties:
-  the smallest worker id, so choices are reproducible).
-* ``choose_prefill``: the prefill worker holding the longest cached prefix of the prompt, then the
-  fewest in-flight prefills, then the smallest worker id. Only workers whose ``compat_hash``
-  equals the decode worker's qualify (another hash means KV the decode worker cannot read).
-  The prompt's sequence hashes are computed the way workers register blocks:
-  ``hash_token_blocks(tokens, layout["block_size"], seed=record.compat_hash)`` (a
-  ``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size).
+Prefixes (``cached_prefixes``): for every worker, how many leading full blocks of the prompt it
+holds on the device or host tier (``ROUTABLE_TIERS``). The disk tiers are left out: the shared disk
+tier needs no routing (every worker finds its disk hits itself), so a disk copy never makes one
+worker a better KV source than another. The prompt's sequence hashes are computed the way workers
+register blocks, ``sequence_hashes(tokens, layout["block_size"], seed=record.compat_hash)`` (a
+``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size), and
+not at all for a group none of whose workers has an indexed block.
+
+The policy, in order:
+
+1. **Serving worker** (``choose_serving``): the decode or aggregated worker with the fewest
+   in-flight requests; among equally loaded ones, the aggregated worker holding the longest
+   cached prefix of the prompt (a decode worker's own prefix does not count here: it keeps the
+   id order, as before); then the smallest worker id, so choices are reproducible. Load comes
+   first on purpose: a worker lacking the prefix reads it from a holder (step 2) instead of
+   recomputing it, so sending every request that shares a prefix to its one holder would buy a
+   transfer's worth of time at the price of a hot spot.
+2. **KV source** (``choose_source``, ``GenerateRequest.prefill_worker``): candidates are the
+   other workers the serving worker can read KV from (``SOURCE_ROLES``: prefill workers for a
+   decode worker; prefill and aggregated workers for an aggregated one) with its compat hash and
+   block size. A *holder* is a candidate holding at least ``MIN_PEER_GAIN_BLOCKS`` more leading
+   blocks of the prompt than the serving worker itself. A decode worker picks among all its
+   candidates (disaggregated serving: a prefill worker computes what it lacks), an aggregated
+   worker among the holders only. The pick: the longest cached prefix, then a dedicated prefill
+   worker before an aggregated one (computing prompts is its job), then the fewest in-flight
+   requests, then the smallest id. No pick: the serving worker computes the prompt itself, using
+   its own cached prefix.
+3. **Route kind** (``route_kind``): ``local`` without a KV source; ``prefill`` when a decode
+   worker reads from a dedicated prefill worker (disaggregated serving, as before); ``peer_hit``
+   for every other source (an aggregated holder, or a prefill worker holding the prefix an
+   aggregated worker lacks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
-from fabric.discovery.registry import WorkerRecord
+from fabric.discovery.registry import Role, WorkerRecord
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.kvbm.hashing import sequence_hashes
+from fabric.kvbm.types import Tier
+
+SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
+SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
+    Role.DECODE: (Role.PREFILL,),
+    Role.AGGREGATED: (Role.PREFILL, Role.AGGREGATED),
+}
+"""Serving role -> the roles whose workers it can read a prompt's KV from. A decode worker's
+directory holds prefill workers only (``fabric.worker.runtime``): add AGGREGATED here when decode
+workers learn to read aggregated peers, and aggregated holders compete for them too."""
+ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
+MIN_PEER_GAIN_BLOCKS = 1
+
+
+class RouteKind(Enum):
+    """Where a request's prompt KV comes from (see the module docstring, step 3)."""
+
+    LOCAL = "local"
+    PREFILL = "prefill"
+    PEER_HIT = "peer_hit"
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillChoice:
-    """The chosen prefill worker and how many of the prompt's full blocks it already holds."""
+class Prefix:
+    """How many of the prompt's ``num_blocks`` full blocks a worker holds (``matched``)."""
 
-    record: WorkerRecord
-    matched_blocks: int
+    matched: int
     num_blocks: int
 
 
-def choose_decode(
-    candidates: Sequence[WorkerRecord], load: Mapping[str, int]
-) -> WorkerRecord | None:
-    """The least-loaded candidate, or None when there is none."""
-    if not candidates:
-        return None
-    return min(candidates, key=lambda r: (load.get(r.worker_id, 0), r.worker_id))
+NO_PREFIX = Prefix(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The workers of one request and the prefixes the router saw when it chose them.
+
+    Attributes:
+        source: the worker whose KV the serving worker reads (``prefill_worker``); None: the
+            serving worker computes the prompt itself.
+        source_blocks: full prompt blocks the KV provider holds: the source's, or the serving
+            worker's own for a local route.
+        local_blocks: full prompt blocks the serving worker holds itself.
+        pinned: the request named its serving worker or its KV source (``fabric`` field).
+    """
+
+    serving: WorkerRecord
+    source: WorkerRecord | None
+    kind: RouteKind
+    source_blocks: int
+    local_blocks: int
+    num_blocks: int
+    pinned: bool = False
 
 
 def block_size_of(record: WorkerRecord) -> int | None:
@@ -47,30 +106,121 @@ def block_size_of(record: WorkerRecord) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def choose_prefill(
-    candidates: Sequence[WorkerRecord],
-    token_ids: Sequence[int],
-    index: KvPrefixIndex,
-    load: Mapping[str, int],
-) -> PrefillChoice | None:
-    """The prefill worker with the longest cached prefix, ties by load (None without one)."""
-    if not candidates:
-        return None
+def compatible(a: WorkerRecord, b: WorkerRecord) -> bool:
+    """Whether ``a`` and ``b`` can exchange KV blocks: same compat hash and block size."""
+    return a.compat_hash == b.compat_hash and block_size_of(a) == block_size_of(b)
+
+
+def cached_prefixes(
+    records: Sequence[WorkerRecord], token_ids: Sequence[int], index: KvPrefixIndex
+) -> dict[str, Prefix]:
+    """Each worker's cached prefix of the prompt on ``ROUTABLE_TIERS`` (no geometry: none)."""
+    prefixes = dict.fromkeys((r.worker_id for r in records), NO_PREFIX)
     groups: dict[tuple[int, int], list[str]] = {}
-    matched: dict[str, int] = {}
-    num_blocks: dict[str, int] = {}
-    for record in candidates:
+    for record in records:
         block_size = block_size_of(record)
-        if block_size is None:  # unknown geometry: a candidate, without a prefix
-            matched[record.worker_id] = num_blocks[record.worker_id] = 0
-        else:
+        if block_size is not None:
             groups.setdefault((record.compat_hash, block_size), []).append(record.worker_id)
     for (seed, block_size), worker_ids in groups.items():
+        if not any(index.num_blocks(worker_id) for worker_id in worker_ids):
+            num_blocks = len(token_ids) // block_size  # nothing to match: skip the hashing
+            prefixes.update(dict.fromkeys(worker_ids, Prefix(0, num_blocks)))
+            continue
         hashes = sequence_hashes(token_ids, block_size, seed=seed)
-        matched.update(index.match_lengths(hashes, worker_ids))
-        num_blocks.update(dict.fromkeys(worker_ids, len(hashes)))
-    best = min(
-        candidates,
-        key=lambda r: (-matched[r.worker_id], load.get(r.worker_id, 0), r.worker_id),
+        matched = index.match_lengths(hashes, worker_ids, ROUTABLE_TIERS)
+        for worker_id in worker_ids:
+            prefixes[worker_id] = Prefix(matched[worker_id], len(hashes))
+    return prefixes
+
+
+def choose_serving(
+    candidates: Sequence[WorkerRecord],
+    load: Mapping[str, int],
+    prefixes: Mapping[str, Prefix] | None = None,
+) -> WorkerRecord | None:
+    """The least-loaded candidate; ties: an aggregated worker's longer prefix, then the id."""
+    if not candidates:
+        return None
+    prefixes = prefixes or {}
+
+    def key(record: WorkerRecord) -> tuple[int, int, str]:
+        own = prefixes.get(record.worker_id, NO_PREFIX).matched
+        return (
+            load.get(record.worker_id, 0),
+            -own if record.role is Role.AGGREGATED else 0,
+            record.worker_id,
+        )
+
+    return min(candidates, key=key)
+
+
+def choose_source(
+    serving: WorkerRecord,
+    candidates: Sequence[WorkerRecord],
+    load: Mapping[str, int],
+    prefixes: Mapping[str, Prefix],
+    *,
+    min_gain_blocks: int = MIN_PEER_GAIN_BLOCKS,
+) -> WorkerRecord | None:
+    """The worker ``serving`` should read the prompt's KV from, or None (compute locally).
+
+    Args:
+        candidates: any workers; those of another role, geometry or compat hash, and
+            ``serving`` itself, are skipped.
+        min_gain_blocks: how many more leading blocks than ``serving`` a holder must hold.
+    """
+    roles = SOURCE_ROLES.get(serving.role, ())
+    own = prefixes.get(serving.worker_id, NO_PREFIX).matched
+
+    def matched(record: WorkerRecord) -> int:
+        return prefixes.get(record.worker_id, NO_PREFIX).matched
+
+    pool = [
+        record
+        for record in candidates
+        if record.worker_id != serving.worker_id
+        and record.role in roles
+        and compatible(record, serving)
+        and (
+            matched(record) >= own + min_gain_blocks
+            or (serving.role is Role.DECODE and record.role is Role.PREFILL)
+        )
+    ]
+    if not pool:
+        return None
+
+    def key(record: WorkerRecord) -> tuple[int, bool, int, str]:
+        dedicated = record.role is Role.PREFILL
+        return (-matched(record), not dedicated, load.get(record.worker_id, 0), record.worker_id)
+
+    return min(pool, key=key)
+
+
+def route_kind(serving: WorkerRecord, source: WorkerRecord | None) -> RouteKind:
+    """The kind of a route (module docstring, step 3)."""
+    if source is None:
+        return RouteKind.LOCAL
+    if serving.role is Role.DECODE and source.role is Role.PREFILL:
+        return RouteKind.PREFILL
+    return RouteKind.PEER_HIT
+
+
+def make_route(
+    serving: WorkerRecord,
+    source: WorkerRecord | None,
+    prefixes: Mapping[str, Prefix],
+    *,
+    pinned: bool = False,
+) -> Route:
+    """The ``Route`` of a chosen (or pinned) pair, with the prefixes the router saw."""
+    local = prefixes.get(serving.worker_id, NO_PREFIX)
+    provider = prefixes.get(source.worker_id, NO_PREFIX) if source is not None else local
+    return Route(
+        serving=serving,
+        source=source,
+        kind=route_kind(serving, source),
+        source_blocks=provider.matched,
+        local_blocks=local.matched,
+        num_blocks=provider.num_blocks or local.num_blocks,
+        pinned=pinned,
     )
-    return PrefillChoice(best, matched[best.worker_id], num_blocks[best.worker_id])

@@ -8,9 +8,29 @@ own server does for fields it does not know; fields the fabric cannot honour are
 ``temperature``, ``top_p`` and ``seed`` are accepted and forwarded in ``GenerateRequest.sampling``;
 the workers decode greedily today, so they do not change the output yet.
 
-Beyond OpenAI's fields, responses carry ``fabric``: the workers that served the request and the
-worker's statistics (``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``,
-``ttft_ms``...) plus the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that
+Beyond OpenAI's fields, both request bodies accept an optional ``fabric`` object that pins the
+route of this one request (benchmarks, tests, operators)::
+
+    "fabric": {"worker": "<serving worker id>", "prefill_worker": "<KV source id>" | ""}
+
+* ``worker``: the decode or aggregated worker that serves the request (omitted: chosen by the
+  router's policy, ``policy``).
+* ``prefill_worker``: the prefill or aggregated worker whose KV the serving worker reads; ``""``
+  makes the serving worker compute the prompt itself (with its own cached prefix). Omitted: the
+  router's choice (a dedicated prefill worker for a decode worker, or a peer holding a longer
+  cached prefix), also for a request that pins ``worker``.
+* Unknown keys in ``fabric`` are refused. A worker that is not live, has the wrong role, or cannot
+  exchange KV with the other one (compat hash, block size) is a 400 whose message names the live
+  workers of that role (``param``: ``fabric.worker`` or ``fabric.prefill_worker``). With the
+  OpenAI client: ``extra_body={"fabric": {"worker": "aggregated-1"}}``.
+
+Responses carry ``fabric`` too: the route (``worker`` and ``decode_worker``: the serving worker;
+``prefill_worker``: who supplied the KV, "" for the serving worker itself;
+``routed_prefill_worker``: whom the router named; ``route``: ``local``, ``prefill`` or
+``peer_hit``; ``route_pinned``; ``routed_prefix_blocks`` / ``routed_local_blocks``: the prompt
+blocks the router saw cached on the KV provider / the serving worker), the worker's statistics
+(``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``, ``ttft_ms``,
+``fallback``...) and the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that
 carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric``).
 """
 
@@ -25,6 +45,25 @@ Scalar = float | int | str | bool
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class FabricOptions(BaseModel):
+    """The request's ``fabric`` object: a routing pin (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Serving worker (decode or aggregated) id; omitted: the router chooses.",
+    )
+    prefill_worker: str | None = Field(
+        default=None,
+        description=(
+            'KV source (prefill or aggregated worker) id; "" computes the prompt on the serving '
+            "worker; omitted: the router chooses (a peer hit when one holds a longer prefix)."
+        ),
+    )
 
 
 class GenerationParams(BaseModel):
@@ -46,6 +85,9 @@ class GenerationParams(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    fabric: FabricOptions | None = Field(
+        default=None, description="KV Fabric extension: pin this request's route."
+    )
 
     @field_validator("stop")
     @classmethod

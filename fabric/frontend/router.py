@@ -2,9 +2,10 @@
 
 Owns, for one served model: a ``WorkerDirectory`` (joins, updates and leaves arrive from the
 registry's watch, so no restart is needed), one ``WorkerConnection`` per decode or aggregated
-worker, one ``KvEventSubscriber`` per prefill worker that publishes ``events``, the
+worker, one ``KvEventSubscriber`` per worker of any role that publishes ``events``, the
 ``KvPrefixIndex`` they feed, and the in-flight count of every worker. The choices themselves are
-``policy``'s.
+``policy``'s; the router resolves a request's ``RoutePin`` (the ``fabric`` field of the body)
+against the live workers and refuses a pin it cannot honour with a 400 naming the live workers.
 
 Invariants:
 
@@ -12,9 +13,9 @@ Invariants:
   served model name (records without one are accepted); others are ignored (logged once).
 * A record that changes its endpoints, compat hash or ``started_at`` (a restart) is treated as a
   leave then a join: its connection fails its open requests, its index entries are forgotten.
-* The in-flight count of a worker is the number of ``RoutedRequest``s holding it: a decode worker
-  until the request ends, a prefill worker until the first chunk (its prefill is done then).
-  ``RoutedRequest`` releases are idempotent, so a count never goes negative.
+* The in-flight count of a worker is the number of ``RoutedRequest``s holding it: a serving worker
+  until the request ends, a KV source (``prefill_worker``) until the first chunk (its prefill or
+  offer is done then). ``RoutedRequest`` releases are idempotent, so a count never goes negative.
 * ``submit`` and the directory callback take one lock, so a request is never handed to a
   connection after the connection was closed (it would wait for nothing).
 """
@@ -24,20 +25,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 from fabric.discovery.registration import WorkerDirectory, WorkerEvent, WorkerEventKind
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry, Role, WorkerRecord
 from fabric.frontend.connection import ChunkStream, WorkerConnection
-from fabric.frontend.errors import no_workers
+from fabric.frontend.errors import bad_request, no_workers
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.kv_subscriber import KvEventSubscriber
-from fabric.frontend.policy import PrefillChoice, choose_decode, choose_prefill
+from fabric.frontend.policy import (
+    SERVING_ROLES,
+    SOURCE_ROLES,
+    Route,
+    block_size_of,
+    cached_prefixes,
+    choose_serving,
+    choose_source,
+    compatible,
+    make_route,
+)
 from fabric.signal.messages import GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 ROUTED_ROLES = (Role.PREFILL, Role.DECODE, Role.AGGREGATED)
+_KV_SOURCE_ROLES = tuple(dict.fromkeys(role for roles in SOURCE_ROLES.values() for role in roles))
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePin:
+    """A request's routing overrides (the body's ``fabric`` object); None: automatic.
+
+    Attributes:
+        worker: the serving (decode or aggregated) worker's id.
+        prefill_worker: the KV source's id (a prefill or aggregated worker); "" forces the
+            serving worker to compute the prompt itself.
+    """
+
+    worker: str | None = None
+    prefill_worker: str | None = None
 
 
 class RoutedRequest:
@@ -48,30 +75,34 @@ class RoutedRequest:
         router: Router,
         request: GenerateRequest,
         connection: WorkerConnection,
-        prefill: PrefillChoice | None,
+        route: Route,
         stream: ChunkStream,
     ) -> None:
         self.request = request
-        self.decode = connection.record
-        self.prefill = prefill
+        self.route = route
         self.stream = stream
         self._router = router
         self._connection = connection
-        self._holds_prefill = prefill is not None
-        self._holds_decode = True
+        self._holds_source = route.source is not None
+        self._holds_serving = True
+
+    @property
+    def serving(self) -> WorkerRecord:
+        """The worker that generates the answer (decode or aggregated)."""
+        return self.route.serving
 
     def prefill_done(self) -> None:
-        """Release the prefill worker's in-flight slot (idempotent)."""
-        if self._holds_prefill and self.prefill is not None:
-            self._holds_prefill = False
-            self._router._release(self.prefill.record.worker_id)
+        """Release the KV source's in-flight slot (idempotent)."""
+        if self._holds_source and self.route.source is not None:
+            self._holds_source = False
+            self._router._release(self.route.source.worker_id)
 
     def finish(self) -> None:
         """Release every slot this request holds (idempotent)."""
         self.prefill_done()
-        if self._holds_decode:
-            self._holds_decode = False
-            self._router._release(self.decode.worker_id)
+        if self._holds_serving:
+            self._holds_serving = False
+            self._router._release(self.serving.worker_id)
 
     def abort(self, reason: str) -> None:
         """Tell the worker to stop (``Abort``) and release the slots."""
@@ -158,43 +189,43 @@ class Router:
         sampling: dict[str, float | int | str | bool],
         deadline_ms: int,
         loop: asyncio.AbstractEventLoop,
+        pin: RoutePin | None = None,
     ) -> RoutedRequest:
         """Choose the workers, send the ``GenerateRequest`` and return the request in flight.
 
         Raises:
-            ApiError: 503 when no decode or aggregated worker serves the model.
+            ApiError: 503 when no decode or aggregated worker serves the model; 400 when ``pin``
+                names a worker that is not live, has the wrong role or cannot exchange KV with
+                the other one.
         """
         with self._lock:
-            connection = self._choose_connection()
-            prefill = None
-            if connection.record.role is Role.DECODE:
-                candidates = [
-                    record
-                    for record in self._prefills.values()
-                    if record.compat_hash == connection.record.compat_hash
-                ]
-                prefill = choose_prefill(candidates, token_ids, self.index, self._load)
+            route = self._route_locked(token_ids, pin or RoutePin())
+            connection = self._connections[route.serving.worker_id]
+            source = route.source
             request = GenerateRequest(
                 request_id,
                 token_ids,
                 max_tokens,
-                prefill.record.worker_id if prefill is not None else "",
+                source.worker_id if source is not None else "",
                 sampling,
                 deadline_ms,
             )
             stream = ChunkStream(loop, self._max_chunks)
-            routed = RoutedRequest(self, request, connection, prefill, stream)
+            routed = RoutedRequest(self, request, connection, route, stream)
             self._acquire(connection.worker_id)
-            if prefill is not None:
-                self._acquire(prefill.record.worker_id)
+            if source is not None:
+                self._acquire(source.worker_id)
             connection.submit(request, stream)
         logger.debug(
-            "%s -> decode %s, prefill %s (%s of %s blocks cached)",
+            "%s -> %s, KV from %s (%s%s; %d of %d blocks cached there, %d here)",
             request_id,
             connection.worker_id,
-            request.prefill_worker or "-",
-            prefill.matched_blocks if prefill else 0,
-            prefill.num_blocks if prefill else 0,
+            request.prefill_worker or "itself",
+            route.kind.value,
+            ", pinned" if route.pinned else "",
+            route.source_blocks,
+            route.num_blocks,
+            route.local_blocks,
         )
         return routed
 
@@ -206,14 +237,46 @@ class Router:
         records.update(self._prefills)
         return records
 
-    def _choose_connection(self) -> WorkerConnection:
-        record = choose_decode([c.record for c in self._connections.values()], self._load)
-        if record is None:
+    def _route_locked(self, token_ids: list[int], pin: RoutePin) -> Route:
+        workers = self._workers_locked()
+        serving_pool = [connection.record for connection in self._connections.values()]
+        if not serving_pool:
             raise no_workers(
                 f"no decode or aggregated worker serves {self.model_name!r} right now; start one "
                 "(it registers in etcd) and retry"
             )
-        return self._connections[record.worker_id]
+        serving = None
+        if pin.worker is not None:
+            serving = _pinned(workers, pin.worker, SERVING_ROLES, "worker")
+        source = None
+        if pin.prefill_worker:
+            source = _pinned(workers, pin.prefill_worker, _KV_SOURCE_ROLES, "prefill_worker")
+        prefixes = cached_prefixes(list(workers.values()), token_ids, self.index)
+        if serving is None:
+            if source is not None:
+                serving_pool = [
+                    r
+                    for r in serving_pool
+                    if r.worker_id != source.worker_id
+                    and source.role in SOURCE_ROLES.get(r.role, ())
+                    and compatible(r, source)
+                ]
+            serving = choose_serving(serving_pool, self._load, prefixes)
+            if serving is None:
+                assert source is not None, "only a pinned source empties the serving pool"
+                raise bad_request(
+                    f"fabric.prefill_worker: no decode or aggregated worker other than "
+                    f"{source.worker_id!r} can read its KV ({source.role.value}, "
+                    f"{_geometry(source)}); live decode or aggregated workers: "
+                    + _live(workers, SERVING_ROLES),
+                    "fabric.prefill_worker",
+                )
+        if source is not None:
+            _check_source(serving, source)
+        elif pin.prefill_worker is None:
+            source = choose_source(serving, list(workers.values()), self._load, prefixes)
+        pinned = pin.worker is not None or pin.prefill_worker is not None
+        return make_route(serving, source, prefixes, pinned=pinned)
 
     def _acquire(self, worker_id: str) -> None:
         self._load[worker_id] = self._load.get(worker_id, 0) + 1
@@ -257,32 +320,43 @@ class Router:
 
     def _add(self, record: WorkerRecord) -> None:
         worker_id = record.worker_id
+        connection = None
         if record.role in SERVING_ROLES:
             if "signal" not in record.endpoints:
                 logger.warning("worker %s has no signal endpoint; ignored", worker_id)
                 return
             connection = WorkerConnection(record, identity=self.identity)
-            with self._lock:
+        subscriber = self._maybe_subscribe(record)
+        with self._lock:
+            if connection is not None:
                 self._connections[worker_id] = connection
-        else:
-            subscriber = None
-            events = record.endpoints.get("events")
-            if events is not None:
-                subscriber = KvEventSubscriber(
-                    worker_id,
-                    self.index,
-                    endpoint=events,
-                    replay_endpoint=record.endpoints.get("events_replay"),
-                ).start()
             else:
-                logger.warning(
-                    "prefill worker %s publishes no KV events: routed by load", worker_id
-                )
-            with self._lock:
                 self._prefills[worker_id] = record
-                if subscriber is not None:
-                    self._subscribers[worker_id] = subscriber
+            if subscriber is not None:
+                self._subscribers[worker_id] = subscriber
         logger.info("worker %s (%s) joined", worker_id, record.role.value)
+
+    def _maybe_subscribe(self, record: WorkerRecord) -> KvEventSubscriber | None:
+        """Follow the worker's KV events when it publishes them (any role)."""
+        events = record.endpoints.get("events")
+        if events:
+            return KvEventSubscriber(
+                record.worker_id,
+                self.index,
+                endpoint=events,
+                replay_endpoint=record.endpoints.get("events_replay") or None,
+            ).start()
+        if record.role is Role.PREFILL:
+            logger.warning(
+                "prefill worker %s publishes no KV events: routed by load", record.worker_id
+            )
+        else:
+            logger.info(
+                "%s worker %s publishes no KV events: its cache is unknown to the router",
+                record.role.value,
+                record.worker_id,
+            )
+        return None
 
     def _replace_record(self, record: WorkerRecord) -> None:
         with self._lock:
@@ -314,3 +388,56 @@ def _same_peer(old: WorkerRecord, new: WorkerRecord) -> bool:
         and old.started_at == new.started_at
         and old.layout.get("model") == new.layout.get("model")
     )
+
+
+def _live(workers: Mapping[str, WorkerRecord], roles: Collection[Role]) -> str:
+    """The ids of the live workers of ``roles``, for an error message."""
+    ids = sorted(wid for wid, record in workers.items() if record.role in roles)
+    return ", ".join(ids) if ids else "none"
+
+
+def _a(role: Role) -> str:
+    """``role`` with its article: "a prefill", "an aggregated"."""
+    return f"{'an' if role.value[0] in 'aeiou' else 'a'} {role.value}"
+
+
+def _geometry(record: WorkerRecord) -> str:
+    return f"compat hash {record.compat_hash:#x}, block size {block_size_of(record)}"
+
+
+def _pinned(
+    workers: Mapping[str, WorkerRecord], worker_id: str, roles: Collection[Role], field: str
+) -> WorkerRecord:
+    """The live worker a pin names, or a 400 naming the live workers of ``roles``."""
+    wanted = " or ".join(role.value for role in roles)
+    record = workers.get(worker_id)
+    if record is None:
+        problem = f"no live worker is called {worker_id!r}"
+    elif record.role not in roles:
+        problem = f"{worker_id!r} is {_a(record.role)} worker, not {wanted}"
+    else:
+        return record
+    raise bad_request(
+        f"fabric.{field}: {problem}; live {wanted} workers: {_live(workers, roles)}",
+        f"fabric.{field}",
+    )
+
+
+def _check_source(serving: WorkerRecord, source: WorkerRecord) -> None:
+    """Refuse (400) a pinned KV source the serving worker cannot read."""
+    problem = None
+    if source.worker_id == serving.worker_id:
+        problem = f'{source.worker_id!r} is the serving worker itself; give "" to compute locally'
+    elif source.role not in (roles := SOURCE_ROLES.get(serving.role, ())):
+        readable = " or ".join(role.value for role in roles)
+        problem = (
+            f"{source.worker_id!r} is {_a(source.role)} worker; the serving worker "
+            f"{serving.worker_id!r} ({serving.role.value}) reads KV from {readable} workers only"
+        )
+    elif not compatible(serving, source):
+        problem = (
+            f"{source.worker_id!r} ({_geometry(source)}) and the serving worker "
+            f"{serving.worker_id!r} ({_geometry(serving)}) cannot exchange KV"
+        )
+    if problem is not None:
+        raise bad_request(f"fabric.prefill_worker: {problem}", "fabric.prefill_worker")

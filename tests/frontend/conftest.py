@@ -45,11 +45,14 @@ def registry() -> Iterator[InMemoryRegistry]:
 def make_worker(
     registry: InMemoryRegistry, codec: TextCodec
 ) -> Iterator[Callable[..., FakeWorker]]:
-    """``make_worker(worker_id, role=Role.DECODE, model="tiny")``: a registered fake worker."""
+    """``make_worker(worker_id, role=Role.DECODE, model="tiny", events=False)``: a registered
+    fake worker (with ``events``: publishing KV events)."""
     workers: list[FakeWorker] = []
 
-    def make(worker_id: str, *, role: Role = Role.DECODE, model: str = "tiny") -> FakeWorker:
-        worker = FakeWorker(registry, worker_id, codec, role=role, model=model)
+    def make(
+        worker_id: str, *, role: Role = Role.DECODE, model: str = "tiny", events: bool = False
+    ) -> FakeWorker:
+        worker = FakeWorker(registry, worker_id, codec, role=role, model=model, events=events)
         workers.append(worker)
         return worker
 

@@ -7,7 +7,9 @@ test tree.
 answers each ``GenerateRequest`` from its own thread with one ``TokenChunk`` per token of
 ``ANSWER`` plus EOS (finish "stop"), or the first ``max_tokens`` of them (finish "length"), and
 records every request and ``Abort``. Knobs: ``fail_with`` (an error chunk), ``silent`` (never
-answers), ``token_delay_s`` (before each chunk).
+answers), ``token_delay_s`` (before each chunk). With ``events=True`` it also owns a real
+``ZmqEventPublisher`` (with replay) and registers its ``events`` endpoints, so a test can publish
+the KV events a real decode or aggregated worker would.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fabric.errors import FabricError
 from fabric.frontend.generation import Frontend
 from fabric.frontend.server import BackgroundServer
 from fabric.frontend.tokenizer import TextCodec
+from fabric.kvbm.event_publisher import ZmqEventPublisher
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import Abort, GenerateRequest, Message, TokenChunk
 from fabric.signal.server import SignalServer
@@ -96,6 +99,7 @@ class FakeWorker:
         *,
         role: Role = Role.DECODE,
         model: str = MODEL,
+        events: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.answer_ids = [*codec.encode(ANSWER), EOS]
@@ -108,14 +112,22 @@ class FakeWorker:
         self._server = SignalServer(
             "tcp://127.0.0.1:0", self._handle, compat_hash=COMPAT, name=worker_id
         )
-        self._registration = register(
-            registry, worker_id, role, {"signal": self._server.endpoint}, model=model
-        )
+        endpoints = {"signal": self._server.endpoint}
+        self.publisher: ZmqEventPublisher | None = None
+        if events:
+            self.publisher = ZmqEventPublisher(
+                "tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0"
+            )
+            endpoints["events"] = self.publisher.endpoint
+            endpoints["events_replay"] = self.publisher.replay_endpoint or ""
+        self._registration = register(registry, worker_id, role, endpoints, model=model)
 
     def close(self) -> None:
         """Leave the registry (the record disappears at once) and stop serving; idempotent."""
         self._registration.close()
         self._server.close()
+        if self.publisher is not None:
+            self.publisher.close()
 
     def next_request(self) -> GenerateRequest:
         return self.requests.get(timeout=WAIT_S)
