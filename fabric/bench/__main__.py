@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, str] = {
     "copy": "fabric.bench.block_copy",
     "transfer": "fabric.bench.transfer",
     "serve": "fabric.bench.serve",
+    "prefix": "fabric.bench.prefix",
+    "vllm": "fabric.bench.vs_vllm",
 }
 """Subcommand name -> module implementing it."""
 

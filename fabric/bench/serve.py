@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     workload = Workload(lengths, args.requests, args.max_tokens)
-    with _sigterm_raises(), private_etcd(run_dir) as etcd:
+    with sigterm_raises(), private_etcd(run_dir) as etcd:
         for preset in presets:
             cells = _run_preset(preset, modes, workload, etcd, run_dir)
             preset_rows = _rows(preset, modes, workload, cells)
@@ -247,7 +247,7 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the children."""
 
     def on_term(signum: int, frame: FrameType | None) -> None:

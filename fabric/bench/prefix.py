@@ -1,0 +1,344 @@
+"""Prefix hits by tier: TTFT of a recompute against device, host, shared-disk and peer hits.
+
+One deployment the way ``fabric launch`` starts one: a private etcd, two aggregated workers
+(instance A pinned to core 0, instance B to core 1, ``--threads 1`` each) with a device pool of
+about 1.25 contexts, a host pool of several, and one G4 shared directory, behind the OpenAI
+frontend. Logs go under ``--run-dir``; every process is stopped when ``run`` returns or fails.
+
+Workload: ``--rounds`` conversations, each two contexts X and Y of ``--prefix-tokens`` (a system
+prompt plus history: the reusable prefix) and one user turn U of ``--turn-tokens``, all random
+token ids (seeded), sent as streamed ``/v1/completions`` pinned to an instance with the
+request's ``fabric.worker`` field. Each round sends, in this order::
+
+    1 A  X+U   recompute    nothing holds X
+    2 A  X+U   device_hit   A's device holds X
+    3 B  X+U   peer_hit     the router sees A hold X (KV events) and has B read it over NIXL
+    4 A  Y+U   recompute    evicts X from A's device (A's host and G4 keep it)
+    5 A  X+U   host_hit     A onboards X from its host tier
+    6 B  Y+U   disk_hit     forced local (``prefill_worker: ""``): B finds Y in G4, written by A
+
+Before step 6 the benchmark waits (bounded) until A's write-through has put Y's blocks in G4.
+Every hit repeats a prompt whose recompute was measured, so ``outputs_equal`` compares each hit's
+completion with its recompute's (greedy decoding: equal texts mean equal tokens).
+
+Output: ``ttft_ms`` (p50 per kind), ``speedup_vs_recompute`` (recompute p50 over the kind's p50),
+``hit_rate`` (prompt tokens served from a cache over reusable prefix tokens, on the hit requests:
+the prompt's full blocks), per-kind ``cached_tokens`` and ``routes`` as the responses report
+them, ``goals`` (host and peer >= 30x, disk >= 20x), ``outputs_equal``, the parameters and the
+machine. TTFT is timed at the client (HTTP and routing included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fabric.bench.serve import sigterm_raises
+from fabric.errors import FabricError
+from fabric.frontend.client import served_model, stream_completion
+from fabric.launch import (
+    Child,
+    check_alive,
+    free_port,
+    frontend_command,
+    private_etcd,
+    start_process,
+    stop_processes,
+    wait_ready,
+    worker_command,
+)
+
+STARTUP_S = 240.0
+REQUEST_TIMEOUT_S = 600.0
+STORE_WAIT_S = 60.0
+BLOCK_SIZE = 16
+FIRST_TOKEN_ID = 2
+GOALS = {"host_hit": 30.0, "peer_hit": 30.0, "disk_hit": 20.0}
+QUICK = {"preset": "tiny", "prefix_tokens": 256, "turn_tokens": 21, "rounds": 1, "max_tokens": 4}
+
+
+class Kind(Enum):
+    RECOMPUTE = "recompute"
+    DEVICE_HIT = "device_hit"
+    HOST_HIT = "host_hit"
+    DISK_HIT = "disk_hit"
+    PEER_HIT = "peer_hit"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One request of a round: the instance, the context (X or Y), what it measures, and a
+    forced KV source (None: the router chooses)."""
+
+    worker: str
+    context: str
+    kind: Kind
+    prefill_worker: str | None = None
+
+
+ROUND = (
+    Step("A", "X", Kind.RECOMPUTE),
+    Step("A", "X", Kind.DEVICE_HIT),
+    Step("B", "X", Kind.PEER_HIT),
+    Step("A", "Y", Kind.RECOMPUTE),
+    Step("A", "X", Kind.HOST_HIT),
+    Step("B", "Y", Kind.DISK_HIT, prefill_worker=""),
+)
+WORKERS = {"A": "0", "B": "1"}  # instance -> CPU
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """The running deployment the rounds are sent to."""
+
+    url: str
+    model: str
+    vocab: int
+    store_dir: Path
+    children: list[Child]
+
+
+@dataclass(slots=True)
+class Measured:
+    kind: Kind
+    ttft_ms: float
+    text: str
+    prompt_tokens: int
+    fabric: dict[str, Any]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``prefix`` subcommand's flags."""
+    parser.add_argument("--preset", default="small", help="model preset (%(default)s)")
+    parser.add_argument(
+        "--prefix-tokens", type=int, default=2048, help="reusable context length (%(default)s)"
+    )
+    parser.add_argument(
+        "--turn-tokens",
+        type=int,
+        default=37,
+        help="new tokens per request after the context; not a multiple of the block size, so "
+        "a hit still computes a partial block (%(default)s)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="conversations (%(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request")
+    parser.add_argument("--run-dir", type=Path, default=None, help="logs (default: a temp dir)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny preset, 256-token contexts, 1 round (tests)"
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the deployment, send every round, stop everything; the figures as a dict."""
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    from fabric.engine.tiny import PRESET_CONFIGS, Preset, ensure_model
+
+    if args.preset not in [p.value for p in Preset]:
+        raise FabricError(f"--preset {args.preset!r}: choose from {[p.value for p in Preset]}")
+    if args.prefix_tokens < BLOCK_SIZE or args.turn_tokens < 1 or args.rounds < 1:
+        raise FabricError("--prefix-tokens >= 16, --turn-tokens >= 1 and --rounds >= 1 needed")
+    if args.max_tokens < 1:
+        raise FabricError("--max-tokens must be >= 1")
+    if (os.cpu_count() or 1) < 2:
+        raise FabricError("this benchmark pins its two instances to cores 0 and 1: it needs 2")
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-prefix-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log(f"logs in {run_dir}")
+    ensure_model(args.preset)
+    vocab = PRESET_CONFIGS[Preset(args.preset)].vocab_size
+    load_before = os.getloadavg()
+    measured: list[Measured] = []
+    children: list[Child] = []
+    with sigterm_raises(), private_etcd(run_dir) as etcd:
+        try:
+            url = _start(args, etcd, run_dir, children)
+            deployment = Deployment(url, served_model(url), vocab, run_dir / "g4", children)
+            _warm_up(deployment, args)
+            for r in range(args.rounds):
+                measured += _round(deployment, args, r)
+        finally:
+            stop_processes(children, _log)
+    return _report(args, measured, load_before)
+
+
+def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Child]) -> str:
+    context_blocks = -(-(args.prefix_tokens + args.turn_tokens + args.max_tokens) // BLOCK_SIZE)
+    tiers = [
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--device-blocks",
+        str(context_blocks + context_blocks // 4),  # one context: the next evicts it
+        "--host-blocks",
+        str(4 * context_blocks),
+        "--shared-disk-dir",
+        str(run_dir / "g4"),
+        "--shared-disk-blocks",
+        str(4 * (args.rounds + 1) * context_blocks),
+    ]
+    namespace = f"bench-prefix-{os.getpid()}"
+    for name, cpu in WORKERS.items():
+        cmd = worker_command(
+            "aggregated",
+            etcd=etcd,
+            model=args.preset,
+            worker_id=name,
+            namespace=namespace,
+            cpus=cpu,
+            threads=1,
+            extra=tiers,
+        )
+        children.append(start_process(f"instance-{name}", cmd, run_dir, _log))
+    port = free_port()
+    cmd = frontend_command(
+        etcd=etcd,
+        model=args.preset,
+        port=port,
+        namespace=namespace,
+        extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+    )
+    children.append(start_process("frontend", cmd, run_dir, _log))
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, children, len(WORKERS), STARTUP_S, progress=_log)
+    return url
+
+
+def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
+    """First-call costs out of the way, on a prompt nothing else uses: A computes it, B reads
+    it from A (the NIXL connection between them), B computes its own."""
+    shared = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
+    own = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
+    for worker, prompt in (("A", shared), ("B", shared), ("B", own)):
+        stream_completion(
+            deployment.url,
+            deployment.model,
+            prompt,
+            args.max_tokens,
+            REQUEST_TIMEOUT_S,
+            fabric={"worker": worker},
+        )
+
+
+def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
+    vocab = deployment.vocab
+    turn = _tokens(vocab, args.turn_tokens, ("turn", r))
+    prompts = {c: _tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
+    results = []
+    for step in ROUND:
+        check_alive(deployment.children)
+        if step.kind is Kind.DISK_HIT:
+            _wait_for_store(
+                deployment.store_dir, expected=(r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
+            )
+        routing: dict[str, Any] = {"worker": step.worker}
+        if step.prefill_worker is not None:
+            routing["prefill_worker"] = step.prefill_worker
+        got = stream_completion(
+            deployment.url,
+            deployment.model,
+            prompts[step.context],
+            args.max_tokens,
+            REQUEST_TIMEOUT_S,
+            fabric=routing,
+        )
+        result = Measured(
+            step.kind, got.ttft_s * 1e3, got.text, len(prompts[step.context]), got.fabric
+        )
+        _log(
+            f"round {r} {step.kind.value:10} on {step.worker}: ttft {result.ttft_ms:8.1f} ms, "
+            f"cached {got.fabric.get('cached_tokens')}, route {got.fabric.get('route')}"
+        )
+        results.append(result)
+    return results
+
+
+def _wait_for_store(store_dir: Path, expected: int) -> None:
+    """Until G4 holds ``expected`` block files (A's write-through is asynchronous)."""
+    deadline = time.monotonic() + STORE_WAIT_S
+    while sum(1 for _ in store_dir.rglob("*.kvb")) < expected:
+        if time.monotonic() > deadline:
+            raise FabricError(
+                f"G4 in {store_dir} holds fewer than {expected} blocks after "
+                f"{STORE_WAIT_S:.0f} s: the write-through stalled (see the logs)"
+            )
+        time.sleep(0.05)
+
+
+def _tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
+    seed = [num_tokens, *(ord(c) for c in str(key))]
+    rng = np.random.default_rng(seed)
+    return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
+
+
+def _report(
+    args: argparse.Namespace, measured: list[Measured], load_before: tuple[float, ...]
+) -> dict[str, Any]:
+    by_kind: dict[Kind, list[Measured]] = defaultdict(list)
+    for m in measured:
+        by_kind[m.kind].append(m)
+    ttft = {k.value: round(statistics.median(m.ttft_ms for m in by_kind[k]), 3) for k in Kind}
+    base = ttft[Kind.RECOMPUTE.value]
+    speedups = {k: round(base / v, 2) for k, v in ttft.items() if k != Kind.RECOMPUTE.value}
+    hits = [m for m in measured if m.kind is not Kind.RECOMPUTE]
+    reusable = sum(m.prompt_tokens // BLOCK_SIZE * BLOCK_SIZE for m in hits)
+    cached = sum(int(m.fabric.get("cached_tokens", 0)) for m in hits)
+    # each round's recomputes are the references: X+U first, Y+U second
+    references: dict[tuple[int, str], str] = {}
+    equal = True
+    for index, m in enumerate(measured):
+        r, step = divmod(index, len(ROUND))
+        key = (r, ROUND[step].context)
+        if m.kind is Kind.RECOMPUTE:
+            references[key] = m.text
+        else:
+            equal = equal and m.text == references[key]
+    return {
+        "ttft_ms": ttft,
+        "speedup_vs_recompute": speedups,
+        "hit_rate": round(cached / reusable, 4) if reusable else None,
+        "cached_tokens": {
+            k.value: sorted({int(m.fabric.get("cached_tokens", 0)) for m in by_kind[k]})
+            for k in Kind
+        },
+        "routes": {k.value: sorted({str(m.fabric.get("route")) for m in by_kind[k]}) for k in Kind},
+        "kv_sources": {
+            k.value: sorted({str(m.fabric.get("prefill_worker", "")) for m in by_kind[k]})
+            for k in Kind
+        },
+        "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
+        "goals": {k: {"min_speedup": g, "met": speedups[k] >= g} for k, g in GOALS.items()},
+        "outputs_equal": equal,
+        "params": {
+            "preset": args.preset,
+            "prefix_tokens": args.prefix_tokens,
+            "turn_tokens": args.turn_tokens,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "block_size": BLOCK_SIZE,
+            "instances": {name: f"aggregated@cpu{cpu}x1t" for name, cpu in WORKERS.items()},
+            "round": [f"{s.worker}:{s.context}+U:{s.kind.value}" for s in ROUND],
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+
+
+def _log(message: str) -> None:
+    print(f"prefix: {message}", file=sys.stderr, flush=True)

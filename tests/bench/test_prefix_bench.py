@@ -1,0 +1,59 @@
+"""``python -m fabric.bench prefix --quick`` end to end: every kind of hit happens where the
+round says, serves the whole reusable prefix and gives the recompute's output; no timings.
+
+Starts real etcd, two aggregated workers sharing a G4 directory (NIXL peer reads) and the
+frontend on the tiny model; the benchmark stops every process itself, and this test stops the
+benchmark (SIGTERM, which it turns into a clean shutdown, then SIGKILL) if it overruns.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_serve_bench import _nixl_missing
+
+pytestmark = [
+    pytest.mark.etcd,
+    pytest.mark.nixl,
+    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
+]
+
+TIMEOUT_S = 120.0
+KINDS = ("recompute", "device_hit", "host_hit", "disk_hit", "peer_hit")
+
+
+def test_prefix_quick_hits_every_tier_with_equal_outputs() -> None:
+    cmd = [sys.executable, "-m", "fabric.bench", "prefix", "--quick"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"prefix --quick took over {TIMEOUT_S:.0f} s; stderr:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out)
+
+    assert result["outputs_equal"] is True
+    assert result["hit_rate"] == 1.0
+    full_blocks = (256 + 21) // 16 * 16  # --quick: 256-token contexts, 21-token turns
+    assert result["cached_tokens"] == {
+        "recompute": [0],
+        **{kind: [full_blocks] for kind in KINDS[1:]},
+    }
+    assert result["routes"]["peer_hit"] == ["peer_hit"]
+    assert result["kv_sources"]["peer_hit"] == ["A"]
+    for kind in ("recompute", "device_hit", "host_hit", "disk_hit"):
+        assert result["routes"][kind] == ["local"], kind
+        assert result["kv_sources"][kind] == [""], kind
+    assert set(result["ttft_ms"]) == set(KINDS)
+    assert all(v > 0 for v in result["ttft_ms"].values())
+    assert set(result["speedup_vs_recompute"]) == set(KINDS[1:])
+    assert set(result["goals"]) == {"host_hit", "peer_hit", "disk_hit"}
