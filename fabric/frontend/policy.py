@@ -21,8 +21,8 @@ The policy, in order:
    recomputing it, so sending every request that shares a prefix to its one holder would buy a
    transfer's worth of time at the price of a hot spot.
 2. **KV source** (``choose_source``, ``GenerateRequest.prefill_worker``): candidates are the
-   other workers the serving worker can read KV from (``SOURCE_ROLES``: prefill workers for a
-   decode worker; prefill and aggregated workers for an aggregated one) with its compat hash and
+   other workers the serving worker can read KV from (``SOURCE_ROLES``: prefill and aggregated
+   workers) with its compat hash and
    block size. A *holder* is a candidate holding at least ``MIN_PEER_GAIN_BLOCKS`` more leading
    blocks of the prompt than the serving worker itself. A decode worker picks among all its
    candidates (disaggregated serving: a prefill worker computes what it lacks), an aggregated
@@ -49,12 +49,11 @@ from fabric.kvbm.types import Tier
 
 SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
-    Role.DECODE: (Role.PREFILL,),
+    Role.DECODE: (Role.PREFILL, Role.AGGREGATED),
     Role.AGGREGATED: (Role.PREFILL, Role.AGGREGATED),
 }
-"""Serving role -> the roles whose workers it can read a prompt's KV from. A decode worker's
-directory holds prefill workers only (``fabric.worker.runtime``): add AGGREGATED here when decode
-workers learn to read aggregated peers, and aggregated holders compete for them too."""
+"""Serving role -> the roles whose workers it can read a prompt's KV from (both serve
+``PrefillRequest``s: ``fabric.worker.remote_prefill.KV_SOURCE_ROLES``)."""
 ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
 MIN_PEER_GAIN_BLOCKS = 1
 

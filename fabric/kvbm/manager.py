@@ -27,6 +27,7 @@ per-path queues build on ``move`` (tiering issue).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ class KvBlockManager:
         self.events = events
         for tier, slot in tiers.items():
             metrics.bind_pool(tier, slot.pool.stats)
+        if shared is not None:
+            metrics.bind_store(lambda: {"blocks": len(shared), **dataclasses.asdict(shared.stats)})
 
     # -- access --------------------------------------------------------------------------------
 

@@ -10,6 +10,10 @@ live in one process or test without name collisions. Every metric is named ``fab
   ``duplicates_total``. All come from one snapshot per tier per scrape, so in use + cached + free
   == capacity holds within a scrape, and the pool's hot path pays nothing: it keeps plain integer
   counters and the collector reads them.
+* The G4 shared disk store, read at scrape time from the callback it binds (``bind_store``):
+  gauge ``shared_blocks`` (blocks this instance indexes) and counters ``shared_<event>_total``
+  for hits, misses, corrupt (files removed as corrupt), written, skipped (already there),
+  evicted and adopted (written by another instance).
 * Moves between tiers, labelled ``source``/``target``: ``offloads_total``, ``onboards_total``,
   recorded by the manager with ``record_offloads`` / ``record_onboards`` (one call per batch,
   about 0.7 us: a dict lookup and prometheus_client's locked add).
@@ -122,6 +126,35 @@ class _PoolCollector(Collector):
             yield family
 
 
+SHARED_COUNTERS = ("hits", "misses", "corrupt", "written", "skipped", "evicted", "adopted")
+
+
+class _StoreCollector(Collector):
+    """Yields the G4 store's gauge and counters from its bound callback at each scrape."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self._stats()
+        except Exception:
+            logger.exception("stats callback of the shared store failed; its metrics left out")
+            return
+        yield from self._families(values)
+
+    @staticmethod
+    def _families(values: dict[str, int]) -> Iterator[Metric]:
+        doc = "Blocks this instance indexes in the G4 shared disk store."
+        yield GaugeMetricFamily(PREFIX + "shared_blocks", doc, value=values.get("blocks"))
+        for name in SHARED_COUNTERS:
+            doc = f"G4 shared disk store: blocks {name}."
+            yield CounterMetricFamily(PREFIX + f"shared_{name}", doc, value=values.get(name))
+
+
 class _PairChildren(dict[tuple[Tier, Tier], Counter]):
     """Labelled children of a source/target counter, created on first use."""
 
@@ -159,6 +192,11 @@ class KvbmMetrics:
         """Read ``tier``'s gauges and counters from ``stats()`` at each scrape; rebinding
         replaces. The snapshot's counters must only grow (they are exported as counters)."""
         self._pools.bind(tier, stats)
+
+    def bind_store(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the G4 store's ``blocks`` and ``SHARED_COUNTERS`` from ``stats()`` at each
+        scrape (bind once)."""
+        self._registry.register(_StoreCollector(stats))
 
     def record_offloads(self, source: Tier, target: Tier, n: int) -> None:
         """Count ``n`` blocks offloaded from ``source`` to ``target``."""

@@ -7,7 +7,8 @@ built, newest first, and raises)::
     pools when sized, G4 shared store when set, KV event publisher) ─▶ offload manager (with a
     host, disk or shared tier) ─▶ engine ─▶ NIXL agent (device pool registered once)
     ─▶ metrics HTTP endpoint
-    ─▶ worker directory (decode: prefill workers; aggregated: every worker, for peer hits)
+    ─▶ worker directory (decode, aggregated: every worker; prefill and aggregated ones are KV
+    sources: remote prefills and peer hits)
     ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
@@ -264,11 +265,7 @@ def _build(
         prefill = PrefillService(engine, handoff, server, metrics, max_waiting=config.max_waiting)
     if role in (Role.DECODE, Role.AGGREGATED):
         with _step("watching KV sources in etcd"):
-            directory = WorkerDirectory(
-                registry,
-                role=Role.PREFILL if role is Role.DECODE else None,
-                namespace=config.namespace,
-            ).start()
+            directory = WorkerDirectory(registry, namespace=config.namespace).start()
             stack.callback(directory.close)
         remote = RemotePrefills(
             directory,

@@ -125,7 +125,7 @@ def test_decode_reads_the_prefill_worker_with_the_longest_prefix_then_load() -> 
     assert summary(route(workers, index, load))[1] == "p2"  # tie on load: smallest id
 
 
-def test_decode_never_reads_an_aggregated_peer_or_another_geometry() -> None:
+def test_decode_reads_an_aggregated_holder_but_never_another_geometry() -> None:
     index = KvPrefixIndex()
     workers = [
         record("d", Role.DECODE),
@@ -136,11 +136,15 @@ def test_decode_never_reads_an_aggregated_peer_or_another_geometry() -> None:
     index.apply("agg", [stored(HASHES)])
     index.apply("p-big", [stored(sequence_hashes(PROMPT, 2 * BLOCK_SIZE, seed=COMPAT))])
     index.apply("p-other", [stored(sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT + 1))])
-    # decode-d is idle and first by id; agg holds everything but decode workers read prefill
-    # workers only, and neither prefill worker can exchange KV with d.
+    # neither prefill worker can exchange KV with d (another compat hash, another block size)
     prefixes = cached_prefixes(workers, PROMPT, index)
-    assert choose_source(workers[0], workers, {}, prefixes) is None
-    workers.append(record("p", Role.PREFILL))
+    compatible = [w for w in workers if w.worker_id != "agg"]
+    assert choose_source(workers[0], compatible, {}, prefixes) is None
+    # the aggregated worker holds the whole prompt: d reads it there (a peer's cache)
+    assert choose_source(workers[0], workers, {}, prefixes) == workers[1]
+    workers.append(record("p", Role.PREFILL))  # a compatible prefill worker that holds nothing
+    assert summary(route(workers, index, {"agg": 1}))[:2] == ("d", "agg")
+    index.clear_worker("agg")
     assert summary(route(workers, index, {"agg": 1})) == ("d", "p", "prefill", 0, 0)
 
 

@@ -293,11 +293,6 @@ def test_the_pin_routes_to_the_named_workers(
         ({"prefill_worker": "nope"}, "fabric.prefill_worker", ["agg-c, prefill-1, prefill-x"]),
         ({"prefill_worker": "decode-a"}, "fabric.prefill_worker", ["decode worker", "prefill-1"]),
         (
-            {"worker": "decode-a", "prefill_worker": "agg-c"},
-            "fabric.prefill_worker",
-            ["aggregated worker", "prefill workers only"],
-        ),
-        (
             {"worker": "decode-a", "prefill_worker": "prefill-x"},
             "fabric.prefill_worker",
             ["cannot exchange KV", "compat hash"],

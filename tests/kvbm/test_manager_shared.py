@@ -70,6 +70,11 @@ def test_a_second_instance_onboards_the_first_ones_blocks(make: Make) -> None:
         "fabric_kvbm_onboards_total", {"source": "G4", "target": "G1"}
     )
     assert onboards == 6
+    sample = b.metrics.registry.get_sample_value
+    assert sample("fabric_kvbm_shared_hits_total") == 6
+    assert sample("fabric_kvbm_shared_adopted_total") == 6  # a wrote them, b adopted them
+    assert sample("fabric_kvbm_shared_blocks") == 6
+    assert a.metrics.registry.get_sample_value("fabric_kvbm_shared_written_total") == 6
     # now on b's device: a second match is a device hit, nothing read again
     assert b.match(hashes).count(Tier.DEVICE) == 6
 
