@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from fabric.bench.serve import sigterm_raises
+from fabric.bench.svg_chart import bar_chart
 from fabric.errors import FabricError
 from fabric.frontend.client import served_model, stream_completion
 from fabric.launch import (
@@ -136,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs (default: a temp dir)")
     parser.add_argument(
+        "--plot", type=Path, default=None, help="also write the TTFT p50s as an SVG bar chart"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny preset, 256-token contexts, 1 round (tests)"
     )
 
@@ -172,7 +176,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 measured += _round(deployment, args, r)
         finally:
             stop_processes(children, _log)
-    return _report(args, measured, load_before)
+    report = _report(args, measured, load_before)
+    if args.plot is not None:
+        title = (
+            f"TTFT p50, {args.prefix_tokens}-token prefix + {args.turn_tokens}, "
+            f"{args.preset} preset (python -m fabric.bench prefix)"
+        )
+        args.plot.write_text(bar_chart(report["ttft_ms"], title=title, unit="ms"))
+        _log(f"plot written to {args.plot}")
+    return report
 
 
 def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Child]) -> str:
