@@ -21,11 +21,20 @@ Before step 6 the benchmark waits (bounded) until A's write-through has put Y's 
 Every hit repeats a prompt whose recompute was measured, so ``outputs_equal`` compares each hit's
 completion with its recompute's (greedy decoding: equal texts mean equal tokens).
 
+Then a multi-turn phase (``--conversations`` x ``--turns``): every conversation opens with one
+shared system prompt of ``prefix_tokens / 2`` tokens, and turn k of conversation c appends a
+new user message of ``--turn-tokens`` to the conversation so far and goes to instance
+``(c + k) % 2``, the KV source left to the router (peer hits when the other instance holds the
+history). Its ``hit_rate`` is the prompt tokens served from any cache over the reusable prefix
+tokens (per request: the full blocks it shares with the longest earlier prompt), with the route
+kinds and TTFT p50 of its requests. (Answers are not appended: the bench sends token ids and
+gets text back, and a re-tokenized answer need not be the ids the worker cached.)
+
 Output: ``ttft_ms`` (p50 per kind), ``speedup_vs_recompute`` (recompute p50 over the kind's p50),
-``hit_rate`` (prompt tokens served from a cache over reusable prefix tokens, on the hit requests:
-the prompt's full blocks), per-kind ``cached_tokens`` and ``routes`` as the responses report
-them, ``goals`` (host and peer >= 30x, disk >= 20x), ``outputs_equal``, the parameters and the
-machine. TTFT is timed at the client (HTTP and routing included).
+``hit_rate`` (of the multi-turn phase), ``tier_rounds_hit_rate`` (the same over the rounds' hit
+requests: the prompt's full blocks), per-kind ``cached_tokens`` and ``routes`` as the responses
+report them, ``goals`` (host and peer >= 30x, disk >= 20x), ``outputs_equal``, the parameters and
+the machine. TTFT is timed at the client (HTTP and routing included).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -67,7 +76,15 @@ STORE_WAIT_S = 60.0
 BLOCK_SIZE = 16
 FIRST_TOKEN_ID = 2
 GOALS = {"host_hit": 30.0, "peer_hit": 30.0, "disk_hit": 20.0}
-QUICK = {"preset": "tiny", "prefix_tokens": 256, "turn_tokens": 21, "rounds": 1, "max_tokens": 4}
+QUICK = {
+    "preset": "tiny",
+    "prefix_tokens": 256,
+    "turn_tokens": 21,
+    "rounds": 1,
+    "max_tokens": 4,
+    "conversations": 2,
+    "turns": 3,
+}
 
 
 class Kind(Enum):
@@ -135,6 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="conversations (%(default)s)")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per request")
+    parser.add_argument(
+        "--conversations", type=int, default=2, help="multi-turn phase: conversations"
+    )
+    parser.add_argument("--turns", type=int, default=4, help="multi-turn phase: turns each")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs (default: a temp dir)")
     parser.add_argument(
         "--plot", type=Path, default=None, help="also write the TTFT p50s as an SVG bar chart"
@@ -155,8 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FabricError(f"--preset {args.preset!r}: choose from {[p.value for p in Preset]}")
     if args.prefix_tokens < BLOCK_SIZE or args.turn_tokens < 1 or args.rounds < 1:
         raise FabricError("--prefix-tokens >= 16, --turn-tokens >= 1 and --rounds >= 1 needed")
-    if args.max_tokens < 1:
-        raise FabricError("--max-tokens must be >= 1")
+    if min(args.max_tokens, args.conversations, args.turns) < 1:
+        raise FabricError("--max-tokens, --conversations and --turns must be >= 1")
     if (os.cpu_count() or 1) < 2:
         raise FabricError("this benchmark pins its two instances to cores 0 and 1: it needs 2")
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-prefix-"))
@@ -174,9 +195,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _warm_up(deployment, args)
             for r in range(args.rounds):
                 measured += _round(deployment, args, r)
+            turns = _conversations(deployment, args)
         finally:
             stop_processes(children, _log)
-    report = _report(args, measured, load_before)
+    report = _report(args, measured, turns, load_before)
     if args.plot is not None:
         title = (
             f"TTFT p50, {args.prefix_tokens}-token prefix + {args.turn_tokens}, "
@@ -277,6 +299,57 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
     return results
 
 
+@dataclass(slots=True)
+class Turn:
+    """One request of the multi-turn phase, with its reusable prefix as the bench computes it."""
+
+    ttft_ms: float
+    reusable_tokens: int
+    cached_tokens: int
+    route: str
+
+
+def _conversations(deployment: Deployment, args: argparse.Namespace) -> list[Turn]:
+    """The multi-turn phase (module docstring); the router chooses every KV source."""
+    system = _tokens(deployment.vocab, args.prefix_tokens // 2, ("system", 0))
+    earlier: list[list[int]] = []
+    turns = []
+    for c in range(args.conversations):
+        history = list(system)
+        for k in range(args.turns):
+            history += _tokens(deployment.vocab, args.turn_tokens, ("user", c * 1000 + k))
+            worker = "AB"[(c + k) % 2]
+            check_alive(deployment.children)
+            got = stream_completion(
+                deployment.url,
+                deployment.model,
+                history,
+                args.max_tokens,
+                REQUEST_TIMEOUT_S,
+                fabric={"worker": worker},
+            )
+            shared = max((_common_prefix(p, history) for p in earlier), default=0)
+            turn = Turn(
+                got.ttft_s * 1e3,
+                shared // BLOCK_SIZE * BLOCK_SIZE,
+                int(got.fabric.get("cached_tokens", 0)),
+                str(got.fabric.get("route")),
+            )
+            _log(
+                f"conversation {c} turn {k} on {worker}: ttft {turn.ttft_ms:8.1f} ms, cached "
+                f"{turn.cached_tokens} of {turn.reusable_tokens} reusable, route {turn.route}"
+            )
+            turns.append(turn)
+            earlier.append(list(history))
+    return turns
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
 def _wait_for_store(store_dir: Path, expected: int) -> None:
     """Until G4 holds ``expected`` block files (A's write-through is asynchronous)."""
     deadline = time.monotonic() + STORE_WAIT_S
@@ -296,7 +369,10 @@ def _tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
 
 
 def _report(
-    args: argparse.Namespace, measured: list[Measured], load_before: tuple[float, ...]
+    args: argparse.Namespace,
+    measured: list[Measured],
+    turns: list[Turn],
+    load_before: tuple[float, ...],
 ) -> dict[str, Any]:
     by_kind: dict[Kind, list[Measured]] = defaultdict(list)
     for m in measured:
@@ -307,6 +383,8 @@ def _report(
     hits = [m for m in measured if m.kind is not Kind.RECOMPUTE]
     reusable = sum(m.prompt_tokens // BLOCK_SIZE * BLOCK_SIZE for m in hits)
     cached = sum(int(m.fabric.get("cached_tokens", 0)) for m in hits)
+    turn_cached = sum(t.cached_tokens for t in turns)
+    turn_reusable = sum(t.reusable_tokens for t in turns)
     # each round's recomputes are the references: X+U first, Y+U second
     references: dict[tuple[int, str], str] = {}
     equal = True
@@ -320,7 +398,15 @@ def _report(
     return {
         "ttft_ms": ttft,
         "speedup_vs_recompute": speedups,
-        "hit_rate": round(cached / reusable, 4) if reusable else None,
+        "hit_rate": _ratio(turn_cached, turn_reusable),
+        "tier_rounds_hit_rate": _ratio(cached, reusable),
+        "conversations": {
+            "requests": len(turns),
+            "reusable_tokens": turn_reusable,
+            "cached_tokens": turn_cached,
+            "routes": dict(sorted(Counter(t.route for t in turns).items())),
+            "ttft_ms_p50": round(statistics.median(t.ttft_ms for t in turns), 3),
+        },
         "cached_tokens": {
             k.value: sorted({int(m.fabric.get("cached_tokens", 0)) for m in by_kind[k]})
             for k in Kind
@@ -339,6 +425,8 @@ def _report(
             "turn_tokens": args.turn_tokens,
             "rounds": args.rounds,
             "max_tokens": args.max_tokens,
+            "conversations": args.conversations,
+            "turns": args.turns,
             "block_size": BLOCK_SIZE,
             "instances": {name: f"aggregated@cpu{cpu}x1t" for name, cpu in WORKERS.items()},
             "round": [f"{s.worker}:{s.context}+U:{s.kind.value}" for s in ROUND],
@@ -350,6 +438,10 @@ def _report(
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
 
 
 def _log(message: str) -> None:

@@ -42,7 +42,10 @@ def test_prefix_quick_hits_every_tier_with_equal_outputs() -> None:
     result = json.loads(out)
 
     assert result["outputs_equal"] is True
-    assert result["hit_rate"] == 1.0
+    assert result["hit_rate"] == 1.0 and result["tier_rounds_hit_rate"] == 1.0
+    turns = result["conversations"]
+    assert turns["requests"] == 6 and turns["cached_tokens"] == turns["reusable_tokens"] > 0
+    assert turns["routes"].get("peer_hit", 0) >= 1  # turns alternate instances
     full_blocks = (256 + 21) // 16 * 16  # --quick: 256-token contexts, 21-token turns
     assert result["cached_tokens"] == {
         "recompute": [0],
