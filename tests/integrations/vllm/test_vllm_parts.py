@@ -1,0 +1,139 @@
+"""The connector's parts without an engine: config, page geometry and bytes, the hold table.
+
+Marked slow with the rest of the vLLM suite (they import vLLM's connector base classes), but
+each runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fabric.errors import ConfigError, LayoutMismatch
+from fabric.signal.errors import ErrorCode
+
+pytestmark = pytest.mark.slow
+
+vllm = pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
+
+from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E402
+from fabric.integrations.vllm.metadata import PeerHold, token_digest  # noqa: E402
+from fabric.integrations.vllm.pages import KvPages, PageGeometry  # noqa: E402
+from fabric.integrations.vllm.producer import HoldTable  # noqa: E402
+from fabric.integrations.vllm.stats import WorkerStats  # noqa: E402
+
+GEOMETRY = PageGeometry(
+    model="tiny",
+    dtype="float32",
+    num_layers=3,
+    num_kv_heads=2,
+    head_size=8,
+    head_size_v=8,
+    block_size=4,
+    kv_layout="LBHNC",
+    page_bytes=2 * 4 * 16 * 4,
+)
+LAYERS = ["l0", "l1", "l2"]
+
+
+def _kv_caches(num_blocks: int = 6) -> dict[str, torch.Tensor]:
+    g = GEOMETRY
+    whole = torch.randn(g.num_layers, num_blocks, g.num_kv_heads, g.block_size, 2 * g.head_size)
+    return {name: whole[i] for i, name in enumerate(LAYERS)}
+
+
+def test_config_reads_extra_config_and_refuses_unknown_keys() -> None:
+    config = ConnectorConfig.from_extra(
+        {"disk_path": "/tmp/x", "etcd_endpoints": "http://127.0.0.1:2379", "hold_timeout_s": 5},
+        kv_role="kv_producer",
+        engine_id="e1",
+    )
+    assert config.kv_role is KvRole.PRODUCER and config.kv_role.produces
+    assert config.disk_enabled and config.pd_enabled
+    assert config.hold_timeout_s == 5.0
+    assert config.fabric_worker_id == "vllm-e1"
+    with pytest.raises(ConfigError, match="disk_pth"):
+        ConnectorConfig.from_extra({"disk_pth": "/tmp/x"}, kv_role="kv_both", engine_id=None)
+    with pytest.raises(ConfigError, match="save_blocks"):
+        ConnectorConfig.from_extra({"save_blocks": "yes"}, kv_role="kv_both", engine_id=None)
+    with pytest.raises(ConfigError, match="kv_role"):
+        ConnectorConfig.from_extra({}, kv_role="kv_sideways", engine_id=None)
+
+
+def test_compat_hash_and_seed_change_with_every_layout_fact() -> None:
+    base = (GEOMETRY.compat_hash, GEOMETRY.hash_seed)
+    for name, value in [
+        ("model", "other"),
+        ("dtype", "bfloat16"),
+        ("num_layers", 4),
+        ("num_kv_heads", 4),
+        ("head_size", 16),
+        ("block_size", 8),
+        ("kv_layout", "NHD"),
+    ]:
+        other = dataclasses.replace(GEOMETRY, **{name: value})
+        assert other.compat_hash != base[0], name
+        assert other.hash_seed != base[1], name
+
+
+def test_gather_and_scatter_move_whole_blocks_across_layers() -> None:
+    src = _kv_caches()
+    dst = {name: torch.zeros_like(t) for name, t in src.items()}
+    pages_src = KvPages.from_kv_caches(GEOMETRY, src, LAYERS)
+    pages_dst = KvPages.from_kv_caches(GEOMETRY, dst, LAYERS)
+    data = pages_src.gather([4, 1])
+    assert data.shape == (2, GEOMETRY.block_bytes)
+    pages_dst.scatter([0, 5], data)
+    for name in LAYERS:
+        assert torch.equal(dst[name][0], src[name][4])
+        assert torch.equal(dst[name][5], src[name][1])
+        assert not dst[name][1].any()  # untouched blocks stay untouched
+    layout = pages_src.layout_spec()
+    assert layout.num_buffers == GEOMETRY.num_layers
+    assert layout.slot_bytes == GEOMETRY.page_bytes
+
+
+def test_pages_refuse_a_layout_they_cannot_move() -> None:
+    caches = _kv_caches()
+    kv_outermost = {n: t.transpose(0, 1) for n, t in caches.items()}  # not blocks-outermost
+    with pytest.raises(LayoutMismatch, match="not supported"):
+        KvPages.from_kv_caches(GEOMETRY, kv_outermost, LAYERS)
+    with pytest.raises(LayoutMismatch, match="l2"):
+        KvPages.from_kv_caches(GEOMETRY, {n: caches[n] for n in LAYERS[:2]}, LAYERS)
+
+
+def _hold(request_id: str = "r1", tokens: tuple[int, ...] = (5, 6, 7)) -> PeerHold:
+    return PeerHold(request_id, (3, 4), len(tokens), token_digest(tokens), timeout_s=10.0)
+
+
+def test_hold_is_lent_only_for_its_prompt_and_freed_once_released() -> None:
+    stats = WorkerStats()
+    table = HoldTable(stats, lend_grace_s=2.0)
+    refusal = table.lend("r1", [5, 6, 7], now=0.0)
+    assert isinstance(refusal, tuple) and refusal[0] is ErrorCode.UNAVAILABLE  # not seen yet
+    table.hold(_hold(), now=0.0)
+    wrong = table.lend("r1", [5, 6, 8], now=1.0)
+    assert isinstance(wrong, tuple) and wrong[0] is ErrorCode.UNKNOWN_REQUEST
+    lent = table.lend("r1", [5, 6, 7], now=1.0)
+    assert isinstance(lent, PeerHold) and lent.block_ids == (3, 4)
+    assert table.collect(now=2.0) == []
+    assert table.release("r1")
+    assert not table.release("r1")
+    assert table.collect(now=2.0) == ["r1"]
+    late = table.lend("r1", [5, 6, 7], now=3.0)
+    assert isinstance(late, tuple) and late[0] is ErrorCode.UNKNOWN_REQUEST  # freed: refused
+    assert (stats.num_holds, stats.num_holds_released, stats.num_holds_expired) == (1, 1, 0)
+
+
+def test_hold_expires_but_a_lent_hold_outlives_its_deadline_by_the_read_bound() -> None:
+    stats = WorkerStats()
+    table = HoldTable(stats, lend_grace_s=5.0)
+    table.hold(_hold("idle"), now=0.0)
+    table.hold(_hold("reading"), now=0.0)
+    assert isinstance(table.lend("reading", [5, 6, 7], now=9.0), PeerHold)
+    assert table.collect(now=10.0) == ["idle"]  # expired at its 10 s deadline
+    assert table.collect(now=13.0) == []  # lent at 9 s: kept until 14 s
+    assert table.collect(now=14.0) == ["reading"]
+    assert stats.num_holds_expired == 2
