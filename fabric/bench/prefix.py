@@ -1,9 +1,10 @@
 """Prefix hits by tier: TTFT of a recompute against device, host, shared-disk and peer hits.
 
-One deployment the way ``fabric launch`` starts one: a private etcd, two aggregated workers
-(instance A pinned to core 0, instance B to core 1, ``--threads 1`` each) with a device pool of
-about 1.25 contexts, a host pool of several, and one G4 shared directory, behind the OpenAI
-frontend. Logs go under ``--run-dir``; every process is stopped when ``run`` returns or fails.
+One deployment the way ``fabric launch`` starts one: a private etcd and three aggregated workers
+(instance A pinned to core 0, B and C to core 1, ``--threads 1`` each; never two busy at once) with
+a device pool of about 1.25 contexts and a host pool of several; A and B share one G4 directory, C
+has none (so its hits can only come from a peer), behind the OpenAI frontend. Logs go under
+``--run-dir``; every process is stopped when ``run`` returns or fails.
 
 Workload: ``--rounds`` conversations, each two contexts X and Y of ``--prefix-tokens`` (a system
 prompt plus history: the reusable prefix) and one user turn U of ``--turn-tokens``, all random
@@ -12,7 +13,7 @@ request's ``fabric.worker`` field. Each round sends, in this order::
 
     1 A  X+U   recompute    nothing holds X
     2 A  X+U   device_hit   A's device holds X
-    3 B  X+U   peer_hit     the router sees A hold X (KV events) and has B read it over NIXL
+    3 C  X+U   peer_hit     the router sees A hold X (KV events) and has C read it over NIXL
     4 A  Y+U   recompute    evicts X from A's device (A's host and G4 keep it)
     5 A  X+U   host_hit     A onboards X from its host tier
     6 B  Y+U   disk_hit     forced local (``prefill_worker: ""``): B finds Y in G4, written by A
@@ -24,8 +25,9 @@ completion with its recompute's (greedy decoding: equal texts mean equal tokens)
 Then a multi-turn phase (``--conversations`` x ``--turns``): every conversation opens with one
 shared system prompt of ``prefix_tokens / 2`` tokens, and turn k of conversation c appends a
 new user message of ``--turn-tokens`` to the conversation so far and goes to instance
-``(c + k) % 2``, the KV source left to the router (peer hits when the other instance holds the
-history). Its ``hit_rate`` is the prompt tokens served from any cache over the reusable prefix
+``(c + k) % 2`` (A or B), the KV source left to the router (a peer hit when the other instance
+holds the history; the serving instance computes the tail itself when G4 already gave it every
+full block). Its ``hit_rate`` is the prompt tokens served from any cache over the reusable prefix
 tokens (per request: the full blocks it shares with the longest earlier prompt), with the route
 kinds and TTFT p50 of its requests. (Answers are not appended: the bench sends token ids and
 gets text back, and a re-tokenized answer need not be the ids the worker cached.)
@@ -33,8 +35,10 @@ gets text back, and a re-tokenized answer need not be the ids the worker cached.
 Output: ``ttft_ms`` (p50 per kind), ``speedup_vs_recompute`` (recompute p50 over the kind's p50),
 ``hit_rate`` (of the multi-turn phase), ``tier_rounds_hit_rate`` (the same over the rounds' hit
 requests: the prompt's full blocks), per-kind ``cached_tokens`` and ``routes`` as the responses
-report them, ``goals`` (host and peer >= 30x, disk >= 20x), ``outputs_equal``, the parameters and
-the machine. TTFT is timed at the client (HTTP and routing included).
+report them, the worker-reported ``prefill_ms_p50`` (prompt compute, on the KV source for a peer
+hit) and ``kv_transfer_ms_p50`` (the NIXL read) per kind, ``goals`` (host and peer >= 30x, disk
+>= 20x), ``outputs_equal``, the parameters and the machine. TTFT is timed at the client (HTTP
+and routing included).
 """
 
 from __future__ import annotations
@@ -109,12 +113,14 @@ class Step:
 ROUND = (
     Step("A", "X", Kind.RECOMPUTE),
     Step("A", "X", Kind.DEVICE_HIT),
-    Step("B", "X", Kind.PEER_HIT),
+    Step("C", "X", Kind.PEER_HIT),
     Step("A", "Y", Kind.RECOMPUTE),
     Step("A", "X", Kind.HOST_HIT),
     Step("B", "Y", Kind.DISK_HIT, prefill_worker=""),
 )
-WORKERS = {"A": "0", "B": "1"}  # instance -> CPU
+WORKERS = {"A": "0", "B": "1", "C": "1"}  # instance -> CPU
+WITH_G4 = ("A", "B")
+"""C has no G4: its hits can only come from a peer (B would find A's blocks in G4 itself)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if min(args.max_tokens, args.conversations, args.turns) < 1:
         raise FabricError("--max-tokens, --conversations and --turns must be >= 1")
     if (os.cpu_count() or 1) < 2:
-        raise FabricError("this benchmark pins its two instances to cores 0 and 1: it needs 2")
+        raise FabricError("this benchmark pins its instances to cores 0 and 1: it needs 2 CPUs")
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-prefix-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     _log(f"logs in {run_dir}")
@@ -218,6 +224,8 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
         str(context_blocks + context_blocks // 4),  # one context: the next evicts it
         "--host-blocks",
         str(4 * context_blocks),
+    ]
+    g4 = [
         "--shared-disk-dir",
         str(run_dir / "g4"),
         "--shared-disk-blocks",
@@ -233,7 +241,7 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
             namespace=namespace,
             cpus=cpu,
             threads=1,
-            extra=tiers,
+            extra=tiers + g4 if name in WITH_G4 else tiers,
         )
         children.append(start_process(f"instance-{name}", cmd, run_dir, _log))
     port = free_port()
@@ -251,11 +259,11 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
 
 
 def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
-    """First-call costs out of the way, on a prompt nothing else uses: A computes it, B reads
+    """First-call costs out of the way, on prompts nothing else uses: A computes one, C reads
     it from A (the NIXL connection between them), B computes its own."""
     shared = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
     own = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
-    for worker, prompt in (("A", shared), ("B", shared), ("B", own)):
+    for worker, prompt in (("A", shared), ("C", shared), ("B", own)):
         stream_completion(
             deployment.url,
             deployment.model,
@@ -417,6 +425,8 @@ def _report(
             for k in Kind
         },
         "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
+        "prefill_ms_p50": {k.value: _stat_p50(by_kind[k], "prefill_ms") for k in Kind},
+        "kv_transfer_ms_p50": {k.value: _stat_p50(by_kind[k], "kv_transfer_ms") for k in Kind},
         "goals": {k: {"min_speedup": g, "met": speedups[k] >= g} for k, g in GOALS.items()},
         "outputs_equal": equal,
         "params": {
@@ -438,6 +448,12 @@ def _report(
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
+
+
+def _stat_p50(measured: list[Measured], name: str) -> float | None:
+    """The p50 of a worker-reported figure (``fabric`` field) over ``measured``."""
+    values = [float(m.fabric[name]) for m in measured if name in m.fabric]
+    return round(statistics.median(values), 3) if values else None
 
 
 def _ratio(part: int, whole: int) -> float | None:

@@ -16,11 +16,12 @@ decode handoff. One ``step``:
 
 Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that is a
 peer hit (the router saw that peer hold a longer cached prefix), read like a remote prefill, with
-the same fallback. Only the blocks this worker lacks are read. A request the pool can never hold,
-an invalid one, or one arriving at a full queue gets a final error chunk at once; a client whose
-chunks cannot be delivered is treated as gone (its request is released). ``Abort`` ends a request
-in any phase with a final error chunk ("aborted: ...") and releases its blocks here and, through
-``Abort``, on its prefill worker.
+the same fallback. Only the blocks this worker lacks are read; when its own tiers (G4 included)
+already hold every full block of the prompt (at least one), it computes the partial last block
+itself instead. A request the pool can never hold, an invalid one, or one arriving at a full queue
+gets a final error chunk at once; a client whose chunks cannot be delivered is treated as gone (its
+request is released). ``Abort`` ends a request in any phase with a final error chunk ("aborted:
+...") and releases its blocks here and, through ``Abort``, on its prefill worker.
 
 Invariants: every request ends with exactly one final chunk (unless its client is gone) and,
 when it ends, holds no block; ``_id_to_gen`` holds exactly the requests not yet ended, each in
@@ -175,6 +176,13 @@ class GenerationService:
             gen.seq = seq
             gen.stats.queue_ms = (time.perf_counter() - gen.arrived_at) * 1000
             gen.stats.local_prefix_tokens = seq.num_cached_tokens
+            full = len(gen.prompt) // self._kvbm.block_size * self._kvbm.block_size
+            if remote and 0 < full <= seq.num_cached_tokens:  # only a partial block is left:
+                gen.phase = Phase.PREFILLING  # computing it here beats a round trip
+                remote = False
+                logger.debug(
+                    "request %s: every full block is here; not asking %s", gen.request_id, source
+                )
             if remote and self._start_remote(gen):
                 continue
             local_budget -= 1

@@ -1,7 +1,7 @@
 """``python -m fabric.bench prefix --quick`` end to end: every kind of hit happens where the
 round says, serves the whole reusable prefix and gives the recompute's output; no timings.
 
-Starts real etcd, two aggregated workers sharing a G4 directory (NIXL peer reads) and the
+Starts real etcd, three aggregated workers (two sharing a G4 directory; NIXL peer reads) and the
 frontend on the tiny model; the benchmark stops every process itself, and this test stops the
 benchmark (SIGTERM, which it turns into a clean shutdown, then SIGKILL) if it overruns.
 """
@@ -52,7 +52,7 @@ def test_prefix_quick_hits_every_tier_with_equal_outputs() -> None:
         **{kind: [full_blocks] for kind in KINDS[1:]},
     }
     assert result["routes"]["peer_hit"] == ["peer_hit"]
-    assert result["kv_sources"]["peer_hit"] == ["A"]
+    assert result["kv_sources"]["peer_hit"] == ["A"]  # read from A: C has no G4
     for kind in ("recompute", "device_hit", "host_hit", "disk_hit"):
         assert result["routes"][kind] == ["local"], kind
         assert result["kv_sources"][kind] == [""], kind

@@ -1,8 +1,8 @@
 """Cross-instance prefix hits across processes, through the HTTP frontend and the ``openai``
-client: two aggregated instances share a G4 directory. A prompt computed by ``inst-a`` is read
-by ``inst-b`` from ``inst-a`` over NIXL (a peer hit the router chose from KV events); after every
-worker process is stopped, a new instance serves it from G4. Each answer equals the aggregated
-reference deployment's, token for token."""
+client. A prompt computed by ``inst-a`` (no G4) is read by ``inst-b`` from ``inst-a`` over NIXL
+(a peer hit the router chose from KV events); ``inst-b`` writes it through to its G4 directory;
+after every worker process is stopped, a new instance on that directory serves it from G4. Each
+answer equals the aggregated reference deployment's, token for token."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def test_peer_hit_then_shared_disk_hit_after_every_worker_restarted(
     first, second = shared + prompt_ids(6, seed=32), shared + prompt_ids(11, seed=33)
     try:
         deployment.spawn_frontend()
-        for worker_id in ("inst-a", "inst-b"):
-            deployment.spawn_worker("aggregated", worker_id, *g4)
+        deployment.spawn_worker("aggregated", "inst-a")  # G4 would make inst-b's hit local
+        deployment.spawn_worker("aggregated", "inst-b", *g4)
         deployment.wait_workers(aggregated=2)
         client = deployment.client()
 

@@ -252,3 +252,21 @@ def test_concurrent_requests_offload_every_block_once_and_leak_nothing(
     assert len(files) == len(store) == capacity  # full: it evicted (LRU order: test_disk_store)
     assert store.stats.evicted == len(distinct) - capacity
     assert not list(shared_dir.rglob("*.tmp"))
+
+
+def test_a_named_peer_is_not_asked_when_this_worker_holds_every_full_block(
+    cluster: tuple[StartWorker, Frontend], shared_dir: Path
+) -> None:
+    start, front = cluster
+    tiers = {"shared_disk_dir": shared_dir, "shared_disk_blocks": 512}
+    a, b = start("a", **tiers), start("b", **tiers)
+    prompt = prompt_of(6 * BLOCK + 5, seed=40)
+    first = run(front, "a", prompt)
+    assert_clean(a)  # written through to G4
+    a_before = computed_here(a)
+
+    hit = run(front, "b", prompt, source="a")  # b finds all six full blocks in G4 itself
+
+    assert hit.stats["prefill_worker"] == "" and hit.stats["cached_tokens"] == 6 * BLOCK
+    assert computed_here(b) == 5 and computed_here(a) == a_before  # no round trip to a
+    assert hit.tokens == first.tokens
