@@ -102,8 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Start one worker: prefill (computes prompts for decode workers and hands their KV over "
         "NIXL), decode (asks the prefill worker each request names, reads the KV it lacks and "
         "generates; computes the prompt itself when none is named) or aggregated (computes and "
-        "generates, and serves its cached prefixes to peers). It registers in etcd once ready; clients send GenerateRequests to "
-        "its signal endpoint. Flags override FABRIC_* variables, which override defaults."
+        "generates, and serves its cached prefixes to peers). It registers in etcd once "
+        "ready; clients send GenerateRequests to its signal endpoint. Flags override FABRIC_* "
+        "variables, which override defaults."
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG"
