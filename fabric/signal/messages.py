@@ -335,7 +335,9 @@ _TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {
 
 
 def encode(message: Message, compat_hash: int) -> bytes:
-    """Serialize ``message`` in the protocol envelope.
+    """Serialize ``message`` in the protocol envelope. Text that is not valid Unicode (a lone
+    surrogate, e.g. from a file name decoded with ``surrogateescape``) goes out with ``?`` in
+    its place, so an error message can always be sent.
 
     Raises:
         InvalidInput: ``compat_hash`` is not a uint64, or ``message`` is not a signal message.
@@ -349,7 +351,9 @@ def encode(message: Message, compat_hash: int) -> bytes:
     if message_type is MessageType.ERROR_REPLY:
         body[1] = body[1].value
     return msgpack.packb(
-        [PROTOCOL_VERSION, message_type.value, compat_hash, body], use_bin_type=True
+        [PROTOCOL_VERSION, message_type.value, compat_hash, body],
+        use_bin_type=True,
+        unicode_errors="replace",
     )
 
 

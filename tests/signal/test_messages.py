@@ -170,6 +170,15 @@ def test_golden_bytes_pin_the_wire_layout() -> None:
     assert _decode(golden) == message
 
 
+def test_text_that_is_not_valid_unicode_goes_out_replaced() -> None:
+    """A lone surrogate (a file name decoded with surrogateescape) must not make an error
+    unsendable; the receiver gets valid UTF-8 with ``?`` in its place."""
+    reply = ErrorReply("r-\udc80", ErrorCode.INTERNAL, "cannot open /tmp/caf\udce9")
+    assert _decode(encode(reply, COMPAT)) == ErrorReply(
+        "r-?", ErrorCode.INTERNAL, "cannot open /tmp/caf?"
+    )
+
+
 def test_error_reply_code_is_its_int_value() -> None:
     payload = encode(ErrorReply(None, ErrorCode.INCOMPATIBLE, "no"), 1)
     assert msgpack.unpackb(payload) == [
