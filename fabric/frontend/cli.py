@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per vLLM request
     if args.idle_timeout <= 0 or args.request_timeout <= 0 or args.default_max_tokens < 1:
         raise FabricError("--idle-timeout, --request-timeout and --default-max-tokens must be > 0")
     run_frontend(

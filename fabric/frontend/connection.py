@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 from fabric.discovery.registry import WorkerRecord
 from fabric.errors import FabricError
@@ -46,6 +47,7 @@ class StreamFailure:
 
     status: int
     message: str
+    code: str = "worker_unavailable"
 
 
 StreamItem = TokenChunk | StreamFailure
@@ -55,14 +57,14 @@ class ChunkStream:
     """A bounded queue of one request's chunks, written from any thread, read on ``loop``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_chunks: int) -> None:
-        self._loop = loop
+        self.loop = loop
         self._queue: asyncio.Queue[StreamItem] = asyncio.Queue(max_chunks)
         self._ended = False  # set on the loop: the last item was queued
 
     def push_threadsafe(self, item: StreamItem) -> None:
         """Queue ``item`` from any thread (dropped if the loop is already closed)."""
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._push, item)
+            self.loop.call_soon_threadsafe(self._push, item)
 
     async def get(self, timeout_s: float) -> StreamItem | None:
         """The next item, or None when none arrived within ``timeout_s``."""
@@ -85,6 +87,24 @@ class ChunkStream:
             )
         self._ended = isinstance(item, StreamFailure) or item.finished
         self._queue.put_nowait(item)
+
+
+class ServingConnection(Protocol):
+    """What the router needs of a connection to a serving worker: this module's
+    ``WorkerConnection`` (signals) or ``http_connection.HttpConnection`` (a vLLM instance)."""
+
+    record: WorkerRecord
+
+    @property
+    def worker_id(self) -> str: ...
+
+    def submit(
+        self, request: GenerateRequest, stream: ChunkStream, source: WorkerRecord | None = None
+    ) -> None: ...
+
+    def abort(self, request_id: str, reason: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +156,14 @@ class WorkerConnection:
     def worker_id(self) -> str:
         return self.record.worker_id
 
-    def submit(self, request: GenerateRequest, stream: ChunkStream) -> None:
-        """Send ``request``; its chunks (or a ``StreamFailure``) go to ``stream``. Any thread."""
+    def submit(
+        self, request: GenerateRequest, stream: ChunkStream, source: WorkerRecord | None = None
+    ) -> None:
+        """Send ``request``; its chunks (or a ``StreamFailure``) go to ``stream``. Any thread.
+
+        ``source`` (the KV source's record) is not needed: the worker finds it by
+        ``request.prefill_worker`` itself.
+        """
         self._inbox.put(_Submit(request, stream))
 
     def abort(self, request_id: str, reason: str) -> None:

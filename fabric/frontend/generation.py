@@ -112,7 +112,7 @@ class Generation:
             )
         if isinstance(item, StreamFailure):
             self._fail(item.message)
-            raise ApiError(item.status, item.message, code="worker_unavailable")
+            raise ApiError(item.status, item.message, code=item.code)
         self.routed.prefill_done()
         if item.finish_reason == "error":
             message = str(item.stats.get("error") or "the worker reported an error")

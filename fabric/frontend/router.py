@@ -1,9 +1,11 @@
 """``Router``: live workers from discovery, their signal connections and KV events; routing.
 
 Owns, for one served model: a ``WorkerDirectory`` (joins, updates and leaves arrive from the
-registry's watch, so no restart is needed), one ``WorkerConnection`` per decode or aggregated
-worker, one ``KvEventSubscriber`` per worker of any role that publishes ``events``, the
-``KvPrefixIndex`` they feed, and the in-flight count of every worker. The choices themselves are
+registry's watch, so no restart is needed), one connection per decode or aggregated worker
+(a ``WorkerConnection`` over signals to the fabric's workers, an ``HttpConnection`` to a vLLM
+instance: a record with ``layout["engine"] == "vllm"`` and an ``http`` endpoint), one
+``KvEventSubscriber`` per worker of any role that publishes ``events``, the ``KvPrefixIndex``
+they feed, and the in-flight count of every worker. The choices themselves are
 ``policy``'s; the router resolves a request's ``RoutePin`` (the ``fabric`` field of the body)
 against the live workers and refuses a pin it cannot honour with a 400 naming the live workers.
 
@@ -11,6 +13,8 @@ Invariants:
 
 * Eligible workers are the DECODE, AGGREGATED and PREFILL records whose ``layout["model"]`` is the
   served model name (records without one are accepted); others are ignored (logged once).
+  A vLLM record without an ``http`` endpoint is ignored too: the frontend cannot send it requests.
+  vLLM and fabric workers never share a route (their compat hashes differ).
 * A record that changes its endpoints, compat hash or ``started_at`` (a restart) is treated as a
   leave then a join: its connection fails its open requests, its index entries are forgotten.
 * The in-flight count of a worker is the number of ``RoutedRequest``s holding it: a serving worker
@@ -30,8 +34,10 @@ from dataclasses import dataclass
 
 from fabric.discovery.registration import WorkerDirectory, WorkerEvent, WorkerEventKind
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry, Role, WorkerRecord
-from fabric.frontend.connection import ChunkStream, WorkerConnection
+from fabric.frontend.connection import ChunkStream, ServingConnection, WorkerConnection
 from fabric.frontend.errors import bad_request, no_workers
+from fabric.frontend.http_backend import uses_http
+from fabric.frontend.http_connection import HttpClients, HttpConnection
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.kv_subscriber import KvEventSubscriber
 from fabric.frontend.policy import (
@@ -74,7 +80,7 @@ class RoutedRequest:
         self,
         router: Router,
         request: GenerateRequest,
-        connection: WorkerConnection,
+        connection: ServingConnection,
         route: Route,
         stream: ChunkStream,
     ) -> None:
@@ -121,17 +127,20 @@ class Router:
         identity: str,
         namespace: str = DEFAULT_NAMESPACE,
         max_chunks: int = 4096,
+        http: HttpClients | None = None,
     ) -> None:
         """Args:
         identity: this frontend's id: the signal client identity workers push chunks to.
         max_chunks: chunks a request's stream may hold before its reader is declared too slow.
+        http: the HTTP clients of the connections to vLLM instances (default: new ones).
         """
         self.model_name = model_name
         self.identity = identity
         self.index = KvPrefixIndex()
         self._max_chunks = max_chunks
         self._lock = threading.Lock()
-        self._connections: dict[str, WorkerConnection] = {}
+        self._http = http or HttpClients()
+        self._connections: dict[str, ServingConnection] = {}
         self._prefills: dict[str, WorkerRecord] = {}
         self._subscribers: dict[str, KvEventSubscriber] = {}
         self._load: dict[str, int] = {}
@@ -156,6 +165,7 @@ class Router:
             connection.close()
         for subscriber in subscribers:
             subscriber.close()
+        self._http.close()
 
     def workers(self) -> dict[str, WorkerRecord]:
         """The eligible workers by id."""
@@ -215,7 +225,7 @@ class Router:
             self._acquire(connection.worker_id)
             if source is not None:
                 self._acquire(source.worker_id)
-            connection.submit(request, stream)
+            connection.submit(request, stream, source)
         logger.debug(
             "%s -> %s, KV from %s (%s%s; %d of %d blocks cached there, %d here)",
             request_id,
@@ -320,8 +330,20 @@ class Router:
 
     def _add(self, record: WorkerRecord) -> None:
         worker_id = record.worker_id
-        connection = None
-        if record.role in SERVING_ROLES:
+        connection: ServingConnection | None = None
+        if uses_http(record):
+            if "http" not in record.endpoints:
+                logger.warning(
+                    "%s worker %s (%s) has no http endpoint (kv_connector_extra_config "
+                    "http_url); ignored",
+                    record.role.value,
+                    worker_id,
+                    record.layout.get("engine"),
+                )
+                return
+            if record.role in SERVING_ROLES:
+                connection = HttpConnection(record, self._http)
+        elif record.role in SERVING_ROLES:
             if "signal" not in record.endpoints:
                 logger.warning("worker %s has no signal endpoint; ignored", worker_id)
                 return

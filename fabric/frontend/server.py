@@ -25,6 +25,7 @@ from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
 from fabric.errors import ConfigError
 from fabric.frontend.api import build_app
 from fabric.frontend.generation import Frontend, FrontendSettings
+from fabric.frontend.http_connection import HttpClients
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.frontend.router import Router
 from fabric.frontend.tokenizer import TextCodec, resolve_model
@@ -41,12 +42,14 @@ def build_frontend(
     namespace: str = DEFAULT_NAMESPACE,
     settings: FrontendSettings | None = None,
     identity: str | None = None,
+    http: HttpClients | None = None,
 ) -> Frontend:
     """A frontend for ``model`` (a model directory or a preset name); its router is started.
 
     Args:
         identity: the signal identity workers push chunks to; unique per frontend (default
             ``frontend-<random>``).
+        http: the HTTP clients for vLLM instances (default: real network, ``HttpSettings()``).
     """
     resolved = resolve_model(model)
     codec = TextCodec.from_dir(resolved.directory)
@@ -55,6 +58,7 @@ def build_frontend(
         model_name=resolved.name,
         identity=identity or f"frontend-{uuid.uuid4().hex[:12]}",
         namespace=namespace,
+        http=http,
     )
     metrics = FrontendMetrics(router.in_flight)
     frontend = Frontend(

@@ -13,7 +13,8 @@ Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at 
     connector.py  FabricConnector: the facade vLLM builds per role; build_scheduler/build_worker
     scheduler.py  FabricScheduler: lookups, load/save plans, holds (no KV bytes)
     worker.py     FabricWorker: disk loads and saves, P/D reads, completions, load errors
-    producer.py   HoldTable + ProducerEndpoint: held prefills, signal server, etcd record
+    producer.py   HoldTable + ProducerEndpoint: held prefills, signal server
+    discovery.py  instance_record: the etcd record (role, signal/http endpoints, layout facts)
     consumer.py   PeerReader: etcd lookup, PrefillRequest/BlocksReady, NIXL read, TransferDone
     metadata.py   FabricMetadata: the scheduler -> worker records of one step
     pages.py      PageGeometry (compat hash, hash seed) and KvPages (gather/scatter, NIXL layout)
@@ -41,9 +42,11 @@ directory sees them: a prompt computed by one instance is a hit in another.
 ``kv_transfer_params: {"do_remote_decode": true}``) returns delay-free plus params naming its
 fabric worker id, request id, block ids and compat hash. Its worker side adopts vLLM's KV tensors
 as a fabric storage, registers them with a NIXL agent (progress thread off: reads are driven by
-the reader's polling), serves a ZeroMQ ``SignalServer`` and publishes a ``WorkerRecord`` in etcd.
-The consumer, given those params, answers ``get_num_new_matched_tokens`` with an asynchronous
-load of the prompt beyond its local hit; its worker finds the producer through a
+the reader's polling), serves a ZeroMQ ``SignalServer`` and publishes a ``WorkerRecord`` in
+etcd (``discovery``: every instance with ``etcd_endpoints`` registers, except a consumer
+without ``http_url``; the fabric's frontend routes requests to those with an ``http``
+endpoint). The consumer, given those params, answers ``get_num_new_matched_tokens`` with an
+asynchronous load of the prompt beyond its local hit; its worker finds the producer through a
 ``WorkerDirectory``, sends ``PrefillRequest`` (with the prompt, checked against the hold's
 digest), gets ``BlocksReady`` (a ``RemoteBlockSet``), reads with NIXL into the allocated blocks
 and sends ``TransferDone``; the producer's ``get_finished`` then reports the request sent and

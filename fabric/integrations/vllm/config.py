@@ -27,6 +27,11 @@ Keys (all optional)::
     peer_timeout_s         float  consumer's bound on finding the producer and its answer (10)
     registration_ttl_s     float  lease TTL of the etcd record (5)
     model_id               str    model name in the compatibility hash (default: vLLM's model)
+    http_url               str    this instance's OpenAI server (``http://host:port``): with
+                                  ``etcd_endpoints``, the etcd record carries it as the
+                                  ``http`` endpoint, so the fabric's frontend can route to it
+    served_model_name      str    the model name the frontend matches and sends (default:
+                                  vLLM's ``--served-model-name``)
     debug_fail_loads       bool   testing only: report every load as failed (False)
 """
 
@@ -76,6 +81,8 @@ class ConnectorConfig:
     peer_timeout_s: float = 10.0
     registration_ttl_s: float = 5.0
     model_id: str | None = None
+    http_url: str | None = None
+    served_model_name: str | None = None
     debug_fail_loads: bool = False
 
     def __post_init__(self) -> None:
@@ -88,6 +95,11 @@ class ConnectorConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive (seconds)")
         if self.worker_id is not None and (not self.worker_id or "/" in self.worker_id):
             raise ConfigError(f"worker_id={self.worker_id!r} must be non-empty without '/'")
+        if self.http_url is not None and not self.http_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"http_url={self.http_url!r} must be this instance's server URL, e.g. "
+                "http://127.0.0.1:8100"
+            )
 
     @property
     def disk_enabled(self) -> bool:

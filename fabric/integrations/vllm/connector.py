@@ -17,6 +17,7 @@ Use::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,15 @@ def open_store(config: ConnectorConfig, geometry: PageGeometry) -> DiskStore | N
     )
 
 
+def served_model_name(vllm_config: VllmConfig) -> str:
+    """vLLM's ``--served-model-name`` (its first name), else the model."""
+    model_config = vllm_config.model_config
+    name = getattr(model_config, "served_model_name", None) or model_config.model
+    if isinstance(name, list | tuple):
+        name = name[0] if name else model_config.model
+    return str(name)
+
+
 def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricScheduler:
     return FabricScheduler(config, geometry, open_store(config, geometry))
 
@@ -90,7 +100,10 @@ class FabricConnector(KVConnectorBase_V1):
                 f"parallel size 1), got TP={parallel.tensor_parallel_size} "
                 f"PP={parallel.pipeline_parallel_size}"
             )
-        self.config = ConnectorConfig.from_vllm(self._kv_transfer_config)
+        config = ConnectorConfig.from_vllm(self._kv_transfer_config)
+        if config.served_model_name is None:
+            config = dataclasses.replace(config, served_model_name=served_model_name(vllm_config))
+        self.config = config
         self.geometry = PageGeometry.from_vllm(
             vllm_config, kv_cache_config, model_id=self.config.model_id
         )

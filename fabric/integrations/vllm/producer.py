@@ -14,8 +14,8 @@ the worker reports the request in ``finished_sending``. This module decides when
   EXPIRED requests, which the worker then reports as sent; later requests for them are refused.
 * ``ProducerEndpoint``: a ``SignalServer`` on an ephemeral port answering ``PrefillRequest`` with
   ``BlocksReady`` (the held blocks as a ``RemoteBlockSet``: NIXL agent metadata, buffers, ids)
-  and taking ``TransferDone`` / ``Abort``; and a ``WorkerRegistration`` that publishes this
-  instance in etcd (signal endpoint, NIXL agent, page facts, compat hash) under a lease.
+  and taking ``TransferDone`` / ``Abort``. Its endpoint goes into the instance's etcd record
+  (``discovery.instance_record``, registered by the worker).
 
 Threads: the signal handler runs on the server thread and only touches the hold table and
 immutable data (the block set template is built once, with the agent metadata read at start),
@@ -32,8 +32,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
-from fabric.discovery.registration import WorkerRegistration
-from fabric.discovery.registry import Registry, Role, WorkerRecord
 from fabric.integrations.vllm.metadata import PeerHold, token_digest
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import WorkerStats
@@ -168,11 +166,8 @@ class ProducerEndpoint:
         geometry: PageGeometry,
         agent: TransferAgent,
         storage: Storage,
-        registry: Registry,
         holds: HoldTable,
         signal_host: str,
-        namespace: str,
-        registration_ttl_s: float,
     ) -> None:
         self._holds = holds
         self._compat = geometry.compat_hash
@@ -191,28 +186,11 @@ class ProducerEndpoint:
         self._server = SignalServer(
             f"tcp://{signal_host}:0", self._handle, compat_hash=self._compat, name=worker_id
         )
-        record = WorkerRecord(
-            worker_id=worker_id,
-            role=Role.PREFILL,
-            endpoints={"signal": self._server.endpoint},
-            agent_name=agent.name,
-            layout={k: v for k, v in geometry.compat_facts().items() if k != "engine"},
-            compat_hash=self._compat,
-            started_at=time.time(),
-        )
-        try:
-            self._registration = WorkerRegistration(
-                registry, record, ttl_s=registration_ttl_s, namespace=namespace
-            ).start()
-        except BaseException:
-            self._server.close()
-            raise
         logger.info(
-            "P/D producer %s: signals on %s, NIXL agent %s, registered in %r",
+            "P/D producer %s: signals on %s, NIXL agent %s",
             worker_id,
             self._server.endpoint,
             agent.name,
-            namespace,
         )
 
     @property
@@ -243,8 +221,5 @@ class ProducerEndpoint:
         return ErrorReply(None, ErrorCode.UNKNOWN_TYPE, f"{type(message).__name__} not served here")
 
     def close(self) -> None:
-        """Leave etcd (the record disappears at once), then stop serving."""
-        try:
-            self._registration.close()
-        finally:
-            self._server.close()
+        """Stop serving (leave etcd first: the worker closes the registration before this)."""
+        self._server.close()

@@ -28,9 +28,11 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from fabric.discovery.registration import WorkerRegistration
 from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.consumer import PeerReader
+from fabric.integrations.vllm.discovery import instance_record
 from fabric.integrations.vllm.metadata import DiskLoad, DiskSave, FabricMetadata, PeerRead
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import HoldTable, ProducerEndpoint
@@ -99,11 +101,8 @@ class FabricWorker:
                 geometry=self.geometry,
                 agent=agent,
                 storage=storage,
-                registry=registry,
                 holds=self._holds,
                 signal_host=config.signal_host,
-                namespace=config.namespace,
-                registration_ttl_s=config.registration_ttl_s,
             )
             self._stack.callback(self._producer.close)
         if config.kv_role.consumes:
@@ -118,6 +117,26 @@ class FabricWorker:
                 read_timeout_s=config.read_timeout_s,
             )
             self._stack.callback(self._reader.close)
+        record = instance_record(
+            config,
+            self.geometry,
+            signal_endpoint=self._producer.endpoint if self._producer is not None else None,
+            agent_name=agent.name,
+            started_at=time.time(),
+        )
+        if record is not None:
+            # Closed first (LIFO): the record leaves etcd before the endpoints stop.
+            registration = WorkerRegistration(
+                registry, record, ttl_s=config.registration_ttl_s, namespace=config.namespace
+            ).start()
+            self._stack.callback(registration.close)
+            logger.info(
+                "registered %s as %s in %r (endpoints %s)",
+                record.worker_id,
+                record.role.value,
+                config.namespace,
+                record.endpoints,
+            )
 
     @property
     def pages(self) -> KvPages:

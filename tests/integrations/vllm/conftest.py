@@ -7,12 +7,15 @@ deadline and every process started here is killed in teardown, whatever the test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,6 +139,76 @@ class Engines:
     def close(self) -> None:
         for engine in self._started:
             engine.kill()
+
+
+class Service:
+    """A server process (``vllm serve``, ``fabric serve frontend``) in its own session.
+
+    ``stop`` sends SIGTERM to the process group this object started (the server and the
+    children it spawned, such as vLLM's engine core), waits (bounded), then SIGKILLs the group.
+    """
+
+    def __init__(self, argv: list[str], *, env: dict[str, str], log: Path, url: str) -> None:
+        self.url = url
+        self.log = log
+        self._log_file = log.open("w")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=Path(__file__).parents[3],
+            start_new_session=True,
+        )
+
+    def wait_ready(self, path: str, ready: Any, timeout_s: float) -> None:
+        """Poll ``GET url+path`` until ``ready(response)``; fails with the log tail."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.log.name}: exited with {self.proc.returncode}\n{self.tail()}")
+            try:
+                if ready(httpx.get(self.url + path, timeout=2.0)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"{self.log.name}: not ready within {timeout_s} s\n{self.tail()}")
+
+    def tail(self, num_lines: int = 40) -> str:
+        self._log_file.flush()
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-num_lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind, if any
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        self._log_file.close()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Any]:
+    """``services(name, argv, env=..., url=...)`` starts a ``Service``; all stop at teardown."""
+    started: list[Service] = []
+
+    def start(name: str, argv: list[str], *, env: dict[str, str], url: str) -> Service:
+        started.append(Service(argv, env=env, log=tmp_path / f"{name}.log", url=url))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for service in reversed(started):
+            service.stop()
 
 
 @pytest.fixture(scope="module")

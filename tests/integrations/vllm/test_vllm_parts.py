@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 
 vllm = pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 
+from fabric.discovery.registry import Role  # noqa: E402
+from fabric.frontend.http_backend import uses_http  # noqa: E402
 from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E402
+from fabric.integrations.vllm.discovery import instance_record  # noqa: E402
 from fabric.integrations.vllm.metadata import PeerHold, token_digest  # noqa: E402
 from fabric.integrations.vllm.pages import KvPages, PageGeometry  # noqa: E402
 from fabric.integrations.vllm.producer import HoldTable  # noqa: E402
@@ -60,6 +63,41 @@ def test_config_reads_extra_config_and_refuses_unknown_keys() -> None:
         ConnectorConfig.from_extra({"save_blocks": "yes"}, kv_role="kv_both", engine_id=None)
     with pytest.raises(ConfigError, match="kv_role"):
         ConnectorConfig.from_extra({}, kv_role="kv_sideways", engine_id=None)
+
+
+@pytest.mark.parametrize(
+    ("kv_role", "signal", "http_url", "expected"),
+    [
+        ("kv_producer", "tcp://127.0.0.1:5", None, (Role.PREFILL, {"signal"})),
+        ("kv_producer", "tcp://127.0.0.1:5", "http://h:1/", (Role.PREFILL, {"signal", "http"})),
+        ("kv_both", "tcp://127.0.0.1:5", "http://h:1", (Role.AGGREGATED, {"signal", "http"})),
+        ("kv_consumer", None, "http://h:1", (Role.DECODE, {"http"})),
+        ("kv_consumer", None, None, None),
+    ],
+)
+def test_instance_record_names_role_endpoints_and_served_model(
+    kv_role: str, signal: str | None, http_url: str | None, expected: tuple | None
+) -> None:
+    extra = {"worker_id": "w-0", "served_model_name": "tiny"}
+    if http_url is not None:
+        extra["http_url"] = http_url
+    config = ConnectorConfig.from_extra(extra, kv_role=kv_role, engine_id=None)
+    record = instance_record(
+        config, GEOMETRY, signal_endpoint=signal, agent_name="a", started_at=1.0
+    )
+    if expected is None:
+        assert record is None  # nobody would read a consumer's record without http
+        return
+    assert record is not None
+    assert (record.role, set(record.endpoints)) == expected
+    if http_url is not None:
+        assert record.endpoints["http"] == "http://h:1"
+    assert record.layout["engine"] == "vllm" and uses_http(record)
+    assert (record.layout["model"], record.layout["model_id"]) == ("tiny", GEOMETRY.model)
+    assert record.layout["block_size"] == GEOMETRY.block_size
+    assert record.compat_hash == GEOMETRY.compat_hash
+    with pytest.raises(ConfigError, match="http_url"):
+        ConnectorConfig.from_extra({"http_url": "127.0.0.1:8100"}, kv_role=kv_role, engine_id=None)
 
 
 def test_compat_hash_and_seed_change_with_every_layout_fact() -> None:
