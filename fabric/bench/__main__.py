@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "transfer": "fabric.bench.transfer",
     "serve": "fabric.bench.serve",
     "prefix": "fabric.bench.prefix",
+    "vllm": "fabric.bench.vs_vllm",
 }
 """Subcommand name -> module implementing it."""
 
