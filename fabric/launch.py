@@ -203,6 +203,20 @@ def _install_signal_handlers() -> dict[str, bool]:
 
 
 @contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the children."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def private_etcd(run_dir: Path) -> Iterator[str]:
     """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint."""
     from fabric.discovery.etcd_server import EtcdServer

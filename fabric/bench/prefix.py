@@ -58,7 +58,6 @@ from typing import Any
 
 import numpy as np
 
-from fabric.bench.serve import sigterm_raises
 from fabric.bench.svg_chart import bar_chart
 from fabric.errors import FabricError
 from fabric.frontend.client import served_model, stream_completion
@@ -68,6 +67,7 @@ from fabric.launch import (
     free_port,
     frontend_command,
     private_etcd,
+    sigterm_raises,
     start_process,
     stop_processes,
     wait_ready,

@@ -49,19 +49,15 @@ and ``itl`` (p50 over p50). Needs the deployments' usual ports on 127.0.0.1 and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -75,6 +71,7 @@ from fabric.launch import (
     free_port,
     frontend_command,
     private_etcd,
+    sigterm_raises,
     start_process,
     stop_processes,
     wait_ready,
@@ -244,20 +241,6 @@ def _split(text: str) -> list[str]:
 
 def _log(message: str) -> None:
     print(f"serve: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the children."""
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_preset(

@@ -60,17 +60,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 import numpy as np
 
 from fabric.errors import ConfigError, FabricError
-from fabric.launch import free_port, private_etcd
+from fabric.launch import free_port, private_etcd, sigterm_raises
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP_VLLM = REPO / "launch" / "setup_vllm.sh"
@@ -291,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     results: dict[str, dict[str, Any]] = {}
     runs: dict[str, ArmRun] = {}
-    with _sigterm_raises(), contextlib.ExitStack() as stack:
+    with sigterm_raises(), contextlib.ExitStack() as stack:
         etcd: list[str] = []
         for arm in arms:
             _log(f"arm {arm.name}: starting")
@@ -321,20 +320,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _log(message: str) -> None:
     print(f"bench vllm: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the servers."""
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # -- the vLLM environment ----------------------------------------------------------------------
