@@ -43,10 +43,13 @@ Invariants:
   Anything else is a miss; a corrupt file is removed (WARNING, ``stats.corrupt``), never served.
   A reader racing another process's eviction (unlink) reads the whole file or finds none: a miss,
   never garbage. After a miss the bytes in ``out`` are unspecified.
-* The index is an LRU-ordered dict guarded by one lock (file I/O happens outside it). After each
-  call it holds at most ``capacity_blocks`` hashes; indexing one more unlinks the least recently
-  used file. Recency lives in the file mtime too: a hit or a skipped write stamps it
-  (``os.utime``), so it survives restarts and other instances see it; ``rescan`` orders by mtime.
+* The index is an LRU-ordered dict guarded by one lock. Reads and writes of payloads happen
+  outside it; evictions unlink under it, and a write's "already there" check (a ``stat``) and
+  the indexing that follows happen under it too, so a block is never indexed after this
+  instance unlinked its file. After each call it holds at most ``capacity_blocks`` hashes;
+  indexing one more unlinks the least recently used file. Recency lives in the file mtime too:
+  a hit or a skipped write stamps it (``os.utime``), so it survives restarts and other instances
+  see it; ``rescan`` orders by mtime.
 * Capacity bounds what *this* instance indexes. Instances sharing a directory should use the same
   capacity; when one evicts a block another still indexes, the other simply misses on it later.
   The directory can hold one extra file per concurrent writer between a write and its eviction.
@@ -218,7 +221,7 @@ class DiskStore:
         self._dir_str = os.fspath(self._dir)
         self._tmp_tag = secrets.token_hex(4)
         self._tmp_counter = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._index: OrderedDict[SequenceHash, None] = OrderedDict()
         self._last_stamp = 0
         self._closed = False
@@ -317,16 +320,15 @@ class DiskStore:
         self._check_open()
         data = _byte_view(payload, self._block_bytes, "payload", writable=False)
         key, path = self._locate(h)
-        with self._lock:
+        with self._lock:  # decided and indexed atomically: an eviction unlinks under this lock
             indexed = key in self._index
             stamp = self._next_stamp_locked()
-        # Present: indexed and still on disk (stamping it proves that), or written by another
-        # instance. An indexed file another instance evicted is written again.
-        if (indexed and _touch(path, stamp)) or self._has_block_file(path):
-            with self._lock:
+            # Present: indexed and still on disk (stamping it proves that), or written by
+            # another instance. An indexed file another instance evicted is written again.
+            if (indexed and _touch(path, stamp)) or self._has_block_file(path):
                 self.stats.skipped += 1
-            self._index_recent(key, adopted=not indexed, path=None if indexed else path)
-            return False
+                self._index_recent(key, adopted=not indexed, path=None if indexed else path)
+                return False
         self._write_file(key, path, data, stamp)
         with self._lock:
             self.stats.written += 1
@@ -454,9 +456,11 @@ class DiskStore:
                 self.stats.adopted += adopted
                 victims = self._pop_victims_locked()
             stamp = self._next_stamp_locked()
+            # Unlinked before the lock is let go, so no ``write`` can see a victim's file,
+            # skip, and index a block whose file then disappears.
+            self._unlink_victims(victims)
         if path is not None:
             _touch(path, stamp)
-        self._unlink_victims(victims)
 
     def _pop_victims_locked(self) -> list[SequenceHash]:
         victims = []

@@ -638,3 +638,30 @@ DiskStoreMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None
 )
 TestDiskStoreMachine = DiskStoreMachine.TestCase
+
+
+def test_a_write_racing_the_eviction_of_its_block_rewrites_it(tmp_path: Path) -> None:
+    """The copy thread writes a block while the owner thread evicts it: the write waits for
+    the unlink (one lock), finds no file and writes it again; it never indexes a file that the
+    eviction then removes."""
+    store = DiskStore(tmp_path, compat_hash=COMPAT, block_bytes=BB, capacity_blocks=2)
+    store.write(seq(0), payload(0))
+    store.write(seq(1), payload(1))
+    unlink = store._unlink_victims
+    racer: list[threading.Thread] = []
+
+    def evict_while_a_write_starts(victims: list[SequenceHash]) -> None:
+        if victims == [seq(0)] and not racer:
+            racer.append(threading.Thread(target=store.write, args=(seq(0), payload(0))))
+            racer[0].start()
+            racer[0].join(0.2)
+            assert racer[0].is_alive()  # held off until the eviction is done
+        unlink(victims)
+
+    store._unlink_victims = evict_while_a_write_starts  # type: ignore[method-assign]
+    store.write(seq(2), payload(2))  # evicts block 0
+    racer[0].join(10)
+    assert not racer[0].is_alive()
+    assert store.contains(seq(0)) and store.block_path(seq(0)).exists()  # written again
+    got = read(store, 0)
+    assert got is not None and np.array_equal(got, payload(0))
