@@ -259,8 +259,10 @@ class KvBlockManager:
                 handle = found.by_tier.pop(tier, None)
                 if handle is None:
                     continue
-                moved = self.move(handle, Tier.DEVICE)
-                self.release(handle)
+                try:
+                    moved = self.move(handle, Tier.DEVICE)
+                finally:
+                    self.release(handle)  # popped from ``found``: released here, even on error
                 if moved is None:
                     cut = True
                     break

@@ -198,6 +198,25 @@ def test_failed_copy_returns_blocks_and_raises(
     assert not kvbm.pool(Tier.HOST).contains(hashes[0])
 
 
+def test_failed_onboard_releases_every_tier_it_matched(
+    kvbm: KvBlockManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashes, _ = fill_device(kvbm, list(range(4 * BS)))
+    with kvbm.pool().match_present(hashes) as on_device:
+        kvbm.offload(on_device, Tier.HOST)
+    evict_device(kvbm)
+
+    def broken(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(manager_module, "copy_blocks", broken)
+    with pytest.raises(TransferError):
+        kvbm.match_and_onboard(hashes)  # HOST -> DEVICE fails
+    for tier in kvbm.tiers:
+        kvbm.pool(tier).check_invariants()
+        assert kvbm.pool(tier).stats().num_in_use == 0, tier  # the host handle too
+
+
 def test_moves_are_validated_and_missing_tiers_named(tmp_path: Path) -> None:
     kvbm = build_kvbm(load_config(block_size=BS, device_blocks=4), GEOMETRY)
     try:
