@@ -53,6 +53,9 @@ class SequenceBlocks:
         self.block_table: list[BlockId] = cached.block_ids
         self.num_cached_tokens = len(cached) * self.block_size
         self.num_computed = self.num_cached_tokens
+        self.num_matched_blocks = len(cached)
+        """Full prompt blocks some tier held at ``open``: one more than the cached ones when the
+        whole block-aligned prompt was found (its last block is recomputed for the last token)."""
         self._hashes: list[SequenceHash] = cached.sequence_hashes
         self._held: list[ImmutableBlocks] = [cached]
         self._open: list[MutableBlocks] = []
@@ -72,12 +75,15 @@ class SequenceBlocks:
             raise InvalidInput("the prompt is empty; give at least one token")
         hashes = kvbm.hash_tokens(prompt).sequence_hashes
         cached = kvbm.match_and_onboard(hashes)
-        if len(cached) * kvbm.block_size == len(prompt):
+        num_matched = len(cached)
+        if num_matched * kvbm.block_size == len(prompt):
             trimmed = kvbm.pool(cached.tier).retain(cached, range(len(cached) - 1))
             kvbm.release(cached)
             cached = trimmed
         logger.debug("sequence: %d of %d prompt blocks cached", len(cached), len(hashes))
-        return cls(kvbm, prompt, cached, on_registered=on_registered)
+        seq = cls(kvbm, prompt, cached, on_registered=on_registered)
+        seq.num_matched_blocks = num_matched
+        return seq
 
     def reserve(self, num_tokens: int) -> bool:
         """Make the table hold ``num_tokens`` tokens; False (nothing changed) if the pool is full.

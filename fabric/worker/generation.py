@@ -85,6 +85,7 @@ class GenerationService:
         self._waiting: deque[Generation] = deque()
         self._decoding: dict[str, Generation] = {}
         self._blocked = False  # the head of the queue found no room at the last admission
+        self._free_when_blocked = 0  # the pool's free blocks then: retry once more are free
 
     @property
     def has_local_work(self) -> bool:
@@ -157,32 +158,38 @@ class GenerationService:
 
     def _admit(self) -> None:
         local_budget = 1
+        pool = self._kvbm.pool()
+        if self._blocked and pool.num_free <= self._free_when_blocked:
+            return  # nothing freed since the head found no room: a retry would only re-onboard
         while self._waiting:
             gen = self._waiting[0]
             source = gen.request.prefill_worker
             remote = self._remote is not None and source not in ("", self._worker_id)
-            if not remote and local_budget == 0:
+            if not remote and local_budget <= 0:
                 return
             seq = SequenceBlocks.open(
                 self._kvbm, gen.prompt, on_registered=self._engine.on_registered
             )
+            full = len(gen.prompt) // self._kvbm.block_size
+            if remote and 0 < full <= seq.num_matched_blocks:  # only a partial block is left:
+                remote = False  # computing it here beats a round trip
+                if local_budget <= 0:
+                    seq.release()
+                    return
+                logger.debug(
+                    "request %s: every full block is here; not asking %s", gen.request_id, source
+                )
             room = seq.reserve(len(gen.prompt) + gen.request.max_tokens - 1)  # fits: submit checked
             self._blocked = not room
             if not room:  # wait: running requests free blocks as they end
                 seq.release()
+                self._free_when_blocked = pool.num_free
                 return
             self._waiting.popleft()
             gen.phase = Phase.REMOTE_PREFILL if remote else Phase.PREFILLING
             gen.seq = seq
             gen.stats.queue_ms = (time.perf_counter() - gen.arrived_at) * 1000
             gen.stats.local_prefix_tokens = seq.num_cached_tokens
-            full = len(gen.prompt) // self._kvbm.block_size * self._kvbm.block_size
-            if remote and 0 < full <= seq.num_cached_tokens:  # only a partial block is left:
-                gen.phase = Phase.PREFILLING  # computing it here beats a round trip
-                remote = False
-                logger.debug(
-                    "request %s: every full block is here; not asking %s", gen.request_id, source
-                )
             if remote and self._start_remote(gen):
                 continue
             local_budget -= 1

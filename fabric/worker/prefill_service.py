@@ -66,6 +66,7 @@ class PrefillService:
         self._max_waiting = max_waiting
         self._queue: deque[_Queued] = deque()
         self._blocked = False  # the queue head found no room; nothing was released since
+        self._free_when_blocked = 0  # the pool's free blocks then: retry once more are free
 
     @property
     def has_work(self) -> bool:
@@ -109,6 +110,8 @@ class PrefillService:
         """Compute the oldest queued prefill if the pool has room; True when one was served."""
         if not self._queue:
             return False
+        if self._blocked and self._kvbm.pool().num_free <= self._free_when_blocked:
+            return False  # nothing freed since the head found no room: a retry would re-onboard
         head = self._queue[0]
         request = head.request
         if 0 < request.deadline_ms <= wall_ms():
@@ -124,6 +127,7 @@ class PrefillService:
         self._blocked = not room
         if not room:
             seq.release()  # wait until a decode acknowledges (or a handoff expires)
+            self._free_when_blocked = self._kvbm.pool().num_free
             return False
         self._queue.popleft()
         self._metrics.waiting.set(len(self._queue))

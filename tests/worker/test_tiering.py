@@ -260,13 +260,15 @@ def test_a_named_peer_is_not_asked_when_this_worker_holds_every_full_block(
     start, front = cluster
     tiers = {"shared_disk_dir": shared_dir, "shared_disk_blocks": 512}
     a, b = start("a", **tiers), start("b", **tiers)
-    prompt = prompt_of(6 * BLOCK + 5, seed=40)
-    first = run(front, "a", prompt)
-    assert_clean(a)  # written through to G4
-    a_before = computed_here(a)
+    # a partial last block, then a block-aligned prompt (its last block is recomputed anyway)
+    for seed, length, tail in ((40, 6 * BLOCK + 5, 5), (41, 6 * BLOCK, BLOCK)):
+        prompt = prompt_of(length, seed=seed)
+        first = run(front, "a", prompt)
+        assert_clean(a)  # written through to G4
+        a_before, b_before = computed_here(a), computed_here(b)
 
-    hit = run(front, "b", prompt, source="a")  # b finds all six full blocks in G4 itself
+        hit = run(front, "b", prompt, source="a")  # b finds every full block in G4 itself
 
-    assert hit.stats["prefill_worker"] == "" and hit.stats["cached_tokens"] == 6 * BLOCK
-    assert computed_here(b) == 5 and computed_here(a) == a_before  # no round trip to a
-    assert hit.tokens == first.tokens
+        assert hit.stats["prefill_worker"] == "" and hit.stats["cached_tokens"] == length - tail
+        assert computed_here(b) - b_before == tail and computed_here(a) == a_before  # no trip
+        assert hit.tokens == first.tokens
