@@ -328,11 +328,13 @@ class KvBlockManager:
         missing = [i for i, h in enumerate(hashes) if not store.contains(h)]
         if not missing:
             return 0
-        storage = self._slot(blocks.tier).storage
         ids = blocks.block_ids
-        packed = gather_to_staging(storage, [ids[i] for i in missing]).numpy()
-        rows = packed.reshape(len(missing), store.block_bytes)
-        written = store.write_many((hashes[i], rows[n]) for n, i in enumerate(missing))
+        written = store_blocks(
+            self._slot(blocks.tier).storage,
+            [ids[i] for i in missing],
+            store,
+            [hashes[i] for i in missing],
+        )
         self.metrics.record_offloads(blocks.tier, Tier.SHARED, written)
         return written
 
@@ -441,6 +443,19 @@ class KvBlockManager:
                 f"failed: {exc}"
             ) from exc
         register_positions(dst.pool, allocation, hashes, missing, [None, *hashes[:-1]])
+
+
+def store_blocks(
+    storage: Storage,
+    block_ids: Sequence[int],
+    store: DiskStore,
+    sequence_hashes: Sequence[SequenceHash],
+) -> int:
+    """Pack blocks ``block_ids`` of ``storage`` and write each to G4 under
+    ``sequence_hashes[i]``; returns how many were written (the rest were there already)."""
+    packed = gather_to_staging(storage, block_ids).numpy()
+    rows = packed.reshape(len(block_ids), store.block_bytes)
+    return store.write_many(zip(sequence_hashes, rows, strict=True))
 
 
 def register_positions(

@@ -19,8 +19,9 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from fabric.kvbm.copy import copy_blocks, gather_to_staging
+from fabric.kvbm.copy import copy_blocks
 from fabric.kvbm.disk_store import DiskStore
+from fabric.kvbm.manager import store_blocks
 from fabric.kvbm.offload_transfer import OffloadPath, Transfer
 from fabric.kvbm.storage import Storage
 
@@ -42,9 +43,7 @@ class CopyJob:
         if not isinstance(self.dst, DiskStore):
             copy_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
             return
-        packed = gather_to_staging(self.src, self.src_ids).numpy()
-        rows = packed.reshape(len(self.src_ids), self.dst.block_bytes)
-        self.dst.write_many(zip(self.dst_ids, rows, strict=True))
+        store_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
 
 
 class CopyThread:
