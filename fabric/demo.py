@@ -18,12 +18,17 @@ from typing import TypeVar
 
 import torch
 
-from fabric.config import load_config
 from fabric.errors import FabricError
-from fabric.kvbm.events import RecordingSink
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.storage import TensorStorage
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import (
+    KvBlockManager,
+    KvGeometry,
+    RecordingSink,
+    SequenceHash,
+    TensorStorage,
+    Tier,
+    build_kvbm,
+    load_kvbm_config,
+)
 
 T = TypeVar("T")
 GEOMETRY = KvGeometry(num_layers=4, num_kv_heads=2, head_size=64, dtype=torch.float16)
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         )
     with tempfile.TemporaryDirectory(prefix="fabric-demo-") as tmp:
         num_blocks = args.prompt_tokens // args.block_size
-        config = load_config(
+        config = load_kvbm_config(
             block_size=args.block_size,
             device_blocks=num_blocks * 2,
             cpu_cache_blocks=num_blocks * 2,

@@ -7,12 +7,12 @@ frontend's ``/health`` answers, prints the endpoints, then either answers ``--pr
 (printing the text and the timings) and stops, or serves until Ctrl-C / SIGTERM.
 
 Invariants: every process it started is stopped when it returns, whatever happened (SIGTERM,
-then SIGKILL after ``STOP_TIMEOUT_S``); the failure of any child stops the whole deployment
-with an error naming the child and the tail of its log; every wait is bounded.
+then SIGKILL after ``fabric.supervise.STOP_TIMEOUT_S``); the failure of any child stops the whole
+deployment with an error naming the child and the tail of its log; every wait is bounded. The
+processes are supervised by ``fabric.supervise``; this module owns what a deployment is.
 
-The helpers (``worker_command``, ``frontend_command``, ``start_process``, ``wait_ready``,
-``check_alive``, ``stop_processes``, ``private_etcd``) are public: ``fabric.bench.serve`` starts
-its deployments with them. Each takes a ``progress`` callback (stdout by default).
+``worker_command``, ``frontend_command`` and ``wait_deployment_ready`` are public: the serve and
+prefix benchmarks start their deployments with them.
 
 Cores: with ``--pin`` (default on a 2+ core machine) worker i is pinned to core ``i % ncores``
 and runs one compute thread, so a 1P1D pair on two cores puts prefill and decode on separate
@@ -23,51 +23,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from fabric.errors import FabricError
-
-logger = logging.getLogger(__name__)
-
-STOP_TIMEOUT_S = 10.0
-POLL_S = 0.2
-
-Progress = Callable[[str], None]
+from fabric.supervise import (
+    POLL_S,
+    Child,
+    Progress,
+    check_alive,
+    fetch_health,
+    free_port,
+    private_etcd,
+    start_process,
+    stop_processes,
+    wait_ready,
+)
 
 
 def print_progress(message: str) -> None:
     print(f"[launch] {message}", flush=True)
-
-
-@dataclass(slots=True)
-class Child:
-    """One started process and where its output goes."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-
-    def tail(self, num_lines: int = 15) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-num_lines:])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         etcd = args.etcd or stack.enter_context(private_etcd(run_dir))
         print_progress(f"etcd: {etcd}")
         children: list[Child] = []
-        stack.callback(stop_processes, children)
+        stack.callback(stop_processes, children, progress=print_progress)
         roles = (
             [("aggregated", i) for i in range(args.aggregated)]
             if args.aggregated
@@ -133,13 +115,18 @@ def run(args: argparse.Namespace) -> int:
                 cpus=str(index % ncores) if args.pin else None,
                 threads=1 if args.pin else None,
             )
-            children.append(start_process(worker_id, cmd, run_dir))
+            children.append(start_process(worker_id, cmd, run_dir, progress=print_progress))
         port = args.port or free_port()
         cmd = frontend_command(etcd=etcd, model=args.model, port=port)
-        children.append(start_process("frontend", cmd, run_dir))
+        children.append(start_process("frontend", cmd, run_dir, progress=print_progress))
         url = f"http://127.0.0.1:{port}"
-        wait_ready(
-            url, children, len(roles), args.startup_timeout, should_stop=lambda: stopping["flag"]
+        wait_deployment_ready(
+            url,
+            children,
+            len(roles),
+            args.startup_timeout,
+            should_stop=lambda: stopping["flag"],
+            progress=print_progress,
         )
         print_progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
         if args.prompt is not None:
@@ -202,89 +189,49 @@ def _install_signal_handlers() -> dict[str, bool]:
     return state
 
 
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the children."""
+class WorkersRegistered:
+    """Readiness of a deployment: its frontend's ``/health`` counts every worker it started."""
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
+    def __init__(self, url: str, num_workers: int, progress: Progress) -> None:
+        self._url = url
+        self._num_workers = num_workers
+        self._progress = progress
+        self._last = ""
 
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def poll(self) -> bool:
+        body = fetch_health(self._url)
+        try:
+            health = json.loads(body) if body is not None else None
+        except ValueError:
+            health = None
+        if health is None:
+            return False
+        registered = _count_workers(health)
+        if registered >= self._num_workers:
+            return True
+        status = f"{registered}/{self._num_workers} workers registered"
+        if status != self._last:
+            self._progress(status)
+            self._last = status
+        return False
 
-
-@contextmanager
-def private_etcd(run_dir: Path) -> Iterator[str]:
-    """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint."""
-    from fabric.discovery.etcd_server import EtcdServer
-
-    server = EtcdServer(data_dir=run_dir / "etcd-data")
-    server.start()
-    try:
-        yield server.endpoint
-    finally:
-        server.close()
-
-
-def start_process(
-    name: str, cmd: list[str], run_dir: Path, progress: Progress = print_progress
-) -> Child:
-    """Start ``cmd`` with its output in ``run_dir/<name>.log``."""
-    log_path = run_dir / f"{name}.log"
-    log_file = log_path.open("wb")
-    env = {**os.environ, "UCX_NET_DEVICES": os.environ.get("UCX_NET_DEVICES", "lo")}
-    process = subprocess.Popen(
-        cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-    )
-    progress(f"started {name} (pid {process.pid}), log {log_path}")
-    return Child(name, process, log_path, log_file)
+    def waiting_for(self) -> str:
+        return self._last or "frontend not answering"
 
 
-def check_alive(children: list[Child]) -> None:
-    """Raise ``FabricError`` naming the first child that exited, with the tail of its log."""
-    for child in children:
-        code = child.process.poll()
-        if code is not None:
-            raise FabricError(
-                f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
-                f"{child.tail()}"
-            )
-
-
-def wait_ready(
+def wait_deployment_ready(
     url: str,
-    children: list[Child],
+    children: Sequence[Child],
     num_workers: int,
     timeout_s: float,
     *,
     should_stop: Callable[[], bool] = lambda: False,
-    progress: Progress = print_progress,
+    progress: Progress,
 ) -> None:
-    """Until /health reports every worker; bounded, and aborted by a child's death or Ctrl-C."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        if should_stop():
-            raise FabricError("interrupted during start-up")
-        check_alive(children)
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                health = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            health = None
-        if health is not None:
-            registered = _count_workers(health)
-            if registered >= num_workers:
-                return
-            status = f"{registered}/{num_workers} workers registered"
-            if status != last:
-                progress(status)
-                last = status
-        time.sleep(POLL_S)
-    raise FabricError(f"not ready within {timeout_s:.0f} s ({last or 'frontend not answering'})")
+    """Until the frontend at ``url`` reports every worker; bounded, aborted by a child's death
+    or by ``should_stop()`` (Ctrl-C)."""
+    readiness = WorkersRegistered(url, num_workers, progress)
+    wait_ready(children, readiness, timeout_s, should_stop=should_stop)
 
 
 def _count_workers(health: dict[str, Any]) -> int:
@@ -307,29 +254,3 @@ def _answer(url: str, prompt: str, max_tokens: int) -> None:
             f"cached {info.get('cached_tokens')}; KV transfer {info.get('kv_transfer_ms')} ms "
             f"({info.get('transferred_blocks')} blocks)"
         )
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (a race is possible but harmless on loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop_processes(children: list[Child], progress: Progress = print_progress) -> None:
-    """SIGTERM everyone, then SIGKILL whoever is still there after ``STOP_TIMEOUT_S``."""
-    for child in reversed(children):
-        if child.process.poll() is None:
-            child.process.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in children:
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            child.process.wait(remaining)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within %.0f s: killing it", child.name, STOP_TIMEOUT_S)
-            child.process.kill()
-            child.process.wait()
-        child.log_file.close()
-    if children:
-        progress("stopped every process")

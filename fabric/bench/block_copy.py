@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from fabric.errors import FabricError
-from fabric.kvbm import kernels
-from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import TensorStorage, host_storage
+from fabric.kvbm import LayoutKind, LayoutSpec, TensorStorage, host_storage
+from fabric.kvbm.tiers import kernels
+from fabric.kvbm.tiers.block_copy import copy_blocks
 
 NUM_LAYERS, OUTER, TOKENS, ITEMSIZE = 8, 2, 16, 2
 _LAYOUT_PAIRS = {

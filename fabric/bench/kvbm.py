@@ -1,6 +1,6 @@
 """KVBM hashing and pool operations, ours against vLLM v1's own, the same mix in one run.
 
-Our side runs in this process (``fabric.kvbm.hashing`` and ``fabric.kvbm.pool.BlockPool``); vLLM's
+Our side runs in this process (``fabric.kvbm.core.hashing`` and ``fabric.kvbm.core.pool``); vLLM's
 runs as a subprocess of the vLLM virtual environment's python (``vllm_pool_mix.py``, which uses
 ``vllm/v1/core``'s block pool and request hasher and nothing of ours). Both sides run the same
 workload, with the same parameters:
@@ -35,9 +35,7 @@ import numpy as np
 import xxhash
 
 from fabric.errors import ConfigError, FabricError
-from fabric.kvbm.hashing import hash_token_blocks
-from fabric.kvbm.pool import BlockPool
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import BlockPool, SequenceHash, Tier, hash_token_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP_VLLM = REPO / "launch" / "setup_vllm.sh"
@@ -124,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours_runs.append(bench_hashing(params) | bench_pool_mix(params) | bench_match(params))
         if python is not None:
             theirs_runs.append(run_vllm_side(python, params, args.vllm_timeout))
-    result: dict[str, Any] = {"hash_algo": "xxh3_64 chained (fabric.kvbm.hashing)"}
+    result: dict[str, Any] = {"hash_algo": "xxh3_64 chained (fabric.kvbm.core.hashing)"}
     result |= best_of(ours_runs)
     if theirs_runs:
         result["vs_vllm"] = compare(result, best_of(theirs_runs))

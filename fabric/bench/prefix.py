@@ -61,17 +61,15 @@ import numpy as np
 from fabric.bench.svg_chart import bar_chart
 from fabric.errors import FabricError
 from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import (
+from fabric.launch import frontend_command, wait_deployment_ready, worker_command
+from fabric.supervise import (
     Child,
     check_alive,
     free_port,
-    frontend_command,
     private_etcd,
     sigterm_raises,
     start_process,
     stop_processes,
-    wait_ready,
-    worker_command,
 )
 
 STARTUP_S = 240.0
@@ -203,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 measured += _round(deployment, args, r)
             turns = _conversations(deployment, args)
         finally:
-            stop_processes(children, _log)
+            stop_processes(children, progress=_log)
     report = _report(args, measured, turns, load_before)
     if args.plot is not None:
         title = (
@@ -243,7 +241,7 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
             threads=1,
             extra=tiers + g4 if name in WITH_G4 else tiers,
         )
-        children.append(start_process(f"instance-{name}", cmd, run_dir, _log))
+        children.append(start_process(f"instance-{name}", cmd, run_dir, progress=_log))
     port = free_port()
     cmd = frontend_command(
         etcd=etcd,
@@ -252,9 +250,9 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
         namespace=namespace,
         extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
     )
-    children.append(start_process("frontend", cmd, run_dir, _log))
+    children.append(start_process("frontend", cmd, run_dir, progress=_log))
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, children, len(WORKERS), STARTUP_S, progress=_log)
+    wait_deployment_ready(url, children, len(WORKERS), STARTUP_S, progress=_log)
     return url
 
 

@@ -1,8 +1,9 @@
 """Serving end to end: aggregated vs 1P1D through the OpenAI frontend, one workload, client timings.
 
 For every preset, one deployment per mode is started on this host the way ``fabric launch`` starts
-one (``fabric.launch``'s helpers: a private etcd shared by all, each deployment in its own
-discovery namespace with its own frontend; logs under ``--run-dir``):
+one (``fabric.launch``'s commands, supervised by ``fabric.supervise``: a private etcd shared
+by all, each deployment in its own discovery namespace with its own frontend; logs under
+``--run-dir``):
 
 * ``aggregated``: one aggregated worker pinned to core 1, ``--threads 1``;
 * ``disaggregated``: a prefill worker pinned to core 0 and a decode worker pinned to core 1,
@@ -65,17 +66,15 @@ import numpy as np
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
 from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import (
+from fabric.launch import frontend_command, wait_deployment_ready, worker_command
+from fabric.supervise import (
     Child,
     check_alive,
     free_port,
-    frontend_command,
     private_etcd,
     sigterm_raises,
     start_process,
     stop_processes,
-    wait_ready,
-    worker_command,
 )
 
 STARTUP_S = 240.0
@@ -276,7 +275,7 @@ def _run_preset(
                         f"{result.ttft_ms:.0f} ms, {result.completion_tokens} tokens"
                     )
     finally:
-        stop_processes(children, _log)
+        stop_processes(children, progress=_log)
     return cells
 
 
@@ -299,7 +298,7 @@ def _start_all(
                 cpus=spec.cpus,
                 threads=spec.threads,
             )
-            children.append(start_process(name, cmd, run_dir, _log))
+            children.append(start_process(name, cmd, run_dir, progress=_log))
         port = free_port()
         cmd = frontend_command(
             etcd=etcd,
@@ -308,11 +307,13 @@ def _start_all(
             namespace=namespace,
             extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
         )
-        children.append(start_process(f"{preset}-{mode.value}-frontend", cmd, run_dir, _log))
+        children.append(
+            start_process(f"{preset}-{mode.value}-frontend", cmd, run_dir, progress=_log)
+        )
         urls.append((mode, f"http://127.0.0.1:{port}", len(workers)))
     deployments = []
     for mode, url, num_workers in urls:
-        wait_ready(url, children, num_workers, STARTUP_S, progress=_log)
+        wait_deployment_ready(url, children, num_workers, STARTUP_S, progress=_log)
         deployments.append(Deployment(mode, url, served_model(url)))
         _log(f"{preset} {mode.value}: ready at {url}")
     return deployments

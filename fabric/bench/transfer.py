@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _layout(block_bytes: int, total_bytes: int) -> Any:
     import torch
 
-    from fabric.kvbm.layout import LayoutKind, LayoutSpec
+    from fabric.kvbm import LayoutKind, LayoutSpec
 
     n, inner = total_bytes // block_bytes, block_bytes // BYTES_PER_INNER
     return LayoutSpec(LayoutKind.FULLY_CONTIGUOUS, n, 4, 2, 16, inner, torch.float16, 1)
@@ -72,7 +72,7 @@ def _seeded(layout: Any, seed: int) -> Any:
     """A host storage of ``layout`` holding bytes drawn from ``seed`` (both sides agree)."""
     import torch
 
-    from fabric.kvbm.storage import host_storage
+    from fabric.kvbm import host_storage
 
     storage = host_storage(layout)
     raw = storage.tensors[0].view(torch.uint8).numpy().reshape(-1)
@@ -93,7 +93,7 @@ def child_main() -> None:
     """Export one block set per block size (args: one msgpack frame on stdin), idle until EOF."""
     import torch
 
-    from fabric.kvbm.remote import export_block_set
+    from fabric.kvbm import export_block_set
     from fabric.transfer.nixl_agent import NixlAgent
 
     (length,) = struct.unpack("<I", sys.stdin.buffer.read(4))
@@ -177,8 +177,7 @@ def _measure(agent: Any, block_set: Any, rounds: int) -> dict[str, Any]:
     """One row: read ``block_set`` every way, verify once, time each."""
     import torch
 
-    from fabric.kvbm.remote import plan_read, read_remote_blocks
-    from fabric.kvbm.storage import host_storage
+    from fabric.kvbm import host_storage, plan_read, read_remote_blocks
 
     layout = block_set.layout
     n, total = layout.num_blocks, layout.num_blocks * layout.block_bytes
@@ -253,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     """Spawn the exporting child, measure every block size, always reap the child."""
-    from fabric.kvbm.remote import RemoteBlockSet
+    from fabric.kvbm import RemoteBlockSet
     from fabric.transfer.nixl_agent import NixlAgent
 
     total = args.total_mib << 20

@@ -1,6 +1,7 @@
 """Discovery: where workers publish themselves and find each other (etcd, or in memory in tests).
 
-``registry`` holds the protocol and the records; ``memory`` and ``etcd`` implement it;
+``registry`` holds the protocol and the key scheme, ``records`` the typed worker records and
+their wire form; ``memory`` and ``etcd`` implement the protocol;
 ``registration`` keeps a worker registered and a directory of its peers; ``etcd_server`` runs a
 local etcd. Imports only ``fabric.errors`` from the rest of the fabric. ``etcd`` (gRPC) is not
 imported here, so the in-memory registry works without the etcd client installed.
@@ -9,6 +10,14 @@ imported here, so the in-memory registry works without the etcd client installed
 from __future__ import annotations
 
 from fabric.discovery.memory import InMemoryRegistry, ManualClock
+from fabric.discovery.records import (
+    Endpoints,
+    EngineKind,
+    FabricLayout,
+    VllmLayout,
+    WorkerLayout,
+    WorkerRecord,
+)
 from fabric.discovery.registration import (
     WorkerDirectory,
     WorkerEvent,
@@ -26,7 +35,6 @@ from fabric.discovery.registry import (
     WatchEvent,
     WatchEventKind,
     WorkerId,
-    WorkerRecord,
     parse_worker_key,
     worker_key,
     workers_prefix,
@@ -34,12 +42,16 @@ from fabric.discovery.registry import (
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "Endpoints",
+    "EngineKind",
+    "FabricLayout",
     "InMemoryRegistry",
     "Lease",
     "LeaseId",
     "ManualClock",
     "Registry",
     "Role",
+    "VllmLayout",
     "Watch",
     "WatchEvent",
     "WatchEventKind",
@@ -47,6 +59,7 @@ __all__ = [
     "WorkerEvent",
     "WorkerEventKind",
     "WorkerId",
+    "WorkerLayout",
     "WorkerRecord",
     "WorkerRegistration",
     "parse_worker_key",

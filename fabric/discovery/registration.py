@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
+from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import (
     DEFAULT_NAMESPACE,
     Backoff,
@@ -44,7 +45,6 @@ from fabric.discovery.registry import (
     Watch,
     WatchEvent,
     WatchEventKind,
-    WorkerRecord,
     parse_worker_key,
     workers_prefix,
 )

@@ -1,8 +1,9 @@
-"""The discovery contract: the ``Registry`` protocol, leases, watches and worker records.
+"""The discovery contract: the ``Registry`` protocol, leases, watches, roles and worker keys.
 
 Owns the verbs every registry implements (``memory.InMemoryRegistry`` for unit tests,
-``etcd.EtcdRegistry`` in deployments), the ``WorkerRecord`` a worker publishes about itself, the
-key scheme those records live under, and the retry pacing (``Backoff``) the implementations share.
+``etcd.EtcdRegistry`` in deployments), the key scheme worker records live under (the records
+themselves are ``records.WorkerRecord``), and the retry pacing (``Backoff``) the implementations
+share.
 
 Invariants of every ``Registry``:
 
@@ -23,25 +24,19 @@ Invariants of every ``Registry``:
   called from inside that watch's callback.
 
 Key scheme: ``/<namespace>/workers/<role>/<worker_id>`` (namespace default ``kv-fabric``).
-
-Record wire format: UTF-8 JSON object with ``"version": 1`` and the ``WorkerRecord`` fields (the
-role by value). Another version, bad JSON or a missing or mistyped field raises ``DiscoveryError``
-naming the key.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NewType, Protocol
+from typing import NewType, Protocol
 
-from fabric.errors import ConfigError, DiscoveryError
+from fabric.errors import ConfigError
 
 DEFAULT_NAMESPACE = "kv-fabric"
-RECORD_VERSION = 1
 
 LeaseId = NewType("LeaseId", int)
 WorkerId = NewType("WorkerId", str)
@@ -156,20 +151,21 @@ class Role(Enum):
     FRONTEND = "frontend"
 
 
-def _check_segment(what: str, value: str) -> None:
+def check_segment(what: str, value: str) -> None:
+    """Refuse (ConfigError) a key segment that is empty or contains '/'."""
     if not value or "/" in value:
         raise ConfigError(f"{what} {value!r} must be non-empty and contain no '/'")
 
 
 def workers_prefix(namespace: str = DEFAULT_NAMESPACE, role: Role | None = None) -> str:
     """The prefix all worker records (of one role, when given) live under, ending in '/'."""
-    _check_segment("namespace", namespace)
+    check_segment("namespace", namespace)
     base = f"/{namespace}/workers/"
     return base if role is None else f"{base}{role.value}/"
 
 
 def worker_key(namespace: str, role: Role, worker_id: str) -> str:
-    _check_segment("worker_id", worker_id)
+    check_segment("worker_id", worker_id)
     return f"{workers_prefix(namespace, role)}{worker_id}"
 
 
@@ -184,70 +180,3 @@ def parse_worker_key(key: str, namespace: str = DEFAULT_NAMESPACE) -> tuple[Role
     except ValueError:
         return None
     return (role, WorkerId(worker_id)) if worker_id else None
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    """What a worker publishes about itself: how to reach it and what KV it can exchange.
-
-    ``endpoints`` maps a channel name ("signal", "http", "events") to an address;
-    ``layout`` holds the compatibility fields (model, dtype, block size, ...) that
-    ``compat_hash`` summarises; ``agent_name`` is the worker's NIXL agent, if it has one.
-    """
-
-    worker_id: str
-    role: Role
-    endpoints: dict[str, str]
-    agent_name: str | None
-    layout: dict[str, int | str]
-    compat_hash: int
-    started_at: float
-
-    def __post_init__(self) -> None:
-        _check_segment("worker_id", self.worker_id)
-        if not 0 <= self.compat_hash < 2**64:
-            raise ConfigError(f"compat_hash {self.compat_hash} is not an unsigned 64-bit value")
-        # Private copies: a frozen record must not change when the caller's dicts do.
-        object.__setattr__(self, "endpoints", dict(self.endpoints))
-        object.__setattr__(self, "layout", dict(self.layout))
-
-    def key(self, namespace: str = DEFAULT_NAMESPACE) -> str:
-        return worker_key(namespace, self.role, self.worker_id)
-
-    def to_bytes(self) -> bytes:
-        body = asdict(self)
-        body["role"] = self.role.value
-        return json.dumps({"version": RECORD_VERSION, **body}, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, key: str) -> WorkerRecord:
-        """Decode a record read from ``key``; raises DiscoveryError naming the key."""
-        try:
-            body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DiscoveryError(f"worker record at {key!r} is not JSON: {exc}") from exc
-        if not isinstance(body, dict) or body.get("version") != RECORD_VERSION:
-            version = body.get("version") if isinstance(body, dict) else None
-            raise DiscoveryError(
-                f"worker record at {key!r} has version {version!r}; this build reads version "
-                f"{RECORD_VERSION}: run the same kv-fabric version on every worker"
-            )
-        try:
-            return cls(
-                worker_id=_typed(body, "worker_id", str),
-                role=Role(body["role"]),
-                endpoints=_typed(body, "endpoints", dict),
-                agent_name=_typed(body, "agent_name", (str, type(None))),
-                layout=_typed(body, "layout", dict),
-                compat_hash=_typed(body, "compat_hash", int),
-                started_at=float(_typed(body, "started_at", (int, float))),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DiscoveryError(f"worker record at {key!r} is malformed: {exc}") from exc
-
-
-def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = body[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"field {name!r} has type {type(value).__name__}")
-    return value

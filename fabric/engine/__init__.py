@@ -16,8 +16,8 @@ from fabric.engine.engine import (
     Generation,
     greedy,
 )
-from fabric.engine.sequence import SequenceBlocks
 from fabric.engine.tiny import Preset, ensure_model
+from fabric.kvbm import SequenceBlocks
 
 __all__ = [
     "DecodeRequest",

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from fabric.errors import ConfigError
-from fabric.kvbm.layout import dtype_name
-from fabric.kvbm.manager import KvGeometry
+from fabric.kvbm import KvGeometry, dtype_name
 
 _DTYPES = {dtype_name(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 

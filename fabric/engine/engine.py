@@ -33,13 +33,9 @@ from tokenizers import Tokenizer
 from fabric.engine.config import ModelConfig
 from fabric.engine.model import LlamaModel
 from fabric.engine.paged import PagedKv, decode_batch, prefill_batch
-from fabric.engine.sequence import SequenceBlocks
 from fabric.engine.weights import load_weights
 from fabric.errors import InvalidInput, LayoutMismatch
-from fabric.kvbm.block import ImmutableBlocks
-from fabric.kvbm.manager import KvBlockManager
-from fabric.kvbm.storage import TensorStorage
-from fabric.kvbm.types import Tier
+from fabric.kvbm import ImmutableBlocks, KvBlockManager, SequenceBlocks, TensorStorage, Tier
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch
-from fabric.kvbm.storage import TensorStorage
+from fabric.kvbm import TensorStorage
 
 
 class PagedKv:

@@ -1,9 +1,17 @@
-"""A minimal client of our frontend for launchers and benchmarks: one streamed completion, timed.
+"""A minimal completions client for launchers and benchmarks: one streamed completion, timed.
 
 Stdlib only (``urllib``), so a launcher needs nothing beyond the package. Reads the SSE stream of
-``/v1/completions`` and keeps what a person or a benchmark wants to know: when each text chunk
-arrived, the text, the usage and the non-OpenAI ``fabric`` field (route and worker statistics)
-of the final chunk. Not a general OpenAI client: use the ``openai`` package for that.
+``/v1/completions`` and keeps what a person or a benchmark wants to know: when each content chunk
+arrived, the text, the token ids (when the server returns them, as vLLM does with
+``return_token_ids``), the usage and the non-OpenAI ``fabric`` field (route and worker
+statistics) of the final chunk. It speaks to our frontend and to any OpenAI-compatible server
+(vLLM's own, in ``fabric.bench.vs_vllm``); ``extra`` carries a server's own request fields.
+``complete`` is the non-streamed request (vLLM's P/D proxy sends the prefill step so). Not a
+general OpenAI client: use the ``openai`` package for that.
+
+Invariants: a ``StreamedCompletion`` is only returned for a stream that ended with ``[DONE]``
+and carried content; an error chunk raises ``FabricError``; HTTP and connection errors are
+``urllib.error`` exceptions, left to the caller.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +28,18 @@ from fabric.errors import FabricError
 
 @dataclass(frozen=True, slots=True)
 class StreamedCompletion:
-    """What the client saw of one streamed completion; times are ``perf_counter`` seconds."""
+    """What the client saw of one streamed completion; times are ``perf_counter`` seconds.
+
+    ``arrivals`` holds when each chunk with text or token ids arrived; ``token_ids`` is empty
+    unless the server returns them.
+    """
 
     started_at: float
     arrivals: list[float]
     text: str
     completion_tokens: int
     fabric: dict[str, Any]
+    token_ids: tuple[int, ...] = ()
 
     @property
     def ttft_s(self) -> float:
@@ -51,34 +64,31 @@ def stream_completion(
     timeout_s: float,
     *,
     fabric: dict[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> StreamedCompletion:
-    """POST one streaming ``/v1/completions`` and read it to ``[DONE]``; ``fabric`` is the
-    request's routing pin (``{"worker": ..., "prefill_worker": ...}``, see ``protocol``).
+    """POST one streaming ``/v1/completions`` and read it to ``[DONE]``.
+
+    Args:
+        fabric: the request's routing pin for our frontend (``{"worker": ...,
+            "prefill_worker": ...}``, see ``protocol``).
+        extra: more request fields (vLLM's ``ignore_eos``, ``return_token_ids``,
+            ``kv_transfer_params``...).
 
     Raises:
-        FabricError: the stream carried an error, or ended without ``[DONE]`` or any text.
+        FabricError: the stream carried an error, or ended without ``[DONE]`` or any content.
     """
-    body = {
-        "model": model,
-        "prompt": prompt if isinstance(prompt, str) else list(prompt),
-        "max_tokens": max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = _body(model, prompt, max_tokens, extra, stream=True)
+    body["stream_options"] = {"include_usage": True}
     if fabric is not None:
         body["fabric"] = fabric
-    request = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
     arrivals: list[float] = []
     pieces: list[str] = []
+    token_ids: list[int] = []
     info: dict[str, Any] = {}
     completion_tokens = 0
     done = False
     start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+    with _post(f"{url}/v1/completions", body, timeout_s) as response:
         for raw in response:
             now = time.perf_counter()
             line = raw.decode().strip()
@@ -93,10 +103,53 @@ def stream_completion(
             info = chunk.get("fabric") or info
             if chunk.get("usage"):
                 completion_tokens = int(chunk["usage"]["completion_tokens"])
-            text = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
-            if text:
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            text = choice.get("text") or ""
+            ids = choice.get("token_ids") or []
+            if text or ids:
                 arrivals.append(now)
                 pieces.append(text)
+                token_ids += ids
     if not done or not arrivals:
-        raise FabricError(f"the stream from {url} ended without [DONE] or text")
-    return StreamedCompletion(start, arrivals, "".join(pieces), completion_tokens, info)
+        raise FabricError(f"the stream from {url} ended without [DONE] or content")
+    return StreamedCompletion(
+        start, arrivals, "".join(pieces), completion_tokens, info, tuple(token_ids)
+    )
+
+
+def complete(
+    url: str,
+    model: str,
+    prompt: str | Sequence[int],
+    max_tokens: int,
+    timeout_s: float,
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """POST one non-streamed ``/v1/completions``; the response's JSON object."""
+    with _post(f"{url}/v1/completions", _body(model, prompt, max_tokens, extra), timeout_s) as r:
+        return dict(json.loads(r.read()))
+
+
+def _body(
+    model: str,
+    prompt: str | Sequence[int],
+    max_tokens: int,
+    extra: Mapping[str, Any] | None,
+    *,
+    stream: bool = False,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": prompt if isinstance(prompt, str) else list(prompt),
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **(extra or {}),
+    }
+
+
+def _post(url: str, body: Mapping[str, Any], timeout_s: float) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(request, timeout=timeout_s)

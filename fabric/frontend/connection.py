@@ -33,8 +33,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from fabric.discovery.registry import WorkerRecord
-from fabric.errors import FabricError
+from fabric.discovery.records import WorkerRecord
+from fabric.errors import ConfigError, FabricError
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import Abort, ErrorReply, GenerateRequest, Message, TokenChunk
 
@@ -137,10 +137,16 @@ class WorkerConnection:
         """Start the connection thread (ZMQ connects lazily: the worker may come up later).
 
         Args:
-            record: the worker's record; its ``endpoints["signal"]`` and ``compat_hash`` are used.
+            record: the worker's record; its ``endpoints.signal`` and ``compat_hash`` are used.
             identity: this frontend's id, the client identity the worker pushes chunks to.
+
+        Raises:
+            ConfigError: the record names no signal endpoint.
         """
+        if record.endpoints.signal is None:
+            raise ConfigError(f"worker {record.worker_id} publishes no signal endpoint")
         self.record = record
+        self._endpoint = record.endpoints.signal
         self._identity = identity
         self._busy_poll_s = busy_poll_s
         self._idle_wait_s = idle_wait_s
@@ -182,7 +188,7 @@ class WorkerConnection:
 
     def _run(self) -> None:
         client = SignalClient(
-            self.record.endpoints["signal"],
+            self._endpoint,
             identity=self._identity,
             compat_hash=self.record.compat_hash,
         )

@@ -1,7 +1,7 @@
 """The upstream HTTP client of the frontend: one request to a vLLM instance's OpenAI server.
 
 Owns the wire of the frontend's HTTP workers (``vllm serve`` with the fabric connector, found in
-etcd with an ``http`` endpoint and ``layout["engine"] == "vllm"``): the request bodies, the SSE
+etcd with an ``http`` endpoint and a ``VllmLayout``): the request bodies, the SSE
 parsing, the prefill -> decode two-step and the mapping of upstream failures to HTTP statuses.
 It knows nothing of routing or of the frontend's streams (``http_connection`` does).
 
@@ -39,15 +39,15 @@ from typing import Any
 
 import httpx
 
-from fabric.discovery.registry import WorkerRecord
+from fabric.discovery.records import EngineKind, WorkerRecord
 from fabric.errors import FabricError
 from fabric.signal.messages import GenerateRequest, TokenChunk
 
 logger = logging.getLogger(__name__)
 
 Scalar = float | int | str | bool
-HTTP_ENGINES = frozenset({"vllm"})
-"""``layout["engine"]`` values of workers served over HTTP instead of the fabric's signals."""
+HTTP_ENGINES = frozenset({EngineKind.VLLM})
+"""Engines whose workers are served over HTTP instead of the fabric's signals."""
 _COMPLETIONS = "/v1/completions"
 _SAMPLING_KEYS = ("temperature", "top_p", "seed")
 
@@ -81,11 +81,15 @@ class UpstreamError(FabricError):
 
 def uses_http(record: WorkerRecord) -> bool:
     """Whether the frontend talks to this worker over HTTP (a vLLM instance)."""
-    return record.layout.get("engine") in HTTP_ENGINES
+    return record.layout.engine in HTTP_ENGINES
 
 
 def base_url(record: WorkerRecord) -> str:
-    return record.endpoints["http"].rstrip("/")
+    """The worker's OpenAI server; UpstreamError (503) when its record names none."""
+    url = record.endpoints.http
+    if url is None:
+        raise UpstreamError(503, f"worker {record.worker_id} publishes no http endpoint")
+    return url.rstrip("/")
 
 
 def completion_body(
@@ -93,7 +97,7 @@ def completion_body(
 ) -> dict[str, Any]:
     """The ``/v1/completions`` body of ``request`` for ``record`` (module docstring)."""
     body: dict[str, Any] = {
-        "model": record.layout.get("model"),
+        "model": record.layout.model,
         "prompt": list(request.token_ids),
         "max_tokens": request.max_tokens,
         "temperature": 0.0,
@@ -262,7 +266,7 @@ def _status_error(record: WorkerRecord, status: int, text: str) -> UpstreamError
 
 
 def _transport_error(record: WorkerRecord, exc: httpx.HTTPError) -> UpstreamError:
-    url = record.endpoints.get("http", "?")
+    url = record.endpoints.http or "?"
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return UpstreamError(503, f"worker {record.worker_id} at {url} is unreachable: {exc!r}")
     if isinstance(exc, httpx.TimeoutException):

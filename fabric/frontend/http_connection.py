@@ -26,7 +26,7 @@ import threading
 
 import httpx
 
-from fabric.discovery.registry import WorkerRecord
+from fabric.discovery.records import WorkerRecord
 from fabric.frontend.connection import ChunkStream, StreamFailure
 from fabric.frontend.http_backend import HttpSettings, UpstreamError, generate
 from fabric.signal.messages import GenerateRequest

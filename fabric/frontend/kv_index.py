@@ -25,8 +25,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Iterable, Sequence
 
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, KvEvent
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import AllCleared, BlockRemoved, BlockStored, KvEvent, SequenceHash, Tier
 
 
 class KvPrefixIndex:

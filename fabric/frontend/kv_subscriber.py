@@ -1,7 +1,7 @@
 """``KvEventSubscriber``: one worker's KV event stream (vLLM wire format) into a ``KvPrefixIndex``.
 
 Owns a SUB socket on the worker's ``events`` endpoint and, when the worker has one, a DEALER on
-its ``events_replay`` ROUTER (``fabric.kvbm.event_publisher``'s protocol: send
+its ``events_replay`` ROUTER (``fabric.kvbm.stream.publisher``'s protocol: send
 ``[b"", start_seq]``, receive ``[b"", seq, payload]`` per buffered batch, then ``[b"", -1, b""]``).
 Both sockets belong to the subscriber's thread, which creates, uses and closes them.
 
@@ -27,7 +27,7 @@ import zmq
 
 from fabric.errors import ProtocolMismatch
 from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm.event_wire import decode_event_batch
+from fabric.kvbm import decode_event_batch
 
 logger = logging.getLogger(__name__)
 

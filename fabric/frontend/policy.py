@@ -7,7 +7,7 @@ Prefixes (``cached_prefixes``): for every worker, how many leading full blocks o
 holds on the device or host tier (``ROUTABLE_TIERS``). The disk tiers are left out: the shared disk
 tier needs no routing (every worker finds its disk hits itself), so a disk copy never makes one
 worker a better KV source than another. The prompt's sequence hashes are computed the way workers
-register blocks, ``sequence_hashes(tokens, layout["block_size"], seed=record.compat_hash)`` (a
+register blocks, ``sequence_hashes(tokens, layout.block_size, seed=record.compat_hash)`` (a
 ``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size), and
 not at all for a group none of whose workers has an indexed block.
 
@@ -42,10 +42,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.records import WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm.hashing import sequence_hashes
-from fabric.kvbm.types import Tier
+from fabric.kvbm import Tier, sequence_hashes
 
 SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
@@ -99,15 +99,9 @@ class Route:
     pinned: bool = False
 
 
-def block_size_of(record: WorkerRecord) -> int | None:
-    """``layout["block_size"]`` when it is a positive int, else None."""
-    value = record.layout.get("block_size")
-    return value if isinstance(value, int) and value > 0 else None
-
-
 def compatible(a: WorkerRecord, b: WorkerRecord) -> bool:
     """Whether ``a`` and ``b`` can exchange KV blocks: same compat hash and block size."""
-    return a.compat_hash == b.compat_hash and block_size_of(a) == block_size_of(b)
+    return a.compat_hash == b.compat_hash and a.layout.block_size == b.layout.block_size
 
 
 def cached_prefixes(
@@ -117,7 +111,7 @@ def cached_prefixes(
     prefixes = dict.fromkeys((r.worker_id for r in records), NO_PREFIX)
     groups: dict[tuple[int, int], list[str]] = {}
     for record in records:
-        block_size = block_size_of(record)
+        block_size = record.layout.block_size
         if block_size is not None:
             groups.setdefault((record.compat_hash, block_size), []).append(record.worker_id)
     for (seed, block_size), worker_ids in groups.items():

@@ -3,7 +3,7 @@
 Owns, for one served model: a ``WorkerDirectory`` (joins, updates and leaves arrive from the
 registry's watch, so no restart is needed), one connection per decode or aggregated worker
 (a ``WorkerConnection`` over signals to the fabric's workers, an ``HttpConnection`` to a vLLM
-instance: a record with ``layout["engine"] == "vllm"`` and an ``http`` endpoint), one
+instance: a record with a ``VllmLayout`` and an ``http`` endpoint), one
 ``KvEventSubscriber`` per worker of any role that publishes ``events``, the ``KvPrefixIndex``
 they feed, and the in-flight count of every worker. The choices themselves are
 ``policy``'s; the router resolves a request's ``RoutePin`` (the ``fabric`` field of the body)
@@ -11,7 +11,7 @@ against the live workers and refuses a pin it cannot honour with a 400 naming th
 
 Invariants:
 
-* Eligible workers are the DECODE, AGGREGATED and PREFILL records whose ``layout["model"]`` is the
+* Eligible workers are the DECODE, AGGREGATED and PREFILL records whose ``layout.model`` is the
   served model name (records without one are accepted); others are ignored (logged once).
   A vLLM record without an ``http`` endpoint is ignored too: the frontend cannot send it requests.
   vLLM and fabric workers never share a route (their compat hashes differ).
@@ -32,8 +32,9 @@ import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerEvent, WorkerEventKind
-from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry, Role, WorkerRecord
+from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry, Role
 from fabric.frontend.connection import ChunkStream, ServingConnection, WorkerConnection
 from fabric.frontend.errors import bad_request, no_workers
 from fabric.frontend.http_backend import uses_http
@@ -44,7 +45,6 @@ from fabric.frontend.policy import (
     SERVING_ROLES,
     SOURCE_ROLES,
     Route,
-    block_size_of,
     cached_prefixes,
     choose_serving,
     choose_source,
@@ -302,7 +302,7 @@ class Router:
     def _eligible(self, record: WorkerRecord) -> bool:
         if record.role not in ROUTED_ROLES:
             return False
-        model = record.layout.get("model")
+        model = record.layout.model
         if model is None or model == self.model_name:
             return True
         if record.worker_id not in self._ignored:
@@ -332,19 +332,19 @@ class Router:
         worker_id = record.worker_id
         connection: ServingConnection | None = None
         if uses_http(record):
-            if "http" not in record.endpoints:
+            if record.endpoints.http is None:
                 logger.warning(
                     "%s worker %s (%s) has no http endpoint (kv_connector_extra_config "
                     "http_url); ignored",
                     record.role.value,
                     worker_id,
-                    record.layout.get("engine"),
+                    record.layout.engine.value,
                 )
                 return
             if record.role in SERVING_ROLES:
                 connection = HttpConnection(record, self._http)
         elif record.role in SERVING_ROLES:
-            if "signal" not in record.endpoints:
+            if record.endpoints.signal is None:
                 logger.warning("worker %s has no signal endpoint; ignored", worker_id)
                 return
             connection = WorkerConnection(record, identity=self.identity)
@@ -360,13 +360,13 @@ class Router:
 
     def _maybe_subscribe(self, record: WorkerRecord) -> KvEventSubscriber | None:
         """Follow the worker's KV events when it publishes them (any role)."""
-        events = record.endpoints.get("events")
-        if events:
+        events = record.endpoints.events
+        if events is not None:
             return KvEventSubscriber(
                 record.worker_id,
                 self.index,
                 endpoint=events,
-                replay_endpoint=record.endpoints.get("events_replay") or None,
+                replay_endpoint=record.endpoints.events_replay,
             ).start()
         if record.role is Role.PREFILL:
             logger.warning(
@@ -408,7 +408,7 @@ def _same_peer(old: WorkerRecord, new: WorkerRecord) -> bool:
         and old.endpoints == new.endpoints
         and old.compat_hash == new.compat_hash
         and old.started_at == new.started_at
-        and old.layout.get("model") == new.layout.get("model")
+        and old.layout.model == new.layout.model
     )
 
 
@@ -424,7 +424,7 @@ def _a(role: Role) -> str:
 
 
 def _geometry(record: WorkerRecord) -> str:
-    return f"compat hash {record.compat_hash:#x}, block size {block_size_of(record)}"
+    return f"compat hash {record.compat_hash:#x}, block size {record.layout.block_size}"
 
 
 def _pinned(

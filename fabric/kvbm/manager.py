@@ -3,8 +3,8 @@
 What it owns: the tiers (G1 device always; G2 host and G3 disk pools when configured; the G4
 shared disk store when configured), the salt seed that makes hashes model-specific, the disk
 admission filter, and the moves between tiers. Pools only allocate / register / match / release;
-storages only hold bytes; ``copy_blocks`` only copies; the G4 ``DiskStore`` only stores files by
-sequence hash. The manager is where a block changes tier::
+storages only hold bytes; ``copy_blocks`` only copies; the G4 ``SharedBlockStore`` only stores
+files by sequence hash. The manager is where a block changes tier::
 
     offload:  DEVICE -> HOST -> DISK      (copies, registered in the target, source keeps its copy)
               HOST -> SHARED (DEVICE -> SHARED without a host tier): packed, one file per block
@@ -34,20 +34,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fabric.config import FabricConfig
 from fabric.errors import ConfigError, InvalidInput, TransferError
-from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
-from fabric.kvbm.copy import copy_blocks, gather_to_staging, scatter_from_staging
-from fabric.kvbm.disk_store import DiskStore
-from fabric.kvbm.event_publisher import ZmqEventPublisher
-from fabric.kvbm.events import EventSink, NullSink
-from fabric.kvbm.eviction import FrequencyFilter, build_policy
-from fabric.kvbm.hashing import HashedBlocks, hash_token_blocks, seed_for_salt
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.core.block import ImmutableBlocks, MutableBlocks
+from fabric.kvbm.core.events import EventSink
+from fabric.kvbm.core.eviction import FrequencyFilter
+from fabric.kvbm.core.hashing import HashedBlocks, hash_token_blocks
+from fabric.kvbm.core.pool import BlockPool, register_positions
+from fabric.kvbm.core.types import SequenceHash, Tier
 from fabric.kvbm.metrics import KvbmMetrics
-from fabric.kvbm.pool import BlockPool
-from fabric.kvbm.storage import DiskStorage, Storage, device_storage, host_storage
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.shared.store import SharedBlockStore, store_blocks
+from fabric.kvbm.tiers.block_copy import copy_blocks, scatter_from_staging
+from fabric.kvbm.tiers.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +55,8 @@ _MOVES = {
     (Tier.HOST, Tier.DEVICE),
     (Tier.DISK, Tier.DEVICE),
 }
-_SPEED_ORDER = (Tier.DEVICE, Tier.HOST, Tier.DISK)
+SPEED_ORDER = (Tier.DEVICE, Tier.HOST, Tier.DISK)
 """The pool tiers, fastest first; G4 (``Tier.SHARED``, not a pool) comes after them."""
-
-
-@dataclass(frozen=True, slots=True)
-class KvGeometry:
-    """What the model's KV cache looks like per token; with the config it fixes every layout."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_size: int
-    dtype: torch.dtype = torch.float16
-    kv_split: bool = True
-    """K and V in separate chunks (outer dim 2); False for one joined page per layer."""
-
-    def layout(self, kind: LayoutKind, num_blocks: int, block_size: int) -> LayoutSpec:
-        return LayoutSpec(
-            kind=kind,
-            num_blocks=num_blocks,
-            num_layers=self.num_layers,
-            outer_dim=2 if self.kv_split else 1,
-            block_size=block_size,
-            inner_dim=self.num_kv_heads * self.head_size * (1 if self.kv_split else 2),
-            dtype=self.dtype,
-        )
 
 
 @dataclass(slots=True)
@@ -125,7 +99,7 @@ class KvBlockManager:
         disk_filter: FrequencyFilter,
         metrics: KvbmMetrics,
         events: EventSink,
-        shared: DiskStore | None = None,
+        shared: SharedBlockStore | None = None,
     ) -> None:
         if Tier.DEVICE not in tiers:
             raise ConfigError("a KvBlockManager needs a DEVICE tier")
@@ -159,11 +133,11 @@ class KvBlockManager:
     @property
     def tiers(self) -> tuple[Tier, ...]:
         """The configured tiers, fastest first (G4 last when configured)."""
-        pools = tuple(t for t in _SPEED_ORDER if t in self._tiers)
+        pools = tuple(t for t in SPEED_ORDER if t in self._tiers)
         return pools if self._shared is None else (*pools, Tier.SHARED)
 
     @property
-    def shared_store(self) -> DiskStore:
+    def shared_store(self) -> SharedBlockStore:
         """The G4 store. Raises ``ConfigError`` when G4 is not configured."""
         if self._shared is None:
             raise ConfigError(
@@ -224,7 +198,7 @@ class KvBlockManager:
         self.disk_filter.observe(list(sequence_hashes))
         result = PrefixMatch()
         start = 0
-        for tier in _SPEED_ORDER:
+        for tier in SPEED_ORDER:
             if start == len(sequence_hashes):
                 break
             if tier not in self._tiers:
@@ -443,165 +417,3 @@ class KvBlockManager:
                 f"failed: {exc}"
             ) from exc
         register_positions(dst.pool, allocation, hashes, missing, [None, *hashes[:-1]])
-
-
-def store_blocks(
-    storage: Storage,
-    block_ids: Sequence[int],
-    store: DiskStore,
-    sequence_hashes: Sequence[SequenceHash],
-) -> int:
-    """Pack blocks ``block_ids`` of ``storage`` and write each to G4 under
-    ``sequence_hashes[i]``; returns how many were written (the rest were there already)."""
-    packed = gather_to_staging(storage, block_ids).numpy()
-    rows = packed.reshape(len(block_ids), store.block_bytes)
-    return store.write_many(zip(sequence_hashes, rows, strict=True))
-
-
-def register_positions(
-    pool: BlockPool,
-    allocation: MutableBlocks,
-    sequence_hashes: Sequence[SequenceHash],
-    positions: Sequence[int],
-    parents: Sequence[SequenceHash | None],
-) -> None:
-    """Register freshly copied blocks, the i-th of ``allocation`` under
-    ``sequence_hashes[positions[i]]``, and leave them cached (references released).
-
-    Registration goes one run of consecutive positions at a time, each run with
-    ``parents[first position]`` as its parent, so every ``BlockStored`` event chains correctly.
-    ``allocation`` is consumed; its blocks become complete here.
-    """
-    allocation.advance(allocation.capacity - allocation.num_tokens)
-    rest = allocation
-    start = 0
-    while start < len(positions):
-        end = start + 1
-        while end < len(positions) and positions[end] == positions[end - 1] + 1:
-            end += 1
-        run, rest = rest.split(end - start)
-        run_hashes = [sequence_hashes[i] for i in positions[start:end]]
-        pool.release(pool.register(run, run_hashes, parent_hash=parents[positions[start]]))
-        start = end
-    pool.release(rest)  # empty
-
-
-def build_kvbm(
-    config: FabricConfig,
-    geometry: KvGeometry,
-    *,
-    events: EventSink | None = None,
-    device: torch.device | str | None = None,
-    metrics: KvbmMetrics | None = None,
-) -> KvBlockManager:
-    """Wire a KvBlockManager from the config: pools, storages, policies, events, metrics.
-
-    Events go to ``events`` when given, else to a ZMQ publisher on ``config.events_endpoint``
-    when set, else nowhere. The manager owns the sink: ``close`` closes it, and so does a failure
-    here, after closing every storage already built.
-    """
-    if events is None:
-        events = (
-            ZmqEventPublisher(config.events_endpoint, replay_endpoint=config.events_replay_endpoint)
-            if config.events_endpoint
-            else NullSink()
-        )
-    block_bytes = geometry.layout(LayoutKind.FULLY_CONTIGUOUS, 1, config.block_size).block_bytes
-    tiers: dict[Tier, TierSlot] = {}
-    try:
-        for tier in _SPEED_ORDER:
-            num_blocks = config.tier_blocks(tier, block_bytes)
-            if num_blocks == 0:
-                continue
-            kind = LayoutKind.FULLY_CONTIGUOUS if tier is Tier.DISK else config.layout
-            layout = geometry.layout(kind, num_blocks, config.block_size)
-            storage: Storage
-            if tier is Tier.DEVICE:
-                storage = device_storage(layout, device)
-            elif tier is Tier.HOST:
-                storage = host_storage(layout, shared_name=config.host_shared_name)
-            else:
-                storage = DiskStorage(
-                    layout,
-                    config.resolved_disk_dir(),
-                    o_direct=config.disk_o_direct,
-                    zerofill_fallback=config.disk_zerofill_fallback,
-                )
-            pool = BlockPool(
-                num_blocks,
-                config.block_size,
-                tier,
-                policy=build_policy(config.eviction),
-                events=events,
-            )
-            tiers[tier] = TierSlot(pool, storage)
-            logger.info(
-                "%s tier: %d blocks of %d tokens (%.1f MiB)",
-                tier.name,
-                num_blocks,
-                config.block_size,
-                num_blocks * block_bytes / 2**20,
-            )
-        seed = seed_for_salt(_salt(config, geometry))
-        shared = _shared_store(config, seed, block_bytes)
-    except BaseException:
-        for slot in tiers.values():
-            slot.storage.close()
-        events.close()
-        raise
-    return KvBlockManager(
-        tiers,
-        shared=shared,
-        block_size=config.block_size,
-        seed=seed,
-        disk_filter=FrequencyFilter(config.disk_admit_after),
-        metrics=metrics if metrics is not None else KvbmMetrics(),
-        events=events,
-    )
-
-
-def _shared_store(config: FabricConfig, seed: int, block_bytes: int) -> DiskStore | None:
-    """The G4 store when ``shared_disk_dir`` is set (its size must be too), else None."""
-    num_blocks = config.tier_blocks(Tier.SHARED, block_bytes)
-    if config.shared_disk_dir is None:
-        if num_blocks:
-            raise ConfigError(
-                "FABRIC_SHARED_DISK_GB / FABRIC_SHARED_DISK_BLOCKS is set but "
-                "FABRIC_SHARED_DISK_DIR is not: name the shared directory"
-            )
-        return None
-    if num_blocks == 0:
-        raise ConfigError(
-            f"FABRIC_SHARED_DISK_DIR={config.shared_disk_dir} needs a size: set "
-            "FABRIC_SHARED_DISK_GB or FABRIC_SHARED_DISK_BLOCKS"
-        )
-    store = DiskStore(
-        config.shared_disk_dir,
-        compat_hash=seed,
-        block_bytes=block_bytes,
-        capacity_blocks=num_blocks,
-        fsync=config.shared_disk_fsync,
-    )
-    logger.info(
-        "SHARED tier: %d blocks (%.1f MiB) in %s, %d found there",
-        num_blocks,
-        num_blocks * block_bytes / 2**20,
-        config.shared_disk_dir,
-        len(store),
-    )
-    return store
-
-
-def _salt(config: FabricConfig, geometry: KvGeometry) -> str:
-    """Everything that makes KV incompatible goes into the hash seed (plus the user's salt)."""
-    parts = [
-        f"block_size={config.block_size}",
-        f"layers={geometry.num_layers}",
-        f"kv_heads={geometry.num_kv_heads}",
-        f"head={geometry.head_size}",
-        f"dtype={str(geometry.dtype).removeprefix('torch.')}",
-        f"kv_split={geometry.kv_split}",
-    ]
-    if config.salt:
-        parts.append(f"salt={config.salt}")
-    return "|".join(parts)

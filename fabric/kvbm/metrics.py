@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fabric.kvbm.types import Tier
+from fabric.kvbm.core.types import Tier
 
 logger = logging.getLogger(__name__)
 

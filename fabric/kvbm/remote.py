@@ -37,8 +37,8 @@ import msgpack
 import numpy as np
 
 from fabric.errors import InvalidInput, LayoutMismatch, ProtocolMismatch
-from fabric.kvbm.layout import SUPPORTED_DTYPES, LayoutKind, LayoutSpec, dtype_name
-from fabric.kvbm.storage import Storage
+from fabric.kvbm.core.layout import SUPPORTED_DTYPES, LayoutKind, LayoutSpec, dtype_name
+from fabric.kvbm.tiers.storage import Storage
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.memory import MemoryKind, RegionList, pair_coalesce
 

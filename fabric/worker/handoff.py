@@ -46,10 +46,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fabric.errors import InvalidInput, ProtocolMismatch, TransferError
-from fabric.kvbm.block import ImmutableBlocks
-from fabric.kvbm.manager import KvBlockManager
-from fabric.kvbm.remote import RemoteBlockSet, export_block_set, read_remote_blocks
-from fabric.kvbm.types import BlockId, SequenceHash, Tier
+from fabric.kvbm import (
+    BlockId,
+    ImmutableBlocks,
+    KvBlockManager,
+    RemoteBlockSet,
+    SequenceHash,
+    Tier,
+    export_block_set,
+    read_remote_blocks,
+)
 from fabric.signal.messages import BlocksReady, TransferDone
 from fabric.transfer.agent import TransferAgent
 

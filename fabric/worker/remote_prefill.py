@@ -114,7 +114,7 @@ class RemotePrefills:
                 f"prefill worker {worker_id!r} has compatibility hash {record.compat_hash:#x}, "
                 f"this worker {self._compat_hash:#x}: they serve different models or layouts"
             )
-        endpoint = record.endpoints.get("signal")
+        endpoint = record.endpoints.signal
         if endpoint is None:
             return f"prefill worker {worker_id!r} publishes no signal endpoint"
         try:

@@ -40,14 +40,20 @@ import torch
 
 from fabric.config import FabricConfig
 from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
-from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.discovery.registry import Registry, Role
 from fabric.engine import Engine, ModelConfig, Preset, ensure_model
 from fabric.errors import ConfigError
-from fabric.kvbm.event_publisher import ZmqEventPublisher
-from fabric.kvbm.manager import KvBlockManager, build_kvbm
-from fabric.kvbm.offload import OffloadManager, build_offload_manager
-from fabric.kvbm.types import Tier
+from fabric.kvbm import (
+    KvBlockManager,
+    OffloadManager,
+    Tier,
+    ZmqEventPublisher,
+    build_kvbm,
+    build_offload_manager,
+    dtype_name,
+)
 from fabric.signal.server import SignalServer
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
@@ -165,7 +171,7 @@ def build_worker(
 
     Args:
         registry: where to register and find peers; default an ``EtcdRegistry`` on
-            ``config.etcd_endpoint``, closed with the worker (a given one is the caller's).
+            ``config.serve.etcd_endpoint``, closed with the worker (a given one is the caller's).
         make_agent: builds the transfer agent from the worker id (tests pass a loopback one).
 
     Raises:
@@ -174,17 +180,17 @@ def build_worker(
     if role is Role.FRONTEND:
         raise ConfigError("fabric serve starts prefill, decode or aggregated workers")
     began = time.perf_counter()
-    cpus = config.cpu_set()
+    cpus = config.serve.cpu_set()
     if cpus is not None:
         pin_process(cpus)
     if not keep_heap_warm():
         logger.info("not glibc: malloc thresholds left as they are")
-    worker_id = config.worker_id or f"{role.value}-{uuid.uuid4().hex[:8]}"
+    worker_id = config.serve.worker_id or f"{role.value}-{uuid.uuid4().hex[:8]}"
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every endpoint here is loopback
     stack = ExitStack()
     try:
         if registry is None:
-            registry = EtcdRegistry(config.etcd_endpoint, timeout_s=2.0)
+            registry = EtcdRegistry(config.serve.etcd_endpoint, timeout_s=2.0)
             stack.callback(registry.close)
         return _build(
             role,
@@ -207,7 +213,7 @@ def _offload_manager(
     if kvbm.tiers == (Tier.DEVICE,):
         return None
     with _step("offload manager started"):
-        offload = build_offload_manager(kvbm, config)
+        offload = build_offload_manager(kvbm, config.kvbm)
         stack.callback(offload.close)  # the scheduler closes it first; idempotent
     return offload
 
@@ -222,23 +228,23 @@ def _build(
     stack: ExitStack,
     began: float,
 ) -> WorkerRuntime:
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.serve.threads)
     logger.info(
         "%s worker %s: %d compute thread(s), CPUs %s",
         role.value,
         worker_id,
-        config.threads,
+        config.serve.threads,
         sorted(os.sched_getaffinity(0)),
     )
     with _step("model ready"):
-        model_name, model_dir = resolve_model(config.model)
+        model_name, model_dir = resolve_model(config.serve.model)
         model_config = ModelConfig.from_dir(model_dir)
     with _step("KV block manager built"):
         events = ZmqEventPublisher(
-            config.events_endpoint or f"tcp://{LOOPBACK}:0",
-            replay_endpoint=config.events_replay_endpoint or f"tcp://{LOOPBACK}:0",
+            config.kvbm.events_endpoint or f"tcp://{LOOPBACK}:0",
+            replay_endpoint=config.kvbm.events_replay_endpoint or f"tcp://{LOOPBACK}:0",
         )
-        kvbm = build_kvbm(config, model_config.kv_geometry(), events=events, device="cpu")
+        kvbm = build_kvbm(config.kvbm, model_config.kv_geometry(), events=events, device="cpu")
         stack.callback(kvbm.close)
     offload = _offload_manager(kvbm, config, stack)
     with _step(f"engine loaded from {model_dir}"):
@@ -254,26 +260,28 @@ def _build(
     )
     metrics_server = MetricsServer(kvbm.metrics.registry)
     stack.callback(metrics_server.close)
-    scheduler = Scheduler(role, threads=config.threads, name=f"scheduler:{worker_id}")
+    scheduler = Scheduler(role, threads=config.serve.threads, name=f"scheduler:{worker_id}")
     server = SignalServer(
         f"tcp://{LOOPBACK}:0", scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
     )
     stack.callback(server.close)
     prefill, generation = None, None
     if role in (Role.PREFILL, Role.AGGREGATED):  # aggregated: serves peers' prefix hits too
-        handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.hold_timeout_s)
-        prefill = PrefillService(engine, handoff, server, metrics, max_waiting=config.max_waiting)
+        handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.serve.hold_timeout_s)
+        prefill = PrefillService(
+            engine, handoff, server, metrics, max_waiting=config.serve.max_waiting
+        )
     if role in (Role.DECODE, Role.AGGREGATED):
         with _step("watching KV sources in etcd"):
-            directory = WorkerDirectory(registry, namespace=config.namespace).start()
+            directory = WorkerDirectory(registry, namespace=config.serve.namespace).start()
             stack.callback(directory.close)
         remote = RemotePrefills(
             directory,
             identity=worker_id,
             compat_hash=kvbm.compat_hash,
-            timeout_s=config.prefill_timeout_s,
+            timeout_s=config.serve.prefill_timeout_s,
         )
-        decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.transfer_timeout_s)
+        decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.serve.transfer_timeout_s)
         if offload is not None:
             decode_handoff.on_registered = offload.on_registered
         generation = GenerationService(
@@ -281,10 +289,10 @@ def _build(
             server,
             metrics,
             worker_id=worker_id,
-            max_waiting=config.max_waiting,
+            max_waiting=config.serve.max_waiting,
             remote=remote,
             handoff=decode_handoff,
-            fallback=config.prefill_fallback,
+            fallback=config.serve.prefill_fallback,
         )
     scheduler.start(generation=generation, prefill=prefill, offload=offload)
     stack.callback(scheduler.close)  # before server.close: final chunks still go out
@@ -292,26 +300,33 @@ def _build(
     record = WorkerRecord(
         worker_id=worker_id,
         role=role,
-        endpoints={
-            "signal": server.endpoint,
-            "metrics": metrics_server.url,
-            "events": events.endpoint,
-            "events_replay": events.replay_endpoint or "",
-        },
+        endpoints=Endpoints(
+            signal=server.endpoint,
+            metrics=metrics_server.url,
+            events=events.endpoint,
+            events_replay=events.replay_endpoint,
+        ),
         agent_name=agent.name,
-        layout={
-            **layout.compat_fields(),
-            "kind": layout.kind.value,
-            "num_blocks": layout.num_blocks,
-            "model": model_name,
-            "model_path": str(model_dir),
-        },
+        layout=FabricLayout(
+            model=model_name,
+            model_path=str(model_dir),
+            block_size=layout.block_size,
+            num_layers=layout.num_layers,
+            outer_dim=layout.outer_dim,
+            inner_dim=layout.inner_dim,
+            dtype=dtype_name(layout.dtype),
+            kind=layout.kind.value,
+            num_blocks=layout.num_blocks,
+        ),
         compat_hash=kvbm.compat_hash,
         started_at=time.time(),
     )
-    with _step(f"registered in namespace {config.namespace!r}"):
+    with _step(f"registered in namespace {config.serve.namespace!r}"):
         registration = WorkerRegistration(
-            registry, record, ttl_s=config.registration_ttl_s, namespace=config.namespace
+            registry,
+            record,
+            ttl_s=config.serve.registration_ttl_s,
+            namespace=config.serve.namespace,
         ).start()
         stack.callback(registration.close)
     logger.info(

@@ -38,7 +38,7 @@ import torch
 
 from fabric.discovery.registry import Role
 from fabric.errors import ConfigError
-from fabric.kvbm.offload import OffloadManager
+from fabric.kvbm import OffloadManager
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (

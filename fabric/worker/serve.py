@@ -19,7 +19,7 @@ from types import FrameType
 
 from pydantic import AliasChoices
 
-from fabric.config import FabricConfig, PrefillFallback, load_config
+from fabric.config import PrefillFallback, load_config, setting_field
 from fabric.discovery.registry import Role
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG"
     )
     for flag, field, kind, metavar, text in _FLAGS:
-        info = FabricConfig.model_fields[field]
+        info = setting_field(field)
         alias = info.validation_alias
         env = alias.choices[0] if isinstance(alias, AliasChoices) else field.upper()
         default = info.default.value if isinstance(info.default, Enum) else info.default

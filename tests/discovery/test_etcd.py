@@ -1,9 +1,9 @@
-"""etcd specifics: unreachable endpoints, endpoint parsing, worker records and their keys, the
-EtcdServer helper (restart, wipe, CLI) and a watch that outlives an etcd restart."""
+"""etcd specifics: unreachable endpoints, endpoint parsing, worker keys (and a record's trip
+through etcd), the EtcdServer helper (restart, wipe, CLI) and a watch that outlives an etcd
+restart. The records themselves: ``test_records``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,16 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from fabric.discovery.etcd import EtcdRegistry, parse_endpoints
 from fabric.discovery.etcd_server import EtcdServer, find_etcd_binary
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import (
     Role,
     WatchEvent,
     WatchEventKind,
-    WorkerRecord,
     parse_worker_key,
     worker_key,
     workers_prefix,
@@ -38,9 +36,9 @@ def make_record(worker_id: str = "prefill-0", role: Role = Role.PREFILL) -> Work
     return WorkerRecord(
         worker_id=worker_id,
         role=role,
-        endpoints={"signal": "tcp://127.0.0.1:5555", "http": "http://127.0.0.1:8000"},
+        endpoints=Endpoints(signal="tcp://127.0.0.1:5555", http="http://127.0.0.1:8000"),
         agent_name=f"agent-{worker_id}",
-        layout={"model": "tiny-llama", "dtype": "float32", "block_size": 16, "num_layers": 4},
+        layout=FabricLayout(model="tiny-llama", dtype="float32", block_size=16, num_layers=4),
         compat_hash=2**64 - 1,
         started_at=1_700_000_000.25,
     )
@@ -77,61 +75,7 @@ def test_parse_endpoints() -> None:
         parse_endpoints([])
 
 
-# -- worker records and keys -------------------------------------------------------------------
-
-
-def test_worker_record_round_trip_and_copy_on_construction() -> None:
-    endpoints = {"signal": "tcp://127.0.0.1:1"}
-    record = WorkerRecord("d-1", Role.DECODE, endpoints, None, {"block_size": 16}, 7, 1.5)
-    endpoints["signal"] = "changed"
-    assert record.endpoints == {"signal": "tcp://127.0.0.1:1"}
-    assert WorkerRecord.from_bytes(record.to_bytes(), key="k") == record
-    assert json.loads(record.to_bytes())["version"] == 1
-
-
-@given(
-    st.builds(
-        WorkerRecord,
-        worker_id=st.text(st.characters(blacklist_characters="/"), min_size=1, max_size=20),
-        role=st.sampled_from(Role),
-        endpoints=st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4),
-        agent_name=st.none() | st.text(max_size=20),
-        layout=st.dictionaries(
-            st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=6
-        ),
-        compat_hash=st.integers(0, 2**64 - 1),
-        started_at=st.floats(0, 4e9),
-    )
-)
-def test_worker_record_round_trip_property(record: WorkerRecord) -> None:
-    assert WorkerRecord.from_bytes(record.to_bytes(), key="k") == record
-
-
-@pytest.mark.parametrize(
-    ("payload", "reason"),
-    [
-        (b"\xff not json", "not JSON"),
-        (b"[1, 2]", "version None"),
-        (json.dumps({**json.loads(make_record().to_bytes()), "version": 2}).encode(), "version 2"),
-        (json.dumps({"version": 1, "worker_id": "w"}).encode(), "malformed"),
-        (
-            json.dumps({**json.loads(make_record().to_bytes()), "role": "router"}).encode(),
-            "malformed",
-        ),
-        (
-            json.dumps({**json.loads(make_record().to_bytes()), "compat_hash": "12"}).encode(),
-            "malformed",
-        ),
-        (
-            json.dumps({**json.loads(make_record().to_bytes()), "compat_hash": -1}).encode(),
-            "malformed",
-        ),
-    ],
-)
-def test_malformed_record_raises_naming_the_key(payload: bytes, reason: str) -> None:
-    key = "/kv-fabric/workers/prefill/bad"
-    with pytest.raises(DiscoveryError, match=f"'{key}'.*{reason}|{reason}.*'{key}'"):
-        WorkerRecord.from_bytes(payload, key=key)
+# -- worker keys -------------------------------------------------------------------------------
 
 
 def test_key_scheme() -> None:

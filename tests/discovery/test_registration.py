@@ -16,13 +16,14 @@ import pytest
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import (
     WorkerDirectory,
     WorkerEvent,
     WorkerEventKind,
     WorkerRegistration,
 )
-from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.discovery.registry import Registry, Role
 from fabric.errors import DiscoveryError, InvalidTransition
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +35,9 @@ def record_of(worker_id: str, role: Role = Role.PREFILL, port: int = 5555) -> Wo
     return WorkerRecord(
         worker_id=worker_id,
         role=role,
-        endpoints={"signal": f"tcp://127.0.0.1:{port}"},
+        endpoints=Endpoints(signal=f"tcp://127.0.0.1:{port}"),
         agent_name=f"nixl-{worker_id}",
-        layout={"block_size": 16, "dtype": "float32"},
+        layout=FabricLayout(block_size=16, dtype="float32"),
         compat_hash=0xC0FFEE,
         started_at=time.time(),
     )
@@ -171,10 +172,11 @@ CHILD = """
 import sys, time
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.registration import WorkerRegistration
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.registry import Role
 
 endpoint, namespace, ttl_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-record = WorkerRecord("victim", Role.PREFILL, {}, None, {}, 0, time.time())
+record = WorkerRecord("victim", Role.PREFILL, Endpoints(), None, FabricLayout(), 0, time.time())
 registry = EtcdRegistry(endpoint, timeout_s=2)
 WorkerRegistration(registry, record, ttl_s=ttl_s, namespace=namespace).start()
 time.sleep(120)

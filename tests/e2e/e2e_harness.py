@@ -34,7 +34,8 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.registry import WorkerRecord, workers_prefix
+from fabric.discovery.records import WorkerRecord
+from fabric.discovery.registry import workers_prefix
 from fabric.errors import FabricError
 from fabric.transfer.nixl_agent import load_nixl
 
@@ -89,6 +90,12 @@ def num_blocks(num_tokens: int) -> int:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=SCRAPE_S) as response:
         return response.read().decode()
+
+
+def scrape_worker(record: WorkerRecord) -> str:
+    """The worker's metrics, from the endpoint its record names."""
+    assert record.endpoints.metrics is not None, f"{record.worker_id} has no metrics endpoint"
+    return scrape(record.endpoints.metrics)
 
 
 def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
@@ -388,7 +395,7 @@ class Deployment:
     def worker_metrics(self, worker_id: str) -> str:
         record = self.records().get(worker_id)
         assert record is not None, f"{worker_id} is not registered in {self.namespace}"
-        return scrape(record.endpoints["metrics"])
+        return scrape_worker(record)
 
     def worker_metric(
         self, worker_id: str, name: str, default: float | None = None, **labels: str
@@ -399,9 +406,7 @@ class Deployment:
         """``fabric_kvbm_blocks_in_use{tier="G1"}`` of every registered, running worker."""
         running = {name for name, proc in self.procs.items() if proc.alive and not proc.paused}
         return {
-            worker_id: metric(
-                scrape(record.endpoints["metrics"]), "fabric_kvbm_blocks_in_use", tier="G1"
-            )
+            worker_id: metric(scrape_worker(record), "fabric_kvbm_blocks_in_use", tier="G1")
             for worker_id, record in self.records().items()
             if worker_id in running
         }

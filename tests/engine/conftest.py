@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric.config import load_config
 from fabric.engine import Engine, ModelConfig, ensure_model
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, build_kvbm
+from fabric.kvbm import KvBlockManager, LayoutKind, build_kvbm, load_kvbm_config
 
 BLOCK_SIZE = 16
 
@@ -28,7 +26,7 @@ def make_engine(tiny_dir: Path) -> Iterator[Callable[..., Engine]]:
     def make(
         *, layout: LayoutKind = LayoutKind.FULLY_CONTIGUOUS, device_blocks: int = 32
     ) -> Engine:
-        config = load_config(block_size=BLOCK_SIZE, device_blocks=device_blocks, layout=layout)
+        config = load_kvbm_config(block_size=BLOCK_SIZE, device_blocks=device_blocks, layout=layout)
         kvbm = build_kvbm(config, ModelConfig.from_dir(tiny_dir).kv_geometry())
         managers.append(kvbm)
         return Engine(tiny_dir, kvbm)

@@ -10,13 +10,9 @@ import pytest
 import torch
 from engine_reference import reference_logits
 
-from fabric.config import load_config
 from fabric.engine import DecodeRequest, Engine, FinishReason, SequenceBlocks, greedy
 from fabric.errors import InvalidInput, LayoutMismatch, PoolExhausted
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvGeometry, build_kvbm
-from fabric.kvbm.storage import TensorStorage
-from fabric.kvbm.types import Tier
+from fabric.kvbm import KvGeometry, LayoutKind, TensorStorage, Tier, build_kvbm, load_kvbm_config
 
 MakeEngine = Callable[..., Engine]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -167,7 +163,7 @@ def test_full_device_pool_is_a_clear_outcome(make_engine: MakeEngine) -> None:
 
 
 def test_pool_with_another_geometry_is_refused(tiny_dir: Path) -> None:
-    config = load_config(block_size=16, device_blocks=4)
+    config = load_kvbm_config(block_size=16, device_blocks=4)
     for geometry, message in (
         (KvGeometry(4, 2, 32, torch.float32), "inner_dim is 64, the model needs 128"),
         (KvGeometry(4, 2, 64, torch.float16), "dtype is float16"),

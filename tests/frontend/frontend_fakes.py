@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
-from fabric.discovery.registry import Registry, Role, WorkerRecord
+from fabric.discovery.registry import Registry, Role
 from fabric.errors import FabricError
 from fabric.frontend.generation import Frontend
 from fabric.frontend.server import BackgroundServer
 from fabric.frontend.tokenizer import TextCodec
-from fabric.kvbm.event_publisher import ZmqEventPublisher
+from fabric.kvbm import ZmqEventPublisher
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import Abort, GenerateRequest, Message, TokenChunk
 from fabric.signal.server import SignalServer
@@ -61,7 +62,7 @@ def register(
     registry: Registry,
     worker_id: str,
     role: Role,
-    endpoints: dict[str, str],
+    endpoints: Endpoints,
     *,
     compat_hash: int = COMPAT,
     model: str = MODEL,
@@ -71,7 +72,7 @@ def register(
         role=role,
         endpoints=endpoints,
         agent_name=None,
-        layout={"model": model, "block_size": BLOCK_SIZE},
+        layout=FabricLayout(model=model, block_size=BLOCK_SIZE),
         compat_hash=compat_hash,
         started_at=time.time(),
     )
@@ -112,14 +113,17 @@ class FakeWorker:
         self._server = SignalServer(
             "tcp://127.0.0.1:0", self._handle, compat_hash=COMPAT, name=worker_id
         )
-        endpoints = {"signal": self._server.endpoint}
+        endpoints = Endpoints(signal=self._server.endpoint)
         self.publisher: ZmqEventPublisher | None = None
         if events:
             self.publisher = ZmqEventPublisher(
                 "tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0"
             )
-            endpoints["events"] = self.publisher.endpoint
-            endpoints["events_replay"] = self.publisher.replay_endpoint or ""
+            endpoints = Endpoints(
+                signal=self._server.endpoint,
+                events=self.publisher.endpoint,
+                events_replay=self.publisher.replay_endpoint,
+            )
         self._registration = register(registry, worker_id, role, endpoints, model=model)
 
     def close(self) -> None:

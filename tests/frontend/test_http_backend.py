@@ -22,8 +22,9 @@ import pytest
 from frontend_fakes import RunningFrontend, wait_until
 
 from fabric.discovery.memory import InMemoryRegistry
+from fabric.discovery.records import Endpoints, VllmLayout, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.frontend.api import build_app
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.http_connection import HttpClients
@@ -113,13 +114,13 @@ def _sse(event: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def _record(worker_id: str, role: Role, **layout: Any) -> WorkerRecord:
+def _record(worker_id: str, role: Role) -> WorkerRecord:
     return WorkerRecord(
         worker_id=worker_id,
         role=role,
-        endpoints={"http": f"http://{HOSTS[worker_id]}"},
+        endpoints=Endpoints(http=f"http://{HOSTS[worker_id]}"),
         agent_name=None,
-        layout={"engine": "vllm", "model": "tiny", "block_size": 32, **layout},
+        layout=VllmLayout(model="tiny", block_size=32),
         compat_hash=COMPAT,
         started_at=time.time(),
     )
@@ -319,9 +320,9 @@ def test_a_vllm_record_without_http_endpoint_is_not_routed(
     bare = WorkerRecord(
         worker_id="prefill-old",
         role=Role.PREFILL,
-        endpoints={"signal": "tcp://127.0.0.1:1"},
+        endpoints=Endpoints(signal="tcp://127.0.0.1:1"),
         agent_name="agent",
-        layout={"engine": "vllm", "model": "tiny", "block_size": 32},
+        layout=VllmLayout(model="tiny", block_size=32),
         compat_hash=COMPAT,
         started_at=time.time(),
     )

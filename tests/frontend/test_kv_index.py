@@ -5,9 +5,7 @@ from __future__ import annotations
 from frontend_fakes import BLOCK_SIZE, COMPAT
 
 from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored
-from fabric.kvbm.hashing import sequence_hashes
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import AllCleared, BlockRemoved, BlockStored, SequenceHash, Tier, sequence_hashes
 
 PROMPT = list(range(100, 100 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)

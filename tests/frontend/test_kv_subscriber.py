@@ -14,9 +14,7 @@ from frontend_fakes import BLOCK_SIZE, WAIT_S, wait_until
 
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.kv_subscriber import KvEventSubscriber
-from fabric.kvbm.event_wire import encode_event_batch
-from fabric.kvbm.events import BlockStored
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import BlockStored, SequenceHash, Tier, encode_event_batch
 
 END = (-1).to_bytes(8, "big", signed=True)
 

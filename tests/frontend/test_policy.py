@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from frontend_fakes import BLOCK_SIZE, COMPAT
 
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.policy import (
     Prefix,
@@ -15,9 +16,7 @@ from fabric.frontend.policy import (
     choose_source,
     make_route,
 )
-from fabric.kvbm.events import BlockStored
-from fabric.kvbm.hashing import sequence_hashes
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
 
 PROMPT = list(range(100, 100 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
@@ -30,8 +29,8 @@ def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
 def record(
     worker_id: str, role: Role, *, compat: int = COMPAT, block_size: int = BLOCK_SIZE
 ) -> WorkerRecord:
-    layout: dict[str, int | str] = {"block_size": block_size}
-    return WorkerRecord(worker_id, role, {}, None, layout, compat, 0.0)
+    layout = FabricLayout(block_size=block_size)
+    return WorkerRecord(worker_id, role, Endpoints(), None, layout, compat, 0.0)
 
 
 def route(
@@ -71,7 +70,7 @@ def test_prefixes_follow_each_worker_seed_and_block_size_and_skip_the_disk() -> 
     index.apply("disk", [stored(HASHES, Tier.DISK)])  # every worker finds disk hits itself
     other = record("other", Role.PREFILL, compat=COMPAT + 1)
     index.apply("other", [stored(HASHES)])  # another seed: never this prompt's hashes
-    no_geometry = WorkerRecord("p0", Role.PREFILL, {}, None, {}, COMPAT, 0.0)
+    no_geometry = WorkerRecord("p0", Role.PREFILL, Endpoints(), None, FabricLayout(), COMPAT, 0.0)
     workers = [big, record("host", Role.AGGREGATED), record("disk", Role.DECODE), other]
     assert cached_prefixes([*workers, no_geometry], PROMPT, index) == {
         "big": Prefix(2, 2),

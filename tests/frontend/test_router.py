@@ -17,14 +17,20 @@ from frontend_fakes import BLOCK_SIZE, COMPAT, FakeWorker, RunningFrontend, regi
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.records import Endpoints
 from fabric.discovery.registration import WorkerRegistration
 from fabric.discovery.registry import Registry, Role
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.tokenizer import TextCodec
-from fabric.kvbm.event_publisher import ZmqEventPublisher
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored
-from fabric.kvbm.hashing import sequence_hashes
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm import (
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    SequenceHash,
+    Tier,
+    ZmqEventPublisher,
+    sequence_hashes,
+)
 
 MakeWorker = Callable[..., FakeWorker]
 StartFrontend = Callable[..., RunningFrontend]
@@ -47,8 +53,7 @@ class PrefillWorkers:
     def add(self, worker_id: str, *, compat_hash: int = COMPAT) -> ZmqEventPublisher:
         publisher = ZmqEventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0")
         self.publishers[worker_id] = publisher
-        endpoints = {"events": publisher.endpoint}
-        endpoints["events_replay"] = publisher.replay_endpoint or ""
+        endpoints = Endpoints(events=publisher.endpoint, events_replay=publisher.replay_endpoint)
         self._registrations.append(
             register(self._registry, worker_id, Role.PREFILL, endpoints, compat_hash=compat_hash)
         )

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import fabric.kvbm.copy as copy_module
+import fabric.kvbm.tiers.block_copy as copy_module
 from fabric.errors import InvalidInput, LayoutMismatch
-from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import DiskStorage, TensorStorage, device_storage, host_storage
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers.block_copy import copy_blocks
+from fabric.kvbm.tiers.storage import DiskStorage, TensorStorage, device_storage, host_storage
 
 NUM_BLOCKS = 12
 

@@ -1,4 +1,4 @@
-"""DiskStore: file format, verification, LRU across restarts, sharing between instances and
+"""SharedBlockStore: file format, verification, LRU across restarts, sharing between instances and
 processes, crash leftovers, failures and configuration."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fabric.errors import ConfigError, InvalidInput, StorageError
-from fabric.kvbm import disk_store as disk_store_module
-from fabric.kvbm.disk_store import HEADER_BYTES, STALE_TEMP_SECONDS, DiskStore
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm.core.types import SequenceHash
+from fabric.kvbm.shared import store as disk_store_module
+from fabric.kvbm.shared.store import HEADER_BYTES, STALE_TEMP_SECONDS, SharedBlockStore
 
 BB = 1024
 COMPAT = 0xC0FFEE
@@ -48,11 +48,15 @@ def payload(i: int) -> np.ndarray:
     return block
 
 
-def open_store(root: Path, capacity: int = 64, compat: int = COMPAT, **kw: bool) -> DiskStore:
-    return DiskStore(root, compat_hash=compat, block_bytes=BB, capacity_blocks=capacity, **kw)
+def open_store(
+    root: Path, capacity: int = 64, compat: int = COMPAT, **kw: bool
+) -> SharedBlockStore:
+    return SharedBlockStore(
+        root, compat_hash=compat, block_bytes=BB, capacity_blocks=capacity, **kw
+    )
 
 
-def read(store: DiskStore, i: int) -> np.ndarray | None:
+def read(store: SharedBlockStore, i: int) -> np.ndarray | None:
     out = np.zeros(BB, dtype=np.uint8)
     return out if store.read_into(seq(i), out) else None
 
@@ -70,7 +74,7 @@ def set_mtime(path: Path, ns: int) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[DiskStore]:
+def store(tmp_path: Path) -> Iterator[SharedBlockStore]:
     s = open_store(tmp_path)
     yield s
     s.close()
@@ -79,7 +83,7 @@ def store(tmp_path: Path) -> Iterator[DiskStore]:
 # ---- format and round trip -----------------------------------------------------------------
 
 
-def test_round_trip_layout_and_header(store: DiskStore, tmp_path: Path) -> None:
+def test_round_trip_layout_and_header(store: SharedBlockStore, tmp_path: Path) -> None:
     h = seq(3)
     assert store.write(h, payload(3)) is True
     name = f"{h:016x}"
@@ -103,7 +107,7 @@ def test_round_trip_layout_and_header(store: DiskStore, tmp_path: Path) -> None:
     assert temp_files(tmp_path) == []
 
 
-def test_accepts_every_buffer_kind(store: DiskStore) -> None:
+def test_accepts_every_buffer_kind(store: SharedBlockStore) -> None:
     torch = pytest.importorskip("torch")
     data = payload(0)
     kinds = {
@@ -121,7 +125,7 @@ def test_accepts_every_buffer_kind(store: DiskStore) -> None:
         assert np.array_equal(out.view(torch.uint8).numpy(), data), name
 
 
-def test_bad_buffers_and_hashes_are_rejected(store: DiskStore) -> None:
+def test_bad_buffers_and_hashes_are_rejected(store: SharedBlockStore) -> None:
     with pytest.raises(InvalidInput, match="holds 1023 bytes"):
         store.write(seq(0), np.zeros(BB - 1, np.uint8))
     with pytest.raises(InvalidInput, match="C-contiguous"):
@@ -141,7 +145,7 @@ def test_bad_buffers_and_hashes_are_rejected(store: DiskStore) -> None:
     assert len(store) == 1 and store.stats.written == 1
 
 
-def test_present_block_is_skipped_not_rewritten(store: DiskStore) -> None:
+def test_present_block_is_skipped_not_rewritten(store: SharedBlockStore) -> None:
     assert store.write(seq(1), payload(1))
     mtime = store.block_path(seq(1)).stat().st_mtime_ns
     assert store.write(seq(1), payload(2)) is False  # content-addressed: same hash, same block
@@ -248,7 +252,7 @@ def test_different_compat_hash_never_matches(tmp_path: Path) -> None:
     assert open_store(tmp_path, compat=1).rescan() == 1
 
 
-def test_prefix_length_stops_at_first_miss(store: DiskStore) -> None:
+def test_prefix_length_stops_at_first_miss(store: SharedBlockStore) -> None:
     store.write_many((seq(i), payload(i)) for i in (0, 1, 3))
     assert store.prefix_length([seq(i) for i in range(4)]) == 2
     assert store.prefix_length([seq(0), seq(1)]) == 2
@@ -300,12 +304,12 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_corrupt_file_is_a_miss_and_removed(
-    store: DiskStore, corrupt: object, caplog: pytest.LogCaptureFixture
+    store: SharedBlockStore, corrupt: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     store.write_many((seq(i), payload(i)) for i in range(2))
     path = store.block_path(seq(0))
     corrupt(path)  # type: ignore[operator]
-    with caplog.at_level(logging.WARNING, logger="fabric.kvbm.disk_store"):
+    with caplog.at_level(logging.WARNING, logger="fabric.kvbm.shared.store"):
         assert read(store, 0) is None
     assert not path.exists()
     assert (store.stats.corrupt, store.stats.misses, len(store)) == (1, 1, 1)
@@ -325,7 +329,7 @@ def test_header_of_another_compat_hash_is_a_miss(tmp_path: Path) -> None:
     assert read(ours, 0) is None and not target.exists() and ours.stats.corrupt == 1
 
 
-def test_file_renamed_to_another_hash_is_a_miss(store: DiskStore) -> None:
+def test_file_renamed_to_another_hash_is_a_miss(store: SharedBlockStore) -> None:
     store.write(seq(0), payload(0))
     target = store.block_path(seq(1))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +356,7 @@ def test_rescan_checks_headers_and_sizes(tmp_path: Path) -> None:
     assert foreign.exists()  # files that are not block files are left alone
 
 
-def test_read_many_stops_at_first_bad_block(store: DiskStore) -> None:
+def test_read_many_stops_at_first_bad_block(store: SharedBlockStore) -> None:
     store.write_many((seq(i), payload(i)) for i in range(5))
     flip(HEADER_BYTES)(store.block_path(seq(2)))  # type: ignore[operator]
     out = np.zeros((5, BB), dtype=np.uint8)
@@ -466,7 +470,7 @@ def test_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
 # ---- crash leftovers and failures ----------------------------------------------------------
 
 
-def test_rescan_removes_stale_temp_files_only(store: DiskStore, tmp_path: Path) -> None:
+def test_rescan_removes_stale_temp_files_only(store: SharedBlockStore, tmp_path: Path) -> None:
     store.write(seq(0), payload(0))
     fanout = store.block_path(seq(0)).parent
     stale = fanout / f".{seq(0):016x}.kvb.dead.123.0.tmp"
@@ -481,7 +485,7 @@ def test_rescan_removes_stale_temp_files_only(store: DiskStore, tmp_path: Path) 
 
 
 def test_disk_full_raises_storage_error_and_leaves_no_temp(
-    store: DiskStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SharedBlockStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_space(fd: int, buffers: object, offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -495,7 +499,9 @@ def test_disk_full_raises_storage_error_and_leaves_no_temp(
     assert store.write(seq(0), payload(0)) and read(store, 0) is not None
 
 
-def test_blocked_fanout_directory_raises_storage_error(store: DiskStore, tmp_path: Path) -> None:
+def test_blocked_fanout_directory_raises_storage_error(
+    store: SharedBlockStore, tmp_path: Path
+) -> None:
     blocker = store.block_path(seq(0)).parent
     blocker.write_bytes(b"a file where the fan-out directory belongs")
     with pytest.raises(StorageError, match=f"{seq(0):016x}"):
@@ -512,7 +518,10 @@ def test_blocked_fanout_directory_raises_storage_error(store: DiskStore, tmp_pat
     ids=["no-access", "no-space"],
 )
 def test_failed_write_raises_storage_error_and_leaves_no_temp(
-    store: DiskStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: tuple[str, int, str]
+    store: SharedBlockStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: tuple[str, int, str],
 ) -> None:
     """Injected, so it runs as root too (root ignores directory permissions)."""
     where, code, advice = failure
@@ -531,7 +540,7 @@ def test_failed_write_raises_storage_error_and_leaves_no_temp(
 
 
 def test_remove_and_close(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="fabric.kvbm.disk_store"):
+    with caplog.at_level(logging.INFO, logger="fabric.kvbm.shared.store"):
         store = open_store(tmp_path / "new" / "parents")
     assert any("blocks indexed" in r.getMessage() for r in caplog.records)
     store.write_many((seq(i), payload(i)) for i in range(2))
@@ -561,7 +570,7 @@ def test_remove_and_close(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> N
 def test_bad_numbers_raise_config_error(tmp_path: Path, kwargs: dict, match: str) -> None:
     args = {"compat_hash": COMPAT, "block_bytes": BB, "capacity_blocks": 4} | kwargs
     with pytest.raises(ConfigError, match=match):
-        DiskStore(tmp_path, **args)
+        SharedBlockStore(tmp_path, **args)
 
 
 def test_bad_root_raises_config_error(tmp_path: Path) -> None:
@@ -644,7 +653,7 @@ def test_a_write_racing_the_eviction_of_its_block_rewrites_it(tmp_path: Path) ->
     """The copy thread writes a block while the owner thread evicts it: the write waits for
     the unlink (one lock), finds no file and writes it again; it never indexes a file that the
     eviction then removes."""
-    store = DiskStore(tmp_path, compat_hash=COMPAT, block_bytes=BB, capacity_blocks=2)
+    store = SharedBlockStore(tmp_path, compat_hash=COMPAT, block_bytes=BB, capacity_blocks=2)
     store.write(seq(0), payload(0))
     store.write(seq(1), payload(1))
     unlink = store._unlink_victims

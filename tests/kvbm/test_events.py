@@ -1,4 +1,4 @@
-"""Tests for fabric.kvbm.events: records, sinks, the vLLM wire codec and the ZMQ publisher.
+"""Tests for fabric.kvbm.core.events: records, sinks, the vLLM wire codec and the ZMQ publisher.
 
 The golden payloads were produced by msgspec 0.22 (the encoder vLLM uses) from vLLM's own struct
 definitions, so they pin byte compatibility independently of our msgpack-based encoder.
@@ -20,9 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.errors import ConfigError, InvalidInput, InvalidTransition, ProtocolMismatch
-from fabric.kvbm.event_publisher import ZmqEventPublisher
-from fabric.kvbm.event_wire import EventBatch, WireFormat, decode_event_batch, encode_event_batch
-from fabric.kvbm.events import (
+from fabric.kvbm.core.events import (
     AllCleared,
     BlockRemoved,
     BlockStored,
@@ -32,7 +30,9 @@ from fabric.kvbm.events import (
     NullSink,
     RecordingSink,
 )
-from fabric.kvbm.types import BlockHash, SequenceHash, Tier
+from fabric.kvbm.core.types import BlockHash, SequenceHash, Tier
+from fabric.kvbm.stream.publisher import ZmqEventPublisher
+from fabric.kvbm.stream.wire import EventBatch, WireFormat, decode_event_batch, encode_event_batch
 
 WAIT_MS = 5_000
 LOCALHOST = "tcp://127.0.0.1:0"
@@ -224,7 +224,7 @@ class _FailingSink:
 def test_fanout_isolates_a_failing_subscriber(caplog: pytest.LogCaptureFixture) -> None:
     before, after = RecordingSink(), RecordingSink()
     fanout = FanoutSink([before, _FailingSink(), after])
-    with caplog.at_level(logging.ERROR, logger="fabric.kvbm.events"):
+    with caplog.at_level(logging.ERROR, logger="fabric.kvbm.core.events"):
         fanout.publish([_removed(1)])
         fanout.close()
     assert before.events == after.events == [_removed(1)]
@@ -532,7 +532,7 @@ def test_close_gives_up_on_a_stuck_thread_after_its_timeout(
     assert gate.entered.wait(WAIT_MS / 1000)
     started = time.monotonic()
     try:
-        with caplog.at_level(logging.WARNING, logger="fabric.kvbm.events"):
+        with caplog.at_level(logging.WARNING, logger="fabric.kvbm.core.events"):
             publisher.close()
         assert 0.2 <= time.monotonic() - started < 1.0
         assert any("still running" in r.getMessage() for r in caplog.records)

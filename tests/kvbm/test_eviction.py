@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.errors import ConfigError
-from fabric.kvbm.eviction import (
+from fabric.kvbm.core.eviction import (
     EvictionKind,
     EvictionPolicy,
     FrequencyFilter,
@@ -16,7 +16,7 @@ from fabric.kvbm.eviction import (
     PriorityLruPolicy,
     build_policy,
 )
-from fabric.kvbm.types import BlockId
+from fabric.kvbm.core.types import BlockId
 
 ALL_KINDS = list(EvictionKind)
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.errors import InvalidInput
-from fabric.kvbm.hashing import (
+from fabric.kvbm.core.hashing import (
     DEFAULT_SEED,
     hash_token_blocks,
     seed_for_salt,
@@ -67,7 +67,7 @@ def test_vectors(key: tuple, expected: tuple) -> None:
 
 
 def test_stable_across_processes() -> None:
-    code = "from fabric.kvbm.hashing import sequence_hashes as s;print(s(list(range(64)), 16))"
+    code = "from fabric.kvbm.core.hashing import sequence_hashes as s;print(s(list(range(64)), 16))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout

@@ -25,12 +25,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import fabric.kvbm.copy as copy_module
+import fabric.kvbm.tiers.block_copy as copy_module
 from fabric.errors import ConfigError, InvalidInput
-from fabric.kvbm import kernels
-from fabric.kvbm.copy import copy_blocks, gather_to_staging, scatter_from_staging
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import DiskStorage, TensorStorage, host_storage
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers import kernels
+from fabric.kvbm.tiers.block_copy import copy_blocks, gather_to_staging, scatter_from_staging
+from fabric.kvbm.tiers.storage import DiskStorage, TensorStorage, host_storage
 
 REPO = Path(__file__).resolve().parents[2]
 FC = LayoutKind.FULLY_CONTIGUOUS
@@ -258,7 +258,7 @@ def run_python(code: str, env: dict[str, str], timeout: float) -> subprocess.Com
 LOAD_AND_COPY = """
     import logging
     import torch
-    from fabric.kvbm import kernels
+    from fabric.kvbm.tiers import kernels
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     dst = torch.zeros(4, dtype=torch.uint8)
     chunks = [torch.tensor([v], dtype=torch.int64) for v in (1, 0, 3)]

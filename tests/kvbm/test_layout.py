@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch
-from fabric.kvbm.layout import LayoutKind, LayoutSpec, Region
-from fabric.kvbm.storage import host_storage
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec, Region
+from fabric.kvbm.tiers.storage import host_storage
 
 FC = LayoutKind.FULLY_CONTIGUOUS
 LS = LayoutKind.LAYER_SEPARATE

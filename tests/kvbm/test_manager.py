@@ -9,16 +9,18 @@ import pytest
 import torch
 import zmq
 
-from fabric.config import load_config
 from fabric.errors import ConfigError, InvalidInput, StorageError, TransferError
+from fabric.kvbm import load_kvbm_config
 from fabric.kvbm import manager as manager_module
-from fabric.kvbm.event_publisher import ZmqEventPublisher
-from fabric.kvbm.event_wire import decode_event_batch
-from fabric.kvbm.events import BlockStored, RecordingSink
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.storage import TensorStorage
-from fabric.kvbm.types import Tier
+from fabric.kvbm.build import build_kvbm
+from fabric.kvbm.core.events import BlockStored, NullSink, RecordingSink
+from fabric.kvbm.core.layout import KvGeometry, LayoutKind
+from fabric.kvbm.core.types import Tier
+from fabric.kvbm.manager import KvBlockManager
+from fabric.kvbm.stream import publisher_for
+from fabric.kvbm.stream.publisher import ZmqEventPublisher
+from fabric.kvbm.stream.wire import decode_event_batch
+from fabric.kvbm.tiers.storage import TensorStorage
 
 GEOMETRY = KvGeometry(num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float32)
 BS = 4
@@ -26,7 +28,7 @@ BS = 4
 
 @pytest.fixture(params=list(LayoutKind), ids=lambda k: k.value)
 def kvbm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KvBlockManager]:
-    config = load_config(
+    config = load_kvbm_config(
         block_size=BS,
         device_blocks=8,
         cpu_cache_blocks=8,
@@ -138,7 +140,7 @@ def test_match_splits_prefix_across_tiers(kvbm: KvBlockManager) -> None:
 
 
 def test_disk_offload_respects_the_frequency_filter(tmp_path: Path) -> None:
-    config = load_config(
+    config = load_kvbm_config(
         block_size=BS,
         device_blocks=8,
         cpu_cache_blocks=8,
@@ -218,7 +220,7 @@ def test_failed_onboard_releases_every_tier_it_matched(
 
 
 def test_moves_are_validated_and_missing_tiers_named(tmp_path: Path) -> None:
-    kvbm = build_kvbm(load_config(block_size=BS, device_blocks=4), GEOMETRY)
+    kvbm = build_kvbm(load_kvbm_config(block_size=BS, device_blocks=4), GEOMETRY)
     try:
         assert kvbm.tiers == (Tier.DEVICE,)
         hashes, _ = fill_device(kvbm, list(range(BS)))
@@ -233,7 +235,7 @@ def test_moves_are_validated_and_missing_tiers_named(tmp_path: Path) -> None:
 
 def test_salt_changes_hashes_and_events_carry_tiers(kvbm: KvBlockManager) -> None:
     other = build_kvbm(
-        load_config(block_size=BS, device_blocks=4),
+        load_kvbm_config(block_size=BS, device_blocks=4),
         KvGeometry(num_layers=3, num_kv_heads=2, head_size=8, dtype=torch.float32),
     )
     try:
@@ -262,13 +264,17 @@ def test_metrics_count_moves_and_read_pools(kvbm: KvBlockManager) -> None:
 
 
 def test_events_endpoint_in_config_publishes_on_zmq(tmp_path: Path) -> None:
-    config = load_config(
+    """The builder of a manager injects the publisher that ``publisher_for`` makes from the
+    config; without one the manager publishes nowhere."""
+    assert isinstance(build_kvbm(load_kvbm_config(device_blocks=4), GEOMETRY).events, NullSink)
+    assert isinstance(publisher_for(load_kvbm_config()), NullSink)
+    config = load_kvbm_config(
         block_size=BS,
         device_blocks=4,
         events_endpoint="tcp://127.0.0.1:0",
         events_replay_endpoint="tcp://127.0.0.1:0",
     )
-    kvbm = build_kvbm(config, GEOMETRY)
+    kvbm = build_kvbm(config, GEOMETRY, events=publisher_for(config))
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -291,7 +297,7 @@ def test_events_endpoint_in_config_publishes_on_zmq(tmp_path: Path) -> None:
 
 
 def test_missing_disk_directory_is_a_clear_error(tmp_path: Path) -> None:
-    config = load_config(
+    config = load_kvbm_config(
         block_size=BS, device_blocks=4, disk_cache_blocks=4, disk_cache_dir=tmp_path / "nope"
     )
     with pytest.raises(StorageError, match="does not exist"):

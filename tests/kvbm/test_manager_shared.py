@@ -11,14 +11,15 @@ import pytest
 import torch
 from test_manager import BS, GEOMETRY, evict_device, fill_device, read_device
 
-from fabric.config import OffloadMode, load_config
 from fabric.errors import ConfigError
-from fabric.kvbm.disk_store import DiskStore
-from fabric.kvbm.events import RecordingSink
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, build_kvbm
-from fabric.kvbm.offload import TransferState, build_offload_manager
-from fabric.kvbm.types import Tier
+from fabric.kvbm import OffloadMode, load_kvbm_config
+from fabric.kvbm.build import build_kvbm
+from fabric.kvbm.core.events import RecordingSink
+from fabric.kvbm.core.layout import LayoutKind
+from fabric.kvbm.core.types import Tier
+from fabric.kvbm.manager import KvBlockManager
+from fabric.kvbm.offload.manager import MoveState, build_offload_manager
+from fabric.kvbm.shared.store import SharedBlockStore
 
 Make = Callable[..., KvBlockManager]
 
@@ -35,7 +36,7 @@ def make(tmp_path: Path) -> Iterator[Make]:
             "shared_disk_blocks": 64,
         }
         settings.update(overrides)
-        manager = build_kvbm(load_config(**settings), GEOMETRY, events=RecordingSink())
+        manager = build_kvbm(load_kvbm_config(**settings), GEOMETRY, events=RecordingSink())
         built.append(manager)
         return manager
 
@@ -114,7 +115,7 @@ def test_a_corrupt_block_cuts_the_prefix_there(make: Make, tmp_path: Path) -> No
 @pytest.mark.parametrize("host", [0, 8], ids=["device-to-shared", "host-to-shared"])
 def test_write_through_offloads_every_block_to_the_store_once(make: Make, host: int) -> None:
     kvbm = make(cpu_cache_blocks=host, device_blocks=16)
-    config = load_config(block_size=BS, offload_mode=OffloadMode.WRITE_THROUGH)
+    config = load_kvbm_config(block_size=BS, offload_mode=OffloadMode.WRITE_THROUGH)
     offload = build_offload_manager(kvbm, config)
     try:
         hashes, _ = fill_device(kvbm, list(range(6 * BS)))
@@ -125,7 +126,7 @@ def test_write_through_offloads_every_block_to_the_store_once(make: Make, host: 
         store = kvbm.shared_store
         assert [store.contains(h) for h in hashes] == [True] * 6
         assert store.stats.written == 6
-        assert offload.stats.transfers[TransferState.FAILED] == 0
+        assert offload.stats.transfers[MoveState.FAILED] == 0
         assert kvbm.pool().stats().num_in_use == 0  # pins released
     finally:
         offload.close()
@@ -133,10 +134,10 @@ def test_write_through_offloads_every_block_to_the_store_once(make: Make, host: 
 
 def test_shared_tier_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="FABRIC_SHARED_DISK_BLOCKS"):
-        build_kvbm(load_config(shared_disk_dir=tmp_path), GEOMETRY)
+        build_kvbm(load_kvbm_config(shared_disk_dir=tmp_path), GEOMETRY)
     with pytest.raises(ConfigError, match="FABRIC_SHARED_DISK_DIR"):
-        build_kvbm(load_config(shared_disk_blocks=4), GEOMETRY)
-    plain = build_kvbm(load_config(device_blocks=4), GEOMETRY)
+        build_kvbm(load_kvbm_config(shared_disk_blocks=4), GEOMETRY)
+    plain = build_kvbm(load_kvbm_config(device_blocks=4), GEOMETRY)
     try:
         with pytest.raises(ConfigError, match="SHARED"):
             _ = plain.shared_store
@@ -146,7 +147,7 @@ def test_shared_tier_config_errors(tmp_path: Path) -> None:
 
 def test_store_of_another_compat_hash_is_refused(make: Make, tmp_path: Path) -> None:
     kvbm = make()
-    wrong = DiskStore(
+    wrong = SharedBlockStore(
         tmp_path / "other",
         compat_hash=kvbm.compat_hash ^ 1,
         block_bytes=kvbm.shared_store.block_bytes,

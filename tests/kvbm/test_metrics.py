@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from fabric.kvbm.core.types import Tier
 from fabric.kvbm.metrics import KvbmMetrics
-from fabric.kvbm.types import Tier
 
 
 @dataclass

@@ -11,21 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric.config import load_config
 from fabric.errors import InvalidTransition
-from fabric.kvbm import offload_worker as offload_module
-from fabric.kvbm.block import ImmutableBlocks
-from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.offload import (
+from fabric.kvbm import load_kvbm_config
+from fabric.kvbm.build import build_kvbm
+from fabric.kvbm.core.block import ImmutableBlocks
+from fabric.kvbm.core.layout import KvGeometry
+from fabric.kvbm.core.types import SequenceHash, Tier
+from fabric.kvbm.manager import KvBlockManager
+from fabric.kvbm.offload import copier as offload_module
+from fabric.kvbm.offload.manager import (
+    MoveState,
     OffloadManager,
     Onboarding,
-    Transfer,
-    TransferState,
+    TierMove,
     build_offload_manager,
 )
-from fabric.kvbm.storage import Storage, TensorStorage
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.tiers.block_copy import copy_blocks
+from fabric.kvbm.tiers.storage import Storage, TensorStorage
 
 GEOMETRY = KvGeometry(num_layers=2, num_kv_heads=2, head_size=8, dtype=torch.float32)
 BS = 4
@@ -48,7 +50,7 @@ def make(tmp_path: Path) -> Iterator[Callable[..., Fabric]]:
             "offload_writeback_free": 0.0,
         }
         settings.update(overrides)
-        config = load_config(**settings)
+        config = load_kvbm_config(**settings)
         kvbm = build_kvbm(config, GEOMETRY)
         built.append((kvbm, build_offload_manager(kvbm, config)))
         return built[-1]
@@ -156,10 +158,10 @@ def test_offload_evict_onboard_keeps_bytes(make: Callable[..., Fabric]) -> None:
 
 def random_workload(
     rng: random.Random, kvbm: KvBlockManager, om: OffloadManager, prompts: list[list[int]]
-) -> list[Transfer]:
+) -> list[TierMove]:
     """Prefills, offloads, onboards (awaited or cancelled), cancels and evictions in a random
     order, one ``step`` after each; every onboarded block's bytes are checked."""
-    transfers: list[Transfer] = []
+    transfers: list[TierMove] = []
     pending: list[tuple[Onboarding, list[SequenceHash]]] = []
     for i in range(300):
         last = i == 299
@@ -220,19 +222,19 @@ def test_random_stress_loses_duplicates_and_leaks_nothing(
     copy_blocks(kvbm.storage(Tier.DEVICE), [0], kvbm.storage(Tier.HOST), [0])  # load kernels
     monkeypatch.setattr(offload_module, "copy_blocks", flaky_copy)
     prompts = [[c * 1000 + t for t in range(8 * BS)] for c in range(6)]
-    transfers: list[Transfer] = []
+    transfers: list[TierMove] = []
     rng = random.Random(seed)
     for _ in range(5):  # how much a round copies depends on thread timing: run until enough
         transfers += random_workload(rng, kvbm, om, prompts)
         assert om.drain(10)
         assert_clean(kvbm)
-        if om.stats.num_blocks_copied > 100 and om.stats.transfers[TransferState.FAILED]:
+        if om.stats.num_blocks_copied > 100 and om.stats.transfers[MoveState.FAILED]:
             break
-    assert om.stats.transfers[TransferState.FAILED] > 0  # failures were exercised
+    assert om.stats.transfers[MoveState.FAILED] > 0  # failures were exercised
     assert om.stats.num_blocks_copied > 100
     for t in transfers:
         assert t.done
-        if t.state is TransferState.DONE:  # targets are large enough never to evict
+        if t.state is MoveState.DONE:  # targets are large enough never to evict
             assert all(kvbm.pool(t.path.target).contains(h) for h in t.sequence_hashes)
     all_hashes = {h for p in prompts for h in kvbm.hash_tokens(p).sequence_hashes}
     for tier in kvbm.tiers:  # each registered block holds a distinct known hash, bytes intact
@@ -267,14 +269,14 @@ def test_cancel_returns_queued_and_in_flight_blocks(
     with kvbm.pool().match(a) as held_a, kvbm.pool().match(b) as held_b:
         first, second = om.offload(held_a), om.offload(held_b)
     om.step()
-    assert (first.state, second.state) == (TransferState.IN_FLIGHT, TransferState.QUEUED)
+    assert (first.state, second.state) == (MoveState.IN_FLIGHT, MoveState.QUEUED)
     assert kvbm.pool().stats().num_in_use == 5
-    assert second.cancel() and second.state is TransferState.CANCELLED
+    assert second.cancel() and second.state is MoveState.CANCELLED
     assert kvbm.pool().stats().num_in_use == 2  # the queued transfer's pins are back at once
     assert first.cancel() and not second.cancel()
     gate.open.set()
     assert om.drain(5)
-    assert first.state is TransferState.CANCELLED
+    assert first.state is MoveState.CANCELLED
     assert not any(kvbm.pool(Tier.HOST).contains(h) for h in a + b)
     assert_clean(kvbm)
 
@@ -313,9 +315,9 @@ def test_failed_copy_returns_blocks_logs_and_counts(
     with kvbm.pool().match(hashes) as held:
         transfer = om.offload(held)
     assert om.drain(5)
-    assert transfer.state is TransferState.FAILED and transfer.error is not None
+    assert transfer.state is MoveState.FAILED and transfer.error is not None
     assert "Input/output error" in str(transfer.error) and "returned" in caplog.text
-    assert om.stats.transfers[TransferState.FAILED] == 1
+    assert om.stats.transfers[MoveState.FAILED] == 1
     assert not kvbm.pool(Tier.HOST).contains(hashes[0])
     assert_clean(kvbm)
     monkeypatch.setattr(offload_module, "copy_blocks", copy_blocks)  # now host -> device fails
@@ -337,12 +339,12 @@ def test_full_target_drops_offload_and_cuts_onboard(make: Callable[..., Fabric])
     hog = host.allocate(4)
     with kvbm.pool().match(hashes) as held:
         dropped = om.offload(held)
-    assert om.drain(5) and dropped.state is TransferState.DROPPED
+    assert om.drain(5) and dropped.state is MoveState.DROPPED
     assert kvbm.pool().stats().num_in_use == 0  # the pinned sources went back
     host.release(hog)
     with kvbm.pool().match(hashes) as held:
         again = om.offload(held)  # documented: the caller may retry later
-    assert om.drain(5) and again.state is TransferState.DONE and again.num_copied == 2
+    assert om.drain(5) and again.state is MoveState.DONE and again.num_copied == 2
     evict(kvbm, Tier.DEVICE)
     device = kvbm.pool()
     hog = device.allocate(device.num_blocks)
@@ -350,7 +352,7 @@ def test_full_target_drops_offload_and_cuts_onboard(make: Callable[..., Fabric])
     assert got is not None and len(got) == 0
     kvbm.release(got)
     device.release(hog)
-    assert om.stats.transfers[TransferState.DROPPED] == 2
+    assert om.stats.transfers[MoveState.DROPPED] == 2
     assert_clean(kvbm)
 
 
@@ -361,12 +363,12 @@ def test_queue_bound_refuses_with_busy(make: Callable[..., Fabric]) -> None:
     with kvbm.pool().match(a) as held_a, kvbm.pool().match(b) as held_b:
         queued, busy = om.offload(held_a), om.offload(held_b)
         duplicate = om.offload(held_a)  # already queued to HOST: nothing to add
-    assert (queued.state, busy.state) == (TransferState.QUEUED, TransferState.BUSY)
-    assert duplicate.state is TransferState.DONE and om.stats.num_blocks_skipped == 2
+    assert (queued.state, busy.state) == (MoveState.QUEUED, MoveState.BUSY)
+    assert duplicate.state is MoveState.DONE and om.stats.num_blocks_skipped == 2
     assert kvbm.pool().stats().num_in_use == 2  # BUSY took no reference
-    assert om.drain(5) and queued.state is TransferState.DONE
+    assert om.drain(5) and queued.state is MoveState.DONE
     with kvbm.pool().match(a) as held_a:
-        assert om.offload(held_a).state is TransferState.DONE  # the host holds it: skipped
+        assert om.offload(held_a).state is MoveState.DONE  # the host holds it: skipped
     assert_clean(kvbm)
 
 
@@ -466,7 +468,7 @@ def test_close_is_bounded_with_a_stuck_copy(
     began = time.monotonic()
     assert not om.close(timeout_s=0.3)  # the copy may still write: its blocks stay pinned
     assert time.monotonic() - began < 2.0
-    assert transfer.state is TransferState.IN_FLIGHT
+    assert transfer.state is MoveState.IN_FLIGHT
     assert kvbm.pool().stats().num_in_use == 2
     gate.open.set()
     om._thread.join(5)

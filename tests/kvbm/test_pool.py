@@ -15,11 +15,11 @@ from hypothesis.stateful import (
 )
 
 from fabric.errors import InvalidInput, InvalidTransition, PoolExhausted
-from fabric.kvbm.block import BlockState, ImmutableBlocks, MutableBlocks
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, RecordingSink
-from fabric.kvbm.eviction import EvictionKind, build_policy
-from fabric.kvbm.pool import BlockPool
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.core.block import BlockState, ImmutableBlocks, MutableBlocks
+from fabric.kvbm.core.events import AllCleared, BlockRemoved, BlockStored, RecordingSink
+from fabric.kvbm.core.eviction import EvictionKind, build_policy
+from fabric.kvbm.core.pool import BlockPool
+from fabric.kvbm.core.types import SequenceHash, Tier
 
 BS = 4
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch, ProtocolMismatch
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
 from fabric.kvbm.remote import (
     REMOTE_BLOCK_SET_VERSION,
     RemoteBlockSet,
@@ -24,7 +24,7 @@ from fabric.kvbm.remote import (
     plan_read,
     read_remote_blocks,
 )
-from fabric.kvbm.storage import DiskStorage, TensorStorage, host_storage
+from fabric.kvbm.tiers.storage import DiskStorage, TensorStorage, host_storage
 from fabric.transfer import LoopbackAgent, LoopbackRegistry
 
 FC, LS = LayoutKind.FULLY_CONTIGUOUS, LayoutKind.LAYER_SEPARATE

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch, StorageError
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import (
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers.storage import (
     DiskStorage,
     MemoryKind,
     adopt_tensors,
@@ -118,8 +118,8 @@ def test_adopt_tensors_wraps_without_copying() -> None:
 CHILD = textwrap.dedent(
     """
     import hashlib, sys, torch
-    from fabric.kvbm.layout import LayoutKind, LayoutSpec
-    from fabric.kvbm.storage import host_storage
+    from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+    from fabric.kvbm.tiers.storage import host_storage
     layout = LayoutSpec(LayoutKind.LAYER_SEPARATE, 8, 3, 2, 4, 8, torch.float16)
     storage = host_storage(layout, shared_name=sys.argv[1], create=False)
     h = hashlib.sha256()
@@ -340,7 +340,7 @@ def test_disk_falls_back_to_buffered_io_when_o_direct_is_refused(
 
     monkeypatch.setattr(os, "open", refuse_direct)
     layout = disk_spec(alignment=4096)
-    with caplog.at_level(logging.INFO, logger="fabric.kvbm.storage"):
+    with caplog.at_level(logging.INFO, logger="fabric.kvbm.tiers.storage"):
         disk = DiskStorage(layout, tmp_path)
     try:
         assert not disk.direct

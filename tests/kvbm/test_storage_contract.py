@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import (
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers.block_copy import copy_blocks
+from fabric.kvbm.tiers.storage import (
     DiskStorage,
     MemoryKind,
     Storage,

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fabric.errors import InvalidInput
-from fabric.kvbm import storage as kvbm_storage
+from fabric.kvbm.tiers import storage as kvbm_storage
 from fabric.transfer.memory import (
     BufferInfo,
     MemoryKind,

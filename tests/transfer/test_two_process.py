@@ -33,9 +33,16 @@ import pytest
 import torch
 
 from fabric.errors import FabricError, TransferError
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.remote import RemoteBlockSet, export_block_set, plan_read, read_remote_blocks
-from fabric.kvbm.storage import TensorStorage, host_storage
+from fabric.kvbm import (
+    LayoutKind,
+    LayoutSpec,
+    RemoteBlockSet,
+    TensorStorage,
+    export_block_set,
+    host_storage,
+    plan_read,
+    read_remote_blocks,
+)
 from fabric.transfer.nixl_agent import NixlAgent, load_nixl
 
 

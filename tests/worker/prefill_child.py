@@ -29,14 +29,21 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fabric.config import load_config
 from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
-from fabric.discovery.registry import Role, WorkerRecord
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.storage import Storage, TensorStorage
-from fabric.kvbm.types import SequenceHash
+from fabric.discovery.registry import Role
+from fabric.kvbm import (
+    KvBlockManager,
+    KvGeometry,
+    LayoutKind,
+    SequenceHash,
+    Storage,
+    TensorStorage,
+    build_kvbm,
+    dtype_name,
+    load_kvbm_config,
+)
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(1)
     geometry = KvGeometry(args.layers, args.kv_heads, args.head_size, dtype=torch.float16)
-    config = load_config(
+    config = load_kvbm_config(
         block_size=args.block_size, device_blocks=args.device_blocks, layout=args.kind
     )
     with ExitStack() as stack:
@@ -233,9 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         record = WorkerRecord(
             worker_id=args.worker_id,
             role=Role.PREFILL,
-            endpoints={"signal": server.endpoint},
+            endpoints=Endpoints(signal=server.endpoint),
             agent_name=agent.name,
-            layout={**layout.compat_fields(), "kind": layout.kind.value},
+            layout=FabricLayout(
+                block_size=layout.block_size,
+                num_layers=layout.num_layers,
+                outer_dim=layout.outer_dim,
+                inner_dim=layout.inner_dim,
+                dtype=dtype_name(layout.dtype),
+                kind=layout.kind.value,
+            ),
             compat_hash=kvbm.compat_hash,
             started_at=time.time(),
         )

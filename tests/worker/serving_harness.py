@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
-from fabric.discovery.registry import WorkerRecord
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import Abort, GenerateRequest, TokenChunk
 
@@ -125,8 +125,9 @@ class Frontend:
     def client(self, worker_id: str) -> SignalClient:
         if worker_id not in self._clients:
             record = self.record(worker_id)
+            assert record.endpoints.signal is not None, f"{worker_id} has no signal endpoint"
             self._clients[worker_id] = SignalClient(
-                record.endpoints["signal"], identity=self.identity, compat_hash=record.compat_hash
+                record.endpoints.signal, identity=self.identity, compat_hash=record.compat_hash
             )
         return self._clients[worker_id]
 
@@ -183,7 +184,8 @@ class Frontend:
 
 
 def scrape(record: WorkerRecord) -> str:
-    with urllib.request.urlopen(record.endpoints["metrics"], timeout=5) as response:
+    assert record.endpoints.metrics is not None, f"{record.worker_id} has no metrics endpoint"
+    with urllib.request.urlopen(record.endpoints.metrics, timeout=5) as response:
         return response.read().decode()
 
 

@@ -15,12 +15,17 @@ import pytest
 import torch
 from prefill_child import fake_first_token, fill_blocks, mismatched_blocks
 
-from fabric.config import load_config
 from fabric.errors import InvalidInput, PeerUnavailable, ProtocolMismatch, TransferTimeout
-from fabric.kvbm.events import BlockStored, RecordingSink
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm import (
+    BlockStored,
+    KvBlockManager,
+    KvGeometry,
+    LayoutKind,
+    RecordingSink,
+    SequenceHash,
+    build_kvbm,
+    load_kvbm_config,
+)
 from fabric.signal.messages import DEFAULT_MAX_BYTES, BlocksReady, TransferDone, decode, encode
 from fabric.transfer import LoopbackAgent, LoopbackRegistry, RegionList, Transfer
 from fabric.worker.handoff import DecodeHandoff, DecodePoolFull, PrefillHandoff
@@ -94,7 +99,7 @@ class Decode:
 def make_kvbm(
     kind: LayoutKind, *, num_blocks: int = 16, salt: str | None = None, events: RecordingSink
 ) -> KvBlockManager:
-    config = load_config(block_size=BS, device_blocks=num_blocks, layout=kind, salt=salt)
+    config = load_kvbm_config(block_size=BS, device_blocks=num_blocks, layout=kind, salt=salt)
     return build_kvbm(config, GEOMETRY, events=events, device="cpu")
 
 

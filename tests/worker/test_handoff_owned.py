@@ -15,12 +15,16 @@ import pytest
 import torch
 from prefill_child import fill_blocks, mismatched_blocks
 
-from fabric.config import load_config
 from fabric.errors import InvalidInput, PeerUnavailable
-from fabric.kvbm.block import MutableBlocks
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm import (
+    KvBlockManager,
+    KvGeometry,
+    LayoutKind,
+    MutableBlocks,
+    SequenceHash,
+    build_kvbm,
+    load_kvbm_config,
+)
 from fabric.signal.messages import TransferDone
 from fabric.transfer import LoopbackAgent, LoopbackRegistry
 from fabric.worker.handoff import DecodeHandoff, PrefillHandoff
@@ -65,7 +69,7 @@ def pair() -> Iterator[Pair]:
         ("prefill", LayoutKind.FULLY_CONTIGUOUS),
         ("decode", LayoutKind.LAYER_SEPARATE),
     ):
-        config = load_config(block_size=4, device_blocks=8, layout=kind)
+        config = load_kvbm_config(block_size=4, device_blocks=8, layout=kind)
         kvbm = build_kvbm(config, GEOMETRY, device="cpu")
         agent = LoopbackAgent(name, loopback)
         agent.register(kvbm.storage().buffers())

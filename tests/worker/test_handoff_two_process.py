@@ -34,14 +34,13 @@ import pytest
 import torch
 from prefill_child import fake_first_token, mismatched_blocks
 
-from fabric.config import load_config
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.records import FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.errors import DiscoveryError, FabricError, PeerUnavailable
-from fabric.kvbm.layout import LayoutKind
-from fabric.kvbm.manager import KvBlockManager, KvGeometry, build_kvbm
+from fabric.kvbm import KvBlockManager, KvGeometry, LayoutKind, build_kvbm, load_kvbm_config
 from fabric.signal.client import SignalClient
 from fabric.signal.framing import wall_ms
 from fabric.signal.messages import BlocksReady, PrefillRequest, TransferDone
@@ -181,7 +180,7 @@ class Harness:
         return child
 
     def decode(self, kind: LayoutKind, geometry: KvGeometry) -> DecodeSide:
-        config = load_config(block_size=BLOCK_SIZE, device_blocks=64, layout=kind)
+        config = load_kvbm_config(block_size=BLOCK_SIZE, device_blocks=64, layout=kind)
         kvbm = build_kvbm(config, geometry, device="cpu")
         self._started.callback(kvbm.close)
         agent = NixlAgent(f"decode-{uuid.uuid4().hex[:8]}")
@@ -199,8 +198,9 @@ class Harness:
 
     def client(self, record: WorkerRecord, compat_hash: int) -> SignalClient:
         """A signal client to ``record``'s signal endpoint (the only place it is read from)."""
+        assert record.endpoints.signal is not None
         client = SignalClient(
-            record.endpoints["signal"],
+            record.endpoints.signal,
             identity=f"decode-{uuid.uuid4().hex[:8]}",
             compat_hash=compat_hash,
             timeout_s=REPLY_S,
@@ -319,7 +319,8 @@ def test_handoff_across_processes(
     _, directory = fabric.directory()
     record = the_prefill(directory, child)
     assert record.compat_hash == decode.kvbm.compat_hash
-    assert record.layout["kind"] == prefill_kind.value
+    assert isinstance(record.layout, FabricLayout)
+    assert record.layout.kind == prefill_kind.value
     client = fabric.client(record, decode.kvbm.compat_hash)
 
     hand_off(decode, client, child, "req-1", prompt(12))

@@ -16,7 +16,7 @@ from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
 from fabric.engine import ensure_model
-from fabric.kvbm.types import Tier
+from fabric.kvbm import Tier
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 

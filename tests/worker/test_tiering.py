@@ -18,7 +18,7 @@ from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
 from fabric.engine import ensure_model
-from fabric.kvbm.types import Tier
+from fabric.kvbm import Tier
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 
@@ -129,7 +129,7 @@ def test_peer_hit_reads_the_prefix_from_the_instance_that_computed_it(
     assert hit.tokens == run(front, "reference", prompt).tokens
     for runtime in (a, b):
         assert_clean(runtime)
-    assert front.record("a").endpoints["signal"]  # a is still serving
+    assert front.record("a").endpoints.signal  # a is still serving
 
 
 def test_peer_hit_after_the_peers_device_evicted_it_comes_from_its_host_tier(

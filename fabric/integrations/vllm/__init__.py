@@ -30,7 +30,7 @@ head sizes, block size, KV layout, page bytes). The same facts' hash (``compat_h
 disk tier's directory and guards every signal and NIXL read, so incompatible instances never
 exchange KV.
 
-*Offload and prefix hits (disk tier).* The scheduler side asks the shared ``DiskStore`` how many
+*Offload and prefix hits (disk tier).* The scheduler side asks the ``SharedBlockStore`` how many
 leading blocks beyond vLLM's local hit it holds (``get_num_new_matched_tokens``: whole blocks,
 never the last prompt token, a synchronous load); the worker side reads them into the blocks vLLM
 allocated in ``start_load_kv``, before the forward pass. Every step the scheduler lists the blocks

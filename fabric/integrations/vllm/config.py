@@ -13,7 +13,7 @@ Which features are on follows from the settings, not from a mode string:
 
 Keys (all optional)::
 
-    disk_path              str    shared directory of the disk tier (DiskStore root)
+    disk_path              str    shared directory of the disk tier (SharedBlockStore root)
     disk_capacity_blocks   int    blocks this instance indexes before LRU eviction (4096)
     disk_fsync             bool   fsync each block file (False)
     save_blocks            bool   offload computed full blocks to the disk tier (True)

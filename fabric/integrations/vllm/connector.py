@@ -34,7 +34,7 @@ from fabric.integrations.vllm.metadata import FabricMetadata
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.scheduler import FabricScheduler
 from fabric.integrations.vllm.worker import FabricWorker
-from fabric.kvbm.disk_store import DiskStore
+from fabric.kvbm import SharedBlockStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -49,11 +49,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def open_store(config: ConnectorConfig, geometry: PageGeometry) -> DiskStore | None:
+def open_store(config: ConnectorConfig, geometry: PageGeometry) -> SharedBlockStore | None:
     """The disk tier's store for this geometry, or None when ``disk_path`` is not set."""
     if config.disk_path is None:
         return None
-    return DiskStore(
+    return SharedBlockStore(
         config.disk_path,
         compat_hash=geometry.compat_hash,
         block_bytes=geometry.block_bytes,

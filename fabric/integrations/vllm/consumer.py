@@ -23,12 +23,12 @@ import dataclasses
 import logging
 import time
 
+from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
-from fabric.discovery.registry import Registry, WorkerRecord
+from fabric.discovery.registry import Registry
 from fabric.errors import FabricError, PeerUnavailable, ProtocolMismatch, TransferError
 from fabric.integrations.vllm.metadata import PeerRead
-from fabric.kvbm.remote import RemoteBlockSet, read_remote_blocks
-from fabric.kvbm.storage import Storage
+from fabric.kvbm import RemoteBlockSet, Storage, read_remote_blocks
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import Abort, BlocksReady, PrefillRequest, TransferDone
 from fabric.transfer.agent import TransferAgent
@@ -70,13 +70,13 @@ class PeerReader:
                 happen; the producer was told to free its blocks where it could be reached.
         """
         deadline = time.monotonic() + self._peer_timeout_s
-        record = self._find(spec.remote_worker_id, deadline)
+        record, endpoint = self._find(spec.remote_worker_id, deadline)
         if record.compat_hash != self._compat:
             raise ProtocolMismatch(
                 f"producer {record.worker_id} has compat hash {record.compat_hash:016x}, this "
                 f"instance {self._compat:016x}: model or KV layout differ"
             )
-        client = self._client(record)
+        client = self._client(record.worker_id, endpoint)
         if not spec.block_ids:
             client.send(TransferDone(spec.remote_request_id, 0))
             return 0
@@ -104,23 +104,24 @@ class PeerReader:
         self._release(client, TransferDone(spec.remote_request_id, len(spec.block_ids)))
         return len(spec.block_ids)
 
-    def _find(self, worker_id: str, deadline: float) -> WorkerRecord:
+    def _find(self, worker_id: str, deadline: float) -> tuple[WorkerRecord, str]:
+        """The producer's record and signal endpoint (waiting up to ``deadline`` for it)."""
         record = self._directory.get(worker_id)
         if record is None:
             self._directory.wait_for(
                 lambda workers: worker_id in workers, max(0.0, deadline - time.monotonic())
             )
             record = self._directory.get(worker_id)
-        if record is None or "signal" not in record.endpoints:
+        endpoint = record.endpoints.signal if record is not None else None
+        if record is None or endpoint is None:
             raise PeerUnavailable(
                 f"producer {worker_id} is not registered in etcd (or has no signal endpoint) "
                 f"after {self._peer_timeout_s} s; is it running with the same namespace?"
             )
-        return record
+        return record, endpoint
 
-    def _client(self, record: WorkerRecord) -> SignalClient:
-        endpoint = record.endpoints["signal"]
-        known = self._clients.get(record.worker_id)
+    def _client(self, worker_id: str, endpoint: str) -> SignalClient:
+        known = self._clients.get(worker_id)
         if known is not None and known[0] == endpoint:
             return known[1]
         if known is not None:
@@ -131,7 +132,7 @@ class PeerReader:
             compat_hash=self._compat,
             timeout_s=self._peer_timeout_s,
         )
-        self._clients[record.worker_id] = (endpoint, client)
+        self._clients[worker_id] = (endpoint, client)
         return client
 
     def _ask(self, client: SignalClient, spec: PeerRead, deadline: float) -> BlocksReady:

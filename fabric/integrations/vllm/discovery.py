@@ -6,7 +6,7 @@ kept alive by a ``WorkerRegistration`` while the instance runs. Two readers use 
 * consumers (``consumer.PeerReader``) find a producer by its worker id and read its ``signal``
   endpoint and ``compat_hash`` (any role);
 * the fabric's frontend (``fabric.frontend.router``) routes requests to instances that have an
-  ``http`` endpoint, by role, and tells them from its own workers by ``layout["engine"]``.
+  ``http`` endpoint, by role, and tells them from its own workers by their ``VllmLayout``.
 
 Role by ``kv_role``::
 
@@ -15,16 +15,17 @@ Role by ``kv_role``::
     kv_consumer -> decode      endpoints: http                  only with http_url (nothing else
                                                                  would read the record)
 
-``layout``: the page geometry's compatibility facts (``engine: "vllm"``, dtype, block size, ...)
+``layout`` (a ``VllmLayout``): the page geometry's compatibility facts (dtype, block size, ...)
 plus ``kv_role``; ``model`` is the served model name (what the frontend matches and sends), the
 compat hash's model is kept as ``model_id``.
 """
 
 from __future__ import annotations
 
-from fabric.discovery.registry import Role, WorkerRecord
+from fabric.discovery.records import Endpoints, VllmLayout, WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.integrations.vllm.config import ConnectorConfig, KvRole
-from fabric.integrations.vllm.pages import PageGeometry
+from fabric.integrations.vllm.pages import PAGE_FORMAT_VERSION, PageGeometry
 
 KV_ROLE_TO_ROLE = {
     KvRole.PRODUCER: Role.PREFILL,
@@ -47,21 +48,27 @@ def instance_record(
         signal_endpoint: the producer's signal server (None for a consumer).
     """
     role = KV_ROLE_TO_ROLE[config.kv_role]
-    endpoints: dict[str, str] = {}
-    if signal_endpoint is not None:
-        endpoints["signal"] = signal_endpoint
-    if config.http_url is not None:
-        endpoints["http"] = config.http_url.rstrip("/")
-    if not endpoints:
+    http = config.http_url.rstrip("/") if config.http_url is not None else None
+    if signal_endpoint is None and http is None:
         return None
-    facts = geometry.compat_facts()
-    layout: dict[str, int | str] = {**facts, "kv_role": config.kv_role.value}
-    layout["model_id"] = facts["model"]
-    layout["model"] = config.served_model_name or facts["model"]
+    layout = VllmLayout(
+        model=config.served_model_name or geometry.model,
+        model_id=geometry.model,
+        kv_role=config.kv_role.value,
+        page_format=PAGE_FORMAT_VERSION,
+        dtype=geometry.dtype,
+        num_layers=geometry.num_layers,
+        num_kv_heads=geometry.num_kv_heads,
+        head_size=geometry.head_size,
+        head_size_v=geometry.head_size_v,
+        block_size=geometry.block_size,
+        kv_layout=geometry.kv_layout,
+        page_bytes=geometry.page_bytes,
+    )
     return WorkerRecord(
         worker_id=config.fabric_worker_id,
         role=role,
-        endpoints=endpoints,
+        endpoints=Endpoints(signal=signal_endpoint, http=http),
         agent_name=agent_name,
         layout=layout,
         compat_hash=geometry.compat_hash,

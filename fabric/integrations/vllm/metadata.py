@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import xxhash
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from fabric.kvbm.hashing import as_token_array
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm import SequenceHash, as_token_array
 
 
 def token_digest(token_ids: Sequence[int]) -> int:

@@ -32,9 +32,14 @@ import torch
 import xxhash
 
 from fabric.errors import LayoutMismatch
-from fabric.kvbm.hashing import seed_for_salt
-from fabric.kvbm.layout import LayoutKind, LayoutSpec, dtype_name
-from fabric.kvbm.storage import TensorStorage, adopt_tensors
+from fabric.kvbm import (
+    LayoutKind,
+    LayoutSpec,
+    TensorStorage,
+    adopt_tensors,
+    dtype_name,
+    seed_for_salt,
+)
 
 PAGE_FORMAT_VERSION = 1
 """Bumped when the meaning of a fabric block's bytes changes."""

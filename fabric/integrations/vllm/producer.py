@@ -35,8 +35,8 @@ from enum import Enum
 from fabric.integrations.vllm.metadata import PeerHold, token_digest
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import WorkerStats
-from fabric.kvbm.remote import REMOTE_BLOCK_SET_VERSION, RemoteBlockSet, RemoteBuffer
-from fabric.kvbm.storage import Storage
+from fabric.kvbm import RemoteBlockSet, Storage
+from fabric.kvbm.remote import REMOTE_BLOCK_SET_VERSION, RemoteBuffer
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (

@@ -35,9 +35,7 @@ from fabric.integrations.vllm.metadata import (
 )
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import SchedulerStats
-from fabric.kvbm.disk_store import DiskStore
-from fabric.kvbm.hashing import hash_token_blocks
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm import SequenceHash, SharedBlockStore, hash_token_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +65,7 @@ class FabricScheduler:
     """Scheduler-side logic of ``FabricConnector`` (module docstring)."""
 
     def __init__(
-        self, config: ConnectorConfig, geometry: PageGeometry, store: DiskStore | None
+        self, config: ConnectorConfig, geometry: PageGeometry, store: SharedBlockStore | None
     ) -> None:
         self.config = config
         self.geometry = geometry

@@ -2,7 +2,7 @@
 
 Runs where vLLM's model runner runs, on its thread. Per step (``FabricMetadata``):
 
-* ``start_load_kv``: disk loads (``DiskStore.read_many`` then one scatter into the allocated
+* ``start_load_kv``: disk loads (``SharedBlockStore.read_many`` then one scatter into the allocated
   blocks; blocks past the first miss or corrupt file become load errors), new holds, and P/D
   reads (``PeerReader``; any failure makes all of that request's blocks load errors);
 * ``wait_for_save``: offload (one gather of the step's newly full blocks, then ``write`` each;
@@ -37,7 +37,7 @@ from fabric.integrations.vllm.metadata import DiskLoad, DiskSave, FabricMetadata
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import HoldTable, ProducerEndpoint
 from fabric.integrations.vllm.stats import WorkerStats
-from fabric.kvbm.disk_store import DiskStore
+from fabric.kvbm import SharedBlockStore
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class FabricWorker:
         config: ConnectorConfig,
         geometry: PageGeometry,
         layer_names: Sequence[str],
-        store: DiskStore | None,
+        store: SharedBlockStore | None,
     ) -> None:
         self.config = config
         self.geometry = geometry
@@ -135,7 +135,7 @@ class FabricWorker:
                 record.worker_id,
                 record.role.value,
                 config.namespace,
-                record.endpoints,
+                record.endpoints.to_json(),
             )
 
     @property

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.registry import Role, WorkerRecord, workers_prefix
-from fabric.kvbm.disk_store import HEADER_BYTES, DiskStore
-from fabric.kvbm.hashing import sequence_hashes
+from fabric.discovery.records import WorkerRecord
+from fabric.discovery.registry import Role, workers_prefix
+from fabric.kvbm import SharedBlockStore, sequence_hashes
+from fabric.kvbm.shared.store import HEADER_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def _worker_records(etcd_endpoint: str) -> list[WorkerRecord]:
         registry.close()
 
 
-def _corrupt_block(store: DiskStore, block_hash: int) -> Path:
+def _corrupt_block(store: SharedBlockStore, block_hash: int) -> Path:
     path = store.block_path(block_hash)
     data = bytearray(path.read_bytes())
     data[HEADER_BYTES + 1000] ^= 0xFF  # one payload byte: only the checksum can notice
@@ -159,7 +160,7 @@ def test_failed_load_falls_back_to_recompute(
 ) -> None:
     corrupt_dir = tmp_path / "corrupt-tier"
     shutil.copytree(writer["store_dir"], corrupt_dir)
-    store = DiskStore(
+    store = SharedBlockStore(
         corrupt_dir,
         compat_hash=writer["compat_hash"],
         block_bytes=writer["block_bytes"],
@@ -180,7 +181,7 @@ def test_failed_load_falls_back_to_recompute(
     assert run["worker_stats"]["num_load_errors"] == failed
     assert run["worker_stats"]["num_loaded_blocks"] == loaded
     # The recomputed block was offloaded again: the tier heals.
-    healed = DiskStore(
+    healed = SharedBlockStore(
         corrupt_dir,
         compat_hash=writer["compat_hash"],
         block_bytes=writer["block_bytes"],

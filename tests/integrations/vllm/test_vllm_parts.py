@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 vllm = pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 
+from fabric.discovery.records import EngineKind, VllmLayout  # noqa: E402
 from fabric.discovery.registry import Role  # noqa: E402
 from fabric.frontend.http_backend import uses_http  # noqa: E402
 from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E402
@@ -89,12 +90,13 @@ def test_instance_record_names_role_endpoints_and_served_model(
         assert record is None  # nobody would read a consumer's record without http
         return
     assert record is not None
-    assert (record.role, set(record.endpoints)) == expected
+    assert (record.role, set(record.endpoints.to_json())) == expected
     if http_url is not None:
-        assert record.endpoints["http"] == "http://h:1"
-    assert record.layout["engine"] == "vllm" and uses_http(record)
-    assert (record.layout["model"], record.layout["model_id"]) == ("tiny", GEOMETRY.model)
-    assert record.layout["block_size"] == GEOMETRY.block_size
+        assert record.endpoints.http == "http://h:1"
+    assert isinstance(record.layout, VllmLayout)
+    assert record.layout.engine is EngineKind.VLLM and uses_http(record)
+    assert (record.layout.model, record.layout.model_id) == ("tiny", GEOMETRY.model)
+    assert record.layout.block_size == GEOMETRY.block_size
     assert record.compat_hash == GEOMETRY.compat_hash
     with pytest.raises(ConfigError, match="http_url"):
         ConnectorConfig.from_extra({"http_url": "127.0.0.1:8100"}, kv_role=kv_role, engine_id=None)

@@ -25,13 +25,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fabric.errors import InvalidInput, InvalidTransition
-from fabric.kvbm.types import BlockId, SequenceHash, Tier
+from fabric.kvbm.core.types import BlockId, SequenceHash, Tier
 
-if TYPE_CHECKING:
-    from fabric.kvbm.pool import BlockPool
+
+class PoolIdentity(Protocol):
+    """What a handle knows of the pool it belongs to (``BlockPool`` satisfies it); handles never
+    call into their pool, so this module does not import ``pool.py``."""
+
+    @property
+    def tier(self) -> Tier: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def block_size(self) -> int: ...
 
 
 class BlockState(Enum):
@@ -58,7 +69,7 @@ class BlockRecord:
 class _Handle:
     __slots__ = ("_block_ids", "_live", "_pool")
 
-    def __init__(self, pool: BlockPool, block_ids: list[BlockId]) -> None:
+    def __init__(self, pool: PoolIdentity, block_ids: list[BlockId]) -> None:
         self._pool = pool
         self._block_ids = block_ids
         self._live = True
@@ -82,7 +93,7 @@ class _Handle:
     def __iter__(self) -> Iterator[BlockId]:
         return iter(self._block_ids)
 
-    def _check(self, pool: BlockPool) -> None:
+    def _check(self, pool: PoolIdentity) -> None:
         if not self._live:
             raise InvalidTransition(f"{type(self).__name__} was already consumed or released")
         if pool is not self._pool:
@@ -101,7 +112,7 @@ class MutableBlocks(_Handle):
 
     __slots__ = ("_num_tokens",)
 
-    def __init__(self, pool: BlockPool, block_ids: list[BlockId], num_tokens: int = 0) -> None:
+    def __init__(self, pool: PoolIdentity, block_ids: list[BlockId], num_tokens: int = 0) -> None:
         super().__init__(pool, block_ids)
         self._num_tokens = num_tokens
 
@@ -167,7 +178,7 @@ class ImmutableBlocks(_Handle):
     __slots__ = ("_sequence_hashes",)
 
     def __init__(
-        self, pool: BlockPool, block_ids: list[BlockId], sequence_hashes: list[SequenceHash]
+        self, pool: PoolIdentity, block_ids: list[BlockId], sequence_hashes: list[SequenceHash]
     ) -> None:
         super().__init__(pool, block_ids)
         self._sequence_hashes = sequence_hashes

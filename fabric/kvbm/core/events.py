@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
 from fabric.errors import InvalidInput
-from fabric.kvbm.types import BlockHash, SequenceHash, Tier
+from fabric.kvbm.core.types import BlockHash, SequenceHash, Tier
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
+from fabric.kvbm.core.types import SequenceHash
 from fabric.kvbm.manager import KvBlockManager
-from fabric.kvbm.offload_transfer import OffloadPath
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm.offload.moves import OffloadPath
 
 
 class DirtyBlocks:

@@ -1,9 +1,10 @@
 """The shared disk tier: a content-addressed, persistent block store on a shared directory.
 
-``DiskStore`` keeps one file per block in a directory that several worker processes (and, over a
-network filesystem, several hosts) share. A file is named by its block's sequence hash, so every
-instance that computes the same hash finds the bytes another one wrote, and the cache survives a
-restart (``rescan``, which the constructor runs, rebuilds the index from the files).
+``SharedBlockStore`` keeps one file per block in a directory that several worker processes
+(and, over a network filesystem, several hosts) share. A file is named by its block's sequence
+hash, so every instance that computes the same hash finds the bytes another one wrote, and the
+cache survives a restart (``rescan``, which the constructor runs, rebuilds the index from the
+files).
 
 Layout::
 
@@ -83,7 +84,9 @@ import numpy as np
 import xxhash
 
 from fabric.errors import ConfigError, InvalidInput, StorageError
-from fabric.kvbm.types import SequenceHash
+from fabric.kvbm.core.types import SequenceHash
+from fabric.kvbm.tiers.block_copy import gather_to_staging
+from fabric.kvbm.tiers.storage import Storage
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +119,7 @@ _NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 @dataclass(slots=True)
-class DiskStoreStats:
+class SharedStoreStats:
     """Counters since the store was opened.
 
     ``misses`` counts every read that returned False, corrupt ones included; ``corrupt`` counts
@@ -187,7 +190,7 @@ class _Scan:
     num_evicted: int
 
 
-class DiskStore:
+class SharedBlockStore:
     """Blocks of one compat hash under ``root``, at most ``capacity_blocks`` indexed, LRU evicted.
 
     Thread-safe; several processes (and hosts) may open stores on the same ``root``.
@@ -225,7 +228,7 @@ class DiskStore:
         self._index: OrderedDict[SequenceHash, None] = OrderedDict()
         self._last_stamp = 0
         self._closed = False
-        self.stats = DiskStoreStats()
+        self.stats = SharedStoreStats()
         scan = self._scan()
         logger.info(
             "disk store %s: %d blocks indexed (capacity %d of %d bytes); removed %d corrupt "
@@ -261,7 +264,7 @@ class DiskStore:
 
     def __repr__(self) -> str:
         return (
-            f"DiskStore({self._dir_str!r}, blocks={len(self)}/{self._capacity}, "
+            f"SharedBlockStore({self._dir_str!r}, blocks={len(self)}/{self._capacity}, "
             f"block_bytes={self._block_bytes})"
         )
 
@@ -417,7 +420,7 @@ class DiskStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StorageError(f"disk store {self._dir} is closed; open a new DiskStore")
+            raise StorageError(f"disk store {self._dir} is closed; open a new SharedBlockStore")
 
     def _locate(self, h: SequenceHash) -> tuple[SequenceHash, str]:
         """The normalised hash and its file path."""
@@ -833,3 +836,16 @@ def _remove_if_stale(entry: os.DirEntry[str], stale_before_ns: int) -> bool:
         logger.warning("cannot remove stale temp file %s (%s)", entry.path, e)
         return False
     return True
+
+
+def store_blocks(
+    storage: Storage,
+    block_ids: Sequence[int],
+    store: SharedBlockStore,
+    sequence_hashes: Sequence[SequenceHash],
+) -> int:
+    """Pack blocks ``block_ids`` of ``storage`` and write each to G4 under
+    ``sequence_hashes[i]``; returns how many were written (the rest were there already)."""
+    packed = gather_to_staging(storage, block_ids).numpy()
+    rows = packed.reshape(len(block_ids), store.block_bytes)
+    return store.write_many(zip(sequence_hashes, rows, strict=True))

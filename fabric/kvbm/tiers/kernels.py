@@ -51,7 +51,7 @@ ENV_SWITCH = "FABRIC_NATIVE_KERNELS"
 ENV_BUILD_DIR = "FABRIC_KERNELS_BUILD_DIR"
 """Overrides where the extension is built and cached."""
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CSRC = REPO / "csrc"
 _EXTENSION_NAME = "kv_fabric_block_copy"
 _OFF_VALUES = frozenset({"0", "false", "off", "no"})

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch, StorageError
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
 from fabric.transfer.memory import BufferInfo, MemoryKind
 
 logger = logging.getLogger(__name__)

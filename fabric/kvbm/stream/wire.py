@@ -36,8 +36,8 @@ from typing import Any, cast
 import msgpack
 
 from fabric.errors import InvalidInput, ProtocolMismatch
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, KvEvent
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.core.events import AllCleared, BlockRemoved, BlockStored, KvEvent
+from fabric.kvbm.core.types import SequenceHash, Tier
 
 logger = logging.getLogger(__name__)
 

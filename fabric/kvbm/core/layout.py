@@ -308,3 +308,26 @@ class LayoutSpec:
     def same_geometry(self, other: LayoutSpec) -> bool:
         """Whether blocks of ``other`` can be copied into this layout (and back) byte for byte."""
         return not self.geometry_diff(other)
+
+
+@dataclass(frozen=True, slots=True)
+class KvGeometry:
+    """What the model's KV cache looks like per token; with the config it fixes every layout."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype = torch.float16
+    kv_split: bool = True
+    """K and V in separate chunks (outer dim 2); False for one joined page per layer."""
+
+    def layout(self, kind: LayoutKind, num_blocks: int, block_size: int) -> LayoutSpec:
+        return LayoutSpec(
+            kind=kind,
+            num_blocks=num_blocks,
+            num_layers=self.num_layers,
+            outer_dim=2 if self.kv_split else 1,
+            block_size=block_size,
+            inner_dim=self.num_kv_heads * self.head_size * (1 if self.kv_split else 2),
+            dtype=self.dtype,
+        )

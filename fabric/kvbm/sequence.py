@@ -26,9 +26,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 from fabric.errors import InvalidInput
-from fabric.kvbm.block import ImmutableBlocks, MutableBlocks
+from fabric.kvbm.core.block import ImmutableBlocks, MutableBlocks
+from fabric.kvbm.core.types import BlockId, SequenceHash
 from fabric.kvbm.manager import KvBlockManager
-from fabric.kvbm.types import BlockId, SequenceHash
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ class Tier(Enum):
     HOST = "G2"
     DISK = "G3"
     SHARED = "G4"
-    """The shared disk store (``disk_store.DiskStore``): a directory several instances share."""
+    """The shared disk store (``shared.store.SharedBlockStore``): a directory instances share."""
 
     @property
     def medium(self) -> str:

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch
-from fabric.kvbm import kernels
-from fabric.kvbm.layout import LayoutKind, LayoutSpec
-from fabric.kvbm.storage import DiskStorage, MemoryKind, Storage, TensorStorage
+from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers import kernels
+from fabric.kvbm.tiers.storage import DiskStorage, MemoryKind, Storage, TensorStorage
 
 logger = logging.getLogger(__name__)
 

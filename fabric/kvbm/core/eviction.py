@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Protocol
 
 from fabric.errors import ConfigError
-from fabric.kvbm.types import BlockId, SequenceHash
+from fabric.kvbm.core.types import BlockId, SequenceHash
 
 
 class EvictionPolicy(Protocol):

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fabric.errors import FabricError, InvalidInput, InvalidTransition, PoolExhausted
-from fabric.kvbm.block import BlockRecord, BlockState, ImmutableBlocks, MutableBlocks
-from fabric.kvbm.events import AllCleared, BlockRemoved, BlockStored, EventSink, NullSink
-from fabric.kvbm.eviction import EvictionPolicy, PriorityLruPolicy
-from fabric.kvbm.types import BlockId, SequenceHash, Tier
+from fabric.kvbm.core.block import BlockRecord, BlockState, ImmutableBlocks, MutableBlocks
+from fabric.kvbm.core.events import AllCleared, BlockRemoved, BlockStored, EventSink, NullSink
+from fabric.kvbm.core.eviction import EvictionPolicy, PriorityLruPolicy
+from fabric.kvbm.core.types import BlockId, SequenceHash, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -418,3 +418,31 @@ class BlockPool:
             if i is not None:
                 start = prev = i
         self._events.publish(events)
+
+
+def register_positions(
+    pool: BlockPool,
+    allocation: MutableBlocks,
+    sequence_hashes: Sequence[SequenceHash],
+    positions: Sequence[int],
+    parents: Sequence[SequenceHash | None],
+) -> None:
+    """Register freshly copied blocks, the i-th of ``allocation`` under
+    ``sequence_hashes[positions[i]]``, and leave them cached (references released).
+
+    Registration goes one run of consecutive positions at a time, each run with
+    ``parents[first position]`` as its parent, so every ``BlockStored`` event chains correctly.
+    ``allocation`` is consumed; its blocks become complete here.
+    """
+    allocation.advance(allocation.capacity - allocation.num_tokens)
+    rest = allocation
+    start = 0
+    while start < len(positions):
+        end = start + 1
+        while end < len(positions) and positions[end] == positions[end - 1] + 1:
+            end += 1
+        run, rest = rest.split(end - start)
+        run_hashes = [sequence_hashes[i] for i in positions[start:end]]
+        pool.release(pool.register(run, run_hashes, parent_hash=parents[positions[start]]))
+        start = end
+    pool.release(rest)  # empty

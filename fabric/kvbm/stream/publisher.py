@@ -27,8 +27,8 @@ import msgpack
 import zmq
 
 from fabric.errors import ConfigError, InvalidTransition
-from fabric.kvbm.event_wire import WireFormat, batch_to_wire
-from fabric.kvbm.events import KvEvent
+from fabric.kvbm.core.events import KvEvent
+from fabric.kvbm.stream.wire import WireFormat, batch_to_wire
 
 logger = logging.getLogger(__name__)
 

@@ -19,28 +19,27 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from fabric.kvbm.copy import copy_blocks
-from fabric.kvbm.disk_store import DiskStore
-from fabric.kvbm.manager import store_blocks
-from fabric.kvbm.offload_transfer import OffloadPath, Transfer
-from fabric.kvbm.storage import Storage
+from fabric.kvbm.offload.moves import OffloadPath, TierMove
+from fabric.kvbm.shared.store import SharedBlockStore, store_blocks
+from fabric.kvbm.tiers.block_copy import copy_blocks
+from fabric.kvbm.tiers.storage import Storage
 
 
 @dataclass(slots=True, eq=False)
 class CopyJob:
-    """One batch for the copy thread: storages and ids, never a pool. With a ``DiskStore`` as
+    """One batch for the copy thread: storages and ids, never a pool. With a ``SharedBlockStore`` as
     ``dst``, ``dst_ids`` are the sequence hashes to store ``src_ids`` under."""
 
     path: OffloadPath
-    transfers: list[Transfer]
+    transfers: list[TierMove]
     src: Storage
     src_ids: list[int]
-    dst: Storage | DiskStore
+    dst: Storage | SharedBlockStore
     dst_ids: list[int]
     error: Exception | None = None
 
     def run(self) -> None:
-        if not isinstance(self.dst, DiskStore):
+        if not isinstance(self.dst, SharedBlockStore):
             copy_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
             return
         store_blocks(self.src, self.src_ids, self.dst, self.dst_ids)

@@ -28,7 +28,7 @@ import numpy as np
 import xxhash
 
 from fabric.errors import InvalidInput
-from fabric.kvbm.types import BlockHash, SequenceHash
+from fabric.kvbm.core.types import BlockHash, SequenceHash
 
 if TYPE_CHECKING:
     import torch

@@ -55,29 +55,24 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from fabric.config import FabricConfig, OffloadMode
 from fabric.errors import InvalidInput, InvalidTransition, PoolExhausted, TransferError
-from fabric.kvbm.block import ImmutableBlocks
-from fabric.kvbm.manager import KvBlockManager, register_positions
-from fabric.kvbm.offload_queue import PathQueues
-from fabric.kvbm.offload_transfer import (
-    OffloadPath,
-    OffloadStats,
-    Onboarding,
-    Transfer,
-    TransferState,
-)
-from fabric.kvbm.offload_worker import CopyJob, CopyThread
-from fabric.kvbm.offload_writeback import DirtyBlocks
-from fabric.kvbm.types import SequenceHash, Tier
+from fabric.kvbm.config import KvbmConfig, OffloadMode
+from fabric.kvbm.core.block import ImmutableBlocks
+from fabric.kvbm.core.pool import register_positions
+from fabric.kvbm.core.types import SequenceHash, Tier
+from fabric.kvbm.manager import KvBlockManager
+from fabric.kvbm.offload.copier import CopyJob, CopyThread
+from fabric.kvbm.offload.moves import MoveState, OffloadPath, OffloadStats, TierMove
+from fabric.kvbm.offload.queue import PathQueues
+from fabric.kvbm.offload.writeback import DirtyBlocks
 
 __all__ = [
     "OffloadManager",
     "OffloadPath",
     "OffloadStats",
     "Onboarding",
-    "Transfer",
-    "TransferState",
+    "TierMove",
+    "MoveState",
     "build_offload_manager",
 ]
 
@@ -119,7 +114,7 @@ class OffloadManager:
 
     def offload(
         self, blocks: ImmutableBlocks, target: Tier | None = None, *, priority: int = 0
-    ) -> Transfer:
+    ) -> TierMove:
         """Queue a copy of ``blocks`` (the caller keeps its handle) to ``target`` (default: the
         table's first offload path from their tier). Returns it QUEUED; DONE at once if the
         target lacks nothing; BUSY if ``max_queued_blocks`` are queued already."""
@@ -133,9 +128,9 @@ class OffloadManager:
                 keep[h] = i
         self.stats.num_blocks_skipped += len(hashes) - len(keep)
         if not keep or self._queues.full(len(keep)):
-            state = TransferState.BUSY if keep else TransferState.DONE
+            state = MoveState.BUSY if keep else MoveState.DONE
             self.stats.transfers[state] += 1
-            return Transfer(path, state, priority, list(keep))
+            return TierMove(path, state, priority, list(keep))
         pending.update(keep)
         source = self._kvbm.pool(blocks.tier).retain(blocks, list(keep.values()))
         return self._enqueue(
@@ -150,7 +145,7 @@ class OffloadManager:
         found = self._kvbm.match(sequence_hashes)
         device = found.by_tier.pop(Tier.DEVICE, None)
         paths = {p.source: p for p in self._paths if p.onboard}
-        parts: list[Transfer] = []
+        parts: list[TierMove] = []
         start, cut = 0 if device is None else len(device), False
         for tier in (Tier.HOST, Tier.DISK):
             handle = found.by_tier.pop(tier, None)
@@ -244,26 +239,26 @@ class OffloadManager:
         source: ImmutableBlocks,
         priority: int,
         parents: list[SequenceHash | None],
-    ) -> Transfer:
+    ) -> TierMove:
         """Queue a transfer holding ``source`` (``parents[i]``: the hash before block i)."""
-        t = Transfer(
+        t = TierMove(
             path,
-            TransferState.QUEUED,
+            MoveState.QUEUED,
             priority,
             source.sequence_hashes,
-            _manager=self,
+            _canceller=self._cancel,
             _source=source,
             _parents=parents,
         )
         self._queues.push(t)
         return t
 
-    def _cancel(self, transfer: Transfer) -> bool:
-        if transfer.state is TransferState.IN_FLIGHT:
+    def _cancel(self, transfer: TierMove) -> bool:
+        if transfer.state is MoveState.IN_FLIGHT:
             transfer._cancelling = True
             return True
-        if transfer.state is TransferState.QUEUED:
-            self._finish(transfer, TransferState.CANCELLED)
+        if transfer.state is MoveState.QUEUED:
+            self._finish(transfer, MoveState.CANCELLED)
             return True
         return False
 
@@ -276,7 +271,7 @@ class OffloadManager:
                 self._in_flight.add(job)
                 self._thread.submit(job)
 
-    def _prepare(self, path: OffloadPath, batch: list[Transfer]) -> CopyJob | None:
+    def _prepare(self, path: OffloadPath, batch: list[TierMove]) -> CopyJob | None:
         """Take target references and allocations for a batch; end what needs no copy."""
         if path.target is Tier.SHARED:
             return self._prepare_shared(path, batch)
@@ -292,7 +287,7 @@ class OffloadManager:
             present = set(t._held.sequence_hashes)
             t._missing = [i for i, h in enumerate(t.sequence_hashes) if h not in present]
             if not t._missing:
-                self._finish(t, TransferState.DONE)
+                self._finish(t, MoveState.DONE)
                 continue
             try:
                 t._allocation = dst.allocate(len(t._missing))
@@ -305,17 +300,17 @@ class OffloadManager:
                     path.target.name,
                     len(t._missing),
                 )
-                self._finish(t, TransferState.DROPPED)
+                self._finish(t, MoveState.DROPPED)
                 continue
             assert t._source is not None
             ids = t._source.block_ids
             job.src_ids += [ids[i] for i in t._missing]
             job.dst_ids += t._allocation.block_ids
-            t.state = TransferState.IN_FLIGHT
+            t.state = MoveState.IN_FLIGHT
             job.transfers.append(t)
         return job if job.transfers else None
 
-    def _prepare_shared(self, path: OffloadPath, batch: list[Transfer]) -> CopyJob | None:
+    def _prepare_shared(self, path: OffloadPath, batch: list[TierMove]) -> CopyJob | None:
         """A batch to G4: the copy thread writes the blocks the store lacks (no allocation:
         files are named by hash; the source references keep the bytes in place)."""
         store = self._kvbm.shared_store
@@ -324,17 +319,17 @@ class OffloadManager:
             self._queues.unqueue(t)
             t._missing = [i for i, h in enumerate(t.sequence_hashes) if not store.contains(h)]
             if not t._missing:
-                self._finish(t, TransferState.DONE)
+                self._finish(t, MoveState.DONE)
                 continue
             assert t._source is not None
             ids = t._source.block_ids
             job.src_ids += [ids[i] for i in t._missing]
             job.dst_ids += [t.sequence_hashes[i] for i in t._missing]
-            t.state = TransferState.IN_FLIGHT
+            t.state = MoveState.IN_FLIGHT
             job.transfers.append(t)
         return job if job.transfers else None
 
-    def _admit(self, t: Transfer) -> bool:
+    def _admit(self, t: TierMove) -> bool:
         """Keep the blocks the disk filter admits now; False (ended DONE) if it admits none."""
         admits, source = self._kvbm.disk_filter.admits, t._source
         keep = [i for i, h in enumerate(t.sequence_hashes) if admits(h)]
@@ -348,7 +343,7 @@ class OffloadManager:
             t._parents = [t._parents[i] for i in keep]
             self._pending[t.path.target].update(t.sequence_hashes)
         if not keep:
-            self._finish(t, TransferState.DONE)
+            self._finish(t, MoveState.DONE)
         return bool(keep)
 
     def _collect(self, timeout_s: float) -> int:
@@ -365,16 +360,16 @@ class OffloadManager:
                 logger.warning("%s; the blocks were returned", failure)
             for t in job.transfers:
                 if t._cancelling:
-                    state = TransferState.CANCELLED
+                    state = MoveState.CANCELLED
                 elif failure is not None:
-                    t.error, state = failure, TransferState.FAILED
+                    t.error, state = failure, MoveState.FAILED
                 else:
                     self._register(t)
-                    state = TransferState.DONE
+                    state = MoveState.DONE
                 self._finish(t, state)
         return len(jobs)
 
-    def _register(self, t: Transfer) -> None:
+    def _register(self, t: TierMove) -> None:
         """Register the copied blocks one contiguous run at a time (events chain by parent);
         blocks written to G4 are there already (the store indexes them as it writes)."""
         missing = t._missing
@@ -393,12 +388,12 @@ class OffloadManager:
         record = metrics.record_onboards if t.path.onboard else metrics.record_offloads
         record(t.path.source, t.path.target, len(missing))
 
-    def _finish(self, t: Transfer, state: TransferState) -> None:
+    def _finish(self, t: TierMove, state: MoveState) -> None:
         """End ``t``: release every reference it holds, keeping a DONE onboard's device blocks;
         blocks a DONE offload put in a tier go on (write-through) or are marked dirty."""
         kvbm, path = self._kvbm, t.path
         self._queues.unqueue(t)
-        if state is TransferState.DONE and path.onboard:
+        if state is MoveState.DONE and path.onboard:
             t._result = kvbm.pool(Tier.DEVICE).match_present(t.sequence_hashes)
         for handle in (t._held, t._allocation, t._source):
             if handle is not None and handle.live:
@@ -409,7 +404,7 @@ class OffloadManager:
         t.state = state
         self.stats.transfers[state] += 1
         if (
-            state is TransferState.DONE
+            state is MoveState.DONE
             and t.num_copied
             and not path.onboard
             and path.target is not Tier.SHARED  # the last tier: nothing goes on from there
@@ -421,7 +416,7 @@ class OffloadManager:
         """Under pressure, offload the oldest dirty blocks their tier still holds."""
         for path, picked in self._dirty.batched_pick():
             with self._kvbm.pool(path.source).match_present(picked) as handle:
-                if self.offload(handle, path.target).state is TransferState.BUSY:
+                if self.offload(handle, path.target).state is MoveState.BUSY:
                     self._dirty.unpick(path, picked)
 
     def _wait_until(self, ready: Callable[[], bool], timeout_s: float | None) -> bool:
@@ -434,7 +429,59 @@ class OffloadManager:
             self._collect(min(left, _POLL_S))
 
 
-def build_offload_manager(kvbm: KvBlockManager, config: FabricConfig) -> OffloadManager:
+class Onboarding:
+    """Device blocks for the longest prefix any tier held at ``onboard`` time."""
+
+    def __init__(
+        self, manager: OffloadManager, device: ImmutableBlocks | None, parts: list[TierMove]
+    ) -> None:
+        self._manager, self._device, self._parts = manager, device, parts
+        self._live = True
+
+    @property
+    def done(self) -> bool:
+        return all(p.done for p in self._parts)
+
+    def wait(self, timeout_s: float | None = None) -> ImmutableBlocks | None:
+        """On the owner thread: step the manager until every copy is registered, then return the
+        device handle (once; the caller releases it), cut at the first part that failed or did
+        not fit. None if ``timeout_s`` passed first: wait again or ``cancel``."""
+        if not self._live:
+            raise InvalidTransition("this onboarding was already taken or cancelled")
+        if not self._manager._wait_until(lambda: self.done, timeout_s):
+            return None
+        kvbm, result = self._end(), self._device
+        for i, part in enumerate(self._parts):
+            if part._result is None:
+                self._release_results(self._parts[i:])
+                break
+            result = part._result if result is None else result.join(part._result)
+            part._result = None
+        return result if result is not None else kvbm.pool().match([])
+
+    def cancel(self) -> None:
+        """Give back every block this onboarding holds or is still copying."""
+        if self._live:
+            kvbm = self._end()
+            for part in self._parts:
+                part.cancel()
+            self._release_results(self._parts)
+            if self._device is not None:
+                kvbm.release(self._device)
+
+    def _end(self) -> KvBlockManager:
+        self._live = False
+        self._manager._onboardings.discard(self)
+        return self._manager._kvbm
+
+    def _release_results(self, parts: list[TierMove]) -> None:
+        for part in parts:
+            if part._result is not None:
+                self._manager._kvbm.release(part._result)
+                part._result = None
+
+
+def build_offload_manager(kvbm: KvBlockManager, config: KvbmConfig) -> OffloadManager:
     """The default table (module docstring) over ``kvbm``'s tiers, sized from ``config``."""
     rows = [(Tier.DEVICE, Tier.HOST, 1), (Tier.HOST, Tier.DISK, 0), (Tier.HOST, Tier.SHARED, 0)]
     rows += [(Tier.HOST, Tier.DEVICE, 10), (Tier.DISK, Tier.DEVICE, 10)]

@@ -1,0 +1,262 @@
+"""Process supervision: children with log files, bounded readiness waits, stopped as one.
+
+``fabric launch`` and the benchmarks start their processes with this module, so a benchmark runs
+what users run, started and stopped the way users' are:
+
+* ``start_process`` starts a command with stdout and stderr in ``<run_dir>/<name>.log`` and UCX
+  on loopback unless the environment names devices; with ``own_group`` the child leads a process
+  group of its own (a server that forks helpers, such as vLLM's engine core);
+* ``wait_ready`` polls a ``Readiness`` (``HealthEndpoints``: each server's ``/health`` answers
+  2xx) until it is ready; it gives up after a timeout, when a child exits or when asked to stop;
+* ``check_alive`` raises ``ChildFailed`` naming the first child that exited, with its log's tail;
+* ``stop_processes`` stops children as one: SIGTERM to each, one shared bound, then SIGKILL (to
+  the whole group of a group leader);
+* ``private_etcd`` runs an etcd of its own for a ``with`` block, ``sigterm_raises`` turns SIGTERM
+  into ``SystemExit`` so that ``finally`` blocks stop the children, ``free_port`` picks a port.
+
+Invariants: every wait is bounded; once ``stop_processes`` returns, each child is reaped (with
+its whole process group when it leads one) and its log file is closed, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Protocol
+
+from fabric.errors import FabricError
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""Default bound between SIGTERM and SIGKILL."""
+POLL_S = 0.2
+HEALTH_TIMEOUT_S = 2.0
+TAIL_LINES = 25
+"""Lines of a child's log quoted when it fails."""
+
+Progress = Callable[[str], None]
+"""Receives one line per step worth telling (started, ready, stopped)."""
+
+
+class ChildFailed(FabricError):
+    """A supervised child exited, or did not become ready in time; the message quotes its log."""
+
+
+@dataclass(slots=True)
+class Child:
+    """One started process and where its output goes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+    own_group: bool = False
+    """The child leads a process group of its own, which is stopped with it."""
+
+    def tail(self, num_lines: int = TAIL_LINES) -> str:
+        """The last lines of the child's log ("(no log)" when it cannot be read)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-num_lines:])
+
+
+class Readiness(Protocol):
+    """What ``wait_ready`` polls until the children are ready to serve."""
+
+    def poll(self) -> bool:
+        """True once ready; may report progress."""
+        ...
+
+    def waiting_for(self) -> str:
+        """What is not ready yet, for the message of a timeout."""
+        ...
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, UCX on loopback unless set, then ``extra``."""
+    ucx = os.environ.get("UCX_NET_DEVICES", "lo")
+    return {**os.environ, "UCX_NET_DEVICES": ucx, **(extra or {})}
+
+
+def start_process(
+    name: str,
+    cmd: Sequence[str],
+    run_dir: Path,
+    *,
+    progress: Progress,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    own_group: bool = False,
+) -> Child:
+    """Start ``cmd`` with its output in ``run_dir/<name>.log``.
+
+    Args:
+        env: variables set on top of ``child_env()``.
+        cwd: the child's working directory (default: this process's).
+        own_group: start the child as the leader of a new session and process group.
+    """
+    log_path = run_dir / f"{name}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        list(cmd),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=child_env(env),
+        cwd=cwd,
+        start_new_session=own_group,
+    )
+    progress(f"started {name} (pid {process.pid}), log {log_path}")
+    return Child(name, process, log_path, log_file, own_group)
+
+
+def check_alive(children: Sequence[Child]) -> None:
+    """Raise ``ChildFailed`` naming the first child that exited, with the tail of its log."""
+    for child in children:
+        code = child.process.poll()
+        if code is not None:
+            raise ChildFailed(
+                f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+                f"{child.tail()}"
+            )
+
+
+def fetch_health(url: str) -> bytes | None:
+    """The body of ``GET <url>/health`` when it answers 2xx within a bound, else ``None``."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            return bytes(response.read())
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class HealthEndpoints:
+    """Ready once every server's ``/health`` has answered 2xx (each is reported as it does)."""
+
+    def __init__(self, name_to_url: Mapping[str, str], progress: Progress) -> None:
+        self._pending = dict(name_to_url)
+        self._progress = progress
+
+    def poll(self) -> bool:
+        for name, url in list(self._pending.items()):
+            if fetch_health(url) is not None:
+                del self._pending[name]
+                self._progress(f"{name} ready")
+        return not self._pending
+
+    def waiting_for(self) -> str:
+        return f"no answer from /health of {', '.join(self._pending)}"
+
+
+def wait_ready(
+    children: Sequence[Child],
+    readiness: Readiness,
+    timeout_s: float,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Poll ``readiness`` until it is ready.
+
+    Raises:
+        ChildFailed: a child exited, or ``timeout_s`` passed first.
+        FabricError: ``should_stop()`` turned true (Ctrl-C during start-up).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if should_stop():
+            raise FabricError("interrupted during start-up")
+        check_alive(children)
+        if readiness.poll():
+            return
+        time.sleep(POLL_S)
+    raise ChildFailed(f"not ready within {timeout_s:.0f} s ({readiness.waiting_for()})")
+
+
+def stop_processes(
+    children: Sequence[Child], *, progress: Progress, timeout_s: float = STOP_TIMEOUT_S
+) -> None:
+    """SIGTERM every child, then SIGKILL whatever is left after ``timeout_s`` (one bound for all).
+
+    A group leader's group gets the rest of the bound to exit after the leader did (its helpers
+    shut down after it), then SIGKILL as a whole.
+    """
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s: killing it", child.name, timeout_s)
+        if child.own_group:
+            while _group_alive(child.process.pid) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            if _group_alive(child.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+        elif child.process.poll() is None:
+            child.process.kill()
+        child.process.wait()
+        child.log_file.close()
+    if children:
+        progress("stopped every process")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit meanwhile, so ``finally`` blocks stop the children."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def private_etcd(run_dir: Path) -> Iterator[str]:
+    """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint."""
+    from fabric.discovery.etcd_server import EtcdServer
+
+    server = EtcdServer(data_dir=run_dir / "etcd-data")
+    server.start()
+    try:
+        yield server.endpoint
+    finally:
+        server.close()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (a race is possible but harmless on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
