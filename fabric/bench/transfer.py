@@ -7,7 +7,7 @@ scattered (permuted) order; it sends them up a pipe and idles until its stdin cl
 reads them into a fully contiguous storage of its own (``local_ids = 0..n-1``). Per block size:
 
 * ``num_descriptors``: descriptors after ``plan_read``'s coalescing (scattered ids merge little);
-* ``fabric_gbps``: ``read_remote_blocks`` (plan + post + poll), the full path a worker pays;
+* ``fabric_gbps``: ``fabric.pd.RemoteReader.read`` (plan + post + poll), a worker's whole path;
 * ``nixl_gbps``: raw ``nixl_agent`` ``initialize_xfer`` / ``transfer`` / ``check_xfer_state``
   on the same coalesced descriptors (descriptor lists built before the clock starts);
 * ``nixl_per_block_gbps``: the same raw NIXL with one descriptor per (block, layer, outer)
@@ -177,7 +177,8 @@ def _measure(agent: Any, block_set: Any, rounds: int) -> dict[str, Any]:
     """One row: read ``block_set`` every way, verify once, time each."""
     import torch
 
-    from fabric.kvbm import host_storage, plan_read, read_remote_blocks
+    from fabric.kvbm import host_storage, plan_read
+    from fabric.pd import RemoteReader
 
     layout = block_set.layout
     n, total = layout.num_blocks, layout.num_blocks * layout.block_bytes
@@ -189,10 +190,10 @@ def _measure(agent: Any, block_set: Any, rounds: int) -> dict[str, Any]:
         local_ids, remote_ids = list(range(n)), list(block_set.block_ids)
         dst[:] = 0
 
+        reader = RemoteReader(agent, local, compat_hash=COMPAT, timeout_s=XFER_TIMEOUT_S)
+
         def fabric_read() -> None:
-            read_remote_blocks(
-                agent, local, local_ids, block_set, compat_hash=COMPAT, timeout_s=XFER_TIMEOUT_S
-            )
+            reader.read(block_set, local_ids)
 
         fabric_read()
         got, want = dst.reshape(n, -1), src.reshape(n, -1)[np.asarray(remote_ids)]

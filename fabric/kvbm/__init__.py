@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from fabric.kvbm.manager import KvBlockManager, PrefixMatch
     from fabric.kvbm.metrics import KvbmMetrics
     from fabric.kvbm.offload.manager import OffloadManager, Onboarding, build_offload_manager
-    from fabric.kvbm.remote import RemoteBlockSet, export_block_set, plan_read, read_remote_blocks
+    from fabric.kvbm.remote import RemoteBlockSet, export_block_set, plan_read
     from fabric.kvbm.sequence import SequenceBlocks
     from fabric.kvbm.shared.store import SharedBlockStore
     from fabric.kvbm.stream import publisher_for
@@ -119,7 +119,6 @@ _NAME_TO_MODULE: dict[str, str] = {
     "RemoteBlockSet": "fabric.kvbm.remote",
     "export_block_set": "fabric.kvbm.remote",
     "plan_read": "fabric.kvbm.remote",
-    "read_remote_blocks": "fabric.kvbm.remote",
 }
 
 __all__ = [
@@ -172,7 +171,6 @@ __all__ = [
     "load_kvbm_config",
     "plan_read",
     "publisher_for",
-    "read_remote_blocks",
     "seed_for_salt",
     "sequence_hashes",
 ]

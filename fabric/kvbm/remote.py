@@ -3,8 +3,8 @@
 The prefill side exports a ``RemoteBlockSet`` (``export_block_set``): its agent's name and
 metadata, its layout, the base address of every layout buffer and the block ids on offer, under
 a compatibility hash. It travels as versioned msgpack (``to_bytes`` / ``from_bytes``). The
-decode side turns it into a pair of region lists (``plan_read``) and reads them with its agent
-(``read_remote_blocks``): ``local_ids[i]`` receives ``remote.block_ids[i]``.
+decode side turns it into a pair of region lists (``plan_read``): reading them with its agent
+(``fabric.pd.RemoteReader``), ``local_ids[i]`` receives ``remote.block_ids[i]``.
 
 Planning, checked in this order: the compatibility hash (``ProtocolMismatch`` naming both),
 then the block geometry (block size, layers, outer dim, inner dim, dtype; ``LayoutMismatch``
@@ -291,37 +291,3 @@ def _chunk_pieces(
     addr = ids[:, None] * layout.block_stride + offsets[None, :]
     dev = np.broadcast_to(devs[buffer_index][None, :], addr.shape)
     return addr.reshape(-1), dev.reshape(-1), layout.chunk_bytes
-
-
-def read_remote_blocks(
-    agent: TransferAgent,
-    local_storage: Storage,
-    local_ids: Sequence[int],
-    remote: RemoteBlockSet,
-    *,
-    compat_hash: int,
-    timeout_s: float,
-    notify: bytes | None = None,
-) -> None:
-    """Read ``remote.block_ids[i]`` into ``local_ids[i]`` of ``local_storage`` (registered with
-    ``agent``) and wait for it; ``notify`` reaches the exporting agent when the bytes have landed.
-
-    Loads the peer's metadata into ``agent`` (a no-op when already loaded).
-
-    Raises:
-        ProtocolMismatch / LayoutMismatch / InvalidInput: as ``plan_read``; also when the
-            metadata names another agent than ``remote.agent_name``.
-        PeerUnavailable: the peer is gone. TransferTimeout: not done within ``timeout_s``.
-        TransferError: the transfer failed. The transfer handle is released on every path.
-    """
-    local, remote_regions = plan_read(local_storage, local_ids, remote, compat_hash=compat_hash)
-    peer = agent.add_peer(remote.agent_metadata)
-    if peer != remote.agent_name:
-        raise ProtocolMismatch(
-            f"remote block set names agent {remote.agent_name!r} but its metadata is {peer!r}'s"
-        )
-    if not len(local):
-        if notify is not None:
-            agent.send_notification(peer, notify)
-        return
-    agent.wait(agent.read(local, remote_regions, peer, notify=notify), timeout_s)

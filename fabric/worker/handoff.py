@@ -34,18 +34,21 @@ Invariants:
 * Neither class is thread-safe: one owner thread each, like the ``KvBlockManager`` they use. The
   agent must already have the device storage registered (``agent.register(kvbm.storage()
   .buffers())`` once at start), on both sides.
+
+The mechanisms are ``fabric.pd``'s, shared with vLLM's connector: the hold table
+(``HoldTable``), the offers (``BlockExporter``) and the reads (``RemoteReader``). This module
+adds what the reference engine's block manager needs around them: references held through the
+``KvBlockManager``, local prefix matches, allocation and registration of what was read.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from fabric.errors import InvalidInput, ProtocolMismatch, TransferError
+from fabric.errors import InvalidInput, TransferError
 from fabric.kvbm import (
     BlockId,
     ImmutableBlocks,
@@ -53,9 +56,8 @@ from fabric.kvbm import (
     RemoteBlockSet,
     SequenceHash,
     Tier,
-    export_block_set,
-    read_remote_blocks,
 )
+from fabric.pd import BlockExporter, HoldTable, RemoteReader
 from fabric.signal.messages import BlocksReady, TransferDone
 from fabric.transfer.agent import TransferAgent
 
@@ -73,13 +75,15 @@ class Releasable(Protocol):
     def release(self) -> None: ...
 
 
-@dataclass(slots=True)
-class _Held:
-    """One offered request: the references the prefill keeps until the decode acknowledges."""
+class _HeldBlocks:
+    """Blocks retained for a decode: released through the manager, once."""
 
-    release: Callable[[], None]
-    num_blocks: int
-    offered_at: float
+    def __init__(self, kvbm: KvBlockManager, blocks: ImmutableBlocks) -> None:
+        self._kvbm = kvbm
+        self._blocks = blocks
+
+    def release(self) -> None:
+        self._kvbm.release(self._blocks)
 
 
 class PrefillHandoff:
@@ -93,12 +97,13 @@ class PrefillHandoff:
         self._kvbm = kvbm
         self._agent = agent
         self.hold_timeout_s = hold_timeout_s
-        self._request_to_held: dict[str, _Held] = {}  # offer order, so oldest first
+        self._holds: HoldTable[Releasable] = HoldTable()
+        self._exporters: dict[Tier, BlockExporter] = {}
 
     @property
     def num_held(self) -> int:
         """Requests whose blocks are held for a decode."""
-        return len(self._request_to_held)
+        return len(self._holds)
 
     def offer(
         self, request_id: str, blocks: ImmutableBlocks, *, first_token: int, num_tokens: int
@@ -110,16 +115,13 @@ class PrefillHandoff:
         Raises:
             InvalidInput: ``request_id`` is already held, or ``blocks`` live on disk.
         """
-        if request_id in self._request_to_held:
-            raise InvalidInput(f"request {request_id!r} already has blocks on offer")
-        block_set = export_block_set(
-            self._kvbm.storage(blocks.tier), blocks.block_ids, self._agent, self._kvbm.compat_hash
+        self._check_new(request_id)
+        ready = self._exporter(blocks.tier).ready(
+            request_id, blocks.block_ids, first_token=first_token, num_tokens=num_tokens
         )
         held = self._kvbm.pool(blocks.tier).retain(blocks)
-        self._hold(request_id, _Held(lambda: self._kvbm.release(held), len(held), time.monotonic()))
-        return BlocksReady(
-            request_id, first_token, self._agent.name, block_set.to_bytes(), num_tokens
-        )
+        self._hold(request_id, _HeldBlocks(self._kvbm, held), len(held))
+        return ready
 
     def offer_owned(
         self,
@@ -139,15 +141,12 @@ class PrefillHandoff:
         Raises:
             InvalidInput: ``request_id`` is already held.
         """
-        if request_id in self._request_to_held:
-            raise InvalidInput(f"request {request_id!r} already has blocks on offer")
-        block_set = export_block_set(
-            self._kvbm.storage(Tier.DEVICE), block_ids, self._agent, self._kvbm.compat_hash
+        self._check_new(request_id)
+        ready = self._exporter(Tier.DEVICE).ready(
+            request_id, block_ids, first_token=first_token, num_tokens=num_tokens
         )
-        self._hold(request_id, _Held(owner.release, len(block_ids), time.monotonic()))
-        return BlocksReady(
-            request_id, first_token, self._agent.name, block_set.to_bytes(), num_tokens
-        )
+        self._hold(request_id, owner, len(block_ids))
+        return ready
 
     def complete(self, done: TransferDone) -> bool:
         """Release the blocks of ``done.request_id``; False when none are held under that id
@@ -166,35 +165,38 @@ class PrefillHandoff:
     def expire(self, now: float) -> list[str]:
         """Release every handoff offered ``hold_timeout_s`` or more before ``now``
         (``time.monotonic()``); returns their request ids."""
-        expired = []
-        for request_id, held in self._request_to_held.items():
-            if now - held.offered_at < self.hold_timeout_s:
-                break
-            expired.append(request_id)
-        for request_id in expired:
-            self._release(request_id)
-            logger.warning(
-                "request %s: no TransferDone within %.1f s; released its prefill blocks (did the "
-                "decode die?)",
-                request_id,
-                self.hold_timeout_s,
-            )
-        return expired
+        expired = self._holds.collect(now)
+        for freed in expired:
+            freed.item.release()
+        return [freed.request_id for freed in expired]
 
     def close(self) -> None:
         """Release every held handoff (idempotent)."""
-        for request_id in list(self._request_to_held):
-            self._release(request_id)
+        for freed in self._holds.expire_all():
+            freed.item.release()
 
-    def _hold(self, request_id: str, held: _Held) -> None:
-        self._request_to_held[request_id] = held
-        logger.debug("offered %d blocks of request %s", held.num_blocks, request_id)
+    def _check_new(self, request_id: str) -> None:
+        if request_id in self._holds:
+            raise InvalidInput(f"request {request_id!r} already has blocks on offer")
+
+    def _exporter(self, tier: Tier) -> BlockExporter:
+        exporter = self._exporters.get(tier)
+        if exporter is None:
+            exporter = BlockExporter(
+                self._kvbm.storage(tier), self._agent, compat_hash=self._kvbm.compat_hash
+            )
+            self._exporters[tier] = exporter
+        return exporter
+
+    def _hold(self, request_id: str, owner: Releasable, num_blocks: int) -> None:
+        deadline = time.monotonic() + self.hold_timeout_s
+        self._holds.hold(request_id, owner, num_blocks=num_blocks, deadline=deadline)
 
     def _release(self, request_id: str) -> bool:
-        held = self._request_to_held.pop(request_id, None)
-        if held is None:
+        owner = self._holds.finish(request_id)
+        if owner is None:
             return False
-        held.release()
+        owner.release()
         return True
 
 
@@ -202,14 +204,16 @@ class DecodeHandoff:
     """The decode side: reads a prefill's offered blocks into this worker's device pool."""
 
     def __init__(self, kvbm: KvBlockManager, agent: TransferAgent, *, timeout_s: float) -> None:
-        if timeout_s <= 0:
-            raise InvalidInput(f"timeout_s={timeout_s} must be > 0")
         self._kvbm = kvbm
-        self._agent = agent
-        self.timeout_s = timeout_s
-        self._peer_to_metadata: dict[str, bytes] = {}
+        self._reader = RemoteReader(
+            agent, kvbm.storage(Tier.DEVICE), compat_hash=kvbm.compat_hash, timeout_s=timeout_s
+        )
         self.on_registered: Callable[[ImmutableBlocks], None] | None = None
         """Sees the blocks ``receive`` registers (the worker's offload manager)."""
+
+    @property
+    def timeout_s(self) -> float:
+        return self._reader.timeout_s
 
     def receive(
         self, ready: BlocksReady, sequence_hashes: Sequence[SequenceHash]
@@ -231,7 +235,7 @@ class DecodeHandoff:
             InvalidInput: the offer is malformed or its block count differs from the hashes'.
             PoolExhausted: the prompt needs more blocks than the decode pool holds in total.
         """
-        remote = self._block_set(ready)
+        remote = self._reader.block_set(ready)
         if len(remote.block_ids) != len(sequence_hashes):
             raise InvalidInput(
                 f"request {ready.request_id}: {len(remote.block_ids)} blocks offered for "
@@ -261,42 +265,10 @@ class DecodeHandoff:
             ProtocolMismatch / LayoutMismatch: the prefill's KV cannot be read into this cache.
             InvalidInput: the offer is malformed or holds fewer blocks than asked for.
         """
-        remote = self._block_set(ready)
-        end = start + len(block_ids)
-        if not 0 <= start <= end <= len(remote.block_ids):
-            raise InvalidInput(
-                f"request {ready.request_id}: blocks {start}..{end - 1} asked for, "
-                f"{len(remote.block_ids)} offered"
-            )
-        try:
-            self._add_peer(remote)
-            read_remote_blocks(
-                self._agent,
-                self._kvbm.storage(Tier.DEVICE),
-                block_ids,
-                dataclasses.replace(remote, block_ids=remote.block_ids[start:end]),
-                compat_hash=self._kvbm.compat_hash,
-                timeout_s=self.timeout_s,
-            )
-        except TransferError:
-            self._forget_peer(remote.agent_name)
-            raise
+        self._reader.read(self._reader.block_set(ready), block_ids, start=start)
         logger.debug(
-            "request %s: read %d blocks from %s",
-            ready.request_id,
-            len(block_ids),
-            remote.agent_name,
+            "request %s: read %d blocks from %s", ready.request_id, len(block_ids), ready.agent_name
         )
-
-    @staticmethod
-    def _block_set(ready: BlocksReady) -> RemoteBlockSet:
-        remote = RemoteBlockSet.from_bytes(ready.block_set)
-        if remote.agent_name != ready.agent_name:
-            raise ProtocolMismatch(
-                f"request {ready.request_id}: BlocksReady names agent {ready.agent_name!r} but "
-                f"its block set is {remote.agent_name!r}'s"
-            )
-        return remote
 
     def _read(
         self,
@@ -314,19 +286,9 @@ class DecodeHandoff:
                 "blocks (all referenced); retry later or abort the request"
             )
         try:
-            self._add_peer(remote)
-            read_remote_blocks(
-                self._agent,
-                self._kvbm.storage(Tier.DEVICE),
-                allocation.block_ids,
-                dataclasses.replace(remote, block_ids=remote.block_ids[num_local:]),
-                compat_hash=self._kvbm.compat_hash,
-                timeout_s=self.timeout_s,
-            )
-        except BaseException as exc:
+            self._reader.read(remote, allocation.block_ids, start=num_local)
+        except BaseException:
             self._kvbm.release(allocation)
-            if isinstance(exc, TransferError):
-                self._forget_peer(remote.agent_name)
             raise
         allocation.advance(allocation.capacity)
         parent = sequence_hashes[num_local - 1] if num_local else None
@@ -341,21 +303,3 @@ class DecodeHandoff:
         if self.on_registered is not None:
             self.on_registered(registered)
         return registered
-
-    def _add_peer(self, remote: RemoteBlockSet) -> None:
-        """Load the peer's metadata unless this exact metadata is loaded under its name."""
-        name = remote.agent_name
-        if self._peer_to_metadata.get(name) == remote.agent_metadata:
-            return
-        if self._agent.add_peer(remote.agent_metadata) != name:
-            raise ProtocolMismatch(f"the block set names agent {name!r} but its metadata does not")
-        self._peer_to_metadata[name] = remote.agent_metadata
-
-    def _forget_peer(self, name: str) -> None:
-        """Drop a peer whose transfer failed (dead or stalled); its next offer loads it again."""
-        if self._peer_to_metadata.pop(name, None) is None:
-            return
-        try:
-            self._agent.remove_peer(name)
-        except TransferError as exc:
-            logger.debug("removing peer %s: %s", name, exc)

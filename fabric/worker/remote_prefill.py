@@ -1,7 +1,8 @@
-"""The decode side's links to prefill workers: ask for a prefill, collect the outcome.
+"""The decode side's prefills in flight: ask a prefill worker for a prefill, collect the outcome.
 
-Owns one ``SignalClient`` per prefill worker (identity: this decode worker's id) and the table of
-prefills in flight. Everything here runs on the scheduler thread, which owns the sockets.
+Owns the table of prefills in flight; the links to prefill workers (one ``SignalClient`` each,
+identity: this decode worker's id) are ``fabric.pd.ProducerLinks``'. Everything here runs on the
+scheduler thread, which owns the sockets.
 
 Wire exchange (worker to worker; the frontend never sees it)::
 
@@ -28,9 +29,8 @@ import time
 from dataclasses import dataclass, field
 
 from fabric.discovery.registration import WorkerDirectory
-from fabric.discovery.registry import Role
 from fabric.errors import FabricError
-from fabric.signal.client import SignalClient
+from fabric.pd import ProducerLinks
 from fabric.signal.messages import (
     Abort,
     BlocksReady,
@@ -44,8 +44,6 @@ from fabric.worker.request import StatValue
 
 logger = logging.getLogger(__name__)
 
-KV_SOURCE_ROLES = (Role.PREFILL, Role.AGGREGATED)
-"""Roles that serve ``PrefillRequest``s: prefill workers, and aggregated workers for peer hits."""
 _FOLLOW_UP_S = 0.01
 _MIN_WAIT_S = 0.001
 
@@ -91,11 +89,8 @@ class RemotePrefills:
         compat_hash: int,
         timeout_s: float,
     ) -> None:
-        self._directory = directory
-        self._identity = identity
-        self._compat_hash = compat_hash
+        self._links = ProducerLinks(directory, identity=identity, compat_hash=compat_hash)
         self.timeout_s = timeout_s
-        self._worker_to_client: dict[str, tuple[str, SignalClient]] = {}
         self._in_flight: dict[str, _InFlight] = {}
 
     @property
@@ -104,23 +99,14 @@ class RemotePrefills:
 
     def start(self, request: PrefillRequest, worker_id: str) -> str | None:
         """Send ``request`` to ``worker_id``; None when sent, else why it could not be."""
-        record = self._directory.get(worker_id)
-        if record is None:
-            return f"prefill worker {worker_id!r} is not registered (gone or never started)"
-        if record.role not in KV_SOURCE_ROLES:
-            return f"worker {worker_id!r} is a {record.role.value} worker: it serves no prefills"
-        if record.compat_hash != self._compat_hash:
-            return (
-                f"prefill worker {worker_id!r} has compatibility hash {record.compat_hash:#x}, "
-                f"this worker {self._compat_hash:#x}: they serve different models or layouts"
-            )
-        endpoint = record.endpoints.signal
-        if endpoint is None:
-            return f"prefill worker {worker_id!r} publishes no signal endpoint"
         try:
-            self._client(worker_id, endpoint).send(request)
+            link = self._links.link(worker_id)
+        except FabricError as exc:  # not registered, not a KV source, incompatible
+            return str(exc)
+        try:
+            link.send(request)
         except FabricError as exc:
-            self._drop_client(worker_id)
+            self._links.drop(worker_id)
             return f"cannot reach prefill worker {worker_id!r}: {exc}"
         deadline = time.monotonic() + self.timeout_s
         self._in_flight[request.request_id] = _InFlight(worker_id, deadline)
@@ -133,10 +119,7 @@ class RemotePrefills:
         outcomes: list[RemoteOutcome] = []
         timeout_s = max(timeout_s, _MIN_WAIT_S)  # a SignalClient does not look for less
         for worker_id in {f.worker_id for f in self._in_flight.values()}:
-            entry = self._worker_to_client.get(worker_id)
-            if entry is None:
-                continue
-            message = self._receive(worker_id, entry[1], timeout_s)
+            message = self._links.receive(worker_id, timeout_s)
             while message is not None:
                 outcome = self._on_message(worker_id, message)
                 if outcome is not None:
@@ -144,11 +127,11 @@ class RemotePrefills:
                 if not isinstance(message, TokenChunk):
                     break
                 # The stats chunk comes right before its BlocksReady: take that too.
-                message = self._receive(worker_id, entry[1], _FOLLOW_UP_S)
+                message = self._links.receive(worker_id, _FOLLOW_UP_S)
         now = time.monotonic()
         for request_id, flight in list(self._in_flight.items()):
             reason = None
-            if self._directory.get(flight.worker_id) is None:
+            if not self._links.is_registered(flight.worker_id):
                 reason = f"prefill worker {flight.worker_id!r} left the directory (it died?)"
             elif now >= flight.deadline:
                 reason = f"no blocks from prefill worker {flight.worker_id!r} in {self.timeout_s} s"
@@ -159,21 +142,20 @@ class RemotePrefills:
 
     def done(self, ready: RemoteReady, num_blocks: int) -> None:
         """Tell the prefill worker its blocks were read (it releases them)."""
-        self._send(ready.worker_id, TransferDone(ready.request_id, num_blocks))
+        self._links.send(ready.worker_id, TransferDone(ready.request_id, num_blocks))
 
     def abort(self, request_id: str, reason: str, worker_id: str | None = None) -> None:
         """Forget ``request_id`` and tell its prefill worker to release what it holds."""
         flight = self._in_flight.pop(request_id, None)
         target = flight.worker_id if flight is not None else worker_id
         if target is not None:
-            self._send(target, Abort(request_id, reason))
+            self._links.send(target, Abort(request_id, reason))
 
     def close(self) -> None:
         """Abort every prefill in flight and close the clients (idempotent)."""
         for request_id in list(self._in_flight):
             self.abort(request_id, "decode worker shutting down")
-        for worker_id in list(self._worker_to_client):
-            self._drop_client(worker_id)
+        self._links.close()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -185,7 +167,9 @@ class RemotePrefills:
         elif isinstance(message, BlocksReady):
             if flight is None:
                 logger.debug("late BlocksReady for %s from %s: aborting", request_id, worker_id)
-                self._send(worker_id, Abort(message.request_id, "request no longer in flight"))
+                self._links.send(
+                    worker_id, Abort(message.request_id, "request no longer in flight")
+                )
                 return None
             del self._in_flight[message.request_id]
             return RemoteReady(message.request_id, worker_id, message, flight.stats)
@@ -197,36 +181,3 @@ class RemotePrefills:
         else:
             logger.debug("ignored %s from prefill worker %s", type(message).__name__, worker_id)
         return None
-
-    def _receive(self, worker_id: str, client: SignalClient, timeout_s: float) -> Message | None:
-        try:
-            return client.receive(timeout_s)
-        except FabricError as exc:
-            logger.warning("dropped a message from prefill worker %s: %s", worker_id, exc)
-            return None
-
-    def _send(self, worker_id: str, message: Message) -> None:
-        entry = self._worker_to_client.get(worker_id)
-        if entry is None:
-            return
-        try:
-            entry[1].send(message)
-        except FabricError as exc:
-            logger.warning(
-                "could not send %s to prefill worker %s: %s", type(message).__name__, worker_id, exc
-            )
-
-    def _client(self, worker_id: str, endpoint: str) -> SignalClient:
-        entry = self._worker_to_client.get(worker_id)
-        if entry is not None and entry[0] == endpoint:
-            return entry[1]
-        self._drop_client(worker_id)
-        client = SignalClient(endpoint, identity=self._identity, compat_hash=self._compat_hash)
-        self._worker_to_client[worker_id] = (endpoint, client)
-        logger.info("connected to prefill worker %s at %s", worker_id, endpoint)
-        return client
-
-    def _drop_client(self, worker_id: str) -> None:
-        entry = self._worker_to_client.pop(worker_id, None)
-        if entry is not None:
-            entry[1].close()

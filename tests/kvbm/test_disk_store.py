@@ -26,9 +26,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fabric.errors import ConfigError, InvalidInput, StorageError
+from fabric.kvbm.core.eviction import LruPolicy
 from fabric.kvbm.core.types import SequenceHash
 from fabric.kvbm.shared import store as disk_store_module
-from fabric.kvbm.shared.store import HEADER_BYTES, STALE_TEMP_SECONDS, SharedBlockStore
+from fabric.kvbm.shared.format import HEADER_BYTES
+from fabric.kvbm.shared.store import STALE_TEMP_SECONDS, SharedBlockStore
 
 BB = 1024
 COMPAT = 0xC0FFEE
@@ -211,6 +213,25 @@ def test_full_store_evicts_lru_and_hits_and_skips_refresh(tmp_path: Path) -> Non
     store.write(seq(4), payload(4))  # evicts 0 -> 3 2 4
     assert block_files(tmp_path) == {store.block_path(seq(i)) for i in (2, 3, 4)}
     assert len(store) == 3 and store.stats.evicted == 2
+
+
+def test_index_is_an_lru_policy_evicting_by_last_touch(tmp_path: Path) -> None:
+    """Hits, skipped writes and adoptions touch a block; ``contains`` of an indexed one does not."""
+    store = open_store(tmp_path, capacity=4)
+    assert isinstance(store._index, LruPolicy)
+    store.write_many((seq(i), payload(i)) for i in range(3))  # 0 1 2
+    open_store(tmp_path).write(seq(9), payload(9))  # another instance's block
+    assert store.contains(seq(9)) and store.stats.adopted == 1  # adopted: 0 1 2 9
+    assert read(store, 0) is not None  # 1 2 9 0
+    assert store.write(seq(1), payload(1)) is False  # 2 9 0 1
+    assert store.contains(seq(2))  # no touch: 2 9 0 1
+    evicted = []
+    for i in range(4, 8):
+        before = block_files(tmp_path)
+        store.write(seq(i), payload(i))
+        gone = before - block_files(tmp_path)
+        evicted += [j for j in (0, 1, 2, 9) if store.block_path(seq(j)) in gone]
+    assert evicted == [2, 9, 0, 1] and store.stats.evicted == 4 and len(store) == 4
 
 
 # ---- sharing between instances --------------------------------------------------------------
@@ -512,8 +533,8 @@ def test_blocked_fanout_directory_raises_storage_error(
 @pytest.mark.parametrize(
     "failure",
     [
-        ("_create_exclusive", errno.EACCES, "writable"),  # the temp file cannot be created
-        ("_pwritev_all", errno.ENOSPC, "free space"),  # the filesystem fills mid-write
+        ("create_exclusive", errno.EACCES, "writable"),  # the temp file cannot be created
+        ("pwritev_all", errno.ENOSPC, "free space"),  # the filesystem fills mid-write
     ],
     ids=["no-access", "no-space"],
 )

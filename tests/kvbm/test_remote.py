@@ -1,4 +1,4 @@
-"""Remote block sets: wire round trip, refusals, and reads between layouts via the loopback agent.
+"""Remote block sets: wire round trip, refusals, and planned reads between layouts (loopback agent).
 
 Bytes are checked through ``block_view`` (every (layer, outer) chunk of a block), never through
 the planner or ``copy_blocks``.
@@ -6,7 +6,6 @@ the planner or ``copy_blocks``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from fabric.kvbm.remote import (
     RemoteBlockSet,
     export_block_set,
     plan_read,
-    read_remote_blocks,
 )
 from fabric.kvbm.tiers.storage import DiskStorage, TensorStorage, host_storage
 from fabric.transfer import LoopbackAgent, LoopbackRegistry
@@ -215,9 +213,9 @@ def test_read_between_layouts_is_byte_exact(agents, pairing: str, pattern: str) 
         t.view(torch.uint8).fill_(0xEE)
     decode.register(local.buffers())
     wire = RemoteBlockSet.from_bytes(block_set.to_bytes())
-    read_remote_blocks(
-        decode, local, local_ids, wire, compat_hash=COMPAT, timeout_s=5, notify=b"read"
-    )
+    local_regions, remote_regions = plan_read(local, local_ids, wire, compat_hash=COMPAT)
+    peer = decode.add_peer(wire.agent_metadata)
+    decode.wait(decode.read(local_regions, remote_regions, peer, notify=b"read"), 5)
     for src, dst in zip(remote_ids, local_ids, strict=True):
         assert block_bytes(local, dst) == block_bytes(source, src)
     untouched = set(range(local_spec.num_blocks)) - set(local_ids)
@@ -246,22 +244,3 @@ def test_coalescing_counts(agents, case: str) -> None:
     local_regions, remote_regions = plan_read(local, local_ids, block_set, compat_hash=COMPAT)
     assert len(local_regions) == len(remote_regions) == expected
     assert local_regions.nbytes == len(local_ids) * local_spec.block_bytes
-
-
-def test_empty_read_only_notifies(agents) -> None:
-    prefill, decode = agents
-    _, block_set = exported(layout(FC), [], prefill)
-    local = host_storage(layout(LS))
-    decode.register(local.buffers())
-    read_remote_blocks(decode, local, [], block_set, compat_hash=COMPAT, timeout_s=1, notify=b"0")
-    assert prefill.notifications() == [("decode", b"0")]
-
-
-def test_metadata_of_another_agent_is_refused(agents) -> None:
-    prefill, decode = agents
-    _, block_set = exported(layout(FC), [1], prefill)
-    forged = dataclasses.replace(block_set, agent_name="someone-else")
-    local = host_storage(layout(FC))
-    decode.register(local.buffers())
-    with pytest.raises(ProtocolMismatch, match="someone-else"):
-        read_remote_blocks(decode, local, [0], forged, compat_hash=COMPAT, timeout_s=1)

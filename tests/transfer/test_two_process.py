@@ -41,8 +41,8 @@ from fabric.kvbm import (
     export_block_set,
     host_storage,
     plan_read,
-    read_remote_blocks,
 )
+from fabric.pd import RemoteReader
 from fabric.transfer.nixl_agent import NixlAgent, load_nixl
 
 
@@ -217,9 +217,8 @@ def test_read_blocks_from_another_process(spawn, agent, remote_kind, local_kind)
         t.view(torch.uint8).fill_(0xEE)
     agent.register(local.buffers())
 
-    read_remote_blocks(
-        agent, local, local_ids, block_set, compat_hash=COMPAT, timeout_s=10, notify=b"read-done"
-    )
+    reader = RemoteReader(agent, local, compat_hash=COMPAT, timeout_s=10)
+    reader.read(block_set, local_ids, notify=b"read-done")
 
     expected = seeded_storage(make_layout(remote_layout), seed=5)
     for src, dst in zip(remote_ids, local_ids, strict=True):
@@ -237,13 +236,12 @@ def test_peer_killed_before_the_read(spawn, agent) -> None:
     child, block_set = spawn(remote_layout, list(range(16)))
     local = host_storage(make_layout({**remote_layout, "kind": "layer_separate"}))
     agent.register(local.buffers())
-    agent.add_peer(block_set.agent_metadata)
+    agent.add_peer(block_set.agent_metadata)  # known to the agent: the read itself fails
+    reader = RemoteReader(agent, local, compat_hash=COMPAT, timeout_s=5)
     child.kill()
     start = time.monotonic()
     with pytest.raises(TransferError):
-        read_remote_blocks(
-            agent, local, list(range(16)), block_set, compat_hash=COMPAT, timeout_s=5
-        )
+        reader.read(block_set, list(range(16)))
     assert time.monotonic() - start < 6
     assert agent.num_live_transfers == 0
 

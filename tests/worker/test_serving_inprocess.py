@@ -153,7 +153,7 @@ def test_stalled_read_falls_back_to_recompute_and_releases_both_sides(
 def test_fail_fallback_answers_an_error(start_worker: StartWorker, frontend: Frontend) -> None:
     start_worker(Role.DECODE, "decode", prefill_fallback="fail")
     result = frontend.generate("decode", prompt_of(20, seed=7), 4, prefill_worker="nobody")
-    assert_error(result, "prefill failed: prefill worker 'nobody' is not registered")
+    assert_error(result, "prefill failed: producer 'nobody' is not registered")
     assert result.tokens == []
 
 

@@ -144,10 +144,11 @@ class FabricConnector(KVConnectorBase_V1):
         return self._worker
 
     def stats(self) -> dict[str, int]:
-        """This side's counters (``SchedulerStats`` or ``WorkerStats``) as a dict."""
-        side = self._scheduler if self._scheduler is not None else self._worker
-        assert side is not None
-        return side.stats.as_dict()
+        """This side's counters (``SchedulerStats``, or ``WorkerStats`` and the producer's
+        ``HoldCounts``) as a dict."""
+        if self._scheduler is not None:
+            return self._scheduler.stats.as_dict()
+        return self.worker.stats_dict()
 
     @property
     def requires_kv_delivery(self) -> bool:

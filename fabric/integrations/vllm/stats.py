@@ -1,7 +1,7 @@
 """Counters of the connector's two sides, for logs, tests and ``FabricConnector.stats()``.
 
 Plain integers bumped on the owning thread (the scheduler's or the worker's engine thread); the
-producer's hold counters are bumped under the hold table's lock.
+producer's hold counters are the hold table's (``fabric.pd.HoldCounts``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,6 @@ class WorkerStats:
     """Blocks read from producer instances with NIXL."""
     num_peer_read_failures: int = 0
     """Prefill reads that failed (the request recomputes)."""
-    num_holds: int = 0
-    """Prefills this producer held for consumers."""
-    num_holds_released: int = 0
-    """Holds a consumer released (TransferDone or Abort)."""
-    num_holds_expired: int = 0
-    """Holds freed by the hold timeout without a release."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -35,7 +35,7 @@ from fabric.integrations.vllm.consumer import PeerReader
 from fabric.integrations.vllm.discovery import instance_record
 from fabric.integrations.vllm.metadata import DiskLoad, DiskSave, FabricMetadata, PeerRead
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
-from fabric.integrations.vllm.producer import HoldTable, ProducerEndpoint
+from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
 from fabric.kvbm import SharedBlockStore
 
@@ -61,7 +61,7 @@ class FabricWorker:
         self._store = store
         self._pages: KvPages | None = None
         self._stack = ExitStack()
-        self._holds = HoldTable(self.stats, lend_grace_s=config.read_timeout_s + 1.0)
+        self._holds = hold_table(read_timeout_s=config.read_timeout_s)
         self._producer: ProducerEndpoint | None = None
         self._reader: PeerReader | None = None
         self._load_errors: set[int] = set()
@@ -98,7 +98,7 @@ class FabricWorker:
         if config.kv_role.produces:
             self._producer = ProducerEndpoint(
                 worker_id=worker_id,
-                geometry=self.geometry,
+                compat_hash=self.geometry.compat_hash,
                 agent=agent,
                 storage=storage,
                 holds=self._holds,
@@ -144,6 +144,10 @@ class FabricWorker:
             raise FabricError("vLLM has not registered its KV caches with the connector yet")
         return self._pages
 
+    def stats_dict(self) -> dict[str, int]:
+        """``WorkerStats`` and the hold table's counts."""
+        return {**self.stats.as_dict(), **self._holds.counts.as_dict()}
+
     @property
     def num_holds(self) -> int:
         """Prefills this producer still holds."""
@@ -156,7 +160,12 @@ class FabricWorker:
             self._load_from_disk(load)
         now = time.monotonic()
         for hold in meta.holds:
-            self._holds.hold(hold, now)
+            self._holds.hold(
+                hold.request_id,
+                hold,
+                num_blocks=len(hold.block_ids),
+                deadline=now + hold.timeout_s,
+            )
         for read in meta.reads:
             self._read_from_peer(read)
 
@@ -240,7 +249,7 @@ class FabricWorker:
         """``(finished_sending, finished_recving)`` for vLLM (see the module docstring)."""
         freed = set(self._freed)
         self._finished_ids |= {r for r in finished_req_ids if r in self._holds or r in freed}
-        self._freed.extend(self._holds.collect(time.monotonic()))
+        self._freed.extend(freed.request_id for freed in self._holds.collect(time.monotonic()))
         sending = {r for r in self._freed if r in self._finished_ids}
         if sending:
             self._freed = [r for r in self._freed if r not in sending]

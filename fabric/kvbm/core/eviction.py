@@ -1,145 +1,154 @@
-"""Eviction policies: which cached (registered, unreferenced) block a pool reuses next.
+"""Eviction policies: which evictable key an owner gives up next.
 
-A pool tells its policy when blocks become evictable (``insert``, on their last release) and
-when they stop being evictable (``remove``, when a match takes a reference again), a batch at a
-time; when it needs blocks and has no reset ones left it asks ``evict(n)`` for victims. The
-policy only chooses; the pool does the bookkeeping (registry, events). Every operation is O(1)
-amortized per block in the number of cached blocks (O(p) in the number of distinct priorities,
-which is small).
+A key is whatever its owner evicts: a ``BlockId`` for the device and host pools (which cached,
+registered and unreferenced block to reuse), a ``SequenceHash`` for the G4 shared store's index
+(which block file to unlink). The policies are generic over the key type and never look inside a
+key; they only hash it and compare it for equality.
+
+An owner tells its policy when keys become evictable (``insert``; a pool does on their last
+release) and when they stop being evictable (``remove``; a pool does when a match takes a
+reference again), a batch at a time; when it needs room it asks ``evict(n)`` for victims. The
+policy only chooses; the owner does the bookkeeping (registry, events, files). Every operation is
+O(1) amortized per key in the number of evictable keys (O(p) in the number of distinct
+priorities, which is small).
 
 Also here: ``FrequencyFilter``, the admission rule that decides which blocks are worth writing to
 disk (a block seen only once is rarely read back).
 
 Invariant shared by all policies (the contract suite in tests/kvbm/test_eviction.py checks it):
-``len(policy)`` counts the blocks inserted and neither removed nor evicted; ``evict(n)`` returns
-``min(n, len(policy))`` distinct such blocks and forgets them.
+``len(policy)`` counts the keys inserted and neither removed nor evicted; ``evict(n)`` returns
+``min(n, len(policy))`` distinct such keys and forgets them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from fabric.errors import ConfigError
 from fabric.kvbm.core.types import BlockId, SequenceHash
 
+K = TypeVar("K", bound=Hashable)
+"""The key a policy orders: ``BlockId`` in the pools, ``SequenceHash`` in the G4 store."""
 
-class EvictionPolicy(Protocol):
+
+class EvictionPolicy(Protocol[K]):
     """Verbs take batches: a pool releases or matches a request's blocks at once, and one call
-    per batch instead of per block is most of the policy's cost (tests/kvbm/test_eviction.py)."""
+    per batch instead of per key is most of the policy's cost (tests/kvbm/test_eviction.py)."""
 
-    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
-        """These blocks became evictable, in this order (the last is the most recently used);
-        ``priorities[i]`` is block i's (higher is kept longer). Refuses (ValueError, changing
-        nothing) a block that is already evictable."""
+    def insert(self, keys: Sequence[K], priorities: Sequence[int]) -> None:
+        """These keys became evictable, in this order (the last is the most recently used);
+        ``priorities[i]`` is key i's (higher is kept longer). Refuses (ValueError, changing
+        nothing) a key that is already evictable."""
 
-    def remove(self, block_ids: Iterable[BlockId]) -> None:
-        """These blocks are referenced again and must not be evicted (unknown ids: no-op)."""
+    def remove(self, keys: Iterable[K]) -> None:
+        """These keys are in use again and must not be evicted (unknown keys: no-op)."""
 
-    def evict(self, n: int) -> list[BlockId]:
+    def evict(self, n: int) -> list[K]:
         """Choose and forget up to ``n`` victims, best victim first."""
 
     def clear(self) -> None:
-        """Forget every block."""
+        """Forget every key."""
 
     def __len__(self) -> int: ...
 
-    def __contains__(self, block_id: object) -> bool: ...
+    def __contains__(self, key: object) -> bool: ...
 
 
-def _refuse_evictable(evictable: Mapping[BlockId, object], block_ids: Sequence[BlockId]) -> None:
-    if not evictable.keys().isdisjoint(block_ids):
-        again = sorted(set(block_ids) & evictable.keys())
-        raise ValueError(f"blocks {again} are already evictable")
-    if len(set(block_ids)) != len(block_ids):
-        raise ValueError(f"blocks {list(block_ids)} repeat an id")
+def _refuse_evictable(evictable: Mapping[K, object], keys: Sequence[K]) -> None:
+    if not evictable.keys().isdisjoint(keys):
+        again = [key for key in dict.fromkeys(keys) if key in evictable]
+        raise ValueError(f"keys {again} are already evictable")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"keys {list(keys)} repeat a key")
 
 
-class _Buckets:
-    """Blocks grouped by an integer key, LRU order inside each group; lowest key evicted first.
+class _Buckets(Generic[K]):
+    """Keys grouped by an integer rank, LRU order inside each group; lowest rank evicted first.
 
-    Each block maps straight to its bucket, so removal is one dict pop and one ``del``. Buckets
+    Each key maps straight to its bucket, so removal is one dict pop and one ``del``. Buckets
     emptied by removal are dropped lazily, when eviction reaches them.
     """
 
-    __slots__ = ("_block_to_bucket", "_buckets")
+    __slots__ = ("_buckets", "_key_to_bucket")
 
     def __init__(self) -> None:
-        self._buckets: dict[int, OrderedDict[BlockId, None]] = {}
-        self._block_to_bucket: dict[BlockId, OrderedDict[BlockId, None]] = {}
+        self._buckets: dict[int, OrderedDict[K, None]] = {}
+        self._key_to_bucket: dict[K, OrderedDict[K, None]] = {}
 
-    def add(self, block_ids: Sequence[BlockId], keys: Sequence[int]) -> None:
-        block_to_bucket = self._block_to_bucket
-        _refuse_evictable(block_to_bucket, block_ids)
+    def add(self, keys: Sequence[K], ranks: Sequence[int]) -> None:
+        key_to_bucket = self._key_to_bucket
+        _refuse_evictable(key_to_bucket, keys)
         buckets = self._buckets
-        bucket: OrderedDict[BlockId, None] | None = None
-        bucket_key: int | None = None
-        for block_id, key in zip(block_ids, keys, strict=True):
-            if key != bucket_key or bucket is None:
-                bucket = buckets.get(key)
+        bucket: OrderedDict[K, None] | None = None
+        bucket_rank: int | None = None
+        for key, rank in zip(keys, ranks, strict=True):
+            if rank != bucket_rank or bucket is None:
+                bucket = buckets.get(rank)
                 if bucket is None:
-                    bucket = buckets[key] = OrderedDict()
-                bucket_key = key
-            bucket[block_id] = None
-            block_to_bucket[block_id] = bucket
+                    bucket = buckets[rank] = OrderedDict()
+                bucket_rank = rank
+            bucket[key] = None
+            key_to_bucket[key] = bucket
 
-    def discard(self, block_ids: Iterable[BlockId]) -> None:
-        pop = self._block_to_bucket.pop
-        for block_id in block_ids:
-            bucket = pop(block_id, None)
+    def discard(self, keys: Iterable[K]) -> None:
+        pop = self._key_to_bucket.pop
+        for key in keys:
+            bucket = pop(key, None)
             if bucket is not None:
-                del bucket[block_id]
+                del bucket[key]
 
-    def pop_lowest(self, n: int) -> list[BlockId]:
-        victims: list[BlockId] = []
+    def pop_lowest(self, n: int) -> list[K]:
+        victims: list[K] = []
         buckets = self._buckets
-        n = min(n, len(self._block_to_bucket))
+        n = min(n, len(self._key_to_bucket))
         while len(victims) < n:
-            key = min(buckets)
-            bucket = buckets[key]
+            rank = min(buckets)
+            bucket = buckets[rank]
             popitem = bucket.popitem
             for _ in range(min(n - len(victims), len(bucket))):
                 victims.append(popitem(last=False)[0])
             if not bucket:
-                del buckets[key]
-        block_to_bucket = self._block_to_bucket
-        for block_id in victims:
-            del block_to_bucket[block_id]
+                del buckets[rank]
+        key_to_bucket = self._key_to_bucket
+        for key in victims:
+            del key_to_bucket[key]
         return victims
 
     def clear(self) -> None:
         self._buckets.clear()
-        self._block_to_bucket.clear()
+        self._key_to_bucket.clear()
 
     def __len__(self) -> int:
-        return len(self._block_to_bucket)
+        return len(self._key_to_bucket)
 
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._block_to_bucket
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_to_bucket
 
 
-class LruPolicy:
-    """Least recently released first; priorities ignored."""
+class LruPolicy(Generic[K]):
+    """Least recently inserted first; priorities ignored. Re-inserting after ``remove`` makes a
+    key the most recently used (a touch)."""
 
     __slots__ = ("_order",)
 
     def __init__(self) -> None:
-        self._order: OrderedDict[BlockId, None] = OrderedDict()
+        self._order: OrderedDict[K, None] = OrderedDict()
 
-    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+    def insert(self, keys: Sequence[K], priorities: Sequence[int]) -> None:
         order = self._order
-        _refuse_evictable(order, block_ids)
-        for block_id in block_ids:
-            order[block_id] = None
+        _refuse_evictable(order, keys)
+        for key in keys:
+            order[key] = None
 
-    def remove(self, block_ids: Iterable[BlockId]) -> None:
+    def remove(self, keys: Iterable[K]) -> None:
         pop = self._order.pop
-        for block_id in block_ids:
-            pop(block_id, None)
+        for key in keys:
+            pop(key, None)
 
-    def evict(self, n: int) -> list[BlockId]:
+    def evict(self, n: int) -> list[K]:
         order = self._order
         return [order.popitem(last=False)[0] for _ in range(min(n, len(order)))]
 
@@ -149,25 +158,25 @@ class LruPolicy:
     def __len__(self) -> int:
         return len(self._order)
 
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._order
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
 
 
-class PriorityLruPolicy:
-    """Lowest priority first, least recently released first among equals (the default)."""
+class PriorityLruPolicy(Generic[K]):
+    """Lowest priority first, least recently inserted first among equals (the pools' default)."""
 
     __slots__ = ("_buckets",)
 
     def __init__(self) -> None:
-        self._buckets = _Buckets()
+        self._buckets: _Buckets[K] = _Buckets()
 
-    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
-        self._buckets.add(block_ids, priorities)
+    def insert(self, keys: Sequence[K], priorities: Sequence[int]) -> None:
+        self._buckets.add(keys, priorities)
 
-    def remove(self, block_ids: Iterable[BlockId]) -> None:
-        self._buckets.discard(block_ids)
+    def remove(self, keys: Iterable[K]) -> None:
+        self._buckets.discard(keys)
 
-    def evict(self, n: int) -> list[BlockId]:
+    def evict(self, n: int) -> list[K]:
         return self._buckets.pop_lowest(n)
 
     def clear(self) -> None:
@@ -176,36 +185,36 @@ class PriorityLruPolicy:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._buckets
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
 
 
-class LfuPolicy:
-    """Least frequently used first (uses = releases since the block was last evicted), then LRU.
+class LfuPolicy(Generic[K]):
+    """Least frequently used first (uses = inserts since the key was last evicted), then LRU.
 
-    A block's count survives being matched again (``remove``) and is dropped when it is evicted,
-    since the block id then holds other content.
+    A key's count survives ``remove`` (a pool's block matched again) and is dropped when it is
+    evicted, since a pool's block id then holds other content.
     """
 
     __slots__ = ("_buckets", "_uses")
 
     def __init__(self) -> None:
-        self._buckets = _Buckets()
-        self._uses: dict[BlockId, int] = {}
+        self._buckets: _Buckets[K] = _Buckets()
+        self._uses: dict[K, int] = {}
 
-    def insert(self, block_ids: Sequence[BlockId], priorities: Sequence[int]) -> None:
+    def insert(self, keys: Sequence[K], priorities: Sequence[int]) -> None:
         get = self._uses.get
-        counts = [get(block_id, 0) + 1 for block_id in block_ids]
-        self._buckets.add(block_ids, counts)  # refuses before anything is counted
-        self._uses.update(zip(block_ids, counts, strict=True))
+        counts = [get(key, 0) + 1 for key in keys]
+        self._buckets.add(keys, counts)  # refuses before anything is counted
+        self._uses.update(zip(keys, counts, strict=True))
 
-    def remove(self, block_ids: Iterable[BlockId]) -> None:
-        self._buckets.discard(block_ids)
+    def remove(self, keys: Iterable[K]) -> None:
+        self._buckets.discard(keys)
 
-    def evict(self, n: int) -> list[BlockId]:
+    def evict(self, n: int) -> list[K]:
         victims = self._buckets.pop_lowest(n)
-        for block_id in victims:
-            del self._uses[block_id]
+        for key in victims:
+            del self._uses[key]
         return victims
 
     def clear(self) -> None:
@@ -215,8 +224,8 @@ class LfuPolicy:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def __contains__(self, block_id: object) -> bool:
-        return block_id in self._buckets
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
 
 
 class EvictionKind(Enum):
@@ -225,15 +234,15 @@ class EvictionKind(Enum):
     LFU = "lfu"
 
 
-_POLICIES: dict[EvictionKind, type[LruPolicy | PriorityLruPolicy | LfuPolicy]] = {
+_POLICIES: dict[EvictionKind, Callable[[], EvictionPolicy[BlockId]]] = {
     EvictionKind.LRU: LruPolicy,
     EvictionKind.PRIORITY_LRU: PriorityLruPolicy,
     EvictionKind.LFU: LfuPolicy,
 }
 
 
-def build_policy(kind: EvictionKind) -> EvictionPolicy:
-    """A fresh policy of the given kind."""
+def build_policy(kind: EvictionKind) -> EvictionPolicy[BlockId]:
+    """A fresh policy of the given kind, for a pool's block ids."""
     return _POLICIES[kind]()
 
 

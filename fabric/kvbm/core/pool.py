@@ -67,7 +67,7 @@ class BlockPool:
         block_size: int,
         tier: Tier = Tier.DEVICE,
         *,
-        policy: EvictionPolicy | None = None,
+        policy: EvictionPolicy[BlockId] | None = None,
         events: EventSink | None = None,
         name: str | None = None,
     ) -> None:
@@ -78,7 +78,9 @@ class BlockPool:
         self.block_size = block_size
         self.tier = tier
         self.name = name or tier.name.lower()
-        self._policy: EvictionPolicy = policy if policy is not None else PriorityLruPolicy()
+        self._policy: EvictionPolicy[BlockId] = (
+            policy if policy is not None else PriorityLruPolicy()
+        )
         self._events: EventSink = events if events is not None else NullSink()
         self._records = [BlockRecord(BlockId(i)) for i in range(num_blocks)]
         # Popped from the end: block 0 is handed out first, so fresh pools fill in address order

@@ -25,8 +25,8 @@ from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E40
 from fabric.integrations.vllm.discovery import instance_record  # noqa: E402
 from fabric.integrations.vllm.metadata import PeerHold, token_digest  # noqa: E402
 from fabric.integrations.vllm.pages import KvPages, PageGeometry  # noqa: E402
-from fabric.integrations.vllm.producer import HoldTable  # noqa: E402
-from fabric.integrations.vllm.stats import WorkerStats  # noqa: E402
+from fabric.integrations.vllm.producer import hold_table, prompt_check  # noqa: E402
+from fabric.pd import Refusal  # noqa: E402
 
 GEOMETRY = PageGeometry(
     model="tiny",
@@ -144,36 +144,14 @@ def test_pages_refuse_a_layout_they_cannot_move() -> None:
         KvPages.from_kv_caches(GEOMETRY, {n: caches[n] for n in LAYERS[:2]}, LAYERS)
 
 
-def _hold(request_id: str = "r1", tokens: tuple[int, ...] = (5, 6, 7)) -> PeerHold:
-    return PeerHold(request_id, (3, 4), len(tokens), token_digest(tokens), timeout_s=10.0)
-
-
-def test_hold_is_lent_only_for_its_prompt_and_freed_once_released() -> None:
-    stats = WorkerStats()
-    table = HoldTable(stats, lend_grace_s=2.0)
-    refusal = table.lend("r1", [5, 6, 7], now=0.0)
-    assert isinstance(refusal, tuple) and refusal[0] is ErrorCode.UNAVAILABLE  # not seen yet
-    table.hold(_hold(), now=0.0)
-    wrong = table.lend("r1", [5, 6, 8], now=1.0)
-    assert isinstance(wrong, tuple) and wrong[0] is ErrorCode.UNKNOWN_REQUEST
-    lent = table.lend("r1", [5, 6, 7], now=1.0)
-    assert isinstance(lent, PeerHold) and lent.block_ids == (3, 4)
-    assert table.collect(now=2.0) == []
-    assert table.release("r1")
-    assert not table.release("r1")
-    assert table.collect(now=2.0) == ["r1"]
-    late = table.lend("r1", [5, 6, 7], now=3.0)
-    assert isinstance(late, tuple) and late[0] is ErrorCode.UNKNOWN_REQUEST  # freed: refused
-    assert (stats.num_holds, stats.num_holds_released, stats.num_holds_expired) == (1, 1, 0)
-
-
-def test_hold_expires_but_a_lent_hold_outlives_its_deadline_by_the_read_bound() -> None:
-    stats = WorkerStats()
-    table = HoldTable(stats, lend_grace_s=5.0)
-    table.hold(_hold("idle"), now=0.0)
-    table.hold(_hold("reading"), now=0.0)
-    assert isinstance(table.lend("reading", [5, 6, 7], now=9.0), PeerHold)
-    assert table.collect(now=10.0) == ["idle"]  # expired at its 10 s deadline
-    assert table.collect(now=13.0) == []  # lent at 9 s: kept until 14 s
-    assert table.collect(now=14.0) == ["reading"]
-    assert stats.num_holds_expired == 2
+def test_a_hold_is_lent_only_to_a_consumer_presenting_its_prompt() -> None:
+    table = hold_table(read_timeout_s=1.0)
+    held = PeerHold("r1", (3, 4), 3, token_digest((5, 6, 7)), timeout_s=10.0)
+    table.hold("r1", held, num_blocks=2, deadline=10.0)
+    wrong = table.lend("r1", 1.0, prompt_check([5, 6, 8]))
+    assert isinstance(wrong, Refusal) and wrong.code is ErrorCode.UNKNOWN_REQUEST
+    shorter = table.lend("r1", 1.0, prompt_check([5, 6]))
+    assert isinstance(shorter, Refusal) and "another prompt (3 tokens)" in shorter.message
+    assert table.lend("r1", 9.5, prompt_check([5, 6, 7])) is held
+    assert table.collect(11.0) == []  # lent at 9.5 s: kept for the read bound plus a second
+    assert [f.request_id for f in table.collect(11.5)] == ["r1"]
