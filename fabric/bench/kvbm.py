@@ -287,9 +287,10 @@ def run_vllm_side(python: Path, params: MixParams, timeout_s: float) -> dict[str
             f"{proc.stderr[-2000:]}"
         )
     try:
-        return json.loads(lines[-1])
+        result: dict[str, Any] = json.loads(lines[-1])
     except json.JSONDecodeError as exc:
         raise VllmBenchFailed(f"the vLLM side printed no JSON: {lines[-1][:200]!r}") from exc
+    return result
 
 
 def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:

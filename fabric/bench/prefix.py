@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    from fabric.engine.tiny import PRESET_CONFIGS, Preset, ensure_model
+    from fabric.models.presets import PRESET_CONFIGS, Preset, ensure_model
 
     if args.preset not in [p.value for p in Preset]:
         raise FabricError(f"--preset {args.preset!r}: choose from {[p.value for p in Preset]}")

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    from fabric.engine.tiny import Preset  # torch: only when running
+    from fabric.models.presets import Preset  # torch: only when running
 
     presets = _split(args.presets)
     known = [p.value for p in Preset]
@@ -250,7 +250,7 @@ def _run_preset(
     run_dir: Path,
 ) -> dict[tuple[Mode, int], Cell]:
     """Start one deployment per mode, warm each, send every prompt to each in turn."""
-    from fabric.engine.tiny import PRESET_CONFIGS, Preset, ensure_model
+    from fabric.models.presets import PRESET_CONFIGS, Preset, ensure_model
 
     ensure_model(preset)  # before any worker starts, so creation is not part of start-up
     vocab = PRESET_CONFIGS[Preset(preset)].vocab_size

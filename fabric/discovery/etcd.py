@@ -122,6 +122,7 @@ class EtcdRegistry:
         self._call("put", self._client.put, key, value, lease=None if lease is None else lease.id)
 
     def get(self, key: str) -> bytes | None:
+        value: bytes | None
         value, _ = self._call("get", self._client.get, key)
         return value
 
@@ -138,7 +139,7 @@ class EtcdRegistry:
         return kvs, response.header.revision
 
     def delete(self, key: str) -> bool:
-        return self._call("delete", self._client.delete, key)
+        return bool(self._call("delete", self._client.delete, key))
 
     # -- leases ---------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class EtcdRegistry:
         )
 
     def _open_watch_stream(
-        self, prefix: str, start_revision: int, requests: queue.SimpleQueue
+        self, prefix: str, start_revision: int, requests: queue.SimpleQueue[Any]
     ) -> Any:
         """Open a watch stream (a gRPC streaming call: iterate it for responses, cancel() it)."""
         key, range_end = _range(prefix)
@@ -295,7 +296,7 @@ class _EtcdWatch:
 
     def _stream(self, listing: dict[str, bytes], revision: int) -> None:
         """Run one stream from ``revision + 1`` until it ends (raises on a broken stream)."""
-        requests: queue.SimpleQueue = queue.SimpleQueue()
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._lock:
             if self._cancelled.is_set():
                 return
@@ -352,7 +353,7 @@ def _range(prefix: str) -> tuple[bytes, bytes]:
     return (key, prefix_range_end(key)) if key else (b"\0", b"\0")
 
 
-def _drain(requests: queue.SimpleQueue) -> Iterator[Any]:
+def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
     """The request side of a watch stream: blocks until ``None`` ends it."""
     while (request := requests.get()) is not None:
         yield request

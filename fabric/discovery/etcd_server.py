@@ -73,7 +73,8 @@ def find_etcd_binary() -> str:
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class EtcdServer:
@@ -232,7 +233,7 @@ class EtcdServer:
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1.0) as response:
-                return json.loads(response.read()).get("health") == "true"
+                return bool(json.loads(response.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
 

@@ -29,7 +29,6 @@ does not know are ignored.
 
 from __future__ import annotations
 
-import functools
 import json
 import typing
 from dataclasses import dataclass, fields
@@ -231,11 +230,16 @@ def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
-@functools.cache
-def _field_kinds(cls: type) -> dict[str, tuple[type, ...]]:
+_KINDS: dict[type[Any], dict[str, tuple[type, ...]]] = {}
+
+
+def _field_kinds(cls: type[Any]) -> dict[str, tuple[type, ...]]:
     """``field -> the types its value may have`` of a record part (every field is Optional)."""
-    hints = typing.get_type_hints(cls)
-    return {field.name: typing.get_args(hints[field.name]) for field in fields(cls)}
+    kinds = _KINDS.get(cls)
+    if kinds is None:
+        hints = typing.get_type_hints(cls)
+        kinds = _KINDS[cls] = {f.name: typing.get_args(hints[f.name]) for f in fields(cls)}
+    return kinds
 
 
 def _check_fields(part: Endpoints | FabricLayout | VllmLayout) -> None:

@@ -10,7 +10,7 @@ which blocks a request uses. The three entry points:
   with its own block table and position. Returns ``(B, vocab)`` logits.
 * ``generate(prompt, max_tokens)``: greedy generation of one request through
   ``SequenceBlocks`` (match, reserve, register full blocks, release). A full device pool is the
-  value ``FinishReason.NO_BLOCKS``, not an exception.
+  value ``EngineFinish.NO_BLOCKS``, not an exception.
 
 Invariants: the engine checks at construction that the pool's geometry (layers, KV heads, head
 size, dtype, K/V split) is the model's, and raises ``LayoutMismatch`` naming the difference;
@@ -30,12 +30,12 @@ from typing import NamedTuple
 import torch
 from tokenizers import Tokenizer
 
-from fabric.engine.config import ModelConfig
 from fabric.engine.model import LlamaModel
 from fabric.engine.paged import PagedKv, decode_batch, prefill_batch
 from fabric.engine.weights import load_weights
 from fabric.errors import InvalidInput, LayoutMismatch
 from fabric.kvbm import ImmutableBlocks, KvBlockManager, SequenceBlocks, TensorStorage, Tier
+from fabric.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,20 @@ class DecodeRequest(NamedTuple):
     position: int
 
 
-class FinishReason(Enum):
+class EngineFinish(Enum):
+    """Why ``generate`` stopped (not the wire's ``finish_reason``: see ``worker.request``)."""
+
     LENGTH = "length"
     NO_BLOCKS = "no_blocks"
     """The device pool had no room for the request now; nothing was generated."""
 
 
 @dataclass(frozen=True, slots=True)
-class Generation:
+class EngineOutput:
     """What ``generate`` produced and how much of the prompt came from the cache."""
 
     tokens: list[int]
-    finish: FinishReason
+    finish: EngineFinish
     num_cached_tokens: int
     num_computed_tokens: int
     """Positions computed by this request's prefill (prompt length minus the cached prefix)."""
@@ -183,7 +185,7 @@ class Engine:
         self.stats.num_decode_calls += 1
         return logits
 
-    def generate(self, prompt_tokens: Sequence[int], max_tokens: int) -> Generation:
+    def generate(self, prompt_tokens: Sequence[int], max_tokens: int) -> EngineOutput:
         """Greedy-generate ``max_tokens`` tokens, reusing and registering cached blocks."""
         if max_tokens < 1:
             raise InvalidInput(f"max_tokens={max_tokens} must be at least 1")
@@ -195,7 +197,7 @@ class Engine:
                     len(prompt_tokens),
                     max_tokens,
                 )
-                return Generation([], FinishReason.NO_BLOCKS, num_cached, 0)
+                return EngineOutput([], EngineFinish.NO_BLOCKS, num_cached, 0)
             logits = self.prefill(seq.tokens, seq.block_table, num_cached)
             seq.commit()
             out = greedy(logits)
@@ -209,7 +211,7 @@ class Engine:
             logger.debug(
                 "generate: %d cached, %d computed, %d out", num_cached, num_computed, len(out)
             )
-            return Generation(out, FinishReason.LENGTH, num_cached, num_computed)
+            return EngineOutput(out, EngineFinish.LENGTH, num_cached, num_computed)
 
     def _check_positions(self, last_position: int) -> None:
         limit = self.config.max_position_embeddings

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fabric.engine.config import ModelConfig
 from fabric.engine.paged import PagedBatch, PagedKv
 from fabric.engine.weights import LayerWeights, LlamaWeights
+from fabric.models.config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,7 +102,7 @@ class LlamaModel:
         c = self.config
         b, q_len, _ = h.shape
         d, heads, kv_heads = c.head_size, c.num_heads, c.num_kv_heads
-        q, k, v = F.linear(h, layer.qkv).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k, v = torch.split(F.linear(h, layer.qkv), [heads * d, kv_heads * d, kv_heads * d], -1)
         q = apply_rope(q.view(b, q_len, heads, d), *rope)
         k = apply_rope(k.view(b, q_len, kv_heads, d), *rope)
         kv.write(index, batch, k.reshape(-1, kv_heads * d), v.reshape(-1, kv_heads * d))

@@ -48,7 +48,7 @@ class PagedKv:
             for outer, views in ((0, self.keys), (1, self.values)):
                 buffer_index, chunk = layout.chunk_location(layer, outer)
                 chunks = layout.chunk_view(storage.tensors[buffer_index])
-                views.append(chunks[:, chunk].unflatten(1, (layout.block_size, layout.inner_dim)))
+                views.append(chunks[:, chunk].view(-1, layout.block_size, layout.inner_dim))
 
     def write(self, layer: int, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k`` and ``v`` (``(num_new_tokens, inner_dim)``) at the batch's write slots."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fabric.engine.config import ModelConfig
 from fabric.errors import ConfigError
+from fabric.models.config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,7 @@ def build_app(frontend: Frontend) -> FastAPI:
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         """Eligible workers by role; 503 while no decode or aggregated worker is known."""
-        counts = frontend.router.count_by_role()
+        counts = frontend.router.fleet.count_by_role()
         serving = counts[Role.DECODE] + counts[Role.AGGREGATED]
         body = Health(
             status="ok" if serving else "unavailable",

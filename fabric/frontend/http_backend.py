@@ -248,8 +248,8 @@ def _error_message(body: object) -> str:
     """The message of an OpenAI (or vLLM) error body, else the body itself, shortened."""
     if isinstance(body, dict):
         error = body.get("error", body)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+        if isinstance(error, dict) and isinstance(message := error.get("message"), str):
+            return message
         if isinstance(error, str):
             return error
     return str(body)[:500]

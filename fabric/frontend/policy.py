@@ -1,7 +1,8 @@
 """Routing policy: which worker serves a request and which worker supplies its KV. Choices only.
 
-Owns pure functions over worker records, loads and the KV prefix index; the router
-(``router.Router``) owns the state they read and resolves per-request pins before calling them.
+Owns pure functions over worker records, loads and the KV prefix index; the fleet
+(``fleet.Fleet``) owns the state they read, and the router (``router.Router``) resolves
+per-request pins before calling them.
 
 Prefixes (``cached_prefixes``): for every worker, how many leading full blocks of the prompt it
 holds on the device or host tier (``ROUTABLE_TIERS``). The disk tiers are left out: the shared disk
@@ -53,7 +54,7 @@ SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
     Role.AGGREGATED: (Role.PREFILL, Role.AGGREGATED),
 }
 """Serving role -> the roles whose workers it can read a prompt's KV from (both serve
-``PrefillRequest``s: ``fabric.worker.remote_prefill.KV_SOURCE_ROLES``)."""
+``PrefillRequest``s: ``fabric.pd.KV_SOURCE_ROLES``)."""
 ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
 MIN_PEER_GAIN_BLOCKS = 1
 

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
 from fabric.errors import ConfigError
 from fabric.frontend.api import build_app
+from fabric.frontend.fleet import Fleet
 from fabric.frontend.generation import Frontend, FrontendSettings
 from fabric.frontend.http_connection import HttpClients
 from fabric.frontend.metrics import FrontendMetrics
@@ -44,7 +45,7 @@ def build_frontend(
     identity: str | None = None,
     http: HttpClients | None = None,
 ) -> Frontend:
-    """A frontend for ``model`` (a model directory or a preset name); its router is started.
+    """A frontend for ``model`` (a model directory or a preset name); its router's fleet is started.
 
     Args:
         identity: the signal identity workers push chunks to; unique per frontend (default
@@ -53,14 +54,15 @@ def build_frontend(
     """
     resolved = resolve_model(model)
     codec = TextCodec.from_dir(resolved.directory)
-    router = Router(
+    fleet = Fleet(
         registry,
         model_name=resolved.name,
         identity=identity or f"frontend-{uuid.uuid4().hex[:12]}",
         namespace=namespace,
         http=http,
     )
-    metrics = FrontendMetrics(router.in_flight)
+    router = Router(fleet)
+    metrics = FrontendMetrics(fleet.in_flight)
     frontend = Frontend(
         router,
         codec,

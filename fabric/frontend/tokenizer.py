@@ -53,7 +53,7 @@ def resolve_model(model: str) -> ResolvedModel:
     directory = Path(model).expanduser()
     if (directory / _TOKENIZER_FILE).is_file():
         return ResolvedModel(directory.resolve().name, directory)
-    from fabric.engine.tiny import Preset, ensure_model  # imports torch: only for presets
+    from fabric.models.presets import Preset, ensure_model  # imports torch: only for presets
 
     try:
         preset = Preset(model)

@@ -106,7 +106,7 @@ class RemoteBlockSet:
 
     def to_bytes(self) -> bytes:
         layout = self.layout
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {
                 "version": self.version,
                 "agent_name": self.agent_name,
@@ -124,6 +124,7 @@ class RemoteBlockSet:
             },
             use_bin_type=True,
         )
+        return packed
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RemoteBlockSet:

@@ -146,7 +146,8 @@ class SequenceBlocks:
 
     def release(self) -> None:
         """Return every block (registered ones stay cached for later prefix hits)."""
-        for handle in [*self._held, *self._open]:
+        handles: list[ImmutableBlocks | MutableBlocks] = [*self._held, *self._open]
+        for handle in handles:
             if handle.live:
                 self._kvbm.release(handle)
         self._held.clear()

@@ -3,14 +3,16 @@
 ``messages`` owns the message types and their msgpack wire codec; ``errors`` the ``ErrorCode``
 vocabulary and the exceptions a refused message raises; ``framing`` the correlation-id frames and
 peer identities the ZeroMQ channel adds; ``server`` (``SignalServer``) and ``client``
-(``SignalClient``) the two ends of that channel; ``liveness`` the bounded last-seen table. KV bytes
-never travel here (NIXL moves them). Imports only ``fabric.errors`` (never ``kvbm`` or
-``transfer``).
+(``SignalClient``, ``error_from_reply``) the two ends of that channel; ``liveness`` the bounded
+last-seen table. KV bytes never travel here (NIXL moves them). Imports only ``fabric.errors``
+(never ``kvbm`` or ``transfer``). Inside the package imports point one way: ``errors``,
+``framing`` and ``liveness`` import no other signal module, ``messages`` imports ``errors``, and
+``client`` and ``server`` import the rest.
 """
 
 from __future__ import annotations
 
-from fabric.signal.client import SignalClient
+from fabric.signal.client import SignalClient, error_from_reply
 from fabric.signal.errors import (
     ERROR_CODE_TO_EXCEPTION,
     ErrorCode,
@@ -21,7 +23,6 @@ from fabric.signal.errors import (
     SignalError,
     UnknownMessageType,
     UnsupportedVersion,
-    error_from_reply,
 )
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (

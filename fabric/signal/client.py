@@ -4,8 +4,8 @@ Owns the client side of the signal channel: requests with a bounded wait, one-wa
 pushes and heartbeats (``ping``). Frames are ``framing``'s, payloads ``messages``'. Imports only
 ``fabric.errors`` and ``fabric.signal``.
 
-Remote errors: ``request`` raises the exception ``ERROR_CODE_TO_EXCEPTION`` gives for an
-``ErrorReply``'s code (``IncompatiblePeer`` for ``INCOMPATIBLE``, ``RemoteError`` for
+Remote errors: ``request`` raises ``error_from_reply``: the exception ``ERROR_CODE_TO_EXCEPTION``
+gives for an ``ErrorReply``'s code (``IncompatiblePeer`` for ``INCOMPATIBLE``, ``RemoteError`` for
 ``INTERNAL``, ``MalformedMessage`` for ``MALFORMED``...), its text naming the server, the code and
 the remote message. ``receive`` returns ``ErrorReply`` pushes as values.
 
@@ -28,8 +28,14 @@ from collections import deque
 
 import zmq
 
-from fabric.errors import ConfigError, InvalidTransition, PeerUnavailable, TransferTimeout
-from fabric.signal.errors import error_from_reply
+from fabric.errors import (
+    ConfigError,
+    FabricError,
+    InvalidTransition,
+    PeerUnavailable,
+    TransferTimeout,
+)
+from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION
 from fabric.signal.framing import (
     CORR_BYTES,
     ONE_WAY,
@@ -236,3 +242,11 @@ class SignalClient:
 
     def _decode(self, payload: bytes) -> Message:
         return decode(payload, expected_compat=self._compat_hash, max_bytes=self._max_bytes)
+
+
+def error_from_reply(reply: ErrorReply, *, peer: str) -> FabricError:
+    """The exception that stands for ``reply`` (``ERROR_CODE_TO_EXCEPTION``), ready to raise."""
+    about = f" about request {reply.request_id!r}" if reply.request_id is not None else ""
+    return ERROR_CODE_TO_EXCEPTION[reply.code](
+        f"{peer} answered {reply.code.name}{about}: {reply.message}"
+    )

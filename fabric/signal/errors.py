@@ -2,8 +2,9 @@
 
 Owns ``ErrorCode`` (the ``code`` slot of an ``ErrorReply`` on the wire), the ``SignalError``
 hierarchy that ``messages.decode`` raises, and the table ``ERROR_CODE_TO_EXCEPTION`` a client uses
-to turn a received ``ErrorReply`` back into an exception. Imports only ``fabric.errors`` at run
-time (``ErrorReply`` is imported for typing only, so ``messages`` can import this module).
+to turn a received ``ErrorReply`` back into an exception (``client.error_from_reply``). Imports
+only ``fabric.errors``: the bottom of ``fabric.signal``, which ``messages``, ``client`` and
+``server`` import and which imports none of them.
 
 Invariants:
 
@@ -16,7 +17,7 @@ Invariants:
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from fabric.errors import (
     FabricError,
@@ -25,9 +26,6 @@ from fabric.errors import (
     ProtocolMismatch,
     TransferTimeout,
 )
-
-if TYPE_CHECKING:
-    from fabric.signal.messages import ErrorReply
 
 
 class ErrorCode(Enum):
@@ -86,7 +84,7 @@ class RemoteError(SignalError):
     code = ErrorCode.INTERNAL
 
 
-# The exception a client raises for an ErrorReply of each code (see error_from_reply).
+# The exception a client raises for an ErrorReply of each code (``client.error_from_reply``).
 ERROR_CODE_TO_EXCEPTION: dict[ErrorCode, type[FabricError]] = {
     ErrorCode.MALFORMED: MalformedMessage,
     ErrorCode.TOO_LARGE: MessageTooLarge,
@@ -98,11 +96,3 @@ ERROR_CODE_TO_EXCEPTION: dict[ErrorCode, type[FabricError]] = {
     ErrorCode.UNAVAILABLE: PeerUnavailable,
     ErrorCode.DEADLINE_EXCEEDED: TransferTimeout,
 }
-
-
-def error_from_reply(reply: ErrorReply, *, peer: str) -> FabricError:
-    """The exception that stands for ``reply`` (``ERROR_CODE_TO_EXCEPTION``), ready to raise."""
-    about = f" about request {reply.request_id!r}" if reply.request_id is not None else ""
-    return ERROR_CODE_TO_EXCEPTION[reply.code](
-        f"{peer} answered {reply.code.name}{about}: {reply.message}"
-    )

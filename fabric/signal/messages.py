@@ -350,11 +350,12 @@ def encode(message: Message, compat_hash: int) -> bytes:
     body = [getattr(message, name) for name in _TYPE_TO_FIELDS[message_type]]
     if message_type is MessageType.ERROR_REPLY:
         body[1] = body[1].value
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         [PROTOCOL_VERSION, message_type.value, compat_hash, body],
         use_bin_type=True,
         unicode_errors="replace",
     )
+    return packed
 
 
 def decode(payload: bytes, *, expected_compat: int | None, max_bytes: int) -> Message:

@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
 import zmq
 
@@ -129,7 +129,7 @@ class SignalServer:
             raise ConfigError(
                 f"{name}: cannot bind signal endpoint {endpoint!r}: {exc}; use a free port (or 0)"
             ) from exc
-        self._endpoint = cast(str, self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+        self._endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -1,7 +1,8 @@
-"""The decode and aggregated roles: admit requests, prefill them, decode them in one batch.
+"""The decode and aggregated roles: prefill admitted requests, decode them in one batch.
 
 Runs on the scheduler thread, which owns the engine, the manager, the prefill links and the
-decode handoff. One ``step``:
+decode handoff. Admission (the waiting queue, where each prompt is computed) is
+``admission.Admission``'s; this module runs what it admits. One ``step``:
 
 1. collect remote prefill outcomes: read the offered blocks this worker lacks into the blocks
    reserved at admission, register them, ``TransferDone``, stream the first token; or, when the
@@ -14,42 +15,40 @@ decode handoff. One ``step``:
    token as a ``TokenChunk``; finished requests release their blocks;
 4. end requests past their deadline.
 
-Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that is a
-peer hit (the router saw that peer hold a longer cached prefix), read like a remote prefill, with
-the same fallback. Only the blocks this worker lacks are read; when its own tiers (G4 included)
-already hold every full block of the prompt (at least one), it computes the partial last block
-itself instead. A request the pool can never hold, an invalid one, or one arriving at a full queue
-gets a final error chunk at once; a client whose chunks cannot be delivered is treated as gone (its
-request is released). ``Abort`` ends a request in any phase with a final error chunk ("aborted:
-...") and releases its blocks here and, through ``Abort``, on its prefill worker.
+Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that
+is a peer hit (the router saw that peer hold a longer cached prefix), read like a remote
+prefill, with the same fallback. Only the blocks this worker lacks are read. A request the pool
+can never hold, an invalid one, or one arriving at a full queue gets a final error chunk at
+once; a client whose chunks cannot be delivered is treated as gone (its request is released).
+``Abort`` ends a request in any phase with a final error chunk ("aborted: ...") and releases its
+blocks here and, through ``Abort``, on its prefill worker.
 
 Invariants: every request ends with exactly one final chunk (unless its client is gone) and,
 when it ends, holds no block; ``_id_to_gen`` holds exactly the requests not yet ended, each in
-the structure of its phase.
+the structure of its phase (waiting ones in the admission queue).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 
 from fabric.config import PrefillFallback
-from fabric.engine import DecodeRequest, Engine, SequenceBlocks, greedy
+from fabric.engine import DecodeRequest, Engine, greedy
 from fabric.errors import FabricError
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.messages import GenerateRequest, TokenChunk
+from fabric.worker.admission import Admission
 from fabric.worker.handoff import DecodeHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
 from fabric.worker.remote_prefill import RemoteFailed, RemotePrefills, RemoteReady
 from fabric.worker.request import (
     FinishReason,
-    Generation,
     Phase,
+    WorkerRequest,
     compute_prompt,
     error_chunk,
-    new_generation,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,20 +76,19 @@ class GenerationService:
         self._outbox = outbox
         self._metrics = metrics
         self._worker_id = worker_id
-        self._max_waiting = max_waiting
+        self._admission = Admission(
+            engine, worker_id=worker_id, max_waiting=max_waiting, remote_prefills=remote is not None
+        )
         self._remote = remote
         self._handoff = handoff
         self._fallback = fallback
-        self._id_to_gen: dict[str, Generation] = {}
-        self._waiting: deque[Generation] = deque()
-        self._decoding: dict[str, Generation] = {}
-        self._blocked = False  # the head of the queue found no room at the last admission
-        self._free_when_blocked = 0  # the pool's free blocks then: retry once more are free
+        self._id_to_gen: dict[str, WorkerRequest] = {}
+        self._decoding: dict[str, WorkerRequest] = {}
 
     @property
     def has_local_work(self) -> bool:
         """Something to compute now (decode steps, or an admissible waiting request)."""
-        return bool(self._decoding) or (bool(self._waiting) and not self._blocked)
+        return bool(self._decoding) or self._admission.has_work
 
     @property
     def has_remote_work(self) -> bool:
@@ -98,32 +96,18 @@ class GenerationService:
 
     def retry_admission(self) -> None:
         """Blocks were freed outside a request's end (offload copies done): retry the head."""
-        self._blocked = False
+        self._admission.retry()
 
     def submit(self, request: GenerateRequest, peer: PeerId, arrived_at: float) -> None:
         self._metrics.requests.labels("generate").inc()
-        gen = new_generation(
-            request,
-            peer,
-            arrived_at,
-            self._engine.config,
-            block_size=self._kvbm.block_size,
-            num_blocks=self._kvbm.pool().num_blocks,
+        queued = self._admission.submit(
+            request, peer, arrived_at, known=request.request_id in self._id_to_gen
         )
-        if request.request_id in self._id_to_gen:
-            problem = f"request id {request.request_id!r} is already being served"
-        elif isinstance(gen, str):
-            problem = gen
-        elif len(self._waiting) >= self._max_waiting:
-            problem = f"{len(self._waiting)} requests already wait for blocks; retry later"
-        else:
-            if not self._waiting:
-                self._blocked = False  # a new head: not tried yet
-            self._id_to_gen[request.request_id] = gen
-            self._waiting.append(gen)
-            self._update_gauges()
+        if isinstance(queued, str):
+            self._refuse(peer, error_chunk(request.request_id, queued))
             return
-        self._refuse(peer, error_chunk(request.request_id, problem))
+        self._id_to_gen[request.request_id] = queued
+        self._update_gauges()
 
     def abort(self, request_id: str, reason: str) -> None:
         gen = self._id_to_gen.get(request_id)
@@ -158,44 +142,13 @@ class GenerationService:
 
     def _admit(self) -> None:
         local_budget = 1
-        pool = self._kvbm.pool()
-        if self._blocked and pool.num_free <= self._free_when_blocked:
-            return  # nothing freed since the head found no room: a retry would only re-onboard
-        while self._waiting:
-            gen = self._waiting[0]
-            source = gen.request.prefill_worker
-            remote = self._remote is not None and source not in ("", self._worker_id)
-            if not remote and local_budget <= 0:
-                return
-            seq = SequenceBlocks.open(
-                self._kvbm, gen.prompt, on_registered=self._engine.on_registered
-            )
-            full = len(gen.prompt) // self._kvbm.block_size
-            if remote and 0 < full <= seq.num_matched_blocks:  # only a partial block is left:
-                remote = False  # computing it here beats a round trip
-                if local_budget <= 0:
-                    seq.release()
-                    return
-                logger.debug(
-                    "request %s: every full block is here; not asking %s", gen.request_id, source
-                )
-            room = seq.reserve(len(gen.prompt) + gen.request.max_tokens - 1)  # fits: submit checked
-            self._blocked = not room
-            if not room:  # wait: running requests free blocks as they end
-                seq.release()
-                self._free_when_blocked = pool.num_free
-                return
-            self._waiting.popleft()
-            gen.phase = Phase.REMOTE_PREFILL if remote else Phase.PREFILLING
-            gen.seq = seq
-            gen.stats.queue_ms = (time.perf_counter() - gen.arrived_at) * 1000
-            gen.stats.local_prefix_tokens = seq.num_cached_tokens
-            if remote and self._start_remote(gen):
+        while (gen := self._admission.admit_next(local_budget=local_budget)) is not None:
+            if gen.phase is Phase.REMOTE_PREFILL and self._start_remote(gen):
                 continue
             local_budget -= 1
             self._prefill_here(gen)
 
-    def _start_remote(self, gen: Generation) -> bool:
+    def _start_remote(self, gen: WorkerRequest) -> bool:
         """Ask the request's prefill worker; False when the prompt is to be computed here."""
         assert self._remote is not None
         worker_id = gen.request.prefill_worker
@@ -219,7 +172,7 @@ class GenerationService:
             else:
                 self._read_offer(gen, outcome)
 
-    def _read_offer(self, gen: Generation, outcome: RemoteReady) -> None:
+    def _read_offer(self, gen: WorkerRequest, outcome: RemoteReady) -> None:
         assert self._remote is not None and self._handoff is not None and gen.seq is not None
         seq, ready = gen.seq, outcome.ready
         num_blocks = -(-len(gen.prompt) // self._kvbm.block_size)
@@ -257,7 +210,7 @@ class GenerationService:
         )
         self._start_decoding(gen, ready.first_token)
 
-    def _prefill_failed(self, gen: Generation, reason: str) -> bool:
+    def _prefill_failed(self, gen: WorkerRequest, reason: str) -> bool:
         """Apply the fallback; True when the prompt is to be computed here."""
         if self._fallback is PrefillFallback.RECOMPUTE:
             logger.warning("request %s: %s; recomputing the prompt here", gen.request_id, reason)
@@ -269,7 +222,7 @@ class GenerationService:
         self._fail(gen, f"prefill failed: {reason}", ErrorKind.PREFILL_FAILED)
         return False
 
-    def _prefill_here(self, gen: Generation) -> None:
+    def _prefill_here(self, gen: WorkerRequest) -> None:
         assert gen.seq is not None
         try:
             token, computed, ms = compute_prompt(self._engine, gen.seq)
@@ -283,7 +236,7 @@ class GenerationService:
         self._metrics.cached_tokens.inc(len(gen.prompt) - computed)
         self._start_decoding(gen, token)
 
-    def _start_decoding(self, gen: Generation, first_token: int) -> None:
+    def _start_decoding(self, gen: WorkerRequest, first_token: int) -> None:
         gen.phase = Phase.DECODING
         gen.stats.ttft_ms = (time.perf_counter() - gen.arrived_at) * 1000
         self._decoding[gen.request_id] = gen
@@ -307,7 +260,7 @@ class GenerationService:
         for gen, token in zip(gens, greedy(logits), strict=True):
             self._emit(gen, token)
 
-    def _emit(self, gen: Generation, token: int) -> None:
+    def _emit(self, gen: WorkerRequest, token: int) -> None:
         """Stream ``token``; end the request when it was the last one."""
         gen.num_generated += 1
         gen.next_token = token
@@ -336,7 +289,7 @@ class GenerationService:
 
     # -- endings -------------------------------------------------------------------------------
 
-    def _fail(self, gen: Generation, message: str, kind: ErrorKind) -> None:
+    def _fail(self, gen: WorkerRequest, message: str, kind: ErrorKind) -> None:
         """End ``gen`` with an error chunk (best effort) and release it."""
         logger.info("request %s ended: %s", gen.request_id, message)
         self._metrics.record_error(kind)
@@ -346,7 +299,7 @@ class GenerationService:
             logger.debug("error chunk of %s not delivered: %s", gen.request_id, exc)
         self._end(gen)
 
-    def _push(self, gen: Generation, chunk: TokenChunk) -> bool:
+    def _push(self, gen: WorkerRequest, chunk: TokenChunk) -> bool:
         """Send ``chunk``; on failure the client is gone: end the request and return False."""
         try:
             self._outbox.send(gen.peer, chunk)
@@ -365,13 +318,13 @@ class GenerationService:
         except FabricError as exc:
             logger.debug("refusal of %s not delivered: %s", chunk.request_id, exc)
 
-    def _end(self, gen: Generation) -> None:
+    def _end(self, gen: WorkerRequest) -> None:
         """Forget ``gen`` and release its blocks here and on its prefill worker."""
         if self._id_to_gen.pop(gen.request_id, None) is None:
             return
-        self._blocked = False  # blocks may have been freed: the queue head may fit now
+        self._admission.retry()  # blocks may have been freed: the queue head may fit now
         if gen.phase is Phase.WAITING:
-            self._waiting.remove(gen)
+            self._admission.remove(gen)
         elif gen.phase is Phase.REMOTE_PREFILL and self._remote is not None:
             self._remote.abort(gen.request_id, "request ended")
         self._decoding.pop(gen.request_id, None)
@@ -380,5 +333,5 @@ class GenerationService:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        self._metrics.waiting.set(len(self._waiting))
-        self._metrics.active.set(len(self._id_to_gen) - len(self._waiting))
+        self._metrics.waiting.set(len(self._admission))
+        self._metrics.active.set(len(self._id_to_gen) - len(self._admission))

@@ -26,15 +26,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from fabric.engine import Engine, SequenceBlocks
+from fabric.engine import Engine
 from fabric.errors import FabricError
+from fabric.kvbm import SequenceBlocks
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.messages import ErrorReply, Message, PrefillRequest, TokenChunk, TransferDone
 from fabric.worker.handoff import PrefillHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
-from fabric.worker.request import check_fits, check_prompt, compute_prompt
+from fabric.worker.request import StatValue, check_fits, check_prompt, compute_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class PrefillService:
         self._metrics.computed_tokens.inc(num_computed)
         self._metrics.cached_tokens.inc(num_cached)
         self._metrics.held_handoffs.set(self._handoff.num_held)
-        stats = {
+        stats: dict[str, StatValue] = {
             "computed_tokens": num_computed,
             "cached_tokens": num_cached,
             "prefill_ms": round(ms, 3),

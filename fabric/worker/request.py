@@ -1,6 +1,6 @@
 """One generation request on a worker: its record, its stats, its checks, its prompt compute.
 
-A ``Generation`` is created from a ``GenerateRequest`` and lives on the scheduler thread only::
+A ``WorkerRequest`` is created from a ``GenerateRequest`` and lives on the scheduler thread only::
 
     WAITING ──admit: blocks reserved──▶ REMOTE_PREFILL ──BlocksReady, read──▶ DECODING ──▶ end
        │                                       │ prefill failed: recompute   ▲
@@ -13,7 +13,7 @@ Sampling is greedy (the reference engine is deterministic, so disaggregated outp
 aggregated output token for token); of ``sampling`` only ``ignore_eos`` (bool) is read. The EOS
 token, when generated, is streamed and ends the request with "stop".
 
-Invariants: ``seq`` is None exactly while WAITING; a generation that leaves the scheduler has
+Invariants: ``seq`` is None exactly while WAITING; a request that leaves the scheduler has
 released ``seq`` (every block it matched or reserved). ``next_token`` is the last sampled token,
 streamed already but not yet fed to the model (its K/V is written by the next decode step).
 Blocks for the whole request (prompt + ``max_tokens - 1`` fed tokens) are reserved at admission,
@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fabric.engine import Engine, ModelConfig, SequenceBlocks, greedy
+from fabric.engine import Engine, greedy
+from fabric.kvbm import SequenceBlocks
+from fabric.models.config import ModelConfig
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.messages import GenerateRequest, PrefillRequest, TokenChunk
 
@@ -41,7 +43,7 @@ class Phase(Enum):
 
 
 class FinishReason(Enum):
-    """The ``finish_reason`` of a final ``TokenChunk``."""
+    """The ``finish_reason`` of a final ``TokenChunk`` (the one finish reason on the wire)."""
 
     LENGTH = "length"
     STOP = "stop"
@@ -87,7 +89,7 @@ class RequestStats:
 
 
 @dataclass(slots=True)
-class Generation:
+class WorkerRequest:
     """A request being served (see the module docstring for its phases)."""
 
     request: GenerateRequest
@@ -134,7 +136,7 @@ class Generation:
 
 
 def error_chunk(request_id: str, message: str) -> TokenChunk:
-    """A final chunk refusing a request that never became a ``Generation``."""
+    """A final chunk refusing a request that never became a ``WorkerRequest``."""
     return TokenChunk(request_id, [], True, FinishReason.ERROR.value, {"error": message})
 
 
@@ -171,7 +173,7 @@ def check_fits(num_positions: int, block_size: int, num_blocks: int) -> str | No
     )
 
 
-def new_generation(
+def new_worker_request(
     request: GenerateRequest,
     peer: PeerId,
     arrived_at: float,
@@ -179,8 +181,8 @@ def new_generation(
     *,
     block_size: int,
     num_blocks: int,
-) -> Generation | str:
-    """A ``Generation`` for ``request``, or why it is refused (never servable here, or late)."""
+) -> WorkerRequest | str:
+    """A ``WorkerRequest`` for ``request``, or why it is refused (never servable here, or late)."""
     problem = check_prompt(request.token_ids, config, request.max_tokens - 1) or check_fits(
         len(request.token_ids) + request.max_tokens - 1, block_size, num_blocks
     )
@@ -189,7 +191,7 @@ def new_generation(
     if 0 < request.deadline_ms <= wall_ms():
         return "the request's deadline passed before it reached the worker"
     stop = None if request.sampling.get("ignore_eos") is True else config.eos_token_id
-    return Generation(request, peer, stop, arrived_at)
+    return WorkerRequest(request, peer, stop, arrived_at)
 
 
 def compute_prompt(engine: Engine, seq: SequenceBlocks) -> tuple[int, int, float]:

@@ -43,7 +43,7 @@ from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
 from fabric.discovery.registry import Registry, Role
-from fabric.engine import Engine, ModelConfig, Preset, ensure_model
+from fabric.engine import Engine
 from fabric.errors import ConfigError
 from fabric.kvbm import (
     KvBlockManager,
@@ -54,6 +54,8 @@ from fabric.kvbm import (
     build_offload_manager,
     dtype_name,
 )
+from fabric.models.config import ModelConfig
+from fabric.models.presets import Preset, ensure_model
 from fabric.signal.server import SignalServer
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent

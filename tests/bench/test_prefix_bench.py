@@ -13,12 +13,10 @@ import subprocess
 import sys
 
 import pytest
-from test_serve_bench import _nixl_missing
 
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
 ]
 
 TIMEOUT_S = 120.0

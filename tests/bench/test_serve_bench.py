@@ -14,22 +14,9 @@ import sys
 
 import pytest
 
-from fabric.errors import FabricError
-from fabric.transfer.nixl_agent import load_nixl
-
-
-def _nixl_missing() -> str | None:
-    try:
-        load_nixl()
-    except FabricError as e:
-        return str(e)
-    return None
-
-
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
 ]
 
 TIMEOUT_S = 90.0

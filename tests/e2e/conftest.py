@@ -17,13 +17,12 @@ from e2e_harness import Deployment, Reference
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
-from fabric.engine import ensure_model
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset in a temp dir; its served name is ``tiny``."""
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
+def model_dir(tiny_dir: Path) -> Path:
+    """The tiny preset; its served name is ``tiny``."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")

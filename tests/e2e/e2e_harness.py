@@ -36,8 +36,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import workers_prefix
-from fabric.errors import FabricError
-from fabric.transfer.nixl_agent import load_nixl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"  # the served name: the model directory's name
@@ -47,15 +45,6 @@ REQUEST_S = 30.0
 SCRAPE_S = 5.0
 DEVICE_BLOCKS = 256
 BLOCK_SIZE = 16
-
-
-def nixl_missing() -> str | None:
-    """Why NIXL cannot be loaded here, or None."""
-    try:
-        load_nixl()
-    except FabricError as exc:
-        return str(exc)
-    return None
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.05) -> bool:

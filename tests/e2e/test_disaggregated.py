@@ -32,7 +32,6 @@ from e2e_harness import (
     complete,
     complete_streamed,
     metric,
-    nixl_missing,
     num_blocks,
     prompt_ids,
     wait_until,
@@ -44,7 +43,6 @@ from fabric.discovery.etcd_server import EtcdServer
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(nixl_missing() is not None, reason=f"NIXL missing: {nixl_missing()}"),
 ]
 
 MAX_TOKENS = 16

@@ -23,7 +23,6 @@ from e2e_harness import (
     Deployment,
     Reference,
     complete,
-    nixl_missing,
     prompt_ids,
     wait_until,
 )
@@ -34,7 +33,6 @@ from fabric.discovery.etcd_server import EtcdServer
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(nixl_missing() is not None, reason=f"NIXL missing: {nixl_missing()}"),
 ]
 
 MAX_TOKENS = 16

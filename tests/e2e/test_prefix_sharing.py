@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from e2e_harness import MODEL, Answer, Deployment, Reference, nixl_missing, prompt_ids
+from e2e_harness import MODEL, Answer, Deployment, Reference, prompt_ids
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
@@ -18,7 +18,6 @@ from fabric.discovery.etcd_server import EtcdServer
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(nixl_missing() is not None, reason=f"NIXL missing: {nixl_missing()}"),
 ]
 
 MAX_TOKENS = 8

@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_harness import REPO_ROOT, STOP_S, nixl_missing, wait_until
+from e2e_harness import REPO_ROOT, STOP_S, wait_until
 
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(nixl_missing() is not None, reason=f"NIXL missing: {nixl_missing()}"),
 ]
 
 QUICKSTART = REPO_ROOT / "launch" / "quickstart.sh"

@@ -1,4 +1,4 @@
-"""Fixtures: the tiny model made once per session in a temp dir, and engines over fresh KVBMs."""
+"""Fixtures: engines over fresh KVBMs, on the session's tiny model (``tiny_dir``)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fabric.engine import Engine, ModelConfig, ensure_model
+from fabric.engine import Engine
 from fabric.kvbm import KvBlockManager, LayoutKind, build_kvbm, load_kvbm_config
+from fabric.models.config import ModelConfig
 
 BLOCK_SIZE = 16
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
 
 
 @pytest.fixture

@@ -10,9 +10,17 @@ import pytest
 import torch
 from engine_reference import reference_logits
 
-from fabric.engine import DecodeRequest, Engine, FinishReason, SequenceBlocks, greedy
+from fabric.engine import DecodeRequest, Engine, EngineFinish, greedy
 from fabric.errors import InvalidInput, LayoutMismatch, PoolExhausted
-from fabric.kvbm import KvGeometry, LayoutKind, TensorStorage, Tier, build_kvbm, load_kvbm_config
+from fabric.kvbm import (
+    KvGeometry,
+    LayoutKind,
+    SequenceBlocks,
+    TensorStorage,
+    Tier,
+    build_kvbm,
+    load_kvbm_config,
+)
 
 MakeEngine = Callable[..., Engine]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -156,9 +164,9 @@ def test_full_device_pool_is_a_clear_outcome(make_engine: MakeEngine) -> None:
     with SequenceBlocks.open(engine.kvbm, prompt_of(70, seed=9)) as other:
         assert other.reserve(80)  # 5 of 6 blocks held by another request
         busy = engine.generate(prompt, 10)
-        assert busy.finish is FinishReason.NO_BLOCKS and busy.tokens == []
+        assert busy.finish is EngineFinish.NO_BLOCKS and busy.tokens == []
     done = engine.generate(prompt, 10)
-    assert done.finish is FinishReason.LENGTH and len(done.tokens) == 10
+    assert done.finish is EngineFinish.LENGTH and len(done.tokens) == 10
     assert_no_leak(engine)
 
 

@@ -14,7 +14,6 @@ from frontend_fakes import FakeWorker, RunningFrontend
 
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registry import Registry, Role
-from fabric.engine.tiny import ensure_model
 from fabric.frontend.api import build_app
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.server import BackgroundServer, build_frontend
@@ -22,9 +21,9 @@ from fabric.frontend.tokenizer import TextCodec
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset in a temp dir; its name (and the served model) is ``tiny``."""
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
+def model_dir(tiny_dir: Path) -> Path:
+    """The tiny preset; its name (and the served model) is ``tiny``."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")

@@ -253,8 +253,8 @@ def test_client_disconnect_mid_stream_aborts_the_request(
         assert json.loads(first.removeprefix("data: "))["choices"][0]["text"]
     request = worker.next_request()
     assert worker.next_abort().request_id == request.request_id
-    router = running.frontend.router
-    assert wait_until(lambda: router.in_flight()["decode-a"][1] == 0)
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.in_flight()["decode-a"][1] == 0)
 
 
 def test_client_gone_before_a_json_answer_aborts_the_request(
@@ -269,8 +269,8 @@ def test_client_gone_before_a_json_answer_aborts_the_request(
         httpx.post(f"{running.url}/v1/completions", json=body, timeout=0.3)
     request = worker.next_request()
     assert worker.next_abort().request_id == request.request_id
-    router = running.frontend.router
-    assert wait_until(lambda: router.in_flight()["decode-a"][1] == 0)
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.in_flight()["decode-a"][1] == 0)
 
 
 def test_workers_joining_and_leaving_are_picked_up(
@@ -283,9 +283,9 @@ def test_workers_joining_and_leaving_are_picked_up(
     assert client(running).completions.create(model="tiny", prompt="x").choices[0].text
     second = make_worker("agg-b", role=Role.AGGREGATED)
     make_worker("other-model", model="llama")  # ignored: another model
-    assert wait_until(lambda: running.frontend.router.count_by_role()[Role.AGGREGATED] == 1)
+    assert wait_until(lambda: running.frontend.router.fleet.count_by_role()[Role.AGGREGATED] == 1)
     first.close()
-    assert wait_until(lambda: running.frontend.router.count_by_role()[Role.DECODE] == 0)
+    assert wait_until(lambda: running.frontend.router.fleet.count_by_role()[Role.DECODE] == 0)
     result = client(running).completions.create(model="tiny", prompt="x")
     assert (result.model_extra or {})["fabric"]["decode_worker"] == "agg-b"
     second.close()
@@ -302,7 +302,7 @@ def test_decode_worker_chosen_by_load(
     busy.silent = True
     make_worker("decode-b")
     running = start_frontend(FrontendSettings(idle_timeout_s=1.5))
-    assert wait_until(lambda: running.frontend.router.count_by_role()[Role.DECODE] == 2)
+    assert wait_until(lambda: running.frontend.router.fleet.count_by_role()[Role.DECODE] == 2)
     statuses: list[int] = []
     body = {"model": "tiny", "prompt": "x"}
     stuck = threading.Thread(

@@ -159,7 +159,7 @@ def serve(
             frontend.router.close()
             raise
         running.append(RunningFrontend(frontend, server))
-        assert wait_until(lambda: len(frontend.router.workers()) == len(records))
+        assert wait_until(lambda: len(frontend.router.fleet.workers()) == len(records))
         return running[-1]
 
     yield start
@@ -203,7 +203,7 @@ def test_pd_request_prefills_then_decodes_with_the_returned_params(
     assert (decode["prompt"], decode["max_tokens"], decode["stream"]) == (PROMPT, 5, True)
     assert decode["return_token_ids"] is True
     assert (decode["temperature"], decode["seed"]) == (0.0, 3)  # greedy unless asked
-    assert running.frontend.router.in_flight() == {
+    assert running.frontend.router.fleet.in_flight() == {
         "prefill-v": (Role.PREFILL, 0),
         "decode-v": (Role.DECODE, 0),
     }
@@ -282,7 +282,7 @@ def test_upstream_failures_are_openai_errors(
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
-    assert running.frontend.router.in_flight()["decode-v"] == (Role.DECODE, 0)
+    assert running.frontend.router.fleet.in_flight()["decode-v"] == (Role.DECODE, 0)
 
 
 def test_an_error_event_mid_stream_ends_the_stream_with_an_error(
@@ -311,7 +311,7 @@ def test_a_client_disconnect_closes_the_upstream_request(
             if line.startswith("data: "):
                 break  # one token arrived; the client goes away
     assert upstream.stream_closed.wait(5.0), "the upstream stream stayed open"
-    assert wait_until(lambda: running.frontend.router.in_flight()["decode-v"][1] == 0)
+    assert wait_until(lambda: running.frontend.router.fleet.in_flight()["decode-v"][1] == 0)
 
 
 def test_a_vllm_record_without_http_endpoint_is_not_routed(
@@ -329,6 +329,6 @@ def test_a_vllm_record_without_http_endpoint_is_not_routed(
     with WorkerRegistration(registry, bare, ttl_s=5.0):
         running = serve(_record("decode-v", Role.DECODE))
         time.sleep(0.1)
-        assert set(running.frontend.router.workers()) == {"decode-v"}
+        assert set(running.frontend.router.fleet.workers()) == {"decode-v"}
         health = httpx.get(f"{running.server.url}/health").json()
         assert health["workers"] == {"prefill": 0, "decode": 1, "aggregated": 0}

@@ -94,7 +94,7 @@ def test_prefill_chosen_by_longest_cached_prefix(
     p1.publish([stored(HASHES[:2])])  # before the frontend exists: it learns them by replay
     p2.publish([stored(HASHES[:1]), stored(HASHES[1:3])])
     running = start_frontend()
-    index = running.frontend.router.index
+    index = running.frontend.router.fleet.index
     assert wait_until(lambda: index.num_blocks("prefill-1") == 2)
     assert wait_until(lambda: index.num_blocks("prefill-2") == 3)
     assert complete(running, decode) == ("prefill-2", 3)
@@ -121,7 +121,7 @@ def test_prefill_ties_broken_by_load_and_aggregated_gets_none(
     prefills.add("prefill-1")
     prefills.add("prefill-2")
     running = start_frontend(FrontendSettings(idle_timeout_s=1.5))
-    assert wait_until(lambda: running.frontend.router.count_by_role()[Role.PREFILL] == 2)
+    assert wait_until(lambda: running.frontend.router.fleet.count_by_role()[Role.PREFILL] == 2)
     url = f"{running.url}/v1/completions"
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
     threads = [threading.Thread(target=httpx.post, args=(url,), kwargs={"json": body})]
@@ -135,7 +135,7 @@ def test_prefill_ties_broken_by_load_and_aggregated_gets_none(
     assert (first.prefill_worker, second.prefill_worker) == ("prefill-1", "prefill-2")
     decode.close()
     aggregated = make_worker("agg-a", role=Role.AGGREGATED)
-    assert wait_until(lambda: running.frontend.router.count_by_role()[Role.DECODE] == 0)
+    assert wait_until(lambda: running.frontend.router.fleet.count_by_role()[Role.DECODE] == 0)
     openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused").completions.create(
         model="tiny", prompt=PROMPT, max_tokens=2
     )
@@ -191,7 +191,7 @@ def test_the_index_follows_decode_and_aggregated_workers(
     assert decode.publisher is not None and aggregated.publisher is not None
     decode.publisher.publish([stored(HASHES[:2])])  # before the frontend: learnt by replay
     running = start_frontend()
-    index = running.frontend.router.index
+    index = running.frontend.router.fleet.index
     assert wait_until(lambda: index.num_blocks("decode-a") == 2)
     aggregated.publisher.publish([stored(HASHES[:3], Tier.HOST)])
     assert wait_until(lambda: index.num_blocks("agg-b") == 3)
@@ -203,7 +203,7 @@ def test_the_index_follows_decode_and_aggregated_workers(
     assert response.json()["fabric"]["routed_local_blocks"] == 2
     aggregated.close()  # leaving forgets its blocks
     assert wait_until(lambda: index.num_blocks("agg-b") == 0)
-    assert running.frontend.router.subscriber("agg-b") is None
+    assert running.frontend.router.fleet.subscriber("agg-b") is None
     assert index.num_blocks("decode-a") == 2
 
 
@@ -215,8 +215,8 @@ def test_peer_hit_reads_the_prefix_another_aggregated_worker_holds(
     assert holder.publisher is not None and first.publisher is not None
     holder.publisher.publish([stored(HASHES[:3])])
     running = start_frontend()
-    router = running.frontend.router
-    assert wait_until(lambda: router.index.num_blocks("agg-2") == 3)
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.index.num_blocks("agg-2") == 3)
     # Both idle: the holder serves (the longer cached prefix breaks the load tie), locally.
     response = post(running, {"prompt": PROMPT, "max_tokens": 2})
     assert route_of(response) == ("agg-2", "", "local")
@@ -230,7 +230,7 @@ def test_peer_hit_reads_the_prefix_another_aggregated_worker_holds(
     )
     busy.start()
     try:
-        assert wait_until(lambda: router.in_flight()["agg-2"][1] == 1)
+        assert wait_until(lambda: fleet.in_flight()["agg-2"][1] == 1)
         response = post(running, {"prompt": PROMPT, "max_tokens": 2})
         assert route_of(response) == ("agg-1", "agg-2", "peer_hit")
         fabric = response.json()["fabric"]
@@ -240,7 +240,7 @@ def test_peer_hit_reads_the_prefix_another_aggregated_worker_holds(
         busy.join(10.0)
     # Once agg-1 holds the prefix too there is nothing to gain: a pinned request computes.
     first.publisher.publish([stored(HASHES[:3])])
-    assert wait_until(lambda: router.index.num_blocks("agg-1") == 3)
+    assert wait_until(lambda: fleet.index.num_blocks("agg-1") == 3)
     response = post(running, {"prompt": PROMPT, "max_tokens": 2, "fabric": {"worker": "agg-1"}})
     assert route_of(response) == ("agg-1", "", "local")
     assert response.json()["fabric"]["route_pinned"] is True
@@ -258,9 +258,9 @@ def test_the_pin_routes_to_the_named_workers(
     prefills.add("prefill-1")
     prefills.add("prefill-2").publish([stored(HASHES[:2])])
     running = start_frontend()
-    router = running.frontend.router
-    assert wait_until(lambda: router.index.num_blocks("prefill-2") == 2)
-    assert wait_until(lambda: router.count_by_role()[Role.DECODE] == 2)
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.index.num_blocks("prefill-2") == 2)
+    assert wait_until(lambda: fleet.count_by_role()[Role.DECODE] == 2)
     base = {"prompt": PROMPT, "max_tokens": 2}
     # Pinned serving worker, automatic KV source (prefill-2 holds the prefix).
     response = post(running, {**base, "fabric": {"worker": "decode-b"}})
@@ -320,7 +320,7 @@ def test_a_pin_naming_no_suitable_worker_is_a_400(
     prefills.add("prefill-1")
     prefills.add("prefill-x", compat_hash=COMPAT + 1)
     running = start_frontend()
-    assert wait_until(lambda: len(running.frontend.router.workers()) == 5)
+    assert wait_until(lambda: len(running.frontend.router.fleet.workers()) == 5)
     response = post(running, {"prompt": PROMPT, "max_tokens": 2, "fabric": pin})
     assert response.status_code == 400, response.text
     error = response.json()["error"]

@@ -1,11 +1,13 @@
-"""Tests for fabric.signal.errors: every ErrorCode maps to a FabricError a client can raise."""
+"""Tests for fabric.signal.errors and ``client.error_from_reply``: every ErrorCode maps to a
+FabricError a client can raise."""
 
 from __future__ import annotations
 
 import pytest
 
 from fabric.errors import FabricError, PeerUnavailable, TransferTimeout
-from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION, ErrorCode, RemoteError, error_from_reply
+from fabric.signal.client import error_from_reply
+from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION, ErrorCode, RemoteError
 from fabric.signal.messages import ErrorReply
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from fabric.errors import (
     ConfigError,
-    FabricError,
     InvalidInput,
     InvalidTransition,
     PeerUnavailable,
@@ -104,13 +103,6 @@ class Factory:
 
 @pytest.fixture(scope="module", params=IMPLS)
 def factory(request: pytest.FixtureRequest) -> Iterator[Factory]:
-    if request.param == "nixl":
-        from fabric.transfer.nixl_agent import load_nixl
-
-        try:
-            load_nixl()
-        except FabricError as e:
-            pytest.skip(f"NIXL missing: {e}")
     f = Factory(request.param)
     yield f
     f.close()

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from fabric.errors import FabricError, TransferError
+from fabric.errors import TransferError
 from fabric.kvbm import (
     LayoutKind,
     LayoutSpec,
@@ -43,20 +43,10 @@ from fabric.kvbm import (
     plan_read,
 )
 from fabric.pd import RemoteReader
-from fabric.transfer.nixl_agent import NixlAgent, load_nixl
-
-
-def _nixl_missing() -> str | None:
-    try:
-        load_nixl()
-    except FabricError as e:
-        return str(e)
-    return None
-
+from fabric.transfer.nixl_agent import NixlAgent
 
 pytestmark = [
     pytest.mark.nixl,
-    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
 ]
 
 COMPAT = 0xC0FFEE

@@ -39,27 +39,17 @@ from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.records import FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.errors import DiscoveryError, FabricError, PeerUnavailable
+from fabric.errors import DiscoveryError, PeerUnavailable
 from fabric.kvbm import KvBlockManager, KvGeometry, LayoutKind, build_kvbm, load_kvbm_config
 from fabric.signal.client import SignalClient
 from fabric.signal.framing import wall_ms
 from fabric.signal.messages import BlocksReady, PrefillRequest, TransferDone
-from fabric.transfer.nixl_agent import NixlAgent, load_nixl
+from fabric.transfer.nixl_agent import NixlAgent
 from fabric.worker.handoff import DecodeHandoff
-
-
-def _nixl_missing() -> str | None:
-    try:
-        load_nixl()
-    except FabricError as e:
-        return str(e)
-    return None
-
 
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
 ]
 
 CHILD_SCRIPT = Path(__file__).with_name("prefill_child.py")

@@ -15,17 +15,11 @@ from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.engine import ensure_model
 from fabric.kvbm import Tier
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
 
 
 @pytest.fixture

@@ -38,23 +38,11 @@ from serving_harness import (
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.registration import WorkerDirectory
-from fabric.engine import ensure_model
-from fabric.errors import FabricError
-from fabric.transfer.nixl_agent import load_nixl
-
-
-def _nixl_missing() -> str | None:
-    try:
-        load_nixl()
-    except FabricError as e:
-        return str(e)
-    return None
-
+from fabric.models.presets import ensure_model
 
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.nixl,
-    pytest.mark.skipif(_nixl_missing() is not None, reason=f"NIXL missing: {_nixl_missing()}"),
 ]
 
 BLOCK_SIZE = 16

@@ -25,7 +25,7 @@ from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.engine import ensure_model
+from fabric.models.presets import ensure_model
 from fabric.signal.errors import UnknownMessageType
 from fabric.signal.framing import wall_ms
 from fabric.signal.messages import PrefillRequest

@@ -17,8 +17,8 @@ from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.engine import ensure_model
 from fabric.kvbm import Tier
+from fabric.models.presets import ensure_model
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 

@@ -135,7 +135,7 @@ class Workload:
 
 def make_workload(preset: str, prompt_tokens: int, num_requests: int, max_tokens: int) -> Workload:
     """The preset's model directory (made if missing) and the prompts every arm gets."""
-    from fabric.engine.tiny import PRESET_CONFIGS, Preset, ensure_model  # torch: only here
+    from fabric.models.presets import PRESET_CONFIGS, Preset, ensure_model  # torch: only here
 
     model_dir = ensure_model(preset)
     vocab = PRESET_CONFIGS[Preset(preset)].vocab_size

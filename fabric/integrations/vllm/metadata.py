@@ -27,7 +27,7 @@ from fabric.kvbm import SequenceHash, as_token_array
 
 def token_digest(token_ids: Sequence[int]) -> int:
     """xxh3-64 of ``token_ids`` as little-endian u32 (what a hold and a read must agree on)."""
-    return xxhash.xxh3_64_intdigest(memoryview(as_token_array(list(token_ids))).cast("B"))
+    return xxhash.xxh3_64_intdigest(as_token_array(list(token_ids)).data.cast("B"))
 
 
 @dataclass(frozen=True, slots=True)

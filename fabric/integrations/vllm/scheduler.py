@@ -123,7 +123,7 @@ class FabricScheduler:
 
     def _peer_params(self, request: Any) -> dict[str, Any] | None:
         """The request's P/D params when this instance should read its prefill from a peer."""
-        params = request.kv_transfer_params
+        params: dict[str, Any] | None = request.kv_transfer_params
         if not (self.config.pd_enabled and self.config.kv_role.consumes and params):
             return None
         if not params.get("do_remote_prefill"):
@@ -214,11 +214,11 @@ class FabricScheduler:
     def build_connector_meta(self, scheduler_output: Any) -> FabricMetadata:
         """This step's loads, reads and holds, plus the saves of blocks it completes."""
         if self._store is not None and self.config.save_blocks:
-            self._plan_saves(scheduler_output)
+            self._plan_saves(scheduler_output, self._store)
         meta, self._meta = self._meta, FabricMetadata()
         return meta
 
-    def _plan_saves(self, scheduler_output: Any) -> None:
+    def _plan_saves(self, scheduler_output: Any, store: SharedBlockStore) -> None:
         num_scheduled = scheduler_output.num_scheduled_tokens
         steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
@@ -237,7 +237,7 @@ class FabricScheduler:
             hashes = self._hashes(req_id, tokens, num_full)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
             for i in range(tracked.num_offered_blocks, num_full):
-                if i < tracked.recheck_until or not self._store.contains(hashes[i]):
+                if i < tracked.recheck_until or not store.contains(hashes[i]):
                     save_ids.append(block_ids[i])
                     save_hashes.append(hashes[i])
             tracked.num_offered_blocks = num_full

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 
 import numpy as np
+import torch
 
 from fabric.discovery.registration import WorkerRegistration
 from fabric.errors import FabricError, StorageError
@@ -71,7 +72,7 @@ class FabricWorker:
 
     # ---- setup -------------------------------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: dict) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Adopt vLLM's KV tensors; with P/D on, register them with NIXL and join etcd."""
         self._pages = KvPages.from_kv_caches(self.geometry, kv_caches, self._layer_names)
         if self.config.pd_enabled:

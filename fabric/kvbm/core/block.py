@@ -32,8 +32,9 @@ from fabric.kvbm.core.types import BlockId, SequenceHash, Tier
 
 
 class PoolIdentity(Protocol):
-    """What a handle knows of the pool it belongs to (``BlockPool`` satisfies it); handles never
-    call into their pool, so this module does not import ``pool.py``."""
+    """What a handle knows of the pool it belongs to (``BlockPool`` satisfies it), so this module
+    does not import ``pool.py``. A handle calls into its pool only to release itself when a
+    ``with`` block ends."""
 
     @property
     def tier(self) -> Tier: ...
@@ -43,6 +44,8 @@ class PoolIdentity(Protocol):
 
     @property
     def block_size(self) -> int: ...
+
+    def release(self, blocks: ImmutableBlocks) -> None: ...
 
 
 class BlockState(Enum):

@@ -67,7 +67,7 @@ def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndar
     Accepts a sequence of ints, a 1-D integer numpy array or a 1-D integer torch tensor.
     """
     if hasattr(tokens, "detach"):  # torch.Tensor, without importing torch here
-        tokens = tokens.detach().cpu().numpy()  # type: ignore[union-attr]
+        tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise InvalidInput(f"tokens must be 1-D, got shape {arr.shape}")
@@ -101,7 +101,7 @@ def hash_token_blocks(
         raise InvalidInput(f"block_size must be a positive int, got {block_size!r}")
     arr = as_token_array(tokens)
     num_blocks = arr.size // block_size
-    view = memoryview(arr).cast("B")
+    view = arr.data.cast("B")
     step = 4 * block_size
     block_hashes: list[BlockHash] = [
         BlockHash(_xxh3(view[i * step : (i + 1) * step], seed)) for i in range(num_blocks)

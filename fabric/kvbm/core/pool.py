@@ -375,7 +375,7 @@ class BlockPool:
         victims = self._policy.evict(num_blocks)
         registry = self._registry
         records = self._records
-        removed: list[int] = []
+        removed: list[SequenceHash] = []
         for block_id in victims:
             record = records[block_id]
             h = record.sequence_hash

@@ -18,7 +18,9 @@ import itertools
 import queue
 import threading
 from dataclasses import dataclass
+from typing import cast
 
+from fabric.kvbm.core.types import SequenceHash
 from fabric.kvbm.offload.moves import OffloadPath, TierMove
 from fabric.kvbm.shared.store import SharedBlockStore, store_blocks
 from fabric.kvbm.tiers.block_copy import copy_blocks
@@ -42,7 +44,7 @@ class CopyJob:
         if not isinstance(self.dst, SharedBlockStore):
             copy_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
             return
-        store_blocks(self.src, self.src_ids, self.dst, self.dst_ids)
+        store_blocks(self.src, self.src_ids, self.dst, cast(list[SequenceHash], self.dst_ids))
 
 
 class CopyThread:

@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
 
 import msgpack
 import zmq
@@ -127,7 +126,7 @@ class ZmqEventPublisher:
             raise ConfigError(
                 f"cannot bind KV event endpoint {endpoint!r}: {exc}; use a free port (or port 0)"
             ) from exc
-        return cast(str, sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property
     def endpoint(self) -> str:

@@ -152,9 +152,9 @@ def _event_from_wire(raw: object) -> KvEvent:
         tag = raw[0]
     else:
         raise ProtocolMismatch(f"a KV event must be a tagged map or array, got {raw!r}")
-    fields = _FIELDS.get(tag) if isinstance(tag, str) else None
-    if fields is None:
+    if not isinstance(tag, str) or tag not in _FIELDS:
         raise ProtocolMismatch(f"unknown KV event type {tag!r}")
+    fields = _FIELDS[tag]
     required = fields[: _NUM_REQUIRED[tag]]
     if isinstance(raw, dict):
         missing = [name for name in required if name not in raw]

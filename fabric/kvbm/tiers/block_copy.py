@@ -55,7 +55,8 @@ import torch
 from fabric.errors import InvalidInput, LayoutMismatch
 from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
 from fabric.kvbm.tiers import kernels
-from fabric.kvbm.tiers.storage import DiskStorage, MemoryKind, Storage, TensorStorage
+from fabric.kvbm.tiers.storage import DiskStorage, Storage, TensorStorage
+from fabric.transfer.memory import MemoryKind
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ class _Side:
     ids: np.ndarray
 
 
-def copy_blocks(src: Storage, src_ids: Sequence[int], dst: Storage, dst_ids: Sequence[int]) -> None:
+def copy_blocks(
+    src: Storage,
+    src_ids: Sequence[int] | np.ndarray,
+    dst: Storage,
+    dst_ids: Sequence[int] | np.ndarray,
+) -> None:
     """Copy whole blocks ``src_ids[i]`` of ``src`` to ``dst_ids[i]`` of ``dst``.
 
     Raises:
@@ -334,7 +340,7 @@ def _split(layout: LayoutSpec, views: list[torch.Tensor], other: _Side) -> list[
     if _both_contiguous(layout, other.layout) or layout.kind is LayoutKind.LAYER_SEPARATE:
         return views
     (view,) = views
-    return list(view.split(layout.outer_dim, dim=1))
+    return list(torch.split(view, layout.outer_dim, dim=1))
 
 
 def _both_contiguous(a: LayoutSpec, b: LayoutSpec) -> bool:

@@ -299,7 +299,7 @@ def _build_and_load() -> ModuleType:
         newest_source = max(s.stat().st_mtime for s in sources)
         if not library.exists() or library.stat().st_mtime < newest_source:
             logger.info("building native block copy kernels in %s (about 30 s, once)", build_dir)
-        return cpp_extension.load(
+        module: ModuleType = cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
             extra_cflags=["-O3", *(["-DWITH_CUDA"] if with_cuda else [])],
@@ -307,6 +307,7 @@ def _build_and_load() -> ModuleType:
             build_directory=str(build_dir),
             verbose=False,
         )
+        return module
 
 
 def _build_root() -> Path:

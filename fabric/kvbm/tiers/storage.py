@@ -203,7 +203,7 @@ def _open_segment(name: str, nbytes: int, create: bool) -> SharedMemory:
     if not create:
         # Attaching registers the segment with this process's resource tracker, which would
         # unlink it when this process exits; only the creator may unlink.
-        resource_tracker.unregister(shm._name, "shared_memory")
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         if shm.size < nbytes:
             shm.close()
             raise LayoutMismatch(
@@ -392,7 +392,7 @@ class DiskStorage:
             return []
         starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
         ends = np.append(starts[1:], ids.size)
-        mv = memoryview(data)
+        mv = data.data
         return [
             (mv[s * stride : e * stride], int(ids[s]) * stride)
             for s, e in zip(starts.tolist(), ends.tolist(), strict=True)

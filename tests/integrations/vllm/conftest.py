@@ -54,7 +54,7 @@ def vllm_python() -> str:
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from fabric.engine.tiny import ensure_model
+    from fabric.models.presets import ensure_model
 
     return str(ensure_model("tiny"))
 

@@ -24,7 +24,7 @@ from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role, workers_prefix
 from fabric.kvbm import SharedBlockStore, sequence_hashes
-from fabric.kvbm.shared.store import HEADER_BYTES
+from fabric.kvbm.shared.format import HEADER_BYTES
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fabric.engine import tiny
-from fabric.engine.tiny import ensure_model
 from fabric.errors import ConfigError
+from fabric.models import presets
+from fabric.models.presets import ensure_model
 
 FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -40,7 +40,7 @@ def test_failed_creation_leaves_nothing_behind(
     def boom(*_: object) -> dict[str, object]:
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(tiny, "random_weights", boom)
+    monkeypatch.setattr(presets, "random_weights", boom)
     with pytest.raises(OSError, match="simulated"):
         ensure_model("tiny", tmp_path / "model", progress=quiet)
     assert list(tmp_path.iterdir()) == []

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from fabric.engine.config import ModelConfig
 from fabric.errors import ConfigError
+from fabric.models.config import ModelConfig
 
 RECIPE_VERSION = 1
 SPECIAL_TOKENS = ("<s>", "</s>")  # ids 0 and 1
@@ -156,7 +156,7 @@ def write_model(
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer trained on the packaged corpus (special tokens first)."""
-    corpus = resources.files("fabric.engine").joinpath("corpus.txt").read_text(encoding="utf-8")
+    corpus = resources.files("fabric.models").joinpath("corpus.txt").read_text(encoding="utf-8")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -171,7 +171,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     if tokenizer.get_vocab_size() != vocab_size:
         raise ConfigError(
             f"the tokenizer corpus yields {tokenizer.get_vocab_size()} tokens, not {vocab_size}; "
-            "extend fabric/engine/corpus.txt"
+            "extend fabric/models/corpus.txt"
         )
     return tokenizer
 

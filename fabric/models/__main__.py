@@ -1,16 +1,16 @@
-"""``python -m fabric.engine [tiny|small] [--path DIR]``: create a preset, print its path."""
+"""``python -m fabric.models [tiny|small] [--path DIR]``: create a preset, print its path."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fabric.engine.tiny import Preset, ensure_model
+from fabric.models.presets import Preset, ensure_model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m fabric.engine",
+        prog="python -m fabric.models",
         description="Create an embedded model preset offline (deterministic; reused if present).",
     )
     parser.add_argument("preset", nargs="?", default="tiny", choices=[p.value for p in Preset])

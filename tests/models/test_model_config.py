@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from fabric.engine import ModelConfig
-from fabric.engine.tiny import PRESET_CONFIGS, Preset
 from fabric.errors import ConfigError
+from fabric.models.config import ModelConfig
+from fabric.models.presets import PRESET_CONFIGS, Preset
 
 
 def hf_config(**changes: Any) -> dict[str, Any]:
