@@ -26,7 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fabric.kvbm.build import build_kvbm
+    from fabric.kvbm.build import build_kvbm, build_pool, tier_storage
     from fabric.kvbm.config import KvbmConfig, OffloadMode, load_kvbm_config
     from fabric.kvbm.core.block import BlockState, ImmutableBlocks, MutableBlocks
     from fabric.kvbm.core.events import (
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         NullSink,
         RecordingSink,
     )
-    from fabric.kvbm.core.eviction import EvictionKind, EvictionPolicy
+    from fabric.kvbm.core.eviction import EvictionKind, EvictionPolicy, FrequencyFilter
     from fabric.kvbm.core.hashing import (
         HashedBlocks,
         as_token_array,
@@ -47,17 +47,20 @@ if TYPE_CHECKING:
         sequence_hashes,
     )
     from fabric.kvbm.core.layout import KvGeometry, LayoutKind, LayoutSpec, dtype_name
-    from fabric.kvbm.core.pool import BlockPool
+    from fabric.kvbm.core.pool import BlockPool, register_positions
     from fabric.kvbm.core.types import BlockHash, BlockId, SequenceHash, Tier
     from fabric.kvbm.manager import KvBlockManager, PrefixMatch
     from fabric.kvbm.metrics import KvbmMetrics
+    from fabric.kvbm.offload.copier import CopyJob, CopyThread
     from fabric.kvbm.offload.manager import OffloadManager, Onboarding, build_offload_manager
+    from fabric.kvbm.offload.moves import OffloadPath
     from fabric.kvbm.remote import RemoteBlockSet, export_block_set, plan_read
     from fabric.kvbm.sequence import SequenceBlocks
     from fabric.kvbm.shared.store import SharedBlockStore
     from fabric.kvbm.stream import publisher_for
     from fabric.kvbm.stream.publisher import ZmqEventPublisher
     from fabric.kvbm.stream.wire import decode_event_batch, encode_event_batch
+    from fabric.kvbm.tiers.block_copy import copy_blocks
     from fabric.kvbm.tiers.storage import (
         DiskStorage,
         Storage,
@@ -68,6 +71,10 @@ if TYPE_CHECKING:
     )
 
 _NAME_TO_MODULE: dict[str, str] = {
+    "CopyJob": "fabric.kvbm.offload.copier",
+    "CopyThread": "fabric.kvbm.offload.copier",
+    "OffloadPath": "fabric.kvbm.offload.moves",
+    "copy_blocks": "fabric.kvbm.tiers.block_copy",
     "KvbmConfig": "fabric.kvbm.config",
     "OffloadMode": "fabric.kvbm.config",
     "load_kvbm_config": "fabric.kvbm.config",
@@ -97,9 +104,13 @@ _NAME_TO_MODULE: dict[str, str] = {
     "EvictionKind": "fabric.kvbm.core.eviction",
     "EvictionPolicy": "fabric.kvbm.core.eviction",
     "BlockPool": "fabric.kvbm.core.pool",
+    "register_positions": "fabric.kvbm.core.pool",
+    "FrequencyFilter": "fabric.kvbm.core.eviction",
     "KvBlockManager": "fabric.kvbm.manager",
     "PrefixMatch": "fabric.kvbm.manager",
     "build_kvbm": "fabric.kvbm.build",
+    "build_pool": "fabric.kvbm.build",
+    "tier_storage": "fabric.kvbm.build",
     "SequenceBlocks": "fabric.kvbm.sequence",
     "KvbmMetrics": "fabric.kvbm.metrics",
     "DiskStorage": "fabric.kvbm.tiers.storage",
@@ -129,10 +140,13 @@ __all__ = [
     "BlockRemoved",
     "BlockState",
     "BlockStored",
+    "CopyJob",
+    "CopyThread",
     "DiskStorage",
     "EventSink",
     "EvictionKind",
     "EvictionPolicy",
+    "FrequencyFilter",
     "HashedBlocks",
     "ImmutableBlocks",
     "KvBlockManager",
@@ -146,6 +160,7 @@ __all__ = [
     "NullSink",
     "OffloadManager",
     "OffloadMode",
+    "OffloadPath",
     "Onboarding",
     "PrefixMatch",
     "RecordingSink",
@@ -161,6 +176,8 @@ __all__ = [
     "as_token_array",
     "build_kvbm",
     "build_offload_manager",
+    "build_pool",
+    "copy_blocks",
     "decode_event_batch",
     "device_storage",
     "dtype_name",
@@ -171,8 +188,10 @@ __all__ = [
     "load_kvbm_config",
     "plan_read",
     "publisher_for",
+    "register_positions",
     "seed_for_salt",
     "sequence_hashes",
+    "tier_storage",
 ]
 
 

@@ -18,7 +18,7 @@ from fabric.kvbm.config import KvbmConfig
 from fabric.kvbm.core.events import EventSink, NullSink
 from fabric.kvbm.core.eviction import FrequencyFilter, build_policy
 from fabric.kvbm.core.hashing import seed_for_salt
-from fabric.kvbm.core.layout import KvGeometry, LayoutKind
+from fabric.kvbm.core.layout import KvGeometry, LayoutKind, LayoutSpec
 from fabric.kvbm.core.pool import BlockPool
 from fabric.kvbm.core.types import Tier
 from fabric.kvbm.manager import SPEED_ORDER, KvBlockManager, TierSlot
@@ -54,26 +54,8 @@ def build_kvbm(
                 continue
             kind = LayoutKind.FULLY_CONTIGUOUS if tier is Tier.DISK else config.layout
             layout = geometry.layout(kind, num_blocks, config.block_size)
-            storage: Storage
-            if tier is Tier.DEVICE:
-                storage = device_storage(layout, device)
-            elif tier is Tier.HOST:
-                storage = host_storage(layout, shared_name=config.host_shared_name)
-            else:
-                storage = DiskStorage(
-                    layout,
-                    config.resolved_disk_dir(),
-                    o_direct=config.disk_o_direct,
-                    zerofill_fallback=config.disk_zerofill_fallback,
-                )
-            pool = BlockPool(
-                num_blocks,
-                config.block_size,
-                tier,
-                policy=build_policy(config.eviction),
-                events=events,
-            )
-            tiers[tier] = TierSlot(pool, storage)
+            storage = tier_storage(config, tier, layout, device)
+            tiers[tier] = TierSlot(build_pool(config, tier, num_blocks, events), storage)
             logger.info(
                 "%s tier: %d blocks of %d tokens (%.1f MiB)",
                 tier.name,
@@ -82,7 +64,7 @@ def build_kvbm(
                 num_blocks * block_bytes / 2**20,
             )
         seed = seed_for_salt(_salt(config, geometry))
-        shared = _shared_store(config, seed, block_bytes)
+        shared = shared_store(config, seed, block_bytes)
     except BaseException:
         for slot in tiers.values():
             slot.storage.close()
@@ -99,7 +81,34 @@ def build_kvbm(
     )
 
 
-def _shared_store(config: KvbmConfig, seed: int, block_bytes: int) -> SharedBlockStore | None:
+def build_pool(config: KvbmConfig, tier: Tier, num_blocks: int, events: EventSink) -> BlockPool:
+    """The pool of ``tier``: ``num_blocks`` blocks under the configured eviction policy."""
+    return BlockPool(
+        num_blocks, config.block_size, tier, policy=build_policy(config.eviction), events=events
+    )
+
+
+def tier_storage(
+    config: KvbmConfig, tier: Tier, layout: LayoutSpec, device: torch.device | str | None = None
+) -> Storage:
+    """The storage of ``tier`` for ``layout``: device tensors, host memory (shared memory when
+    ``host_shared_name`` is set; pinned where CUDA is present) or one file on the disk tier's
+    directory."""
+    if tier is Tier.DEVICE:
+        return device_storage(layout, device)
+    if tier is Tier.HOST:
+        return host_storage(layout, shared_name=config.host_shared_name)
+    if tier is Tier.DISK:
+        return DiskStorage(
+            layout,
+            config.resolved_disk_dir(),
+            o_direct=config.disk_o_direct,
+            zerofill_fallback=config.disk_zerofill_fallback,
+        )
+    raise ConfigError(f"the {tier.name} tier has no storage of its own (G4 is a file store)")
+
+
+def shared_store(config: KvbmConfig, seed: int, block_bytes: int) -> SharedBlockStore | None:
     """The G4 store when ``shared_disk_dir`` is set (its size must be too), else None."""
     num_blocks = config.tier_blocks(Tier.SHARED, block_bytes)
     if config.shared_disk_dir is None:

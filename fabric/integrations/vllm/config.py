@@ -7,7 +7,12 @@ lazily later.
 
 Which features are on follows from the settings, not from a mode string:
 
-* the disk tier (offload and prefix hits across processes) when ``disk_path`` is set;
+* the host tier (G2) when ``cpu_cache_gb`` or ``cpu_cache_blocks`` is set (or
+  ``DYN_KVBM_CPU_CACHE_GB`` / ``FABRIC_CPU_CACHE_GB`` ...), and below it the local disk tier
+  (G3) when ``disk_cache_gb`` or ``disk_cache_blocks`` is: the block manager's pools, under
+  vLLM's own G1 (``tiers``, ``mover``);
+* the shared disk tier (G4: offload and prefix hits across processes and restarts) when
+  ``disk_path`` is set;
 * prefill -> decode transfer when ``etcd_endpoints`` is set: a ``kv_producer`` (or ``kv_both``)
   holds finished prefills for a decode instance, a ``kv_consumer`` (or ``kv_both``) reads them.
 
@@ -33,6 +38,16 @@ Keys (all optional)::
     served_model_name      str    the model name the frontend matches and sends (default:
                                   vLLM's ``--served-model-name``)
     debug_fail_loads       bool   testing only: report every load as failed (False)
+
+Tier keys, the block manager's own settings (``fabric.kvbm.KvbmConfig``; each also read from
+its ``FABRIC_*`` variable and, where it has one, its ``DYN_KVBM_*`` name; a key given here
+wins)::
+
+    cpu_cache_gb, cpu_cache_blocks      the host tier's size (GiB, or blocks)
+    disk_cache_gb, disk_cache_blocks    the local disk tier's size
+    disk_cache_dir                      its directory (must exist)
+    disk_admit_after                    write a block to disk once its hash was seen this often
+    eviction                            priority_lru, lru or lfu
 """
 
 from __future__ import annotations
@@ -43,6 +58,20 @@ from pathlib import Path
 from typing import Any
 
 from fabric.errors import ConfigError
+from fabric.kvbm import KvbmConfig, load_kvbm_config
+
+TIER_KEYS = frozenset(
+    {
+        "cpu_cache_gb",
+        "cpu_cache_blocks",
+        "disk_cache_gb",
+        "disk_cache_blocks",
+        "disk_cache_dir",
+        "disk_admit_after",
+        "eviction",
+    }
+)
+"""``kv_connector_extra_config`` keys passed to the block manager's settings."""
 
 
 class KvRole(Enum):
@@ -84,6 +113,8 @@ class ConnectorConfig:
     http_url: str | None = None
     served_model_name: str | None = None
     debug_fail_loads: bool = False
+    tier_settings: tuple[tuple[str, Any], ...] = ()
+    """The tier keys given in ``kv_connector_extra_config`` (``TIER_KEYS``), as pairs."""
 
     def __post_init__(self) -> None:
         if self.disk_capacity_blocks < 1:
@@ -100,6 +131,14 @@ class ConnectorConfig:
                 f"http_url={self.http_url!r} must be this instance's server URL, e.g. "
                 "http://127.0.0.1:8100"
             )
+
+    def kvbm_config(self, block_size: int) -> KvbmConfig:
+        """The block manager's settings of the tiers: the environment, then the tier keys.
+
+        Raises:
+            ConfigError: a tier setting is malformed or out of range.
+        """
+        return load_kvbm_config(block_size=block_size, **dict(self.tier_settings))
 
     @property
     def disk_enabled(self) -> bool:
@@ -124,14 +163,16 @@ class ConnectorConfig:
             ConfigError: an unknown key, a value of the wrong type, or an unknown ``kv_role``.
         """
         extra = dict(extra or {})
+        tiers = tuple(sorted((k, extra.pop(k)) for k in TIER_KEYS & set(extra)))
         known = {f.name: f for f in fields(cls)}
         known.pop("kv_role")
         known.pop("engine_id")
+        known.pop("tier_settings")
         unknown = sorted(set(extra) - set(known))
         if unknown:
             raise ConfigError(
                 f"kv_connector_extra_config has unknown keys {unknown}; the fabric connector "
-                f"takes {sorted(known)} (docs/vllm.md)"
+                f"takes {sorted(set(known) | TIER_KEYS)} (docs/vllm.md)"
             )
         try:
             role = KvRole(kv_role or KvRole.BOTH.value)
@@ -142,7 +183,9 @@ class ConnectorConfig:
         values: dict[str, Any] = {}
         for key, value in extra.items():
             values[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
-        return cls(kv_role=role, engine_id=engine_id or "vllm", **values)
+        config = cls(kv_role=role, engine_id=engine_id or "vllm", tier_settings=tiers, **values)
+        config.kvbm_config(block_size=16)  # refuse a bad tier setting now, naming it
+        return config
 
     @classmethod
     def from_vllm(cls, kv_transfer_config: Any) -> ConnectorConfig:

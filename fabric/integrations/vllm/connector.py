@@ -25,16 +25,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from fabric.errors import ConfigError
 from fabric.integrations.vllm.config import ConnectorConfig
-from fabric.integrations.vllm.metadata import FabricMetadata
+from fabric.integrations.vllm.metadata import FabricMetadata, FabricWorkerMeta
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.scheduler import FabricScheduler
+from fabric.integrations.vllm.tiers import TierLedger
 from fabric.integrations.vllm.worker import FabricWorker
-from fabric.kvbm import SharedBlockStore
+from fabric.kvbm import NullSink, SharedBlockStore, Tier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,7 +74,14 @@ def served_model_name(vllm_config: VllmConfig) -> str:
 
 
 def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricScheduler:
-    return FabricScheduler(config, geometry, open_store(config, geometry))
+    store = open_store(config, geometry)
+    ledger = TierLedger.build(
+        config.kvbm_config(geometry.block_size),
+        geometry.block_bytes,
+        NullSink(),
+        shared=store is not None,
+    )
+    return FabricScheduler(config, geometry, store, ledger)
 
 
 def build_worker(
@@ -122,9 +131,10 @@ class FabricConnector(KVConnectorBase_V1):
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
             self._worker = build_worker(self.config, self.geometry, layer_names)
         logger.info(
-            "fabric connector (%s, %s): disk tier %s, P/D %s, compat %016x, %d-byte blocks",
+            "fabric connector (%s, %s): tiers %s, G4 %s, P/D %s, compat %016x, %d-byte blocks",
             role.name.lower(),
             self.config.kv_role.value,
+            dict(self.config.tier_settings) or "from the environment",
             self.config.disk_path or "off",
             self.config.etcd_endpoints or "off",
             self.geometry.compat_hash,
@@ -143,7 +153,7 @@ class FabricConnector(KVConnectorBase_V1):
             raise ConfigError("this FabricConnector is the scheduler-side instance")
         return self._worker
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         """This side's counters (``SchedulerStats``, or ``WorkerStats`` and the producer's
         ``HoldCounts``) as a dict."""
         if self._scheduler is not None:
@@ -184,6 +194,9 @@ class FabricConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self.worker.build_worker_meta()
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -221,14 +234,23 @@ class FabricConnector(KVConnectorBase_V1):
         if num_external_tokens == 0:
             return {}
         params = request.kv_transfer_params or {}
-        peer = "remote_request_id" in params and self.config.kv_role.consumes
-        return {CacheHitSource.P2P if peer else CacheHitSource.DISK: num_external_tokens}
+        if "remote_request_id" in params and self.config.kv_role.consumes:
+            return {CacheHitSource.P2P: num_external_tokens}
+        sources: dict[CacheHitSource, int] = {}
+        for tier, tokens in self.scheduler.hit_sources(request.request_id).items():
+            source = CacheHitSource.HOST if tier is Tier.HOST else CacheHitSource.DISK
+            sources[source] = sources.get(source, 0) + tokens
+        return sources or {CacheHitSource.DISK: num_external_tokens}
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self.scheduler.update_connector_output(set(connector_output.invalid_block_ids or ()))
+        meta = connector_output.kv_connector_worker_meta
+        self.scheduler.update_connector_output(
+            set(connector_output.invalid_block_ids or ()),
+            meta.report if isinstance(meta, FabricWorkerMeta) else None,
+        )
 
     def request_finished(
         self, request: Request, block_ids: Any

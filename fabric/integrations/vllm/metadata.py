@@ -11,7 +11,12 @@ worker needs travels here as plain, picklable records; the sides share no state.
 * ``reads``: prefill -> decode transfers to pull from a producer instance (asynchronous loads:
   the request waits in ``WAITING_FOR_REMOTE_KVS`` until the worker reports it received);
 * ``holds``: finished prefills whose blocks this producer keeps for a decode instance until it
-  reports ``TransferDone`` or the hold times out.
+  reports ``TransferDone`` or the hold times out;
+* ``tier_loads``, ``tier_saves``, ``tier_writes``: the jobs of the connector's host and local
+  disk tiers (``jobs``), planned by ``tiers.TierLedger``.
+
+``FabricWorkerMeta`` goes the other way (vLLM's ``kv_connector_worker_meta``): each worker
+rank's ``JobReport`` of finished tier jobs, merged over ranks by ``aggregate``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import xxhash
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
+from fabric.integrations.vllm.jobs import JobReport, TierLoad, TierSave, TierWrite
 from fabric.kvbm import SequenceHash, as_token_array
 
 
@@ -89,3 +98,17 @@ class FabricMetadata(KVConnectorMetadata):
     saves: list[DiskSave] = field(default_factory=list)
     reads: list[PeerRead] = field(default_factory=list)
     holds: list[PeerHold] = field(default_factory=list)
+    tier_loads: list[TierLoad] = field(default_factory=list)
+    tier_saves: list[TierSave] = field(default_factory=list)
+    tier_writes: list[TierWrite] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FabricWorkerMeta(KVConnectorWorkerMetadata):
+    """One step's tier jobs finished on the worker ranks (module docstring)."""
+
+    report: JobReport = field(default_factory=JobReport)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, FabricWorkerMeta), f"cannot merge {type(other).__name__}"
+        return FabricWorkerMeta(self.report.merge(other.report))

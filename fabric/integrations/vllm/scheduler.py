@@ -2,12 +2,16 @@
 
 Runs in vLLM's scheduler (engine core) process. It never touches KV bytes: it decides, per
 request and per step, what the worker side must load, save, read or hold, and hands that over
-as ``FabricMetadata`` (``build_connector_meta``). State per request::
+as ``FabricMetadata`` (``build_connector_meta``). With a host tier configured it owns the
+connector's ``TierLedger`` (the G2 / G3 pools) and applies the worker's job reports
+(``update_connector_output``). State per request::
 
-    get_num_new_matched_tokens ──▶ lookup (local hit, external tokens, disk or peer)
+    get_num_new_matched_tokens ──▶ lookup (local hit, external tokens: G2, G3, G4 or a peer;
+        │                          G2 / G3 blocks pinned)
         │ (vLLM allocates)
-    update_state_after_alloc ──▶ tracked (+ DiskLoad or PeerRead queued for the next meta)
-        │ every step: blocks that became full and are not on disk ──▶ DiskSave
+    update_state_after_alloc ──▶ tracked (+ TierLoads, DiskLoad or PeerRead for the next meta)
+        │ every step: blocks that became full ──▶ TierSave to G2 (+ TierWrites down to G3 / G4),
+        │                                         or, without G2, DiskSave to G4
     request_finished ──▶ untracked (+ PeerHold queued when a decode instance will read it)
 
 vLLM's rules kept here: hits are whole blocks; a synchronous (disk) hit never covers the last
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric.integrations.vllm.config import ConnectorConfig
+from fabric.integrations.vllm.jobs import JobReport
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
     DiskSave,
@@ -35,20 +40,23 @@ from fabric.integrations.vllm.metadata import (
 )
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import SchedulerStats
-from fabric.kvbm import SequenceHash, SharedBlockStore, hash_token_blocks
+from fabric.integrations.vllm.tiers import TierHit, TierLedger
+from fabric.kvbm import SequenceHash, SharedBlockStore, Tier, hash_token_blocks
 
 logger = logging.getLogger(__name__)
 
 _PEER_PARAMS = ("remote_worker_id", "remote_request_id", "remote_num_tokens")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Lookup:
-    """What ``get_num_new_matched_tokens`` answered for a request (memoised for alloc)."""
+    """What ``get_num_new_matched_tokens`` answered for a request (memoised for alloc):
+    ``hit`` holds the pinned G2 / G3 blocks, which come before the G4 ones."""
 
     num_local_tokens: int
     num_external_tokens: int
     from_peer: bool
+    hit: TierHit | None = None
 
 
 @dataclass(slots=True)
@@ -65,13 +73,19 @@ class FabricScheduler:
     """Scheduler-side logic of ``FabricConnector`` (module docstring)."""
 
     def __init__(
-        self, config: ConnectorConfig, geometry: PageGeometry, store: SharedBlockStore | None
+        self,
+        config: ConnectorConfig,
+        geometry: PageGeometry,
+        store: SharedBlockStore | None,
+        ledger: TierLedger | None = None,
     ) -> None:
         self.config = config
         self.geometry = geometry
         self.block_size = geometry.block_size
         self.stats = SchedulerStats()
         self._store = store
+        self._ledger = ledger
+        self._sources: dict[str, dict[Tier, int]] = {}
         self._seed = geometry.hash_seed
         self._compat = geometry.compat_hash
         self._kv_cache_manager: Any = None
@@ -95,7 +109,7 @@ class FabricScheduler:
         otherwise.
         """
         req_id = request.request_id
-        self._lookups.pop(req_id, None)
+        self._forget_lookup(req_id)
         peer = self._peer_params(request)
         if peer is not None:
             remote_tokens = min(int(peer["remote_num_tokens"]), request.num_prompt_tokens)
@@ -104,22 +118,42 @@ class FabricScheduler:
                 return 0, False
             self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=True)
             return num, True
-        if self._store is None or not self.config.load_blocks:
+        if (self._store is None and self._ledger is None) or not self.config.load_blocks:
             return 0, False
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs  # the last token is always computed
         first = num_computed_tokens // bs
         if first >= max_blocks:
             return 0, False
-        hashes = self._hashes(req_id, request.all_token_ids, max_blocks)
-        num_blocks = self._store.prefix_length(hashes[first:max_blocks])
+        hashes = self._hashes(req_id, request.all_token_ids, max_blocks)[first:max_blocks]
+        hit = self._ledger.match(hashes) if self._ledger is not None else None
+        num_tier = hit.num_blocks if hit is not None else 0
+        num_shared = self._store.prefix_length(hashes[num_tier:]) if self._store else 0
         self.stats.num_lookups += 1
-        if num_blocks == 0:
+        if num_tier + num_shared == 0:
+            if hit is not None:
+                self._ledger_release(hit)
             return 0, False
-        num = num_blocks * bs
-        self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=False)
-        logger.debug("request %s: %d tokens hit in the disk tier", req_id, num)
+        num = (num_tier + num_shared) * bs
+        self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=False, hit=hit)
+        logger.debug(
+            "request %s: %d tokens hit below G1 (%d blocks in G2/G3, %d in G4)",
+            req_id,
+            num,
+            num_tier,
+            num_shared,
+        )
         return num, False
+
+    def _forget_lookup(self, req_id: str) -> None:
+        """Drop a memoised lookup, unpinning its G2 / G3 blocks."""
+        lookup = self._lookups.pop(req_id, None)
+        if lookup is not None and lookup.hit is not None:
+            self._ledger_release(lookup.hit)
+
+    def _ledger_release(self, hit: TierHit) -> None:
+        assert self._ledger is not None
+        self._ledger.release_hit(hit)
 
     def _peer_params(self, request: Any) -> dict[str, Any] | None:
         """The request's P/D params when this instance should read its prefill from a peer."""
@@ -171,6 +205,7 @@ class FabricScheduler:
         req_id = request.request_id
         self._tracked.setdefault(req_id, _Tracked(request))
         lookup = self._lookups.pop(req_id, None)
+        hit = lookup.hit if lookup is not None else None
         bs = self.block_size
         params = request.kv_transfer_params
         if self._peer_params(request) is not None:
@@ -186,14 +221,34 @@ class FabricScheduler:
                 self._meta.reads.append(self._peer_read(request, params, 0, ()))
             return
         if num_external_tokens <= 0 or lookup is None or lookup.from_peer:
+            if hit is not None:
+                self._ledger_release(hit)
             return
         first = lookup.num_local_tokens // bs
         num = num_external_tokens // bs
-        hashes = self._hashes(req_id, request.all_token_ids, first + num)
-        self._meta.loads.append(
-            DiskLoad(req_id, tuple(block_ids[first : first + num]), tuple(hashes[first:]))
-        )
-        self.stats.num_disk_hit_tokens += num * bs
+        ids = block_ids[first : first + num]
+        num_tier = 0
+        sources: dict[Tier, int] = {}
+        if hit is not None:
+            assert self._ledger is not None
+            num_tier = min(hit.num_blocks, num)
+            for load in self._ledger.plan_loads(req_id, hit, ids, num_tier):
+                self._meta.tier_loads.append(load)
+                sources[load.tier] = sources.get(load.tier, 0) + len(load.block_ids) * bs
+        if num > num_tier:
+            hashes = self._hashes(req_id, request.all_token_ids, first + num)
+            self._meta.loads.append(
+                DiskLoad(req_id, tuple(ids[num_tier:]), tuple(hashes[first + num_tier :]))
+            )
+            sources[Tier.SHARED] = (num - num_tier) * bs
+        self._sources[req_id] = sources
+        self.stats.num_host_hit_tokens += sources.get(Tier.HOST, 0)
+        self.stats.num_local_disk_hit_tokens += sources.get(Tier.DISK, 0)
+        self.stats.num_disk_hit_tokens += sources.get(Tier.SHARED, 0)
+
+    def hit_sources(self, req_id: str) -> dict[Tier, int]:
+        """Tokens of the request's last planned load by source tier (taken once)."""
+        return self._sources.pop(req_id, {})
 
     def _peer_read(
         self, request: Any, params: dict[str, Any], first: int, block_ids: tuple[int, ...]
@@ -213,18 +268,22 @@ class FabricScheduler:
 
     def build_connector_meta(self, scheduler_output: Any) -> FabricMetadata:
         """This step's loads, reads and holds, plus the saves of blocks it completes."""
-        if self._store is not None and self.config.save_blocks:
-            self._plan_saves(scheduler_output, self._store)
+        if self.config.save_blocks:
+            if self._ledger is not None:
+                self._plan_tier_saves(scheduler_output, self._ledger)
+            elif self._store is not None:
+                self._plan_saves(scheduler_output, self._store)
         meta, self._meta = self._meta, FabricMetadata()
         return meta
 
-    def _plan_saves(self, scheduler_output: Any, store: SharedBlockStore) -> None:
+    def _newly_full(self, scheduler_output: Any) -> list[tuple[str, _Tracked, int]]:
+        """``(request, tracked, full blocks)`` of the scheduled requests whose full blocks by
+        the end of this step go beyond those already offered."""
         num_scheduled = scheduler_output.num_scheduled_tokens
         steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         steps += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-        save_ids: list[int] = []
-        save_hashes: list[SequenceHash] = []
+        found = []
         for req_id, num_computed in steps:
             tracked = self._tracked.get(req_id)
             if tracked is None:
@@ -232,9 +291,30 @@ class FabricScheduler:
             tokens = tracked.request.all_token_ids
             end_tokens = min(num_computed + num_scheduled.get(req_id, 0), len(tokens))
             num_full = end_tokens // self.block_size
-            if num_full <= tracked.num_offered_blocks:
-                continue
-            hashes = self._hashes(req_id, tokens, num_full)
+            if num_full > tracked.num_offered_blocks:
+                found.append((req_id, tracked, num_full))
+        return found
+
+    def _plan_tier_saves(self, scheduler_output: Any, ledger: TierLedger) -> None:
+        """Save every newly full block to G2 (and down), one run per request."""
+        for req_id, tracked, num_full in self._newly_full(scheduler_output):
+            start = tracked.num_offered_blocks
+            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
+            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
+            save, writes = ledger.plan_save(
+                block_ids[start:num_full], hashes[start:], hashes[start - 1] if start else None
+            )
+            if save is not None and save.block_ids:
+                self._meta.tier_saves.append(save)
+                self.stats.num_save_blocks += len(save.block_ids)
+            self._meta.tier_writes.extend(writes)
+            tracked.num_offered_blocks = num_full
+
+    def _plan_saves(self, scheduler_output: Any, store: SharedBlockStore) -> None:
+        save_ids: list[int] = []
+        save_hashes: list[SequenceHash] = []
+        for req_id, tracked, num_full in self._newly_full(scheduler_output):
+            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
             for i in range(tracked.num_offered_blocks, num_full):
                 if i < tracked.recheck_until or not store.contains(hashes[i]):
@@ -245,13 +325,18 @@ class FabricScheduler:
             self._meta.saves.append(DiskSave(tuple(save_ids), tuple(save_hashes)))
             self.stats.num_save_blocks += len(save_ids)
 
-    def update_connector_output(self, invalid_block_ids: set[int]) -> None:
-        """Offer again the blocks of tracked requests that failed to load (vLLM recomputes them).
+    def update_connector_output(
+        self, invalid_block_ids: set[int], report: JobReport | None = None
+    ) -> None:
+        """Apply the workers' tier job ``report``; offer again the blocks of tracked requests
+        that failed to load (vLLM recomputes them).
 
         The failed files were removed by the worker's store (corrupt) or are missing; this
         instance's store index may still name them, so the re-offer skips the ``contains``
         filter and lets the worker's ``write`` decide.
         """
+        if report and self._ledger is not None:
+            self._ledger.report(report)
         if not invalid_block_ids or self._kv_cache_manager is None:
             return
         for req_id, tracked in self._tracked.items():
@@ -276,7 +361,8 @@ class FabricScheduler:
         req_id = request.request_id
         self._tracked.pop(req_id, None)
         self._hash_cache.pop(req_id, None)
-        self._lookups.pop(req_id, None)
+        self._sources.pop(req_id, None)
+        self._forget_lookup(req_id)
         params = request.kv_transfer_params
         if self._peer_params(request) is not None:  # finished before it was ever scheduled
             params["do_remote_prefill"] = False
@@ -317,7 +403,11 @@ class FabricScheduler:
         }
 
     def shutdown(self) -> None:
-        """Close the disk store (the worker side closes its own); idempotent."""
+        """Close the disk store (the worker side closes its own) and the ledger; idempotent."""
+        for req_id in list(self._lookups):
+            self._forget_lookup(req_id)
+        if self._ledger is not None:
+            self._ledger.close()
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -13,23 +13,37 @@ from dataclasses import asdict, dataclass
 class SchedulerStats:
     num_lookups: int = 0
     """Disk-tier prefix lookups (one per admitted request that could hit)."""
+    num_host_hit_tokens: int = 0
+    """Tokens vLLM agreed to load from the host tier (G2) instead of computing."""
+    num_local_disk_hit_tokens: int = 0
+    """Tokens vLLM agreed to load from the local disk tier (G3)."""
     num_disk_hit_tokens: int = 0
-    """Tokens vLLM agreed to load from the disk tier instead of computing."""
+    """Tokens vLLM agreed to load from the shared disk tier (G4)."""
     num_save_blocks: int = 0
-    """Blocks handed to the worker to offload."""
+    """Blocks handed to the worker to offload (to G2 with a host tier, else to G4)."""
     num_peer_reads: int = 0
     """Prefills planned to be read from a producer instance."""
     num_holds: int = 0
     """Finished prefills held for a consumer instance."""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
 
 @dataclass(slots=True)
 class WorkerStats:
+    num_tier_loaded_blocks: int = 0
+    """Blocks copied from the host or local disk tier into vLLM's KV cache."""
+    num_tier_saved_blocks: int = 0
+    """Blocks copied out of vLLM's KV cache into the host tier."""
+    num_tier_writes: int = 0
+    """Write-downs (host to local disk or G4) handed to the copy thread."""
+    save_ms_model_thread: float = 0.0
+    """Milliseconds the model thread spent in ``wait_for_save`` (copy-out, queueing writes)."""
+    load_ms_model_thread: float = 0.0
+    """Milliseconds the model thread spent in ``start_load_kv`` on tier and disk loads."""
     num_loaded_blocks: int = 0
-    """Blocks copied from the disk tier into vLLM's KV cache."""
+    """Blocks copied from the shared disk tier (G4) into vLLM's KV cache."""
     num_load_errors: int = 0
     """Blocks reported to vLLM as failed loads (disk misses, corrupt files, failed reads)."""
     num_saved_blocks: int = 0
@@ -41,5 +55,5 @@ class WorkerStats:
     num_peer_read_failures: int = 0
     """Prefill reads that failed (the request recomputes)."""
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | float]:
         return asdict(self)

@@ -11,6 +11,11 @@ Runs where vLLM's model runner runs, on its thread. Per step (``FabricMetadata``
   (``finished_sending``, only for requests vLLM has already reported finished);
 * ``take_load_errors``: the block ids that failed since the last call.
 
+With a host tier, a ``TierMover`` holds this rank's G2 / G3 bytes: tier loads run in
+``start_load_kv``, the copy-out of newly full blocks in ``wait_for_save`` (the model thread's
+only share of an offload), write-downs to G3 / G4 on the mover's copy thread; finished jobs go
+back to the scheduler in ``build_connector_worker_meta``.
+
 Loads and reads are synchronous: they complete inside ``start_load_kv`` (vLLM calls it before
 the forward pass for disk hits and after it for P/D reads), so a load error is always reported in
 the step that detected it and before vLLM could use the block. P/D pieces (NIXL agent, etcd
@@ -34,11 +39,19 @@ from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.consumer import PeerReader
 from fabric.integrations.vllm.discovery import instance_record
-from fabric.integrations.vllm.metadata import DiskLoad, DiskSave, FabricMetadata, PeerRead
+from fabric.integrations.vllm.jobs import TierLoad
+from fabric.integrations.vllm.metadata import (
+    DiskLoad,
+    DiskSave,
+    FabricMetadata,
+    FabricWorkerMeta,
+    PeerRead,
+)
+from fabric.integrations.vllm.mover import TierMover
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
-from fabric.kvbm import SharedBlockStore
+from fabric.kvbm import SharedBlockStore, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +73,7 @@ class FabricWorker:
         self.stats = WorkerStats()
         self._layer_names = list(layer_names)
         self._store = store
+        self._mover: TierMover | None = None
         self._pages: KvPages | None = None
         self._stack = ExitStack()
         self._holds = hold_table(read_timeout_s=config.read_timeout_s)
@@ -75,6 +89,11 @@ class FabricWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Adopt vLLM's KV tensors; with P/D on, register them with NIXL and join etcd."""
         self._pages = KvPages.from_kv_caches(self.geometry, kv_caches, self._layer_names)
+        kvbm_config = self.config.kvbm_config(self.geometry.block_size)
+        if kvbm_config.tier_blocks(Tier.HOST, self.geometry.block_bytes):
+            self._mover = TierMover.build(kvbm_config, self._pages.layout_spec(), self._store)
+            if self._mover is not None:
+                self._mover.attach(self._pages.storage())
         if self.config.pd_enabled:
             try:
                 self._start_pd(self._pages)
@@ -145,7 +164,7 @@ class FabricWorker:
             raise FabricError("vLLM has not registered its KV caches with the connector yet")
         return self._pages
 
-    def stats_dict(self) -> dict[str, int]:
+    def stats_dict(self) -> dict[str, int | float]:
         """``WorkerStats`` and the hold table's counts."""
         return {**self.stats.as_dict(), **self._holds.counts.as_dict()}
 
@@ -157,8 +176,12 @@ class FabricWorker:
     # ---- loads -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: FabricMetadata) -> None:
+        began = time.perf_counter()
+        for tier_load in meta.tier_loads:
+            self._load_from_tier(tier_load)
         for load in meta.loads:
             self._load_from_disk(load)
+        self.stats.load_ms_model_thread += (time.perf_counter() - began) * 1000
         now = time.monotonic()
         for hold in meta.holds:
             self._holds.hold(
@@ -169,6 +192,18 @@ class FabricWorker:
             )
         for read in meta.reads:
             self._read_from_peer(read)
+
+    def _load_from_tier(self, load: TierLoad) -> None:
+        if self._mover is None:
+            logger.warning("request %s: a tier load without a host tier", load.request_id)
+            ok = False
+        else:
+            ok = not self.config.debug_fail_loads and self._mover.load(load)
+        if ok:
+            self.stats.num_tier_loaded_blocks += len(load.block_ids)
+            return
+        self._load_errors.update(load.block_ids)
+        self.stats.num_load_errors += len(load.block_ids)
 
     def _load_from_disk(self, load: DiskLoad) -> None:
         assert self._store is not None, "the scheduler planned a disk load without a disk tier"
@@ -230,8 +265,24 @@ class FabricWorker:
     # ---- saves -------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: FabricMetadata) -> None:
+        began = time.perf_counter()
+        if self._mover is not None:
+            for tier_save in meta.tier_saves:
+                self._mover.save(tier_save)
+                self.stats.num_tier_saved_blocks += len(tier_save.block_ids)
+            for write in meta.tier_writes:
+                self._mover.write(write)
+                self.stats.num_tier_writes += 1
         for save in meta.saves:
             self._save_to_disk(save)
+        self.stats.save_ms_model_thread += (time.perf_counter() - began) * 1000
+
+    def build_worker_meta(self) -> FabricWorkerMeta | None:
+        """The tier jobs finished since the last step (None when there are none)."""
+        if self._mover is None:
+            return None
+        report = self._mover.report()
+        return FabricWorkerMeta(report) if report else None
 
     def _save_to_disk(self, save: DiskSave) -> None:
         if self._store is None:
@@ -263,9 +314,12 @@ class FabricWorker:
         return errors
 
     def shutdown(self) -> None:
-        """Free every hold, leave etcd, close NIXL and the disk store; idempotent."""
+        """Free every hold, leave etcd, close NIXL, the tiers and the disk store; idempotent."""
         self._holds.expire_all()
         self._stack.close()
+        if self._mover is not None:
+            self._mover.close()
+            self._mover = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -7,7 +7,8 @@ The job::
      "prompts": [[token ids], ...], "max_tokens": 8,
      "kv_transfer_config": {...} | null,       # null: the single engine, no connector
      "kv_transfer_params": [{...} | null, ...], # per prompt (optional)
-     "hold_wait_s": 0}                          # producer: keep stepping until holds are freed
+     "hold_wait_s": 0,                          # producer: keep stepping until holds are freed
+     "reset_prefix_cache_before": [i, ...]}     # empty vLLM's G1 before these prompts
 
 Prints ``{"event": "outputs", ...}`` once the prompts are done (token ids, ``num_cached_tokens``,
 ``kv_transfer_params``, the connector's geometry and both sides' counters), then, when
@@ -89,7 +90,10 @@ def run(job: dict[str, Any]) -> None:
         )
     # One generate per prompt, in order: later prompts may hit blocks earlier ones saved.
     outputs = []
-    for prompt, sp in zip(prompts, sampling, strict=True):
+    resets = set(job.get("reset_prefix_cache_before", ()))
+    for i, (prompt, sp) in enumerate(zip(prompts, sampling, strict=True)):
+        if i in resets and not llm.reset_prefix_cache():
+            raise RuntimeError(f"vLLM could not reset its prefix cache before prompt {i}")
         (out,) = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
         outputs.append(out)
     scheduler, worker = _connectors(llm)

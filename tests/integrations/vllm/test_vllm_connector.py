@@ -37,7 +37,8 @@ def _prompts() -> dict[str, list[int]]:
     a = [rng.randrange(2, 1024) for _ in range(300)]
     b = a[:200] + [rng.randrange(2, 1024) for _ in range(50)]
     c = [rng.randrange(2, 1024) for _ in range(77)]
-    return {"A": a, "B": b, "C": c}
+    d = [rng.randrange(2, 1024) for _ in range(300)]
+    return {"A": a, "B": b, "C": c, "D": d}
 
 
 PROMPTS = _prompts()
@@ -192,6 +193,62 @@ def test_failed_load_falls_back_to_recompute(
         assert healed.read_into(a_hashes[bad], out)
     finally:
         healed.close()
+
+
+def test_a_prompt_evicted_from_vllm_is_served_from_the_host_tier(
+    engines: Any, kv_transfer_config: Any, reference: dict[str, Any]
+) -> None:
+    config = kv_transfer_config("kv_both", cpu_cache_blocks=64)
+    run = engines.run(
+        "host-tier",
+        _job(["A", "A"], kv_transfer_config=config, reset_prefix_cache_before=[1]),
+    )
+    a = PROMPTS["A"]
+    assert run["token_ids"] == [reference["token_ids"][0]] * 2
+    hit = _disk_hit_blocks(a) * BLOCK
+    assert run["num_cached_tokens"] == [0, hit]  # G1 was emptied: every cached token is G2's
+    assert run["scheduler_stats"]["num_host_hit_tokens"] == hit
+    assert run["worker_stats"]["num_tier_loaded_blocks"] == hit // BLOCK
+    assert run["worker_stats"]["num_load_errors"] == 0
+    full = (len(a) + MAX_TOKENS - 1) // BLOCK
+    assert run["worker_stats"]["num_tier_saved_blocks"] == full  # copied out once
+
+
+def test_host_overflow_goes_to_local_disk_and_g4_and_is_served_from_both(
+    engines: Any, kv_transfer_config: Any, reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """G2 holds 12 blocks: prompt D (9 blocks) evicts most of A's, which were written down to
+    G3 (and to G4) on the copy thread; A again, with G1 emptied, comes back from G3. A second
+    process with only the G4 directory reads A from the files the host tier wrote."""
+    g3, g4 = tmp_path / "g3", tmp_path / "g4"
+    g3.mkdir()
+    config = kv_transfer_config(
+        "kv_both",
+        cpu_cache_blocks=12,
+        disk_cache_blocks=64,
+        disk_cache_dir=str(g3),
+        disk_admit_after=1,
+        disk_path=str(g4),
+    )
+    run = engines.run(
+        "disk-tier",
+        _job(["A", "D", "A"], kv_transfer_config=config, reset_prefix_cache_before=[2]),
+    )
+    a = PROMPTS["A"]
+    hit = _disk_hit_blocks(a) * BLOCK
+    assert run["token_ids"][0] == run["token_ids"][2] == reference["token_ids"][0]
+    assert run["num_cached_tokens"][2] == hit
+    stats = run["scheduler_stats"]
+    assert stats["num_local_disk_hit_tokens"] + stats["num_host_hit_tokens"] == hit
+    assert stats["num_local_disk_hit_tokens"] >= hit - 3 * BLOCK  # G2 kept at most 3 of A's
+    assert run["worker_stats"]["num_load_errors"] == 0
+
+    reader = engines.run(
+        "g4-reader",
+        _job(["A"], kv_transfer_config=kv_transfer_config("kv_both", disk_path=str(g4))),
+    )
+    assert reader["token_ids"] == [reference["token_ids"][0]]
+    assert reader["scheduler_stats"]["num_disk_hit_tokens"] == hit
 
 
 def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
