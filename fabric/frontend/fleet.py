@@ -144,6 +144,12 @@ class Fleet:
                 for worker_id, record in self._workers_locked().items()
             }
 
+    def indexed_blocks(self) -> dict[str, int]:
+        """``worker_id -> blocks the KV index knows it holds`` of every subscribed worker."""
+        with self._lock:
+            subscribed = list(self._subscribers)
+        return {worker_id: self.index.num_blocks(worker_id) for worker_id in subscribed}
+
     def subscriber(self, worker_id: str) -> KvEventSubscriber | None:
         with self._lock:
             return self._subscribers.get(worker_id)

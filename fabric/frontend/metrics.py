@@ -14,8 +14,9 @@ live in one test process.
 * ``prefix_blocks_total{result}``: full prompt blocks the chosen KV provider (the named
   ``prefill_worker``, else the serving worker itself) already held (``hit``) or not (``miss``),
   as the router saw them;
-* read at scrape time from the router: ``worker_in_flight{worker,role}`` and
-  ``workers{role}``.
+* read at scrape time from the fleet: ``worker_in_flight{worker,role}``, ``workers{role}`` and
+  ``worker_indexed_blocks{worker}`` (distinct blocks the KV index knows the worker holds, on
+  any tier, from its KV events; absent for workers that publish none).
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 InFlightReader = Callable[[], Mapping[str, tuple[Role, int]]]
 
 
+IndexReader = Callable[[], Mapping[str, int]]
+
+
 class _RouterCollector(Collector):
-    def __init__(self, read: InFlightReader) -> None:
+    def __init__(self, read: InFlightReader, read_index: IndexReader | None) -> None:
         self._read = read
+        self._read_index = read_index
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
@@ -57,12 +62,23 @@ class _RouterCollector(Collector):
             workers.add_metric([role.value], count)
         yield in_flight
         yield workers
+        if self._read_index is not None:
+            indexed = GaugeMetricFamily(
+                PREFIX + "worker_indexed_blocks",
+                "Distinct blocks the KV index knows a worker holds (any tier).",
+                labels=["worker"],
+            )
+            for worker_id, count in sorted(self._read_index().items()):
+                indexed.add_metric([worker_id], count)
+            yield indexed
 
 
 class FrontendMetrics:
     """The frontend's metrics (see the module docstring)."""
 
-    def __init__(self, read_in_flight: InFlightReader) -> None:
+    def __init__(
+        self, read_in_flight: InFlightReader, read_index: IndexReader | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             PREFIX + "requests", "Requests received.", ["endpoint"], registry=self.registry
@@ -105,7 +121,7 @@ class FrontendMetrics:
             ["result"],
             registry=self.registry,
         )
-        self.registry.register(_RouterCollector(read_in_flight))
+        self.registry.register(_RouterCollector(read_in_flight, read_index))
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

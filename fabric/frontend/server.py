@@ -62,7 +62,7 @@ def build_frontend(
         http=http,
     )
     router = Router(fleet)
-    metrics = FrontendMetrics(fleet.in_flight)
+    metrics = FrontendMetrics(fleet.in_flight, fleet.indexed_blocks)
     frontend = Frontend(
         router,
         codec,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         BlockRemoved,
         BlockStored,
         EventSink,
+        FanoutSink,
         KvEvent,
         NullSink,
         RecordingSink,
@@ -100,6 +101,7 @@ _NAME_TO_MODULE: dict[str, str] = {
     "EventSink": "fabric.kvbm.core.events",
     "KvEvent": "fabric.kvbm.core.events",
     "NullSink": "fabric.kvbm.core.events",
+    "FanoutSink": "fabric.kvbm.core.events",
     "RecordingSink": "fabric.kvbm.core.events",
     "EvictionKind": "fabric.kvbm.core.eviction",
     "EvictionPolicy": "fabric.kvbm.core.eviction",
@@ -144,6 +146,7 @@ __all__ = [
     "CopyThread",
     "DiskStorage",
     "EventSink",
+    "FanoutSink",
     "EvictionKind",
     "EvictionPolicy",
     "FrequencyFilter",
@@ -195,13 +198,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _NAME_TO_MODULE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fabric.kvbm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # the type checker sees the imports above: an unknown name is an error
+
+    def __getattr__(name: str) -> Any:
+        module = _NAME_TO_MODULE.get(name)
+        if module is None:
+            raise AttributeError(f"module 'fabric.kvbm' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

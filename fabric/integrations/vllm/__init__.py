@@ -6,14 +6,17 @@ One ``--kv-transfer-config`` puts the fabric under a vLLM instance (docs/vllm.md
      "kv_connector_module_path": "fabric.integrations.vllm.connector",
      "kv_role": "kv_both" | "kv_producer" | "kv_consumer",
      "kv_load_failure_policy": "recompute",
-     "kv_connector_extra_config": {"disk_path": ..., "etcd_endpoints": ...}}
+     "kv_connector_extra_config": {"cpu_cache_gb": ..., "disk_path": ..., "etcd_endpoints": ...}}
 
 Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at module level)::
 
     connector.py  FabricConnector: the facade vLLM builds per role; build_scheduler/build_worker
     scheduler.py  FabricScheduler: lookups, load/save plans, holds (no KV bytes)
-    worker.py     FabricWorker: disk loads and saves, P/D reads, completions, load errors
-    producer.py   HoldTable + ProducerEndpoint: held prefills, signal server
+    tiers.py      TierLedger: the host (G2) and local disk (G3) pools, jobs in flight
+    worker.py     FabricWorker: tier and G4 loads and saves, P/D reads, completions, load errors
+    mover.py      TierMover: the tiers' bytes on one rank, copies, the write-down copy thread
+    jobs.py       TierLoad / TierSave / TierWrite and the workers' JobReport (no vLLM import)
+    producer.py   the P/D hold table (fabric.pd.HoldTable) and ProducerEndpoint
     discovery.py  instance_record: the etcd record (role, signal/http endpoints, layout facts)
     consumer.py   PeerReader: etcd lookup, PrefillRequest/BlocksReady, NIXL read, TransferDone
     metadata.py   FabricMetadata: the scheduler -> worker records of one step
@@ -30,7 +33,16 @@ head sizes, block size, KV layout, page bytes). The same facts' hash (``compat_h
 disk tier's directory and guards every signal and NIXL read, so incompatible instances never
 exchange KV.
 
-*Offload and prefix hits (disk tier).* The scheduler side asks the ``SharedBlockStore`` how many
+*Host and local disk tiers (G2, G3).* vLLM keeps G1. Below it the connector runs the block
+manager's own pools, split the way vLLM splits a connector: the scheduler side owns them
+(``TierLedger``: allocation, registration by chained hash, eviction policy, disk admission
+filter) and plans every move as a job; the worker side owns the bytes (``TierMover``) and
+executes the jobs, reporting them back through ``kv_connector_worker_meta``. Lookups take vLLM's
+local hit, then the longest prefix in G2, G3 and G4, in that order (pinned until loaded); each
+step's newly full blocks are copied out to G2 on the model thread after the forward pass (one
+copy), then written down to G3 (blocks the admission filter admits) and G4 on a copy thread.
+
+*Offload and prefix hits (disk tier, G4).* The scheduler side asks the ``SharedBlockStore`` how many
 leading blocks beyond vLLM's local hit it holds (``get_num_new_matched_tokens``: whole blocks,
 never the last prompt token, a synchronous load); the worker side reads them into the blocks vLLM
 allocated in ``start_load_kv``, before the forward pass. Every step the scheduler lists the blocks
@@ -58,12 +70,17 @@ vLLM frees the blocks. A hold nobody releases expires after ``hold_timeout_s``.
 from the first failed block. Every wait is bounded (``peer_timeout_s``, ``read_timeout_s``,
 etcd and signal timeouts); a full or unwritable disk only drops offloads.
 
-*Threads.* Loads, reads and saves run on vLLM's model-runner thread inside the connector calls
-(no overlap with compute); the only other threads are the signal server's (which touches the
-hold table alone) and discovery's.
+*Threads.* Loads, reads and the copy-out run on vLLM's model-runner thread inside the connector
+calls (no overlap with compute); write-downs to disk run on the mover's copy thread; the other
+threads are the signal server's (which touches the hold table alone) and discovery's. Without a
+host tier, G4 saves are written on the model thread.
 
-Not supported: TP/PP > 1, hybrid or sliding-window models (several KV cache groups), GPU KV
-layouts with K/V outermost, layer-wise pipelining of loads/saves, host-memory (G2) tiers.
+*Layouts.* vLLM-CPU's, FlashInfer's (blocks outermost) and FlashAttention's (K/V outermost, NHD
+or HND) per-layer tensors are all read in their physical order (``pages.py``); CUDA tensors are
+accepted (untested here: no GPU).
+
+Not supported yet: TP/PP > 1, hybrid or sliding-window models (several KV cache groups),
+layer-wise pipelining of loads/saves, KV events and routing by prefix for vLLM instances.
 """
 
 CONNECTOR_NAME = "FabricConnector"

@@ -48,6 +48,12 @@ wins)::
     disk_cache_dir                      its directory (must exist)
     disk_admit_after                    write a block to disk once its hash was seen this often
     eviction                            priority_lru, lru or lfu
+    events_endpoint                     publish the tiers' KV events here (ZeroMQ, vLLM's wire
+    events_replay_endpoint              format with ``medium``), and its replay ROUTER; with
+                                        ``etcd_endpoints`` the instance's record advertises
+                                        them, so the fabric's frontend indexes its prefixes.
+                                        Give a port: the worker side advertises what the
+                                        scheduler side binds.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ TIER_KEYS = frozenset(
         "disk_cache_dir",
         "disk_admit_after",
         "eviction",
+        "events_endpoint",
+        "events_replay_endpoint",
     }
 )
 """``kv_connector_extra_config`` keys passed to the block manager's settings."""
@@ -184,7 +192,19 @@ class ConnectorConfig:
         for key, value in extra.items():
             values[key] = _coerce(key, value, cls.__dataclass_fields__[key].default)
         config = cls(kv_role=role, engine_id=engine_id or "vllm", tier_settings=tiers, **values)
-        config.kvbm_config(block_size=16)  # refuse a bad tier setting now, naming it
+        try:  # refuse a bad tier setting now, naming it
+            kvbm = config.kvbm_config(block_size=16)
+        except ConfigError as e:
+            given = sorted(k for k, _ in tiers)
+            raise ConfigError(
+                f"tier settings (extra config keys {given} or environment): {e}"
+            ) from e
+        for endpoint in (kvbm.events_endpoint, kvbm.events_replay_endpoint):
+            if endpoint is not None and endpoint.rsplit(":", 1)[-1] in ("0", "*"):
+                raise ConfigError(
+                    f"events endpoint {endpoint!r} needs a fixed port: the worker side "
+                    "advertises the endpoint the scheduler side binds"
+                )
         return config
 
     @classmethod

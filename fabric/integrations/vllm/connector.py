@@ -34,12 +34,21 @@ from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.metadata import FabricMetadata, FabricWorkerMeta
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.scheduler import FabricScheduler
-from fabric.integrations.vllm.tiers import TierLedger
+from fabric.integrations.vllm.tiers import EventBuffer, TierLedger
 from fabric.integrations.vllm.worker import FabricWorker
-from fabric.kvbm import NullSink, SharedBlockStore, Tier
+from fabric.kvbm import (
+    AllCleared,
+    BlockRemoved,
+    FanoutSink,
+    KvEvent,
+    SharedBlockStore,
+    Tier,
+    publisher_for,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -74,20 +83,47 @@ def served_model_name(vllm_config: VllmConfig) -> str:
 
 
 def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricScheduler:
+    """The scheduler side: the G4 store, and the tiers' ledger whose events go to vLLM's own
+    stream (``take_events``) and to the fabric's publisher when ``events_endpoint`` is set."""
+    kvbm = config.kvbm_config(geometry.block_size)
     store = open_store(config, geometry)
-    ledger = TierLedger.build(
-        config.kvbm_config(geometry.block_size),
-        geometry.block_bytes,
-        NullSink(),
-        shared=store is not None,
-    )
-    return FabricScheduler(config, geometry, store, ledger)
+    buffer = EventBuffer()
+    events = FanoutSink([buffer, publisher_for(kvbm)])
+    try:
+        ledger = TierLedger.build(kvbm, geometry.block_bytes, events, shared=store is not None)
+    except BaseException:
+        events.close()
+        if store is not None:
+            store.close()
+        raise
+    return FabricScheduler(config, geometry, store, ledger, events=(events, buffer))
 
 
 def build_worker(
     config: ConnectorConfig, geometry: PageGeometry, layer_names: list[str]
 ) -> FabricWorker:
     return FabricWorker(config, geometry, layer_names, open_store(config, geometry))
+
+
+def to_vllm_event(event: KvEvent) -> KVCacheEvent:
+    """One of our events as vLLM's (its wire format, with our tier's ``medium``)."""
+    from vllm.distributed import kv_events
+
+    if isinstance(event, AllCleared):
+        return kv_events.AllBlocksCleared()
+    if isinstance(event, BlockRemoved):
+        return kv_events.BlockRemoved(
+            block_hashes=list(event.sequence_hashes), medium=event.tier.medium
+        )
+    return kv_events.BlockStored(
+        block_hashes=list(event.sequence_hashes),
+        parent_block_hash=event.parent_hash,
+        token_ids=list(event.token_ids or ()),
+        block_size=event.block_size,
+        lora_id=None,
+        medium=event.tier.medium,
+        lora_name=None,
+    )
 
 
 class FabricConnector(KVConnectorBase_V1):
@@ -241,6 +277,10 @@ class FabricConnector(KVConnectorBase_V1):
             source = CacheHitSource.HOST if tier is Tier.HOST else CacheHitSource.DISK
             sources[source] = sources.get(source, 0) + tokens
         return sources or {CacheHitSource.DISK: num_external_tokens}
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The host and disk tiers' KV events since the last call, as vLLM's events."""
+        return [to_vllm_event(e) for e in self.scheduler.take_events()]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)

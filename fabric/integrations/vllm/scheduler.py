@@ -40,8 +40,8 @@ from fabric.integrations.vllm.metadata import (
 )
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import SchedulerStats
-from fabric.integrations.vllm.tiers import TierHit, TierLedger
-from fabric.kvbm import SequenceHash, SharedBlockStore, Tier, hash_token_blocks
+from fabric.integrations.vllm.tiers import EventBuffer, TierHit, TierLedger
+from fabric.kvbm import EventSink, KvEvent, SequenceHash, SharedBlockStore, Tier, hash_token_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class FabricScheduler:
         geometry: PageGeometry,
         store: SharedBlockStore | None,
         ledger: TierLedger | None = None,
+        *,
+        events: tuple[EventSink, EventBuffer] | None = None,
     ) -> None:
         self.config = config
         self.geometry = geometry
@@ -85,6 +87,7 @@ class FabricScheduler:
         self.stats = SchedulerStats()
         self._store = store
         self._ledger = ledger
+        self._events = events
         self._sources: dict[str, dict[Tier, int]] = {}
         self._seed = geometry.hash_seed
         self._compat = geometry.compat_hash
@@ -402,12 +405,20 @@ class FabricScheduler:
             "remote_compat_hash": f"{self._compat:016x}",
         }
 
+    def take_events(self) -> list[KvEvent]:
+        """The tiers' KV events since the last call (for vLLM's own event stream)."""
+        return self._events[1].take() if self._events is not None else []
+
     def shutdown(self) -> None:
-        """Close the disk store (the worker side closes its own) and the ledger; idempotent."""
+        """Close the disk store (the worker side closes its own), the ledger and the event
+        publisher; idempotent."""
         for req_id in list(self._lookups):
             self._forget_lookup(req_id)
         if self._ledger is not None:
             self._ledger.close()
+        if self._events is not None:
+            self._events[0].close()
+            self._events = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -48,6 +48,7 @@ from fabric.kvbm import (
     FrequencyFilter,
     ImmutableBlocks,
     KvbmConfig,
+    KvEvent,
     MutableBlocks,
     SequenceHash,
     Tier,
@@ -59,6 +60,26 @@ logger = logging.getLogger(__name__)
 
 LEDGER_TIERS = (Tier.HOST, Tier.DISK)
 """The pool tiers the connector adds below vLLM's G1, fastest first."""
+
+
+class EventBuffer:
+    """The pools' events kept until vLLM takes them (``take``: the connector's ``take_events``,
+    which vLLM publishes on its own KV event stream with the G1 ones)."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self._events: list[KvEvent] = []
+
+    def publish(self, events: Sequence[KvEvent]) -> None:
+        self._events.extend(events)
+
+    def take(self) -> list[KvEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        self._events.clear()
 
 
 @dataclass(slots=True)

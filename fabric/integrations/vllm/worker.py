@@ -25,6 +25,7 @@ known; the disk store is opened at construction.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -107,6 +108,7 @@ class FabricWorker:
 
         config = self.config
         worker_id = config.fabric_worker_id
+        kvbm = config.kvbm_config(self.geometry.block_size)
         if config.signal_host.startswith("127."):
             os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every peer is on this host
         storage = pages.storage()
@@ -143,6 +145,7 @@ class FabricWorker:
             signal_endpoint=self._producer.endpoint if self._producer is not None else None,
             agent_name=agent.name,
             started_at=time.time(),
+            events=(kvbm.events_endpoint, kvbm.events_replay_endpoint),
         )
         if record is not None:
             # Closed first (LIFO): the record leaves etcd before the endpoints stop.
@@ -315,6 +318,7 @@ class FabricWorker:
 
     def shutdown(self) -> None:
         """Free every hold, leave etcd, close NIXL, the tiers and the disk store; idempotent."""
+        logger.info("fabric worker stats: %s", json.dumps(self.stats_dict()))  # bench vllm-offload
         self._holds.expire_all()
         self._stack.close()
         if self._mover is not None:

@@ -28,20 +28,23 @@ ENGINE_TIMEOUT_S = 240.0
 
 
 def _vllm_python() -> str | None:
-    """An interpreter that imports vLLM: this one, or the repository's .venv-vllm."""
+    """An interpreter that imports vLLM: this one, or the repository's .venv-vllm. Fails (never
+    skips) when vLLM imports there but the connector does not: that is a bug of ours."""
     candidates = [sys.executable, str(Path(__file__).parents[3] / ".venv-vllm" / "bin" / "python")]
     for python in candidates:
-        if not Path(python).exists():
+        if not Path(python).exists() or _probe(python, "import vllm").returncode != 0:
             continue
-        probe = subprocess.run(
-            [python, "-c", "import vllm, fabric.integrations.vllm.connector"],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return python
+        connector = _probe(python, "import fabric.integrations.vllm.connector")
+        if connector.returncode != 0:
+            pytest.fail(f"vLLM imports but the connector does not:\n{connector.stderr[-3000:]}")
+        return python
     return None
+
+
+def _probe(python: str, code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.fixture(scope="session")

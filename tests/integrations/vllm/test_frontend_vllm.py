@@ -207,3 +207,116 @@ def test_frontend_serves_vllm_prefill_and_decode_like_a_single_engine(
     )
     assert local.choices[0].text == codec.decode(expected[0])
     assert local.model_dump()["fabric"]["route"] == "local"
+
+
+def _start_frontend(services: Any, etcd_endpoint: str, namespace: str, model_dir: str) -> Any:
+    port = free_port()
+    return services(
+        f"frontend-{namespace}",
+        [
+            sys.executable,
+            "-m",
+            "fabric.cli",
+            "serve",
+            "frontend",
+            "--etcd",
+            etcd_endpoint,
+            "--namespace",
+            namespace,
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--idle-timeout",
+            "60",
+            "--request-timeout",
+            "120",
+        ],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        url=f"http://127.0.0.1:{port}",
+    )
+
+
+def _indexed_blocks(frontend: Any, worker: str) -> float:
+    import httpx
+
+    text = httpx.get(frontend.url + "/metrics", timeout=5.0).text
+    prefix = f'fabric_frontend_worker_indexed_blocks{{worker="{worker}"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    return values[0] if values else 0.0
+
+
+def test_the_frontend_routes_a_repeated_prompt_to_the_vllm_instance_holding_it(
+    services: Any,
+    engines: Any,
+    *,
+    vllm_python: str,
+    model_dir: str,
+    etcd_endpoint: str,
+    kv_transfer_config: Any,
+) -> None:
+    """Two aggregated vLLM instances with a host tier publish their KV events; the frontend
+    indexes them and sends a prompt one of them computed to that one (the load is equal, and
+    without the index the tie would go to ``agg-a``)."""
+    import time
+
+    from openai import OpenAI
+
+    namespace = "frontend-vllm-events"
+    reference = engines.run(
+        "reference-events", {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "block_size": BLOCK}
+    )
+    instances = {}
+    for name, cpu in (("agg-a", 0), ("agg-b", 1)):
+        port = free_port()
+        config = kv_transfer_config(
+            "kv_both",
+            worker_id=name,
+            http_url=f"http://127.0.0.1:{port}",
+            etcd_endpoints=etcd_endpoint,
+            namespace=namespace,
+            cpu_cache_blocks=128,
+            events_endpoint=f"tcp://127.0.0.1:{free_port()}",
+            events_replay_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        )
+        instances[name] = _vllm_serve(
+            services, vllm_python, model_dir, name, config, port=port, cpu=cpu
+        )
+    for instance in instances.values():
+        instance.wait_ready("/health", lambda r: r.status_code == 200, SERVE_TIMEOUT_S)
+    frontend = _start_frontend(services, etcd_endpoint, namespace, model_dir)
+    frontend.wait_ready(
+        "/health",
+        lambda r: r.status_code == 200 and r.json()["workers"]["aggregated"] == 2,
+        60.0,
+    )
+    codec = TextCodec.from_dir(Path(model_dir))
+    client = OpenAI(base_url=frontend.url + "/v1", api_key="unused", timeout=120.0, max_retries=0)
+    model = Path(model_dir).name
+    expected = reference["token_ids"][0]
+
+    pinned = client.completions.create(
+        model=model,
+        prompt=PROMPTS[0],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"fabric": {"worker": "agg-b"}},
+    )
+    assert pinned.choices[0].text == codec.decode(expected)
+    full_blocks = (len(PROMPTS[0]) + MAX_TOKENS - 1) // BLOCK
+    deadline = time.monotonic() + 30.0
+    while _indexed_blocks(frontend, "agg-b") < full_blocks:
+        assert time.monotonic() < deadline, "agg-b's host-tier events never reached the frontend"
+        time.sleep(0.2)
+    assert _indexed_blocks(frontend, "agg-a") == 0
+
+    again = client.completions.create(
+        model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0
+    )
+    assert again.choices[0].text == codec.decode(expected)
+    assert again.model_dump()["fabric"]["worker"] == "agg-b"
+    fresh = client.completions.create(
+        model=model, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.0
+    )
+    assert fresh.choices[0].text == codec.decode(reference["token_ids"][1])
+    assert fresh.model_dump()["fabric"]["worker"] == "agg-a"  # no prefix anywhere: the tie

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from fabric.errors import ConfigError
+from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.jobs import JobReport, TierWrite
 from fabric.integrations.vllm.mover import TierMover
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
-from fabric.integrations.vllm.tiers import TierLedger
+from fabric.integrations.vllm.tiers import EventBuffer, TierLedger
 from fabric.kvbm import (
     RecordingSink,
     SequenceHash,
@@ -248,3 +250,51 @@ def test_a_write_to_g4_without_a_store_fails_cleanly(mover_pair) -> None:
     lone.write(TierWrite(99, Tier.HOST, (0,), Tier.SHARED, (1,)))
     assert lone.report().failed == {99}
     lone._copier.stop(1.0)
+
+
+# -- events and settings --------------------------------------------------------------------------
+
+
+def test_the_tiers_publish_stored_and_removed_per_tier() -> None:
+    ledger, events = make_ledger(host=2, disk=4)
+    first = hashes_of(2)
+    ledger.match(first)
+    _, (write,) = ledger.plan_save([0, 1], first, None)
+    ledger.report(JobReport({write.job_id: 1}))
+    ledger.plan_save([2, 3], hashes_of(2, 5), None)  # evicts the first two from G2
+    kinds = [(type(e).__name__, e.tier, len(e.sequence_hashes)) for e in events.events]
+    assert kinds == [
+        ("BlockStored", Tier.HOST, 2),
+        ("BlockStored", Tier.DISK, 2),
+        ("BlockRemoved", Tier.HOST, 2),
+        ("BlockStored", Tier.HOST, 2),
+    ]
+
+
+def test_the_event_buffer_hands_each_event_over_once() -> None:
+    buffer = EventBuffer()
+    config = load_kvbm_config(block_size=BS, cpu_cache_blocks=4)
+    ledger = TierLedger.build(config, GEOMETRY.block_bytes, buffer, shared=False)
+    assert ledger is not None
+    ledger.plan_save([0], hashes_of(1), None)
+    assert len(buffer.take()) == 1
+    assert buffer.take() == []
+
+
+def test_tier_keys_reach_the_block_manager_settings_and_bad_ones_are_refused() -> None:
+    config = ConnectorConfig.from_extra(
+        {"cpu_cache_blocks": 64, "eviction": "lru", "disk_path": "/tmp/x"},
+        kv_role="kv_both",
+        engine_id=None,
+    )
+    kvbm = config.kvbm_config(block_size=32)
+    assert kvbm.cpu_cache_blocks == 64 and kvbm.eviction.value == "lru"
+    assert kvbm.block_size == 32
+    with pytest.raises(ConfigError, match=r"\['cpu_cache_blocks'\].*CPU_CACHE_BLOCKS"):
+        ConnectorConfig.from_extra({"cpu_cache_blocks": -1}, kv_role=None, engine_id=None)
+    with pytest.raises(ConfigError, match="fixed port"):
+        ConnectorConfig.from_extra(
+            {"events_endpoint": "tcp://127.0.0.1:0"}, kv_role=None, engine_id=None
+        )
+    with pytest.raises(ConfigError, match="cpu_cache_gb"):  # the error lists the tier keys too
+        ConnectorConfig.from_extra({"cpu_cache_gbs": 1}, kv_role=None, engine_id=None)

@@ -1,4 +1,4 @@
-"""The connector's parts without an engine: config, page geometry and bytes, the hold table.
+"""The connector's parts without an engine: config, page geometry, discovery, the hold table.
 
 Marked slow with the rest of the vLLM suite (they import vLLM's connector base classes), but
 each runs in milliseconds.
@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from fabric.errors import ConfigError, LayoutMismatch
+from fabric.errors import ConfigError
 from fabric.signal.errors import ErrorCode
 
 pytestmark = pytest.mark.slow
@@ -24,7 +23,7 @@ from fabric.frontend.http_backend import uses_http  # noqa: E402
 from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E402
 from fabric.integrations.vllm.discovery import instance_record  # noqa: E402
 from fabric.integrations.vllm.metadata import PeerHold, token_digest  # noqa: E402
-from fabric.integrations.vllm.pages import KvPages, PageGeometry  # noqa: E402
+from fabric.integrations.vllm.pages import PageGeometry  # noqa: E402
 from fabric.integrations.vllm.producer import hold_table, prompt_check  # noqa: E402
 from fabric.pd import Refusal  # noqa: E402
 
@@ -39,13 +38,6 @@ GEOMETRY = PageGeometry(
     kv_layout="LBHNC",
     page_bytes=2 * 4 * 16 * 4,
 )
-LAYERS = ["l0", "l1", "l2"]
-
-
-def _kv_caches(num_blocks: int = 6) -> dict[str, torch.Tensor]:
-    g = GEOMETRY
-    whole = torch.randn(g.num_layers, num_blocks, g.num_kv_heads, g.block_size, 2 * g.head_size)
-    return {name: whole[i] for i, name in enumerate(LAYERS)}
 
 
 def test_config_reads_extra_config_and_refuses_unknown_keys() -> None:
@@ -118,32 +110,6 @@ def test_compat_hash_and_seed_change_with_every_layout_fact() -> None:
         assert other.hash_seed != base[1], name
 
 
-def test_gather_and_scatter_move_whole_blocks_across_layers() -> None:
-    src = _kv_caches()
-    dst = {name: torch.zeros_like(t) for name, t in src.items()}
-    pages_src = KvPages.from_kv_caches(GEOMETRY, src, LAYERS)
-    pages_dst = KvPages.from_kv_caches(GEOMETRY, dst, LAYERS)
-    data = pages_src.gather([4, 1])
-    assert data.shape == (2, GEOMETRY.block_bytes)
-    pages_dst.scatter([0, 5], data)
-    for name in LAYERS:
-        assert torch.equal(dst[name][0], src[name][4])
-        assert torch.equal(dst[name][5], src[name][1])
-        assert not dst[name][1].any()  # untouched blocks stay untouched
-    layout = pages_src.layout_spec()
-    assert layout.num_buffers == GEOMETRY.num_layers
-    assert layout.slot_bytes == GEOMETRY.page_bytes
-
-
-def test_pages_refuse_a_layout_they_cannot_move() -> None:
-    caches = _kv_caches()
-    kv_outermost = {n: t.transpose(0, 1) for n, t in caches.items()}  # not blocks-outermost
-    with pytest.raises(LayoutMismatch, match="not supported"):
-        KvPages.from_kv_caches(GEOMETRY, kv_outermost, LAYERS)
-    with pytest.raises(LayoutMismatch, match="l2"):
-        KvPages.from_kv_caches(GEOMETRY, {n: caches[n] for n in LAYERS[:2]}, LAYERS)
-
-
 def test_a_hold_is_lent_only_to_a_consumer_presenting_its_prompt() -> None:
     table = hold_table(read_timeout_s=1.0)
     held = PeerHold("r1", (3, 4), 3, token_digest((5, 6, 7)), timeout_s=10.0)
@@ -155,3 +121,26 @@ def test_a_hold_is_lent_only_to_a_consumer_presenting_its_prompt() -> None:
     assert table.lend("r1", 9.5, prompt_check([5, 6, 7])) is held
     assert table.collect(11.0) == []  # lent at 9.5 s: kept for the read bound plus a second
     assert [f.request_id for f in table.collect(11.5)] == ["r1"]
+
+
+def test_tier_events_reach_vllm_s_stream_and_decode_back_the_same() -> None:
+    """Our events as vLLM's (``take_events``), encoded by vLLM's own encoder, decode back with
+    the fabric's wire decoder (what the frontend and Dynamo-style routers read)."""
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    from fabric.integrations.vllm.connector import to_vllm_event
+    from fabric.kvbm import BlockRemoved, BlockStored, SequenceHash, Tier, decode_event_batch
+
+    hashes = tuple(SequenceHash(h) for h in (11, 22, 33))
+    ours = [
+        BlockStored(Tier.HOST, hashes, SequenceHash(7), None, None, 32),
+        BlockRemoved(Tier.DISK, hashes[:1]),
+    ]
+    theirs = [to_vllm_event(e) for e in ours]
+    assert theirs[0].medium == "CPU_PINNED" and theirs[1].medium == "DISK"
+    payload = msgspec.msgpack.Encoder().encode(KVEventBatch(ts=1.0, events=theirs))
+    decoded = decode_event_batch(payload).events
+    assert decoded[0].tier is Tier.HOST and decoded[0].sequence_hashes == hashes
+    assert decoded[0].parent_hash == 7 and decoded[0].block_size == 32
+    assert decoded[1].tier is Tier.DISK and decoded[1].sequence_hashes == hashes[:1]
