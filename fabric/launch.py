@@ -8,8 +8,10 @@ frontend's ``/health`` answers, prints the endpoints, then either answers ``--pr
 
 Invariants: every process it started is stopped when it returns, whatever happened (SIGTERM,
 then SIGKILL after ``fabric.supervise.STOP_TIMEOUT_S``); the failure of any child stops the whole
-deployment with an error naming the child and the tail of its log; every wait is bounded. The
-processes are supervised by ``fabric.supervise``; this module owns what a deployment is.
+deployment with an error naming the child and the tail of its log; every wait is bounded. Each
+child that does not exit with status 0 when stopped is printed with its status, and the command
+then exits 1. The processes are supervised by ``fabric.supervise``; this module owns what a
+deployment is.
 
 ``worker_command``, ``frontend_command`` and ``wait_deployment_ready`` are public: the serve and
 prefix benchmarks start their deployments with them.
@@ -93,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = _install_signal_handlers()
+    statuses: dict[str, int] = {}
     with ExitStack() as stack:
         etcd = args.etcd or stack.enter_context(private_etcd(run_dir))
         print_progress(f"etcd: {etcd}")
         children: list[Child] = []
-        stack.callback(stop_processes, children, progress=print_progress)
+        stack.callback(lambda: statuses.update(stop_processes(children, progress=print_progress)))
         roles = (
             [("aggregated", i) for i in range(args.aggregated)]
             if args.aggregated
@@ -131,11 +134,15 @@ def run(args: argparse.Namespace) -> int:
         print_progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
         if args.prompt is not None:
             _answer(url, args.prompt, args.max_tokens)
-            return 0
-        print_progress("serving; Ctrl-C stops everything")
-        while not stopping["flag"]:
-            check_alive(children)
-            time.sleep(POLL_S)
+        else:
+            print_progress("serving; Ctrl-C stops everything")
+            while not stopping["flag"]:
+                check_alive(children)
+                time.sleep(POLL_S)
+    unclean = sorted(name for name, code in statuses.items() if code != 0)
+    if unclean:
+        print_progress(f"not stopped cleanly: {', '.join(unclean)} (statuses above)")
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ what users run, started and stopped the way users' are:
   2xx) until it is ready; it gives up after a timeout, when a child exits or when asked to stop;
 * ``check_alive`` raises ``ChildFailed`` naming the first child that exited, with its log's tail;
 * ``stop_processes`` stops children as one: SIGTERM to each, one shared bound, then SIGKILL (to
-  the whole group of a group leader);
+  the whole group of a group leader); it reports each exit status other than 0 and returns all;
 * ``private_etcd`` runs an etcd of its own for a ``with`` block, ``sigterm_raises`` turns SIGTERM
   into ``SystemExit`` so that ``finally`` blocks stop the children, ``free_port`` picks a port.
 
@@ -37,6 +37,7 @@ from types import FrameType
 from typing import IO, Protocol
 
 from fabric.errors import FabricError
+from fabric.transfer.ucx_env import ucx_env_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,14 @@ class Readiness(Protocol):
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment, UCX on loopback unless set, then ``extra``."""
+    """This process's environment, UCX on loopback unless set, then ``extra``.
+
+    UCX also gets the modules NIXL's wheel can load safely (``fabric.transfer.ucx_env``), for
+    children that load NIXL without ``load_nixl`` (vLLM's own NIXL connector).
+    """
     ucx = os.environ.get("UCX_NET_DEVICES", "lo")
-    return {**os.environ, "UCX_NET_DEVICES": ucx, **(extra or {})}
+    env = {**os.environ, "UCX_NET_DEVICES": ucx, **(extra or {})}
+    return {**env, **ucx_env_defaults(env)}
 
 
 def start_process(
@@ -131,7 +137,7 @@ def check_alive(children: Sequence[Child]) -> None:
         code = child.process.poll()
         if code is not None:
             raise ChildFailed(
-                f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+                f"{child.name} {describe_exit(code)}; last lines of {child.log_path}:\n"
                 f"{child.tail()}"
             )
 
@@ -187,18 +193,40 @@ def wait_ready(
     raise ChildFailed(f"not ready within {timeout_s:.0f} s ({readiness.waiting_for()})")
 
 
+def describe_exit(returncode: int) -> str:
+    """How a process ended, to follow its name: ``exited with status 2``, ``exited with status
+    139 (128+SIGSEGV)``, ``was killed by SIGKILL``."""
+    if returncode < 0:
+        return f"was killed by {_signal_name(-returncode)}"
+    if returncode > 128:
+        return f"exited with status {returncode} (128+{_signal_name(returncode - 128)})"
+    return f"exited with status {returncode}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def stop_processes(
     children: Sequence[Child], *, progress: Progress, timeout_s: float = STOP_TIMEOUT_S
-) -> None:
+) -> dict[str, int]:
     """SIGTERM every child, then SIGKILL whatever is left after ``timeout_s`` (one bound for all).
 
     A group leader's group gets the rest of the bound to exit after the leader did (its helpers
-    shut down after it), then SIGKILL as a whole.
+    shut down after it), then SIGKILL as a whole. Each child that did not exit with status 0 is
+    reported to ``progress`` with its status and log.
+
+    Returns:
+        Each child's exit status by name (``Popen.returncode``: negative when a signal ended it).
     """
     for child in reversed(children):
         if child.process.poll() is None:
             child.process.terminate()
     deadline = time.monotonic() + timeout_s
+    statuses: dict[str, int] = {}
     for child in children:
         try:
             child.process.wait(max(0.0, deadline - time.monotonic()))
@@ -212,10 +240,14 @@ def stop_processes(
                     os.killpg(child.process.pid, signal.SIGKILL)
         elif child.process.poll() is None:
             child.process.kill()
-        child.process.wait()
+        code = child.process.wait()
         child.log_file.close()
+        statuses[child.name] = code
+        if code != 0:
+            progress(f"{child.name} {describe_exit(code)} (log {child.log_path})")
     if children:
         progress("stopped every process")
+    return statuses
 
 
 def _group_alive(pgid: int) -> bool:

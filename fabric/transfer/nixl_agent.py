@@ -2,8 +2,9 @@
 
 NIXL is imported when the first agent is built (``nixl``, else the ``nixl_cu12`` / ``nixl_cu13``
 wheels' module), so importing this module never needs it; a missing NIXL is a ``FabricError``
-that says how to install it. The backend is chosen per transfer: POSIX when either side is a
-FILE region, UCX otherwise (DRAM and VRAM).
+that says how to install it; ``load_nixl`` sets UCX's options first (``fabric.transfer.ucx_env``).
+The backend is chosen per transfer: POSIX when either side is a FILE region, UCX otherwise (DRAM
+and VRAM).
 
 Descriptor lists are built per call (``initialize_xfer`` from the region arrays), not prepped.
 Measured here (64 MiB READ between two processes over shared memory, scattered whole blocks,
@@ -54,6 +55,7 @@ from fabric.transfer.agent import (
     wait_for,
 )
 from fabric.transfer.memory import BufferInfo, MemoryKind, RegionList
+from fabric.transfer.ucx_env import prepare_process
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,12 @@ _NIXL_STATE = {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}
 
 
 def load_nixl() -> ModuleType:
-    """NIXL's Python API module (``nixl._api`` or a CUDA-flavoured wheel's equivalent)."""
+    """NIXL's Python API module (``nixl._api`` or a CUDA-flavoured wheel's equivalent).
+
+    Sets the UCX options NIXL needs first (``fabric.transfer.ucx_env``: without them a process
+    dies with SIGSEGV at exit on hosts with the RDMA libraries), so load NIXL only through here.
+    """
+    prepare_process()
     for name in _NIXL_MODULES:
         try:
             return importlib.import_module(f"{name}._api")

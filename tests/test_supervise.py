@@ -1,0 +1,117 @@
+"""Process supervision: exit statuses reported, and every NIXL process exits 0 when stopped.
+
+The last test is issue 18's acceptance: with the RDMA libraries installed (``libibverbs1``,
+``librdmacm1``: the README's set-up installs them), an aggregated worker and the frontend
+started the way ``fabric launch`` starts them, stopped with SIGTERM after serving one request,
+and a ``fabric.bench transfer`` run (whose own exporting child must exit 0 too) all exit with
+status 0, not the SIGSEGV at exit that NIXL's wheel caused.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fabric import supervise
+from fabric.frontend.client import served_model, stream_completion
+from fabric.launch import frontend_command, wait_deployment_ready, worker_command
+from fabric.supervise import (
+    Child,
+    child_env,
+    describe_exit,
+    free_port,
+    private_etcd,
+    start_process,
+    stop_processes,
+)
+
+STARTUP_S = 60.0
+STOP_S = 15.0
+
+
+def test_describe_exit_names_signals() -> None:
+    assert describe_exit(0) == "exited with status 0"
+    assert describe_exit(-11) == "was killed by SIGSEGV"
+    assert describe_exit(139) == "exited with status 139 (128+SIGSEGV)"
+    assert describe_exit(2) == "exited with status 2"
+
+
+def test_child_env_keeps_ucx_off_the_efa_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UCX_MODULES", raising=False)
+    assert child_env()["UCX_MODULES"] == "^efa"
+    assert child_env({"UCX_MODULES": "^cuda"})["UCX_MODULES"] == "^cuda"
+    monkeypatch.setenv("UCX_MODULES", "all")
+    assert child_env()["UCX_MODULES"] == "all"  # the user's choice stands
+
+
+def test_stop_processes_reports_what_did_not_exit_cleanly(tmp_path: Path) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(sys.argv[1])))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    lines: list[str] = []
+    children = [
+        start_process(name, [sys.executable, "-c", code, status], tmp_path, progress=lines.append)
+        for name, status in (("clean", "0"), ("failing", "3"))
+    ]
+    for child in children:
+        assert _wait_for_line(child, "up"), child.tail()
+    statuses = stop_processes(children, progress=lines.append, timeout_s=STOP_S)
+    assert statuses == {"clean": 0, "failing": 3}
+    assert any(line.startswith("failing exited with status 3 (log ") for line in lines), lines
+    assert not any(line.startswith("clean ") for line in lines), lines
+
+
+@pytest.mark.nixl
+@pytest.mark.etcd
+def test_nixl_processes_exit_zero_after_an_orderly_stop(
+    tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if ctypes.util.find_library("ibverbs") is None:
+        print("note: libibverbs1 is not installed; the configuration of issue 18 is not tested")
+    # Each process must make itself safe (load_nixl), as when a user runs it from a shell: no
+    # UCX_MODULES inherited from this process (which loaded NIXL) or added by child_env.
+    monkeypatch.delenv("UCX_MODULES", raising=False)
+    monkeypatch.setattr(supervise, "ucx_env_defaults", lambda env: {})
+    lines: list[str] = []
+    children: list[Child] = []
+    with private_etcd(tmp_path) as etcd:
+        try:
+            cmd = worker_command(
+                "aggregated", etcd=etcd, model=str(tiny_dir), worker_id="aggregated-0", threads=1
+            )
+            children.append(start_process("aggregated-0", cmd, tmp_path, progress=lines.append))
+            port = free_port()
+            cmd = frontend_command(etcd=etcd, model=str(tiny_dir), port=port)
+            children.append(start_process("frontend", cmd, tmp_path, progress=lines.append))
+            url = f"http://127.0.0.1:{port}"
+            wait_deployment_ready(url, children, 1, STARTUP_S, progress=lines.append)
+            answer = stream_completion(url, served_model(url), "exit cleanly", 4, timeout_s=30)
+            assert answer.text
+        finally:
+            statuses = stop_processes(children, progress=lines.append, timeout_s=STOP_S)
+    logs = {child.name: child.tail() for child in children}
+    assert statuses == {"aggregated-0": 0, "frontend": 0}, (lines, logs)
+
+    bench = [sys.executable, "-m", "fabric.bench", "transfer"]
+    bench += ["--total-mib", "1", "--rounds", "1", "--block-kib", "256"]
+    env = dict(os.environ, UCX_NET_DEVICES="lo")
+    done = subprocess.run(bench, capture_output=True, timeout=60, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def _wait_for_line(child: Child, line: str, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if line in child.tail().splitlines():
+            return True
+        time.sleep(0.05)
+    return False
