@@ -111,6 +111,12 @@ class HoldTable(Generic[T]):
         with self._lock:
             return request_id in self._holds
 
+    @property
+    def num_active(self) -> int:
+        """Holds a consumer may still read (held or lent; not released, expired or taken)."""
+        with self._lock:
+            return sum(h.state in (HoldState.HELD, HoldState.LENT) for h in self._holds.values())
+
     def hold(self, request_id: str, item: T, *, num_blocks: int, deadline: float) -> None:
         """Hold ``item`` (``num_blocks`` blocks) for a consumer until ``deadline`` (monotonic).
 

@@ -26,7 +26,9 @@ def test_hold_is_lent_only_to_its_prompt_and_leaves_once_released() -> None:
     assert "holds 'abc'" in wrong.message
     assert table.lend("r1", 1.0, _prompt_is("abc")) == "abc"
     assert table.collect(2.0) == []
+    assert table.num_active == 1
     assert table.release("r1")
+    assert table.num_active == 0 and len(table) == 1  # released, not yet collected
     assert not table.release("r1")  # released once
     (freed,) = table.collect(2.0)
     assert (freed.request_id, freed.item, freed.state) == ("r1", "abc", HoldState.DONE)

@@ -79,8 +79,13 @@ host tier, G4 saves are written on the model thread.
 or HND) per-layer tensors are all read in their physical order (``pages.py``); CUDA tensors are
 accepted (untested here: no GPU).
 
+*Events.* The tiers' pools publish per-tier ``BlockStored`` / ``BlockRemoved``: to vLLM's own
+stream (``take_events``) and, with ``events_endpoint``, the fabric's publisher advertised in
+etcd, which the frontend indexes to route by prefix. With a host tier, a P/D producer serves its
+holds from host copies (``PeerHold.host_ids``) so vLLM frees its blocks at once.
+
 Not supported yet: TP/PP > 1, hybrid or sliding-window models (several KV cache groups),
-layer-wise pipelining of loads/saves, KV events and routing by prefix for vLLM instances.
+layer-wise pipelining of loads/saves.
 """
 
 CONNECTOR_NAME = "FabricConnector"

@@ -193,7 +193,7 @@ class FabricConnector(KVConnectorBase_V1):
         """This side's counters (``SchedulerStats``, or ``WorkerStats`` and the producer's
         ``HoldCounts``) as a dict."""
         if self._scheduler is not None:
-            return self._scheduler.stats.as_dict()
+            return dict(self._scheduler.stats_dict())
         return self.worker.stats_dict()
 
     @property

@@ -81,6 +81,11 @@ class PeerHold:
 
     ``token_digest`` is the xxh3-64 of those tokens as little-endian u32: a consumer must present
     the same prompt before it is told where the blocks are.
+
+    With ``host_ids`` (a host tier is configured), the worker first copies ``block_ids`` into
+    those host blocks and serves the hold from there, so vLLM frees its blocks at once: a
+    consumer that never comes costs host blocks, not vLLM's. The host blocks are the scheduler's
+    job ``job_id``, reported done when the hold is released or expires.
     """
 
     request_id: str
@@ -88,6 +93,13 @@ class PeerHold:
     num_tokens: int
     token_digest: int
     timeout_s: float
+    host_ids: tuple[int, ...] = ()
+    job_id: int = 0
+
+    @property
+    def served_ids(self) -> tuple[int, ...]:
+        """The blocks a consumer reads: the host copies when there are, else vLLM's."""
+        return self.host_ids or self.block_ids
 
 
 @dataclass(slots=True)

@@ -109,6 +109,10 @@ class TierMover:
         """Copy the step's newly full blocks out of vLLM's pages into the host tier."""
         copy_blocks(self._need_pages(), save.block_ids, self._storages[Tier.HOST], save.host_ids)
 
+    def mark_done(self, job_id: int) -> None:
+        """Report a job finished outside the mover (a P/D hold released or expired)."""
+        self._done(job_id)
+
     def write(self, write: TierWrite) -> None:
         """Queue a write-down on the copy thread (after this step's saves)."""
         dst: Storage | SharedBlockStore

@@ -9,7 +9,8 @@ pushed out by the consumer's read bound, so blocks are never freed under a read 
 allowed to run.
 
 ``ProducerEndpoint``: a ``SignalServer`` on an ephemeral port answering ``PrefillRequest`` with
-``BlocksReady`` (the held blocks, offered by a ``fabric.pd.BlockExporter``) and taking
+``BlocksReady`` (the held blocks, offered by a ``fabric.pd.BlockExporter`` of vLLM's pages, or
+of the host tier for a hold copied there: ``PeerHold.host_ids``) and taking
 ``TransferDone`` / ``Abort``. Its endpoint goes into the instance's etcd record
 (``discovery.instance_record``, registered by the worker).
 
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fabric.integrations.vllm.metadata import PeerHold, token_digest
-from fabric.kvbm import Storage
+from fabric.kvbm import Storage, Tier
 from fabric.pd import BlockExporter, HoldTable, Refusal
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
@@ -68,12 +69,17 @@ class ProducerEndpoint:
         worker_id: str,
         compat_hash: int,
         agent: TransferAgent,
-        storage: Storage,
+        storages: Mapping[Tier, Storage],
         holds: HoldTable[PeerHold],
         signal_host: str,
     ) -> None:
+        """``storages``: vLLM's pages (``Tier.DEVICE``) and, for holds kept in the host tier,
+        the host storage (``Tier.HOST``), each already registered with ``agent``."""
         self._holds = holds
-        self._exporter = BlockExporter(storage, agent, compat_hash=compat_hash)
+        self._exporters = {
+            tier: BlockExporter(storage, agent, compat_hash=compat_hash)
+            for tier, storage in storages.items()
+        }
         self._server = SignalServer(
             f"tcp://{signal_host}:0", self._handle, compat_hash=compat_hash, name=worker_id
         )
@@ -96,10 +102,11 @@ class ProducerEndpoint:
             if isinstance(lent, Refusal):
                 return ErrorReply(message.request_id, lent.code, lent.message)
             logger.debug(
-                "lending %d blocks of %s to %s", len(lent.block_ids), message.request_id, peer
+                "lending %d blocks of %s to %s", len(lent.served_ids), message.request_id, peer
             )
-            return self._exporter.ready(
-                lent.request_id, lent.block_ids, first_token=0, num_tokens=lent.num_tokens
+            exporter = self._exporters[Tier.HOST if lent.host_ids else Tier.DEVICE]
+            return exporter.ready(
+                lent.request_id, lent.served_ids, first_token=0, num_tokens=lent.num_tokens
             )
         if isinstance(message, TransferDone | Abort):
             if not self._holds.release(message.request_id):

@@ -249,6 +249,11 @@ class FabricScheduler:
         self.stats.num_local_disk_hit_tokens += sources.get(Tier.DISK, 0)
         self.stats.num_disk_hit_tokens += sources.get(Tier.SHARED, 0)
 
+    def stats_dict(self) -> dict[str, int | float]:
+        """``SchedulerStats`` and the tier jobs still in flight."""
+        jobs = self._ledger.num_jobs if self._ledger is not None else 0
+        return {**self.stats.as_dict(), "tier_jobs_in_flight": jobs}
+
     def hit_sources(self, req_id: str) -> dict[Tier, int]:
         """Tokens of the request's last planned load by source tier (taken once)."""
         return self._sources.pop(req_id, {})
@@ -385,6 +390,8 @@ class FabricScheduler:
         held = tuple(block_ids[:num_blocks])
         if not held or len(held) < num_blocks:
             return False, None
+        scratch = self._ledger.plan_hold(num_blocks) if self._ledger is not None else None
+        job_id, host_ids = scratch if scratch is not None else (0, ())
         self._meta.holds.append(
             PeerHold(
                 request_id=req_id,
@@ -392,9 +399,12 @@ class FabricScheduler:
                 num_tokens=num_tokens,
                 token_digest=token_digest(request.prompt_token_ids[:num_tokens]),
                 timeout_s=self.config.hold_timeout_s,
+                host_ids=host_ids,
+                job_id=job_id,
             )
         )
         self.stats.num_holds += 1
+        self.stats.num_host_holds += bool(host_ids)
         return True, {
             "do_remote_prefill": True,
             "do_remote_decode": False,

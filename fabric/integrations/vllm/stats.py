@@ -25,6 +25,8 @@ class SchedulerStats:
     """Prefills planned to be read from a producer instance."""
     num_holds: int = 0
     """Finished prefills held for a consumer instance."""
+    num_host_holds: int = 0
+    """Of those, held in the host tier (vLLM's blocks freed after one copy)."""
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)

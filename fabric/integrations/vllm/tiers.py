@@ -18,6 +18,8 @@ Moves, each a job::
                       ``Tier.SHARED``: sequence hashes for ids)
     load   G2/G3 -> G1  a prefix hit copied into the blocks vLLM allocated, before the forward
                       pass (``TierLoad``)
+    hold   G1 -> G2   a finished prefill's blocks copied into scratch host blocks and served to
+                      a P/D consumer from there (``PeerHold.host_ids``); freed when reported
 
 Invariants:
 
@@ -294,6 +296,19 @@ class TierLedger:
         self._jobs[job_id] = job
         return dataclasses.replace(write, job_id=job_id)
 
+    # -- P/D holds -----------------------------------------------------------------------------
+
+    def plan_hold(self, num_blocks: int) -> tuple[int, tuple[int, ...]] | None:
+        """Host blocks for a finished prefill's KV held for a consumer: ``(job id, host ids)``,
+        freed when the job is reported (the hold released or expired); None when G2 cannot
+        take them now."""
+        allocation = self._pools[Tier.HOST].allocate(num_blocks)
+        if allocation is None:
+            return None
+        job_id = next(self._next_id)
+        self._jobs[job_id] = _Job([], allocation=allocation)
+        return job_id, tuple(allocation.block_ids)
+
     # -- reports -------------------------------------------------------------------------------
 
     def report(self, report: JobReport) -> None:
@@ -316,7 +331,10 @@ class TierLedger:
         for handle in job.pinned:
             if handle.live:
                 self._pools[handle.tier].release(handle)
-        if job.target is None or job.allocation is None:
+        if job.allocation is None:
+            return
+        if job.target is None:  # a hold's scratch blocks: never registered
+            self._pools[job.allocation.tier].release(job.allocation)
             return
         pool = self._pools[job.target]
         if not ok:

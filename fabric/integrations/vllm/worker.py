@@ -25,6 +25,7 @@ known; the disk store is opened at construction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,19 +41,20 @@ from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.consumer import PeerReader
 from fabric.integrations.vllm.discovery import instance_record
-from fabric.integrations.vllm.jobs import TierLoad
+from fabric.integrations.vllm.jobs import TierLoad, TierSave
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
     DiskSave,
     FabricMetadata,
     FabricWorkerMeta,
+    PeerHold,
     PeerRead,
 )
 from fabric.integrations.vllm.mover import TierMover
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
-from fabric.kvbm import SharedBlockStore, Tier
+from fabric.kvbm import SharedBlockStore, Storage, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,10 @@ class FabricWorker:
         agent = NixlAgent(f"{worker_id}-{os.getpid()}")
         self._stack.callback(agent.close)
         agent.register(storage.buffers())
+        storages: dict[Tier, Storage] = {Tier.DEVICE: storage}
+        if self._mover is not None and config.kv_role.produces:  # holds served from the host
+            storages[Tier.HOST] = self._mover.storage(Tier.HOST)
+            agent.register(storages[Tier.HOST].buffers())
         registry = EtcdRegistry(config.etcd_endpoints or "", timeout_s=config.peer_timeout_s)
         self._stack.callback(registry.close)
         if config.kv_role.produces:
@@ -122,7 +128,7 @@ class FabricWorker:
                 worker_id=worker_id,
                 compat_hash=self.geometry.compat_hash,
                 agent=agent,
-                storage=storage,
+                storages=storages,
                 holds=self._holds,
                 signal_host=config.signal_host,
             )
@@ -173,28 +179,43 @@ class FabricWorker:
 
     @property
     def num_holds(self) -> int:
-        """Prefills this producer still holds."""
-        return len(self._holds)
+        """Prefills this producer still holds for a consumer (not released nor expired; their
+        blocks are freed at the instance's next step)."""
+        return self._holds.num_active
 
     # ---- loads -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: FabricMetadata) -> None:
         began = time.perf_counter()
+        for hold in meta.holds:
+            self._hold(hold)
         for tier_load in meta.tier_loads:
             self._load_from_tier(tier_load)
         for load in meta.loads:
             self._load_from_disk(load)
         self.stats.load_ms_model_thread += (time.perf_counter() - began) * 1000
-        now = time.monotonic()
-        for hold in meta.holds:
-            self._holds.hold(
-                hold.request_id,
-                hold,
-                num_blocks=len(hold.block_ids),
-                deadline=now + hold.timeout_s,
-            )
         for read in meta.reads:
             self._read_from_peer(read)
+
+    def _hold(self, hold: PeerHold) -> None:
+        """Hold a finished prefill for a consumer: in the host tier when the scheduler gave host
+        blocks (copied here, before this step's forward pass can reuse vLLM's; vLLM may then
+        free its blocks), else in vLLM's blocks."""
+        if hold.host_ids:
+            if self._mover is None or self._producer is None:
+                logger.warning("request %s: a host hold without a host tier", hold.request_id)
+                if self._mover is not None:
+                    self._mover.mark_done(hold.job_id)
+                hold = dataclasses.replace(hold, host_ids=())
+            else:
+                self._mover.save(TierSave(hold.block_ids, hold.host_ids))
+                self._freed.append(hold.request_id)  # vLLM's blocks are no longer needed
+        self._holds.hold(
+            hold.request_id,
+            hold,
+            num_blocks=len(hold.block_ids),
+            deadline=time.monotonic() + hold.timeout_s,
+        )
 
     def _load_from_tier(self, load: TierLoad) -> None:
         if self._mover is None:
@@ -304,7 +325,12 @@ class FabricWorker:
         """``(finished_sending, finished_recving)`` for vLLM (see the module docstring)."""
         freed = set(self._freed)
         self._finished_ids |= {r for r in finished_req_ids if r in self._holds or r in freed}
-        self._freed.extend(freed.request_id for freed in self._holds.collect(time.monotonic()))
+        for released in self._holds.collect(time.monotonic()):
+            if released.item.host_ids:  # vLLM freed its blocks already: free the host copies
+                assert self._mover is not None
+                self._mover.mark_done(released.item.job_id)
+            else:
+                self._freed.append(released.request_id)
         sending = {r for r in self._freed if r in self._finished_ids}
         if sending:
             self._freed = [r for r in self._freed if r not in sending]

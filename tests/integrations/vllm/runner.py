@@ -110,7 +110,12 @@ def run(job: dict[str, Any]) -> None:
         while worker.worker.num_holds and time.monotonic() < deadline:
             llm.llm_engine.step()
             time.sleep(0.01)
-        for _ in range(3):  # let the scheduler take the freed requests' last reports
+        # The next request: a step in which the worker frees the released holds' blocks and
+        # the scheduler takes its reports (an idle engine runs no step).
+        llm.generate(
+            [{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1), use_tqdm=False
+        )
+        for _ in range(3):
             llm.llm_engine.step()
         _emit("released", **_report(scheduler, worker))
 

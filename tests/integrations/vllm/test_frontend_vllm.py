@@ -320,3 +320,17 @@ def test_the_frontend_routes_a_repeated_prompt_to_the_vllm_instance_holding_it(
     )
     assert fresh.choices[0].text == codec.decode(reference["token_ids"][1])
     assert fresh.model_dump()["fabric"]["worker"] == "agg-a"  # no prefix anywhere: the tie
+
+    # A peer hit between vLLM instances: agg-a serves, reading the prompt's KV that agg-b holds
+    # (agg-b prefills from its cache and holds the blocks; agg-a reads them over NIXL).
+    peer = client.completions.create(
+        model=model,
+        prompt=PROMPTS[0],
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"fabric": {"worker": "agg-a", "prefill_worker": "agg-b"}},
+    )
+    assert peer.choices[0].text == codec.decode(expected)
+    fabric = peer.model_dump()["fabric"]
+    assert (fabric["worker"], fabric["prefill_worker"]) == ("agg-a", "agg-b")
+    assert fabric["kv_transfer_tokens"] == len(PROMPTS[0])

@@ -298,3 +298,15 @@ def test_tier_keys_reach_the_block_manager_settings_and_bad_ones_are_refused() -
         )
     with pytest.raises(ConfigError, match="cpu_cache_gb"):  # the error lists the tier keys too
         ConnectorConfig.from_extra({"cpu_cache_gbs": 1}, kv_role=None, engine_id=None)
+
+
+def test_a_pd_hold_takes_scratch_host_blocks_until_reported() -> None:
+    ledger, events = make_ledger(host=4)
+    held = ledger.plan_hold(3)
+    assert held is not None
+    job_id, host_ids = held
+    assert len(host_ids) == 3 and ledger.pool(Tier.HOST).stats().num_in_use == 3
+    assert ledger.plan_hold(2) is None  # G2 has one block left: the hold stays in vLLM's
+    assert events.events == []  # scratch blocks are never registered, so never published
+    ledger.report(JobReport({job_id: 1}))
+    assert ledger.pool(Tier.HOST).stats().num_free == 4 and ledger.num_jobs == 0

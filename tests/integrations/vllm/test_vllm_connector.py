@@ -251,16 +251,24 @@ def test_host_overflow_goes_to_local_disk_and_g4_and_is_served_from_both(
     assert reader["scheduler_stats"]["num_disk_hit_tokens"] == hit
 
 
+@pytest.mark.parametrize(
+    "producer_tiers", [{}, {"cpu_cache_blocks": 64}], ids=["held-in-vllm", "held-in-host-tier"]
+)
 def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
     engines: Any,
     kv_transfer_config: Any,
     reference: dict[str, Any],
     etcd_endpoint: str,
+    producer_tiers: dict[str, Any],
 ) -> None:
     """A and C are prefilled by the producer and read by the consumer with NIXL; B names a
-    producer that does not exist, so its read fails and the consumer recomputes it."""
+    producer that does not exist, so its read fails and the consumer recomputes it. With a host
+    tier, the producer copies each finished prefill there and lets vLLM free its blocks: the
+    consumer reads the host copies."""
     common = {"etcd_endpoints": etcd_endpoint, "peer_timeout_s": 3.0, "hold_timeout_s": 60.0}
-    producer_config = kv_transfer_config("kv_producer", worker_id="prefill-0", **common)
+    producer_config = kv_transfer_config(
+        "kv_producer", worker_id="prefill-0", **common, **producer_tiers
+    )
     consumer_config = kv_transfer_config("kv_consumer", worker_id="decode-0", **common)
     producer = engines.start(
         "producer",
@@ -315,3 +323,6 @@ def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
     assert released["num_holds"] == 0
     assert released["worker_stats"]["num_holds_released"] == 2
     assert released["worker_stats"]["num_holds_expired"] == 0
+    host_holds = 2 if producer_tiers else 0
+    assert prefilled["scheduler_stats"]["num_host_holds"] == host_holds
+    assert released["scheduler_stats"]["tier_jobs_in_flight"] == 0  # host copies freed
