@@ -84,8 +84,12 @@ stream (``take_events``) and, with ``events_endpoint``, the fabric's publisher a
 etcd, which the frontend indexes to route by prefix. With a host tier, a P/D producer serves its
 holds from host copies (``PeerHold.host_ids``) so vLLM frees its blocks at once.
 
-Not supported yet: TP/PP > 1, hybrid or sliding-window models (several KV cache groups),
-layer-wise pipelining of loads/saves.
+*Tensor parallel.* Each rank's worker side keeps its own shard under the ledger's block ids (G4
+in a directory per rank: ``PageGeometry.shard_compat``); the ledger counts a job done once every
+rank reported it.
+
+Not supported yet: P/D with TP > 1, PP > 1, hybrid or sliding-window models (several KV cache
+groups), layer-wise pipelining of loads/saves.
 """
 
 CONNECTOR_NAME = "FabricConnector"

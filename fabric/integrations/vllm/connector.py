@@ -60,13 +60,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def open_store(config: ConnectorConfig, geometry: PageGeometry) -> SharedBlockStore | None:
-    """The disk tier's store for this geometry, or None when ``disk_path`` is not set."""
+def open_store(
+    config: ConnectorConfig, geometry: PageGeometry, rank: int = 0, world_size: int = 1
+) -> SharedBlockStore | None:
+    """The G4 store of tensor-parallel ``rank``'s shards (a directory of its own), or None when
+    ``disk_path`` is not set."""
     if config.disk_path is None:
         return None
     return SharedBlockStore(
         config.disk_path,
-        compat_hash=geometry.compat_hash,
+        compat_hash=geometry.shard_compat(rank, world_size),
         block_bytes=geometry.block_bytes,
         capacity_blocks=config.disk_capacity_blocks,
         fsync=config.disk_fsync,
@@ -82,15 +85,21 @@ def served_model_name(vllm_config: VllmConfig) -> str:
     return str(name)
 
 
-def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricScheduler:
-    """The scheduler side: the G4 store, and the tiers' ledger whose events go to vLLM's own
-    stream (``take_events``) and to the fabric's publisher when ``events_endpoint`` is set."""
+def build_scheduler(
+    config: ConnectorConfig, geometry: PageGeometry, world_size: int = 1
+) -> FabricScheduler:
+    """The scheduler side: the G4 store (rank 0's directory answers lookups: a shard another
+    rank lacks is a load error there, recomputed), and the tiers' ledger, counting a job done
+    once every rank reported it, whose events go to vLLM's own stream (``take_events``) and to
+    the fabric's publisher when ``events_endpoint`` is set."""
     kvbm = config.kvbm_config(geometry.block_size)
-    store = open_store(config, geometry)
+    store = open_store(config, geometry, 0, world_size)
     buffer = EventBuffer()
     events = FanoutSink([buffer, publisher_for(kvbm)])
     try:
-        ledger = TierLedger.build(kvbm, geometry.block_bytes, events, shared=store is not None)
+        ledger = TierLedger.build(
+            kvbm, geometry.block_bytes, events, shared=store is not None, world_size=world_size
+        )
     except BaseException:
         events.close()
         if store is not None:
@@ -100,9 +109,22 @@ def build_scheduler(config: ConnectorConfig, geometry: PageGeometry) -> FabricSc
 
 
 def build_worker(
-    config: ConnectorConfig, geometry: PageGeometry, layer_names: list[str]
+    config: ConnectorConfig,
+    geometry: PageGeometry,
+    layer_names: list[str],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> FabricWorker:
-    return FabricWorker(config, geometry, layer_names, open_store(config, geometry))
+    """The worker side of tensor-parallel ``rank``: its own shard in every tier."""
+    store = open_store(config, geometry, rank, world_size)
+    return FabricWorker(config, geometry, layer_names, store)
+
+
+def _tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (vLLM's distributed state is set up by now)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
 
 
 def to_vllm_event(event: KvEvent) -> KVCacheEvent:
@@ -139,13 +161,18 @@ class FabricConnector(KVConnectorBase_V1):
         if kv_cache_config is None:
             raise ConfigError("FabricConnector needs vLLM's KVCacheConfig (vLLM 0.32 or newer)")
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        world_size = int(parallel.tensor_parallel_size)
+        if parallel.pipeline_parallel_size > 1:
             raise ConfigError(
-                "FabricConnector supports one worker per instance (tensor and pipeline "
-                f"parallel size 1), got TP={parallel.tensor_parallel_size} "
+                "FabricConnector does not support pipeline parallelism, got "
                 f"PP={parallel.pipeline_parallel_size}"
             )
         config = ConnectorConfig.from_vllm(self._kv_transfer_config)
+        if world_size > 1 and config.pd_enabled:
+            raise ConfigError(
+                f"P/D (etcd_endpoints) with tensor parallelism (TP={world_size}) is not "
+                "supported yet; the host, disk and G4 tiers are"
+            )
         if config.served_model_name is None:
             config = dataclasses.replace(config, served_model_name=served_model_name(vllm_config))
         self.config = config
@@ -162,10 +189,11 @@ class FabricConnector(KVConnectorBase_V1):
         self._scheduler: FabricScheduler | None = None
         self._worker: FabricWorker | None = None
         if role is KVConnectorRole.SCHEDULER:
-            self._scheduler = build_scheduler(self.config, self.geometry)
+            self._scheduler = build_scheduler(self.config, self.geometry, world_size)
         else:
             layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
-            self._worker = build_worker(self.config, self.geometry, layer_names)
+            rank = _tensor_parallel_rank() if world_size > 1 else 0
+            self._worker = build_worker(self.config, self.geometry, layer_names, rank, world_size)
         logger.info(
             "fabric connector (%s, %s): tiers %s, G4 %s, P/D %s, compat %016x, %d-byte blocks",
             role.name.lower(),

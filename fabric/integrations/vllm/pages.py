@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from fabric.errors import LayoutMismatch
 from fabric.kvbm import (
@@ -85,6 +86,13 @@ class PageGeometry:
     def compat_hash(self) -> int:
         """The hash seed (a u64): equal iff the compatibility facts are."""
         return self.hash_seed
+
+    def shard_compat(self, rank: int, world_size: int) -> int:
+        """The compat hash of tensor-parallel ``rank``'s shards: the compat hash itself without
+        tensor parallelism, else one per (rank, size), so no rank ever reads another's bytes."""
+        if world_size == 1:
+            return self.compat_hash
+        return xxhash.xxh3_64_intdigest(f"{self.compat_hash}:{rank}/{world_size}".encode())
 
     @property
     def hash_seed(self) -> int:

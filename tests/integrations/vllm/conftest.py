@@ -65,7 +65,7 @@ def model_dir() -> str:
 class Engine:
     """One runner process: its result lines arrive on a queue, read by a daemon thread."""
 
-    def __init__(self, python: str, job: dict[str, Any], *, cpu: int, log: Path) -> None:
+    def __init__(self, python: str, job: dict[str, Any], *, cpu: int | str, log: Path) -> None:
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(cpu), PYTHONUNBUFFERED="1")
         self.log = log
         self._log_file = log.open("w")
@@ -124,14 +124,14 @@ class Engines:
         self.logs = logs
         self._started: list[Engine] = []
 
-    def start(self, name: str, job: dict[str, Any], *, cpu: int = 0) -> Engine:
+    def start(self, name: str, job: dict[str, Any], *, cpu: int | str = 0) -> Engine:
         engine = Engine(
             self.python, {"model": self.model, **job}, cpu=cpu, log=self.logs / f"{name}.log"
         )
         self._started.append(engine)
         return engine
 
-    def run(self, name: str, job: dict[str, Any], *, cpu: int = 0) -> dict[str, Any]:
+    def run(self, name: str, job: dict[str, Any], *, cpu: int | str = 0) -> dict[str, Any]:
         """Run ``job`` to completion and return its outputs."""
         engine = self.start(name, job, cpu=cpu)
         outputs = engine.result("outputs")

@@ -8,7 +8,8 @@ The job::
      "kv_transfer_config": {...} | null,       # null: the single engine, no connector
      "kv_transfer_params": [{...} | null, ...], # per prompt (optional)
      "hold_wait_s": 0,                          # producer: keep stepping until holds are freed
-     "reset_prefix_cache_before": [i, ...]}     # empty vLLM's G1 before these prompts
+     "reset_prefix_cache_before": [i, ...],     # empty vLLM's G1 before these prompts
+     "tensor_parallel_size": 1}                 # > 1: one worker process per rank
 
 Prints ``{"event": "outputs", ...}`` once the prompts are done (token ids, ``num_cached_tokens``,
 ``kv_transfer_params``, the connector's geometry and both sides' counters), then, when
@@ -41,13 +42,13 @@ def _emit(event: str, **fields: Any) -> None:
 
 
 def _connectors(llm: Any) -> tuple[Any, Any]:
-    """(scheduler-side, worker-side) connectors of the in-process engine, or (None, None)."""
+    """(scheduler-side, worker-side) connectors of the in-process engine; the worker side is
+    None when the workers run in their own processes (tensor parallel)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-    if not has_kv_transfer_group():
-        return None, None
     core = llm.llm_engine.engine_core.engine_core
-    return core.scheduler.connector, get_kv_transfer_group()
+    scheduler = core.scheduler.connector
+    return scheduler, get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
 def _report(scheduler: Any, worker: Any) -> dict[str, Any]:
@@ -56,11 +57,11 @@ def _report(scheduler: Any, worker: Any) -> dict[str, Any]:
     geometry = scheduler.geometry
     return {
         "scheduler_stats": scheduler.stats(),
-        "worker_stats": worker.stats(),
+        "worker_stats": worker.stats() if worker is not None else None,
         "compat_hash": geometry.compat_hash,
         "hash_seed": geometry.hash_seed,
         "block_bytes": geometry.block_bytes,
-        "num_holds": worker.worker.num_holds,
+        "num_holds": worker.worker.num_holds if worker is not None else None,
     }
 
 
@@ -70,11 +71,13 @@ def run(job: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = {}
     if job.get("kv_transfer_config") is not None:
         kwargs["kv_transfer_config"] = job["kv_transfer_config"]
+    tensor_parallel_size = int(job.get("tensor_parallel_size", 1))
     llm = LLM(
         model=job["model"],
         dtype="float32",
         enforce_eager=True,
-        distributed_executor_backend="uni",
+        tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
         block_size=job.get("block_size", 32),
         max_model_len=job.get("max_model_len", 1024),
         seed=0,

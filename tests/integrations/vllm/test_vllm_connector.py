@@ -251,6 +251,27 @@ def test_host_overflow_goes_to_local_disk_and_g4_and_is_served_from_both(
     assert reader["scheduler_stats"]["num_disk_hit_tokens"] == hit
 
 
+def test_tensor_parallel_ranks_each_keep_their_shard_in_the_host_tier(
+    engines: Any, kv_transfer_config: Any
+) -> None:
+    """TP 2 (one worker process per rank, one core each): the scheduler plans once, each rank
+    saves and loads its own shard, and a prompt evicted from G1 comes back from G2 with the
+    output of the same TP 2 engine without the connector."""
+    job = _job(["A", "A"], tensor_parallel_size=2, reset_prefix_cache_before=[1])
+    reference = engines.run("reference-tp2", job, cpu="0|1")
+    config = kv_transfer_config("kv_both", cpu_cache_blocks=64)
+    run = engines.run(
+        "host-tier-tp2",
+        {**job, "kv_transfer_config": config},
+        cpu="0|1",
+    )
+    assert run["token_ids"] == reference["token_ids"]
+    hit = _disk_hit_blocks(PROMPTS["A"]) * BLOCK
+    assert run["num_cached_tokens"] == [0, hit]
+    assert run["scheduler_stats"]["num_host_hit_tokens"] == hit
+    assert run["scheduler_stats"]["tier_jobs_in_flight"] == 0  # both ranks reported every job
+
+
 @pytest.mark.parametrize(
     "producer_tiers", [{}, {"cpu_cache_blocks": 64}], ids=["held-in-vllm", "held-in-host-tier"]
 )
