@@ -86,10 +86,11 @@ holds from host copies (``PeerHold.host_ids``) so vLLM frees its blocks at once.
 
 *Tensor parallel.* Each rank's worker side keeps its own shard under the ledger's block ids (G4
 in a directory per rank: ``PageGeometry.shard_compat``); the ledger counts a job done once every
-rank reported it.
+rank reported it. For P/D each rank has its own NIXL agent, producer endpoint and etcd record
+(``discovery.rank_worker_id``) and reads from the producer's rank of the same number.
 
-Not supported yet: P/D with TP > 1, PP > 1, hybrid or sliding-window models (several KV cache
-groups), layer-wise pipelining of loads/saves.
+Not supported yet: P/D between different TP sizes, PP > 1, hybrid or sliding-window models
+(several KV cache groups), layer-wise pipelining of loads/saves.
 """
 
 CONNECTOR_NAME = "FabricConnector"

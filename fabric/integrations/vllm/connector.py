@@ -117,7 +117,7 @@ def build_worker(
 ) -> FabricWorker:
     """The worker side of tensor-parallel ``rank``: its own shard in every tier."""
     store = open_store(config, geometry, rank, world_size)
-    return FabricWorker(config, geometry, layer_names, store)
+    return FabricWorker(config, geometry, layer_names, store, rank)
 
 
 def _tensor_parallel_rank() -> int:
@@ -168,11 +168,6 @@ class FabricConnector(KVConnectorBase_V1):
                 f"PP={parallel.pipeline_parallel_size}"
             )
         config = ConnectorConfig.from_vllm(self._kv_transfer_config)
-        if world_size > 1 and config.pd_enabled:
-            raise ConfigError(
-                f"P/D (etcd_endpoints) with tensor parallelism (TP={world_size}) is not "
-                "supported yet; the host, disk and G4 tiers are"
-            )
         if config.served_model_name is None:
             config = dataclasses.replace(config, served_model_name=served_model_name(vllm_config))
         self.config = config

@@ -25,6 +25,7 @@ import time
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Registry
 from fabric.errors import FabricError, PeerUnavailable, TransferError
+from fabric.integrations.vllm.discovery import rank_worker_id
 from fabric.integrations.vllm.metadata import PeerRead
 from fabric.kvbm import Storage
 from fabric.pd import ProducerLinks, RemoteReader
@@ -51,8 +52,11 @@ class PeerReader:
         namespace: str,
         peer_timeout_s: float,
         read_timeout_s: float,
+        rank: int = 0,
     ) -> None:
+        """``rank``: this worker's tensor-parallel rank; it reads the producer's same rank."""
         self._worker_id = worker_id
+        self._rank = rank
         self._peer_timeout_s = peer_timeout_s
         self._read_timeout_s = read_timeout_s
         self._reader = RemoteReader(
@@ -74,7 +78,7 @@ class PeerReader:
                 happen; the producer was told to free its blocks where it could be reached.
         """
         deadline = time.monotonic() + self._peer_timeout_s
-        producer = spec.remote_worker_id
+        producer = rank_worker_id(spec.remote_worker_id, self._rank)
         self._links.wait_for(producer, self._peer_timeout_s)
         client = self._links.link(producer)
         if not spec.block_ids:

@@ -34,6 +34,13 @@ KV_ROLE_TO_ROLE = {
 }
 
 
+def rank_worker_id(worker_id: str, rank: int) -> str:
+    """The id tensor-parallel ``rank`` of instance ``worker_id`` registers under: the instance's
+    own for rank 0 (the record the frontend routes to), ``<id>-tp<rank>`` for the others (a
+    consumer's rank reads from the producer's rank of the same number)."""
+    return worker_id if rank == 0 else f"{worker_id}-tp{rank}"
+
+
 def instance_record(
     config: ConnectorConfig,
     geometry: PageGeometry,

@@ -345,6 +345,7 @@ class FabricScheduler:
         """
         if report and self._ledger is not None:
             self._ledger.report(report)
+        self.stats.num_load_error_blocks += len(invalid_block_ids)
         if not invalid_block_ids or self._kv_cache_manager is None:
             return
         for req_id, tracked in self._tracked.items():

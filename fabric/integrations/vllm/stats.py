@@ -23,6 +23,8 @@ class SchedulerStats:
     """Blocks handed to the worker to offload (to G2 with a host tier, else to G4)."""
     num_peer_reads: int = 0
     """Prefills planned to be read from a producer instance."""
+    num_load_error_blocks: int = 0
+    """Blocks the workers reported failed to load (every rank's, merged by vLLM): recomputed."""
     num_holds: int = 0
     """Finished prefills held for a consumer instance."""
     num_host_holds: int = 0

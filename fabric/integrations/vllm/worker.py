@@ -40,7 +40,7 @@ from fabric.discovery.registration import WorkerRegistration
 from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.consumer import PeerReader
-from fabric.integrations.vllm.discovery import instance_record
+from fabric.integrations.vllm.discovery import instance_record, rank_worker_id
 from fabric.integrations.vllm.jobs import TierLoad, TierSave
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
@@ -70,8 +70,11 @@ class FabricWorker:
         geometry: PageGeometry,
         layer_names: Sequence[str],
         store: SharedBlockStore | None,
+        rank: int = 0,
     ) -> None:
         self.config = config
+        self.rank = rank
+        """This worker's tensor-parallel rank: P/D goes rank to rank (``rank_worker_id``)."""
         self.geometry = geometry
         self.stats = WorkerStats()
         self._layer_names = list(layer_names)
@@ -109,8 +112,13 @@ class FabricWorker:
         from fabric.transfer.nixl_agent import NixlAgent
 
         config = self.config
-        worker_id = config.fabric_worker_id
         kvbm = config.kvbm_config(self.geometry.block_size)
+        events = (kvbm.events_endpoint, kvbm.events_replay_endpoint)
+        if self.rank:  # a rank's own record: not routable (no http), no events (the scheduler's)
+            worker_id = rank_worker_id(config.fabric_worker_id, self.rank)
+            config = dataclasses.replace(config, worker_id=worker_id, http_url=None)
+            events = (None, None)
+        worker_id = config.fabric_worker_id
         if config.signal_host.startswith("127."):
             os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every peer is on this host
         storage = pages.storage()
@@ -143,6 +151,7 @@ class FabricWorker:
                 namespace=config.namespace,
                 peer_timeout_s=config.peer_timeout_s,
                 read_timeout_s=config.read_timeout_s,
+                rank=self.rank,
             )
             self._stack.callback(self._reader.close)
         record = instance_record(
@@ -151,7 +160,7 @@ class FabricWorker:
             signal_endpoint=self._producer.endpoint if self._producer is not None else None,
             agent_name=agent.name,
             started_at=time.time(),
-            events=(kvbm.events_endpoint, kvbm.events_replay_endpoint),
+            events=events,
         )
         if record is not None:
             # Closed first (LIFO): the record leaves etcd before the endpoints stop.

@@ -108,11 +108,19 @@ def run(job: dict[str, Any]) -> None:
         **_report(scheduler, worker),
     )
     hold_wait_s = float(job.get("hold_wait_s", 0))
-    if hold_wait_s > 0 and worker is not None:
+    if hold_wait_s > 0 and scheduler is not None:
+        core = llm.llm_engine.engine_core.engine_core
+
+        def holding() -> int:
+            # In-process worker: its holds; workers in their own processes (TP): the finished
+            # requests vLLM keeps until every rank reports them sent.
+            return worker.worker.num_holds if worker is not None else len(core.scheduler.requests)
+
         deadline = time.monotonic() + hold_wait_s
-        while worker.worker.num_holds and time.monotonic() < deadline:
+        while holding() and time.monotonic() < deadline:
             llm.llm_engine.step()
             time.sleep(0.01)
+        still_holding = holding()
         # The next request: a step in which the worker frees the released holds' blocks and
         # the scheduler takes its reports (an idle engine runs no step).
         llm.generate(
@@ -120,7 +128,7 @@ def run(job: dict[str, Any]) -> None:
         )
         for _ in range(3):
             llm.llm_engine.step()
-        _emit("released", **_report(scheduler, worker))
+        _emit("released", still_holding=still_holding, **_report(scheduler, worker))
 
 
 if __name__ == "__main__":

@@ -272,6 +272,46 @@ def test_tensor_parallel_ranks_each_keep_their_shard_in_the_host_tier(
     assert run["scheduler_stats"]["tier_jobs_in_flight"] == 0  # both ranks reported every job
 
 
+def test_prefill_and_decode_with_tensor_parallel_instances(
+    engines: Any, kv_transfer_config: Any, etcd_endpoint: str
+) -> None:
+    """TP 2 on both sides: each consumer rank reads its shard from the producer's rank of the
+    same number (``rank_worker_id``); the outputs equal a TP 2 engine's without the connector."""
+    reference = engines.run("reference-pd-tp2", _job(["A", "C"], tensor_parallel_size=2), cpu="0|1")
+    common = {"etcd_endpoints": etcd_endpoint, "peer_timeout_s": 10.0, "hold_timeout_s": 120.0}
+    producer = engines.start(
+        "producer-tp2",
+        _job(
+            ["A", "C"],
+            tensor_parallel_size=2,
+            kv_transfer_config=kv_transfer_config("kv_producer", worker_id="prefill-tp", **common),
+            kv_transfer_params=[{"do_remote_decode": True}] * 2,
+            max_tokens=1,
+            hold_wait_s=240,
+        ),
+        cpu="0|1",
+    )
+    prefilled = producer.result("outputs")
+    ids = sorted(record.worker_id for record in _worker_records(etcd_endpoint))
+    assert ids == ["prefill-tp", "prefill-tp-tp1"]  # one record per rank
+    consumer = engines.run(
+        "consumer-tp2",
+        _job(
+            ["A", "C"],
+            tensor_parallel_size=2,
+            kv_transfer_config=kv_transfer_config("kv_consumer", worker_id="decode-tp", **common),
+            kv_transfer_params=prefilled["kv_transfer_params"],
+        ),
+        cpu="0|1",
+    )
+    released = producer.result("released", timeout_s=300)
+    assert producer.wait() == 0
+    assert consumer["token_ids"] == reference["token_ids"]
+    assert consumer["scheduler_stats"]["num_peer_reads"] == 2
+    assert consumer["scheduler_stats"]["num_load_error_blocks"] == 0  # every rank read its shard
+    assert released["still_holding"] == 0  # both ranks reported both holds sent
+
+
 @pytest.mark.parametrize(
     "producer_tiers", [{}, {"cpu_cache_blocks": 64}], ids=["held-in-vllm", "held-in-host-tier"]
 )
