@@ -213,6 +213,17 @@ def test_a_prompt_evicted_from_vllm_is_served_from_the_host_tier(
     full = (len(a) + MAX_TOKENS - 1) // BLOCK
     assert run["worker_stats"]["num_tier_saved_blocks"] == full  # copied out once
 
+    # The same with every tier load failing: vLLM recomputes, the output does not change.
+    failing = kv_transfer_config("kv_both", cpu_cache_blocks=64, debug_fail_loads=True)
+    run = engines.run(
+        "host-tier-failing",
+        _job(["A", "A"], kv_transfer_config=failing, reset_prefix_cache_before=[1]),
+    )
+    assert run["token_ids"] == [reference["token_ids"][0]] * 2
+    assert run["worker_stats"]["num_load_errors"] == hit // BLOCK
+    assert run["worker_stats"]["num_tier_loaded_blocks"] == 0
+    assert run["scheduler_stats"]["num_load_error_blocks"] == hit // BLOCK
+
 
 def test_host_overflow_goes_to_local_disk_and_g4_and_is_served_from_both(
     engines: Any, kv_transfer_config: Any, reference: dict[str, Any], tmp_path: Path
