@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "fabric.bench.serve",
     "prefix": "fabric.bench.prefix",
     "vllm": "fabric.bench.vs_vllm",
+    "vllm-offload": "fabric.bench.vllm_offload",
 }
 """Subcommand name -> module implementing it."""
 

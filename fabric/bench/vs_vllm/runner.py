@@ -86,7 +86,7 @@ def run_arm(python: Path, arm: Arm, workload: Workload, run_dir: Path, etcd: str
             servers.append(server)
             wait_servers(servers)
             result.replies, result.tokens_by_source = _serve_all(
-                workload, server, lambda p: _ask(server, p, workload)
+                workload, server, lambda p: ask(server, p, workload)
             )
         elif arm.kind is ArmKind.PD:
             prefill = start_server(ctx, "prefill", arm.first, PREFILL_CPU)
@@ -101,16 +101,14 @@ def run_arm(python: Path, arm: Arm, workload: Workload, run_dir: Path, etcd: str
             first = start_server(ctx, "store", arm.first, DECODE_CPU)
             servers.append(first)
             wait_servers(servers)
-            result.first_replies, _ = _serve_all(
-                workload, first, lambda p: _ask(first, p, workload)
-            )
+            result.first_replies, _ = _serve_all(workload, first, lambda p: ask(first, p, workload))
             stop_servers(servers)
             servers.clear()
             second = start_server(ctx, "hit", arm.second, DECODE_CPU)
             servers.append(second)
             wait_servers(servers)
             result.replies, result.tokens_by_source = _serve_all(
-                workload, second, lambda p: _ask(second, p, workload)
+                workload, second, lambda p: ask(second, p, workload)
             )
     finally:
         stop_servers(servers)
@@ -119,21 +117,21 @@ def run_arm(python: Path, arm: Arm, workload: Workload, run_dir: Path, etcd: str
 
 
 def _serve_all(
-    workload: Workload, answering: Server, ask: Callable[[Sequence[int]], Reply]
+    workload: Workload, answering: Server, send: Callable[[Sequence[int]], Reply]
 ) -> tuple[list[Reply], dict[str, float]]:
     """One warm-up (not kept), then every prompt in order.
 
     Returns:
         The replies, and the growth of ``answering``'s prompt-token counters over them.
     """
-    ask(workload.warmup)
-    before = _tokens_by_source(answering)
+    send(workload.warmup)
+    before = tokens_by_source(answering)
     replies = []
     for index, prompt in enumerate(workload.prompts):
-        reply = ask(prompt)
+        reply = send(prompt)
         log(f"{answering.name} #{index}: ttft {reply.ttft_ms:.0f} ms")
         replies.append(reply)
-    after = _tokens_by_source(answering)
+    after = tokens_by_source(answering)
     return replies, {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
@@ -168,7 +166,7 @@ def _stream(
     return got.arrivals[0], got.token_ids
 
 
-def _ask(server: Server, prompt: Sequence[int], workload: Workload) -> Reply:
+def ask(server: Server, prompt: Sequence[int], workload: Workload) -> Reply:
     """One streamed completion from one server."""
     started = time.perf_counter()
     first, token_ids = _stream(server, prompt, workload)
@@ -196,7 +194,7 @@ def _ask_pd(prefill: Server, decode: Server, prompt: Sequence[int], workload: Wo
     return Reply(ttft_s * 1e3, token_ids, prefill_s * 1e3, (ttft_s - prefill_s) * 1e3)
 
 
-def _tokens_by_source(server: Server) -> dict[str, float]:
+def tokens_by_source(server: Server) -> dict[str, float]:
     """``vllm:prompt_tokens_by_source`` of ``server`` now, by source (summed over engines)."""
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
         text = response.read().decode()

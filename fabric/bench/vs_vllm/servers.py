@@ -101,7 +101,7 @@ def _import_problem(python: Path, modules: str) -> str | None:
             [str(python), "-c", f"import {modules}"],
             capture_output=True,
             text=True,
-            env=child_env(_vllm_env()),
+            env=child_env(vllm_env()),
             timeout=IMPORT_CHECK_TIMEOUT_S,
             check=False,
         )
@@ -113,7 +113,7 @@ def _import_problem(python: Path, modules: str) -> str | None:
     return lines[-1] if lines else f"exit code {proc.returncode}"
 
 
-def _vllm_env(**extra: str) -> dict[str, str]:
+def vllm_env(**extra: str) -> dict[str, str]:
     """What every vLLM-side process gets on top of ``child_env``: the repo importable."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {"PYTHONPATH": path, **extra}
@@ -162,9 +162,18 @@ class Server:
 
 
 def server_command(
-    python: Path, workload: Workload, port: int, kv_config: Mapping[str, Any] | None
+    python: Path,
+    workload: Workload,
+    port: int,
+    kv_config: Mapping[str, Any] | None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of one vLLM OpenAI server for the workload's model."""
+    """The command line of one vLLM OpenAI server for the workload's model.
+
+    Args:
+        extra_args: more server flags, appended (``bench vllm-offload``'s
+            ``--num-gpu-blocks-override``).
+    """
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server"]
     cmd += ["--model", str(workload.model_dir), "--served-model-name", workload.preset]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
@@ -173,16 +182,20 @@ def server_command(
     cmd += ["--generation-config", "vllm", "--disable-uvicorn-access-log"]
     if kv_config is not None:
         cmd += ["--kv-transfer-config", json.dumps(kv_config)]
-    return cmd
+    return cmd + list(extra_args)
 
 
 def start_server(
-    ctx: ArmContext, role: str, kv_config: Mapping[str, Any] | None, cpu: str
+    ctx: ArmContext,
+    role: str,
+    kv_config: Mapping[str, Any] | None,
+    cpu: str,
+    extra_args: Sequence[str] = (),
 ) -> Server:
     """Start one server in its own process group, pinned to ``cpu``, output in a log file."""
     arm = ctx.arm
     port = free_port()
-    env = _vllm_env(
+    env = vllm_env(
         VLLM_CPU_OMP_THREADS_BIND=cpu,
         VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
         VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
@@ -191,7 +204,7 @@ def start_server(
     )
     name = f"{arm.name}-{role}"
     kv_config = fill(kv_config, ctx.placeholders) if kv_config else None
-    cmd = server_command(ctx.python, ctx.workload, port, kv_config)
+    cmd = server_command(ctx.python, ctx.workload, port, kv_config, extra_args)
     log(f"starting {name} on cpu {cpu}, port {port}")
     child = start_process(
         name, cmd, ctx.run_dir, progress=log, env=env, cwd=ctx.run_dir, own_group=True
