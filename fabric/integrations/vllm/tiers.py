@@ -237,23 +237,26 @@ class TierLedger:
         lacks (registered now) and the write-downs of the run (registered when done). Nothing
         is planned when G2 cannot take the run (every host block referenced): a miss, later."""
         host = self._pools[Tier.HOST]
-        if all(host.contains(h) for h in hashes):
+        missing = [i for i, h in enumerate(hashes) if not host.contains(h)]
+        if not missing:
             return None, []
-        allocation = host.allocate(len(hashes))
-        if allocation is None:
-            logger.debug(
-                "host tier full (every block referenced): %d blocks not saved", len(hashes)
-            )
-            return None, []
-        fresh = set(allocation.block_ids)
-        allocation.advance(allocation.capacity)
-        registered = host.register(allocation, hashes, parent_hash=parent)
-        new = [i for i, b in enumerate(registered.block_ids) if b in fresh]
-        save = TierSave(
-            tuple(block_ids[i] for i in new), tuple(registered.block_ids[i] for i in new)
-        )
-        writes = self._plan_writes(registered, parent)
-        host.release(registered)
+        # Pin what G2 holds already, so the allocation cannot evict it, and allocate only the
+        # rest: a full G2 never trades a block it still needs for a copy it already has.
+        pins = [host.match([hashes[i]]) for i in range(len(hashes)) if i not in set(missing)]
+        try:
+            allocation = host.allocate(len(missing))
+            if allocation is None:
+                logger.debug("host tier full (all referenced): %d blocks not saved", len(missing))
+                return None, []
+            host_ids = tuple(allocation.block_ids)
+            register_positions(host, allocation, hashes, missing, [parent, *hashes[:-1]])
+            save = TierSave(tuple(block_ids[i] for i in missing), host_ids)
+            run = host.match(hashes)  # the whole run, pinned while its writes are planned
+            writes = self._plan_writes(run, parent) if len(run) == len(hashes) else []
+            host.release(run)
+        finally:
+            for pin in pins:
+                host.release(pin)
         return save, writes
 
     def _plan_writes(self, blocks: ImmutableBlocks, parent: SequenceHash | None) -> list[TierWrite]:

@@ -11,9 +11,11 @@ Two implementations with one contract:
 * native: the torch C++ extension in ``csrc/block_copy.cpp`` (plus ``csrc/block_copy_cuda.cu``
   when a CUDA device and toolkit exist), compiled with ``torch.utils.cpp_extension.load`` the
   first time it is needed (about 30 s) into ``$FABRIC_KERNELS_BUILD_DIR``, else
-  ``<repo>/build/torch_ext`` when the checkout is writable, else ``~/.cache/kv-fabric/torch_ext``.
-  Later processes reuse the build (ninja only rechecks it). A ``flock`` keeps two processes from
-  building at once; it dies with its holder, so a killed build never wedges the next one.
+  ``<repo>/build/torch_ext`` when the checkout is writable, else ``~/.cache/kv-fabric/torch_ext``,
+  in a subdirectory per Python environment and torch build (two virtual environments never
+  rebuild each other's library). Later processes reuse the build (ninja only rechecks it). A
+  ``flock`` keeps two processes from building at once; it dies with its holder, so a killed
+  build never wedges the next one.
 * fallback: numpy (CPU) or per-chunk torch copies (CUDA), used when ``FABRIC_NATIVE_KERNELS=0``
   or when the build fails (logged once at WARNING with the reason), and for CUDA tensors when the
   extension was built without CUDA.
@@ -31,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -286,7 +290,7 @@ def _build_and_load() -> ModuleType:
     for source in sources:
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing (fabric installed without csrc/?)")
-    build_dir = _build_root() / name
+    build_dir = _build_root() / f"{name}-{_environment_key()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir / "kv-fabric-build.lock"):
         # torch's own lock is a file created with O_EXCL that a killed build leaves behind, making
@@ -308,6 +312,13 @@ def _build_and_load() -> ModuleType:
             verbose=False,
         )
         return module
+
+
+def _environment_key() -> str:
+    """A short key of this Python environment and torch build: two virtual environments (the
+    main one and vLLM's) each keep their own build instead of rebuilding each other's."""
+    facts = f"{sys.prefix}|{sys.version_info[:2]}|{torch.__version__}"
+    return hashlib.sha256(facts.encode()).hexdigest()[:12]
 
 
 def _build_root() -> Path:

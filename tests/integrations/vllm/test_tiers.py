@@ -310,3 +310,14 @@ def test_a_pd_hold_takes_scratch_host_blocks_until_reported() -> None:
     assert events.events == []  # scratch blocks are never registered, so never published
     ledger.report(JobReport({job_id: 1}))
     assert ledger.pool(Tier.HOST).stats().num_free == 4 and ledger.num_jobs == 0
+
+
+def test_a_full_host_tier_keeps_the_blocks_of_the_run_it_saves() -> None:
+    ledger, _ = make_ledger(host=4)
+    hashes = hashes_of(4)
+    ledger.plan_save([0, 1, 2], hashes[:3], None)
+    save, _ = ledger.plan_save([0, 1, 2, 3], hashes, None)  # one block free, three held already
+    assert save is not None and save.block_ids == (3,)  # only the missing block is copied
+    host = ledger.pool(Tier.HOST)
+    assert all(host.contains(h) for h in hashes)
+    assert ledger.match(hashes).num_blocks == 4
