@@ -76,6 +76,7 @@ class Engine:
             env=env,
             text=True,
             cwd=Path(__file__).parents[3],
+            start_new_session=True,  # a group of its own: tensor-parallel workers die with it
         )
         self._results: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"engine-{self.proc.pid}", daemon=True).start()
@@ -109,8 +110,10 @@ class Engine:
         return "\n".join(lines[-num_lines:])
 
     def kill(self) -> None:
+        """Kill the runner and every process of its group (vLLM's worker processes)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
-            self.proc.kill()
             self.proc.wait(10)
         self._log_file.close()
 

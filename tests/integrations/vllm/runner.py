@@ -119,7 +119,7 @@ def run(job: dict[str, Any]) -> None:
         deadline = time.monotonic() + hold_wait_s
         while holding() and time.monotonic() < deadline:
             llm.llm_engine.step()
-            time.sleep(0.01)
+            time.sleep(0.05)
         still_holding = holding()
         # The next request: a step in which the worker frees the released holds' blocks and
         # the scheduler takes its reports (an idle engine runs no step).
