@@ -287,10 +287,10 @@ def test_builds_wait_for_each_other_and_a_stale_torch_lock_is_cleared(tmp_path: 
     """A second process waits while the build lock is held, and a ``lock`` file left by a killed
     torch build does not wedge it (torch alone would wait for that file forever)."""
     name = kernels._EXTENSION_NAME
-    built = kernels._build_root() / name
+    built = kernels._build_dir(name)
     if not (built / f"{name}.so").exists():
         pytest.skip(f"the extension was built with CUDA or elsewhere, not in {built}")
-    build_dir = tmp_path / name
+    build_dir = tmp_path / built.name
     shutil.copytree(built, build_dir)  # keeps mtimes: ninja finds it up to date
     (build_dir / "lock").touch()
     with kernels._exclusive(build_dir / "kv-fabric-build.lock"):

@@ -290,7 +290,7 @@ def _build_and_load() -> ModuleType:
     for source in sources:
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing (fabric installed without csrc/?)")
-    build_dir = _build_root() / f"{name}-{_environment_key()}"
+    build_dir = _build_dir(name)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir / "kv-fabric-build.lock"):
         # torch's own lock is a file created with O_EXCL that a killed build leaves behind, making
@@ -312,6 +312,11 @@ def _build_and_load() -> ModuleType:
             verbose=False,
         )
         return module
+
+
+def _build_dir(name: str) -> Path:
+    """Where extension ``name`` is built for this Python environment and torch build."""
+    return _build_root() / f"{name}-{_environment_key()}"
 
 
 def _environment_key() -> str:
