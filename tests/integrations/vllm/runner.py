@@ -116,10 +116,14 @@ def run(job: dict[str, Any]) -> None:
             # requests vLLM keeps until every rank reports them sent.
             return worker.worker.num_holds if worker is not None else len(core.scheduler.requests)
 
+        # Rank workers in their own processes (TP) spin on vLLM's shared-memory broadcast queue
+        # for 1 s after each message (``busy_loop_s``): stepping more often than that keeps
+        # both cores busy and starves the consumer engine this producer waits for.
+        pause_s = 1.5 if int(job.get("tensor_parallel_size", 1)) > 1 else 0.05
         deadline = time.monotonic() + hold_wait_s
         while holding() and time.monotonic() < deadline:
             llm.llm_engine.step()
-            time.sleep(0.05)
+            time.sleep(pause_s)
         still_holding = holding()
         # The next request: a step in which the worker frees the released holds' blocks and
         # the scheduler takes its reports (an idle engine runs no step).
