@@ -309,8 +309,12 @@ class FabricScheduler:
             start = tracked.num_offered_blocks
             hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
+            bs = self.block_size
             save, writes = ledger.plan_save(
-                block_ids[start:num_full], hashes[start:], hashes[start - 1] if start else None
+                block_ids[start:num_full],
+                hashes[start:],
+                hashes[start - 1] if start else None,
+                tokens=tracked.request.all_token_ids[start * bs : num_full * bs],
             )
             if save is not None and save.block_ids:
                 self._meta.tier_saves.append(save)

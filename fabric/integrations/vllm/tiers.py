@@ -99,7 +99,8 @@ class TierHit:
 @dataclass(slots=True)
 class _Job:
     """What a reported job releases (``pinned``) and registers: on success, ``allocation``'s
-    i-th block in ``target`` under ``hashes[positions[i]]`` (chained after ``parent``)."""
+    i-th block in ``target`` under ``hashes[positions[i]]`` (chained after ``parent``; its
+    events carry ``tokens``, ``block_size`` per hash, when known)."""
 
     pinned: list[ImmutableBlocks]
     target: Tier | None = None
@@ -107,6 +108,7 @@ class _Job:
     hashes: list[SequenceHash] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     parent: SequenceHash | None = None
+    tokens: Sequence[int] | None = None
     reports: int = 0
 
 
@@ -231,11 +233,14 @@ class TierLedger:
         block_ids: Sequence[int],
         hashes: Sequence[SequenceHash],
         parent: SequenceHash | None,
+        tokens: Sequence[int] | None = None,
     ) -> tuple[TierSave | None, list[TierWrite]]:
         """Copy out vLLM's ``block_ids`` (a run of one request's consecutive full blocks, hashed
         ``hashes``, after ``parent``) to G2, then down to G3 / G4: the save of the blocks G2
         lacks (registered now) and the write-downs of the run (registered when done). Nothing
-        is planned when G2 cannot take the run (every host block referenced): a miss, later."""
+        is planned when G2 cannot take the run (every host block referenced): a miss, later.
+        ``tokens`` (the run's, ``block_size`` per hash) go into every tier's ``BlockStored``
+        events, for routers that index vLLM's stream by token ids."""
         host = self._pools[Tier.HOST]
         missing = [i for i, h in enumerate(hashes) if not host.contains(h)]
         if not missing:
@@ -249,17 +254,21 @@ class TierLedger:
                 logger.debug("host tier full (all referenced): %d blocks not saved", len(missing))
                 return None, []
             host_ids = tuple(allocation.block_ids)
-            register_positions(host, allocation, hashes, missing, [parent, *hashes[:-1]])
+            register_positions(
+                host, allocation, hashes, missing, [parent, *hashes[:-1]], token_ids=tokens
+            )
             save = TierSave(tuple(block_ids[i] for i in missing), host_ids)
             run = host.match(hashes)  # the whole run, pinned while its writes are planned
-            writes = self._plan_writes(run, parent) if len(run) == len(hashes) else []
+            writes = self._plan_writes(run, parent, tokens) if len(run) == len(hashes) else []
             host.release(run)
         finally:
             for pin in pins:
                 host.release(pin)
         return save, writes
 
-    def _plan_writes(self, blocks: ImmutableBlocks, parent: SequenceHash | None) -> list[TierWrite]:
+    def _plan_writes(
+        self, blocks: ImmutableBlocks, parent: SequenceHash | None, tokens: Sequence[int] | None
+    ) -> list[TierWrite]:
         """Write-downs of ``blocks`` (G2, referenced by the caller) to G3 and G4."""
         host = self._pools[Tier.HOST]
         hashes = blocks.sequence_hashes
@@ -274,7 +283,7 @@ class TierLedger:
                 pinned = host.retain(blocks, positions)
                 writes.append(
                     self._job(
-                        _Job([pinned], Tier.DISK, allocation, hashes, positions, parent),
+                        _Job([pinned], Tier.DISK, allocation, hashes, positions, parent, tokens),
                         TierWrite(
                             0,
                             Tier.HOST,
@@ -344,7 +353,9 @@ class TierLedger:
             pool.release(job.allocation)
             return
         parents = [job.parent, *job.hashes[:-1]]
-        register_positions(pool, job.allocation, job.hashes, job.positions, parents)
+        register_positions(
+            pool, job.allocation, job.hashes, job.positions, parents, token_ids=job.tokens
+        )
 
     def close(self) -> None:
         """Forget every job in flight, releasing what it holds (shutdown)."""

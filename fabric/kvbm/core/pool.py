@@ -428,14 +428,19 @@ def register_positions(
     sequence_hashes: Sequence[SequenceHash],
     positions: Sequence[int],
     parents: Sequence[SequenceHash | None],
+    *,
+    token_ids: Sequence[int] | None = None,
 ) -> None:
     """Register freshly copied blocks, the i-th of ``allocation`` under
     ``sequence_hashes[positions[i]]``, and leave them cached (references released).
 
     Registration goes one run of consecutive positions at a time, each run with
     ``parents[first position]`` as its parent, so every ``BlockStored`` event chains correctly.
-    ``allocation`` is consumed; its blocks become complete here.
+    ``token_ids``, when given, are the tokens of every position (``block_size`` per entry of
+    ``sequence_hashes``); each run's events carry its slice. ``allocation`` is consumed; its
+    blocks become complete here.
     """
+    bs = pool.block_size
     allocation.advance(allocation.capacity - allocation.num_tokens)
     rest = allocation
     start = 0
@@ -444,7 +449,11 @@ def register_positions(
         while end < len(positions) and positions[end] == positions[end - 1] + 1:
             end += 1
         run, rest = rest.split(end - start)
-        run_hashes = [sequence_hashes[i] for i in positions[start:end]]
-        pool.release(pool.register(run, run_hashes, parent_hash=parents[positions[start]]))
+        first, last = positions[start], positions[end - 1]
+        run_hashes = list(sequence_hashes[first : last + 1])
+        run_tokens = None if token_ids is None else token_ids[first * bs : (last + 1) * bs]
+        pool.release(
+            pool.register(run, run_hashes, parent_hash=parents[first], token_ids=run_tokens)
+        )
         start = end
     pool.release(rest)  # empty

@@ -271,6 +271,25 @@ def test_the_tiers_publish_stored_and_removed_per_tier() -> None:
     ]
 
 
+def test_stored_events_carry_each_block_s_tokens_on_every_tier() -> None:
+    """Routers that index vLLM's stream by token ids (it has no room for our hashes) can place
+    G2 / G3 blocks: each ``BlockStored`` carries exactly its blocks' tokens, also when a save
+    stores only the blocks the host lacks."""
+    ledger, events = make_ledger(host=8, disk=8)
+    tokens = list(range(100, 100 + 4 * BS))  # the tokens hashes_of(4) hashes
+    hashes = hashes_of(4)
+    ledger.match(hashes)
+    ledger.plan_save([0], hashes[:1], None, tokens=tokens[:BS])
+    _, writes = ledger.plan_save([0, 1, 2, 3], hashes, None, tokens=tokens)
+    ledger.report(JobReport({w.job_id: 1 for w in writes}))
+    stored = [(e.tier, e.sequence_hashes, e.token_ids) for e in events.events]
+    assert stored == [
+        (Tier.HOST, (hashes[0],), tuple(tokens[:BS])),
+        (Tier.HOST, tuple(hashes[1:]), tuple(tokens[BS:])),  # only what the host lacked
+        (Tier.DISK, tuple(hashes), tuple(tokens)),
+    ]
+
+
 def test_the_event_buffer_hands_each_event_over_once() -> None:
     buffer = EventBuffer()
     config = load_kvbm_config(block_size=BS, cpu_cache_blocks=4)
