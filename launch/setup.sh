@@ -46,9 +46,16 @@ ensure_rdma_libraries() {
 ensure_rdma_libraries
 
 want=$(cat "${BASH_SOURCE[0]}" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
+# The block copy kernels, built before anything serves (a cache directory outside the checkout,
+# per environment; seconds when already built): fabric/kvbm/tiers/kernels.py.
+build_kernels() {
+  "$VENV/bin/python" -m fabric.kvbm.tiers.kernels \
+    || log "warning: the native kernels did not build; the fabric copies with its fallback"
+}
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
    && "$VENV/bin/python" -c "import torch, nixl, fabric" 2>/dev/null; then
   log "environment up to date: $VENV"
+  build_kernels
   exit 0
 fi
 
@@ -81,3 +88,4 @@ log "installing kv-fabric (editable) with dev extras"
 "${PIP[@]}" -e "$ROOT[dev]"
 "$VENV/bin/python" -c "import torch, nixl, fabric; print('[setup] ready: torch', torch.__version__)"
 echo "$want" > "$STAMP"
+build_kernels

@@ -25,9 +25,17 @@ TORCH_VERSION="2.13.0"
 VLLM_VERSION="0.32.0"
 NIXL_VERSION="1.5.1"
 
+# The fabric's block copy kernels for this environment, built before any vLLM server loads the
+# connector (seconds when already built): fabric/kvbm/tiers/kernels.py.
+build_kernels() {
+    "$venv/bin/python" -m fabric.kvbm.tiers.kernels \
+        || echo "setup_vllm: warning: the native kernels did not build; the connector copies with its fallback"
+}
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]] \
     && "$venv/bin/python" -c "import vllm, nixl, fabric.integrations.vllm" >/dev/null 2>&1; then
-    echo "setup_vllm: $venv is up to date (vllm, nixl and the fabric import); nothing to do"
+    echo "setup_vllm: $venv is up to date (vllm, nixl and the fabric import)"
+    build_kernels
     exit 0
 fi
 
@@ -79,4 +87,5 @@ echo "setup_vllm: checking the install"
 "$venv/bin/python" -c "import torch, vllm, xxhash, nixl, pyetcd, fabric.integrations.vllm
 print('setup_vllm: vllm', vllm.__version__, 'torch', torch.__version__, 'xxhash', xxhash.VERSION)"
 echo "$want_stamp" >"$stamp"
+build_kernels
 echo "setup_vllm: done; python is $venv/bin/python"

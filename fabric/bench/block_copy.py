@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     saved = os.environ.get(kernels.ENV_SWITCH)
     rows = []
     try:
-        native = kernels.native_available()
+        native = kernels.build()
         for kib in block_kib:
             for name, (src_kind, dst_kind) in _LAYOUT_PAIRS.items():
                 for pattern in ("scattered", "contiguous"):

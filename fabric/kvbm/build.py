@@ -24,6 +24,7 @@ from fabric.kvbm.core.types import Tier
 from fabric.kvbm.manager import SPEED_ORDER, KvBlockManager, TierSlot
 from fabric.kvbm.metrics import KvbmMetrics
 from fabric.kvbm.shared.store import SharedBlockStore
+from fabric.kvbm.tiers import kernels
 from fabric.kvbm.tiers.storage import DiskStorage, Storage, device_storage, host_storage
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def tier_storage(
     if tier is Tier.DEVICE:
         return device_storage(layout, device)
     if tier is Tier.HOST:
+        # Load (or start building) the copy kernels now, not on the first offload's path.
+        kernels.native_available()
         return host_storage(layout, shared_name=config.host_shared_name)
     if tier is Tier.DISK:
         return DiskStorage(

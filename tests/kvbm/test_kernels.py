@@ -44,7 +44,7 @@ Copier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
 @pytest.fixture(scope="module")
 def native() -> None:
     """Skip unless the extension is available (the first run on a machine builds it, ~30 s)."""
-    if not kernels.native_available():
+    if not kernels.build():
         pytest.skip(
             "the native extension is unavailable here (no C++ compiler / ninja, or "
             f"{kernels.ENV_SWITCH}=0); the fallback tests cover the contract"
@@ -263,8 +263,44 @@ LOAD_AND_COPY = """
     dst = torch.zeros(4, dtype=torch.uint8)
     chunks = [torch.tensor([v], dtype=torch.int64) for v in (1, 0, 3)]
     kernels.batched_copy(torch.arange(4, dtype=torch.uint8), dst, *chunks)
-    print(kernels.native_available(), kernels.native_available(), dst.tolist())
+    print(kernels.build(), kernels.native_available(), dst.tolist())
 """
+
+
+def test_serving_never_waits_for_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process whose kernels are not built copies with the fallback at once and builds in the
+    background: here that build waits on the build lock this test holds, and the process still
+    answers (first call False, bytes right) and exits."""
+    monkeypatch.setenv(kernels.ENV_BUILD_DIR, str(tmp_path))
+    build_dir = kernels._build_dir(kernels._EXTENSION_NAME)
+    build_dir.mkdir(parents=True)
+    code = """
+        import logging, os
+        import torch
+        from fabric.kvbm.tiers import kernels
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        dst = torch.zeros(4, dtype=torch.uint8)
+        chunks = [torch.tensor([v], dtype=torch.int64) for v in (1, 0, 3)]
+        kernels.batched_copy(torch.arange(4, dtype=torch.uint8), dst, *chunks)
+        print(kernels.native_available(), dst.tolist(), flush=True)
+        os._exit(0)  # the build thread is still waiting for the lock
+    """
+    with kernels._exclusive(build_dir / "kv-fabric-build.lock"):
+        result = run_python(code, {kernels.ENV_BUILD_DIR: str(tmp_path)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "[1,", "2,", "3,", "0]"], result.stderr
+    assert "building them in the background" in result.stderr
+
+
+def test_builds_go_to_a_cache_directory_outside_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(kernels.ENV_BUILD_DIR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = kernels._build_dir(kernels._EXTENSION_NAME)
+    assert built.parent == tmp_path / "kv-fabric" / "torch_ext"
+    monkeypatch.setenv(kernels.ENV_BUILD_DIR, str(tmp_path / "elsewhere"))
+    assert kernels._build_dir(kernels._EXTENSION_NAME).parent == tmp_path / "elsewhere"
 
 
 def test_a_failed_build_falls_back_and_warns_once(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def prepare_kernels(python: Path) -> bool:
     Returns:
         Whether the native kernels load there (else the connector copies with the fallback).
     """
-    code = "import sys; from fabric.kvbm.tiers.kernels import native_available as n; "
+    code = "import sys; from fabric.kvbm.tiers.kernels import build as n; "
     code += "sys.exit(0 if n() else 3)"
     try:
         proc = subprocess.run(

@@ -9,16 +9,21 @@ instead of one per block).
 Two implementations with one contract:
 
 * native: the torch C++ extension in ``csrc/block_copy.cpp`` (plus ``csrc/block_copy_cuda.cu``
-  when a CUDA device and toolkit exist), compiled with ``torch.utils.cpp_extension.load`` the
-  first time it is needed (about 30 s) into ``$FABRIC_KERNELS_BUILD_DIR``, else
-  ``<repo>/build/torch_ext`` when the checkout is writable, else ``~/.cache/kv-fabric/torch_ext``,
-  in a subdirectory per Python environment and torch build (two virtual environments never
-  rebuild each other's library). Later processes reuse the build (ninja only rechecks it). A
-  ``flock`` keeps two processes from building at once; it dies with its holder, so a killed
-  build never wedges the next one.
-* fallback: numpy (CPU) or per-chunk torch copies (CUDA), used when ``FABRIC_NATIVE_KERNELS=0``
-  or when the build fails (logged once at WARNING with the reason), and for CUDA tensors when the
-  extension was built without CUDA.
+  when a CUDA device and toolkit exist), compiled with ``torch.utils.cpp_extension.load`` into
+  ``$FABRIC_KERNELS_BUILD_DIR``, else ``$XDG_CACHE_HOME/kv-fabric/torch_ext`` (``~/.cache``),
+  never into the checkout, in a subdirectory per Python environment and torch build (two virtual
+  environments never rebuild each other's library). The set-up scripts build it (``python -m
+  fabric.kvbm.tiers.kernels``, about 30 s, once), so serving processes only load it. A ``flock``
+  keeps two processes from building at once; it dies with its holder, so a killed build never
+  wedges the next one.
+* fallback: numpy (CPU) or per-chunk torch copies (CUDA), used when ``FABRIC_NATIVE_KERNELS=0``,
+  when the build fails (logged once at WARNING with the reason), for CUDA tensors when the
+  extension was built without CUDA, and while a build is running.
+
+Serving never waits for a compiler: the first ``native_available`` / ``batched_copy`` of a
+process loads a library that is built and current (about a second), and otherwise starts the
+build on a background thread and answers with the fallback until that build has loaded
+(``build`` waits for it: the set-up, benchmarks and tests call that).
 
 Contract (both paths, checked before any byte moves; a violation raises ``InvalidInput`` with the
 same message on both paths for chunk errors): ``src`` and ``dst`` are contiguous uint8 tensors
@@ -32,12 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -63,8 +68,20 @@ _ON_VALUES = frozenset({"", "1", "true", "on", "yes"})
 
 
 def native_available() -> bool:
-    """Whether ``batched_copy`` runs the compiled extension (builds it on the first call)."""
+    """Whether ``batched_copy`` runs the compiled extension now (never waits for a build: the
+    first call loads a built library or starts the build in the background)."""
     return _native() is not None
+
+
+def build() -> bool:
+    """Build (when missing or stale) and load the extension, waiting for it; whether it loaded.
+
+    Raises:
+        ConfigError: ``FABRIC_NATIVE_KERNELS`` is not a switch value.
+    """
+    if _switched_off():
+        return False
+    return _LOADER.wait() is not None
 
 
 def batched_copy(
@@ -242,32 +259,77 @@ def _check_no_aliasing(
 # ---- building and loading the extension -------------------------------------------------------
 
 
-def _native() -> ModuleType | None:
-    """The loaded extension, or None (switched off now, or the build failed: warned once)."""
+def _switched_off() -> bool:
     value = os.environ.get(ENV_SWITCH, "").strip().lower()
     if value in _OFF_VALUES:
-        return None
+        return True
     if value not in _ON_VALUES:
         raise ConfigError(
             f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not a switch; use 1 or 0 (true/false)"
         )
-    return _loaded()
+    return False
 
 
-@functools.cache
-def _loaded() -> ModuleType | None:
-    """Build (if needed) and import the extension once per process; None if that fails."""
-    try:
-        return _build_and_load()
-    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
-        logger.warning(
-            "native block copy kernels unavailable, using the slower pure fallback (%s=0 "
-            "silences this; the full build output is logged at DEBUG): %s",
-            ENV_SWITCH,
-            _failure_reason(e),
-        )
-        logger.debug("building the block copy kernels failed:\n%s", e)
-        return None
+def _native() -> ModuleType | None:
+    """The loaded extension, or None (switched off now, building, or the build failed)."""
+    return None if _switched_off() else _LOADER.poll()
+
+
+class _Loader:
+    """The extension, loaded once per process: at once when a current build exists, else by a
+    background build (one per process; ``wait`` joins it). A failure is warned once and final."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._module: ModuleType | None = None
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> ModuleType | None:
+        if self._done.is_set():
+            return self._module
+        with self._lock:
+            if self._thread is None and not self._done.is_set():
+                if _is_built():
+                    self._load()  # about a second: ninja only rechecks the build
+                else:
+                    logger.info(
+                        "native block copy kernels are not built for this environment; "
+                        "building them in the background (the fallback copies meanwhile; "
+                        "`python -m fabric.kvbm.tiers.kernels` builds them ahead)"
+                    )
+                    self._start()
+        return self._module if self._done.is_set() else None
+
+    def wait(self) -> ModuleType | None:
+        with self._lock:
+            if self._thread is None and not self._done.is_set():
+                self._start()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        return self._module
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="kernels-build", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._module = _build_and_load()
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+            logger.warning(
+                "native block copy kernels unavailable, using the slower pure fallback (%s=0 "
+                "silences this; the full build output is logged at DEBUG): %s",
+                ENV_SWITCH,
+                _failure_reason(e),
+            )
+            logger.debug("building the block copy kernels failed:\n%s", e)
+        finally:
+            self._done.set()
+
+
+_LOADER = _Loader()
 
 
 def _failure_reason(e: BaseException) -> str:
@@ -279,7 +341,8 @@ def _failure_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else '(no message)'}"
 
 
-def _build_and_load() -> ModuleType:
+def _target() -> tuple[str, list[Path], bool]:
+    """``(extension name, sources, with CUDA)`` for this machine."""
     from torch.utils import cpp_extension
 
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
@@ -287,6 +350,23 @@ def _build_and_load() -> ModuleType:
     sources = [CSRC / "block_copy.cpp"]
     if with_cuda:
         sources.append(CSRC / "block_copy_cuda.cu")
+    return name, sources, with_cuda
+
+
+def _is_built() -> bool:
+    """Whether a library newer than its sources is in this environment's build directory."""
+    name, sources, _ = _target()
+    library = _build_dir(name) / f"{name}.so"
+    try:
+        return library.stat().st_mtime >= max(s.stat().st_mtime for s in sources)
+    except OSError:
+        return False
+
+
+def _build_and_load() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    name, sources, with_cuda = _target()
     for source in sources:
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing (fabric installed without csrc/?)")
@@ -299,9 +379,7 @@ def _build_and_load() -> ModuleType:
         if torch_lock.exists():
             logger.warning("removing %s left by an interrupted build", torch_lock)
             torch_lock.unlink(missing_ok=True)
-        library = build_dir / f"{name}.so"
-        newest_source = max(s.stat().st_mtime for s in sources)
-        if not library.exists() or library.stat().st_mtime < newest_source:
+        if not _is_built():
             logger.info("building native block copy kernels in %s (about 30 s, once)", build_dir)
         module: ModuleType = cpp_extension.load(
             name=name,
@@ -330,9 +408,8 @@ def _build_root() -> Path:
     override = os.environ.get(ENV_BUILD_DIR)
     if override:
         return Path(override)
-    if os.access(REPO, os.W_OK):
-        return REPO / "build" / "torch_ext"
-    return Path.home() / ".cache" / "kv-fabric" / "torch_ext"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "kv-fabric" / "torch_ext"
 
 
 @contextlib.contextmanager
@@ -344,3 +421,18 @@ def _exclusive(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def main() -> int:
+    """``python -m fabric.kvbm.tiers.kernels``: build and load the kernels now (set-up)."""
+    logging.basicConfig(level=logging.INFO, format="[kernels] %(message)s")
+    name, _, _ = _target()
+    if build():
+        print(f"[kernels] native block copy kernels ready in {_build_dir(name)}")
+        return 0
+    print("[kernels] native block copy kernels unavailable; the fallback copies", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
