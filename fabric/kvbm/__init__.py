@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from fabric.kvbm.offload.moves import OffloadPath
     from fabric.kvbm.remote import RemoteBlockSet, export_block_set, plan_read
     from fabric.kvbm.sequence import SequenceBlocks
+    from fabric.kvbm.shared.format import load_mac_key
     from fabric.kvbm.shared.store import SharedBlockStore
     from fabric.kvbm.stream import publisher_for
     from fabric.kvbm.stream.publisher import ZmqEventPublisher
@@ -122,6 +123,7 @@ _NAME_TO_MODULE: dict[str, str] = {
     "device_storage": "fabric.kvbm.tiers.storage",
     "host_storage": "fabric.kvbm.tiers.storage",
     "SharedBlockStore": "fabric.kvbm.shared.store",
+    "load_mac_key": "fabric.kvbm.shared.format",
     "OffloadManager": "fabric.kvbm.offload.manager",
     "Onboarding": "fabric.kvbm.offload.manager",
     "build_offload_manager": "fabric.kvbm.offload.manager",
@@ -171,6 +173,7 @@ __all__ = [
     "SequenceBlocks",
     "SequenceHash",
     "SharedBlockStore",
+    "load_mac_key",
     "Storage",
     "TensorStorage",
     "Tier",

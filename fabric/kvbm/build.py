@@ -23,6 +23,7 @@ from fabric.kvbm.core.pool import BlockPool
 from fabric.kvbm.core.types import Tier
 from fabric.kvbm.manager import SPEED_ORDER, KvBlockManager, TierSlot
 from fabric.kvbm.metrics import KvbmMetrics
+from fabric.kvbm.shared.format import load_mac_key
 from fabric.kvbm.shared.store import SharedBlockStore
 from fabric.kvbm.tiers import kernels
 from fabric.kvbm.tiers.storage import DiskStorage, Storage, device_storage, host_storage
@@ -132,6 +133,7 @@ def shared_store(config: KvbmConfig, seed: int, block_bytes: int) -> SharedBlock
         block_bytes=block_bytes,
         capacity_blocks=num_blocks,
         fsync=config.shared_disk_fsync,
+        key=None if (key_file := config.shared_disk_key_file) is None else load_mac_key(key_file),
     )
     logger.info(
         "SHARED tier: %d blocks (%.1f MiB) in %s, %d found there",

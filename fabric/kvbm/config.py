@@ -96,6 +96,10 @@ class KvbmConfig(BaseSettings):
     instances sharing a directory should use the same size."""
     shared_disk_fsync: bool = Field(False, validation_alias=env("shared_disk_fsync"))
     """fsync each block file before it becomes visible (survives power loss, slower writes)."""
+    shared_disk_key_file: Path | None = Field(None, validation_alias=env("shared_disk_key_file"))
+    """A file holding the G4 MAC key (at least 32 bytes; the same on every instance sharing the
+    directory): blocks are written with a keyed MAC and served only with a valid one. Unset:
+    the directory must be trusted (anyone who can write it can inject KV)."""
 
     disk_admit_after: int = Field(2, ge=1, validation_alias=env("disk_admit_after"))
     """Frequency filter: offload a block to disk once its hash was seen this many times."""

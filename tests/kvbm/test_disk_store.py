@@ -26,10 +26,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from fabric.errors import ConfigError, InvalidInput, StorageError
+from fabric.kvbm.build import shared_store
+from fabric.kvbm.config import load_kvbm_config
 from fabric.kvbm.core.eviction import LruPolicy
 from fabric.kvbm.core.types import SequenceHash
 from fabric.kvbm.shared import store as disk_store_module
-from fabric.kvbm.shared.format import HEADER_BYTES
+from fabric.kvbm.shared.format import FLAG_MAC, HEADER_BYTES, key_id, load_mac_key
 from fabric.kvbm.shared.store import STALE_TEMP_SECONDS, SharedBlockStore
 
 BB = 1024
@@ -695,3 +697,90 @@ def test_a_write_racing_the_eviction_of_its_block_rewrites_it(tmp_path: Path) ->
     assert store.contains(seq(0)) and store.block_path(seq(0)).exists()  # written again
     got = read(store, 0)
     assert got is not None and np.array_equal(got, payload(0))
+
+
+# ---- keyed stores (a MAC on every file) -----------------------------------------------------
+
+KEY = b"k" * 32
+
+
+def keyed_store(root: Path, key: bytes = KEY) -> SharedBlockStore:
+    return SharedBlockStore(root, compat_hash=COMPAT, block_bytes=BB, capacity_blocks=64, key=key)
+
+
+def test_a_keyed_store_round_trips_in_a_directory_of_its_own(tmp_path: Path) -> None:
+    keyed = keyed_store(tmp_path)
+    assert keyed.write(seq(0), payload(0)) is True
+    path = keyed.block_path(seq(0))
+    assert path.parent.parent.name == f"{COMPAT:016x}-k{key_id(KEY)}"
+    fields = HEADER.unpack(path.read_bytes()[:HEADER_BYTES])
+    assert fields[3] == FLAG_MAC and path.stat().st_size == FILE_BYTES
+    assert np.array_equal(read(keyed, 0), payload(0))
+    # An unkeyed instance and one with another key share the root but never see these files.
+    plain, other = open_store(tmp_path), keyed_store(tmp_path, b"x" * 32)
+    assert read(plain, 0) is None and read(other, 0) is None
+    assert path.exists() and (plain.stats.corrupt, other.stats.corrupt) == (0, 0)
+    assert np.array_equal(read(keyed_store(tmp_path), 0), payload(0))  # a restart finds it
+
+
+def forge_plain(keyed: SharedBlockStore, tmp_path: Path, i: int) -> Path:
+    """A file any writer of the directory can make: valid checksums, no key."""
+    plain = open_store(tmp_path / "attacker")
+    plain.write(seq(i), payload(i + 100))
+    target = keyed.block_path(seq(i))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(plain.block_path(seq(i)), target)
+    return target
+
+
+def forge_other_key(keyed: SharedBlockStore, tmp_path: Path, i: int) -> Path:
+    """A file with a MAC made with the wrong key, moved to where the store looks."""
+    other = keyed_store(tmp_path / "attacker", b"x" * 32)
+    other.write(seq(i), payload(i + 100))
+    target = keyed.block_path(seq(i))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(other.block_path(seq(i)), target)
+    return target
+
+
+def forge_payload(keyed: SharedBlockStore, tmp_path: Path, i: int) -> Path:
+    """A genuine file whose payload was replaced (the header, and its checksum, untouched)."""
+    keyed.write(seq(i), payload(i))
+    path = keyed.block_path(seq(i))
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_BYTES:] = payload(i + 100).tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("forge", [forge_plain, forge_other_key, forge_payload])
+def test_a_keyed_store_never_serves_a_forged_file(tmp_path: Path, forge: object) -> None:
+    keyed = keyed_store(tmp_path / "g4")
+    path = forge(keyed, tmp_path, 0)  # type: ignore[operator]
+    assert read(keyed, 0) is None and not path.exists() and keyed.stats.corrupt == 1
+
+
+def test_mac_keys_are_read_from_files_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "key"
+    good.write_bytes(b"a" * 64 + b"\n")
+    good.chmod(0o600)
+    assert load_mac_key(good) == b"a" * 64
+    short = tmp_path / "short"
+    short.write_bytes(b"abc\n")
+    with pytest.raises(ConfigError, match="has 3 bytes; use at least 32"):
+        load_mac_key(short)
+    with pytest.raises(ConfigError, match="cannot read the G4 MAC key file"):
+        load_mac_key(tmp_path / "missing")
+
+
+def test_the_shared_tier_setting_opens_a_keyed_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    monkeypatch.setenv("FABRIC_SHARED_DISK_KEY_FILE", str(key_file))
+    config = load_kvbm_config(block_size=4, shared_disk_dir=tmp_path / "g4", shared_disk_blocks=8)
+    store = shared_store(config, COMPAT, BB)
+    assert store is not None
+    store.write(seq(0), payload(0))
+    assert store.block_path(seq(0)).parent.parent.name.endswith(f"-k{key_id(KEY)}")

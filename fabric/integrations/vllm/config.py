@@ -54,6 +54,8 @@ wins)::
                                         them, so the fabric's frontend indexes its prefixes.
                                         Give a port: the worker side advertises what the
                                         scheduler side binds.
+    shared_disk_key_file                the G4 MAC key (``disk_path``'s files carry a keyed MAC;
+                                        docs/security.md)
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ TIER_KEYS = frozenset(
         "eviction",
         "events_endpoint",
         "events_replay_endpoint",
+        "shared_disk_key_file",
     }
 )
 """``kv_connector_extra_config`` keys passed to the block manager's settings."""

@@ -43,6 +43,7 @@ from fabric.kvbm import (
     KvEvent,
     SharedBlockStore,
     Tier,
+    load_mac_key,
     publisher_for,
 )
 
@@ -67,12 +68,14 @@ def open_store(
     ``disk_path`` is not set."""
     if config.disk_path is None:
         return None
+    key_file = config.kvbm_config(geometry.block_size).shared_disk_key_file
     return SharedBlockStore(
         config.disk_path,
         compat_hash=geometry.shard_compat(rank, world_size),
         block_bytes=geometry.block_bytes,
         capacity_blocks=config.disk_capacity_blocks,
         fsync=config.disk_fsync,
+        key=None if key_file is None else load_mac_key(key_file),
     )
 
 

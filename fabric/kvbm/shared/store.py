@@ -134,6 +134,9 @@ class SharedBlockStore:
         capacity_blocks: how many blocks this instance indexes before evicting.
         fsync: fsync each block file and its directory before a write returns (durable across
             power loss; much slower).
+        key: a MAC key (``load_mac_key``): every file written carries a keyed MAC and only
+            files with a valid one are served (``fabric.kvbm.shared.format``); None trusts
+            everyone who can write the directory.
     """
 
     def __init__(
@@ -144,13 +147,14 @@ class SharedBlockStore:
         block_bytes: int,
         capacity_blocks: int,
         fsync: bool = False,
+        key: bytes | None = None,
     ) -> None:
         _check_config(compat_hash, block_bytes, capacity_blocks)
         self._root = Path(root)
-        self._format = BlockFormat(compat_hash, block_bytes)
+        self._format = BlockFormat(compat_hash, block_bytes, key)
         self._capacity = capacity_blocks
         self._fsync = fsync
-        self._dir = _open_directory(compat_directory(self._root, compat_hash))
+        self._dir = _open_directory(compat_directory(self._root, compat_hash, key))
         self._dir_str = os.fspath(self._dir)
         self._tmp_tag = secrets.token_hex(4)
         self._tmp_counter = itertools.count()

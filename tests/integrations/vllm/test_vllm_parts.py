@@ -7,7 +7,9 @@ each runs in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fabric.errors import ConfigError
@@ -21,10 +23,12 @@ from fabric.discovery.records import EngineKind, VllmLayout  # noqa: E402
 from fabric.discovery.registry import Role  # noqa: E402
 from fabric.frontend.http_backend import uses_http  # noqa: E402
 from fabric.integrations.vllm.config import ConnectorConfig, KvRole  # noqa: E402
+from fabric.integrations.vllm.connector import open_store  # noqa: E402
 from fabric.integrations.vllm.discovery import instance_record  # noqa: E402
 from fabric.integrations.vllm.metadata import PeerHold, token_digest  # noqa: E402
 from fabric.integrations.vllm.pages import PageGeometry  # noqa: E402
 from fabric.integrations.vllm.producer import hold_table, prompt_check  # noqa: E402
+from fabric.kvbm.shared.format import key_id  # noqa: E402
 from fabric.pd import Refusal  # noqa: E402
 
 GEOMETRY = PageGeometry(
@@ -144,3 +148,20 @@ def test_tier_events_reach_vllm_s_stream_and_decode_back_the_same() -> None:
     assert decoded[0].tier is Tier.HOST and decoded[0].sequence_hashes == hashes
     assert decoded[0].parent_hash == 7 and decoded[0].block_size == 32
     assert decoded[1].tier is Tier.DISK and decoded[1].sequence_hashes == hashes[:1]
+
+
+def test_a_g4_key_file_makes_the_connector_s_store_keyed(tmp_path: Path) -> None:
+    """``shared_disk_key_file`` (a tier key; FABRIC_SHARED_DISK_KEY_FILE) reaches the G4 store
+    the connector opens: its files carry a MAC, in the key's own directory."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"s" * 32)
+    extra = {"disk_path": str(tmp_path / "g4"), "shared_disk_key_file": str(key_file)}
+    config = ConnectorConfig.from_extra(extra, kv_role=None, engine_id=None)
+    store = open_store(config, GEOMETRY)
+    assert store is not None
+    store.write(1, np.zeros(GEOMETRY.block_bytes, dtype=np.uint8))
+    (directory,) = (tmp_path / "g4").iterdir()
+    assert directory.name.endswith(f"-k{key_id(b's' * 32)}")
+    out = np.empty(GEOMETRY.block_bytes, dtype=np.uint8)
+    assert store.read_into(1, out)
+    store.close()
