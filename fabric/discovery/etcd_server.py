@@ -8,7 +8,9 @@ Invariants:
   first start (or given) and kept across ``restart`` so clients reconnect to the same endpoint.
 * ``start`` returns only once ``/health`` answers true, within ``startup_timeout_s``; otherwise
   the process is stopped and ``DiscoveryError`` carries the log's last lines.
-* ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process.
+* ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process,
+  paused or not. ``pause`` / ``resume`` (SIGSTOP / SIGCONT) freeze it in place: connections stay
+  open and nothing answers, as in a stalled etcd.
   ``restart`` keeps the data directory unless ``wipe=True`` (keys, leases and revisions gone).
 * A temporary work directory (data + log) is created when no ``data_dir`` is given and removed by
   ``close`` / leaving the ``with`` block; a given ``data_dir`` is never removed.
@@ -149,6 +151,7 @@ class EtcdServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused process handles SIGTERM only then
                 proc.terminate()
                 try:
                     proc.wait(self.stop_timeout_s)
@@ -160,6 +163,21 @@ class EtcdServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): a stalled etcd whose connections stay open."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused process run again (SIGCONT); its leases past their TTL expire then."""
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if not self.running:
+            raise DiscoveryError(f"etcd {self.name} is not running")
+        assert self._proc is not None  # running says so
+        self._proc.send_signal(signum)
+        logger.info("etcd %s sent %s", self.name, signum.name)
 
     def restart(self, *, wipe: bool = False) -> None:
         """Stop and start again on the same ports; ``wipe`` deletes the data directory first."""

@@ -19,9 +19,10 @@ Wire form (version 1), a UTF-8 JSON object::
     {"version": 1, "worker_id": str, "role": "prefill" | "decode" | "aggregated" | "frontend",
      "endpoints": {"signal" | "http" | "metrics" | "events" | "events_replay": address},
      "agent_name": str | null, "layout": {field: int | str}, "compat_hash": u64,
-     "started_at": seconds since the epoch}
+     "started_at": seconds since the epoch, "leaving": true}
 
-Only present fields are written. A fabric worker's ``layout`` has no ``engine`` key; a vLLM
+Only present fields are written (``leaving`` only when true: the worker is shutting down, see
+``registration``). A fabric worker's ``layout`` has no ``engine`` key; a vLLM
 instance's has ``"engine": "vllm"``. Reading is lenient where older or newer writers differ: an
 empty address is an absent one (older workers wrote ``"events_replay": ""``), and keys this build
 does not know are ignored.
@@ -164,7 +165,9 @@ class WorkerRecord:
     """What a worker publishes about itself: how to reach it and what KV it can exchange.
 
     ``layout`` holds the compatibility facts that ``compat_hash`` summarises; ``agent_name`` is
-    the worker's NIXL agent, if it has one.
+    the worker's NIXL agent, if it has one. ``leaving`` marks the record a worker writes just
+    before it revokes its lease on shutdown: directories drop it at once instead of waiting out
+    their grace (``registration.WorkerDirectory``).
     """
 
     worker_id: str
@@ -174,6 +177,7 @@ class WorkerRecord:
     layout: WorkerLayout
     compat_hash: int
     started_at: float
+    leaving: bool = False
 
     def __post_init__(self) -> None:
         check_segment("worker_id", self.worker_id)
@@ -194,6 +198,8 @@ class WorkerRecord:
             "compat_hash": self.compat_hash,
             "started_at": self.started_at,
         }
+        if self.leaving:
+            body["leaving"] = True
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
@@ -218,6 +224,7 @@ class WorkerRecord:
                 layout=layout_from_json(_typed(body, "layout", dict)),
                 compat_hash=_typed(body, "compat_hash", int),
                 started_at=float(_typed(body, "started_at", (int, float))),
+                leaving=_flag(body, "leaving"),
             )
         except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise DiscoveryError(f"worker record at {key!r} is malformed: {exc}") from exc
@@ -226,6 +233,14 @@ class WorkerRecord:
 def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = body[name]
     if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    """An optional boolean field (absent: False)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
         raise TypeError(f"field {name!r} has type {type(value).__name__}")
     return value
 

@@ -4,29 +4,61 @@ Owns two things on top of any ``Registry``:
 
 ``WorkerRegistration`` keeps one ``WorkerRecord`` under a lease for as long as it is open::
 
-    created ──start()──▶ REGISTERED ──keepalive fails / lease gone──▶ LOST ──re-put──▶ REGISTERED
-                              │                                         │
-                              └───────────────── close() ◀──────────────┘ ──▶ CLOSED (revoked)
+                         keepalive fails / lease gone / record deleted
+    created ──start()──▶ REGISTERED ───────────────────────────────────▶ LOST
+                          │   ▲                                           │
+                          │   └── record re-put (same lease or a new one) ┘
+                          │                                               │
+                          └──── close(): record marked leaving, lease ◀───┘
+                                revoked ──▶ CLOSED
 
 * ``start`` registers synchronously (grant, put) and raises ``DiscoveryError`` if it cannot, so a
-  worker fails fast at boot; afterwards a daemon thread sends keepalives every ``ttl / 3``.
-* The thread never gives up. When a call fails (etcd down) or the lease is gone (expired during
-  an outage, revoked, or etcd wiped), it logs one WARNING, then retries with capped exponential
-  backoff (at most ``ttl / 3`` apart): a lease that survived is kept and the record re-put; a lost
-  one is replaced by a new lease. One INFO line reports the restoration and the time it took.
-* ``close`` stops the thread, which revokes the lease on its way out (the record disappears at
-  once), and joins it within ``close_timeout_s``. If etcd is unreachable then, the record
-  expires by itself one TTL later. A killed process's record expires the same way.
+  worker fails fast at boot; afterwards a daemon thread sends keepalives every ``ttl / 3`` and,
+  after each one that succeeds, reads its key back (one range read).
+* The thread never gives up. When a call fails (etcd down), the lease is gone (expired during
+  an outage, revoked, or etcd wiped) or the record is gone under a live lease (someone deleted
+  the key), it logs one WARNING, then repairs with capped exponential backoff (at most
+  ``ttl / 3`` apart): a lease that survived is kept and the record re-put; a lost one is replaced
+  by a new lease. One INFO line reports the restoration and the time it took. A deleted record
+  is therefore back within one keepalive interval. A key holding another value (a second
+  process with the same worker id) is left alone.
+* ``close`` stops the thread, which on its way out puts the record once more marked
+  ``leaving`` (directories drop it at once, without their grace) and revokes the lease (the
+  record disappears), then joins it within ``close_timeout_s``. If etcd is unreachable then,
+  the record expires by itself one TTL later, and directories drop it after their grace. A
+  killed process's record expires the same way.
 
 ``WorkerDirectory`` (and the lower-level ``watch_workers``) turns one prefix watch with
 ``include_existing`` into JOINED / UPDATED / LEFT events and a ``worker_id -> WorkerRecord`` map.
 It inherits the watch's recovery: after an outage it converges to the registry's contents.
 Malformed records (another version, bad JSON) are logged at WARNING and skipped. Worker ids must
 be unique across roles for a directory that watches every role.
+
+A directory's ``grace_s`` is how long it keeps a worker whose record vanished without a leaving
+mark (its lease expired, or its key was deleted)::
+
+    (absent) ──JOINED──▶ LIVE ──record vanished, grace_s > 0──▶ VANISHED (still listed, no event)
+                          ▲ │                                      │  │
+                          │ └── leaving mark, or vanished with ────┼──┼──▶ LEFT (absent)
+                          │     grace_s == 0                       │  │
+                          └──── record back: no event (same) ──────┘  └── grace_s of connected
+                                or UPDATED (changed)                       watch passed ──▶ LEFT
+
+* The grace is counted while the watch is connected only: whenever the directory sees its watch
+  disconnected (etcd unreachable), every vanished worker's deadline moves to ``grace_s`` from
+  then, so no worker is dropped while the directory cannot see whether it came back.
+* ``grace_s = 0`` (the default) is exact: a vanished record is a LEFT at once. Consumers that
+  must not talk to a worker whose record is gone use it. Routers use ``ROUTER_GRACE_S``: an
+  etcd stall longer than the lease TTL expires every lease at once, and each worker re-registers
+  within one keepalive interval after etcd answers again; without the grace every worker would
+  leave and rejoin. The price: a killed worker stays listed for its TTL plus the grace.
+* ``on_change`` calls never overlap; they run on the watch's thread, or (LEFT after a grace) on
+  the directory's grace thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,11 +80,23 @@ from fabric.discovery.registry import (
     parse_worker_key,
     workers_prefix,
 )
-from fabric.errors import DiscoveryError, InvalidTransition
+from fabric.errors import ConfigError, DiscoveryError, InvalidTransition
 
 logger = logging.getLogger(__name__)
 
 _MIN_INTERVAL_S = 0.1
+
+DEFAULT_TTL_S = 5.0
+"""A registration's lease TTL unless told otherwise (``ServeConfig.registration_ttl_s``)."""
+
+ROUTER_GRACE_S = DEFAULT_TTL_S
+"""The grace a router's directory gives a vanished record: one default lease TTL. After etcd
+answers again, a registration finds its lease gone at its next keepalive, at most one backoff
+step (``ttl / 3``, jittered: 2 s) later, and re-registers in two calls; the rest is margin for a
+loaded host. A longer grace would keep a killed worker routed longer (its TTL plus the grace)."""
+
+_DISCONNECTED_POLL_S = 0.25
+"""How often the grace thread looks at the watch while vanished workers wait out their grace."""
 
 
 class WorkerRegistration:
@@ -63,7 +107,7 @@ class WorkerRegistration:
         registry: Registry,
         record: WorkerRecord,
         *,
-        ttl_s: float = 5.0,
+        ttl_s: float = DEFAULT_TTL_S,
         namespace: str = DEFAULT_NAMESPACE,
         close_timeout_s: float = 10.0,
     ) -> None:
@@ -73,6 +117,7 @@ class WorkerRegistration:
         self.close_timeout_s = close_timeout_s
         self._registry = registry
         self._value = record.to_bytes()
+        self._leaving_value = dataclasses.replace(record, leaving=True).to_bytes()
         self._lease: Lease | None = None
         self._lost_at: float | None = None
         self._interval_s = max(_MIN_INTERVAL_S, ttl_s / 3)
@@ -97,7 +142,7 @@ class WorkerRegistration:
         try:
             lease = self._register()
         except DiscoveryError:
-            self._revoke_held_lease()
+            self._release_lease(announce=False)
             raise
         logger.info("registered %s under lease %x (ttl %.0f s)", self.key, lease.id, lease.ttl_s)
         self._thread = threading.Thread(
@@ -107,7 +152,7 @@ class WorkerRegistration:
         return self
 
     def close(self) -> None:
-        """Revoke the lease (the record disappears at once) and stop the thread; idempotent."""
+        """Mark the record leaving, revoke the lease and stop the thread; idempotent."""
         self._stop.set()
         if self._thread is None:
             return
@@ -144,21 +189,25 @@ class WorkerRegistration:
             while not self._stop.wait(delay):
                 delay = self._tick()
         finally:
-            self._revoke_held_lease()
+            self._release_lease(announce=True)
 
     def _tick(self) -> float:
         """One keepalive or repair step; returns the delay before the next one."""
         try:
-            if self._lease is None:
+            lease = self._lease
+            if lease is None:
                 self._restored("a new lease", self._register())
-            elif self._registry.keepalive(self._lease):
-                if self._lost_at is not None:
-                    self._registry.put(self.key, self._value, lease=self._lease)
-                    self._restored("the lease survived", self._lease)
-            else:
-                self._mark_lost(f"lease {self._lease.id:x} expired or was revoked")
+            elif not self._registry.keepalive(lease):
+                self._mark_lost(f"lease {lease.id:x} expired or was revoked")
                 self._lease = None
                 return 0.0
+            elif self._lost_at is not None:
+                self._registry.put(self.key, self._value, lease=lease)
+                self._restored("the lease survived", lease)
+            elif self._registry.get(self.key) is None:
+                self._mark_lost("its record was deleted while its lease lives")
+                self._registry.put(self.key, self._value, lease=lease)
+                self._restored("the record re-put under the live lease", lease)
         except DiscoveryError as exc:
             self._mark_lost(str(exc))
             return self._backoff.next_delay()
@@ -183,11 +232,18 @@ class WorkerRegistration:
             )
             self._lost_at = None
 
-    def _revoke_held_lease(self) -> None:
+    def _release_lease(self, *, announce: bool) -> None:
+        """Revoke the held lease; with ``announce``, first mark the record leaving.
+
+        A failed call skips the rest (etcd is unreachable, or the lease is already gone): the
+        record then expires with its lease.
+        """
         lease, self._lease = self._lease, None
         if lease is None:
             return
         try:
+            if announce:
+                self._registry.put(self.key, self._leaving_value, lease=lease)
             self._registry.revoke(lease)
         except DiscoveryError as exc:
             logger.warning(
@@ -207,7 +263,11 @@ class WorkerEventKind(Enum):
 
 @dataclass(frozen=True)
 class WorkerEvent:
-    """A worker joined, changed its record, or left; ``record`` is its (last) record."""
+    """A worker joined, changed its record, or left; ``record`` is its (last) record.
+
+    A LEFT whose record is ``leaving`` is a worker that shut down; any other LEFT is a record
+    that vanished (lease expired, key deleted).
+    """
 
     kind: WorkerEventKind
     record: WorkerRecord
@@ -220,7 +280,11 @@ def watch_workers(
     role: Role | None = None,
     namespace: str = DEFAULT_NAMESPACE,
 ) -> Watch:
-    """Watch worker records (of one role, when given): existing ones arrive first as JOINED."""
+    """Watch worker records (of one role, when given): existing ones arrive first as JOINED.
+
+    A record re-put unchanged is no event. A record marked ``leaving`` is a LEFT at once (and its
+    key's deletion is then silent); one that was never seen is skipped.
+    """
     key_to_record: dict[str, WorkerRecord] = {}
 
     def on_event(event: WatchEvent) -> None:
@@ -236,7 +300,14 @@ def watch_workers(
         except DiscoveryError as exc:
             logger.warning("skipping a worker record: %s", exc)
             return
-        kind = WorkerEventKind.UPDATED if event.key in key_to_record else WorkerEventKind.JOINED
+        if record.leaving:
+            if key_to_record.pop(event.key, None) is not None:
+                callback(WorkerEvent(WorkerEventKind.LEFT, record))
+            return
+        old = key_to_record.get(event.key)
+        if old == record:
+            return  # re-put unchanged (a registration repairing itself)
+        kind = WorkerEventKind.JOINED if old is None else WorkerEventKind.UPDATED
         key_to_record[event.key] = record
         callback(WorkerEvent(kind, record))
 
@@ -244,7 +315,8 @@ def watch_workers(
 
 
 class WorkerDirectory:
-    """A live ``worker_id -> WorkerRecord`` map kept by ``watch_workers``."""
+    """A live ``worker_id -> WorkerRecord`` map kept by ``watch_workers``, with a grace period
+    before a vanished worker leaves (see the module docstring)."""
 
     def __init__(
         self,
@@ -253,14 +325,26 @@ class WorkerDirectory:
         role: Role | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         on_change: Callable[[WorkerEvent], None] | None = None,
+        grace_s: float = 0.0,
     ) -> None:
+        """Args:
+        grace_s: how long a worker whose record vanished stays listed (0: it leaves at once;
+            ``ROUTER_GRACE_S`` for routers).
+        """
+        if grace_s < 0:
+            raise ConfigError(f"grace_s={grace_s} must be >= 0")
         self.role = role
         self.namespace = namespace
+        self.grace_s = grace_s
         self._registry = registry
         self._on_change = on_change
         self._cond = threading.Condition()
+        self._deliver_lock = threading.Lock()  # held from a map change to its on_change call
         self._id_to_record: dict[str, WorkerRecord] = {}
+        self._id_to_deadline: dict[str, float] = {}  # vanished workers: when they leave
         self._watch: Watch | None = None
+        self._closed = False
+        self._grace_thread: threading.Thread | None = None
 
     @property
     def connected(self) -> bool:
@@ -273,14 +357,24 @@ class WorkerDirectory:
         self._watch = watch_workers(
             self._registry, self._apply, role=self.role, namespace=self.namespace
         )
+        if self.grace_s > 0:
+            self._grace_thread = threading.Thread(
+                target=self._run_grace, name=f"directory-grace:{self.namespace}", daemon=True
+            )
+            self._grace_thread.start()
         return self
 
     def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._grace_thread is not None and self._grace_thread is not threading.current_thread():
+            self._grace_thread.join(timeout=5.0)
 
     def workers(self) -> dict[str, WorkerRecord]:
-        """A snapshot of the current workers."""
+        """A snapshot of the current workers (those waiting out their grace included)."""
         with self._cond:
             return dict(self._id_to_record)
 
@@ -307,13 +401,77 @@ class WorkerDirectory:
         self.close()
 
     def _apply(self, event: WorkerEvent) -> None:
+        """Watch callback: update the map, then tell ``on_change`` what it should see."""
+        with self._deliver_lock:
+            with self._cond:
+                visible = self._apply_locked(event)
+                self._cond.notify_all()
+            if visible is not None:
+                self._deliver(visible)
+
+    def _apply_locked(self, event: WorkerEvent) -> WorkerEvent | None:
         worker_id = event.record.worker_id
-        with self._cond:
-            if event.kind is WorkerEventKind.LEFT:
-                self._id_to_record.pop(worker_id, None)
-            else:
-                self._id_to_record[worker_id] = event.record
-            self._cond.notify_all()
-        logger.debug("worker %s %s", worker_id, event.kind.value)
+        vanished_at = self._id_to_deadline.pop(worker_id, None)
+        if event.kind is WorkerEventKind.LEFT:
+            if self.grace_s > 0 and not event.record.leaving:
+                self._id_to_deadline[worker_id] = time.monotonic() + self.grace_s
+                logger.warning(
+                    "worker %s: its record vanished; kept for a grace of %.1f s",
+                    worker_id,
+                    self.grace_s,
+                )
+                return None
+            self._id_to_record.pop(worker_id, None)
+            return event
+        old = self._id_to_record.get(worker_id)
+        self._id_to_record[worker_id] = event.record
+        if vanished_at is None:
+            return event
+        logger.info("worker %s: its record is back within the grace", worker_id)
+        return None if old == event.record else WorkerEvent(WorkerEventKind.UPDATED, event.record)
+
+    def _run_grace(self) -> None:
+        """The grace thread: a vanished worker leaves once ``grace_s`` of connected watch passed."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                if self._id_to_deadline and not self.connected:
+                    for worker_id, deadline in self._id_to_deadline.items():
+                        self._id_to_deadline[worker_id] = max(deadline, now + self.grace_s)
+                due = any(deadline <= now for deadline in self._id_to_deadline.values())
+                if not due:
+                    next_deadline = min(self._id_to_deadline.values(), default=None)
+                    timeout = (
+                        None
+                        if next_deadline is None
+                        else min(next_deadline - now, _DISCONNECTED_POLL_S)
+                    )
+                    self._cond.wait(timeout)
+                    continue
+            self._leave_due()
+
+    def _leave_due(self) -> None:
+        """Remove the vanished workers whose grace is over, and report them LEFT."""
+        with self._deliver_lock:
+            with self._cond:
+                now = time.monotonic()
+                due = [wid for wid, deadline in self._id_to_deadline.items() if deadline <= now]
+                records = [self._id_to_record.pop(wid) for wid in due]
+                for worker_id in due:
+                    del self._id_to_deadline[worker_id]
+                self._cond.notify_all()
+            for record in records:
+                logger.info(
+                    "worker %s left: its record stayed gone past the grace", record.worker_id
+                )
+                try:
+                    self._deliver(WorkerEvent(WorkerEventKind.LEFT, record))
+                except Exception:  # as a watch does with its callback's errors
+                    logger.exception("on_change failed on %s leaving", record.worker_id)
+
+    def _deliver(self, event: WorkerEvent) -> None:
+        logger.debug("worker %s %s", event.record.worker_id, event.kind.value)
         if self._on_change is not None:
             self._on_change(event)

@@ -44,7 +44,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registration import WorkerDirectory, WorkerEvent, WorkerEventKind
+from fabric.discovery.registration import (
+    ROUTER_GRACE_S,
+    WorkerDirectory,
+    WorkerEvent,
+    WorkerEventKind,
+)
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry, Role
 from fabric.frontend.connection import ServingConnection, WorkerConnection
 from fabric.frontend.http_backend import uses_http
@@ -103,7 +108,9 @@ class Fleet:
         self._subscribers: dict[str, KvEventSubscriber] = {}
         self._load: dict[str, int] = {}
         self._ignored: set[str] = set()
-        self._directory = WorkerDirectory(registry, namespace=namespace, on_change=self._on_change)
+        self._directory = WorkerDirectory(
+            registry, namespace=namespace, on_change=self._on_change, grace_s=ROUTER_GRACE_S
+        )
 
     def start(self) -> Fleet:
         """Start watching the registry (existing workers arrive as joins)."""

@@ -129,10 +129,19 @@ def _parts(cls: type, *, min_text: int = 0) -> st.SearchStrategy[typing.Any]:
         layout=_parts(FabricLayout) | _parts(VllmLayout),
         compat_hash=st.integers(0, 2**64 - 1),
         started_at=st.floats(0, 4e9),
+        leaving=st.booleans(),
     )
 )
 def test_worker_record_round_trip_property(record: WorkerRecord) -> None:
     assert WorkerRecord.from_bytes(record.to_bytes(), key="k") == record
+
+
+def test_leaving_is_written_only_when_true() -> None:
+    record = WorkerRecord.from_bytes(OLD_FABRIC_RECORD, key=KEY)
+    assert not record.leaving and "leaving" not in json.loads(record.to_bytes())
+    leaving = dataclasses.replace(record, leaving=True)
+    assert json.loads(leaving.to_bytes())["leaving"] is True
+    assert WorkerRecord.from_bytes(leaving.to_bytes(), key=KEY) == leaving
 
 
 def test_a_vllm_layout_names_its_engine_on_the_wire() -> None:
@@ -194,6 +203,7 @@ def _changed(**fields: typing.Any) -> bytes:
         (_changed(layout_block_size="16"), "malformed.*block_size"),
         (_changed(layout_block_size=0), "malformed.*block_size"),
         (_changed(layout_num_blocks=1.5), "malformed.*num_blocks"),
+        (_changed(leaving=1), "malformed.*leaving"),
     ],
 )
 def test_malformed_record_raises_naming_the_key(payload: bytes, reason: str) -> None:

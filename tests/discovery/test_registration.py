@@ -1,5 +1,6 @@
 """WorkerRegistration and WorkerDirectory: over every registry, then against real etcd failures
-(a SIGKILLed worker process, an etcd stopped and restarted with or without its data)."""
+(a SIGKILLed worker process, an etcd stopped and restarted with or without its data). The
+directory's grace before a LEFT: ``test_directory_grace``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from discovery_harness import BOUND_S, TTL_S, messages, record_of
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
-from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import (
     WorkerDirectory,
     WorkerEvent,
@@ -27,28 +28,10 @@ from fabric.discovery.registry import Registry, Role
 from fabric.errors import DiscoveryError, InvalidTransition
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TTL_S = 1.0
-BOUND_S = 10.0  # generous bound for anything that should take about one TTL
-
-
-def record_of(worker_id: str, role: Role = Role.PREFILL, port: int = 5555) -> WorkerRecord:
-    return WorkerRecord(
-        worker_id=worker_id,
-        role=role,
-        endpoints=Endpoints(signal=f"tcp://127.0.0.1:{port}"),
-        agent_name=f"nixl-{worker_id}",
-        layout=FabricLayout(block_size=16, dtype="float32"),
-        compat_hash=0xC0FFEE,
-        started_at=time.time(),
-    )
 
 
 def registration_threads(worker_id: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"registration:{worker_id}"]
-
-
-def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == level]
 
 
 # -- over every registry -----------------------------------------------------------------------
@@ -83,6 +66,34 @@ def test_a_lost_lease_is_replaced_by_itself(
         assert wait_until(lambda: registration.registered, BOUND_S)
     assert any("phoenix" in m and "lost" in m for m in messages(caplog, logging.WARNING))
     assert any("restored" in m and "a new lease" in m for m in messages(caplog, logging.INFO))
+
+
+def test_a_deleted_record_is_back_within_one_keepalive(
+    registry: Registry, namespace: str, caplog: pytest.LogCaptureFixture, wait_until
+) -> None:
+    caplog.set_level(logging.INFO, logger="fabric.discovery")
+    record = record_of("undeletable")
+    key = record.key(namespace)
+    events: list[WorkerEventKind] = []
+    with (
+        WorkerRegistration(registry, record, ttl_s=TTL_S, namespace=namespace) as registration,
+        WorkerDirectory(registry, namespace=namespace, on_change=lambda e: events.append(e.kind)),
+    ):
+        lease = registration.lease
+        assert lease is not None
+        assert registry.delete(key)  # an operator's `etcdctl del`: the lease lives on
+        deleted_at = time.monotonic()
+        assert wait_until(lambda: registry.get(key) == record.to_bytes(), BOUND_S)
+        # one keepalive interval (ttl / 3), plus the calls themselves on a loaded host
+        assert time.monotonic() - deleted_at < lease.ttl_s / 3 + 1.0
+        assert registration.lease == lease  # re-put under the live lease, not a new one
+        assert wait_until(lambda: registration.registered, BOUND_S)
+        assert wait_until(lambda: len(events) == 3, BOUND_S)
+    # a directory without grace saw the worker leave and come back
+    assert events[:3] == [WorkerEventKind.JOINED, WorkerEventKind.LEFT, WorkerEventKind.JOINED]
+    warnings = [m for m in messages(caplog, logging.WARNING) if "undeletable" in m]
+    assert len(warnings) == 1 and "deleted while its lease lives" in warnings[0]
+    assert any("restored" in m and "re-put" in m for m in messages(caplog, logging.INFO))
 
 
 def test_registration_lifecycle_misuse_raises(registry: Registry, namespace: str) -> None:
@@ -226,7 +237,13 @@ def test_registration_comes_back_after_an_etcd_outage(
     router_registry = EtcdRegistry(fresh_etcd.endpoint, timeout_s=1)
     record = record_of("survivor")
     registration = WorkerRegistration(worker_registry, record, ttl_s=TTL_S, namespace=namespace)
-    directory = WorkerDirectory(router_registry, namespace=namespace)
+    kinds: list[WorkerEventKind] = []
+    directory = WorkerDirectory(
+        router_registry,
+        namespace=namespace,
+        on_change=lambda event: kinds.append(event.kind),
+        grace_s=5 * TTL_S,
+    )
     try:
         registration.start()
         directory.start()
@@ -243,6 +260,7 @@ def test_registration_comes_back_after_an_etcd_outage(
         assert directory.wait_for(lambda w: w.get("survivor") == record, BOUND_S)
         assert wait_until(lambda: directory.connected, BOUND_S)
         assert time.monotonic() - restarted_at < 5.0
+        assert kinds == [WorkerEventKind.JOINED]  # with a grace, the outage is no leave
     finally:
         registration.close()
         directory.close()
