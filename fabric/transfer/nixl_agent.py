@@ -23,6 +23,11 @@ stalls is cut by ``wait``'s deadline (``TransferTimeout``). Every path releases 
 handle NIXL refuses to release (a transfer it cannot cancel) is kept and released again on
 later polls and at ``close``.
 
+Peers are known by the agent name their metadata carries (read from NIXL's serialized form
+before loading it): loading new metadata under a known name removes the old peer first, so a
+peer restarted under its old name is reachable again (NIXL refuses to load a second
+connection under one name). Replace a peer between transfers to it (``wait`` releases them).
+
 Invariants: see ``fabric/transfer/agent.py``. ``close`` releases transfers, deregisters memory,
 forgets peers and drops the NIXL agent; it is idempotent, and the agent is unusable after it.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -61,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 _NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
 _NIXL_STATE = {"DONE": TransferState.DONE, "PROC": TransferState.PENDING}
+_METADATA_HEAD = b"nixlSerDes|Agent"
 
 
 def load_nixl() -> ModuleType:
@@ -79,6 +86,22 @@ def load_nixl() -> ModuleType:
         "NIXL is not installed: install torch first, then `pip install --no-deps "
         "nixl-cu12==1.5.1` (see launch/setup.sh), or use LoopbackAgent in tests"
     )
+
+
+def _agent_name(metadata: bytes) -> str | None:
+    """The agent name NIXL's serialized metadata opens with (``nixlSerDes|Agent``, the name's
+    length as a little-endian u64, the name), or None when it does not open that way."""
+    start = len(_METADATA_HEAD) + 8
+    if not metadata.startswith(_METADATA_HEAD) or len(metadata) < start:
+        return None
+    (length,) = struct.unpack_from("<Q", metadata, len(_METADATA_HEAD))
+    name = metadata[start : start + length]
+    if len(name) != length:
+        return None
+    try:
+        return name.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _is_nixl_error(e: BaseException) -> bool:
@@ -205,11 +228,20 @@ class NixlAgent:
             return bytes(self._nixl.get_agent_metadata())
 
     def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata; a known peer's changed metadata replaces the old (NIXL
+        refuses a second load under one name once the peer restarted), the same is a no-op."""
         if not isinstance(metadata, bytes) or not metadata:
             raise InvalidInput("peer metadata must be non-empty bytes from metadata()")
-        for name, known in self._peer_metadata.items():
-            if known == metadata:
-                return name
+        known_name = _agent_name(metadata)
+        if known_name in self._peer_metadata:
+            if self._peer_metadata[known_name] == metadata:
+                return known_name
+            logger.info(
+                "%s: peer %s sent new metadata (restarted, or new registrations); replacing it",
+                self._name,
+                known_name,
+            )
+            self.remove_peer(known_name)
         try:
             with _nixl_errors("loading peer metadata"):
                 raw = self._nixl.add_remote_agent(metadata)

@@ -373,6 +373,18 @@ def test_removed_peer_is_unavailable(factory: Factory) -> None:
     assert init.agent.add_peer(target.agent.metadata()) == target.agent.name
 
 
+def test_new_metadata_of_a_known_peer_replaces_it(factory: Factory) -> None:
+    init, target = factory.pair()
+    extra = np.random.default_rng(9).integers(0, 256, 4096, dtype=np.uint8)
+    factory.buffers.append(extra)
+    target.agent.register([BufferInfo(extra.ctypes.data, extra.nbytes, MemoryKind.DRAM, 0, None)])
+    assert init.agent.add_peer(target.agent.metadata()) == target.agent.name  # now covers extra
+    remote = RegionList.build(MemoryKind.DRAM, [extra.ctypes.data], [4096])
+    local = init.regions(np.array([0]), np.array([4096]))
+    init.agent.wait(init.agent.read(local, remote, target.agent.name), timeout_s=10)
+    assert np.array_equal(init.buf[:4096], extra)
+
+
 def test_deregistered_memory_cannot_move(factory: Factory) -> None:
     side = factory.side("solo")
     extra = np.zeros(4096, dtype=np.uint8)

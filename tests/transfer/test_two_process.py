@@ -8,7 +8,9 @@ storage of the other layout kind and checks every byte against a storage rebuilt
 
 Faults: the child is SIGKILLed before the read or in the middle of it; the parent must get a
 ``TransferError`` (``PeerUnavailable`` when NIXL sees the disconnect) within the deadline, with
-no transfer handle left. Every child is killed in teardown and every wait is bounded.
+no transfer handle left. A child killed and started again under the same agent name is read
+from again (its new metadata replaces the old). Every child is killed in teardown and every
+wait is bounded.
 """
 
 from __future__ import annotations
@@ -147,12 +149,14 @@ class Child:
 def spawn(tmp_path: Path) -> Iterator:
     children: list[Child] = []
 
-    def start(layout: dict, ids: list[int], seed: int = 5) -> tuple[Child, RemoteBlockSet]:
+    def start(
+        layout: dict, ids: list[int], seed: int = 5, name: str | None = None
+    ) -> tuple[Child, RemoteBlockSet]:
         args = {
             "layout": layout,
             "ids": ids,
             "seed": seed,
-            "name": f"prefill-{uuid.uuid4().hex[:8]}",
+            "name": name or f"prefill-{uuid.uuid4().hex[:8]}",
         }
         log = open(tmp_path / f"child-{len(children)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -218,6 +222,24 @@ def test_read_blocks_from_another_process(spawn, agent, remote_kind, local_kind)
     agent.send_notification(block_set.agent_name, b"verified")
     got = {child.frame(10), child.frame(10)}
     assert got == {f"{agent.name}:read-done".encode(), f"{agent.name}:verified".encode()}
+    assert agent.num_live_transfers == 0
+
+
+def test_a_peer_restarted_under_its_name_is_read_again(spawn, agent) -> None:
+    layout = {"kind": "fully_contiguous", "num_blocks": 8, **GEOMETRY}
+    ids = list(range(8))
+    local = host_storage(make_layout({**layout, "kind": "layer_separate"}))
+    agent.register(local.buffers())
+    name = f"prefill-{uuid.uuid4().hex[:8]}"
+    for seed in (5, 6):  # the second child is the first one restarted under the same name
+        child, block_set = spawn(layout, ids, seed=seed, name=name)
+        assert agent.add_peer(block_set.agent_metadata) == name  # replaces the dead one's
+        assert agent.add_peer(block_set.agent_metadata) == name  # the same again: no-op
+        # a reader of its own (no metadata cache of its own), as a second consumer would be
+        RemoteReader(agent, local, compat_hash=COMPAT, timeout_s=10).read(block_set, ids)
+        expected = seeded_storage(make_layout(layout), seed=seed)
+        assert all(block_bytes(local, i) == block_bytes(expected, i) for i in ids), seed
+        child.kill()
     assert agent.num_live_transfers == 0
 
 
