@@ -9,14 +9,22 @@ Both generation routes accept the ``fabric`` routing pin (``protocol``'s docstri
 
 Errors: every failure is OpenAI's error JSON (``errors.ApiError``): 400 for bad input with
 ``param`` naming the field (validation errors included: ``param`` is the field's path, e.g.
-``messages.0.role``; a pin naming no live worker of the right role: ``fabric.worker``), 404 for
-another model or an unknown route, 500 when the worker reports an error (its message included),
-503 when no worker can take the request, 504 when the worker sends nothing within the idle
-timeout or the deadline.
+``messages.0.role``; a pin naming no live worker of the right role: ``fabric.worker``; a body
+that is not UTF-8 JSON; a lone surrogate), 404 for another model or an unknown route, 413 for a
+body or prompt over a limit (``limits``), 429 with ``Retry-After`` when this frontend is
+saturated (``admission``), 500 when the worker reports an error (its message included) or the
+frontend fails unexpectedly, 503 when no worker can take the request (with ``Retry-After`` when
+none is known), 504 when the worker sends nothing within the idle timeout or the deadline.
+
+A request's way, cheapest checks first: body limits (``limits.BodyLimit``, before parsing),
+validation, model, the prompt's length in characters or ids; then it is queued (``admission``),
+tokenized on the tokenizer threads, checked in tokens, and sent once a worker has room.
 
 A streaming response starts only after the first chunk arrived, so failures before the first
 token (no worker, worker error, timeout) still get their HTTP status; later failures are an SSE
-error event (``responses``). A client that disconnects at any point aborts the request.
+error event (``responses``). A client that disconnects at any point aborts the request: while
+it is queued or tokenized it is never sent; once sent, the worker gets ``Abort`` (a decode
+worker passes it on to the prefill worker computing the prompt).
 """
 
 from __future__ import annotations
@@ -33,8 +41,14 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fabric.discovery.registry import Role
-from fabric.frontend.errors import ApiError, bad_request, model_not_found
+from fabric.frontend.errors import (
+    ApiError,
+    bad_request,
+    internal_error,
+    model_not_found,
+)
 from fabric.frontend.generation import Frontend, Generation, Scalar
+from fabric.frontend.limits import BodyLimit, max_json_values
 from fabric.frontend.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -61,7 +75,7 @@ from fabric.frontend.tokenizer import render_chat
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503, 504)
 }
 _DESCRIPTION = (
     "OpenAI-compatible frontend of KV Fabric: requests are routed to decode or aggregated "
@@ -69,7 +83,9 @@ _DESCRIPTION = (
     "(a prefill worker, or a peer holding more of it than the serving worker). The optional "
     '`fabric` object pins a route: {"worker": id, "prefill_worker": id or ""}. '
     "Workers decode greedily today (temperature, top_p and seed are accepted and forwarded). "
-    'Chat template: each message renders as "<role>: <content>\\n", then "assistant:".'
+    'Chat template: each message renders as "<role>: <content>\\n", then "assistant:". '
+    "Limits: a body or prompt over this frontend's limits is a 413 naming the limit; a "
+    "saturated frontend answers 429, and one without workers 503, both with Retry-After."
 )
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away
 
@@ -79,12 +95,25 @@ def build_app(frontend: Frontend) -> FastAPI:
     app = FastAPI(title="KV Fabric frontend", version="0.1.0", description=_DESCRIPTION)
     _add_error_handlers(app, frontend)
 
+    def refused(path: str, error: ApiError) -> None:
+        endpoint = _endpoint(path)
+        if endpoint is not None:
+            frontend.metrics.requests.labels(endpoint).inc()
+        _count(frontend, endpoint, error)
+
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=frontend.settings.max_body_bytes,
+        max_values=max_json_values(frontend.prompt_limit.max_tokens),
+        on_refused=refused,
+    )
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Complete a prompt (text or token ids)."""
         frontend.metrics.requests.labels("completions").inc()
         shape = CompletionShape(frontend.model_name, frontend.created)
-        return await _generate(frontend, request, body, _prompt_ids(frontend, body), shape)
+        return await _generate(frontend, request, body, _completion_prompt(body), shape)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -92,7 +121,7 @@ def build_app(frontend: Frontend) -> FastAPI:
         frontend.metrics.requests.labels("chat").inc()
         text = render_chat([(message.role, message.text()) for message in body.messages])
         shape = ChatShape(frontend.model_name, frontend.created)
-        return await _generate(frontend, request, body, frontend.codec.encode(text), shape)
+        return await _generate(frontend, request, body, text, shape)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -119,22 +148,24 @@ def build_app(frontend: Frontend) -> FastAPI:
     return app
 
 
+Prompt = str | list[int]
+"""A prompt as the client gave it: text to tokenize, or token ids."""
+
+
 async def _generate(
     frontend: Frontend,
     request: Request,
     body: GenerationParams,
-    token_ids: list[int],
+    prompt: Prompt,
     shape: ResponseShape,
 ) -> Response:
     if body.model != frontend.model_name:
         raise model_not_found(body.model, frontend.model_name)
-    generation = frontend.start(
-        "cmpl" if shape.endpoint == "completions" else "chatcmpl",
-        token_ids,
-        _max_tokens(frontend, body, len(token_ids)),
-        _sampling(body),
-        _pin(body),
-    )
+    try:
+        generation = await unless_disconnected(request, _start(frontend, body, prompt, shape))
+    except Disconnected:
+        logger.debug("a client disconnected before its request was sent to a worker")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     streaming = False
     try:
         first = await unless_disconnected(request, generation.next())
@@ -160,13 +191,35 @@ async def _generate(
             generation.abort("client disconnected")  # a no-op once the generation ended
 
 
+async def _start(
+    frontend: Frontend, body: GenerationParams, prompt: Prompt, shape: ResponseShape
+) -> Generation:
+    """Check the prompt, queue the request, tokenize it and send it once a worker has room."""
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    _check_prompt(frontend, prompt, param)
+    with frontend.admission.enter() as ticket:
+        if isinstance(prompt, str):
+            token_ids = await frontend.encode(prompt)
+            frontend.prompt_limit.check_tokens(len(token_ids), param)
+        else:
+            token_ids = prompt
+        return await frontend.start(
+            ticket,
+            "cmpl" if shape.endpoint == "completions" else "chatcmpl",
+            token_ids,
+            max_tokens=_max_tokens(frontend, body, len(token_ids)),
+            sampling=_sampling(body),
+            pin=_pin(body),
+        )
+
+
 async def _abort(generation: Generation) -> None:
     """Abort on the event loop (a sync background task would run on a worker thread)."""
     generation.abort("client disconnected")
 
 
-def _prompt_ids(frontend: Frontend, body: CompletionRequest) -> list[int]:
-    """The prompt's token ids (one prompt: text, ids, or a batch of one of either)."""
+def _completion_prompt(body: CompletionRequest) -> Prompt:
+    """The one prompt of a completion request: text, ids, or a batch of one of either."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -176,16 +229,23 @@ def _prompt_ids(frontend: Frontend, body: CompletionRequest) -> list[int]:
             )
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return frontend.codec.encode(prompt)
-    token_ids = [token for token in prompt if isinstance(token, int)]
+        return prompt
+    return [token for token in prompt if isinstance(token, int)]
+
+
+def _check_prompt(frontend: Frontend, prompt: Prompt, param: str) -> None:
+    """The checks a prompt passes before it is tokenized: its length (413), its ids (400)."""
+    if isinstance(prompt, str):
+        frontend.prompt_limit.check_text(prompt, param)
+        return
+    frontend.prompt_limit.check_tokens(len(prompt), param)
     vocab_size = frontend.codec.vocab_size
-    outside = [token for token in token_ids if not 0 <= token < vocab_size]
+    outside = [token for token in prompt if not 0 <= token < vocab_size]
     if outside:
         raise bad_request(
-            f"prompt: token id {outside[0]} is outside the vocabulary (size {vocab_size})",
-            "prompt",
+            f"{param}: token id {outside[0]} is outside the vocabulary (size {vocab_size})",
+            param,
         )
-    return token_ids
 
 
 def _max_tokens(frontend: Frontend, body: GenerationParams, num_prompt: int) -> int:
@@ -231,33 +291,66 @@ def _sampling(body: GenerationParams) -> dict[str, Scalar]:
 def _add_error_handlers(app: FastAPI, frontend: Frontend) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        frontend.metrics.errors.labels(_endpoint(request), str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        _count(frontend, _endpoint(request.url.path), exc)
+        return _response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {}
+        # A validator's own ValueError (a lone surrogate...) says more than a union's
+        # "not a string" for the member the value was not meant to be.
+        first = next((e for e in errors if e.get("type") == "value_error"), None)
+        first = first or (errors[0] if errors else {})
         if first.get("type") == "json_invalid":
             param, message = None, f"the body is not valid JSON ({first.get('msg')})"
         else:
             param = _param_path(first.get("loc", ()))
             message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
-            others = {_param_path(error.get("loc", ())) for error in errors[1:]} - {param}
+            others = {_param_path(error.get("loc", ())) for error in errors} - {param}
             if others:
                 message += f" (also invalid: {', '.join(sorted(p or 'body' for p in others))})"
-        frontend.metrics.requests.labels(_endpoint(request)).inc()
-        frontend.metrics.errors.labels(_endpoint(request), "400").inc()
-        return JSONResponse(bad_request(message, param).body(), status_code=400)
+        endpoint = _endpoint(request.url.path)
+        if endpoint is not None:
+            frontend.metrics.requests.labels(endpoint).inc()
+        error = bad_request(message, param)
+        _count(frontend, endpoint, error)
+        return _response(error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-        return JSONResponse(error.body(), status_code=exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.__cause__ is not None:  # FastAPI's "error parsing the body" (not UTF-8...)
+            message += f" ({exc.__cause__})"
+        return _response(ApiError(exc.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this response is sent.
+        error = internal_error(
+            f"{request.method} {request.url.path} failed unexpectedly ({type(exc).__name__}); "
+            "the frontend's log has the details"
+        )
+        _count(frontend, _endpoint(request.url.path), error)
+        return _response(error)
 
 
-def _endpoint(request: Request) -> str:
-    return "chat" if request.url.path.endswith("/chat/completions") else "completions"
+def _response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def _count(frontend: Frontend, endpoint: str | None, error: ApiError) -> None:
+    """Count a failed request (``request_errors_total``; ``refusals_total`` for a refusal)."""
+    if endpoint is not None:
+        frontend.metrics.errors.labels(endpoint, str(error.status)).inc()
+    if error.refusal is not None:
+        frontend.metrics.refusals.labels(error.refusal.value).inc()
+
+
+def _endpoint(path: str) -> str | None:
+    """The ``endpoint`` label of a generation route's path; None for other paths."""
+    if path.endswith("/chat/completions"):
+        return "chat"
+    return "completions" if path.endswith("/completions") else None
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})

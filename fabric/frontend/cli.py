@@ -1,7 +1,9 @@
 """``fabric serve frontend``: the OpenAI-compatible frontend as a command (add_arguments / run).
 
 Follows ``fabric.demo``'s pattern so ``fabric.cli`` can register it as a subcommand;
-``python -m fabric.frontend`` runs it on its own.
+``python -m fabric.frontend`` runs it on its own. Every ``FrontendSettings`` field is a flag
+(its docstring says what each bounds); an out-of-range value exits with status 2 and the
+field's name.
 """
 
 from __future__ import annotations
@@ -56,12 +58,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.default_max_tokens,
         help="max_tokens of requests that give none (%(default)s)",
     )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body; larger ones get 413 before they are read (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=defaults.max_prompt_tokens,
+        help="longest prompt in tokens, 413 beyond it (default: the model's context)",
+    )
+    parser.add_argument(
+        "--max-in-flight-per-worker",
+        type=int,
+        default=defaults.max_in_flight_per_worker,
+        help="requests this frontend keeps in flight on one decode or aggregated worker; "
+        "more wait in its queue (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=defaults.max_queued,
+        help="requests waiting in this frontend (tokenizing or for a worker with room); "
+        "beyond it 429 at once (%(default)s)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=defaults.queue_timeout_s,
+        help="seconds a request may wait for a worker with room, then 429 with Retry-After "
+        "(%(default)s)",
+    )
+    parser.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=defaults.tokenizer_threads,
+        help="threads tokenizing prompts off the event loop (%(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per vLLM request
-    if args.idle_timeout <= 0 or args.request_timeout <= 0 or args.default_max_tokens < 1:
-        raise FabricError("--idle-timeout, --request-timeout and --default-max-tokens must be > 0")
+    settings = FrontendSettings(
+        idle_timeout_s=args.idle_timeout,
+        request_timeout_s=args.request_timeout,
+        default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_in_flight_per_worker=args.max_in_flight_per_worker,
+        max_queued=args.max_queued,
+        queue_timeout_s=args.queue_timeout,
+        tokenizer_threads=args.tokenizer_threads,
+    )
     _exit_zero_on_stop_signals()
     run_frontend(
         etcd=args.etcd,
@@ -69,11 +119,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         namespace=args.namespace,
-        settings=FrontendSettings(
-            idle_timeout_s=args.idle_timeout,
-            request_timeout_s=args.request_timeout,
-            default_max_tokens=args.default_max_tokens,
-        ),
+        settings=settings,
     )
     return 0
 

@@ -1,6 +1,9 @@
 """One request from routing to its last token: ``Frontend.start`` and the ``Generation`` it returns.
 
-Owns the request lifecycle on the event loop, between the HTTP layer (``api``) and the router::
+Owns the request lifecycle on the event loop, between the HTTP layer (``api``) and the router,
+and the frontend's settings (``FrontendSettings``). Before ``start`` a request is queued in
+``admission`` (tokenized by ``Frontend.encode`` on the tokenizer threads); ``start`` waits there
+for a serving worker with room, then::
 
     start ──route + send──▶ RUNNING ──finished chunk──▶ DONE        (slots released)
                                │
@@ -18,32 +21,71 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
+from fabric.errors import ConfigError
+from fabric.frontend.admission import Admission, Ticket
 from fabric.frontend.connection import StreamFailure
 from fabric.frontend.errors import ApiError, deadline_exceeded, worker_error
+from fabric.frontend.limits import PromptLimit
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.frontend.router import RoutedRequest, RoutePin, Router
 from fabric.frontend.tokenizer import Detokenizer, TextCodec
 from fabric.signal.framing import wall_ms
 
 Scalar = float | int | str | bool
+DEFAULT_MAX_PROMPT_TOKENS = 32768
+"""The prompt limit when neither the settings nor the model's ``config.json`` give one."""
 
 
 @dataclass(frozen=True, slots=True)
 class FrontendSettings:
-    """Timeouts and limits of request handling.
+    """Timeouts and limits of request handling (the CLI flag of each in parentheses).
 
     Attributes:
         idle_timeout_s: a request that receives no chunk for this long fails with 504 (the
-            first chunk includes the prefill, so this bounds TTFT too).
-        request_timeout_s: the whole request's deadline (sent as ``deadline_ms``; 504 past it).
+            first chunk includes the prefill, so this bounds TTFT too) (``--idle-timeout``).
+        request_timeout_s: the whole request's deadline, from its arrival (sent as
+            ``deadline_ms``; 504 past it) (``--request-timeout``).
         default_max_tokens: ``max_tokens`` of a request that gives none.
+        max_body_bytes: the largest request body; 4 MiB holds a prompt of 128k tokens as text
+            or ids (``--max-body-bytes``; ``limits``).
+        max_prompt_tokens: the longest prompt; None: the model's context
+            (``max_position_embeddings``), else ``DEFAULT_MAX_PROMPT_TOKENS``
+            (``--max-prompt-tokens``).
+        max_in_flight_per_worker: requests this frontend keeps in flight on one serving worker
+            (``--max-in-flight-per-worker``). A reference worker computes one prompt per step
+            while it decodes every admitted request, so a request queued behind n others waits
+            about n prefills for its first token; 16 keeps that well inside the idle timeout
+            (a 2048-token small-preset prefill takes about 1.5 s on one core) and below the
+            worker's own queue bound (``max_waiting``, 64).
+        max_queued: requests waiting in this frontend for tokenizing or for a worker with room
+            (``--max-queued``); beyond it a request is refused with 429 at once.
+        queue_timeout_s: the longest wait for a worker with room, from arrival; then 429
+            (``--queue-timeout``).
+        tokenizer_threads: threads tokenizing prompts off the event loop
+            (``--tokenizer-threads``).
     """
 
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 600.0
     default_max_tokens: int = 256
+    max_body_bytes: int = 4 * 2**20
+    max_prompt_tokens: int | None = None
+    max_in_flight_per_worker: int = 16
+    max_queued: int = 64
+    queue_timeout_s: float = 1.0
+    tokenizer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        bad = [
+            f.name
+            for f in fields(self)
+            if (value := getattr(self, f.name)) is not None and not value > 0
+        ]
+        if bad:
+            raise ConfigError(f"frontend settings must be > 0: {', '.join(bad)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,13 +224,18 @@ class Generation:
 
 
 class Frontend:
-    """Routes requests and wraps them as ``Generation``s; the HTTP layer's one collaborator."""
+    """Routes requests and wraps them as ``Generation``s; the HTTP layer's one collaborator.
+
+    Owns (and ``close`` closes) the router and the tokenizer threads.
+    """
 
     def __init__(
         self,
         router: Router,
         codec: TextCodec,
         metrics: FrontendMetrics,
+        admission: Admission,
+        tokenizer_pool: ThreadPoolExecutor,
         *,
         model_name: str,
         settings: FrontendSettings,
@@ -196,34 +243,54 @@ class Frontend:
         self.router = router
         self.codec = codec
         self.metrics = metrics
+        self.admission = admission
         self.model_name = model_name
         self.settings = settings
+        self.prompt_limit = PromptLimit(
+            settings.max_prompt_tokens or codec.max_model_len or DEFAULT_MAX_PROMPT_TOKENS,
+            codec.max_token_chars,
+        )
         self.created = int(time.time())
+        self._tokenizer_pool = tokenizer_pool
 
-    def start(
+    async def encode(self, text: str) -> list[int]:
+        """``text``'s token ids, tokenized on the tokenizer threads (the loop stays free)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, self.codec.encode, text)
+
+    async def start(
         self,
+        ticket: Ticket,
         prefix: str,
         token_ids: list[int],
+        *,
         max_tokens: int,
         sampling: dict[str, Scalar],
         pin: RoutePin | None = None,
     ) -> Generation:
-        """Route and send one request (``prefix`` starts its id, e.g. ``"cmpl"``).
+        """Route and send one queued request once a worker has room (``prefix`` starts its id,
+        e.g. ``"cmpl"``).
 
         Raises:
-            ApiError: 503 when no worker can take it; 400 when ``pin`` cannot be honoured.
+            ApiError: 429 when no worker had room in time; 503 when no worker serves the model;
+                400 when ``pin`` cannot be honoured.
         """
-        received_at = time.monotonic()
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        routed = self.router.submit(
-            request_id,
-            token_ids,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            deadline_ms=wall_ms() + int(self.settings.request_timeout_s * 1000),
-            loop=asyncio.get_running_loop(),
-            pin=pin,
-        )
+        loop = asyncio.get_running_loop()
+        deadline = ticket.arrived_at + self.settings.request_timeout_s
+
+        def submit() -> RoutedRequest:
+            return self.router.submit(
+                request_id,
+                token_ids,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                deadline_ms=wall_ms() + int((deadline - time.monotonic()) * 1000),
+                loop=loop,
+                pin=pin,
+            )
+
+        routed = await self.admission.dispatch(ticket, submit)
         route = routed.route
         self.metrics.prompt_tokens.inc(len(token_ids))
         self.metrics.routes.labels(route.kind.value).inc()
@@ -231,5 +298,10 @@ class Frontend:
             self.metrics.prefix_blocks.labels("hit").inc(route.source_blocks)
             self.metrics.prefix_blocks.labels("miss").inc(route.num_blocks - route.source_blocks)
         return Generation(
-            routed, self.codec.detokenizer(), self.metrics, self.settings, received_at
+            routed, self.codec.detokenizer(), self.metrics, self.settings, ticket.arrived_at
         )
+
+    def close(self) -> None:
+        """Close the router (open requests fail) and stop the tokenizer threads."""
+        self.router.close()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,11 @@ Owns a private ``CollectorRegistry`` (never the process-global one), so several 
 live in one test process.
 
 * ``requests_total{endpoint}``, ``request_errors_total{endpoint,status}`` (HTTP status of the
-  failure: 400, 404, 500, 503, 504), ``prompt_tokens_total``, ``completion_tokens_total``;
+  failure: 400, 404, 413, 429, 500, 503, 504), ``prompt_tokens_total``,
+  ``completion_tokens_total``;
+* ``refusals_total{reason}``: requests refused before reaching a worker, by ``errors.Refusal``:
+  ``body_too_large`` and ``prompt_too_large`` (413), ``queue_full`` and ``no_room`` (429),
+  ``no_workers`` (503); every reason is exported from the start, at 0;
 * ``ttft_seconds`` (request received -> first token) and ``itl_seconds`` (time between tokens:
   the gap between two chunks divided by the second chunk's tokens, one observation per token);
 * ``routes_total{kind}``: routed requests by route kind (``policy.RouteKind``): ``local`` (the
@@ -16,18 +20,21 @@ live in one test process.
   as the router saw them;
 * read at scrape time from the fleet: ``worker_in_flight{worker,role}``, ``workers{role}`` and
   ``worker_indexed_blocks{worker}`` (distinct blocks the KV index knows the worker holds, on
-  any tier, from its KV events; absent for workers that publish none).
+  any tier, from its KV events; absent for workers that publish none); from the admission
+  queue: ``queued`` (requests tokenizing or waiting for a worker with room; absent without a
+  reader).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fabric.discovery.registry import Role
+from fabric.frontend.errors import Refusal
 from fabric.frontend.policy import RouteKind
 
 PREFIX = "fabric_frontend_"
@@ -77,7 +84,10 @@ class FrontendMetrics:
     """The frontend's metrics (see the module docstring)."""
 
     def __init__(
-        self, read_in_flight: InFlightReader, read_index: IndexReader | None = None
+        self,
+        read_in_flight: InFlightReader,
+        read_index: IndexReader | None = None,
+        read_queued: Callable[[], int] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -89,6 +99,20 @@ class FrontendMetrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
+        self.refusals = Counter(
+            PREFIX + "refusals",
+            "Requests refused before reaching a worker (413, 429, 503), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for refusal in Refusal:
+            self.refusals.labels(refusal.value)
+        if read_queued is not None:
+            Gauge(
+                PREFIX + "queued",
+                "Requests tokenizing or waiting for a worker with room.",
+                registry=self.registry,
+            ).set_function(read_queued)
         self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens", "Prompt tokens of routed requests.", registry=self.registry
         )

@@ -5,6 +5,12 @@ Owns the wire shapes of ``/v1/completions``, ``/v1/chat/completions`` (and their
 own server does for fields it does not know; fields the fabric cannot honour are refused with a
 400 naming them (``n`` > 1, ``stop``).
 
+Invariant: a request body that validates holds only what the rest of the frontend can use
+without failing: every string is valid Unicode (``Text``: a lone surrogate, which JSON's
+``\\ud800`` escapes can carry, is a 400 naming its field, never a tokenizer error);
+``max_tokens`` and ``seed`` fit the signal wire (msgpack's 64 bits; token ids are checked
+against the vocabulary by ``api``).
+
 ``temperature``, ``top_p`` and ``seed`` are accepted and forwarded in ``GenerateRequest.sampling``;
 the workers decode greedily today, so they do not change the output yet.
 
@@ -36,11 +42,28 @@ carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Scalar = float | int | str | bool
+MAX_TOKENS_LIMIT = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"a lone surrogate ({text[exc.start]!r}) at character {exc.start} is not Unicode "
+            "text; send UTF-8 text (a JSON \\u escape of a surrogate needs its pair)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""A request string: valid Unicode (module docstring)."""
 
 
 class StreamOptions(BaseModel):
@@ -52,12 +75,12 @@ class FabricOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    worker: str | None = Field(
+    worker: Text | None = Field(
         default=None,
         min_length=1,
         description="Serving worker (decode or aggregated) id; omitted: the router chooses.",
     )
-    prefill_worker: str | None = Field(
+    prefill_worker: Text | None = Field(
         default=None,
         description=(
             'KV source (prefill or aggregated worker) id; "" computes the prompt on the serving '
@@ -69,22 +92,26 @@ class FabricOptions(BaseModel):
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="The served model's id (see /v1/models).")
-    max_tokens: int | None = Field(default=None, ge=1, description="Most tokens to generate.")
+    model: Text = Field(description="The served model's id (see /v1/models).")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS_LIMIT, description="Most tokens to generate."
+    )
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, description="Accepted; workers decode greedily today."
     )
     top_p: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Accepted; workers decode greedily today."
     )
-    seed: int | None = Field(default=None, description="Accepted; forwarded to the workers.")
+    seed: int | None = Field(
+        default=None, ge=INT64_MIN, le=INT64_MAX, description="Accepted; forwarded to the workers."
+    )
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
     stop: str | list[str] | None = Field(
         default=None, description="Not supported yet: null or empty only."
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     fabric: FabricOptions | None = Field(
         default=None, description="KV Fabric extension: pin this request's route."
     )
@@ -104,21 +131,21 @@ class GenerationParams(BaseModel):
 
 
 class CompletionRequest(GenerationParams):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(
         description="One prompt: text, or token ids (a batch of one is accepted)."
     )
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -131,7 +158,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(
-        default=None, ge=1, description="Preferred over max_tokens when both are given."
+        default=None,
+        ge=1,
+        le=MAX_TOKENS_LIMIT,
+        description="Preferred over max_tokens when both are given.",
     )
 
 

@@ -4,7 +4,7 @@ Owns the routing of one request: the router resolves a request's ``RoutePin`` (t
 field of the body) against the fleet's live workers and refuses a pin it cannot honour with a 400
 naming the live workers; ``policy`` makes every choice a pin leaves open; the fleet hands the
 ``GenerateRequest`` to the serving worker's connection. It owns the ``Fleet`` it is given (closing
-the router closes it) and holds no state of its own but the stream bound.
+the router closes it) and holds no state of its own but the stream bound and the load cap.
 
 Invariants:
 
@@ -17,6 +17,10 @@ Invariants:
   once.
 * Choosing, sending and counting are one ``Fleet.dispatch``: a request is never handed to a
   connection after the connection was closed.
+* With a cap (``max_in_flight_per_worker``), a serving worker with that many requests in flight
+  (the fleet's count: this frontend's requests) gets no more; a request none can take raises
+  ``AllWorkersBusy`` (``admission`` waits and retries), checked before any prefix is hashed.
+  KV sources are not capped: each request they serve holds a capped serving worker's count too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
+from fabric.errors import FabricError
 from fabric.frontend.connection import ChunkStream, ServingConnection
 from fabric.frontend.errors import bad_request, no_workers
 from fabric.frontend.fleet import Fleet, FleetView
@@ -46,6 +51,10 @@ from fabric.signal.messages import GenerateRequest
 logger = logging.getLogger(__name__)
 
 _KV_SOURCE_ROLES = tuple(dict.fromkeys(role for roles in SOURCE_ROLES.values() for role in roles))
+
+
+class AllWorkersBusy(FabricError):
+    """Every serving worker the request could use has its cap of requests in flight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,13 +117,21 @@ class RoutedRequest:
 class Router:
     """Routes requests over one ``Fleet`` (see the module docstring)."""
 
-    def __init__(self, fleet: Fleet, *, max_chunks: int = 4096) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        max_chunks: int = 4096,
+        max_in_flight_per_worker: int | None = None,
+    ) -> None:
         """Args:
         fleet: the live workers to route over; the router owns it from now on.
         max_chunks: chunks a request's stream may hold before its reader is declared too slow.
+        max_in_flight_per_worker: the cap of a serving worker's requests in flight (None: none).
         """
         self.fleet = fleet
         self._max_chunks = max_chunks
+        self._max_in_flight = max_in_flight_per_worker
 
     def start(self) -> Router:
         """Start the fleet (existing workers arrive as joins)."""
@@ -142,6 +159,7 @@ class Router:
             ApiError: 503 when no decode or aggregated worker serves the model; 400 when ``pin``
                 names a worker that is not live, has the wrong role or cannot exchange KV with
                 the other one.
+            AllWorkersBusy: every serving worker the request could use is at its cap.
         """
         resolved = pin or RoutePin()
 
@@ -189,10 +207,10 @@ class Router:
         serving = None
         if pin.worker is not None:
             serving = _pinned(workers, pin.worker, SERVING_ROLES, "worker")
+            self._check_room([serving], view.load)
         source = None
         if pin.prefill_worker:
             source = _pinned(workers, pin.prefill_worker, _KV_SOURCE_ROLES, "prefill_worker")
-        prefixes = cached_prefixes(list(workers.values()), token_ids, view.index)
         if serving is None:
             if source is not None:
                 serving_pool = [
@@ -202,8 +220,7 @@ class Router:
                     and source.role in SOURCE_ROLES.get(r.role, ())
                     and compatible(r, source)
                 ]
-            serving = choose_serving(serving_pool, view.load, prefixes)
-            if serving is None:
+            if not serving_pool:
                 assert source is not None, "only a pinned source empties the serving pool"
                 raise bad_request(
                     f"fabric.prefill_worker: no decode or aggregated worker other than "
@@ -212,12 +229,33 @@ class Router:
                     + _live(workers, SERVING_ROLES),
                     "fabric.prefill_worker",
                 )
+            serving_pool = self._check_room(serving_pool, view.load)
+        prefixes = cached_prefixes(list(workers.values()), token_ids, view.index)
+        if serving is None:
+            serving = choose_serving(serving_pool, view.load, prefixes)
+            assert serving is not None, "the pool has a worker with room"
         if source is not None:
             _check_source(serving, source)
         elif pin.prefill_worker is None:
             source = choose_source(serving, list(workers.values()), view.load, prefixes)
         pinned = pin.worker is not None or pin.prefill_worker is not None
         return make_route(serving, source, prefixes, pinned=pinned)
+
+    def _check_room(
+        self, candidates: list[WorkerRecord], load: Mapping[str, int]
+    ) -> list[WorkerRecord]:
+        """The candidates below the cap; ``AllWorkersBusy`` when none is."""
+        cap = self._max_in_flight
+        if cap is None:
+            return candidates
+        with_room = [r for r in candidates if load.get(r.worker_id, 0) < cap]
+        if not with_room:
+            names = ", ".join(r.worker_id for r in candidates)
+            raise AllWorkersBusy(
+                f"every serving worker this request can use ({names}) has {cap} requests in "
+                "flight (--max-in-flight-per-worker)"
+            )
+        return with_room
 
 
 def _live(workers: Mapping[str, WorkerRecord], roles: Collection[Role]) -> str:

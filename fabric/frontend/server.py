@@ -5,8 +5,9 @@ constructs collaborators); ``run_frontend`` serves it with uvicorn in the foregr
 SIGINT / SIGTERM; ``BackgroundServer`` serves an app on a uvicorn thread bound to a socket the
 caller may leave on an ephemeral port (tests, benchmarks).
 
-Invariant: ``run_frontend`` closes its router and registry on every way out; a
-``BackgroundServer`` is stopped (``should_exit``, bounded join) by ``stop`` or its ``with`` block.
+Invariant: ``run_frontend`` closes its frontend (router, tokenizer threads) and registry on every
+way out; a ``BackgroundServer`` is stopped (``should_exit``, bounded join) by ``stop`` or its
+``with`` block.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 import uvicorn
@@ -23,6 +25,7 @@ from fastapi import FastAPI
 
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
 from fabric.errors import ConfigError
+from fabric.frontend.admission import Admission
 from fabric.frontend.api import build_app
 from fabric.frontend.fleet import Fleet
 from fabric.frontend.generation import Frontend, FrontendSettings
@@ -52,6 +55,7 @@ def build_frontend(
             ``frontend-<random>``).
         http: the HTTP clients for vLLM instances (default: real network, ``HttpSettings()``).
     """
+    settings = settings or FrontendSettings()
     resolved = resolve_model(model)
     codec = TextCodec.from_dir(resolved.directory)
     fleet = Fleet(
@@ -61,14 +65,17 @@ def build_frontend(
         namespace=namespace,
         http=http,
     )
-    router = Router(fleet)
-    metrics = FrontendMetrics(fleet.in_flight, fleet.indexed_blocks)
+    router = Router(fleet, max_in_flight_per_worker=settings.max_in_flight_per_worker)
+    admission = Admission(max_queued=settings.max_queued, queue_timeout_s=settings.queue_timeout_s)
+    metrics = FrontendMetrics(fleet.in_flight, fleet.indexed_blocks, lambda: admission.num_queued)
     frontend = Frontend(
         router,
         codec,
         metrics,
+        admission,
+        ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="frontend-tokenize"),
         model_name=resolved.name,
-        settings=settings or FrontendSettings(),
+        settings=settings,
     )
     router.start()
     return frontend
@@ -105,7 +112,7 @@ def run_frontend(
                 timeout_graceful_shutdown=_GRACEFUL_S,
             )
         finally:
-            frontend.router.close()
+            frontend.close()
     finally:
         registry.close()
 

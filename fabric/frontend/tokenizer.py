@@ -17,6 +17,9 @@ Invariants: the codec never adds special tokens on its own (``tokenizer.json``'s
 decides, as ``transformers`` does for the same directory); decoding skips special tokens (the
 EOS a worker stops on is counted in ``usage`` but not shown). A stream's deltas concatenate to the
 text of its tokens, except that trailing bytes of an incomplete UTF-8 character are withheld.
+``encode`` releases the GIL while it tokenizes (``tokenizers`` does so in ``encode_batch`` only),
+so tokenizing on another thread leaves the event loop free; its text must be valid Unicode (no
+lone surrogates: ``protocol`` refuses them).
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class TextCodec:
     def __init__(self, tokenizer: Tokenizer, *, max_model_len: int | None) -> None:
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.max_token_chars = max(map(len, tokenizer.get_vocab(with_added_tokens=True)))
+        """The longest vocabulary entry: no token covers more characters (``limits``)."""
 
     @classmethod
     def from_dir(cls, directory: Path) -> TextCodec:
@@ -109,7 +114,8 @@ class TextCodec:
         return int(self._tokenizer.get_vocab_size())
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text).ids)
+        """The token ids of ``text``; releases the GIL while it works (module docstring)."""
+        return list(self._tokenizer.encode_batch([text])[0].ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

@@ -78,7 +78,7 @@ def start_frontend(
         try:
             server = BackgroundServer(build_app(frontend)).start()
         except BaseException:
-            frontend.router.close()
+            frontend.close()
             raise
         running.append(RunningFrontend(frontend, server))
         return running[-1]
@@ -86,4 +86,4 @@ def start_frontend(
     yield start
     for item in running:
         item.server.stop()
-        item.frontend.router.close()
+        item.frontend.close()

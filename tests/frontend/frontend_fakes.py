@@ -7,7 +7,10 @@ test tree.
 answers each ``GenerateRequest`` from its own thread with one ``TokenChunk`` per token of
 ``ANSWER`` plus EOS (finish "stop"), or the first ``max_tokens`` of them (finish "length"), and
 records every request and ``Abort``. Knobs: ``fail_with`` (an error chunk), ``silent`` (never
-answers), ``token_delay_s`` (before each chunk). With ``events=True`` it also owns a real
+answers), ``token_delay_s`` (before each chunk), ``gate`` (cleared: requests wait for it before
+their first chunk). ``max_active`` is the most requests it ever held at once (from receipt to
+just before its final chunk is sent, so a frontend never sees a request end before it is
+uncounted). With ``events=True`` it also owns a real
 ``ZmqEventPublisher`` (with replay) and registers its ``events`` endpoints, so a test can publish
 the KV events a real decode or aggregated worker would.
 """
@@ -109,6 +112,11 @@ class FakeWorker:
         self.fail_with: str | None = None
         self.silent = False
         self.token_delay_s = 0.0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.max_active = 0
+        self._active: set[str] = set()
+        self._active_lock = threading.Lock()
         self._aborted: set[str] = set()
         self._server = SignalServer(
             "tcp://127.0.0.1:0", self._handle, compat_hash=COMPAT, name=worker_id
@@ -149,11 +157,26 @@ class FakeWorker:
         return None
 
     def _generate(self, request: GenerateRequest, peer: PeerId) -> None:
+        with self._active_lock:
+            self._active.add(request.request_id)
+            self.max_active = max(self.max_active, len(self._active))
+        try:
+            self._answer(request, peer)
+        finally:
+            self._leave(request.request_id)
+
+    def _leave(self, request_id: str) -> None:
+        with self._active_lock:
+            self._active.discard(request_id)
+
+    def _answer(self, request: GenerateRequest, peer: PeerId) -> None:
         rid = request.request_id
         if self.silent:
             return
+        self.gate.wait(WAIT_S)
         if self.fail_with is not None:
             stats: dict[str, float | int | str | bool] = {"error": self.fail_with}
+            self._leave(rid)
             with contextlib.suppress(FabricError):
                 self._server.send(peer, TokenChunk(rid, [], True, "error", stats))
             return
@@ -165,6 +188,8 @@ class FakeWorker:
                 return
             last = i == len(tokens) - 1
             chunk = TokenChunk(rid, [token], last, reason if last else "", STATS if last else {})
+            if last:
+                self._leave(rid)
             try:
                 self._server.send(peer, chunk)
             except FabricError:  # the frontend went away: nobody to stream to

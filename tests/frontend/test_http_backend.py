@@ -156,7 +156,7 @@ def serve(
         try:
             server = BackgroundServer(build_app(frontend)).start()
         except BaseException:
-            frontend.router.close()
+            frontend.close()
             raise
         running.append(RunningFrontend(frontend, server))
         assert wait_until(lambda: len(frontend.router.fleet.workers()) == len(records))
@@ -165,7 +165,7 @@ def serve(
     yield start
     for item in running:
         item.server.stop()
-        item.frontend.router.close()
+        item.frontend.close()
     for registration in registrations:
         registration.close()
 

@@ -159,7 +159,7 @@ def test_directory_on_real_etcd(start_frontend: StartFrontend, codec: TextCodec)
                 worker.close()
             assert wait_until(lambda: httpx.get(f"{running.url}/health").status_code == 503)
             running.server.stop()
-            running.frontend.router.close()
+            running.frontend.close()
         finally:
             etcd.close()
 
