@@ -23,10 +23,10 @@ Invariants: ``read`` moves ``remote[i]`` (on ``peer``) into ``local[i]``, ``writ
 the lists pair up (equal counts and lengths) and must lie in registered memory. ``metadata()``
 describes the registrations made so far: a peer must load it again after new registrations
 (``add_peer`` with new bytes under a known agent name replaces the old, a peer restarted under
-its old name included; same bytes are a no-op). ``wait`` releases the
-transfer on every path (done, failed, timed out), so a timeout never leaks a handle; a dead or
-unknown peer surfaces as ``PeerUnavailable`` (a ``TransferError``) from ``read``/``write``/``wait``
-or ``send_notification``, never as a hang. Agents are not thread-safe: one owner thread; with
+its old name included; same bytes are a no-op). ``wait`` releases the transfer on every path
+(done, failed, timed out), so a timeout never leaks a handle; a dead or unknown peer surfaces as
+``PeerUnavailable`` (a ``TransferError``) from ``read``/``write``/``wait`` or
+``send_notification``, never as a hang. Agents are not thread-safe: one owner thread; with
 NIXL's progress thread off, polling (``poll``, ``wait``, ``notifications``) drives progress.
 """
 
