@@ -55,11 +55,11 @@ class FrontendSettings:
             (``max_position_embeddings``), else ``DEFAULT_MAX_PROMPT_TOKENS``
             (``--max-prompt-tokens``).
         max_in_flight_per_worker: requests this frontend keeps in flight on one serving worker
-            (``--max-in-flight-per-worker``). A reference worker computes one prompt per step
-            while it decodes every admitted request, so a request queued behind n others waits
-            about n prefills for its first token; 16 keeps that well inside the idle timeout
-            (a 2048-token small-preset prefill takes about 1.5 s on one core) and below the
-            worker's own queue bound (``max_waiting``, 64).
+            (``--max-in-flight-per-worker``). A reference worker computes one prompt at a time
+            while it decodes every admitted request, so the n-th request waits about n
+            prefills for its first token: with 8 and 2048-token small-preset prompts (3.2 s
+            each on one core, docs/benchmarks.md) about 26 s, well inside the 60 s idle
+            timeout, and far below the worker's own queue bound (``max_waiting``, 64).
         max_queued: requests waiting in this frontend for tokenizing or for a worker with room
             (``--max-queued``); beyond it a request is refused with 429 at once.
         queue_timeout_s: the longest wait for a worker with room, from arrival; then 429
@@ -73,7 +73,7 @@ class FrontendSettings:
     default_max_tokens: int = 256
     max_body_bytes: int = 4 * 2**20
     max_prompt_tokens: int | None = None
-    max_in_flight_per_worker: int = 16
+    max_in_flight_per_worker: int = 8
     max_queued: int = 64
     queue_timeout_s: float = 1.0
     tokenizer_threads: int = 2
