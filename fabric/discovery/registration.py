@@ -411,7 +411,7 @@ class WorkerDirectory:
 
     def _apply_locked(self, event: WorkerEvent) -> WorkerEvent | None:
         worker_id = event.record.worker_id
-        vanished_at = self._id_to_deadline.pop(worker_id, None)
+        was_vanished = self._id_to_deadline.pop(worker_id, None) is not None
         if event.kind is WorkerEventKind.LEFT:
             if self.grace_s > 0 and not event.record.leaving:
                 self._id_to_deadline[worker_id] = time.monotonic() + self.grace_s
@@ -425,7 +425,7 @@ class WorkerDirectory:
             return event
         old = self._id_to_record.get(worker_id)
         self._id_to_record[worker_id] = event.record
-        if vanished_at is None:
+        if not was_vanished:
             return event
         logger.info("worker %s: its record is back within the grace", worker_id)
         return None if old == event.record else WorkerEvent(WorkerEventKind.UPDATED, event.record)
