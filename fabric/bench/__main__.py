@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prefix": "fabric.bench.prefix",
     "vllm": "fabric.bench.vs_vllm",
     "vllm-offload": "fabric.bench.vllm_offload",
+    "load": "fabric.bench.load",
 }
 """Subcommand name -> module implementing it."""
 

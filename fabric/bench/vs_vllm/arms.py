@@ -3,7 +3,8 @@
 An arm is a row of ``ARMS``: a name, a kind, the ``--kv-transfer-config`` of its first server
 (prefill / storing) and of its second (decode / hitting), extra environment, and a module that
 must import in the vLLM environment for it to run. Strings in the configs and the environment
-may hold ``{store_dir}`` and ``{etcd}``, filled in per run by ``fill``.
+may hold ``{store_dir}`` and ``{etcd}``, filled in per run by ``fill``, and ``{url}``, the
+server's own OpenAI URL, filled in as it starts (``servers.start_server``).
 
 Invariants: ``ARMS[0]`` is the reference (aggregated, no connector) and always runs; a workload
 depends only on (preset, prompt length, number of requests, max tokens): every arm, every run
@@ -36,8 +37,9 @@ FABRIC_CONNECTOR_MODULE = "fabric.integrations.vllm.connector"
 FABRIC_CONNECTOR_CLASS = "FabricConnector"
 """Where the fabric's ``KVConnectorBase_V1`` lives (``kv_connector_module_path``)."""
 
-PLACEHOLDER = re.compile(r"\{(store_dir|etcd)\}")
-"""Filled in per run: the arm's disk store directory and the private etcd endpoint."""
+PLACEHOLDER = re.compile(r"\{(store_dir|etcd|url)\}")
+"""Filled in per run: the arm's disk store directory and the private etcd endpoint; per server:
+its own URL (``http://127.0.0.1:<port>``)."""
 
 
 class ArmKind(Enum):
@@ -106,7 +108,7 @@ class ArmFailed(FabricError):
 
 
 def fill(value: Any, values: Mapping[str, str]) -> Any:
-    """``value`` with ``{store_dir}`` / ``{etcd}`` replaced in every string inside it."""
+    """``value`` with ``{store_dir}`` / ``{etcd}`` / ``{url}`` replaced in every string in it."""
     if isinstance(value, str):
         return PLACEHOLDER.sub(lambda m: values[m.group(1)], value)
     if isinstance(value, Mapping):

@@ -146,7 +146,7 @@ class ArmContext:
     workload: Workload
     run_dir: Path
     placeholders: Mapping[str, str]
-    """Values of the ``{store_dir}`` / ``{etcd}`` placeholders."""
+    """Values of the ``{store_dir}`` / ``{etcd}`` placeholders (``{url}`` is per server)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,24 +192,29 @@ def start_server(
     cpu: str,
     extra_args: Sequence[str] = (),
 ) -> Server:
-    """Start one server in its own process group, pinned to ``cpu``, output in a log file."""
+    """Start one server in its own process group, pinned to ``cpu``, output in a log file.
+
+    ``{url}`` in the arm's configs and environment becomes this server's own URL.
+    """
     arm = ctx.arm
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    placeholders = {**ctx.placeholders, "url": url}
     env = vllm_env(
         VLLM_CPU_OMP_THREADS_BIND=cpu,
         VLLM_CPU_KVCACHE_SPACE=str(KV_CACHE_GIB),
         VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
         VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()),
-        **fill(dict(arm.env), ctx.placeholders),
+        **fill(dict(arm.env), placeholders),
     )
     name = f"{arm.name}-{role}"
-    kv_config = fill(kv_config, ctx.placeholders) if kv_config else None
+    kv_config = fill(kv_config, placeholders) if kv_config else None
     cmd = server_command(ctx.python, ctx.workload, port, kv_config, extra_args)
     log(f"starting {name} on cpu {cpu}, port {port}")
     child = start_process(
         name, cmd, ctx.run_dir, progress=log, env=env, cwd=ctx.run_dir, own_group=True
     )
-    return Server(child, f"http://127.0.0.1:{port}")
+    return Server(child, url)
 
 
 def wait_servers(servers: Sequence[Server]) -> None:
