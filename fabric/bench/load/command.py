@@ -232,8 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for deployment in deployments:
             rows += sweep(deployment, setup, workload, rates, args)
-        overhead = None
-        if args.overhead_probes and any(d.name == "1p1d" for d in deployments):
+        overhead: Overhead | str = "not measured: --overhead-probes 0"
+        if not any(row["deployment"] == "1p1d" and row["error"] is None for row in rows):
+            overhead = "not measured: 1p1d was not run or failed at every rate"
+        elif args.overhead_probes:
             overhead_setup = replace(
                 setup, preset=args.overhead_preset, model_dir=ensure_model(args.overhead_preset)
             )
@@ -307,10 +309,10 @@ def sweep(
     return rows
 
 
-def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overhead | None:
+def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overhead | str:
     """Sequential requests to a fresh ``1p1d``: client TTFT and the prefill worker's compute.
 
-    One warm-up, then ``num_probes`` distinct random prompts; None (logged) if it fails.
+    One warm-up, then ``num_probes`` distinct random prompts; why not, if it fails.
     """
     from fabric.frontend.client import stream_completion
     from fabric.models.presets import PRESET_CONFIGS, Preset
@@ -334,7 +336,7 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
                 log(f"overhead probe {index}: TTFT {ttfts[-1]:.1f} ms, prefill {prefills[-1]} ms")
     except Exception as exc:  # the sweep's figures stand without it
         log(f"overhead probes failed: {type(exc).__name__}: {exc}")
-        return None
+        return f"the probes failed: {type(exc).__name__}: {exc}"
     return Overhead(setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills))
 
 

@@ -20,9 +20,10 @@ Summary (``summarize``), the headline keys first:
   best aggregated arm's at ``slo_rate``; null with a reason when no aggregated arm meets the SLOs
   at any rate, or ``1p1d`` has no figures there;
 * ``fabric_pd_goodput_vs_nixl_pd``: ``vllm_fabric_pd``'s goodput over ``vllm_nixl_pd``'s at the
-  highest rate where both have figures and the NixlConnector's goodput is above 0;
+  highest rate where both have figures and the NixlConnector's goodput is above 0 (that rate is
+  ``vllm_pd_rate``); null, with both goodputs in the reason, when it is 0 at every such rate;
 * ``pd_ttft_overhead_ms``: the median of (TTFT - the prefill worker's compute) of sequential
-  ``1p1d`` requests (``overhead``), or null with a reason;
+  ``1p1d`` requests (``Overhead``), or null with the reason there are none;
 * besides: ``pd_slo_capacity_vs_best_agg`` (the highest SLO-meeting rate of ``1p1d`` over the
   best aggregated arm's: how much more load P/D carries within the SLOs),
   ``pd_goodput_vs_best_agg_at_top_rate`` (at the highest rate of the sweep, against the
@@ -185,8 +186,12 @@ def _highest_slo_rate(by_key: Mapping[tuple[str, float], Mapping[str, Any]], nam
     return max(rates) if rates else None
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | None) -> dict[str, Any]:
-    """The summary object (module docstring) of ``rows``."""
+def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | str) -> dict[str, Any]:
+    """The summary object (module docstring) of ``rows``.
+
+    Args:
+        overhead: the ``1p1d`` probes, or why there are none.
+    """
     by_key = {(str(row["deployment"]), float(row["rate"])): row for row in rows}
     names = {name for name, _ in by_key}
     out: dict[str, Any] = {}
@@ -216,10 +221,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | None) -> d
                     else f"{name}'s figure at {rate:g} req/s is 0"
                 )
     out["fabric_pd_goodput_vs_nixl_pd"], out["vllm_pd_rate"] = _vllm_pd(by_key, reasons)
-    out["pd_ttft_overhead_ms"] = _overhead(overhead, names, reasons)
+    out["pd_ttft_overhead_ms"] = _overhead(overhead, reasons)
     out["pd_slo_capacity_vs_best_agg"] = _capacity(by_key, best, reasons)
     out["pd_goodput_vs_best_agg_at_top_rate"] = _top_rate(by_key, reasons)
-    if overhead is not None:
+    if isinstance(overhead, Overhead):
         out["pd_ttft_overhead"] = {
             "preset": overhead.preset,
             "prompt_tokens": overhead.prompt_tokens,
@@ -244,33 +249,31 @@ def _vllm_pd(
     by_key: Mapping[tuple[str, float], Mapping[str, Any]], reasons: dict[str, str]
 ) -> tuple[float | None, float | None]:
     key = "fabric_pd_goodput_vs_nixl_pd"
-    rates = sorted(
+    common = sorted(
         rate
         for (name, rate), row in by_key.items()
-        if name == NIXL_VLLM_PD and _ok(row) and row["goodput"]
-        if _ok(by_key.get((FABRIC_VLLM_PD, rate)))
+        if name == NIXL_VLLM_PD and _ok(row) and _ok(by_key.get((FABRIC_VLLM_PD, rate)))
     )
+    rates = [rate for rate in common if by_key[(NIXL_VLLM_PD, rate)]["goodput"]]
     if not rates:
-        reasons[key] = (
-            f"no rate where both {FABRIC_VLLM_PD} and {NIXL_VLLM_PD} have figures and "
-            f"{NIXL_VLLM_PD}'s goodput is above 0"
-        )
+        if common:
+            top = common[-1]
+            fabric = by_key[(FABRIC_VLLM_PD, top)]["goodput"]
+            reasons[key] = (
+                f"{NIXL_VLLM_PD}'s goodput is 0 at every rate both ran (at {top:g} req/s "
+                f"{FABRIC_VLLM_PD}'s is {fabric} req/s): the ratio is unbounded"
+            )
+        else:
+            reasons[key] = f"no rate where both {FABRIC_VLLM_PD} and {NIXL_VLLM_PD} have figures"
         return None, None
     rate = rates[-1]
-    ratio = _ratio(
-        by_key[(FABRIC_VLLM_PD, rate)]["goodput"], by_key[(NIXL_VLLM_PD, rate)]["goodput"]
-    )
-    return ratio, rate
+    fabric, nixl = by_key[(FABRIC_VLLM_PD, rate)], by_key[(NIXL_VLLM_PD, rate)]
+    return _ratio(fabric["goodput"], nixl["goodput"]), rate
 
 
-def _overhead(overhead: Overhead | None, names: set[str], reasons: dict[str, str]) -> Any:
-    key = "pd_ttft_overhead_ms"
-    if overhead is None or not overhead.ttft_ms:
-        reasons[key] = (
-            "not measured (--overhead-probes 0)"
-            if PD in names
-            else f"not measured: {PD} was not run or its probes failed"
-        )
+def _overhead(overhead: Overhead | str, reasons: dict[str, str]) -> float | None:
+    if isinstance(overhead, str):
+        reasons["pd_ttft_overhead_ms"] = overhead
         return None
     diffs = [t - p for t, p in zip(overhead.ttft_ms, overhead.prefill_ms, strict=True)]
     return round(_median(diffs), 2)
