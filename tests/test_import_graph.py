@@ -20,7 +20,7 @@ ROOT = Path(fabric.__file__).parent
 
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"settings"},
+    {"settings", "auth"},
     {"transfer", "signal", "discovery"},
     {"kvbm.core"},
     {"kvbm.tiers"},

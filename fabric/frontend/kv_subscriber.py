@@ -25,6 +25,7 @@ import time
 
 import zmq
 
+from fabric.auth import keys_from_env, secure_client
 from fabric.errors import ProtocolMismatch
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.kvbm import decode_event_batch
@@ -94,9 +95,12 @@ class KvEventSubscriber:
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
+            keys = keys_from_env()  # CURVE when the deployment has keys (fabric.auth)
+            secure_client(sub, keys)
             sub.connect(self._endpoint)
             if replay is not None and self._replay_endpoint is not None:
                 replay.setsockopt(zmq.LINGER, 0)
+                secure_client(replay, keys)
                 replay.connect(self._replay_endpoint)
                 self._replay_from(replay, 0)
             self._synced.set()

@@ -28,6 +28,7 @@ from collections import deque
 
 import zmq
 
+from fabric.auth import keys_from_env, secure_client
 from fabric.errors import (
     ConfigError,
     FabricError,
@@ -100,6 +101,7 @@ class SignalClient:
         self._dealer = ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.IDENTITY, raw_identity)
+        secure_client(self._dealer, keys_from_env())  # CURVE when the deployment has keys
         self._dealer.connect(endpoint)
 
     @property

@@ -2,7 +2,9 @@
 
 Owns the server side of the signal channel: binding, the serving thread, refusals, heartbeat
 answers, pushes to clients and a bounded close. Frames are ``framing``'s, payloads ``messages``'.
-Imports only ``fabric.errors`` and ``fabric.signal``.
+Imports only ``fabric.errors``, ``fabric.auth`` and ``fabric.signal``. With
+``FABRIC_CURVE_KEY_FILE`` set the ROUTER is a CURVE server (``fabric.auth``): clients without the
+deployment's key never reach the handler.
 
 Behaviour:
 
@@ -51,6 +53,7 @@ from typing import TypeAlias
 
 import zmq
 
+from fabric.auth import keys_from_env, secure_server
 from fabric.errors import ConfigError, InvalidTransition, PeerUnavailable, TransferTimeout
 from fabric.signal.errors import ErrorCode, MalformedMessage, SignalError
 from fabric.signal.framing import CORR_BYTES, ONE_WAY, PeerId, identity_bytes, peer_id, wall_ms
@@ -121,6 +124,7 @@ class SignalServer:
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH
             self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over
             self._router.setsockopt(zmq.MAXMSGSIZE, 4 * max_bytes)
+            secure_server(self._router, keys_from_env())  # CURVE when the deployment has keys
             self._router.bind(endpoint)
         except zmq.ZMQError as exc:
             self._router.close(linger=0)

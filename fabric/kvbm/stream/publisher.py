@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import msgpack
 import zmq
 
+from fabric.auth import keys_from_env, release_context, secure_server
 from fabric.errors import ConfigError, InvalidTransition
 from fabric.kvbm.core.events import KvEvent
 from fabric.kvbm.stream.wire import WireFormat, batch_to_wire
@@ -98,6 +99,10 @@ class ZmqEventPublisher:
         try:
             self._pub.setsockopt(zmq.LINGER, 0)
             self._pub.setsockopt(zmq.SNDHWM, hwm)
+            keys = keys_from_env()  # CURVE when the deployment has keys (fabric.auth)
+            secure_server(self._pub, keys)
+            if self._replay is not None:
+                secure_server(self._replay, keys)
             self._endpoint = self._bind(self._pub, endpoint)
             self._replay_endpoint = None
             if self._replay is not None and replay_endpoint is not None:
@@ -256,5 +261,6 @@ class ZmqEventPublisher:
         self._pub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+        release_context(self._ctx)  # its CURVE authenticator, if any, holds a socket in it
         self._ctx.term()  # returns once ZMQ has really closed the sockets and freed the ports
         self._wake_recv.close()
