@@ -114,8 +114,7 @@ class RemoteReader:
         name = remote.agent_name
         if self._peer_to_metadata.get(name) == remote.agent_metadata:
             return name
-        if name in self._peer_to_metadata:
-            self._forget_peer(name)  # the producer restarted under the same agent name
+        # A producer restarted under the same agent name: add_peer replaces its metadata.
         if self._agent.add_peer(remote.agent_metadata) != name:
             raise ProtocolMismatch(
                 f"the block set names agent {name!r} but its metadata is another agent's"

@@ -64,6 +64,8 @@ class PrefillService:
         self._handoff = handoff
         self._outbox = outbox
         self._metrics = metrics
+        # Read at scrape time: every path that ends a hold (read, abort, expiry) is counted.
+        metrics.held_handoffs.set_function(lambda: handoff.num_held)
         self._max_waiting = max_waiting
         self._queue: deque[_Queued] = deque()
         self._blocked = False  # the queue head found no room; nothing was released since
@@ -155,7 +157,6 @@ class PrefillService:
 
     def _released(self) -> None:
         self._blocked = False
-        self._metrics.held_handoffs.set(self._handoff.num_held)
 
     def _serve(self, queued: _Queued, seq: SequenceBlocks) -> None:
         request = queued.request
@@ -177,7 +178,6 @@ class PrefillService:
             return
         self._metrics.computed_tokens.inc(num_computed)
         self._metrics.cached_tokens.inc(num_cached)
-        self._metrics.held_handoffs.set(self._handoff.num_held)
         stats: dict[str, StatValue] = {
             "computed_tokens": num_computed,
             "cached_tokens": num_cached,

@@ -64,11 +64,6 @@ def prefill(tiny_dir: Path) -> Iterator[Prefill]:
         kvbm.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PrefillService._serve aborts the handoff without updating the gauge "
-    "(fabric/worker/prefill_service.py, outside this change's files)",
-)
 def test_a_handoff_aborted_because_the_decode_is_gone_is_not_counted(prefill: Prefill) -> None:
     request = PrefillRequest("r-1", list(range(1, 41)), 4, GONE, {}, 0)
     prefill.service.submit(request, GONE, time.monotonic())
