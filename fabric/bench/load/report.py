@@ -19,9 +19,9 @@ Summary (``summarize``), the headline keys first:
 * ``pd_goodput_vs_best_agg`` / ``pd_itl_p99_vs_best_agg``: ``1p1d``'s goodput / ITL p99 over the
   best aggregated arm's at ``slo_rate``; null with a reason when no aggregated arm meets the SLOs
   at any rate, or ``1p1d`` has no figures there;
-* ``fabric_pd_goodput_vs_nixl_pd``: ``vllm_fabric_pd``'s goodput over ``vllm_nixl_pd``'s at the
-  highest rate where both have figures and the NixlConnector's goodput is above 0 (that rate is
-  ``vllm_pd_rate``); null, with both goodputs in the reason, when it is 0 at every such rate;
+* ``fabric_pd_goodput_vs_nixl_pd``: ``vllm_fabric_pd``'s peak goodput over ``vllm_nixl_pd``'s,
+  each the highest over the rates both ran (``vllm_pd_peak_goodput``: each one's goodput and
+  rate); null, with the fabric's peak in the reason, when the NixlConnector's is 0;
 * ``pd_ttft_overhead_ms``: the median of (TTFT - the prefill worker's compute) of sequential
   ``1p1d`` requests (``Overhead``), or null with the reason there are none;
 * besides: ``pd_slo_capacity_vs_best_agg`` (the highest SLO-meeting rate of ``1p1d`` over the
@@ -220,7 +220,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | str) -> di
                     if not _ok(pd)
                     else f"{name}'s figure at {rate:g} req/s is 0"
                 )
-    out["fabric_pd_goodput_vs_nixl_pd"], out["vllm_pd_rate"] = _vllm_pd(by_key, reasons)
+    out["fabric_pd_goodput_vs_nixl_pd"], out["vllm_pd_peak_goodput"] = _vllm_pd(by_key, reasons)
     out["pd_ttft_overhead_ms"] = _overhead(overhead, reasons)
     out["pd_slo_capacity_vs_best_agg"] = _capacity(by_key, best, reasons)
     out["pd_goodput_vs_best_agg_at_top_rate"] = _top_rate(by_key, reasons)
@@ -247,28 +247,28 @@ def _met(value: float | None, bound: str, limit: float) -> bool | None:
 
 def _vllm_pd(
     by_key: Mapping[tuple[str, float], Mapping[str, Any]], reasons: dict[str, str]
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, dict[str, Any]]:
     key = "fabric_pd_goodput_vs_nixl_pd"
-    common = sorted(
+    common = [
         rate
         for (name, rate), row in by_key.items()
         if name == NIXL_VLLM_PD and _ok(row) and _ok(by_key.get((FABRIC_VLLM_PD, rate)))
-    )
-    rates = [rate for rate in common if by_key[(NIXL_VLLM_PD, rate)]["goodput"]]
-    if not rates:
-        if common:
-            top = common[-1]
-            fabric = by_key[(FABRIC_VLLM_PD, top)]["goodput"]
-            reasons[key] = (
-                f"{NIXL_VLLM_PD}'s goodput is 0 at every rate both ran (at {top:g} req/s "
-                f"{FABRIC_VLLM_PD}'s is {fabric} req/s): the ratio is unbounded"
-            )
-        else:
-            reasons[key] = f"no rate where both {FABRIC_VLLM_PD} and {NIXL_VLLM_PD} have figures"
-        return None, None
-    rate = rates[-1]
-    fabric, nixl = by_key[(FABRIC_VLLM_PD, rate)], by_key[(NIXL_VLLM_PD, rate)]
-    return _ratio(fabric["goodput"], nixl["goodput"]), rate
+    ]
+    if not common:
+        reasons[key] = f"no rate where both {FABRIC_VLLM_PD} and {NIXL_VLLM_PD} have figures"
+        return None, {}
+    peaks = {}
+    for name in (FABRIC_VLLM_PD, NIXL_VLLM_PD):
+        goodput, rate = max((by_key[(name, r)]["goodput"] or 0.0, r) for r in common)
+        peaks[name] = {"goodput": goodput, "rate": rate}
+    fabric, nixl = peaks[FABRIC_VLLM_PD]["goodput"], peaks[NIXL_VLLM_PD]["goodput"]
+    if not nixl:
+        reasons[key] = (
+            f"{NIXL_VLLM_PD}'s goodput is 0 at every rate both ran; {FABRIC_VLLM_PD}'s peak is "
+            f"{fabric} req/s (at {peaks[FABRIC_VLLM_PD]['rate']:g} req/s): the ratio is unbounded"
+        )
+        return None, peaks
+    return _ratio(fabric, nixl), peaks
 
 
 def _overhead(overhead: Overhead | str, reasons: dict[str, str]) -> float | None:
