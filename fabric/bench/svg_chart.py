@@ -6,7 +6,8 @@ No plotting dependency: a benchmark writes its own picture next to its JSON (``-
   (a recompute next to a cache hit), each labelled with its value, so the picture reads without
   the axis;
 * ``line_chart``: one line per series over a shared x axis (a figure against request rate),
-  linear axes from 0, a legend;
+  a linear x axis from 0, a y axis from 0, or logarithmic (decades) when every value is
+  positive and they span more than a factor of 50; a legend;
 * ``side_by_side``: several charts in one document.
 """
 
@@ -68,11 +69,11 @@ _PLOT_W, _PLOT_H, _MARGIN_L, _MARGIN_B, _LEGEND_W = 360, 220, 60, 44, 150
 
 
 def _nice_max(value: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 x 10^k at or above ``value`` (axis end)."""
+    """The smallest of 1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k at or above ``value``."""
     if value <= 0:
         return 1.0
     power = 10.0 ** math.floor(math.log10(value))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= value)
+    return next(m * power for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * power >= value)
 
 
 def line_chart(
@@ -87,7 +88,14 @@ def line_chart(
     if not points or any(not (math.isfinite(x) and math.isfinite(y)) for x, y in points):
         raise ValueError("line_chart needs at least one finite point")
     x_max = _nice_max(max(x for x, _ in points))
-    y_max = _nice_max(max(y for _, y in points))
+    ys = [y for _, y in points]
+    log = min(ys) > 0 and max(ys) / min(ys) > 50
+    if log:
+        y_lo, y_hi = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+        y_ticks = [10.0**e for e in range(y_lo, y_hi + 1)]
+    else:
+        y_lo, y_hi = 0, 1
+        y_ticks = [_nice_max(max(ys)) * i / 5 for i in range(6)]
     width = _MARGIN_L + _PLOT_W + _LEGEND_W
     height = _TOP + _PLOT_H + _MARGIN_B
     bottom = _TOP + _PLOT_H
@@ -96,7 +104,9 @@ def line_chart(
         return _MARGIN_L + _PLOT_W * x / x_max
 
     def py(y: float) -> float:
-        return bottom - _PLOT_H * y / y_max
+        if log:
+            return bottom - _PLOT_H * (math.log10(y) - y_lo) / (y_hi - y_lo)
+        return bottom - _PLOT_H * y / y_ticks[-1]
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -108,13 +118,16 @@ def line_chart(
         f'<line x1="{_MARGIN_L}" y1="{_TOP}" x2="{_MARGIN_L}" y2="{bottom}" stroke="#333"/>',
     ]
     for i in range(6):
-        xv, yv = x_max * i / 5, y_max * i / 5
+        xv = x_max * i / 5
+        parts.append(f'<text x="{px(xv):.1f}" y="{bottom + 16}" text-anchor="middle">{xv:g}</text>')
+    for yv in y_ticks:
         parts += [
-            f'<text x="{px(xv):.1f}" y="{bottom + 16}" text-anchor="middle">{xv:g}</text>',
             f'<text x="{_MARGIN_L - 6}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:g}</text>',
             f'<line x1="{_MARGIN_L}" y1="{py(yv):.1f}" x2="{_MARGIN_L + _PLOT_W}" '
             f'y2="{py(yv):.1f}" stroke="#ddd"/>',
         ]
+    if log:
+        y_label += " (log scale)"
     parts += [
         f'<text x="{_MARGIN_L + _PLOT_W / 2}" y="{height - 8}" text-anchor="middle">'
         f"{escape(x_label)}</text>",

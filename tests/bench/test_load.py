@@ -451,3 +451,11 @@ def test_the_chart_draws_one_line_per_deployment_that_has_figures() -> None:
     for name in ("1p1d", "agg_x2", "agg_2t", "vllm_fabric_pd"):
         assert f">{name}<" in svg
     assert svg.count("<polyline") == 2 * 5  # two panels, five deployments
+
+
+def test_itl_spanning_decades_is_drawn_on_a_log_scale_and_no_figure_is_refused() -> None:
+    rows = [row("1p1d", 2, 1.9, 12.0, True), row("vllm_nixl_pd", 2, 0.0, 7728.7, False)]
+    svg = load_chart(rows)
+    assert "ITL p99 (ms) (log scale)" in svg and "goodput (req/s)<" in svg
+    with pytest.raises(ValueError):
+        load_chart([error_row("1p1d", 2, "died")])
