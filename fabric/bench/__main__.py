@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "vllm": "fabric.bench.vs_vllm",
     "vllm-offload": "fabric.bench.vllm_offload",
     "load": "fabric.bench.load",
+    "chaos": "fabric.bench.chaos",
 }
 """Subcommand name -> module implementing it."""
 
