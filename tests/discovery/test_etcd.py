@@ -66,11 +66,14 @@ def test_unreachable_endpoint_raises_within_the_timeout(verb: str) -> None:
 
 
 def test_parse_endpoints() -> None:
-    assert parse_endpoints("http://127.0.0.1:2379") == [("127.0.0.1", 2379)]
-    assert parse_endpoints("10.0.0.1:1, http://h2:2") == [("10.0.0.1", 1), ("h2", 2)]
-    assert parse_endpoints(["localhost"]) == [("localhost", 2379)]
-    with pytest.raises(ConfigError, match="TLS"):
-        parse_endpoints("https://127.0.0.1:2379")
+    assert parse_endpoints("http://127.0.0.1:2379") == (False, [("127.0.0.1", 2379)])
+    assert parse_endpoints("10.0.0.1:1, http://h2:2") == (False, [("10.0.0.1", 1), ("h2", 2)])
+    assert parse_endpoints(["localhost"]) == (False, [("localhost", 2379)])
+    assert parse_endpoints("https://h:1,https://h2:2") == (True, [("h", 1), ("h2", 2)])
+    with pytest.raises(ConfigError, match="mix"):
+        parse_endpoints("https://h:1,h2:2")
+    with pytest.raises(ConfigError, match="not http"):
+        parse_endpoints("grpc://127.0.0.1:2379")
     with pytest.raises(ConfigError, match="no etcd endpoints"):
         parse_endpoints([])
 
