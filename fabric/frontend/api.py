@@ -7,14 +7,17 @@ decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), and F
 
 Both generation routes accept the ``fabric`` routing pin (``protocol``'s docstring).
 
-Errors: every failure is OpenAI's error JSON (``errors.ApiError``): 400 for bad input with
-``param`` naming the field (validation errors included: ``param`` is the field's path, e.g.
-``messages.0.role``; a pin naming no live worker of the right role: ``fabric.worker``; a body
-that is not UTF-8 JSON; a lone surrogate), 404 for another model or an unknown route, 413 for a
-body or prompt over a limit (``limits``), 429 with ``Retry-After`` when this frontend is
-saturated (``admission``), 500 when the worker reports an error (its message included) or the
-frontend fails unexpectedly, 503 when no worker can take the request (with ``Retry-After`` when
-none is known), 504 when the worker sends nothing within the idle timeout or the deadline.
+With an API key (``api_key``), every ``/v1/*`` request and ``/metrics`` must carry it as
+``Authorization: Bearer <key>``, else 401 before anything else is read; ``/health`` stays open.
+
+Errors: every failure is OpenAI's error JSON (``errors.ApiError``): 400 for bad input with ``param``
+naming the field (validation errors included: ``param`` is the field's path, e.g.
+``messages.0.role``; a pin naming no live worker of the right role: ``fabric.worker``; a body that
+is not UTF-8 JSON; a lone surrogate), 401 without the API key, 404 for another model or an unknown
+route, 413 for a body or prompt over a limit (``limits``), 429 with ``Retry-After`` when this
+frontend is saturated (``admission``), 500 when the worker reports an error (its message included)
+or the frontend fails unexpectedly, 503 when no worker can take the request (with ``Retry-After``
+when none is known), 504 when the worker sends nothing within the idle timeout or the deadline.
 
 A request's way, cheapest checks first: body limits (``limits.BodyLimit``, before parsing),
 validation, model, the prompt's length in characters or ids; then it is queued (``admission``),
@@ -41,6 +44,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fabric.discovery.registry import Role
+from fabric.frontend.api_key import ApiKey, BearerAuth
 from fabric.frontend.errors import (
     ApiError,
     bad_request,
@@ -75,7 +79,7 @@ from fabric.frontend.tokenizer import render_chat
 logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)
 }
 _DESCRIPTION = (
     "OpenAI-compatible frontend of KV Fabric: requests are routed to decode or aggregated "
@@ -90,8 +94,12 @@ _DESCRIPTION = (
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away
 
 
-def build_app(frontend: Frontend) -> FastAPI:
-    """The FastAPI app serving ``frontend``; the caller owns the frontend's lifecycle."""
+def build_app(frontend: Frontend, *, api_key: ApiKey | None = None) -> FastAPI:
+    """The FastAPI app serving ``frontend``; the caller owns the frontend's lifecycle.
+
+    Args:
+        api_key: required of clients on ``/v1/*`` and ``/metrics`` when given (``api_key``).
+    """
     app = FastAPI(title="KV Fabric frontend", version="0.1.0", description=_DESCRIPTION)
     _add_error_handlers(app, frontend)
 
@@ -107,6 +115,8 @@ def build_app(frontend: Frontend) -> FastAPI:
         max_values=max_json_values(frontend.prompt_limit.max_tokens),
         on_refused=refused,
     )
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)  # added last: runs first
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:

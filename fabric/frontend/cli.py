@@ -3,7 +3,8 @@
 Follows ``fabric.demo``'s pattern so ``fabric.cli`` can register it as a subcommand;
 ``python -m fabric.frontend`` runs it on its own. Every ``FrontendSettings`` field is a flag
 (its docstring says what each bounds); an out-of-range value exits with status 2 and the
-field's name.
+field's name. ``--api-key-file`` names a file (a key on the command line would be visible to
+every local user); without it, ``FABRIC_API_KEY_FILE`` (``api_key``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="discovery namespace (%(default)s)"
+    )
+    parser.add_argument(
+        "--api-key-file",
+        help="file holding the API key clients must send as 'Authorization: Bearer <key>' on "
+        "/v1/* and /metrics (default: $FABRIC_API_KEY_FILE; unset: no key)",
     )
     defaults = FrontendSettings()
     parser.add_argument(
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         namespace=args.namespace,
         settings=settings,
+        api_key_file=args.api_key_file,
     )
     return 0
 

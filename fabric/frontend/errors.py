@@ -1,15 +1,15 @@
 """HTTP-facing errors of the frontend, in OpenAI's error JSON shape.
 
 Owns ``ApiError`` (an HTTP status plus OpenAI's ``{"error": {message, type, param, code}}`` body,
-and the headers it needs) and the constructors for the cases the frontend answers: bad input
-(400, ``param`` names the field), unknown model (404), a body or prompt over a limit (413),
-saturation (429), worker error (500), no worker (503), deadline (504). ``Refusal`` names why a
-request was refused before any worker saw it (the ``refusals_total{reason}`` metric).
+and the headers it needs) and the constructors for the cases the frontend answers: bad input (400,
+``param`` names the field), no or a wrong API key (401), unknown model (404), a body or prompt over
+a limit (413), saturation (429), worker error (500), no worker (503), deadline (504). ``Refusal``
+names why a request was refused before any worker saw it (the ``refusals_total{reason}`` metric).
 
 Invariants: every error response the frontend sends, including FastAPI's own validation errors
 and unexpected failures, has this body shape, so OpenAI clients raise their typed exceptions
 (``BadRequestError``...); every refusal a client may retry (429, and 503 for no worker) carries
-``Retry-After``.
+``Retry-After``; every 401 carries ``WWW-Authenticate: Bearer``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fabric.errors import FabricError
 
 _STATUS_TO_TYPE = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -84,12 +85,19 @@ class ApiError(FabricError):
         }
 
     def headers(self) -> dict[str, str]:
-        """The response headers this error needs (``Retry-After``)."""
-        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        """The response headers this error needs (``Retry-After``, ``WWW-Authenticate``)."""
+        headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return headers
 
 
 def bad_request(message: str, param: str | None) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value")
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
 
 
 def model_not_found(model: str, served: str) -> ApiError:

@@ -19,7 +19,8 @@ Sampling: ``temperature``, ``top_p`` and ``seed`` are forwarded; a request witho
 ``temperature`` is sent ``temperature: 0`` (greedy, as the fabric's own workers decode).
 
 Failures (``UpstreamError``: status + message, for OpenAI's error JSON): an instance that cannot
-be reached is 503; no response within the read timeout is 504; an upstream 400/422 (a prompt
+be reached is 503; an upstream 401 (no or a wrong ``FABRIC_UPSTREAM_API_KEY_FILE``) is 500 with
+its message; no response within the read timeout is 504; an upstream 400/422 (a prompt
 the instance refuses) is 400 with its message; any other upstream status, an SSE error event, a
 malformed body or a stream that ends without ``finish_reason`` is 500. A failed prefill step is
 not fatal unless the instance refused the request itself (400): the serving instance computes
@@ -41,6 +42,7 @@ import httpx
 
 from fabric.discovery.records import EngineKind, WorkerRecord
 from fabric.errors import FabricError
+from fabric.frontend.api_key import ApiKey
 from fabric.signal.messages import GenerateRequest, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -54,16 +56,23 @@ _SAMPLING_KEYS = ("temperature", "top_p", "seed")
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """Timeouts of upstream requests (seconds).
+    """Timeouts (seconds) and the key of upstream requests.
 
     Attributes:
         connect_timeout_s: to open a connection (and to send the body).
         read_timeout_s: between two reads of a response: the whole prefill response, or the
             next SSE event of a stream. The frontend's own idle timeout also applies.
+        api_key: sent as ``Authorization: Bearer`` on every request (the instances'
+            ``--api-key``; ``FABRIC_UPSTREAM_API_KEY_FILE``, ``api_key``).
     """
 
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 120.0
+    api_key: ApiKey | None = None
+
+    def headers(self) -> dict[str, str]:
+        """The headers every upstream request carries."""
+        return {} if self.api_key is None else {"Authorization": self.api_key.authorization()}
 
     def timeout(self) -> httpx.Timeout:
         connect = self.connect_timeout_s

@@ -60,7 +60,9 @@ class HttpClients:
             client = self._loop_to_client.get(loop)
             if client is None:
                 client = httpx.AsyncClient(
-                    timeout=self.settings.timeout(), transport=self._transport
+                    timeout=self.settings.timeout(),
+                    headers=self.settings.headers(),
+                    transport=self._transport,
                 )
                 self._loop_to_client[loop] = client
             return client

@@ -27,8 +27,10 @@ from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
 from fabric.errors import ConfigError
 from fabric.frontend.admission import Admission
 from fabric.frontend.api import build_app
+from fabric.frontend.api_key import ENV_UPSTREAM_API_KEY_FILE, ApiKey, resolve_api_key
 from fabric.frontend.fleet import Fleet
 from fabric.frontend.generation import Frontend, FrontendSettings
+from fabric.frontend.http_backend import HttpSettings
 from fabric.frontend.http_connection import HttpClients
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.frontend.router import Router
@@ -89,23 +91,34 @@ def run_frontend(
     port: int = 8000,
     namespace: str = DEFAULT_NAMESPACE,
     settings: FrontendSettings | None = None,
+    api_key_file: str | None = None,
 ) -> None:
-    """Serve the frontend on ``host:port`` until SIGINT / SIGTERM (workers found in ``etcd``)."""
+    """Serve the frontend on ``host:port`` until SIGINT / SIGTERM (workers found in ``etcd``).
+
+    Args:
+        api_key_file: the clients' API key (else ``FABRIC_API_KEY_FILE``; ``api_key``); the
+            key sent to vLLM instances is ``FABRIC_UPSTREAM_API_KEY_FILE``'s.
+    """
     from fabric.discovery.etcd import EtcdRegistry  # gRPC: only when serving for real
 
+    api_key = resolve_api_key(api_key_file)
+    http = HttpClients(HttpSettings(api_key=ApiKey.from_env(ENV_UPSTREAM_API_KEY_FILE)))
     registry = EtcdRegistry(etcd)
     try:
-        frontend = build_frontend(registry, model, namespace=namespace, settings=settings)
+        frontend = build_frontend(
+            registry, model, namespace=namespace, settings=settings, http=http
+        )
         try:
             logger.info(
-                "serving %s on http://%s:%d (workers from %s)",
+                "serving %s on http://%s:%d (workers from %s; API key %s)",
                 frontend.model_name,
                 host,
                 port,
                 etcd,
+                "required" if api_key else "off",
             )
             uvicorn.run(
-                build_app(frontend),
+                build_app(frontend, api_key=api_key),
                 host=host,
                 port=port,
                 log_level="warning",

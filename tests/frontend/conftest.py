@@ -15,6 +15,7 @@ from frontend_fakes import FakeWorker, RunningFrontend
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registry import Registry, Role
 from fabric.frontend.api import build_app
+from fabric.frontend.api_key import ApiKey
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.server import BackgroundServer, build_frontend
 from fabric.frontend.tokenizer import TextCodec
@@ -64,11 +65,14 @@ def make_worker(
 def start_frontend(
     registry: InMemoryRegistry, model_dir: Path
 ) -> Iterator[Callable[..., RunningFrontend]]:
-    """``start_frontend(settings=None, registry=None)``: a frontend served on an ephemeral port."""
+    """``start_frontend(settings=None, registry=None, api_key=None)``: a frontend served on an
+    ephemeral port."""
     running: list[RunningFrontend] = []
 
     def start(
-        settings: FrontendSettings | None = None, on_registry: Registry | None = None
+        settings: FrontendSettings | None = None,
+        on_registry: Registry | None = None,
+        api_key: ApiKey | None = None,
     ) -> RunningFrontend:
         frontend = build_frontend(
             on_registry or registry,
@@ -76,7 +80,7 @@ def start_frontend(
             settings=settings or FrontendSettings(idle_timeout_s=5.0, request_timeout_s=30.0),
         )
         try:
-            server = BackgroundServer(build_app(frontend)).start()
+            server = BackgroundServer(build_app(frontend, api_key=api_key)).start()
         except BaseException:
             frontend.close()
             raise

@@ -26,7 +26,9 @@ from fabric.discovery.records import Endpoints, VllmLayout, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
 from fabric.discovery.registry import Role
 from fabric.frontend.api import build_app
+from fabric.frontend.api_key import ApiKey
 from fabric.frontend.generation import FrontendSettings
+from fabric.frontend.http_backend import HttpSettings
 from fabric.frontend.http_connection import HttpClients
 from fabric.frontend.server import BackgroundServer, build_frontend
 from fabric.frontend.tokenizer import TextCodec
@@ -55,6 +57,8 @@ class FakeVllm:
         self.error_event = False  # the stream sends an error event after its first token
         self.hang = False  # the stream stops after its first token and never ends
         self.stream_closed = threading.Event()
+        self.authorizations: list[str | None] = []  # each request's Authorization header
+        self.api_key: str | None = None  # like vLLM's --api-key: 401 without it
 
     def hosts(self) -> list[str]:
         return [host for host, _ in self.bodies]
@@ -66,6 +70,11 @@ class FakeVllm:
         host = request.url.host
         body = json.loads(request.content)
         self.bodies.append((host, body))
+        self.authorizations.append(request.headers.get("authorization"))
+        if self.api_key is not None and request.headers.get("authorization") != (
+            f"Bearer {self.api_key}"
+        ):
+            return httpx.Response(401, json={"error": "Unauthorized"})
         if host in self.unreachable:
             raise httpx.ConnectError("connection refused", request=request)
         status = self.status.get(host, 200)
@@ -140,18 +149,21 @@ def upstream(answer: list[int]) -> FakeVllm:
 def serve(
     registry: InMemoryRegistry, model_dir: Path, upstream: FakeVllm
 ) -> Iterator[Callable[..., RunningFrontend]]:
-    """``serve(*records)``: register ``records``, start a frontend that sees them all."""
+    """``serve(*records, upstream_key=None)``: register ``records``, start a frontend that sees
+    them all (and sends them ``upstream_key``)."""
     registrations: list[WorkerRegistration] = []
     running: list[RunningFrontend] = []
 
-    def start(*records: WorkerRecord) -> RunningFrontend:
+    def start(*records: WorkerRecord, upstream_key: ApiKey | None = None) -> RunningFrontend:
         for record in records:
             registrations.append(WorkerRegistration(registry, record, ttl_s=5.0).start())
         frontend = build_frontend(
             registry,
             str(model_dir),
             settings=FrontendSettings(idle_timeout_s=5.0, request_timeout_s=30.0),
-            http=HttpClients(transport=httpx.MockTransport(upstream.handle)),
+            http=HttpClients(
+                HttpSettings(api_key=upstream_key), transport=httpx.MockTransport(upstream.handle)
+            ),
         )
         try:
             server = BackgroundServer(build_app(frontend)).start()
@@ -332,3 +344,24 @@ def test_a_vllm_record_without_http_endpoint_is_not_routed(
         assert set(running.frontend.router.fleet.workers()) == {"decode-v"}
         health = httpx.get(f"{running.server.url}/health").json()
         assert health["workers"] == {"prefill": 0, "decode": 1, "aggregated": 0}
+
+
+def test_the_upstream_api_key_is_sent_when_configured(
+    serve: Callable[..., RunningFrontend], upstream: FakeVllm
+) -> None:
+    upstream.api_key = "upstream-secret"
+    records = (_record("prefill-v", Role.PREFILL), _record("decode-v", Role.DECODE))
+    running = serve(*records, upstream_key=ApiKey("upstream-secret"))
+    assert _complete(running.server.url).status_code == 200
+    assert upstream.authorizations == ["Bearer upstream-secret"] * 2
+
+
+def test_without_the_upstream_key_an_instance_that_wants_one_is_a_500(
+    serve: Callable[..., RunningFrontend], upstream: FakeVllm
+) -> None:
+    upstream.api_key = "upstream-secret"
+    running = serve(_record("agg-v", Role.AGGREGATED))
+    response = _complete(running.server.url)
+    assert response.status_code == 500
+    assert "HTTP 401" in response.json()["error"]["message"]
+    assert upstream.authorizations == [None]  # off by default: no header at all
