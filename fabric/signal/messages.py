@@ -19,8 +19,8 @@ Invariants:
   ``ErrorReply``: it carries no KV data, and a peer must be able to tell an incompatible sender
   why it was refused, so an ``ErrorReply`` is accepted whatever its compatibility hash.
 
-Wire layout, protocol version 2 (version 1 lacked types 7 and 8). A contract: changing it
-means a new ``PROTOCOL_VERSION``::
+Wire layout, protocol version 3 (version 1 lacked types 7 and 8, version 2 types 9 to 20). A
+contract: changing it means a new ``PROTOCOL_VERSION``::
 
     payload = msgpack array [version: uint, type: uint, compat_hash: uint64, body: array]
 
@@ -41,6 +41,26 @@ means a new ``PROTOCOL_VERSION``::
       8 TokenChunk     [request_id: str, token_ids: [uint32, ...], finished: bool,
                         finish_reason: str ("" until finished), stats: {str: float | int | str
                         | bool} (timings and counts, e.g. kv_transfer_ms, cached_tokens)]
+
+    The node KV cache's request/reply protocol (``fabric.node``; a client asks, the service
+    answers; hashes are uint64 sequence hashes, slots and positions uint32, ``lease_ms`` the
+    lease's remaining time in ms, ``lease_id`` uint64 or nil when nothing is held):
+      9 NodeAttach     [client: str]                                        -> NodeGeometry
+     10 NodeGeometry   [segment: str, layout_kind: str, num_blocks: uint32 >= 1, num_layers,
+                        outer_dim, block_size, inner_dim, alignment: uint32 >= 1, dtype: str,
+                        compat_hash: uint64, lease_ms: uint32 >= 1]
+     11 NodeReserve    [request_id: str, sequence_hashes: [uint64], parent_hash: uint64 | nil]
+                                                                            -> NodeReserved
+     12 NodeReserved   [request_id: str, lease_id, positions: [uint32], slot_ids: [uint32],
+                        held: [uint32], lease_ms: uint32]
+     13 NodeCommit     [request_id: str, lease_id: uint64, sequence_hashes: [uint64]] -> NodeAck
+     14 NodeLookup     [request_id: str, sequence_hashes: [uint64]]         -> NodePinned
+     15 NodePinned     [request_id: str, lease_id, slot_ids: [uint32], lease_ms: uint32]
+     16 NodeRelease    [request_id: str, lease_id: uint64]                  -> NodeAck
+     17 NodeRenew      [request_id: str, lease_id: uint64]                  -> NodeAck
+     18 NodeAck        [request_id: str, num_blocks: uint32, lease_ms: uint32 (0: lease ended)]
+     19 NodeStatsRequest [request_id: str]                                  -> NodeStats
+     20 NodeStats      [request_id: str, stats: {str: int}]
 
 Strings are msgpack str (UTF-8), ``block_set`` is msgpack bin; ``request_id``, ``decode_worker``,
 ``agent_name``, ``worker_id`` and sampling keys are non-empty; at most 64 sampling entries. Adding
@@ -65,7 +85,7 @@ from fabric.signal.errors import (
     UnsupportedVersion,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_MAX_BYTES = 1 << 20
 MAX_SAMPLING_ENTRIES = 64
 _U32 = 1 << 32
@@ -86,6 +106,18 @@ class MessageType(Enum):
     HEARTBEAT = 6
     GENERATE_REQUEST = 7
     TOKEN_CHUNK = 8
+    NODE_ATTACH = 9
+    NODE_GEOMETRY = 10
+    NODE_RESERVE = 11
+    NODE_RESERVED = 12
+    NODE_COMMIT = 13
+    NODE_LOOKUP = 14
+    NODE_PINNED = 15
+    NODE_RELEASE = 16
+    NODE_RENEW = 17
+    NODE_ACK = 18
+    NODE_STATS_REQUEST = 19
+    NODE_STATS = 20
 
 
 # Field checks (shared by construction and decoding)
@@ -302,6 +334,235 @@ class TokenChunk:
         _check_sampling("TokenChunk", self.stats, "stats")
 
 
+# Node KV cache messages (``fabric.node``)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_ints(owner: str, name: str, value: object, high: int) -> None:
+    """A list of ints in ``[0, high)`` (hashes: uint64; slots and positions: uint32)."""
+    if type(value) is not list:
+        raise MalformedMessage(f"{owner}.{name} must be a list, got {type(value).__name__}")
+    if not set(map(type, value)) <= {int}:
+        raise MalformedMessage(f"{owner}.{name} must hold only ints")
+    if value and not (min(value) >= 0 and max(value) < high):
+        raise MalformedMessage(f"{owner}.{name} must hold ints in [0, {high})")
+
+
+def _check_lease_id(owner: str, value: object) -> None:
+    if value is not None:
+        _check_int(owner, "lease_id", value, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAttach:
+    """Client -> node cache: map me in; the reply is the segment's ``NodeGeometry``. A client
+    attaching again under the same identity (a restarted process) loses its old leases."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_ATTACH
+    client: str
+
+    def __post_init__(self) -> None:
+        _check_str("NodeAttach", "client", self.client)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeGeometry:
+    """Node cache -> client: the shared-memory segment and the layout of its blocks.
+
+    ``layout_kind`` is a ``LayoutKind`` value; the layout fields are ``LayoutSpec``'s. A client
+    whose KV has another geometry or compat hash must not attach.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_GEOMETRY
+    segment: str
+    layout_kind: str
+    num_blocks: int
+    num_layers: int
+    outer_dim: int
+    block_size: int
+    inner_dim: int
+    alignment: int
+    dtype: str
+    compat_hash: int
+    lease_ms: int
+
+    def __post_init__(self) -> None:
+        for name in ("segment", "layout_kind", "dtype"):
+            _check_str("NodeGeometry", name, getattr(self, name))
+        for name in (
+            "num_blocks",
+            "num_layers",
+            "outer_dim",
+            "block_size",
+            "inner_dim",
+            "alignment",
+            "lease_ms",
+        ):
+            _check_int("NodeGeometry", name, getattr(self, name), 1, _U32)
+        _check_int("NodeGeometry", "compat_hash", self.compat_hash, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReserve:
+    """Client -> node cache: slots to write the blocks of ``sequence_hashes`` into.
+
+    ``parent_hash`` is the hash before the first block (None at a sequence start), carried in
+    the ``BlockStored`` events the commit publishes.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_RESERVE
+    request_id: str
+    sequence_hashes: list[int]
+    parent_hash: int | None
+
+    def __post_init__(self) -> None:
+        _check_str("NodeReserve", "request_id", self.request_id)
+        _check_ints("NodeReserve", "sequence_hashes", self.sequence_hashes, _U64)
+        if self.parent_hash is not None:
+            _check_int("NodeReserve", "parent_hash", self.parent_hash, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReserved:
+    """Node cache -> client: write hash ``positions[i]`` into slot ``slot_ids[i]``, then commit
+    before the lease ends. ``held`` lists the positions the node already holds (not reserved);
+    positions in neither found no room. ``lease_id`` is None when nothing was reserved."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_RESERVED
+    request_id: str
+    lease_id: int | None
+    positions: list[int]
+    slot_ids: list[int]
+    held: list[int]
+    lease_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("NodeReserved", "request_id", self.request_id)
+        _check_lease_id("NodeReserved", self.lease_id)
+        for name in ("positions", "slot_ids", "held"):
+            _check_ints("NodeReserved", name, getattr(self, name), _U32)
+        if len(self.positions) != len(self.slot_ids):
+            raise MalformedMessage("NodeReserved.positions and slot_ids must pair up")
+        _check_int("NodeReserved", "lease_ms", self.lease_ms, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCommit:
+    """Client -> node cache: the reserved slots hold their blocks' bytes; register them.
+
+    ``sequence_hashes`` repeats the reservation's (a commit of another request's hashes is
+    refused)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_COMMIT
+    request_id: str
+    lease_id: int
+    sequence_hashes: list[int]
+
+    def __post_init__(self) -> None:
+        _check_str("NodeCommit", "request_id", self.request_id)
+        _check_int("NodeCommit", "lease_id", self.lease_id, 0, _U64)
+        _check_ints("NodeCommit", "sequence_hashes", self.sequence_hashes, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLookup:
+    """Client -> node cache: pin the longest held prefix of ``sequence_hashes``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_LOOKUP
+    request_id: str
+    sequence_hashes: list[int]
+
+    def __post_init__(self) -> None:
+        _check_str("NodeLookup", "request_id", self.request_id)
+        _check_ints("NodeLookup", "sequence_hashes", self.sequence_hashes, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodePinned:
+    """Node cache -> client: the prefix's slots, pinned until released or the lease ends
+    (``lease_id`` None: nothing matched)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_PINNED
+    request_id: str
+    lease_id: int | None
+    slot_ids: list[int]
+    lease_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("NodePinned", "request_id", self.request_id)
+        _check_lease_id("NodePinned", self.lease_id)
+        _check_ints("NodePinned", "slot_ids", self.slot_ids, _U32)
+        _check_int("NodePinned", "lease_ms", self.lease_ms, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRelease:
+    """Client -> node cache: end a lease: abort a reservation or unpin a lookup."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_RELEASE
+    request_id: str
+    lease_id: int
+
+    def __post_init__(self) -> None:
+        _check_str("NodeRelease", "request_id", self.request_id)
+        _check_int("NodeRelease", "lease_id", self.lease_id, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRenew:
+    """Client -> node cache: extend a live lease by the service's lease time."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_RENEW
+    request_id: str
+    lease_id: int
+
+    def __post_init__(self) -> None:
+        _check_str("NodeRenew", "request_id", self.request_id)
+        _check_int("NodeRenew", "lease_id", self.lease_id, 0, _U64)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAck:
+    """Node cache -> client: a commit, release or renewal done; ``num_blocks`` it concerned,
+    ``lease_ms`` the lease's remaining time (0 once it ended)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_ACK
+    request_id: str
+    num_blocks: int
+    lease_ms: int
+
+    def __post_init__(self) -> None:
+        _check_str("NodeAck", "request_id", self.request_id)
+        _check_int("NodeAck", "num_blocks", self.num_blocks, 0, _U32)
+        _check_int("NodeAck", "lease_ms", self.lease_ms, 0, _U32)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatsRequest:
+    """Client -> node cache: the pool's occupancy and the lease counters."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_STATS_REQUEST
+    request_id: str
+
+    def __post_init__(self) -> None:
+        _check_str("NodeStatsRequest", "request_id", self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """Node cache -> client: counters by name (at most ``MAX_SAMPLING_ENTRIES``)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.NODE_STATS
+    request_id: str
+    stats: dict[str, int]
+
+    def __post_init__(self) -> None:
+        _check_str("NodeStats", "request_id", self.request_id)
+        _check_sampling("NodeStats", self.stats, "stats")
+        if not set(map(type, self.stats.values())) <= {int}:
+            raise MalformedMessage("NodeStats.stats must map names to ints")
+
+
 Message: TypeAlias = (
     PrefillRequest
     | BlocksReady
@@ -311,6 +572,18 @@ Message: TypeAlias = (
     | Heartbeat
     | GenerateRequest
     | TokenChunk
+    | NodeAttach
+    | NodeGeometry
+    | NodeReserve
+    | NodeReserved
+    | NodeCommit
+    | NodeLookup
+    | NodePinned
+    | NodeRelease
+    | NodeRenew
+    | NodeAck
+    | NodeStatsRequest
+    | NodeStats
 )
 
 _MESSAGE_CLASSES = (
@@ -322,6 +595,18 @@ _MESSAGE_CLASSES = (
     Heartbeat,
     GenerateRequest,
     TokenChunk,
+    NodeAttach,
+    NodeGeometry,
+    NodeReserve,
+    NodeReserved,
+    NodeCommit,
+    NodeLookup,
+    NodePinned,
+    NodeRelease,
+    NodeRenew,
+    NodeAck,
+    NodeStatsRequest,
+    NodeStats,
 )
 _TYPE_TO_CLASS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in _MESSAGE_CLASSES}
 _TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {

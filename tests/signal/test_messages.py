@@ -153,7 +153,7 @@ def test_golden_bytes_pin_the_wire_layout() -> None:
     )
     golden = bytes.fromhex(
         "94"  # array of 4: the envelope
-        "02"  # protocol version 2
+        "03"  # protocol version 3
         "01"  # type 1 = PREFILL_REQUEST
         "cf0123456789abcdef"  # compat hash as uint64
         "96"  # body: array of 6 fields
@@ -261,20 +261,20 @@ def test_too_many_sampling_entries_is_refused() -> None:
         PrefillRequest("r", [], 1, "d", sampling, 0)
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, True, "2", None])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, True, "3", None])
 def test_another_version_is_a_protocol_mismatch(version: object) -> None:
     with pytest.raises(
-        UnsupportedVersion, match=f"protocol version {version!r}, this peer speaks 2"
+        UnsupportedVersion, match=f"protocol version {version!r}, this peer speaks 3"
     ):
         _decode(_raw(version, 3, COMPAT, ["r", 1]))
 
 
 def test_version_is_checked_before_the_envelope_shape() -> None:
     with pytest.raises(UnsupportedVersion):
-        _decode(_raw(3, "a future envelope"))
+        _decode(_raw(4, "a future envelope"))
 
 
-@pytest.mark.parametrize("raw_type", [0, 9, 255, "TRANSFER_DONE", None])
+@pytest.mark.parametrize("raw_type", [0, 21, 255, "TRANSFER_DONE", None])
 def test_unknown_type_is_a_protocol_mismatch(raw_type: object) -> None:
     with pytest.raises(UnknownMessageType, match="unknown message type"):
         _decode(_raw(PROTOCOL_VERSION, raw_type, COMPAT, []))

@@ -153,8 +153,8 @@ def test_request_whose_handler_returns_none_fails_fast(client: SignalClient) -> 
     [
         ([b"garbage"], ErrorCode.MALFORMED),  # no correlation frame at all
         ([bytes(8), b"\xc1garbage"], ErrorCode.MALFORMED),
-        ([bytes(8), msgpack.packb([3, 3, COMPAT, ["r", 1]])], ErrorCode.UNSUPPORTED_VERSION),
-        ([bytes(8), msgpack.packb([2, 99, COMPAT, ["r", 1]])], ErrorCode.UNKNOWN_TYPE),
+        ([bytes(8), msgpack.packb([4, 3, COMPAT, ["r", 1]])], ErrorCode.UNSUPPORTED_VERSION),
+        ([bytes(8), msgpack.packb([3, 99, COMPAT, ["r", 1]])], ErrorCode.UNKNOWN_TYPE),
         ([bytes(8), encode(TransferDone("r", 1), COMPAT + 1)], ErrorCode.INCOMPATIBLE),
         ([bytes(8), b"\x00" * 2000], ErrorCode.TOO_LARGE),
     ],
