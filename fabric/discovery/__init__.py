@@ -1,10 +1,11 @@
 """Discovery: where workers publish themselves and find each other (etcd, or in memory in tests).
 
-``registry`` holds the protocol and the key scheme, ``records`` the typed worker records and
-their wire form; ``memory`` and ``etcd`` implement the protocol;
-``registration`` keeps a worker registered and a directory of its peers; ``etcd_server`` runs a
-local etcd. Imports only ``fabric.errors`` from the rest of the fabric. ``etcd`` (gRPC) is not
-imported here, so the in-memory registry works without the etcd client installed.
+``registry`` holds the protocol and the key scheme, ``records`` the typed worker records and their
+wire form; ``memory`` and ``etcd`` implement the protocol; ``registration`` keeps a worker
+registered and a directory of its peers; ``etcd_auth`` reads the ``FABRIC_ETCD_*`` credentials every
+``EtcdRegistry`` uses; ``etcd_server`` runs a local etcd (``etcd_certs`` makes TLS material for it).
+Imports only ``fabric.errors`` from the rest of the fabric. ``etcd`` (gRPC) is not imported here, so
+the in-memory registry works without the etcd client installed.
 """
 
 from __future__ import annotations

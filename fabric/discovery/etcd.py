@@ -26,6 +26,12 @@ Invariants:
   ones), logs INFO, and carries on from the new revision. Re-listing on every reconnect also
   covers a wiped etcd whose revisions restarted from 1. Routers therefore always converge to the
   true set of workers; ``connected`` tells them when their view may be stale.
+* Authentication (``etcd_auth``): ``auth`` or, by default, the ``FABRIC_ETCD_*`` variables.
+  ``https://`` endpoints use one TLS channel for calls and watches. With a user, the first call
+  authenticates; the token rides as call metadata on unary calls, keepalives and watch streams;
+  a call refused for its token (or a watch cancelled for it) drops it, authenticates again and
+  is retried once. Refused credentials and failed TLS handshakes are ``EtcdAuthError``s naming
+  the variable to fix.
 """
 
 from __future__ import annotations
