@@ -6,7 +6,8 @@ Invariants:
 
 * Client and peer URLs are on ``host`` (127.0.0.1 by default); ports are free ones picked at the
   first start (or given) and kept across ``restart`` so clients reconnect to the same endpoint.
-* ``start`` returns only once ``/health`` answers true, within ``startup_timeout_s``; otherwise
+* ``start`` returns only once ``/health`` answers true (and, with ``users``, auth is on), within
+  ``startup_timeout_s``; otherwise
   the process is stopped and ``DiscoveryError`` carries the log's last lines.
 * ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process,
   paused or not. ``pause`` / ``resume`` (SIGSTOP / SIGCONT) freeze it in place: connections stay
@@ -199,7 +200,11 @@ class EtcdServer:
             attempt += 1
             self._pick_ports(repick=True)
         if self.users is not None:
-            self._enable_auth(self.users)
+            try:
+                self._enable_auth(self.users)
+            except BaseException:
+                self.stop()
+                raise
         logger.info("etcd %s healthy at %s (data %s)", self.name, self.endpoint, self.data_dir)
         return self
 
@@ -312,7 +317,6 @@ class EtcdServer:
             )
             stub.AuthEnable(etcdrpc.AuthEnableRequest(), t)
         except grpc.RpcError as exc:
-            self.stop()
             raise DiscoveryError(f"etcd at {self.endpoint}: turning auth on failed: {exc}") from exc
         finally:
             channel.close()
