@@ -7,8 +7,8 @@ Invariants:
 * Client and peer URLs are on ``host`` (127.0.0.1 by default); ports are free ones picked at the
   first start (or given) and kept across ``restart`` so clients reconnect to the same endpoint.
 * ``start`` returns only once ``/health`` answers true (and, with ``users``, auth is on), within
-  ``startup_timeout_s``; otherwise
-  the process is stopped and ``DiscoveryError`` carries the log's last lines.
+  ``startup_timeout_s``; otherwise the process is stopped and ``DiscoveryError`` says why (the
+  log's last lines when etcd did not become healthy).
 * ``stop`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``; it always reaps the process,
   paused or not. ``pause`` / ``resume`` (SIGSTOP / SIGCONT) freeze it in place: connections stay
   open and nothing answers, as in a stalled etcd. ``kill`` is a crash (SIGKILL, reaped).
