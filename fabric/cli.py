@@ -1,7 +1,8 @@
 """The ``fabric`` command: one subcommand per job, each a module with add_arguments / run.
 
 ``fabric serve ROLE`` has one sub-command per process kind: the three worker roles
-(``fabric.worker.serve``) and the frontend (``fabric.frontend.cli``).
+(``fabric.worker.serve``), the frontend (``fabric.frontend.cli``) and the node KV cache
+(``fabric.node.__main__``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _SERVE_ROLES = {
     "decode": ("fabric.worker.serve", "a decode worker: reads KV from prefill, generates"),
     "aggregated": ("fabric.worker.serve", "an aggregated worker: computes and generates alone"),
     "frontend": ("fabric.frontend.cli", "the OpenAI-compatible HTTP frontend and router"),
+    "node-cache": ("fabric.node.__main__", "the node KV cache: one shared-memory host tier"),
 }
 _LOUD = {"serve", "launch"}  # servers say what they do at INFO; one-shot commands stay quiet
 

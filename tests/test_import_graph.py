@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"kvbm.base"},  # config, manager, metrics, remote, sequence
     {"kvbm.stream", "kvbm.offload"},
     {"kvbm.face"},  # fabric.kvbm (the public face) and fabric.kvbm.build
-    {"models", "pd"},
+    {"models", "pd", "node"},
     {"engine", "frontend", "supervise", "config"},
     {"worker", "integrations"},
     {"launch", "demo"},

@@ -1,0 +1,154 @@
+"""``python -m fabric.node`` / ``fabric serve node-cache``: run a node KV cache until SIGINT or
+SIGTERM.
+
+Flags override the ``FABRIC_*`` / ``DYN_KVBM_*`` environment (``KvbmConfig``), which overrides the
+defaults, so a node cache started in a deployment's environment shares its workers' block size,
+salt and compat hash. When serving, it prints one JSON line to stdout (``endpoint``, ``segment``,
+``num_blocks``, ``block_bytes``, ``compat_hash``, ``lease_s``) for launchers and tests; it sweeps
+expired leases four times per lease; on SIGINT / SIGTERM it stops serving and unlinks its
+segment. Not registered in etcd yet (discovery has no node-cache role).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger("fabric.node")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the node KV cache: one host-memory pool in POSIX shared memory that every "
+        "instance on this host stores blocks into and loads them from (reserve, copy, commit; "
+        "lookup, copy, unpin), under leases so a killed instance leaks nothing. Flags override "
+        "FABRIC_* variables, which override defaults."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG"
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="the model whose KV is cached: tiny, small or a Hugging Face-style Llama "
+        "directory (only its config.json is read) [default tiny]",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--blocks", type=int, metavar="N", help="blocks in the shared pool")
+    size.add_argument("--shm-gb", type=float, metavar="GB", help="size of the shared pool (GB)")
+    parser.add_argument("--block-size", type=int, metavar="TOKENS", help="tokens per KV block")
+    parser.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:0",
+        help="signal endpoint to bind (port 0: a free one) [default tcp://127.0.0.1:0]",
+    )
+    parser.add_argument(
+        "--lease-s",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a reservation or pin lives unless renewed [default 5]",
+    )
+    parser.add_argument("--namespace", help="discovery namespace (names the segment)")
+    parser.add_argument("--node", help="this host's name (names the segment) [default hostname]")
+    parser.add_argument(
+        "--admit-after",
+        type=int,
+        default=1,
+        metavar="N",
+        help="store a block once its hash was seen N times [default 1: always]",
+    )
+    parser.add_argument("--eviction", help="priority_lru, lru or lfu [env FABRIC_EVICTION]")
+    parser.add_argument(
+        "--events-endpoint", metavar="ZMQ", help="publish KV events here (vLLM's wire format)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fabric.node.config import NodeCacheConfig
+    from fabric.node.service import build_node_cache
+
+    config = NodeCacheConfig(**_config_fields(args))
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+    with build_node_cache(config) as service:
+        ready = {
+            "endpoint": service.endpoint,
+            "segment": service.segment,
+            "num_blocks": config.num_blocks,
+            "block_bytes": config.block_bytes,
+            "compat_hash": config.compat_hash,
+            "lease_s": config.lease_s,
+        }
+        print(json.dumps(ready), flush=True)
+        logger.info("node cache serving on %s", service.endpoint)
+        while not stop.wait(config.lease_s / 4):
+            service.cache.sweep()
+    return 0
+
+
+def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from fabric.discovery.registry import DEFAULT_NAMESPACE
+    from fabric.kvbm import load_kvbm_config
+    from fabric.models.config import ModelConfig
+    from fabric.models.presets import PRESET_CONFIGS, Preset
+
+    given = {
+        "block_size": args.block_size,
+        "eviction": args.eviction,
+        "events_endpoint": args.events_endpoint,
+        "cpu_cache_blocks": args.blocks,
+    }
+    overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if args.shm_gb is not None:  # a size given here beats a block count in the environment
+        overrides.update(cpu_cache_gb=args.shm_gb, cpu_cache_blocks=None)
+    presets = {preset.value: preset for preset in Preset}
+    model = (
+        PRESET_CONFIGS[presets[args.model]]
+        if args.model in presets
+        else ModelConfig.from_dir(args.model)
+    )
+    fields: dict[str, Any] = {
+        "kvbm": load_kvbm_config(**overrides),
+        "geometry": model.kv_geometry(),
+        "namespace": args.namespace or DEFAULT_NAMESPACE,
+        "endpoint": args.endpoint,
+        "lease_s": args.lease_s,
+        "admit_after": args.admit_after,
+    }
+    if args.node:
+        fields["node"] = args.node
+    return fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fabric.errors import FabricError
+
+    parser = argparse.ArgumentParser(prog="python -m fabric.node")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run(args)
+    except FabricError as exc:
+        print(f"python -m fabric.node: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""``build_node_cache``: a ``NodeCacheService`` wired from a ``NodeCacheConfig``.
+
+The service is the node cache's running whole: the shared segment (kvbm's ``tier_storage`` for
+the HOST tier with ``host_shared_name`` set: ``host_storage(..., shared_name=...)``), the pool
+with the configured eviction policy and event sink (kvbm's ``build_pool``, ``publisher_for``),
+the admission filter, the ``NodeCache`` over them, and the ``SignalServer`` that serves it.
+
+Invariants: the segment is created here and unlinked by ``close`` (or by a failed build, which
+closes everything it built, in reverse order); ``close`` stops serving before it unlinks, is
+idempotent, and leaves processes that still map the segment a valid mapping (the kernel frees
+the memory when the last one unmaps).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from fabric.kvbm import (
+    EventSink,
+    FrequencyFilter,
+    Storage,
+    Tier,
+    build_pool,
+    publisher_for,
+    tier_storage,
+)
+from fabric.node.cache import Lease, NodeCache
+from fabric.node.config import NodeCacheConfig
+from fabric.node.leases import LeaseTable
+from fabric.signal.server import SignalServer
+
+logger = logging.getLogger(__name__)
+
+
+class NodeCacheService:
+    """The node cache, its shared segment, its event sink and its signal server."""
+
+    def __init__(
+        self, cache: NodeCache, storage: Storage, events: EventSink, server: SignalServer
+    ) -> None:
+        self.cache = cache
+        self.storage = storage
+        self.events = events
+        self.server = server
+        self._closed = False
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    @property
+    def segment(self) -> str:
+        return self.cache.geometry.segment
+
+    def close(self) -> None:
+        """Stop serving, unlink the segment, close the event sink. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.server.close()
+        self.storage.close()
+        self.events.close()
+        logger.info("node cache stopped; segment %s unlinked", self.segment)
+
+    def __enter__(self) -> NodeCacheService:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def build_node_cache(
+    config: NodeCacheConfig, *, clock: Callable[[], float] = time.monotonic
+) -> NodeCacheService:
+    """Create the segment, the pool and the server; serving starts before this returns.
+
+    Raises:
+        StorageError: the segment exists already (another node cache, or one killed before it
+            could unlink it: remove ``/dev/shm/<segment>``) or cannot be created.
+        ConfigError: the endpoint cannot be bound.
+    """
+    segment = config.segment
+    kvbm = config.kvbm.model_copy(update={"host_shared_name": segment})
+    layout = config.layout
+    events = publisher_for(kvbm)
+    built: list[Storage | EventSink] = [events]
+    try:
+        storage = tier_storage(kvbm, Tier.HOST, layout)
+        built.append(storage)
+        cache = NodeCache(
+            build_pool(kvbm, Tier.HOST, layout.num_blocks, events),
+            layout,
+            segment=segment,
+            compat_hash=config.compat_hash,
+            admission=FrequencyFilter(config.admit_after),
+            leases=LeaseTable[Lease](config.lease_s, clock),
+        )
+        server = SignalServer(
+            config.endpoint, cache.handle, compat_hash=config.compat_hash, name="node-cache"
+        )
+    except BaseException:
+        for part in reversed(built):
+            part.close()
+        raise
+    logger.info(
+        "node cache: %d blocks of %d bytes (%.1f MiB) in shared segment %s, leases %.1f s, "
+        "compat hash %#018x",
+        layout.num_blocks,
+        layout.block_bytes,
+        layout.total_bytes / 2**20,
+        segment,
+        config.lease_s,
+        config.compat_hash,
+    )
+    return NodeCacheService(cache, storage, events, server)
