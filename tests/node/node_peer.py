@@ -1,7 +1,8 @@
 """A node cache client in its own process, for the multi-process tests (and their shared helpers).
 
 ``python tests/node/node_peer.py SPEC COMMAND HASHES`` attaches to the node cache SPEC names (a
-JSON object: endpoint, compat_hash, layers, kv_heads, head_size, block_size, identity) and:
+JSON object: endpoint, compat_hash, layers, kv_heads, head_size, block_size, identity and
+optionally dtype, float16 by default) and:
 
 * ``store``: stores blocks whose bytes are ``pattern(hash)``, prints ``{"stored": n, ...}``;
 * ``load``: loads them, prints ``{"loaded": n, "exact": bool}`` (bytes compared with the pattern);
@@ -32,7 +33,8 @@ from fabric.node import NodeCacheClient, attach_node_cache
 
 
 def geometry(spec: dict[str, Any]) -> KvGeometry:
-    return KvGeometry(spec["layers"], spec["kv_heads"], spec["head_size"], torch.float16)
+    dtype = getattr(torch, spec.get("dtype", "float16"))
+    return KvGeometry(spec["layers"], spec["kv_heads"], spec["head_size"], dtype)
 
 
 def layout(spec: dict[str, Any], num_blocks: int) -> LayoutSpec:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SPEC, ManualClock, shm_exists
+from node_harness import SPEC, ManualClock, shm_exists
 from node_peer import exact, filled_storage, layout
 
 from fabric.errors import InvalidInput, LayoutMismatch, TransferError
