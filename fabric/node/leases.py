@@ -54,9 +54,6 @@ class LeaseTable(Generic[T]):
     def items(self) -> list[T]:
         return [entry.item for entry in self._entries.values()]
 
-    def now(self) -> float:
-        return self._clock()
-
     def grant(self, peer: str, item: T) -> tuple[LeaseId, float]:
         """A new lease on ``item`` for ``peer``: (its id, its deadline)."""
         lease_id = LeaseId(next(self._ids))
