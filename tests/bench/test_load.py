@@ -327,7 +327,7 @@ def test_summary_keys_are_null_with_a_reason_when_nothing_meets_the_slos() -> No
     for key in HEADLINE:
         assert summary[key] is None, key
         assert summary["reasons"][key], key
-        assert summary["goals"][key]["met"] is None
+        assert summary["goals"][key]["met"] is None, key
     assert "meets the SLOs" in summary["reasons"]["pd_goodput_vs_best_agg"]
     assert summary["pd_goodput_vs_best_agg_at_top_rate"] == 5.0  # against agg_x2's 1.0
 
@@ -343,6 +343,7 @@ def test_a_nixl_goodput_of_zero_everywhere_is_an_unbounded_ratio_with_both_figur
     assert summary["fabric_pd_goodput_vs_nixl_pd"] is None
     reason = summary["reasons"]["fabric_pd_goodput_vs_nixl_pd"]
     assert "goodput is 0" in reason and "1.9 req/s (at 2 req/s)" in reason
+    assert summary["goals"]["fabric_pd_goodput_vs_nixl_pd"]["met"] is True
 
 
 def test_a_failed_pd_row_at_the_slo_rate_nulls_the_ratios_with_a_reason() -> None:

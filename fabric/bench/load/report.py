@@ -28,7 +28,8 @@ Summary (``summarize``), the headline keys first:
   best aggregated arm's: how much more load P/D carries within the SLOs),
   ``pd_goodput_vs_best_agg_at_top_rate`` (at the highest rate of the sweep, against the
   aggregated arm with the most goodput there), ``goals`` (the issue's bounds, each ``met`` true,
-  false or null) and ``reasons`` (why a key is null).
+  false or null: not measured; an unbounded ``fabric_pd_goodput_vs_nixl_pd``, the fabric's
+  goodput above 0 and the NixlConnector's 0, is met) and ``reasons`` (why a key is null).
 
 Invariants: figures are only ever measured ones; a ratio whose base is 0 or missing is null with
 a reason; nothing here reads the client's text or the clock.
@@ -235,6 +236,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | str) -> di
         key: {bound: value, "value": out[key], "met": _met(out[key], bound, value)}
         for key, (bound, value) in GOALS.items()
     }
+    peaks = out["vllm_pd_peak_goodput"]
+    if peaks and peaks[FABRIC_VLLM_PD]["goodput"] and not peaks[NIXL_VLLM_PD]["goodput"]:
+        out["goals"]["fabric_pd_goodput_vs_nixl_pd"]["met"] = True  # unbounded: above any bound
     out["reasons"] = reasons
     return out
 
@@ -287,7 +291,7 @@ def _capacity(
     key = "pd_slo_capacity_vs_best_agg"
     pd_rate = _highest_slo_rate(by_key, PD)
     if best is None or pd_rate is None:
-        reasons[key] = f"{'no aggregated arm' if best is None else PD} meets the SLOs at any rate"
+        reasons[key] = f"{'no aggregated arm' if best is None else PD} meets the SLOs at no rate"
         return None
     return _ratio(pd_rate, best[1])
 
