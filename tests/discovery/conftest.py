@@ -129,7 +129,10 @@ def registry(request: pytest.FixtureRequest) -> Iterator[Registry]:
         reg = EtcdRegistry(server.endpoint, timeout_s=ETCD_CALL_TIMEOUT_S)
     elif request.param == "etcd-password":
         server = request.getfixturevalue("auth_etcd")
-        reg = EtcdRegistry(server.endpoint, timeout_s=ETCD_CALL_TIMEOUT_S, auth=server.client_auth)
+        # A login is a bcrypt check on etcd's side: on two busy cores it has taken over 2 s.
+        reg = EtcdRegistry(
+            server.endpoint, timeout_s=3 * ETCD_CALL_TIMEOUT_S, auth=server.client_auth
+        )
     else:
         server = request.getfixturevalue("tls_etcd")
         reg = EtcdRegistry(server.endpoint, timeout_s=ETCD_CALL_TIMEOUT_S, auth=cert_only(server))
