@@ -19,6 +19,12 @@ prefix benchmarks start their deployments with them.
 Cores: with ``--pin`` (default on a 2+ core machine) worker i is pinned to core ``i % ncores``
 and runs one compute thread, so a 1P1D pair on two cores puts prefill and decode on separate
 cores instead of oversubscribing both.
+
+``--secure`` turns every authentication switch on at once (docs/security.md): it writes fresh
+material under ``<run-dir>/secrets`` (mode 700: a CA and etcd's certificate, the fabric user's
+etcd password, the ZeroMQ CURVE key pair, the API key, the G4 MAC key), starts etcd over TLS
+with authentication on, and gives every child the ``FABRIC_*`` variables that use them. Nothing
+secret is put on a command line or in a log; the API key's file is printed for clients.
 """
 
 from __future__ import annotations
@@ -26,16 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric.errors import FabricError
+
+if TYPE_CHECKING:
+    from fabric.discovery.etcd_certs import TlsMaterial
+    from fabric.discovery.etcd_server import ServerUsers
 from fabric.supervise import (
     POLL_S,
     Child,
@@ -85,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", default=None, help="send this prompt once, print, and stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens for --prompt")
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="authentication on every channel: etcd over TLS with a user, ZeroMQ CURVE, an API "
+        "key on the HTTP API, a MAC on G4 files; fresh keys under <run-dir>/secrets "
+        "(docs/security.md). Needs the etcd this command starts (not --etcd) and openssl",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,13 +111,33 @@ def run(args: argparse.Namespace) -> int:
         raise FabricError("--prefill, --decode and --aggregated must be >= 0")
     if args.aggregated == 0 and args.decode == 0:
         raise FabricError("nothing would generate: give --decode >= 1 or --aggregated >= 1")
+    if args.secure and args.etcd:
+        raise FabricError(
+            "--secure starts its own etcd with TLS and users; with --etcd, set FABRIC_ETCD_* "
+            "and the other switches yourself (docs/security.md)"
+        )
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = _install_signal_handlers()
     statuses: dict[str, int] = {}
     with ExitStack() as stack:
-        etcd = args.etcd or stack.enter_context(private_etcd(run_dir))
+        secured = DeploymentSecrets.generate(run_dir / "secrets") if args.secure else None
+        env = secured.env() if secured is not None else {}
+        # This process reads the same switches: its etcd checks and --prompt's request.
+        stack.enter_context(_environment(env))
+        etcd = args.etcd or stack.enter_context(
+            private_etcd(
+                run_dir,
+                tls=secured.tls if secured is not None else None,
+                users=secured.users if secured is not None else None,
+            )
+        )
         print_progress(f"etcd: {etcd}")
+        if secured is not None:
+            print_progress(
+                f"secure: keys in {secured.directory}; clients send the API key in "
+                f"{secured.api_key_file} (Authorization: Bearer)"
+            )
         children: list[Child] = []
         stack.callback(lambda: statuses.update(stop_processes(children, progress=print_progress)))
         roles = (
@@ -118,10 +157,12 @@ def run(args: argparse.Namespace) -> int:
                 cpus=str(index % ncores) if args.pin else None,
                 threads=1 if args.pin else None,
             )
-            children.append(start_process(worker_id, cmd, run_dir, progress=print_progress))
+            children.append(
+                start_process(worker_id, cmd, run_dir, progress=print_progress, env=env)
+            )
         port = args.port or free_port()
         cmd = frontend_command(etcd=etcd, model=args.model, port=port)
-        children.append(start_process("frontend", cmd, run_dir, progress=print_progress))
+        children.append(start_process("frontend", cmd, run_dir, progress=print_progress, env=env))
         url = f"http://127.0.0.1:{port}"
         wait_deployment_ready(
             url,
@@ -261,3 +302,77 @@ def _answer(url: str, prompt: str, max_tokens: int) -> None:
             f"cached {info.get('cached_tokens')}; KV transfer {info.get('kv_transfer_ms')} ms "
             f"({info.get('transferred_blocks')} blocks)"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSecrets:
+    """What ``--secure`` generates (module docstring): every file under ``directory``."""
+
+    directory: Path
+    tls: TlsMaterial
+    users: ServerUsers
+    password_file: Path
+    curve_key_file: Path
+    api_key_file: Path
+    g4_key_file: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> DeploymentSecrets:
+        """Fresh material in ``directory`` (created mode 700; files mode 600).
+
+        Raises:
+            FabricError: ``directory`` already holds secrets (never overwritten), or openssl
+                failed (``ConfigError``).
+        """
+        from fabric.auth import keygen
+        from fabric.discovery.etcd_certs import generate
+        from fabric.discovery.etcd_server import ServerUsers
+
+        if directory.exists() and any(directory.iterdir()):
+            raise FabricError(f"{directory} already holds secrets; use a new --run-dir")
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        users = ServerUsers(root_password=secrets.token_hex(16), password=secrets.token_hex(16))
+        tls = generate(directory / "etcd-tls")
+        return cls(
+            directory=directory,
+            tls=tls,
+            users=users,
+            password_file=_secret_file(directory / "etcd-password", users.password),
+            curve_key_file=keygen(directory / "curve"),
+            api_key_file=_secret_file(directory / "api-key", secrets.token_urlsafe(32)),
+            g4_key_file=_secret_file(directory / "g4-key", secrets.token_hex(32)),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The ``FABRIC_*`` variables that turn every switch on with this material."""
+        return {
+            "FABRIC_ETCD_USER": self.users.user,
+            "FABRIC_ETCD_PASSWORD_FILE": str(self.password_file),
+            "FABRIC_ETCD_CA_FILE": str(self.tls.ca),
+            "FABRIC_CURVE_KEY_FILE": str(self.curve_key_file),
+            "FABRIC_API_KEY_FILE": str(self.api_key_file),
+            "FABRIC_SHARED_DISK_KEY_FILE": str(self.g4_key_file),
+        }
+
+
+def _secret_file(path: Path, value: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return path
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in this process's environment, restored on exit."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

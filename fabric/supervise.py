@@ -34,10 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from fabric.errors import FabricError
 from fabric.transfer.ucx_env import ucx_env_defaults
+
+if TYPE_CHECKING:
+    from fabric.discovery.etcd_certs import TlsMaterial
+    from fabric.discovery.etcd_server import ServerUsers
 
 logger = logging.getLogger(__name__)
 
@@ -275,11 +279,15 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
-def private_etcd(run_dir: Path) -> Iterator[str]:
-    """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint."""
+def private_etcd(
+    run_dir: Path, *, tls: TlsMaterial | None = None, users: ServerUsers | None = None
+) -> Iterator[str]:
+    """An etcd of its own (data under ``run_dir``), stopped on exit; yields its endpoint.
+
+    ``tls`` serves it over https with that material; ``users`` turns authentication on."""
     from fabric.discovery.etcd_server import EtcdServer
 
-    server = EtcdServer(data_dir=run_dir / "etcd-data")
+    server = EtcdServer(data_dir=run_dir / "etcd-data", tls=tls, users=users)
     server.start()
     try:
         yield server.endpoint

@@ -11,7 +11,9 @@ general OpenAI client: use the ``openai`` package for that.
 
 Invariants: a ``StreamedCompletion`` is only returned for a stream that ended with ``[DONE]``
 and carried content; an error chunk raises ``FabricError``; HTTP and connection errors are
-``urllib.error`` exceptions, left to the caller.
+``urllib.error`` exceptions, left to the caller. With ``FABRIC_API_KEY_FILE`` set (the frontend's
+own switch, ``fabric.frontend.api_key``), every request carries ``Authorization: Bearer`` with
+that key, so launchers and benchmarks of a deployment that requires it need nothing more.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class StreamedCompletion:
 
 def served_model(url: str, timeout_s: float = 10.0) -> str:
     """The id of the model the frontend at ``url`` serves."""
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=timeout_s) as response:
+    request = urllib.request.Request(f"{url}/v1/models", headers=_auth_headers())
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return str(json.loads(response.read())["data"][0]["id"])
 
 
@@ -149,7 +152,14 @@ def _body(
 
 
 def _post(url: str, body: Mapping[str, Any], timeout_s: float) -> Any:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json", **_auth_headers()}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     return urllib.request.urlopen(request, timeout=timeout_s)
+
+
+def _auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer`` with the frontend's key, when ``FABRIC_API_KEY_FILE`` is set."""
+    from fabric.frontend.api_key import ENV_API_KEY_FILE, ApiKey
+
+    key = ApiKey.from_env(ENV_API_KEY_FILE)
+    return {} if key is None else {"Authorization": f"Bearer {key.value}"}
