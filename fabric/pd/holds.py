@@ -4,7 +4,9 @@ One entry per request, in one of four states::
 
     hold() ──▶ HELD ──lend() (the consumer asks)──▶ LENT ──release()──▶ DONE
                  │                                    │
-                 └───────── deadline passed ──────────┴──▶ EXPIRED     (collect())
+                 ├───────── deadline passed ──────────┴──▶ EXPIRED     (collect())
+                 │                                    │
+                 └──── its consumer left the fleet ───┴──▶ ABANDONED   (abandon())
 
 ``finish`` is ``release`` and ``collect`` of one request in one call, for an owner that frees
 blocks on the thread that learns the consumer is done (the reference engine's scheduler thread);
@@ -13,13 +15,19 @@ vLLM's connector learns it on its signal thread and frees on the engine thread, 
 
 Invariants:
 
-* Every hold leaves the table exactly once, through ``finish``, ``collect`` or ``expire_all``,
-  and the caller that takes it out frees its blocks; a hold is never freed twice or leaked.
+* Every hold leaves the table exactly once, through ``finish``, ``collect``, ``abandon`` or
+  ``expire_all``, and the caller that takes it out frees its blocks; a hold is never freed twice
+  or leaked.
+* ``abandon(consumer, held_before)`` takes out only the holds taken for that consumer before
+  ``held_before``: a consumer that left and came back (a restart under the same worker id) keeps
+  the holds taken after it was seen leaving. Holds taken without a ``consumer`` are never
+  abandoned (their deadline frees them).
 * A lent hold's deadline is pushed to at least ``lend`` time + ``lend_grace_s``, so blocks are
   never freed under a read that is still allowed to run.
 * Requests that left the table are remembered (the last ``MAX_FORGOTTEN``) so that a late
   ``lend`` is refused as finished (``UNKNOWN_REQUEST``) rather than "not yet" (``UNAVAILABLE``).
-* ``counts`` only grow: holds taken, released by a consumer, expired by their deadline.
+* ``counts`` only grow: holds taken, released by a consumer, expired by their deadline,
+  abandoned by a consumer that left.
 
 Every method is thread-safe; ``item`` values (whatever the owner needs to free the blocks) are
 never touched here.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,6 +60,7 @@ class HoldState(Enum):
     LENT = "lent"
     DONE = "done"
     EXPIRED = "expired"
+    ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,7 @@ class Freed(Generic[T]):
     request_id: str
     item: T
     state: HoldState
+    num_blocks: int
 
 
 @dataclass(slots=True)
@@ -78,6 +89,8 @@ class HoldCounts:
     """Holds a consumer released (``TransferDone`` or ``Abort``)."""
     num_holds_expired: int = 0
     """Holds freed by their deadline without a release."""
+    num_holds_abandoned: int = 0
+    """Holds freed because their consumer left the fleet (``abandon``)."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -88,6 +101,8 @@ class _Hold(Generic[T]):
     item: T
     num_blocks: int
     deadline: float
+    consumer: str | None
+    held_at: float
     state: HoldState = HoldState.HELD
 
 
@@ -117,8 +132,20 @@ class HoldTable(Generic[T]):
         with self._lock:
             return sum(h.state in (HoldState.HELD, HoldState.LENT) for h in self._holds.values())
 
-    def hold(self, request_id: str, item: T, *, num_blocks: int, deadline: float) -> None:
+    def hold(
+        self,
+        request_id: str,
+        item: T,
+        *,
+        num_blocks: int,
+        deadline: float,
+        consumer: str | None = None,
+    ) -> None:
         """Hold ``item`` (``num_blocks`` blocks) for a consumer until ``deadline`` (monotonic).
+
+        Args:
+            consumer: the worker id of the consumer it is held for, if known: ``abandon``
+                takes it out when that worker leaves.
 
         Raises:
             InvalidInput: ``request_id`` is already held.
@@ -126,7 +153,9 @@ class HoldTable(Generic[T]):
         with self._lock:
             if request_id in self._holds:
                 raise InvalidInput(f"request {request_id!r} already has blocks on offer")
-            self._holds[request_id] = _Hold(item, num_blocks, deadline)
+            self._holds[request_id] = _Hold(
+                item, num_blocks, deadline, consumer, held_at=time.monotonic()
+            )
             self._finished.pop(request_id, None)
             self.counts.num_holds += 1
         logger.debug("holding %d blocks of request %s", num_blocks, request_id)
@@ -194,7 +223,22 @@ class HoldTable(Generic[T]):
                     self.counts.num_holds_expired += 1
                 if hold.state in (HoldState.DONE, HoldState.EXPIRED):
                     self._forget_locked(request_id, hold.state)
-                    freed.append(Freed(request_id, hold.item, hold.state))
+                    freed.append(Freed(request_id, hold.item, hold.state, hold.num_blocks))
+        return freed
+
+    def abandon(self, consumer: str, *, held_before: float) -> list[Freed[T]]:
+        """Take out the holds taken for ``consumer`` before ``held_before`` (``time.monotonic()``):
+        it left the fleet, so no release will come. Released (DONE) ones count as released."""
+        freed: list[Freed[T]] = []
+        with self._lock:
+            for request_id, hold in list(self._holds.items()):
+                if hold.consumer != consumer or hold.held_at >= held_before:
+                    continue
+                if hold.state is not HoldState.DONE:
+                    hold.state = HoldState.ABANDONED
+                    self.counts.num_holds_abandoned += 1
+                self._forget_locked(request_id, hold.state)
+                freed.append(Freed(request_id, hold.item, hold.state, hold.num_blocks))
         return freed
 
     def expire_all(self) -> list[Freed[T]]:
@@ -205,6 +249,7 @@ class HoldTable(Generic[T]):
                     request_id,
                     hold.item,
                     HoldState.DONE if hold.state is HoldState.DONE else HoldState.EXPIRED,
+                    hold.num_blocks,
                 )
                 for request_id, hold in self._holds.items()
             ]

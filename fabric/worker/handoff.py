@@ -16,9 +16,14 @@ Invariants:
 
 * The prefill holds exactly one reference per offered block from ``offer`` (or, for
   ``offer_owned``, the owner it was given, released once) until ``complete``,
-  ``abort``, ``expire`` (older than ``hold_timeout_s``: a decode that died never leaks prefill
-  blocks) or ``close``, whichever comes first; afterwards the request id is unknown and a late
-  ``complete`` / ``abort`` returns False (an expected outcome after an expiry, not an error).
+  ``abort``, ``abandon`` (the decode it was offered to left the fleet: its record left the
+  prefill's worker directory), ``expire`` (older than ``hold_timeout_s``: the backstop, so a
+  decode that died never leaks prefill blocks even unseen) or ``close``, whichever comes first;
+  afterwards the request id is unknown and a late ``complete`` / ``abort`` returns False (an
+  expected outcome after an expiry, not an error).
+* ``abandon(decode, held_before)`` releases only what was offered to that decode worker id
+  before ``held_before``: offers to a decode restarted under the same id after it was seen
+  leaving stay held.
 * ``receive`` reads only blocks the decode does not already hold (its device prefix, onboarded
   from host or disk where the manager has them, is reused) and registers them chained to that
   prefix. On any failure every block it allocated or matched goes back to the pool before the
@@ -106,11 +111,18 @@ class PrefillHandoff:
         return len(self._holds)
 
     def offer(
-        self, request_id: str, blocks: ImmutableBlocks, *, first_token: int, num_tokens: int
+        self,
+        request_id: str,
+        blocks: ImmutableBlocks,
+        *,
+        first_token: int,
+        num_tokens: int,
+        decode: str | None = None,
     ) -> BlocksReady:
         """Export ``blocks`` for a decode to read and hold a reference on them.
 
         The caller keeps its own handle on ``blocks`` (release it when its request is done).
+        ``decode`` is the reading worker's id, for ``abandon``.
 
         Raises:
             InvalidInput: ``request_id`` is already held, or ``blocks`` live on disk.
@@ -120,7 +132,7 @@ class PrefillHandoff:
             request_id, blocks.block_ids, first_token=first_token, num_tokens=num_tokens
         )
         held = self._kvbm.pool(blocks.tier).retain(blocks)
-        self._hold(request_id, _HeldBlocks(self._kvbm, held), len(held))
+        self._hold(request_id, _HeldBlocks(self._kvbm, held), len(held), decode)
         return ready
 
     def offer_owned(
@@ -131,12 +143,14 @@ class PrefillHandoff:
         *,
         first_token: int,
         num_tokens: int,
+        decode: str | None = None,
     ) -> BlocksReady:
         """Export device blocks ``block_ids`` that ``owner`` keeps referenced, and take ``owner``.
 
         Unlike ``offer``, the blocks may include a partial, unregistered last block. From here
         on the handoff owns ``owner`` and calls its ``release`` exactly once (``complete``,
-        ``abort``, ``expire`` or ``close``). If this raises, the caller still owns it.
+        ``abort``, ``abandon``, ``expire`` or ``close``). If this raises, the caller still owns
+        it. ``decode`` is the reading worker's id, for ``abandon``.
 
         Raises:
             InvalidInput: ``request_id`` is already held.
@@ -145,7 +159,7 @@ class PrefillHandoff:
         ready = self._exporter(Tier.DEVICE).ready(
             request_id, block_ids, first_token=first_token, num_tokens=num_tokens
         )
-        self._hold(request_id, owner, len(block_ids))
+        self._hold(request_id, owner, len(block_ids), decode)
         return ready
 
     def complete(self, done: TransferDone) -> bool:
@@ -161,6 +175,18 @@ class PrefillHandoff:
     def abort(self, request_id: str) -> bool:
         """Release the blocks of ``request_id``; False when none are held under that id."""
         return self._release(request_id)
+
+    def abandon(self, decode: str, *, held_before: float) -> tuple[int, int]:
+        """Release every handoff offered to worker ``decode`` before ``held_before``
+        (``time.monotonic()``): it left the fleet, so no ``TransferDone`` will come.
+
+        Returns:
+            ``(handoffs, blocks)`` released.
+        """
+        abandoned = self._holds.abandon(decode, held_before=held_before)
+        for freed in abandoned:
+            freed.item.release()
+        return len(abandoned), sum(freed.num_blocks for freed in abandoned)
 
     def expire(self, now: float) -> list[str]:
         """Release every handoff offered ``hold_timeout_s`` or more before ``now``
@@ -188,9 +214,13 @@ class PrefillHandoff:
             self._exporters[tier] = exporter
         return exporter
 
-    def _hold(self, request_id: str, owner: Releasable, num_blocks: int) -> None:
+    def _hold(
+        self, request_id: str, owner: Releasable, num_blocks: int, decode: str | None
+    ) -> None:
         deadline = time.monotonic() + self.hold_timeout_s
-        self._holds.hold(request_id, owner, num_blocks=num_blocks, deadline=deadline)
+        self._holds.hold(
+            request_id, owner, num_blocks=num_blocks, deadline=deadline, consumer=decode
+        )
 
     def _release(self, request_id: str) -> bool:
         owner = self._holds.finish(request_id)

@@ -3,7 +3,8 @@
 Runs on the scheduler thread (it owns the engine and the manager). A ``PrefillRequest``::
 
     queued ──room in the pool──▶ prompt computed (prefix hits skip compute), full blocks
-        registered ──offer_owned──▶ held ──TransferDone / Abort / hold timeout──▶ released
+        registered ──offer_owned──▶ held ──TransferDone / Abort / decode left / hold timeout──▶
+        released
 
 Replies are pushed to the asking decode worker's signal client, in this order: a
 ``TokenChunk([first token], stats)`` with this worker's ``computed_tokens``, ``cached_tokens``
@@ -13,19 +14,31 @@ full, prompt larger than the pool, or invalid), ``DEADLINE_EXCEEDED``, ``INTERNA
 larger than the pool is refused at once; one that fits waits, in order, until held blocks are
 released.
 
-Invariants: every queued request is answered exactly once (blocks or an error) unless aborted;
-a request's blocks are held by its ``SequenceBlocks`` from compute to release, and released
-exactly once, through ``PrefillHandoff`` (which owns it after the offer). ``close`` releases
-everything held.
+Invariants: every queued request is answered exactly once (blocks or an error) unless aborted
+(or its decode worker left); a request's blocks are held by its ``SequenceBlocks`` from compute
+to release, and released exactly once, through ``PrefillHandoff`` (which owns it after the
+offer). ``close`` releases everything held.
+
+A decode worker that leaves the fleet (a LEFT from the worker directory the runtime wires to
+``on_worker_change``: exact, no grace, so a killed decode leaves one lease TTL after its death)
+gets nothing more: at the next ``step`` every handoff offered to it and every request it queued
+before the LEFT was seen is dropped, the blocks released at once rather than at the hold
+timeout, which stays the backstop for a decode whose record outlives it. A handoff belongs to
+the peer that asked for it (the decode's signal identity, its worker id). ``on_worker_change``
+runs on the directory's watch thread and only queues the departure (a ``SimpleQueue``, as the
+scheduler's inbox takes messages from the signal thread); the scheduler thread applies it. A
+decode that re-registers under the same id keeps what it asked for after its LEFT was seen.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from fabric.discovery.registration import WorkerEvent, WorkerEventKind
 from fabric.engine import Engine
 from fabric.errors import FabricError
 from fabric.kvbm import SequenceBlocks
@@ -45,6 +58,7 @@ class _Queued:
     request: PrefillRequest
     peer: PeerId
     arrived_at: float
+    submitted_at: float  # time.monotonic(), comparable with a departure's
 
 
 class PrefillService:
@@ -70,6 +84,8 @@ class PrefillService:
         self._queue: deque[_Queued] = deque()
         self._blocked = False  # the queue head found no room; nothing was released since
         self._free_when_blocked = 0  # the pool's free blocks then: retry once more are free
+        # Workers that left, with when the LEFT was seen: filled on the directory's thread.
+        self._departures: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
 
     @property
     def has_work(self) -> bool:
@@ -90,7 +106,7 @@ class PrefillService:
         if problem is not None:
             self._reply_error(peer, request.request_id, ErrorCode.UNAVAILABLE, problem)
             return
-        self._queue.append(_Queued(request, peer, arrived_at))
+        self._queue.append(_Queued(request, peer, arrived_at, time.monotonic()))
         self._metrics.waiting.set(len(self._queue))
 
     def complete(self, done: TransferDone) -> None:
@@ -109,8 +125,15 @@ class PrefillService:
         self._metrics.waiting.set(len(self._queue))
         self._released()
 
+    def on_worker_change(self, event: WorkerEvent) -> None:
+        """A ``WorkerDirectory`` ``on_change`` (any thread): queue a LEFT for the next ``step``."""
+        if event.kind is WorkerEventKind.LEFT:
+            self._departures.put((event.record.worker_id, time.monotonic()))
+
     def step(self) -> bool:
-        """Compute the oldest queued prefill if the pool has room; True when one was served."""
+        """Drop the work of decode workers that left, then compute the oldest queued prefill if
+        the pool has room; True when one was served."""
+        self._drop_departed()
         if not self._queue:
             return False
         if self._blocked and self._kvbm.pool().num_free <= self._free_when_blocked:
@@ -158,6 +181,33 @@ class PrefillService:
     def _released(self) -> None:
         self._blocked = False
 
+    def _drop_departed(self) -> None:
+        """Release the handoffs and drop the queued requests of every worker reported LEFT."""
+        while True:
+            try:
+                worker_id, left_at = self._departures.get_nowait()
+            except queue.Empty:
+                return
+            num_queued = len(self._queue)
+            self._queue = deque(
+                q for q in self._queue if q.peer != worker_id or q.submitted_at >= left_at
+            )
+            num_dropped = num_queued - len(self._queue)
+            num_handoffs, num_blocks = self._handoff.abandon(worker_id, held_before=left_at)
+            if not (num_dropped or num_handoffs):
+                logger.debug("worker %s left; nothing held or queued for it", worker_id)
+                continue
+            logger.info(
+                "decode worker %s left: released %d handoffs (%d blocks) held for it, dropped "
+                "%d queued prefills",
+                worker_id,
+                num_handoffs,
+                num_blocks,
+                num_dropped,
+            )
+            self._metrics.waiting.set(len(self._queue))
+            self._released()
+
     def _serve(self, queued: _Queued, seq: SequenceBlocks) -> None:
         request = queued.request
         num_cached = seq.num_computed
@@ -170,6 +220,7 @@ class PrefillService:
                 seq,
                 first_token=token,
                 num_tokens=len(request.token_ids),
+                decode=queued.peer,
             )
         except FabricError as exc:
             seq.release()

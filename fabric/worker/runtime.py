@@ -7,8 +7,9 @@ built, newest first, and raises)::
     pools when sized, G4 shared store when set, KV event publisher) ─▶ offload manager (with a
     host, disk or shared tier) ─▶ engine ─▶ NIXL agent (device pool registered once)
     ─▶ metrics HTTP endpoint
-    ─▶ worker directory (decode, aggregated: every worker; prefill and aggregated ones are KV
-    sources: remote prefills and peer hits)
+    ─▶ worker directory (every worker, exact: no grace; decode and aggregated roles find KV
+    sources in it, for remote prefills and peer hits; prefill and aggregated roles release the
+    handoffs held for a worker that LEFT it: ``PrefillService.on_worker_change``)
     ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
@@ -273,10 +274,14 @@ def _build(
         prefill = PrefillService(
             engine, handoff, server, metrics, max_waiting=config.serve.max_waiting
         )
+    with _step("watching workers in etcd"):
+        directory = WorkerDirectory(
+            registry,
+            namespace=config.serve.namespace,
+            on_change=prefill.on_worker_change if prefill is not None else None,
+        ).start()
+        stack.callback(directory.close)
     if role in (Role.DECODE, Role.AGGREGATED):
-        with _step("watching KV sources in etcd"):
-            directory = WorkerDirectory(registry, namespace=config.serve.namespace).start()
-            stack.callback(directory.close)
         remote = RemotePrefills(
             directory,
             identity=worker_id,

@@ -1,9 +1,10 @@
 """The producer's hold table: every hold leaves once, lent holds outlive their deadline, late
-requests are refused as finished."""
+requests are refused as finished, a departed consumer's holds are abandoned."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -40,6 +41,7 @@ def test_hold_is_lent_only_to_its_prompt_and_leaves_once_released() -> None:
         "num_holds": 1,
         "num_holds_released": 1,
         "num_holds_expired": 0,
+        "num_holds_abandoned": 0,
     }
 
 
@@ -78,6 +80,32 @@ def test_expire_all_frees_everything_once() -> None:
     freed = {f.request_id: f.state for f in table.expire_all()}
     assert freed == {"r0": HoldState.EXPIRED, "r1": HoldState.DONE, "r2": HoldState.EXPIRED}
     assert table.expire_all() == [] and len(table) == 0
+
+
+def test_abandon_frees_only_the_departed_consumers_holds_taken_before_it_left() -> None:
+    table: HoldTable[str] = HoldTable(lend_grace_s=60.0)
+    table.hold("d-held", "a", num_blocks=2, deadline=100.0, consumer="d")
+    table.hold("d-lent", "b", num_blocks=3, deadline=100.0, consumer="d")
+    table.hold("d-done", "c", num_blocks=1, deadline=100.0, consumer="d")
+    table.hold("e", "e", num_blocks=4, deadline=100.0, consumer="e")
+    table.hold("anonymous", "x", num_blocks=5, deadline=100.0)
+    assert table.lend("d-lent", 1.0) == "b"
+    assert table.release("d-done")
+    left_at = time.monotonic()
+    table.hold("d-back", "n", num_blocks=6, deadline=100.0, consumer="d")  # d restarted
+
+    freed = {f.request_id: (f.state, f.num_blocks) for f in table.abandon("d", held_before=left_at)}
+    assert freed == {
+        "d-held": (HoldState.ABANDONED, 2),
+        "d-lent": (HoldState.ABANDONED, 3),
+        "d-done": (HoldState.DONE, 1),
+    }
+    assert table.abandon("d", held_before=left_at) == []  # each hold leaves once
+    assert sorted(f.request_id for f in table.expire_all()) == ["anonymous", "d-back", "e"]
+    assert table.counts.num_holds_abandoned == 2 and table.counts.num_holds_released == 1
+    late = table.lend("d-held", 2.0)
+    assert isinstance(late, Refusal) and late.code is ErrorCode.UNKNOWN_REQUEST
+    assert "abandoned" in late.message
 
 
 def test_concurrent_release_and_collect_free_each_hold_exactly_once() -> None:
