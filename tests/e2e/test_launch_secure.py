@@ -81,8 +81,8 @@ def test_secure_launch_serves_members_and_refuses_outsiders(tmp_path: Path) -> N
         start_new_session=True,
     )
     seen: list[str] = []
+    lines = _lines(proc)
     try:
-        lines = _lines(proc)
         etcd = _wait_for(lines, r"\[launch\] etcd: (https://\S+)", seen).group(1)
         url = _wait_for(lines, r"ready: 2 workers, frontend (http://\S+)", seen).group(1)
         secrets_dir = run_dir / "secrets"
@@ -123,6 +123,9 @@ def test_secure_launch_serves_members_and_refuses_outsiders(tmp_path: Path) -> N
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         wait_until(lambda: _group_gone(proc.pid), STOP_S)
+    with contextlib.suppress(queue.Empty):
+        while (line := lines.get(timeout=5)) is not None:
+            seen.append(line)
     assert proc.returncode == 0, "".join(seen)
 
 
