@@ -4,8 +4,8 @@ The deployment (etcd over TLS with users, CURVE on ZeroMQ, an API key on the HTT
 prompt through prefill and decode (so the signal channel and the KV event stream worked with
 CURVE and the workers found each other in an authenticated etcd); while it runs, a client
 without the API key gets 401 and a registry without etcd's material cannot reach etcd. The
-launcher runs in its own process group, stopped with SIGTERM (SIGKILL if it hangs); nothing of
-it survives the test.
+launcher runs in its own process group and is stopped with SIGTERM, which it passes on to its
+children (the group is SIGKILLed if it hangs); nothing of it survives the test.
 """
 
 from __future__ import annotations
@@ -115,8 +115,9 @@ def test_secure_launch_serves_members_and_refuses_outsiders(tmp_path: Path) -> N
         for log in run_dir.glob("*.log"):
             assert key not in log.read_text(errors="replace"), log
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        # The launcher alone: it stops its children (a group-wide SIGTERM would reach them
+        # directly as well, in the middle of the launcher's own stop).
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
