@@ -1,7 +1,7 @@
 """Chaos: faults against a real 1P1D deployment (kill -9, etcd stalls, bad input), one row each.
 
 Starts, as ``fabric launch`` does (``fabric.bench.chaos.deployment``), a private etcd, a prefill
-worker (core 0), a decode worker (core 1) and their frontend on the tiny preset, plus an
+worker (core 0), a decode worker (core 1) and their frontend on ``--preset`` (tiny), plus an
 aggregated reference deployment in its own namespace whose greedy texts every served text is
 compared with. Then runs each fault of ``--faults`` in turn; each restores the deployment before
 the next (a killed worker restarts under the same worker id):
@@ -89,11 +89,19 @@ FAULT_NAMES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``chaos`` subcommand's flags."""
+    from fabric.models.presets import Preset
+
     parser.add_argument(
         "--faults", default=",".join(FAULT_NAMES), help="comma-separated, in this order (all)"
     )
     parser.add_argument("--etcd-pause-s", type=float, default=15.0, help="SIGSTOP length (s)")
     parser.add_argument("--burst", type=int, default=64, help="concurrent burst requests")
+    parser.add_argument(
+        "--preset",
+        choices=[p.value for p in Preset],
+        default=Preset.TINY.value,
+        help="model preset of every worker (%(default)s)",
+    )
     parser.add_argument("--in-flight", type=int, default=6, help="requests in flight at a kill")
     parser.add_argument("--request-bound", type=float, default=60.0, help="hung past this (s)")
     parser.add_argument("--settle", type=float, default=35.0, help="bound on idle after (s)")
@@ -144,12 +152,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-chaos-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"logs in {run_dir}")
-    ensure_model("tiny")
-    vocab = PRESET_CONFIGS[Preset.TINY].vocab_size
+    preset = Preset(args.preset)
+    ensure_model(preset.value)
+    vocab = PRESET_CONFIGS[preset].vocab_size
     loads = [os.getloadavg()]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    deployment = ChaosDeployment(run_dir, "tiny", args.request_bound)
+    deployment = ChaosDeployment(run_dir, preset.value, args.request_bound)
     with sigterm_raises():
         try:
             deployment.start()
@@ -163,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": rows,
         "params": {
-            "preset": "tiny",
+            "preset": preset.value,
             "deployment": "1P1D: prefill@cpu0x1t, decode@cpu1x1t, frontend; private etcd",
             "faults": names,
             "quick": bool(args.quick),
@@ -177,7 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stream_tokens": settings.stream_tokens,
             "malformed_rounds": settings.malformed_rounds,
             "wire_frames": settings.wire_frames,
-            "reference": "aggregated tiny worker, greedy, own namespace and frontend",
+            "reference": f"aggregated {preset.value} worker, greedy, own namespace and frontend",
         },
         "machine": {
             "cpus": os.cpu_count(),
