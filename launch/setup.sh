@@ -24,6 +24,12 @@ STAMP="$VENV/.fabric-stamp"
 
 log() { printf '[setup] %s\n' "$*"; }
 
+# One setup at a time per environment: concurrent runs (parallel test jobs, a second terminal)
+# wait here instead of installing into the same venv at once.
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
+
 RDMA_PACKAGES=(libibverbs1 librdmacm1 ibverbs-providers)
 ensure_rdma_libraries() {
   command -v dpkg-query >/dev/null 2>&1 || return 0  # not Debian-family: nothing to check
