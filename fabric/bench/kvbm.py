@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,11 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from fabric.bench.vs_vllm.servers import find_vllm_python
 from fabric.errors import ConfigError, FabricError
 from fabric.kvbm import BlockPool, SequenceHash, Tier, hash_token_blocks
 
-REPO = Path(__file__).resolve().parents[2]
-SETUP_VLLM = REPO / "launch" / "setup_vllm.sh"
 VLLM_SCRIPT = Path(__file__).with_name("vllm_pool_mix.py")
-SETUP_TIMEOUT_S = 1200.0
-"""Bound on ``launch/setup_vllm.sh`` (a first install takes 1.5-3 minutes)."""
 
 
 class VllmBenchFailed(FabricError):
@@ -115,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trials = 1 if args.quick else args.trials
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    python = None if args.no_vllm else vllm_python(args.vllm_python)
+    python = None if args.no_vllm else find_vllm_python(args.vllm_python)
     ours_runs: list[dict[str, Any]] = []
     theirs_runs: list[dict[str, Any]] = []
     for _ in range(trials):
@@ -237,34 +233,6 @@ def machine() -> dict[str, Any]:
 
 
 # -- vLLM's side -------------------------------------------------------------------------------
-
-
-def vllm_python(explicit: Path | None) -> Path:
-    """The vLLM environment's python: ``explicit``, else the default venv (created if missing).
-
-    Raises:
-        ConfigError: an explicit path does not exist.
-        VllmBenchFailed: ``launch/setup_vllm.sh`` failed or timed out.
-    """
-    if explicit is not None:
-        if not explicit.exists():
-            raise ConfigError(f"--vllm-python {explicit} does not exist")
-        return explicit
-    venv = Path(os.environ.get("FABRIC_VLLM_VENV") or REPO / ".venv-vllm")
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    print(f"kvbm: {python} is missing; running {SETUP_VLLM} (1.5-3 min)", file=sys.stderr)
-    try:
-        # Its progress goes to stderr: stdout carries only the JSON.
-        subprocess.run(
-            ["bash", str(SETUP_VLLM)], stdout=sys.stderr, check=True, timeout=SETUP_TIMEOUT_S
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        raise VllmBenchFailed(
-            f"{SETUP_VLLM} failed ({exc}); run it by hand to see why, or pass --no-vllm"
-        ) from exc
-    return python
 
 
 def run_vllm_side(python: Path, params: MixParams, timeout_s: float) -> dict[str, Any]:
