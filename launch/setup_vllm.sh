@@ -19,6 +19,11 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FABRIC_VLLM_VENV:-$repo/.venv-vllm}"
 base_python="${FABRIC_VLLM_PYTHON:-python3.11}"
 stamp="$venv/.fabric-stamp"
+
+# One setup at a time per environment: a benchmark that sets it up while tests do waits here.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
 want_stamp="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 
 TORCH_VERSION="2.13.0"
