@@ -81,6 +81,11 @@ class ServeConfig(BaseSettings):
     registration_ttl_s: float = Field(5.0, gt=0, validation_alias=env("registration_ttl_s"))
     """Lease TTL of the worker's etcd record: a killed worker disappears within about this."""
 
+    metrics_port: int = Field(0, ge=0, le=65535, validation_alias=env("metrics_port"))
+    """Port of the worker's metrics and health HTTP endpoint (``/metrics``, ``/health/live``,
+    ``/health/ready``) on ``bind_host``; 0: an ephemeral one. Fixed where Prometheus and
+    probes need to know it (Kubernetes)."""
+
     @field_validator("prefill_fallback", mode="before")
     @classmethod
     def _enum_by_name(cls, value: Any) -> Any:

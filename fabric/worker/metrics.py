@@ -2,17 +2,24 @@
 
 ``WorkerMetrics`` adds ``fabric_worker_*`` metrics to the manager's private registry (one
 registry per worker, so one scrape shows the pools and the requests together);
-``MetricsServer`` serves that registry on ``http://127.0.0.1:<ephemeral port>/metrics`` from a
-daemon thread. Metrics are written by the scheduler thread only; prometheus_client makes the
-scrape thread's reads safe.
+``MetricsServer`` serves that registry on ``http://127.0.0.1:<ephemeral port>/metrics`` (or the
+host and port given) from a daemon thread, with the worker's ``/health/live`` and
+``/health/ready`` beside it when given a ``WorkerHealth`` (``fabric.worker.health``). Metrics are
+written by the scheduler thread only; prometheus_client makes the scrape thread's reads safe.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from enum import Enum
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from fabric.worker.health import WorkerHealth, with_health
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +89,35 @@ class WorkerMetrics:
         self.finished.labels("error").inc()
 
 
-class MetricsServer:
-    """``/metrics`` of ``registry`` over HTTP on ``host`` (an ephemeral port unless given)."""
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape or probe."""
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
-        self._httpd, self._thread = start_http_server(port, host, registry)
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class MetricsServer:
+    """``/metrics`` of ``registry`` over HTTP on ``host`` (an ephemeral port unless given), and
+    ``/health/live`` / ``/health/ready`` with ``health``."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        health: WorkerHealth | None = None,
+    ):
+        app = make_wsgi_app(registry)
+        if health is not None:
+            app = with_health(app, health)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or 6
+        server = type("MetricsHttpServer", (ThreadingWSGIServer,), {"address_family": family})
+        self._httpd: WSGIServer = make_server(host, port, app, server, _QuietHandler)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         self.url = f"http://{host}:{self._httpd.server_port}/metrics"
         logger.info("metrics on %s", self.url)
 

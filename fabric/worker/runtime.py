@@ -6,7 +6,7 @@ built, newest first, and raises)::
     CPU pinning + threads ─▶ model directory ─▶ KV block manager (device pool, host / disk
     pools when sized, G4 shared store when set, KV event publisher) ─▶ offload manager (with a
     host, disk or shared tier) ─▶ engine ─▶ NIXL agent (device pool registered once)
-    ─▶ metrics HTTP endpoint
+    ─▶ metrics HTTP endpoint (also /health/live and /health/ready: ``fabric.worker.health``)
     ─▶ worker directory (every worker, exact: no grace; decode and aggregated roles find KV
     sources in it, for remote prefills and peer hits; prefill and aggregated roles release the
     handoffs held for a worker that LEFT it: ``PrefillService.on_worker_change``)
@@ -62,6 +62,7 @@ from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
 from fabric.worker.generation import GenerationService
 from fabric.worker.handoff import DecodeHandoff, PrefillHandoff
+from fabric.worker.health import WorkerHealth
 from fabric.worker.metrics import MetricsServer, WorkerMetrics
 from fabric.worker.prefill_service import PrefillService
 from fabric.worker.remote_prefill import RemotePrefills
@@ -261,9 +262,14 @@ def _build(
     metrics = WorkerMetrics(
         kvbm.metrics.registry, role=role.value, worker_id=worker_id, model=model_name
     )
-    metrics_server = MetricsServer(kvbm.metrics.registry)
-    stack.callback(metrics_server.close)
     scheduler = Scheduler(role, threads=config.serve.threads, name=f"scheduler:{worker_id}")
+    health = WorkerHealth(lambda: scheduler.alive)
+    metrics_server = MetricsServer(
+        kvbm.metrics.registry,
+        port=config.serve.metrics_port,
+        health=health,
+    )
+    stack.callback(metrics_server.close)
     server = SignalServer(
         f"tcp://{LOOPBACK}:0", scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
     )
@@ -336,6 +342,7 @@ def _build(
             namespace=config.serve.namespace,
         ).start()
         stack.callback(registration.close)
+        health.registered = lambda: registration.registered
     logger.info(
         "%s worker %s ready in %.1f s: signal %s, metrics %s",
         role.value,

@@ -93,6 +93,13 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
         "prefill: release blocks unread after (s)",
     ),
     ("--registration-ttl", "registration_ttl_s", float, "SECONDS", "etcd lease TTL (s)"),
+    (
+        "--metrics-port",
+        "metrics_port",
+        int,
+        "PORT",
+        "port of /metrics, /health/live and /health/ready (0: any free one)",
+    ),
 )
 _HEALTH_CHECK_S = 0.5
 
