@@ -44,6 +44,13 @@ class ServeConfig(BaseSettings):
     )
     """etcd client URL(s), comma-separated; workers register there and find their peers."""
 
+    bind_host: str = Field("127.0.0.1", min_length=1, validation_alias=env("bind_host"))
+    """Interface the worker's servers listen on; ``0.0.0.0`` for every one (other hosts)."""
+
+    advertise_host: str | None = Field(None, validation_alias=env("advertise_host"))
+    """Address peers are told (``fabric.discovery.addresses``); default: the bind address, or
+    with a wildcard bind the local address of the route to etcd."""
+
     namespace: str = Field("kv-fabric", min_length=1, validation_alias=env("namespace"))
     """Discovery namespace: workers of one deployment share it (keys ``/<namespace>/workers/``)."""
 

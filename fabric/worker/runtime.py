@@ -20,9 +20,12 @@ offload manager (``build_offload_manager``) sees every device registration (engi
 handoff) and is stepped by the scheduler thread, which closes it when its loop ends; prefix
 matches onboard host, disk and shared hits synchronously (``KvBlockManager.match_and_onboard``).
 
-Every endpoint is on 127.0.0.1 with an ephemeral port; the record publishes them: ``signal``,
-``metrics``, ``events`` and ``events_replay``, the agent name, the layout facts plus ``model``
-(the served model name) and ``model_path``, and the manager's compatibility hash.
+Every server binds ``bind_host`` (127.0.0.1 by default) on an ephemeral port; the record
+publishes them at the advertised host (``fabric.discovery.addresses``: the bind address, or with
+a wildcard bind the route to etcd): ``signal``, ``metrics``, ``events`` and ``events_replay``,
+the agent name (its UCX address on the advertised host's interface: ``UCX_NET_DEVICES`` unless
+set), the layout facts plus ``model`` (the served model name) and ``model_path``, and the
+manager's compatibility hash.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 
 from fabric.config import FabricConfig
+from fabric.discovery.addresses import HostAddresses, resolve_addresses, ucx_net_devices
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
@@ -69,8 +73,6 @@ from fabric.worker.remote_prefill import RemotePrefills
 from fabric.worker.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -190,7 +192,12 @@ def build_worker(
     if not keep_heap_warm():
         logger.info("not glibc: malloc thresholds left as they are")
     worker_id = config.serve.worker_id or f"{role.value}-{uuid.uuid4().hex[:8]}"
-    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every endpoint here is loopback
+    addresses = resolve_addresses(
+        config.serve.bind_host, config.serve.advertise_host, config.serve.etcd_endpoint
+    )
+    devices = ucx_net_devices(addresses.host)
+    if devices is not None:  # the agent's UCX address: the interface peers reach
+        os.environ.setdefault("UCX_NET_DEVICES", devices)
     stack = ExitStack()
     try:
         if registry is None:
@@ -202,6 +209,7 @@ def build_worker(
             worker_id=worker_id,
             registry=registry,
             make_agent=make_agent,
+            addresses=addresses,
             stack=stack,
             began=began,
         )
@@ -229,6 +237,7 @@ def _build(
     worker_id: str,
     registry: Registry,
     make_agent: Callable[[str], TransferAgent],
+    addresses: HostAddresses,
     stack: ExitStack,
     began: float,
 ) -> WorkerRuntime:
@@ -245,8 +254,8 @@ def _build(
         model_config = ModelConfig.from_dir(model_dir)
     with _step("KV block manager built"):
         events = ZmqEventPublisher(
-            config.kvbm.events_endpoint or f"tcp://{LOOPBACK}:0",
-            replay_endpoint=config.kvbm.events_replay_endpoint or f"tcp://{LOOPBACK}:0",
+            config.kvbm.events_endpoint or addresses.bind_endpoint(),
+            replay_endpoint=config.kvbm.events_replay_endpoint or addresses.bind_endpoint(),
         )
         kvbm = build_kvbm(config.kvbm, model_config.kv_geometry(), events=events, device="cpu")
         stack.callback(kvbm.close)
@@ -266,12 +275,13 @@ def _build(
     health = WorkerHealth(lambda: scheduler.alive)
     metrics_server = MetricsServer(
         kvbm.metrics.registry,
+        host=addresses.bind,
         port=config.serve.metrics_port,
         health=health,
     )
     stack.callback(metrics_server.close)
     server = SignalServer(
-        f"tcp://{LOOPBACK}:0", scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
+        addresses.bind_endpoint(), scheduler.handle, compat_hash=kvbm.compat_hash, name=worker_id
     )
     stack.callback(server.close)
     prefill, generation = None, None
@@ -314,10 +324,14 @@ def _build(
         worker_id=worker_id,
         role=role,
         endpoints=Endpoints(
-            signal=server.endpoint,
-            metrics=metrics_server.url,
-            events=events.endpoint,
-            events_replay=events.replay_endpoint,
+            signal=addresses.advertise(server.endpoint),
+            metrics=addresses.advertise(metrics_server.url),
+            events=addresses.advertise(events.endpoint),
+            events_replay=(
+                addresses.advertise(events.replay_endpoint)
+                if events.replay_endpoint is not None
+                else None
+            ),
         ),
         agent_name=agent.name,
         layout=FabricLayout(
@@ -348,7 +362,7 @@ def _build(
         role.value,
         worker_id,
         time.perf_counter() - began,
-        server.endpoint,
-        metrics_server.url,
+        record.endpoints.signal,
+        record.endpoints.metrics,
     )
     return WorkerRuntime(role, record, scheduler, kvbm, stack, offload)

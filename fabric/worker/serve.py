@@ -31,6 +31,21 @@ _ROLES = {
 }
 _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, metavar, help
     ("--etcd", "etcd_endpoint", str, "URL", "etcd client URL(s), comma-separated"),
+    (
+        "--bind-host",
+        "bind_host",
+        str,
+        "ADDR",
+        "interface the signal, metrics and KV event servers listen on (0.0.0.0: all)",
+    ),
+    (
+        "--advertise-host",
+        "advertise_host",
+        str,
+        "ADDR",
+        "address peers are told to reach this worker at (default: the bind address, or with "
+        "0.0.0.0 the local address of the route to etcd)",
+    ),
     ("--namespace", "namespace", str, "NAME", "discovery namespace shared by one deployment"),
     (
         "--model",
