@@ -32,6 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: every flag after "bench" is the benchmark's
         return _run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command in _LOUD
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args))
+    except FabricError as exc:
+        print(f"fabric {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fabric`` parser with every subcommand (``bench``'s flags are its own parser's);
+    deployment manifests are checked against it (``tests/deploy``)."""
     parser = argparse.ArgumentParser(
         prog="fabric",
         description="KV Fabric: disaggregated prefill/decode KV-cache transfer fabric.",
@@ -50,20 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
     for role, (module_name, help_text) in _SERVE_ROLES.items():
         _add(roles, role, module_name, help_text)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose
-        else logging.INFO
-        if args.command in _LOUD
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.run(args))
-    except FabricError as exc:
-        print(f"fabric {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def _run_bench(argv: list[str]) -> int:
