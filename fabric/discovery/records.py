@@ -16,13 +16,15 @@ Invariants:
 
 Wire form (version 1), a UTF-8 JSON object::
 
-    {"version": 1, "worker_id": str, "role": "prefill" | "decode" | "aggregated" | "frontend",
+    {"version": 1, "worker_id": str,
+     "role": "prefill" | "decode" | "aggregated" | "frontend" | "node-cache",
      "endpoints": {"signal" | "http" | "metrics" | "events" | "events_replay": address},
      "agent_name": str | null, "layout": {field: int | str}, "compat_hash": u64,
-     "started_at": seconds since the epoch, "leaving": true}
+     "started_at": seconds since the epoch, "node": str, "leaving": true}
 
-Only present fields are written (``leaving`` only when true: the worker is shutting down, see
-``registration``). A fabric worker's ``layout`` has no ``engine`` key; a vLLM
+Only present fields are written (``node`` only when known: the host a process runs on, which
+pairs a node cache with the instances that can map it; ``leaving`` only when true: the worker
+is shutting down, see ``registration``). A fabric worker's ``layout`` has no ``engine`` key; a vLLM
 instance's has ``"engine": "vllm"``. Reading is lenient where older or newer writers differ: an
 empty address is an absent one (older workers wrote ``"events_replay": ""``), and keys this build
 does not know are ignored.
@@ -167,7 +169,8 @@ class WorkerRecord:
     ``layout`` holds the compatibility facts that ``compat_hash`` summarises; ``agent_name`` is
     the worker's NIXL agent, if it has one. ``leaving`` marks the record a worker writes just
     before it revokes its lease on shutdown: directories drop it at once instead of waiting out
-    their grace (``registration.WorkerDirectory``).
+    their grace (``registration.WorkerDirectory``). ``node`` names the host the process runs on
+    (None: not told); a ``NODE_CACHE`` record and the workers of its host share it.
     """
 
     worker_id: str
@@ -178,9 +181,12 @@ class WorkerRecord:
     compat_hash: int
     started_at: float
     leaving: bool = False
+    node: str | None = None
 
     def __post_init__(self) -> None:
         check_segment("worker_id", self.worker_id)
+        if self.node is not None and not self.node:
+            raise ConfigError("node is empty: give the host's name or None")
         if not 0 <= self.compat_hash < 2**64:
             raise ConfigError(f"compat_hash {self.compat_hash} is not an unsigned 64-bit value")
 
@@ -200,6 +206,8 @@ class WorkerRecord:
         }
         if self.leaving:
             body["leaving"] = True
+        if self.node is not None:
+            body["node"] = self.node
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
@@ -225,6 +233,7 @@ class WorkerRecord:
                 compat_hash=_typed(body, "compat_hash", int),
                 started_at=float(_typed(body, "started_at", (int, float))),
                 leaving=_flag(body, "leaving"),
+                node=_typed(body, "node", str) if "node" in body else None,
             )
         except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise DiscoveryError(f"worker record at {key!r} is malformed: {exc}") from exc

@@ -23,7 +23,9 @@ Invariants of every ``Registry``:
   ``cancel`` stops delivery; no callback starts after ``cancel`` returns, unless ``cancel`` was
   called from inside that watch's callback.
 
-Key scheme: ``/<namespace>/workers/<role>/<worker_id>`` (namespace default ``kv-fabric``).
+Key scheme: ``/<namespace>/workers/<role>/<worker_id>`` (namespace default ``kv-fabric``). Node
+caches register under the same scheme with role ``node-cache`` (readers that serve requests
+skip that role).
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ class Role(Enum):
     DECODE = "decode"
     AGGREGATED = "aggregated"
     FRONTEND = "frontend"
+    NODE_CACHE = "node-cache"
+    """A host's node KV cache (``fabric.node``): a KV tier, never a worker to route requests to."""
 
 
 def check_segment(what: str, value: str) -> None:

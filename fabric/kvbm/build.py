@@ -65,7 +65,7 @@ def build_kvbm(
                 config.block_size,
                 num_blocks * block_bytes / 2**20,
             )
-        seed = seed_for_salt(_salt(config, geometry))
+        seed = seed_for_salt(compat_salt(config, geometry))
         shared = shared_store(config, seed, block_bytes)
     except BaseException:
         for slot in tiers.values():
@@ -145,7 +145,7 @@ def shared_store(config: KvbmConfig, seed: int, block_bytes: int) -> SharedBlock
     return store
 
 
-def _salt(config: KvbmConfig, geometry: KvGeometry) -> str:
+def compat_salt(config: KvbmConfig, geometry: KvGeometry) -> str:
     """Everything that makes KV incompatible goes into the hash seed (plus the user's salt)."""
     parts = [
         f"block_size={config.block_size}",

@@ -6,7 +6,10 @@ defaults, so a node cache started in a deployment's environment shares its worke
 salt and compat hash. When serving, it prints one JSON line to stdout (``endpoint``, ``segment``,
 ``num_blocks``, ``block_bytes``, ``compat_hash``, ``lease_s``) for launchers and tests; it sweeps
 expired leases four times per lease; on SIGINT / SIGTERM it stops serving and unlinks its
-segment. Not registered in etcd yet (discovery has no node-cache role).
+segment. With ``--etcd`` it registers in discovery (role ``node-cache``, id
+``node-cache-<node>``, ``node`` = this host's name: ``node_record``), so workers started with
+``--node-cache etcd`` find it, and the router sees its KV events (published by default on a free
+loopback port, with replay); the record is revoked on the way out.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fabric.node.config import NodeCacheConfig
+    from fabric.node.service import NodeCacheService
 
 logger = logging.getLogger("fabric.node")
 
@@ -56,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a reservation or pin lives unless renewed [default 5]",
     )
     parser.add_argument("--namespace", help="discovery namespace (names the segment)")
-    parser.add_argument("--node", help="this host's name (names the segment) [default hostname]")
+    parser.add_argument(
+        "--node",
+        help="this host's name (names the segment and the record; workers of the host give the "
+        "same) [env FABRIC_NODE_NAME; default the hostname]",
+    )
     parser.add_argument(
         "--admit-after",
         type=int,
@@ -66,7 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eviction", help="priority_lru, lru or lfu [env FABRIC_EVICTION]")
     parser.add_argument(
-        "--events-endpoint", metavar="ZMQ", help="publish KV events here (vLLM's wire format)"
+        "--events-endpoint",
+        metavar="ZMQ",
+        default="tcp://127.0.0.1:0",
+        help="publish KV events here, vLLM's wire format, replay on a free port beside it "
+        "[default tcp://127.0.0.1:0]",
+    )
+    parser.add_argument(
+        "--etcd",
+        metavar="URL",
+        help="register in this etcd (role node-cache) so workers with --node-cache etcd find "
+        "it [default: not registered; workers then need its endpoint]",
+    )
+    parser.add_argument(
+        "--registration-ttl", type=float, default=5.0, metavar="SECONDS", help="etcd lease TTL"
     )
 
 
@@ -83,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _stop)
-    with build_node_cache(config) as service:
+    with ExitStack() as stack:
+        service = stack.enter_context(build_node_cache(config))
+        registered = _register(args, service, config, stack)
         ready = {
             "endpoint": service.endpoint,
             "segment": service.segment,
@@ -91,12 +118,36 @@ def run(args: argparse.Namespace) -> int:
             "block_bytes": config.block_bytes,
             "compat_hash": config.compat_hash,
             "lease_s": config.lease_s,
+            "node": config.node,
+            "worker_id": registered,
         }
         print(json.dumps(ready), flush=True)
         logger.info("node cache serving on %s", service.endpoint)
         while not stop.wait(config.lease_s / 4):
             service.cache.sweep()
     return 0
+
+
+def _register(
+    args: argparse.Namespace, service: NodeCacheService, config: NodeCacheConfig, stack: ExitStack
+) -> str | None:
+    """Register ``service`` in etcd when ``--etcd`` was given; its worker id (None: not)."""
+    if not args.etcd:
+        logger.info("not in etcd (no --etcd): workers need --node-cache %s", service.endpoint)
+        return None
+    from fabric.discovery.etcd import EtcdRegistry
+    from fabric.discovery.registration import WorkerRegistration
+    from fabric.node.service import node_record
+
+    registry = EtcdRegistry(args.etcd, timeout_s=2.0)
+    stack.callback(registry.close)
+    record = node_record(service, config, model=args.model)
+    registration = WorkerRegistration(
+        registry, record, ttl_s=args.registration_ttl, namespace=config.namespace
+    ).start()
+    stack.callback(registration.close)
+    logger.info("registered as %s in namespace %r", record.worker_id, config.namespace)
+    return record.worker_id
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +159,8 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
     given = {
         "block_size": args.block_size,
         "eviction": args.eviction,
-        "events_endpoint": args.events_endpoint,
+        "events_endpoint": args.events_endpoint or None,
+        "events_replay_endpoint": "tcp://127.0.0.1:0" if args.events_endpoint else None,
         "cpu_cache_blocks": args.blocks,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -120,16 +172,18 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         if args.model in presets
         else ModelConfig.from_dir(args.model)
     )
+    kvbm = load_kvbm_config(**overrides)
     fields: dict[str, Any] = {
-        "kvbm": load_kvbm_config(**overrides),
+        "kvbm": kvbm,
         "geometry": model.kv_geometry(),
         "namespace": args.namespace or DEFAULT_NAMESPACE,
         "endpoint": args.endpoint,
         "lease_s": args.lease_s,
         "admit_after": args.admit_after,
     }
-    if args.node:
-        fields["node"] = args.node
+    node = args.node or kvbm.node_name
+    if node:
+        fields["node"] = node
     return fields
 
 

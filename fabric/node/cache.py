@@ -12,7 +12,10 @@ Lifecycle of a lease (one reservation or one pin, over a batch of blocks)::
       │         registry, so never matchable), the hashes already held pinned beside them
       ├── commit (the writer copied its bytes) ──▶ slots registered (register_positions:
       │         BlockStored events, chained), cached; held pins released
-      └── abort, or the deadline passed ──▶ slots RESET (free again), held pins released
+      ├── abort ──▶ slots RESET (free again), held pins released
+      └── the deadline passed ──▶ slots QUARANTINED for one more lease time (a writer stalled
+                past its deadline may still be copying into them), then RESET; held pins
+                released at once
 
     lookup ──▶ PINNED: a reference on each block of the longest held prefix (not evictable)
       └── unpin, or the deadline passed ──▶ references released: cached, evictable
@@ -21,19 +24,26 @@ Lifecycle of a lease (one reservation or one pin, over a batch of blocks)::
     for good (commit, unpin and renew of it are refused: ``UNKNOWN_REQUEST``).
 
 Crash safety follows: a writer killed before its commit leaves only unregistered slots, which
-its deadline returns to the free list; a reader killed while pinning leaves references its
-deadline releases. Deadlines are enforced at the start of every call and by ``sweep`` (the
-process calls it periodically), under one lock: the pool is touched by one thread at a time.
+its deadline returns to the free list (after the quarantine); a reader killed while pinning
+leaves references its deadline releases. The quarantine bounds the damage of a writer that
+stalled rather than died: its late bytes land in slots no one else holds, provided its copy
+ends within one more lease time (its commit is refused either way). Deadlines are enforced at
+the start of every call and by ``sweep`` (the process calls it periodically), under one lock:
+the pool is touched by one thread at a time.
 
 Invariants (besides the pool's own): every block a lease holds is referenced exactly once by
-that lease; a slot handed to a writer is in no registry until its commit; the pool's registry
-is the only index (a hash is matchable iff a committed block holds it).
+that lease; a slot handed to a writer is in no registry until its commit, and a slot whose
+reservation expired is handed to no one for one lease time; the pool's registry is the only
+index (a hash is matchable iff a committed block holds it). Only clients that attached to this
+service instance are served (a client of an earlier instance, whose segment was unlinked, is
+told to attach again instead of writing into a mapping no one reads).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +110,7 @@ class LeaseCounters:
     pins: int = 0
     unpinned: int = 0
     expired_pins: int = 0
+    refused_unattached: int = 0
 
 
 class NodeCache:
@@ -128,6 +139,9 @@ class NodeCache:
         self._admission = admission
         self._leases = leases
         self._lock = threading.Lock()
+        self._attached: set[PeerId] = set()
+        self._quarantine: deque[tuple[float, MutableBlocks]] = deque()
+        """Slots of expired reservations and when they may be reused (oldest first)."""
         self.counters = LeaseCounters()
         self.geometry = NodeGeometry(
             segment=segment,
@@ -165,6 +179,14 @@ class NodeCache:
             )
         with self._lock:
             self._expire()
+            if peer not in self._attached and not isinstance(message, NodeAttach):
+                self.counters.refused_unattached += 1
+                return ErrorReply(
+                    getattr(message, "request_id", None),
+                    ErrorCode.UNKNOWN_REQUEST,
+                    "this node cache does not know you (it restarted since you attached, with "
+                    "a new segment): attach again",
+                )
             try:
                 return handler(peer, message)
             except LeaseGone as exc:
@@ -182,9 +204,12 @@ class NodeCache:
             return self._stats_now()
 
     def check_invariants(self) -> None:
-        """The pool's invariants, and every lease's blocks referenced (tests)."""
+        """The pool's invariants, every lease's blocks referenced, quarantined slots held
+        (tests)."""
         with self._lock:
             self._pool.check_invariants()
+            for _, slots in self._quarantine:
+                assert all(self._pool.ref_count(b) == 1 for b in slots.block_ids)
             for lease in self._leases.items():
                 held = lease.blocks if isinstance(lease, Pin) else lease.present
                 assert all(self._pool.ref_count(b) > 0 for b in held.block_ids)
@@ -202,6 +227,7 @@ class NodeCache:
             )
             for lease in stale:
                 self._end(lease, committed=False)
+        self._attached.add(peer)
         logger.info("%s attached (%s)", peer, getattr(message, "client", peer))
         return self.geometry
 
@@ -313,14 +339,19 @@ class NodeCache:
             parents = [lease.parent_hash, *hashes[:-1]]
             register_positions(pool, lease.blocks, hashes, lease.positions, parents)
             counters.committed_blocks += num_blocks
+        elif expired:  # its writer may still be copying: no one gets these slots for a while
+            self._quarantine.append((self._leases.now() + self._leases.lease_s, lease.blocks))
+            counters.expired_reservations += 1
         else:
             pool.release(lease.blocks)
-            counters.expired_reservations += expired
-            counters.aborted += not expired
+            counters.aborted += 1
         pool.release(lease.present)
         return num_blocks
 
     def _expire(self) -> int:
+        now = self._leases.now()
+        while self._quarantine and self._quarantine[0][0] <= now:
+            self._pool.release(self._quarantine.popleft()[1])
         expired = self._leases.expire()
         for peer, lease in expired:
             kind = "reservation" if isinstance(lease, Reservation) else "pin"
@@ -353,6 +384,7 @@ class NodeCache:
             ),
             "live_pins": sum(isinstance(lease, Pin) for lease in leases),
             "pinned_blocks": sum(len(lease.blocks) for lease in leases if isinstance(lease, Pin)),
+            "quarantined_slots": sum(len(slots) for _, slots in self._quarantine),
             "reservations": self.counters.reservations,
             "committed_blocks": self.counters.committed_blocks,
             "aborted": self.counters.aborted,
@@ -360,6 +392,7 @@ class NodeCache:
             "pins": self.counters.pins,
             "unpinned": self.counters.unpinned,
             "expired_pins": self.counters.expired_pins,
+            "refused_unattached": self.counters.refused_unattached,
         }
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -155,14 +155,27 @@ class NodeCacheClient:
             FabricError: the service could not be reached (``TransferTimeout``) or refused.
         """
         _pair(sequence_hashes, block_ids)
+        return self.load_into(sequence_hashes, dst, lambda n: block_ids[:n])
+
+    def load_into(
+        self,
+        sequence_hashes: Sequence[SequenceHash],
+        dst: Storage,
+        allocate: Callable[[int], Sequence[int]],
+    ) -> int:
+        """``load`` into blocks chosen once the node pinned its prefix: ``allocate(m)`` gives up
+        to ``m`` block ids of ``dst`` for the ``m`` pinned blocks (fewer: no room for more); the
+        first ``n`` of them receive the prefix; returns ``n``. Raises as ``load``."""
         if not sequence_hashes:
             return 0
         pinned = self.lookup(sequence_hashes)
         if pinned.lease_id is None:
             return 0
-        num_blocks = len(pinned.slot_ids)
         try:
-            copy_blocks(self.storage, pinned.slot_ids, dst, list(block_ids[:num_blocks]))
+            block_ids = list(allocate(len(pinned.slot_ids)))[: len(pinned.slot_ids)]
+            num_blocks = len(block_ids)
+            if num_blocks:
+                copy_blocks(self.storage, pinned.slot_ids[:num_blocks], dst, block_ids)
         except BaseException:
             self._release_quietly(pinned.lease_id)
             raise

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from fabric.discovery.registry import DEFAULT_NAMESPACE
 from fabric.errors import ConfigError
 from fabric.kvbm import KvbmConfig, KvGeometry, LayoutSpec, Tier, seed_for_salt
-from fabric.kvbm.build import _salt as kvbm_salt
+from fabric.kvbm.build import compat_salt
 
 DEFAULT_LEASE_S = 5.0
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:0"
@@ -88,7 +88,7 @@ class NodeCacheConfig:
     @property
     def compat_hash(self) -> int:
         """The hash seed of a worker with these settings and geometry (``build_kvbm``'s)."""
-        return seed_for_salt(kvbm_salt(self.kvbm, self.geometry))
+        return seed_for_salt(compat_salt(self.kvbm, self.geometry))
 
     def layout_for(self, num_blocks: int) -> LayoutSpec:
         return self.geometry.layout(self.kvbm.layout, num_blocks, self.kvbm.block_size)

@@ -51,6 +51,10 @@ class LeaseTable(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def now(self) -> float:
+        """The table's clock."""
+        return self._clock()
+
     def items(self) -> list[T]:
         return [entry.item for entry in self._entries.values()]
 

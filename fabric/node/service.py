@@ -17,12 +17,16 @@ import logging
 import time
 from collections.abc import Callable
 
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.registry import Role
 from fabric.kvbm import (
     EventSink,
     FrequencyFilter,
     Storage,
     Tier,
+    ZmqEventPublisher,
     build_pool,
+    dtype_name,
     publisher_for,
     tier_storage,
 )
@@ -69,6 +73,42 @@ class NodeCacheService:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def node_record(service: NodeCacheService, config: NodeCacheConfig, *, model: str) -> WorkerRecord:
+    """The discovery record of ``service``: role ``NODE_CACHE``, id ``node-cache-<node>``, the
+    host's name in ``node`` (workers of the host find it by that), its signal endpoint and KV
+    event stream, the segment's layout facts and the compat hash its blocks are keyed by."""
+    layout = config.layout
+    events = service.events
+    endpoints = (
+        Endpoints(
+            signal=service.endpoint,
+            events=events.endpoint,
+            events_replay=events.replay_endpoint,
+        )
+        if isinstance(events, ZmqEventPublisher)
+        else Endpoints(signal=service.endpoint)
+    )
+    return WorkerRecord(
+        worker_id=f"node-cache-{config.node}",
+        role=Role.NODE_CACHE,
+        endpoints=endpoints,
+        agent_name=None,
+        layout=FabricLayout(
+            model=model,
+            block_size=layout.block_size,
+            num_layers=layout.num_layers,
+            outer_dim=layout.outer_dim,
+            inner_dim=layout.inner_dim,
+            dtype=dtype_name(layout.dtype),
+            kind=layout.kind.value,
+            num_blocks=layout.num_blocks,
+        ),
+        compat_hash=config.compat_hash,
+        started_at=time.time(),
+        node=config.node,
+    )
 
 
 def build_node_cache(
