@@ -1,7 +1,7 @@
 """The reference engine: a Llama decoder whose KV cache is the KVBM device pool.
 
-``Engine`` loads a model directory (``fabric.models``) and computes prefill and batched decode
-steps over paged KV, addressed through a request's ``fabric.kvbm.SequenceBlocks``.
+``Engine`` loads a model directory (``fabric.models``) and computes steps of prefill chunks
+and batched decodes over paged KV, addressed through a request's ``fabric.kvbm.SequenceBlocks``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from fabric.engine.engine import (
     EngineFinish,
     EngineOutput,
     EngineStats,
+    PrefillChunk,
     greedy,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "EngineStats",
     "EngineFinish",
     "EngineOutput",
+    "PrefillChunk",
     "greedy",
 ]

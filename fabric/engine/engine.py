@@ -1,13 +1,19 @@
 """Engine: the reference Llama engine whose KV cache is the KVBM device pool.
 
 A worker owns one ``Engine`` and one ``KvBlockManager``; the engine computes, the manager decides
-which blocks a request uses. The three entry points:
+which blocks a request uses. The entry points:
 
+* ``step(decodes, chunks)``: one forward call over decodes (one new token each, continuous
+  batching) and prefill chunks (``PrefillChunk``: positions ``start ..`` of one sequence, over
+  the K/V of positions ``< start`` already in its blocks) together; this is what a scheduler
+  with a per-step token budget runs (chunked prefill: a long prompt over several steps, its
+  chunks beside the running decodes). Returns one logits row per decode, then one per chunk
+  (its last position's).
 * ``prefill(tokens, block_table, num_computed)``: one sequence; computes positions
   ``>= num_computed`` and reuses the K/V already in the table's blocks for the rest (a prefix hit
-  skips its compute). Returns the last position's logits.
-* ``decode_step(batch)``: one new token for each of several sequences (continuous batching), each
-  with its own block table and position. Returns ``(B, vocab)`` logits.
+  skips its compute). Returns the last position's logits. A ``step`` of one chunk.
+* ``decode_step(batch)``: one new token for each of several sequences, each with its own block
+  table and position. Returns ``(B, vocab)`` logits. A ``step`` of decodes only.
 * ``generate(prompt, max_tokens)``: greedy generation of one request through
   ``SequenceBlocks`` (match, reserve, register full blocks, release). A full device pool is the
   value ``EngineFinish.NO_BLOCKS``, not an exception.
@@ -31,7 +37,7 @@ import torch
 from tokenizers import Tokenizer
 
 from fabric.engine.model import LlamaModel
-from fabric.engine.paged import PagedKv, decode_batch, prefill_batch
+from fabric.engine.paged import PagedBatch, PagedKv, decode_batch, pack, prefill_batch
 from fabric.engine.weights import load_weights
 from fabric.errors import InvalidInput, LayoutMismatch
 from fabric.kvbm import ImmutableBlocks, KvBlockManager, SequenceBlocks, TensorStorage, Tier
@@ -46,6 +52,18 @@ class DecodeRequest(NamedTuple):
     token: int
     block_table: Sequence[int]
     position: int
+
+
+class PrefillChunk(NamedTuple):
+    """Prompt tokens at positions ``start .. start + len(tokens) - 1`` of one sequence.
+
+    ``block_table`` must cover the chunk's last position and hold the K/V of positions
+    ``0 .. start - 1`` (a cached prefix, earlier chunks); the chunk's K/V is written after them.
+    """
+
+    tokens: Sequence[int]
+    block_table: Sequence[int]
+    start: int
 
 
 class EngineFinish(Enum):
@@ -74,7 +92,11 @@ class EngineStats:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_prefill_calls: int = 0
+    """Prefill chunks computed (a whole prompt is one chunk)."""
     num_decode_calls: int = 0
+    """Steps that decoded at least one sequence."""
+    num_steps: int = 0
+    """Forward calls; a step mixing decodes and chunks is one."""
 
 
 def greedy(logits: torch.Tensor) -> list[int]:
@@ -143,6 +165,38 @@ class Engine:
             pool_device,
         )
 
+    def step(
+        self, decodes: Sequence[DecodeRequest], chunks: Sequence[PrefillChunk] = ()
+    ) -> torch.Tensor:
+        """One forward call over ``decodes`` and prefill ``chunks`` (see the module docstring).
+
+        Returns:
+            ``(len(decodes) + len(chunks), vocab)`` logits: each decode's, then the last
+            position's of each chunk.
+        """
+        if not decodes and not chunks:
+            raise InvalidInput("a step needs at least one decode or prefill chunk")
+        ends = [r.position + 1 for r in decodes] + [c.start + len(c.tokens) for c in chunks]
+        self._check_positions(max(ends) - 1)
+        parts: list[PagedBatch] = []
+        tokens: list[int] = []
+        if decodes:
+            positions = [r.position for r in decodes]
+            parts.append(decode_batch(self.kv, [r.block_table for r in decodes], positions))
+            tokens += [r.token for r in decodes]
+        for chunk in chunks:
+            end = chunk.start + len(chunk.tokens)
+            parts.append(prefill_batch(self.kv, chunk.block_table, chunk.start, end))
+            tokens += chunk.tokens
+        logits = self.model.forward(self._token_tensor(tokens), pack(parts), self.kv)
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_decode_tokens += len(decodes)
+        stats.num_decode_calls += 1 if decodes else 0
+        stats.num_prefill_tokens += len(tokens) - len(decodes)
+        stats.num_prefill_calls += len(chunks)
+        return logits
+
     def prefill(
         self, tokens: Sequence[int], block_table: Sequence[int], num_computed: int
     ) -> torch.Tensor:
@@ -157,13 +211,13 @@ class Engine:
         Returns:
             ``(vocab,)`` logits of position ``len(tokens) - 1``.
         """
-        self._check_positions(len(tokens) - 1)
-        batch = prefill_batch(self.kv, block_table, num_computed, len(tokens))
-        ids = self._token_tensor(tokens[num_computed:]).unsqueeze(0)
-        logits = self.model.forward(ids, batch, self.kv)[0]
-        self.stats.num_prefill_tokens += batch.num_tokens
-        self.stats.num_prefill_calls += 1
-        return logits
+        if not 0 <= num_computed < len(tokens):
+            raise InvalidInput(
+                f"num_computed={num_computed} must be in 0..{len(tokens) - 1} for "
+                f"{len(tokens)} tokens"
+            )
+        chunk = PrefillChunk(tokens[num_computed:], block_table, num_computed)
+        return self.step((), (chunk,))[0]
 
     def decode_step(
         self, batch: Sequence[DecodeRequest | tuple[int, Sequence[int], int]]
@@ -175,15 +229,7 @@ class Engine:
         """
         if not batch:
             raise InvalidInput("decode_step needs at least one sequence")
-        requests = [DecodeRequest(*entry) for entry in batch]
-        positions = [r.position for r in requests]
-        self._check_positions(max(positions))
-        paged = decode_batch(self.kv, [r.block_table for r in requests], positions)
-        ids = self._token_tensor([r.token for r in requests]).unsqueeze(1)
-        logits = self.model.forward(ids, paged, self.kv)
-        self.stats.num_decode_tokens += len(requests)
-        self.stats.num_decode_calls += 1
-        return logits
+        return self.step([DecodeRequest(*entry) for entry in batch])
 
     def generate(self, prompt_tokens: Sequence[int], max_tokens: int) -> EngineOutput:
         """Greedy-generate ``max_tokens`` tokens, reusing and registering cached blocks."""

@@ -4,12 +4,15 @@ Numerics follow Hugging Face's ``LlamaForCausalLM`` (RMSNorm in float32, rotate-
 ``inv_freq = theta ** -(2i / head_size)``, attention scaled by ``head_size ** -0.5``), so greedy
 output matches ``transformers`` for the same weights.
 
-One ``forward`` serves prefill (one sequence, many new tokens) and batched decode (one new token
-per sequence): every layer writes the new tokens' K/V into the KVBM pages first, then attends
-either over the fresh K/V (prefill from position 0: causal, nothing read back) or over the
-sequences' blocks gathered from the pages (prefix hits and decode). Only the last query of each
-sequence produces logits, so the final layer computes attention, output projection and MLP for
-that query alone (K/V of every new token are still written).
+One ``forward`` serves every step: prefill chunks (one sequence, many new tokens, from position
+0 or continuing after K/V already in the pages), batched decode (one new token per sequence),
+or both at once. The new tokens are packed on one axis, so the projections and the MLP run once
+over all of them; every layer writes their K/V into the KVBM pages first, then each attention
+group of the ``PagedBatch`` attends either over its fresh K/V (a chunk from position 0: causal,
+nothing read back) or over its sequences' blocks gathered from the pages (continued chunks,
+prefix hits and decode). Only the last token of each sequence produces logits, so the final
+layer computes attention, output projection and MLP for those rows alone (K/V of every new
+token are still written).
 
 Invariants: the forward runs under ``torch.inference_mode``; it never writes outside the batch's
 write slots; the RoPE tables cover ``max_position_embeddings`` positions (callers check).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fabric.engine.paged import PagedBatch, PagedKv
+from fabric.engine.paged import AttentionGroup, PagedBatch, PagedKv
 from fabric.engine.weights import LayerWeights, LlamaWeights
 from fabric.models.config import ModelConfig
 
@@ -61,17 +64,17 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: PagedBatch, kv: PagedKv) -> torch.Tensor:
-        """Logits ``(B, vocab)`` of the last query of each sequence; writes K/V of all tokens.
+        """Logits ``(num_seqs, vocab)`` of each sequence's last token; writes K/V of all tokens.
 
         Args:
-            tokens: ``(B, Q)`` token ids at ``batch.positions``.
-            batch: the write slots, block tables and mask of this call.
+            tokens: ``(N,)`` token ids at ``batch.positions`` (packed, as the batch's groups).
+            batch: the write slots, attention groups and last rows of this call.
             kv: the pages to write and read.
         """
         c = self.config
         x = F.embedding(tokens, self.weights.embed)
-        cos = self._cos[batch.positions].unsqueeze(2)
-        sin = self._sin[batch.positions].unsqueeze(2)
+        cos = self._cos[batch.positions].unsqueeze(1)
+        sin = self._sin[batch.positions].unsqueeze(1)
         last = len(self.weights.layers) - 1
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
@@ -80,8 +83,7 @@ class LlamaModel:
             )
             x = x + F.linear(attn, layer.o)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, c.rms_norm_eps))
-        x = rms_norm(x[:, -1], self.weights.norm, c.rms_norm_eps)
-        return F.linear(x, self.weights.lm_head)
+        return F.linear(rms_norm(x, self.weights.norm, c.rms_norm_eps), self.weights.lm_head)
 
     def _attention(
         self,
@@ -95,38 +97,70 @@ class LlamaModel:
         kv: PagedKv,
         last_only: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention output ``(B, Q', heads * D)`` and the residual cut to the same ``Q'``.
+        """Attention output ``(N', heads * D)`` and the residual cut to the same rows.
 
-        ``Q'`` is ``Q``, or 1 when ``last_only`` (the final layer needs only the last query).
+        ``N'`` is ``N``, or one row per sequence (its last token) when ``last_only`` (the final
+        layer needs only those). Every token's K/V is written first, then each group attends.
         """
         c = self.config
-        b, q_len, _ = h.shape
+        n = h.shape[0]
         d, heads, kv_heads = c.head_size, c.num_heads, c.num_kv_heads
         q, k, v = torch.split(F.linear(h, layer.qkv), [heads * d, kv_heads * d, kv_heads * d], -1)
-        q = apply_rope(q.view(b, q_len, heads, d), *rope)
-        k = apply_rope(k.view(b, q_len, kv_heads, d), *rope)
-        kv.write(index, batch, k.reshape(-1, kv_heads * d), v.reshape(-1, kv_heads * d))
-        mask = batch.mask
+        q = apply_rope(q.view(n, heads, d), *rope)
+        k = apply_rope(k.view(n, kv_heads, d), *rope)
+        kv.write(index, batch, k.reshape(n, kv_heads * d), v)
+        outs = []
+        start = 0
+        for group in batch.groups:
+            rows = slice(start, start + group.num_tokens)
+            start += group.num_tokens
+            fresh = (q[rows], k[rows], v[rows])
+            outs.append(self._group_attention(index, group, fresh, kv=kv, last_only=last_only))
         if last_only:
-            q, residual = q[:, -1:], residual[:, -1:]
+            residual = residual[batch.last_rows]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), residual
+
+    def _group_attention(
+        self,
+        index: int,
+        group: AttentionGroup,
+        fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        kv: PagedKv,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """One group's attention, ``(rows, heads * D)``: every query, or each sequence's last.
+
+        ``fresh`` is the group's ``q`` ``(tokens, heads, D)``, ``k`` ``(tokens, kv_heads, D)`` and
+        ``v`` ``(tokens, kv_heads * D)``, already written to the pages.
+        """
+        q, k, v = fresh
+        c = self.config
+        d, heads, kv_heads = c.head_size, c.num_heads, c.num_kv_heads
+        b, q_len = group.num_seqs, group.num_queries
+        queries = q.view(b, q_len, heads, d)
+        mask = group.mask
+        if last_only:
+            queries = queries[:, -1:]
             mask = None if mask is None else mask[:, :, -1:]
-        if batch.tables is None:  # prefill from 0: attend over the fresh K/V
-            keys, values = k.transpose(1, 2), v.view(b, q_len, kv_heads, d).transpose(1, 2)
+        if group.tables is None:  # a prefill chunk from 0: attend over the fresh K/V
+            keys = k.view(b, q_len, kv_heads, d).transpose(1, 2)
+            values = v.reshape(b, q_len, kv_heads, d).transpose(1, 2)
         else:
-            gk, gv = kv.gather(index, batch.tables)
+            gk, gv = kv.gather(index, group.tables)
             keys = gk.view(b, -1, kv_heads, d).transpose(1, 2)
             values = gv.view(b, -1, kv_heads, d).transpose(1, 2)
-        q = q.transpose(1, 2)  # (B, heads, Q', D)
-        if q.shape[2] == 1:  # one query per sequence: fold each KV head's group of query heads
-            # into the query axis, so GQA needs no K/V expansion (about 2x faster on CPU)
+        queries = queries.transpose(1, 2)  # (B, heads, Q', D)
+        if queries.shape[2] == 1:  # one query per sequence: fold each KV head's group of query
+            # heads into the query axis, so GQA needs no K/V expansion (about 2x faster on CPU)
             out = F.scaled_dot_product_attention(
-                q.reshape(b, kv_heads, heads // kv_heads, d), keys, values, attn_mask=mask
+                queries.reshape(b, kv_heads, heads // kv_heads, d), keys, values, attn_mask=mask
             )
-            return out.reshape(b, 1, heads * d), residual
-        out = F.scaled_dot_product_attention(  # causal over fresh K/V, else the batch's mask
-            q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            return out.reshape(b, heads * d)
+        out = F.scaled_dot_product_attention(  # causal over fresh K/V, else the group's mask
+            queries, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
         )
-        return out.transpose(1, 2).flatten(2), residual
+        return out.transpose(1, 2).reshape(-1, heads * d)
 
     @staticmethod
     def _mlp(layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:

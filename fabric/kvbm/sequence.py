@@ -10,8 +10,10 @@ whole prompt is cached it gives back the last matched block, so at least one pos
 and the engine has logits to sample from (the recomputed block deduplicates on registration).
 ``reserve`` allocates the blocks a length needs; "no room now" is the value False, a request that
 could never fit raises ``PoolExhausted``. ``commit`` records that the K/V of every appended token
-is written and registers each block that became full, chained on the previous block's hash,
-and passes each registered handle to ``on_registered`` (the worker's offload manager) if given.
+(or of the first ``num_tokens``: a prompt prefilled chunk by chunk) is written and registers each
+block that became full, chained on the previous block's hash, and passes each registered handle
+to ``on_registered`` (the worker's offload manager) if given. A block is registered only once
+every one of its positions is committed.
 
 Invariants: ``block_table[i]`` holds tokens ``i*block_size .. (i+1)*block_size - 1``; the
 first ``num_computed // block_size`` blocks are registered (held by ``ImmutableBlocks``), the rest
@@ -105,14 +107,26 @@ class SequenceBlocks:
         """Add a token whose K/V is not written yet (the engine writes it, then ``commit``)."""
         self.tokens.append(token)
 
-    def commit(self) -> None:
-        """Every token's K/V is now written: register each block that became full."""
-        capacity = len(self.block_table) * self.block_size
-        if len(self.tokens) > capacity:
+    def commit(self, num_tokens: int | None = None) -> None:
+        """The K/V of the first ``num_tokens`` tokens (default: every token) is now written:
+        register each block that became full (a chunked prefill commits chunk by chunk).
+
+        Raises:
+            InvalidInput: ``num_tokens`` is below what was committed or above the tokens, or
+                the tokens exceed the reserved slots.
+        """
+        done = len(self.tokens) if num_tokens is None else num_tokens
+        if not self.num_computed <= done <= len(self.tokens):
             raise InvalidInput(
-                f"{len(self.tokens)} tokens written into {capacity} reserved slots; reserve first"
+                f"commit of {done} tokens: {self.num_computed} are committed already, "
+                f"{len(self.tokens)} exist"
             )
-        self.num_computed = len(self.tokens)
+        capacity = len(self.block_table) * self.block_size
+        if done > capacity:
+            raise InvalidInput(
+                f"{done} tokens written into {capacity} reserved slots; reserve first"
+            )
+        self.num_computed = done
         start = len(self._hashes)
         num_new = self.num_computed // self.block_size - start
         if num_new <= 0:
