@@ -9,8 +9,11 @@ holds on the device or host tier (``ROUTABLE_TIERS``). The disk tiers are left o
 tier needs no routing (every worker finds its disk hits itself), so a disk copy never makes one
 worker a better KV source than another. The prompt's sequence hashes are computed the way workers
 register blocks, ``sequence_hashes(tokens, layout.block_size, seed=record.compat_hash)`` (a
-``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size), and
-not at all for a group none of whose workers has an indexed block.
+``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size), lazily:
+in chunks (``HASH_CHUNK_BLOCKS`` first, doubling), chained with ``parent``, and only as far as the
+index walks, which stops at the first block none of the group's workers holds. So a prompt costs
+hashing up to its longest cached prefix, and nothing for a group none of whose workers has an
+indexed block.
 
 The policy, in order:
 
@@ -39,14 +42,14 @@ The policy, in order:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm import Tier, sequence_hashes
+from fabric.kvbm import SequenceHash, Tier, sequence_hashes
 
 SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
@@ -57,6 +60,8 @@ SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
 ``PrefillRequest``s: ``fabric.pd.KV_SOURCE_ROLES``)."""
 ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
 MIN_PEER_GAIN_BLOCKS = 1
+HASH_CHUNK_BLOCKS = 16
+"""Blocks of the first chunk a prompt is hashed in (the next chunks double)."""
 
 
 class RouteKind(Enum):
@@ -116,15 +121,29 @@ def cached_prefixes(
         if block_size is not None:
             groups.setdefault((record.compat_hash, block_size), []).append(record.worker_id)
     for (seed, block_size), worker_ids in groups.items():
-        if not any(index.num_blocks(worker_id) for worker_id in worker_ids):
-            num_blocks = len(token_ids) // block_size  # nothing to match: skip the hashing
-            prefixes.update(dict.fromkeys(worker_ids, Prefix(0, num_blocks)))
-            continue
-        hashes = sequence_hashes(token_ids, block_size, seed=seed)
+        num_blocks = len(token_ids) // block_size
+        hashes = lazy_sequence_hashes(token_ids, block_size, seed=seed)
         matched = index.match_lengths(hashes, worker_ids, ROUTABLE_TIERS)
         for worker_id in worker_ids:
-            prefixes[worker_id] = Prefix(matched[worker_id], len(hashes))
+            prefixes[worker_id] = Prefix(matched[worker_id], num_blocks)
     return prefixes
+
+
+def lazy_sequence_hashes(
+    token_ids: Sequence[int], block_size: int, *, seed: int
+) -> Iterator[SequenceHash]:
+    """``sequence_hashes(token_ids, block_size, seed=seed)``, computed chunk by chunk as read."""
+    end = len(token_ids) // block_size * block_size
+    start = 0
+    parent: SequenceHash | None = None
+    chunk_blocks = HASH_CHUNK_BLOCKS
+    while start < end:
+        stop = min(end, start + chunk_blocks * block_size)
+        hashes = sequence_hashes(token_ids[start:stop], block_size, seed=seed, parent=parent)
+        yield from hashes
+        parent = hashes[-1]
+        start = stop
+        chunk_blocks *= 2
 
 
 def choose_serving(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from fabric.discovery.records import WorkerRecord
@@ -164,7 +164,7 @@ class Router:
         resolved = pin or RoutePin()
 
         def choose(view: FleetView) -> Route:
-            return self._route(view, token_ids, resolved)
+            return self.choose(view, token_ids, resolved)
 
         def send(connection: ServingConnection, route: Route) -> RoutedRequest:
             source = route.source
@@ -195,8 +195,16 @@ class Router:
         )
         return routed
 
-    def _route(self, view: FleetView, token_ids: list[int], pin: RoutePin) -> Route:
-        """The route of one request: ``pin`` honoured, the rest chosen by ``policy``."""
+    def choose(
+        self, view: FleetView, token_ids: Sequence[int], pin: RoutePin | None = None
+    ) -> Route:
+        """The route of one request over ``view``: ``pin`` honoured, the rest chosen by
+        ``policy``. Sends nothing and counts nothing (``submit`` does, through ``dispatch``).
+
+        Raises:
+            ApiError, AllWorkersBusy: as ``submit``.
+        """
+        pin = pin or RoutePin()
         workers = view.workers
         serving_pool = view.serving
         if not serving_pool:

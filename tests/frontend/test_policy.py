@@ -14,6 +14,7 @@ from fabric.frontend.policy import (
     cached_prefixes,
     choose_serving,
     choose_source,
+    lazy_sequence_hashes,
     make_route,
 )
 from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
@@ -235,3 +236,11 @@ def test_prefixes_of_an_empty_index_count_the_full_blocks_without_hashing() -> N
         "a": Prefix(0, 4),
         "big": Prefix(0, 1),
     }
+
+
+def test_lazy_hashes_equal_the_whole_prompt_hashes() -> None:
+    """Chunks chained with ``parent`` give the very keys the pools register, whatever the length."""
+    for num_tokens in (0, 15, 16, 17 * 16 + 5, 100 * 16, 1000 * 16 + 3):
+        tokens = [(7 * i) % 50_000 for i in range(num_tokens)]
+        expected = sequence_hashes(tokens, BLOCK_SIZE, seed=COMPAT)
+        assert list(lazy_sequence_hashes(tokens, BLOCK_SIZE, seed=COMPAT)) == expected
