@@ -10,6 +10,7 @@ KvBlockManager, build_kvbm, Tier``); the sub-packages are its mechanism::
     stream/    the KV event stream (vLLM's wire format over ZeroMQ)
     config     KvbmConfig (FABRIC_* and DYN_KVBM_* names)
     manager    KvBlockManager, the facade a worker talks to; build: its factory
+    node_tier  NodeTier, the verbs of a host tier another process owns (the node cache)
     sequence   SequenceBlocks, one request's block table from prefix match to release
     remote     RemoteBlockSet: blocks offered to a peer as regions for NIXL reads
     metrics    Prometheus metrics of one manager
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from fabric.kvbm.core.types import BlockHash, BlockId, SequenceHash, Tier
     from fabric.kvbm.manager import KvBlockManager, PrefixMatch
     from fabric.kvbm.metrics import KvbmMetrics
+    from fabric.kvbm.node_tier import NodeTier
     from fabric.kvbm.offload.copier import CopyJob, CopyThread
     from fabric.kvbm.offload.manager import OffloadManager, Onboarding, build_offload_manager
     from fabric.kvbm.offload.moves import OffloadPath
@@ -110,6 +112,7 @@ _NAME_TO_MODULE: dict[str, str] = {
     "register_positions": "fabric.kvbm.core.pool",
     "FrequencyFilter": "fabric.kvbm.core.eviction",
     "KvBlockManager": "fabric.kvbm.manager",
+    "NodeTier": "fabric.kvbm.node_tier",
     "PrefixMatch": "fabric.kvbm.manager",
     "build_kvbm": "fabric.kvbm.build",
     "build_pool": "fabric.kvbm.build",
@@ -155,6 +158,7 @@ __all__ = [
     "HashedBlocks",
     "ImmutableBlocks",
     "KvBlockManager",
+    "NodeTier",
     "KvEvent",
     "KvGeometry",
     "KvbmConfig",

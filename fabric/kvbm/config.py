@@ -66,6 +66,13 @@ class KvbmConfig(BaseSettings):
     host_shared_name: str | None = Field(None, validation_alias=env("host_shared_name"))
     """Back the host pool with this POSIX shared-memory segment so other processes can map it."""
 
+    node_cache: str | None = Field(None, validation_alias=env("node_cache"))
+    """Attach to this host's node KV cache (``fabric serve node-cache``) as a tier below the
+    host tier: its signal endpoint (``tcp://...``), or ``etcd`` to find the one registered for
+    ``node_name`` in discovery. Unset: no node tier."""
+    node_name: str | None = Field(None, min_length=1, validation_alias=env("node_name"))
+    """This host's name as node caches and records know it. Unset: the hostname."""
+
     disk_cache_gb: float = Field(
         0.0, ge=0, validation_alias=env("disk_cache_gb", "DYN_KVBM_DISK_CACHE_GB")
     )

@@ -8,7 +8,9 @@ files by sequence hash. The manager is where a block changes tier::
 
     offload:  DEVICE -> HOST -> DISK      (copies, registered in the target, source keeps its copy)
               HOST -> SHARED (DEVICE -> SHARED without a host tier): packed, one file per block
-    onboard:  HOST -> DEVICE, DISK -> DEVICE, SHARED -> DEVICE
+    onboard:  HOST -> DEVICE, DISK -> DEVICE, NODE -> DEVICE, SHARED -> DEVICE
+    node:     DEVICE -> NODE when a node tier is attached (``store_node``: the worker calls it
+              for every registration, so every full block lands in its host's node cache)
 
 G4 is not a pool: several instances write and read its directory, so nothing there can be
 referenced. A match lists the hashes G4 holds after the pools' prefix (``PrefixMatch.shared``);
@@ -22,7 +24,11 @@ every block it allocated if the copy fails. Moves are synchronous here; the asyn
 per-path queues build on ``move`` (tiering issue).
 
 ``match`` looks through the tiers fastest first and returns one contiguous prefix split by tier;
-``match_and_onboard`` turns that into device blocks. Not thread-safe: one owner thread.
+``match_and_onboard`` turns that into device blocks. The node tier (``attach_node``: a host tier
+another process owns, ``node_tier.NodeTier``) is not a pool here either: ``match_and_onboard``
+asks it for the prefix after the pools' (one lookup, one copy into fresh device blocks), before
+G4; device blocks are allocated only for what it pinned, so a miss evicts nothing. Not
+thread-safe: one owner thread.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from fabric.kvbm.core.hashing import HashedBlocks, hash_token_blocks
 from fabric.kvbm.core.pool import BlockPool, register_positions
 from fabric.kvbm.core.types import SequenceHash, Tier
 from fabric.kvbm.metrics import KvbmMetrics
+from fabric.kvbm.node_tier import NodeTier
 from fabric.kvbm.shared.store import SharedBlockStore, store_blocks
 from fabric.kvbm.tiers.block_copy import copy_blocks, scatter_from_staging
 from fabric.kvbm.tiers.storage import Storage
@@ -110,6 +117,7 @@ class KvBlockManager:
             )
         self._tiers = tiers
         self._shared = shared
+        self._node: NodeTier | None = None
         self.block_size = block_size
         self.seed = seed
         self.disk_filter = disk_filter
@@ -145,6 +153,21 @@ class KvBlockManager:
                 "FABRIC_SHARED_DISK_GB (or FABRIC_SHARED_DISK_BLOCKS)"
             )
         return self._shared
+
+    @property
+    def node_attached(self) -> bool:
+        """Whether a node tier is attached (``attach_node``)."""
+        return self._node is not None
+
+    def attach_node(self, node: NodeTier) -> None:
+        """Use ``node`` as the tier after the pools (before G4); the manager closes it.
+
+        Raises:
+            ConfigError: a node tier is attached already.
+        """
+        if self._node is not None:
+            raise ConfigError("a node tier is attached already; one per manager")
+        self._node = node
 
     def contains(self, tier: Tier, sequence_hash: SequenceHash) -> bool:
         """Whether ``tier`` holds ``sequence_hash`` now (no reference taken)."""
@@ -241,9 +264,16 @@ class KvBlockManager:
                     cut = True
                     break
                 device = moved if device is None else device.join(moved)
-            if found.shared and not cut:
-                start = 0 if device is None else len(device)
-                loaded = self._onboard_shared(sequence_hashes, start, len(found.shared))
+            start = 0 if device is None else len(device)
+            num_shared = len(found.shared)
+            if not cut and self._node is not None and start < len(sequence_hashes):
+                from_node = self._onboard_node(sequence_hashes, start)
+                if from_node is not None:
+                    device = from_node if device is None else device.join(from_node)
+                    start += len(from_node)
+                    num_shared = self._num_shared_after(sequence_hashes, start)
+            if num_shared and not cut:
+                loaded = self._onboard_shared(sequence_hashes, start, num_shared)
                 if loaded is not None:
                     device = loaded if device is None else device.join(loaded)
         except BaseException:
@@ -312,8 +342,28 @@ class KvBlockManager:
         self.metrics.record_offloads(blocks.tier, Tier.SHARED, written)
         return written
 
+    def store_node(
+        self, blocks: ImmutableBlocks, *, parent_hash: SequenceHash | None = None
+    ) -> int:
+        """Copy the blocks the node tier lacks into it (0 without a node tier); how many it
+        newly stored. The caller keeps its handle. Never raises for the node's sake: a node
+        that cannot be reached stores nothing (``NodeTier``)."""
+        if self._node is None or not len(blocks):
+            return 0
+        stored = self._node.store(
+            blocks.sequence_hashes,
+            self._slot(blocks.tier).storage,
+            blocks.block_ids,
+            parent_hash=parent_hash,
+        )
+        self.metrics.record_offloads(blocks.tier, Tier.NODE, stored)
+        return stored
+
     def close(self) -> None:
-        """Close every storage (idempotent). Handles must not be used afterwards."""
+        """Close every storage and the node tier (idempotent). Handles must not be used
+        afterwards."""
+        if self._node is not None:
+            self._node.close()
         for slot in self._tiers.values():
             slot.storage.close()
         if self._shared is not None:
@@ -345,6 +395,49 @@ class KvBlockManager:
             return dst.pool.match_present(hashes), len(missing)  # all present; counts no hit
         finally:
             dst.pool.release(held)
+
+    def _onboard_node(
+        self, sequence_hashes: Sequence[SequenceHash], start: int
+    ) -> ImmutableBlocks | None:
+        """Device blocks for the node tier's prefix of ``sequence_hashes[start:]``, registered;
+        None when it held none or the device had no room."""
+        assert self._node is not None
+        pool = self._slot(Tier.DEVICE).pool
+        allocations: list[MutableBlocks] = []
+
+        def allocate(num_blocks: int) -> list[int]:
+            if allocations:
+                raise InvalidInput("a node tier's load allocates once")
+            allocation = pool.allocate(min(num_blocks, pool.num_free))
+            assert allocation is not None  # at most num_free blocks were asked for
+            allocations.append(allocation)
+            return [int(b) for b in allocation.block_ids]
+
+        try:
+            num_read = self._node.load(
+                sequence_hashes[start:], self._slot(Tier.DEVICE).storage, allocate
+            )
+        except BaseException:
+            for allocation in allocations:
+                pool.release(allocation)
+            raise
+        if not allocations:
+            return None
+        loaded, rest = allocations[0].split(num_read)
+        pool.release(rest)
+        if num_read == 0:
+            pool.release(loaded)
+            return None
+        positions = range(start, start + num_read)
+        register_positions(pool, loaded, sequence_hashes, positions, [None, *sequence_hashes[:-1]])
+        self.metrics.record_onboards(Tier.NODE, Tier.DEVICE, num_read)
+        return pool.match_present(sequence_hashes[start : start + num_read])
+
+    def _num_shared_after(self, sequence_hashes: Sequence[SequenceHash], start: int) -> int:
+        """How many hashes from ``start`` on G4 holds contiguously (0 without G4)."""
+        if self._shared is None:
+            return 0
+        return self._shared.prefix_length(sequence_hashes[start:])
 
     def _onboard_shared(
         self, sequence_hashes: Sequence[SequenceHash], start: int, count: int

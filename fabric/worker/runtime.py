@@ -10,6 +10,7 @@ built, newest first, and raises)::
     ─▶ worker directory (every worker, exact: no grace; decode and aggregated roles find KV
     sources in it, for remote prefills and peer hits; prefill and aggregated roles release the
     handoffs held for a worker that LEFT it: ``PrefillService.on_worker_change``)
+    ─▶ node tier (with ``--node-cache``: a ``NodeLink`` attached to the manager)
     ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
@@ -19,6 +20,12 @@ the agent, the offload manager and the manager close. With a host, disk or share
 offload manager (``build_offload_manager``) sees every device registration (engine and decode
 handoff) and is stepped by the scheduler thread, which closes it when its loop ends; prefix
 matches onboard host, disk and shared hits synchronously (``KvBlockManager.match_and_onboard``).
+With a node tier (``--node-cache ENDPOINT`` or ``etcd``: this host's node cache, found by
+``node`` in the directory), every device registration is also stored there
+(``KvBlockManager.store_node``: reserve, one copy, commit, on the scheduler thread) and prefix
+matches load what the worker's own tiers lack from it (lookup, one copy, unpin) before G4; the
+link attaches on first use and again after any failure, and a node tier that cannot serve is a
+miss, never a failed request. The record carries ``node`` (``FABRIC_NODE_NAME`` or the hostname).
 
 Every server binds ``bind_host`` (127.0.0.1 by default) on an ephemeral port; the record
 publishes them at the advertised host (``fabric.discovery.addresses``: the bind address, or with
@@ -33,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,6 +59,7 @@ from fabric.discovery.registry import Registry, Role
 from fabric.engine import Engine
 from fabric.errors import ConfigError
 from fabric.kvbm import (
+    ImmutableBlocks,
     KvBlockManager,
     OffloadManager,
     Tier,
@@ -61,6 +70,7 @@ from fabric.kvbm import (
 )
 from fabric.models.config import ModelConfig
 from fabric.models.presets import Preset, ensure_model
+from fabric.node.link import NODE_CACHE_FROM_ETCD, NodeLink, endpoint_in, fixed_endpoint
 from fabric.signal.server import SignalServer
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
@@ -85,6 +95,8 @@ class WorkerRuntime:
     kvbm: KvBlockManager
     _stack: ExitStack
     offload: OffloadManager | None = None
+    node: NodeLink | None = None
+    """The node tier (``--node-cache``); the scheduler thread owns it."""
 
     @property
     def worker_id(self) -> str:
@@ -230,6 +242,52 @@ def _offload_manager(
     return offload
 
 
+def node_name(config: FabricConfig) -> str:
+    """This host's name as node caches know it (``FABRIC_NODE_NAME``, else the hostname)."""
+    return config.kvbm.node_name or socket.gethostname()
+
+
+def _attach_node(
+    kvbm: KvBlockManager, config: FabricConfig, directory: WorkerDirectory, worker_id: str
+) -> NodeLink | None:
+    """With ``node_cache`` set, attach a ``NodeLink`` to ``kvbm`` (which closes it): the given
+    endpoint, or (``etcd``) the node cache registered for this host. It attaches on first use
+    (on the scheduler thread, its owner) and again after any failure."""
+    where = config.kvbm.node_cache
+    if where is None:
+        return None
+    if where == NODE_CACHE_FROM_ETCD:
+        resolve = endpoint_in(directory, node=node_name(config), compat_hash=kvbm.compat_hash)
+        logger.info("node tier: the node cache registered for %s", node_name(config))
+    else:
+        resolve = fixed_endpoint(where)
+        logger.info("node tier: the node cache at %s", where)
+    link = NodeLink(
+        resolve, identity=worker_id, compat_hash=kvbm.compat_hash, layout=kvbm.storage().layout
+    )
+    kvbm.attach_node(link)
+    return link
+
+
+def _registration_hook(
+    kvbm: KvBlockManager, offload: OffloadManager | None
+) -> Callable[[ImmutableBlocks], None] | None:
+    """What sees every device registration: the offload manager, the node tier, both or none."""
+    hooks: list[Callable[[ImmutableBlocks], object]] = []
+    if offload is not None:
+        hooks.append(offload.on_registered)
+    if kvbm.node_attached:
+        hooks.append(kvbm.store_node)
+    if not hooks:
+        return None
+
+    def on_registered(blocks: ImmutableBlocks) -> None:
+        for hook in hooks:
+            hook(blocks)
+
+    return on_registered
+
+
 def _build(
     role: Role,
     config: FabricConfig,
@@ -262,8 +320,6 @@ def _build(
     offload = _offload_manager(kvbm, config, stack)
     with _step(f"engine loaded from {model_dir}"):
         engine = Engine(model_dir, kvbm)
-        if offload is not None:
-            engine.on_registered = offload.on_registered
     with _step("transfer agent up, device pool registered"):
         agent = make_agent(worker_id)
         stack.callback(agent.close)
@@ -297,6 +353,8 @@ def _build(
             on_change=prefill.on_worker_change if prefill is not None else None,
         ).start()
         stack.callback(directory.close)
+    node = _attach_node(kvbm, config, directory, worker_id)
+    engine.on_registered = on_registered = _registration_hook(kvbm, offload)
     if role in (Role.DECODE, Role.AGGREGATED):
         remote = RemotePrefills(
             directory,
@@ -305,8 +363,7 @@ def _build(
             timeout_s=config.serve.prefill_timeout_s,
         )
         decode_handoff = DecodeHandoff(kvbm, agent, timeout_s=config.serve.transfer_timeout_s)
-        if offload is not None:
-            decode_handoff.on_registered = offload.on_registered
+        decode_handoff.on_registered = on_registered
         generation = GenerationService(
             engine,
             server,
@@ -316,6 +373,7 @@ def _build(
             remote=remote,
             handoff=decode_handoff,
             fallback=config.serve.prefill_fallback,
+            max_num_batched_tokens=config.serve.max_num_batched_tokens or None,
         )
     scheduler.start(generation=generation, prefill=prefill, offload=offload)
     stack.callback(scheduler.close)  # before server.close: final chunks still go out
@@ -347,6 +405,7 @@ def _build(
         ),
         compat_hash=kvbm.compat_hash,
         started_at=time.time(),
+        node=node_name(config),
     )
     with _step(f"registered in namespace {config.serve.namespace!r}"):
         registration = WorkerRegistration(
@@ -365,4 +424,4 @@ def _build(
         record.endpoints.signal,
         record.endpoints.metrics,
     )
-    return WorkerRuntime(role, record, scheduler, kvbm, stack, offload)
+    return WorkerRuntime(role, record, scheduler, kvbm, stack, offload, node)

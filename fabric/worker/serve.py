@@ -75,6 +75,16 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
         "N",
         "KV blocks this instance keeps in the shared directory",
     ),
+    (
+        "--node-cache",
+        "node_cache",
+        str,
+        "ENDPOINT|etcd",
+        "store every full block in this host's node KV cache (fabric serve node-cache) and "
+        "load prefixes from it: its signal endpoint, or etcd to find the one registered for "
+        "--node-name",
+    ),
+    ("--node-name", "node_name", str, "NAME", "this host's name as node caches know it"),
     ("--block-size", "block_size", int, "TOKENS", "tokens per KV block (all workers must agree)"),
     ("--threads", "threads", int, "N", "torch compute threads"),
     ("--cpu", "cpus", str, "CPUS", "pin the process to these CPUs, e.g. 1 or 0,2-3"),
@@ -91,6 +101,14 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
         int,
         "N",
         "requests that may wait for blocks; more are refused",
+    ),
+    (
+        "--max-num-batched-tokens",
+        "max_num_batched_tokens",
+        int,
+        "N",
+        "decode, aggregated: new tokens per engine step, decodes first, prompt chunks fill the "
+        "rest (chunked prefill); 0: each prompt whole in one step, stalling decodes",
     ),
     (
         "--prefill-timeout",

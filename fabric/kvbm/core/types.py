@@ -24,6 +24,9 @@ class Tier(Enum):
     DISK = "G3"
     SHARED = "G4"
     """The shared disk store (``shared.store.SharedBlockStore``): a directory instances share."""
+    NODE = "G2N"
+    """The node cache (``fabric.node``): a host tier in shared memory that another process owns
+    and every instance on the host stores into and loads from (``manager.NodeTier``)."""
 
     @property
     def medium(self) -> str:
@@ -36,4 +39,5 @@ _MEDIUM = {
     Tier.HOST: "CPU_PINNED",
     Tier.DISK: "DISK",
     Tier.SHARED: "SHARED_DISK",
+    Tier.NODE: "CPU_SHARED",
 }
