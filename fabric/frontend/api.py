@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with
 ``"stream": true``), ``GET /v1/models``, ``GET /health`` (eligible workers by role; 503 while no
-decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), and FastAPI's
+decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), the live cluster page
+``GET /dashboard`` and its JSON ``GET /v1/fabric/cluster`` (``dashboard``), and FastAPI's
 ``/openapi.json`` and ``/docs``.
 
 Both generation routes accept the ``fabric`` routing pin (``protocol``'s docstring).
@@ -45,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fabric.discovery.registry import Role
 from fabric.frontend.api_key import ApiKey, BearerAuth
+from fabric.frontend.dashboard import add_dashboard
 from fabric.frontend.errors import (
     ApiError,
     bad_request,
@@ -155,6 +157,7 @@ def build_app(frontend: Frontend, *, api_key: ApiKey | None = None) -> FastAPI:
         """Prometheus metrics (``fabric_frontend_*``)."""
         return Response(frontend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    add_dashboard(app, frontend)
     return app
 
 

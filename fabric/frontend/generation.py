@@ -166,6 +166,7 @@ class Generation:
             self._ended = True
             self.finish_reason = item.finish_reason
             self.stats = dict(item.stats)
+            self._metrics.observe_transfer(self.stats, self.routed.serving.layout)
             self.routed.finish()
         return Output(text, len(item.token_ids), item.finish_reason or None)
 

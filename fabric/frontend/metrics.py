@@ -18,6 +18,10 @@ live in one test process.
 * ``prefix_blocks_total{result}``: full prompt blocks the chosen KV provider (the named
   ``prefill_worker``, else the serving worker itself) already held (``hit``) or not (``miss``),
   as the router saw them;
+* ``kv_transfer_seconds`` and ``kv_transfer_bytes_total``: the prompt KV a serving worker read
+  from another worker, per finished request that read any (the worker's ``kv_transfer_ms`` and
+  ``transferred_blocks`` statistics; bytes are blocks times the serving worker's block bytes,
+  ``kv_block_bytes``, left out when its record does not give them);
 * read at scrape time from the fleet: ``worker_in_flight{worker,role}``, ``workers{role}`` and
   ``worker_indexed_blocks{worker}`` (distinct blocks the KV index knows the worker holds, on
   any tier, from its KV events; absent for workers that publish none); from the admission
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fabric.discovery.records import FabricLayout, WorkerLayout
 from fabric.discovery.registry import Role
 from fabric.frontend.errors import Refusal
 from fabric.frontend.policy import RouteKind
@@ -40,6 +46,7 @@ from fabric.frontend.policy import RouteKind
 PREFIX = "fabric_frontend_"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 InFlightReader = Callable[[], Mapping[str, tuple[Role, int]]]
 
@@ -145,8 +152,47 @@ class FrontendMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.kv_transfer = Histogram(
+            PREFIX + "kv_transfer_seconds",
+            "Time a serving worker spent reading a request's prompt KV from another worker.",
+            buckets=_TRANSFER_BUCKETS,
+            registry=self.registry,
+        )
+        self.kv_transfer_bytes = Counter(
+            PREFIX + "kv_transfer_bytes",
+            "Bytes of prompt KV serving workers read from other workers.",
+            registry=self.registry,
+        )
         self.registry.register(_RouterCollector(read_in_flight, read_index))
+
+    def observe_transfer(self, stats: Mapping[str, object], layout: WorkerLayout) -> None:
+        """Count a finished request's KV read (its worker's statistics), if it read any."""
+        blocks = stats.get("transferred_blocks")
+        millis = stats.get("kv_transfer_ms")
+        if not isinstance(blocks, int) or blocks <= 0 or not isinstance(millis, int | float):
+            return
+        self.kv_transfer.observe(millis / 1e3)
+        block_bytes = kv_block_bytes(layout)
+        if block_bytes is not None:
+            self.kv_transfer_bytes.inc(blocks * block_bytes)
 
     def render(self) -> bytes:
         """The text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def kv_block_bytes(layout: WorkerLayout) -> int | None:
+    """Bytes of one KV block over all layers of a fabric worker's pool; None when its record
+    does not give the geometry (a vLLM instance, an older worker)."""
+    if not isinstance(layout, FabricLayout):
+        return None
+    dtype = getattr(torch, layout.dtype or "", None)
+    dims = (layout.num_layers, layout.outer_dim, layout.block_size, layout.inner_dim)
+    if not isinstance(dtype, torch.dtype):
+        return None
+    block_bytes = dtype.itemsize
+    for dim in dims:
+        if dim is None:
+            return None
+        block_bytes *= dim
+    return block_bytes

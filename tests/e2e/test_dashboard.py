@@ -1,0 +1,178 @@
+"""The live cluster page (``/dashboard``) in a real headless Chromium, over a real 1P1D deployment.
+
+One deployment (``prefill-0``, ``decode-0`` and the frontend, tiny preset, each worker with a
+device, a host and a G4 shared-store tier) on the session's etcd; Debian's ``chromium`` driven by
+Selenium through ``chromium-driver`` (both installed by ``launch/setup.sh``; the test is skipped,
+naming what is missing, where they are not). Checked: the page loads with no console error,
+shows both workers as ``up`` with their roles and tiers, and after two requests its figures
+move: the frontend's request count, the prefill route total, the KV transfers,
+decode-0's requests and device-tier hits (the same prompt twice), and the prefill worker's
+device tier (the prompt's blocks are cached there).
+
+A screenshot of the page after the requests is saved in the test's temp dir, and copied to
+``$FABRIC_DASHBOARD_SCREENSHOT`` when set (how ``docs/img/dashboard.png`` is made).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from e2e_harness import Deployment, complete, prompt_ids, wait_until
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
+
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (dev extra)"
+)
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+PAGE_S = 20.0
+SCREENSHOT_ENV = "FABRIC_DASHBOARD_SCREENSHOT"
+
+
+@pytest.fixture(scope="module")
+def pd(
+    etcd: EtcdServer,
+    registry: EtcdRegistry,
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
+    deployment = Deployment(
+        "dashboard", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("dashboard")
+    )
+    try:
+        shared = tmp_path_factory.mktemp("dashboard-g4")
+        tiers = ["--host-blocks=256", f"--shared-disk-dir={shared}", "--shared-disk-blocks=256"]
+        deployment.spawn_frontend()
+        deployment.spawn_worker("prefill", "prefill-0", *tiers)
+        deployment.spawn_worker("decode", "decode-0", *tiers)
+        deployment.wait_workers(prefill=1, decode=1)
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("chromium and chromium-driver are not installed (launch/setup.sh does it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container: Chromium's sandbox needs user namespaces
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.set_page_load_timeout(PAGE_S)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text_of(driver: webdriver.Chrome, selector: str) -> str:
+    """The text of the element ``selector`` ("" while it is not on the page)."""
+    try:
+        return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+    except WebDriverException:
+        return ""
+
+
+def number(text: str) -> float:
+    """The first number in a figure's text ("1,234", "12.5 ms", "3 / 256 blocks"); NaN for
+    none ("—": not shown yet)."""
+    head = text.replace(",", "").split()[0] if text.strip() else ""
+    try:
+        return float(head)
+    except ValueError:
+        return float("nan")
+
+
+def wait_for(what: str, predicate: Callable[[], object], driver: webdriver.Chrome) -> None:
+    assert wait_until(predicate, PAGE_S, poll_s=0.2), (
+        f"the page did not show {what} within {PAGE_S} s; status "
+        f"{text_of(driver, '#status')!r}; console {driver.get_log('browser')}"
+    )
+
+
+def test_dashboard_shows_workers_and_moves_after_requests(
+    pd: Deployment, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    browser.get(f"{pd.url}/dashboard")
+    row = {worker: f'tr[data-worker="{worker}"]' for worker in ("prefill-0", "decode-0")}
+
+    def tier(worker: str, name: str, field: str) -> str:
+        return text_of(browser, f'{row[worker]} [data-tier="{name}"] [data-field={field}]')
+
+    for worker, selector in row.items():
+        wait_for(
+            f"{worker} up",
+            lambda s=selector: text_of(browser, f"{s} [data-field=state]") == "up",
+            browser,
+        )
+        assert tier(worker, "G1", "tier-usage").endswith("/ 256 blocks")
+        assert tier(worker, "G2", "tier-usage").endswith("/ 256 blocks")
+        assert tier(worker, "G4", "tier-usage").endswith("blocks indexed")
+    assert text_of(browser, f"{row['prefill-0']} [data-field=role]") == "prefill"
+    assert text_of(browser, f"{row['decode-0']} [data-field=role]") == "decode"
+    assert text_of(browser, "#model") == "tiny"
+
+    def figures() -> dict[str, float]:
+        return {
+            "requests": number(text_of(browser, "#requests")),
+            "prefill routes": number(text_of(browser, '[data-route="prefill"] [data-field=total]')),
+            "kv transfers": number(text_of(browser, "#kv-transfers")),
+            "decode-0 requests": number(
+                text_of(browser, f"{row['decode-0']} [data-field=requests]")
+            ),
+            "decode-0 G1 hits": number(tier("decode-0", "G1", "tier-hits")),
+            "prefill-0 G1 used": number(tier("prefill-0", "G1", "tier-usage")),
+        }
+
+    before = figures()
+    assert not any(math.isnan(value) for value in before.values()), before  # all shown
+
+    # The first request is prefilled by prefill-0 and read by decode-0; the second, the same
+    # prompt, finds its full blocks in decode-0's own device tier (G1 hits there): decode-0
+    # does not ask prefill-0 this time, although the router named it again.
+    client = pd.client()
+    prompt = prompt_ids(100, seed=17)
+    first = complete(client, prompt, max_tokens=8).fabric
+    second = complete(client, prompt, max_tokens=8).fabric
+    assert (first["route"], first["prefill_worker"]) == ("prefill", "prefill-0")
+    assert (second["route"], second["prefill_worker"]) == ("prefill", "")
+
+    def moved() -> bool:
+        now = figures()
+        return all(now[name] > before[name] for name in before)
+
+    wait_for(f"every figure of {before} grow (now {figures()})", moved, browser)
+    assert text_of(browser, f"{row['decode-0']} [data-field=kv-read]") != "—"
+    assert text_of(browser, "#kv-transfer-ms") != "—"
+
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, f"console errors: {errors}"
+
+    screenshot = tmp_path / "dashboard.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    target = os.environ.get(SCREENSHOT_ENV)
+    if target:
+        shutil.copyfile(screenshot, target)

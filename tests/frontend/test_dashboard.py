@@ -1,0 +1,274 @@
+"""The cluster page's server side: ``/dashboard``, its files, and ``/v1/fabric/cluster``.
+
+A real frontend (uvicorn on an ephemeral port) over an in-memory registry; workers are records
+whose ``metrics`` endpoint is a real ``MetricsServer`` over a real ``KvbmMetrics`` +
+``WorkerMetrics`` registry, with a pool snapshot the test moves, or a fake decode worker
+(``frontend_fakes``) that answers requests. Checked: every figure the page shows moves when its
+source moves (tiers, hit rates, requests, KV reads and their rate, the frontend's requests,
+TTFT, routes and their history, KV transfer time and bytes); a worker whose metrics do not
+answer stays listed as ``unreachable``; the API key protects the JSON, not the page; the static
+files come from an allow-list. The browser test is ``tests/e2e/test_dashboard.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from frontend_fakes import BLOCK_SIZE, COMPAT, FakeWorker, RunningFrontend, wait_until
+
+from fabric.discovery.memory import InMemoryRegistry
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.registration import WorkerRegistration
+from fabric.discovery.registry import Role
+from fabric.frontend.api_key import ApiKey
+from fabric.frontend.dashboard_cluster import MIN_INTERVAL_S, RouteHistory, Samples
+from fabric.frontend.metrics import FrontendMetrics, kv_block_bytes
+from fabric.kvbm import KvbmMetrics, Tier
+from fabric.worker.metrics import MetricsServer, WorkerMetrics
+
+NUM_LAYERS, INNER_DIM = 2, 64  # float32, K and V: one block is 2 * 2 * 16 * 64 * 4 bytes
+BLOCK_BYTES = NUM_LAYERS * 2 * BLOCK_SIZE * INNER_DIM * 4
+
+
+@dataclass
+class Snapshot:
+    """A pool's stats as ``KvbmMetrics`` reads them (``PoolSnapshot``)."""
+
+    num_blocks: int = 64
+    num_in_use: int = 0
+    num_cached: int = 0
+    num_free: int = 64
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    registered: int = 0
+    duplicates: int = 0
+
+
+class MetricWorker:
+    """A registered prefill worker whose metrics endpoint serves what the test sets."""
+
+    def __init__(self, registry: InMemoryRegistry, worker_id: str) -> None:
+        self.kvbm = KvbmMetrics()
+        self.device = Snapshot()
+        self.kvbm.bind_pool(Tier.DEVICE, lambda: self.device)
+        self.worker = WorkerMetrics(
+            self.kvbm.registry, role="prefill", worker_id=worker_id, model="tiny"
+        )
+        self.server = MetricsServer(self.kvbm.registry)
+        record = WorkerRecord(
+            worker_id=worker_id,
+            role=Role.PREFILL,
+            endpoints=Endpoints(metrics=self.server.url),
+            agent_name=None,
+            layout=FabricLayout(
+                model="tiny",
+                block_size=BLOCK_SIZE,
+                num_layers=NUM_LAYERS,
+                outer_dim=2,
+                inner_dim=INNER_DIM,
+                dtype="float32",
+            ),
+            compat_hash=COMPAT,
+            started_at=time.time(),
+        )
+        self.registration = WorkerRegistration(registry, record, ttl_s=5.0).start()
+
+    def close(self) -> None:
+        self.registration.close()
+        self.server.close()
+
+
+@pytest.fixture
+def metric_worker(registry: InMemoryRegistry) -> Iterator[Callable[[str], MetricWorker]]:
+    workers: list[MetricWorker] = []
+
+    def make(worker_id: str) -> MetricWorker:
+        workers.append(MetricWorker(registry, worker_id))
+        return workers[-1]
+
+    yield make
+    for worker in workers:
+        worker.close()
+
+
+def get(url: str, key: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url)
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def cluster(running: RunningFrontend) -> dict[str, Any]:
+    status, _, body = get(f"{running.url}/v1/fabric/cluster")
+    assert status == 200, body
+    return dict(json.loads(body))
+
+
+def worker_of(snapshot: dict[str, Any], worker_id: str) -> dict[str, Any] | None:
+    return next((w for w in snapshot["workers"] if w["id"] == worker_id), None)
+
+
+def next_cluster(
+    running: RunningFrontend, accept: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The first snapshot ``accept`` takes (snapshots are cached ``MIN_INTERVAL_S``)."""
+    seen: list[dict[str, Any]] = []
+
+    def taken() -> bool:
+        seen.append(cluster(running))
+        return accept(seen[-1])
+
+    assert wait_until(taken, timeout_s=10 * MIN_INTERVAL_S + 5), seen[-1]
+    return seen[-1]
+
+
+def test_worker_figures_follow_its_metrics(
+    start_frontend: Callable[..., RunningFrontend],
+    metric_worker: Callable[[str], MetricWorker],
+) -> None:
+    running = start_frontend()
+    worker = metric_worker("prefill-7")
+    first = next_cluster(running, lambda s: worker_of(s, "prefill-7") is not None)
+    shown = worker_of(first, "prefill-7")
+    assert shown is not None
+    assert (shown["role"], shown["state"], shown["error"]) == ("prefill", "up", None)
+    assert shown["block_bytes"] == BLOCK_BYTES
+    [device] = shown["tiers"]
+    assert (device["tier"], device["name"], device["capacity"]) == ("G1", "device", 64)
+    assert (device["used"], device["hit_rate"]) == (0, None)
+    assert (shown["requests"], shown["transferred_blocks"]) == (0, 0)
+
+    worker.device.num_in_use, worker.device.num_cached = 3, 5
+    worker.device.hits, worker.device.misses = 6, 2
+    worker.worker.requests.labels("generate").inc(4)
+    worker.worker.transferred_blocks.inc(10)
+    worker.worker.generated_tokens.inc(40)
+    later = next_cluster(running, lambda s: (worker_of(s, "prefill-7") or {}).get("requests") == 4)
+    shown = worker_of(later, "prefill-7")
+    assert shown is not None
+    [device] = shown["tiers"]
+    assert (device["in_use"], device["cached"], device["used"]) == (3, 5, 8)
+    assert (device["hits"], device["misses"], device["hit_rate"]) == (6, 2, 0.75)
+    assert shown["transferred_bytes"] == 10 * BLOCK_BYTES
+    assert shown["kv_read_bytes_per_s"] > 0  # 10 blocks since the previous scrape
+    assert shown["tokens_per_s"] > 0
+
+
+def test_an_unreachable_worker_stays_listed(
+    start_frontend: Callable[..., RunningFrontend],
+    metric_worker: Callable[[str], MetricWorker],
+) -> None:
+    running = start_frontend()
+    worker = metric_worker("prefill-8")
+    worker.server.close()  # the record stays, its endpoint no longer answers
+    snapshot = next_cluster(running, lambda s: worker_of(s, "prefill-8") is not None)
+    shown = worker_of(snapshot, "prefill-8")
+    assert shown is not None
+    assert shown["state"] == "unreachable"
+    assert worker.server.url in shown["error"]
+    assert shown["tiers"] == []
+
+
+def test_frontend_figures_move_after_a_request(
+    start_frontend: Callable[..., RunningFrontend],
+    make_worker: Callable[..., FakeWorker],
+) -> None:
+    running = start_frontend()
+    make_worker("decode-0")
+    before = next_cluster(running, lambda s: worker_of(s, "decode-0") is not None)
+    front = before["frontend"]
+    assert (front["requests"], front["routes"]["local"], front["ttft_ms"]) == (0, 0, None)
+    shown = worker_of(before, "decode-0")
+    assert shown is not None
+    assert shown["state"] == "no_metrics"  # the fake's record names no metrics endpoint
+
+    body = json.dumps({"model": "tiny", "prompt": "KV blocks", "max_tokens": 4}).encode()
+    request = urllib.request.Request(
+        f"{running.url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+    after = next_cluster(running, lambda s: s["frontend"]["requests"] == 1)["frontend"]
+    assert after["routes"]["local"] == 1
+    assert after["ttft_ms"] is not None and after["ttft_ms"] > 0
+    assert after["completion_tokens"] == 4
+    # The fake worker reports kv_transfer_ms but no transferred_blocks: nothing was read.
+    assert after["kv_transfers"] == 0
+    history = next_cluster(running, lambda s: bool(s["routes_history"]["buckets"]))
+    assert sum(b["counts"]["local"] for b in history["routes_history"]["buckets"]) == 1
+
+
+def test_route_history_buckets_deltas_and_forgets_old_ones() -> None:
+    history = RouteHistory(bucket_s=10.0, horizon_s=30.0)
+    history.sample(100.0, {"local": 5})  # the first sample is the baseline
+    history.sample(101.0, {"local": 7, "prefill": 1})
+    history.sample(105.0, {"local": 8, "prefill": 1})
+    history.sample(112.0, {"local": 8, "prefill": 4})
+    assert history.to_json(["local", "prefill"])["buckets"] == [
+        {"start": 100.0, "counts": {"local": 3, "prefill": 1}},
+        {"start": 110.0, "counts": {"local": 0, "prefill": 3}},
+    ]
+    history.sample(141.0, {"local": 9, "prefill": 4})
+    assert [b["start"] for b in history.to_json(["local"])["buckets"]] == [140.0]
+
+
+def test_the_key_protects_the_json_not_the_page(
+    start_frontend: Callable[..., RunningFrontend],
+) -> None:
+    running = start_frontend(api_key=ApiKey("sesame"))
+    status, headers, page = get(f"{running.url}/dashboard")
+    assert status == 200
+    assert b"/dashboard/static/dashboard.js" in page
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert get(f"{running.url}/v1/fabric/cluster")[0] == 401
+    assert get(f"{running.url}/v1/fabric/cluster", key="wrong")[0] == 401
+    status, _, body = get(f"{running.url}/v1/fabric/cluster", key="sesame")
+    assert status == 200
+    assert json.loads(body)["model"] == "tiny"
+
+
+def test_static_files_come_from_an_allow_list(
+    start_frontend: Callable[..., RunningFrontend],
+) -> None:
+    running = start_frontend()
+    for name, kind in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+        status, headers, body = get(f"{running.url}/dashboard/static/{name}")
+        assert (status, headers["content-type"].split(";")[0]) == (200, kind)
+        assert body
+    for name in ("dashboard.html", "..%2Fapi.py", "missing.js"):
+        assert get(f"{running.url}/dashboard/static/{name}")[0] == 404
+
+
+def test_kv_transfer_figures_count_requests_that_read_kv() -> None:
+    metrics = FrontendMetrics(dict)
+    layout = FabricLayout(
+        block_size=BLOCK_SIZE,
+        num_layers=NUM_LAYERS,
+        outer_dim=2,
+        inner_dim=INNER_DIM,
+        dtype="float32",
+    )
+    assert kv_block_bytes(layout) == BLOCK_BYTES
+    assert kv_block_bytes(FabricLayout(block_size=BLOCK_SIZE)) is None  # no geometry
+    metrics.observe_transfer({"transferred_blocks": 0, "kv_transfer_ms": 0.0}, layout)
+    metrics.observe_transfer({"kv_transfer_ms": 2.0}, layout)  # a worker that reads nothing
+    own = Samples.of(metrics.registry)
+    assert own.value("fabric_frontend_kv_transfer_seconds_count") == 0
+    metrics.observe_transfer({"transferred_blocks": 3, "kv_transfer_ms": 4.0}, layout)
+    own = Samples.of(metrics.registry)
+    assert own.value("fabric_frontend_kv_transfer_seconds_count") == 1
+    assert own.value("fabric_frontend_kv_transfer_seconds_sum") == pytest.approx(0.004)
+    assert own.value("fabric_frontend_kv_transfer_bytes_total") == 3 * BLOCK_BYTES
