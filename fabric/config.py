@@ -76,6 +76,13 @@ class ServeConfig(BaseSettings):
     max_waiting: int = Field(64, ge=0, validation_alias=env("max_waiting"))
     """Requests that may wait for device blocks; beyond this they are refused with an error."""
 
+    max_num_batched_tokens: int = Field(256, ge=0, validation_alias=env("max_num_batched_tokens"))
+    """Decode and aggregated workers: new tokens one engine step computes (chunked prefill, as
+    vLLM's ``max_num_batched_tokens``: every running decode first, prompt chunks fill the rest,
+    so a long prompt is prefilled over several steps while decodes keep streaming); 0 computes
+    each prompt whole in one step, stalling running decodes for it. Prefill workers compute each
+    prompt whole: no decode runs there, and chunks would only slow a lone prefill."""
+
     prefill_timeout_s: float = Field(60.0, gt=0, validation_alias=env("prefill_timeout_s"))
     """Decode workers: the longest wait for a prefill worker's blocks (queueing + compute)."""
 

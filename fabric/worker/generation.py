@@ -6,14 +6,25 @@ decode handoff. Admission (the waiting queue, where each prompt is computed) is
 
 1. collect remote prefill outcomes: read the offered blocks this worker lacks into the blocks
    reserved at admission, register them, ``TransferDone``, stream the first token; or, when the
-   prefill worker failed, recompute the prompt here (``PrefillFallback.RECOMPUTE``) or end the
-   request with an error chunk (``FAIL``);
+   prefill worker failed, queue the prompt to be computed here (``PrefillFallback.RECOMPUTE``)
+   or end the request with an error chunk (``FAIL``);
 2. admit waiting requests in arrival order while the device pool has room for all of a
-   request's blocks (prompt + ``max_tokens - 1``): send it to its prefill worker, or compute its
-   prompt here (at most one local prompt per step, so running requests keep decoding);
-3. one ``decode_step`` over every decoding request (continuous batching), streaming each new
-   token as a ``TokenChunk``; finished requests release their blocks;
+   request's blocks (prompt + ``max_tokens - 1``): send it to its prefill worker, or queue its
+   prompt to be computed here while this step's token budget has room;
+3. one engine ``step`` (a single forward call) over every decoding request (continuous
+   batching) and the prompt chunks the budget allows, streaming each new token as a
+   ``TokenChunk`` and each finished prompt's first token; finished requests release their
+   blocks;
 4. end requests past their deadline.
+
+Chunked prefill (``max_num_batched_tokens``, as vLLM schedules): a step holds at most that
+many new tokens. Decodes come first (one token each, never held back); the prompts being
+computed here fill the rest, in admission order, each with as many of its remaining positions
+as fit, so a long prompt is prefilled over several steps and every running decode gets a token
+at each of them instead of waiting for the whole prompt. A chunk's full blocks are registered
+(hashed, offloadable, announced) as soon as the step computed them, never before. A new local
+prompt is admitted only while the step has budget left. With no budget (``None``), each prompt
+is computed whole in one step, at most one new prompt per step, beside the step's decodes.
 
 Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that
 is a peer hit (the router saw that peer hold a longer cached prefix), read like a remote
@@ -25,7 +36,9 @@ blocks here and, through ``Abort``, on its prefill worker.
 
 Invariants: every request ends with exactly one final chunk (unless its client is gone) and,
 when it ends, holds no block; ``_id_to_gen`` holds exactly the requests not yet ended, each in
-the structure of its phase (waiting ones in the admission queue).
+the structure of its phase (waiting ones in the admission queue, PREFILLING ones in
+``_prefilling`` with ``seq.num_computed`` the positions computed so far, DECODING ones in
+``_decoding``); a step never holds more than the budget's new tokens plus its decodes.
 """
 
 from __future__ import annotations
@@ -34,8 +47,8 @@ import logging
 import time
 
 from fabric.config import PrefillFallback
-from fabric.engine import DecodeRequest, Engine, greedy
-from fabric.errors import FabricError
+from fabric.engine import DecodeRequest, Engine, PrefillChunk, greedy
+from fabric.errors import ConfigError, FabricError
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.messages import GenerateRequest, TokenChunk
 from fabric.worker.admission import Admission
@@ -43,13 +56,7 @@ from fabric.worker.handoff import DecodeHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
 from fabric.worker.remote_prefill import RemoteFailed, RemotePrefills, RemoteReady
-from fabric.worker.request import (
-    FinishReason,
-    Phase,
-    WorkerRequest,
-    compute_prompt,
-    error_chunk,
-)
+from fabric.worker.request import FinishReason, Phase, WorkerRequest, error_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +75,15 @@ class GenerationService:
         remote: RemotePrefills | None = None,
         handoff: DecodeHandoff | None = None,
         fallback: PrefillFallback = PrefillFallback.RECOMPUTE,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         if (remote is None) != (handoff is None):
             raise ValueError("remote prefills need a decode handoff, and the reverse")
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens={max_num_batched_tokens}: give at least 1 token, or "
+                "None for whole-prompt prefills"
+            )
         self._engine = engine
         self._kvbm = engine.kvbm
         self._outbox = outbox
@@ -82,13 +95,15 @@ class GenerationService:
         self._remote = remote
         self._handoff = handoff
         self._fallback = fallback
+        self._budget = max_num_batched_tokens
         self._id_to_gen: dict[str, WorkerRequest] = {}
+        self._prefilling: dict[str, WorkerRequest] = {}  # admission order
         self._decoding: dict[str, WorkerRequest] = {}
 
     @property
     def has_local_work(self) -> bool:
-        """Something to compute now (decode steps, or an admissible waiting request)."""
-        return bool(self._decoding) or self._admission.has_work
+        """Something to compute now (decodes, prompt chunks, or an admissible waiting request)."""
+        return bool(self._decoding) or bool(self._prefilling) or self._admission.has_work
 
     @property
     def has_remote_work(self) -> bool:
@@ -122,7 +137,7 @@ class GenerationService:
         if self.has_remote_work:
             self._collect_remote(poll_timeout_s)
         self._admit()
-        self._decode_step()
+        self._compute_step()
         self._end_expired(wall_ms())
         self._update_gauges()
 
@@ -141,12 +156,29 @@ class GenerationService:
     # -- phases --------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        local_budget = 1
-        while (gen := self._admission.admit_next(local_budget=local_budget)) is not None:
+        num_new_local = 0
+        while True:
+            room = self._has_room_for_a_prompt(num_new_local)
+            gen = self._admission.admit_next(local_budget=1 if room else 0)
+            if gen is None:
+                return
             if gen.phase is Phase.REMOTE_PREFILL and self._start_remote(gen):
                 continue
-            local_budget -= 1
-            self._prefill_here(gen)
+            num_new_local += 1
+            self._start_prefill(gen)
+
+    def _has_room_for_a_prompt(self, num_new_local: int) -> bool:
+        """Whether this step may start computing one more prompt here."""
+        if self._budget is None:
+            return num_new_local == 0
+        return self._budget - len(self._decoding) - self._num_prefill_tokens_left() > 0
+
+    def _num_prefill_tokens_left(self) -> int:
+        total = 0
+        for gen in self._prefilling.values():
+            assert gen.seq is not None
+            total += len(gen.seq.tokens) - gen.seq.num_computed
+        return total
 
     def _start_remote(self, gen: WorkerRequest) -> bool:
         """Ask the request's prefill worker; False when the prompt is to be computed here."""
@@ -168,7 +200,7 @@ class GenerationService:
                 continue
             if isinstance(outcome, RemoteFailed):
                 if self._prefill_failed(gen, outcome.reason):
-                    self._prefill_here(gen)
+                    self._start_prefill(gen)
             else:
                 self._read_offer(gen, outcome)
 
@@ -185,7 +217,7 @@ class GenerationService:
         except FabricError as exc:
             self._remote.abort(gen.request_id, "read failed", worker_id=outcome.worker_id)
             if self._prefill_failed(gen, f"reading its blocks failed: {exc}"):
-                self._prefill_here(gen)
+                self._start_prefill(gen)
             return
         stats = gen.stats
         stats.kv_transfer_ms = (time.perf_counter() - began) * 1000
@@ -215,26 +247,22 @@ class GenerationService:
         if self._fallback is PrefillFallback.RECOMPUTE:
             logger.warning("request %s: %s; recomputing the prompt here", gen.request_id, reason)
             gen.stats.fallback = reason
-            gen.phase = Phase.PREFILLING
             self._metrics.fallbacks.inc()
             return True
         logger.warning("request %s: %s", gen.request_id, reason)
         self._fail(gen, f"prefill failed: {reason}", ErrorKind.PREFILL_FAILED)
         return False
 
-    def _prefill_here(self, gen: WorkerRequest) -> None:
+    def _start_prefill(self, gen: WorkerRequest) -> None:
+        """Queue ``gen``'s prompt to be computed here, chunk by chunk, from its cached prefix."""
         assert gen.seq is not None
-        try:
-            token, computed, ms = compute_prompt(self._engine, gen.seq)
-        except FabricError as exc:
-            self._fail(gen, f"prompt compute failed: {exc}", ErrorKind.INTERNAL)
-            return
-        gen.stats.computed_tokens = computed
-        gen.stats.cached_tokens = len(gen.prompt) - computed
-        gen.stats.prefill_ms = ms
-        self._metrics.computed_tokens.inc(computed)
-        self._metrics.cached_tokens.inc(len(gen.prompt) - computed)
-        self._start_decoding(gen, token)
+        gen.phase = Phase.PREFILLING
+        num_cached = gen.seq.num_computed
+        gen.stats.cached_tokens = num_cached
+        gen.stats.computed_tokens = len(gen.prompt) - num_cached
+        self._metrics.computed_tokens.inc(len(gen.prompt) - num_cached)
+        self._metrics.cached_tokens.inc(num_cached)
+        self._prefilling[gen.request_id] = gen
 
     def _start_decoding(self, gen: WorkerRequest, first_token: int) -> None:
         gen.phase = Phase.DECODING
@@ -242,23 +270,68 @@ class GenerationService:
         self._decoding[gen.request_id] = gen
         self._emit(gen, first_token)
 
-    def _decode_step(self) -> None:
-        if not self._decoding:
-            return
-        gens = list(self._decoding.values())
-        batch = []
-        for gen in gens:
+    def _schedule_chunks(self, num_decodes: int) -> list[tuple[WorkerRequest, int, int]]:
+        """``(request, start, end)`` of this step's prompt chunks: the budget left after
+        ``num_decodes`` decodes, given to the prompts in admission order."""
+        left = None if self._budget is None else self._budget - num_decodes
+        chunks = []
+        for gen in self._prefilling.values():
             assert gen.seq is not None
-            batch.append(DecodeRequest(gen.next_token, gen.seq.block_table, len(gen.seq.tokens)))
+            start, end = gen.seq.num_computed, len(gen.seq.tokens)
+            if left is not None:
+                if left <= 0:
+                    break
+                end = min(end, start + left)
+                left -= end - start
+            chunks.append((gen, start, end))
+        return chunks
+
+    def _compute_step(self) -> None:
+        """One engine step: every decode, then the prompt chunks the budget allows."""
+        decoding = list(self._decoding.values())
+        chunks = self._schedule_chunks(len(decoding))
+        if not decoding and not chunks:
+            return
+        decodes = []
+        for gen in decoding:
+            assert gen.seq is not None
+            decodes.append(DecodeRequest(gen.next_token, gen.seq.block_table, len(gen.seq.tokens)))
             gen.seq.append(gen.next_token)
-        logits = self._engine.decode_step(batch)
-        self._metrics.decode_steps.inc()
-        self._metrics.decode_tokens.inc(len(batch))
-        for gen in gens:
+        now = time.perf_counter()
+        prompt_chunks = []
+        for gen, start, end in chunks:
+            assert gen.seq is not None
+            prompt_chunks.append(
+                PrefillChunk(gen.seq.tokens[start:end], gen.seq.block_table, start)
+            )
+            if gen.prefill_began is None:
+                gen.prefill_began = now
+        try:
+            logits = self._engine.step(decodes, prompt_chunks)
+        except FabricError as exc:
+            for gen in [*decoding, *(chunk[0] for chunk in chunks)]:
+                self._fail(gen, f"compute failed: {exc}", ErrorKind.INTERNAL)
+            return
+        rows = greedy(logits)
+        if decodes:
+            self._metrics.decode_steps.inc()
+            self._metrics.decode_tokens.inc(len(decodes))
+        for gen in decoding:
             assert gen.seq is not None
             gen.seq.commit()
-        for gen, token in zip(gens, greedy(logits), strict=True):
+        finished = []
+        for (gen, _, end), token in zip(chunks, rows[len(decodes) :], strict=True):
+            assert gen.seq is not None
+            gen.seq.commit(end)
+            if end == len(gen.prompt):
+                finished.append((gen, token))
+        for gen, token in zip(decoding, rows[: len(decodes)], strict=True):
             self._emit(gen, token)
+        done = time.perf_counter()
+        for gen, token in finished:
+            del self._prefilling[gen.request_id]
+            gen.stats.prefill_ms = (done - (gen.prefill_began or now)) * 1000
+            self._start_decoding(gen, token)
 
     def _emit(self, gen: WorkerRequest, token: int) -> None:
         """Stream ``token``; end the request when it was the last one."""
@@ -327,6 +400,7 @@ class GenerationService:
             self._admission.remove(gen)
         elif gen.phase is Phase.REMOTE_PREFILL and self._remote is not None:
             self._remote.abort(gen.request_id, "request ended")
+        self._prefilling.pop(gen.request_id, None)
         self._decoding.pop(gen.request_id, None)
         if gen.seq is not None:
             gen.seq.release()

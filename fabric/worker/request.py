@@ -6,8 +6,11 @@ A ``WorkerRequest`` is created from a ``GenerateRequest`` and lives on the sched
        │                                       │ prefill failed: recompute   ▲
        │                                       ▼ (or end with an error)      │
        └──admit: blocks reserved──────────▶ PREFILLING ──prompt computed here┘
+                                              (chunk by chunk, one per step)
 
 Any phase can end early (abort, deadline, disconnect, error); ending releases the blocks.
+While PREFILLING, ``seq.num_computed`` counts the prompt positions whose K/V is written (the
+cached prefix, then each chunk as its step ends).
 
 Sampling is greedy (the reference engine is deterministic, so disaggregated output equals
 aggregated output token for token); of ``sampling`` only ``ignore_eos`` (bool) is read. The EOS
@@ -63,7 +66,9 @@ class RequestStats:
     transferred_blocks: int = 0
     kv_transfer_ms: float = 0.0
     prefill_ms: float = 0.0
-    """Prompt compute time, here or as the prefill worker reported it."""
+    """Prompt compute time, here (from the step of its first chunk to the end of the step of
+    its last: steps shared with decodes and other prompts included) or as the prefill worker
+    reported it."""
     queue_ms: float = 0.0
     ttft_ms: float = 0.0
     prefill_worker: str = ""
@@ -101,6 +106,8 @@ class WorkerRequest:
     seq: SequenceBlocks | None = None
     next_token: int = 0
     num_generated: int = 0
+    prefill_began: float | None = None
+    """``time.perf_counter()`` when the step computing its prompt's first chunk here began."""
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
