@@ -16,7 +16,8 @@ unknown field is an error; no network). The other checks tie the manifests to th
   variable is used by a ``$(VAR)`` reference, every reference is defined before it is used, and
   every ``*_FILE`` variable names a file of a mounted secret;
 * consistency: fabric processes agree on model and namespace, their etcd URLs are the
-  StatefulSet's members, and the node cache's segment is the one its init container clears.
+  StatefulSet's members, workers share the node cache's host directories and node name, and
+  the node cache's segment is the one its init container clears.
 
 Each check takes the list of manifests, so tests can break a copy and see the check fail.
 """
@@ -439,8 +440,8 @@ def _secret_file_problems(container: Container, name: str, path: str) -> Problem
 
 
 def consistency_problems(manifests: list[Manifest]) -> Problems:
-    """Fabric processes share one model and namespace and reach every etcd member; the node
-    cache's init container clears the node cache's own segment."""
+    """Fabric processes share one model and namespace and reach every etcd member; workers
+    reach the node cache; its init container clears the node cache's own segment."""
     problems: Problems = []
     processes = list(fabric_processes(manifests))
     if len({p.args.model for p in processes}) > 1:
@@ -460,6 +461,7 @@ def consistency_problems(manifests: list[Manifest]) -> Problems:
             problems.append(
                 f"{process.container.name}: etcd {sorted(urls)}, members {sorted(members)}"
             )
+    problems += _node_cache_problems(processes)
     for container in all_containers(manifests):
         if not container.init or "rm -f" not in " ".join(container.argv()[0]):
             continue
@@ -467,6 +469,54 @@ def consistency_problems(manifests: list[Manifest]) -> Problems:
         segment = f"/dev/shm/{segment_name(DEFAULT_NAMESPACE, node)}"
         if segment not in " ".join(container.argv()[0]):
             problems.append(f"{container.name}: does not clear the node cache segment {segment}")
+    return problems
+
+
+def _host_mounts(container: Container) -> dict[str, str]:
+    """``mountPath -> hostPath`` of the container's hostPath volumes."""
+    volumes = {v["name"]: v for v in container.pod["spec"].get("volumes", [])}
+    mounts = {}
+    for mount in container.spec.get("volumeMounts", []):
+        host_path = volumes.get(mount["name"], {}).get("hostPath")
+        if host_path is not None:
+            mounts[mount["mountPath"].rstrip("/")] = host_path["path"]
+    return mounts
+
+
+def _node_cache_problems(processes: list[FabricProcess]) -> Problems:
+    """Workers with a node tier reach the node cache: the same node name, and the same host
+    directories at the same paths for its segment (``/dev/shm``) and its ``ipc://`` socket."""
+    problems: Problems = []
+    caches = [p for p in processes if p.role == "node-cache"]
+    users = [p for p in processes if p.role in WORKER_ROLES and p.args.node_cache]
+    if users and len(caches) != 1:
+        return [f"workers use a node cache, {len(caches)} node cache containers are deployed"]
+    for cache in caches:
+        endpoint = str(cache.args.endpoint)
+        if not endpoint.startswith("ipc://"):
+            problems.append(f"{cache.container.name}: {endpoint} is not a host socket (ipc://)")
+            continue
+        shared = {"/dev/shm", str(Path(endpoint.removeprefix("ipc://")).parent)}
+        cache_mounts = _host_mounts(cache.container)
+        problems += [
+            f"{cache.container.name}: {path} is not a host directory"
+            for path in sorted(shared - set(cache_mounts))
+        ]
+        for user in users:
+            if user.args.node_cache not in ("etcd", endpoint):
+                problems.append(f"{user.container.name}: node cache {user.args.node_cache}")
+            if user.args.node_name != cache.args.node:
+                problems.append(
+                    f"{user.container.name}: node name {user.args.node_name}, the node cache's "
+                    f"{cache.args.node}"
+                )
+            mounts = _host_mounts(user.container)
+            for path in sorted(shared):
+                if mounts.get(path) != cache_mounts.get(path):
+                    problems.append(
+                        f"{user.container.name}: {path} is {mounts.get(path)} on the host, the "
+                        f"node cache's is {cache_mounts.get(path)}"
+                    )
     return problems
 
 
