@@ -40,6 +40,7 @@ def test_launch_starts_a_node_cache_and_attaches_the_workers(tmp_path: Path) -> 
             prompt,
             "--max-tokens=4",
         ],
+        check=False,
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
