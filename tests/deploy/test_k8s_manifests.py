@@ -9,6 +9,8 @@ on purpose (so a check that stopped looking would fail here).
 from __future__ import annotations
 
 import copy
+import re
+import tomllib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +18,10 @@ import pytest
 from k8s_checks import (
     CHECKS,
     MANIFEST_DIR,
+    REPO,
     Manifest,
     Problems,
+    all_containers,
     load_manifests,
 )
 
@@ -42,6 +46,26 @@ def test_the_deployment_is_all_there() -> None:
     namespaced = [m for m in MANIFESTS if m.doc["kind"] != "Namespace"]
     assert {m.doc["metadata"]["namespace"] for m in namespaced} == {"kv-fabric"}
     assert len(list(MANIFEST_DIR.glob("*.yml"))) == 0, "use .yaml: the checks read *.yaml"
+
+
+def test_the_image_is_the_one_the_dockerfile_builds() -> None:
+    """The Dockerfile copies what exists, runs as the pods' user, and its tag (the project's
+    version) is the one every fabric container runs."""
+    dockerfile = (MANIFEST_DIR / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for source in line.split():
+            assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    images = {c.spec["image"] for c in all_containers(MANIFESTS) if c.is_fabric}
+    assert images == {f"kv-fabric:{version}"}
+    (uid,) = re.findall(r"^USER (\d+)$", dockerfile, re.M)
+    users = {
+        c.spec.get("securityContext", {}).get("runAsUser")
+        or c.pod["spec"].get("securityContext", {}).get("runAsUser")
+        for c in all_containers(MANIFESTS)
+        if c.is_fabric and not c.init
+    }
+    assert users == {int(uid)}
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
