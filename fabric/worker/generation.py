@@ -316,6 +316,7 @@ class GenerationService:
         if decodes:
             self._metrics.decode_steps.inc()
             self._metrics.decode_tokens.inc(len(decodes))
+        self._metrics.prefill_chunks.inc(len(chunks))
         for gen in decoding:
             assert gen.seq is not None
             gen.seq.commit()

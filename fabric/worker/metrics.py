@@ -68,6 +68,11 @@ class WorkerMetrics:
             "cached_tokens", "Prompt positions served from a cache (no compute anywhere)."
         )
         self.generated_tokens = counter("generated_tokens", "Tokens streamed to clients.")
+        self.prefill_chunks = counter(
+            "prefill_chunks",
+            "Prompt chunks computed by engine steps here (a prompt longer than the step's token "
+            "budget takes several).",
+        )
         self.decode_steps = counter("decode_steps", "Batched decode steps run.")
         self.decode_tokens = counter(
             "decode_tokens", "Tokens computed by decode steps (over decode_steps: the batch size)."

@@ -5,7 +5,8 @@ server, metrics) on the tiny model, registered in an ``InMemoryRegistry``, movin
 ``LoopbackAgent``s; a ``Frontend`` speaks the protocol over real signal sockets. Covered here:
 a full pool makes requests wait (and a full queue refuses), an aborted waiting request, a stalled
 KV read falling back to recompute with every block released on both sides, the ``fail``
-fallback, EOS, deadlines, messages a role does not serve, and shutdown mid-stream.
+fallback, EOS, deadlines, chunked prefill configured, messages a role does not serve, and
+shutdown mid-stream.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from serving_harness import Frontend, Result, wait_until
+from serving_harness import Frontend, Result, metric, scrape, wait_until
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
@@ -184,6 +185,22 @@ def test_eos_stops_and_deadlines_end_requests(
     assert 0 < len(ended.tokens) < 500
     too_long = frontend.generate("reference", prompt, 64 * 16)
     assert_error(too_long, "needs 66 blocks of 16 tokens, the device pool holds 64")
+
+
+def test_chunked_prefill_serves_what_whole_prefills_serve(
+    start_worker: StartWorker, frontend: Frontend
+) -> None:
+    """The budget setting reaches the scheduler: concurrent prompts longer than 24 tokens are
+    computed in chunks (the counter says so) and stream what whole-prompt prefills stream."""
+    start_worker(Role.AGGREGATED, "whole", max_num_batched_tokens=0)
+    chunked = start_worker(Role.AGGREGATED, "chunked", max_num_batched_tokens=24)
+    prompts = [prompt_of(length, seed=length) for length in (130, 75, 41)]
+    whole = [frontend.generate("whole", prompt, 10).tokens for prompt in prompts]
+    request_ids = [frontend.send("chunked", prompt, 10) for prompt in prompts]
+    assert [frontend.result("chunked", r).tokens for r in request_ids] == whole
+    scrape_text = scrape(frontend.record(chunked.worker_id))
+    assert metric(scrape_text, "fabric_worker_prefill_chunks_total") >= (130 + 75 + 41) / 24
+    assert wait_until(lambda: in_use(chunked) == 0, 2.0)
 
 
 def test_roles_refuse_what_they_do_not_serve(start_worker: StartWorker, frontend: Frontend) -> None:
