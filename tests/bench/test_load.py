@@ -22,7 +22,14 @@ from fabric.bench.load.client import (
     client_args,
     parse_slos,
 )
-from fabric.bench.load.deployments import DEPLOYMENTS, Deployment, Setup, Target
+from fabric.bench.load.deployments import (
+    DEPLOYMENTS,
+    NAME_TO_DEPLOYMENT,
+    Deployment,
+    Setup,
+    Target,
+    worker_flags,
+)
 from fabric.bench.load.plot import load_chart
 from fabric.bench.load.registrar import stand_in_record
 from fabric.bench.load.report import (
@@ -33,6 +40,7 @@ from fabric.bench.load.report import (
     result_row,
     summarize,
 )
+from fabric.config import setting_field
 from fabric.discovery.records import EngineKind, WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import ConfigError
@@ -180,6 +188,26 @@ def test_every_deployment_has_a_description_and_unique_namespace() -> None:
         assert deployment.description and deployment.num_workers >= 1
     help_text = build_parser().format_help()
     assert "load" in help_text
+
+
+def test_aggregated_arms_run_chunked_prefill_and_1p1d_keeps_its_workers_defaults() -> None:
+    args = _parse("--max-num-batched-tokens", "512")
+    setup = Setup("tiny", Path("/m"), "http://etcd", Path("/r"), Path("/p"), 32, 512)
+    flags = {d.name: worker_flags(d, setup) for d in command.parse_deployments("1p1d,agg_x2")}
+    flags["agg_2t"] = worker_flags(NAME_TO_DEPLOYMENT["agg_2t"], setup)
+    assert flags == {
+        "1p1d": (),
+        "agg_x2": ("--max-num-batched-tokens", "512"),
+        "agg_2t": ("--max-num-batched-tokens", "512"),
+    }
+    assert args.max_num_batched_tokens == 512
+    assert _parse().max_num_batched_tokens == setting_field("max_num_batched_tokens").default > 0
+    assert (
+        command.describe(command.make_workload(args), [1.0], args)[
+            "aggregated_max_num_batched_tokens"
+        ]
+        == 512
+    )
 
 
 # -- rows from vLLM's saved JSON -----------------------------------------------------------------

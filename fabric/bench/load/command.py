@@ -38,6 +38,7 @@ from fabric.bench.load.report import Overhead, error_row, result_row, summarize
 from fabric.bench.vs_vllm.arms import FIRST_TOKEN_ID, MAX_MODEL_LEN
 from fabric.bench.vs_vllm.report import machine
 from fabric.bench.vs_vllm.servers import find_vllm_python
+from fabric.config import setting_field
 from fabric.errors import ConfigError, FabricError
 from fabric.frontend.client import stream_completion
 from fabric.supervise import ChildFailed, private_etcd, sigterm_raises
@@ -103,6 +104,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--preset", choices=("tiny", "small"), default="tiny", help="model (%(default)s)"
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=setting_field("max_num_batched_tokens").default,
+        metavar="N",
+        help="the aggregated arms' per-step token budget (chunked prefill: decodes first, "
+        "prompt chunks fill the rest); 0 prefills each prompt whole, stalling decodes; 1p1d's "
+        "workers keep their defaults (%(default)s, the workers' default)",
     )
     parser.add_argument(
         "--seed",
@@ -219,6 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deployments = parse_deployments(args.deployments)
     rates = parse_rates(args.rates)
     workload = make_workload(args)
+    if args.max_num_batched_tokens < 0:
+        raise ConfigError("--max-num-batched-tokens must be >= 0 (0: whole-prompt prefills)")
     if args.overhead_probes < 0 or args.overhead_tokens < 1:
         raise ConfigError("--overhead-probes must be >= 0 and --overhead-tokens positive")
     if (os.cpu_count() or 1) < 2:
@@ -237,7 +249,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.enter_context(sigterm_raises())
         etcd = stack.enter_context(private_etcd(run_dir))
         setup = Setup(
-            args.preset, ensure_model(args.preset), etcd, run_dir, python, args.output_len
+            args.preset,
+            ensure_model(args.preset),
+            etcd,
+            run_dir,
+            python,
+            args.output_len,
+            args.max_num_batched_tokens,
         )
         rows: list[dict[str, Any]] = []
         for deployment in deployments:
@@ -369,6 +387,7 @@ def describe(
         "num_prefixes": workload.num_prefixes if workload.prefix_len else None,
         "goodput_slos_ms": dict(workload.slos_ms),
         "slo_attainment": args.slo_attainment,
+        "aggregated_max_num_batched_tokens": args.max_num_batched_tokens,
         "arrivals": "Poisson (vLLM client, burstiness 1.0)",
         "client": "vllm.benchmarks.serve (add_cli_args + main) from the vLLM environment, "
         "OpenAI completions, streamed, greedy, ignore_eos, its ready check off; prompt seed "

