@@ -10,8 +10,9 @@ the device pool has room for all of its blocks (prompt + ``max_tokens - 1``, res
   is not this one and this worker has remote prefills, unless its own tiers (G4 included)
   already hold every full block of the prompt (at least one): computing the partial last block
   here beats a round trip;
-* here (``Phase.PREFILLING``) otherwise, but only while the caller's local budget lasts (one
-  local prompt per step, so running requests keep decoding).
+* here (``Phase.PREFILLING``) otherwise, but only while the caller's local budget lasts (the
+  generation service gives one while its step's token budget has room left, or one per step
+  without a budget, so running requests keep decoding).
 
 Invariants: requests leave the queue in arrival order, only through ``admit_next`` (with their
 blocks reserved) or ``remove``; a head that found no room is not tried again until the pool has

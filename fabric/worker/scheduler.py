@@ -6,7 +6,8 @@ The scheduler thread loops::
 
     drain the inbox (wait when idle) ─▶ dispatch each message to the role's service
         ─▶ service steps: prefill role computes one queued prompt and expires stale handoffs;
-           decode / aggregated roles collect remote prefills, admit, run one decode step
+           decode / aggregated roles collect remote prefills, admit, run one engine step
+           (every decode and the prompt chunks its token budget allows)
 
 Messages by role: PREFILL serves ``PrefillRequest``, ``TransferDone`` and ``Abort``; DECODE
 serves ``GenerateRequest`` and ``Abort``; AGGREGATED serves all four (it computes its own requests
