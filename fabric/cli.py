@@ -11,12 +11,14 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib import metadata
 
 from fabric.errors import FabricError
 
 _COMMANDS = {
     "demo": ("fabric.demo", "walk one worker's KV blocks through the device, host and disk tiers"),
     "launch": ("fabric.launch", "start etcd, prefill/decode workers and the frontend together"),
+    "status": ("fabric.status", "the cluster in a table: workers, roles, load, tiers, hit rates"),
 }
 _SERVE_ROLES = {
     "prefill": ("fabric.worker.serve", "a prefill worker: computes prompts, hands KV to decode"),
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="KV Fabric: disaggregated prefill/decode KV-cache transfer fabric.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in _COMMANDS.items():
         _add(sub, name, module_name, help_text)
@@ -70,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     for role, (module_name, help_text) in _SERVE_ROLES.items():
         _add(roles, role, module_name, help_text)
     return parser
+
+
+def _version() -> str:
+    """The installed kv-fabric distribution's version (what ``pip show kv-fabric`` says)."""
+    try:
+        return metadata.version("kv-fabric")
+    except metadata.PackageNotFoundError:
+        return "(kv-fabric is not installed: run from a source tree)"
 
 
 def _run_bench(argv: list[str]) -> int:

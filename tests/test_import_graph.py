@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"models", "pd", "node"},
     {"engine", "frontend", "supervise", "config"},
     {"worker", "integrations"},
-    {"launch", "demo"},
+    {"launch", "demo", "status"},
     {"bench"},
     {"cli", "fabric"},
 ]

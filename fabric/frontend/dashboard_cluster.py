@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +148,8 @@ class RouteHistory:
 
 
 @dataclass(frozen=True, slots=True)
-class _Scrape:
-    """One scrape of a worker: when (monotonic), what, or why it failed."""
+class WorkerScrape:
+    """One scrape of a worker's metrics: when (monotonic), its samples, or why it failed."""
 
     at: float
     samples: Samples | None
@@ -162,7 +162,7 @@ class ClusterView:
     def __init__(self, frontend: Frontend) -> None:
         self._frontend = frontend
         self._history = RouteHistory()
-        self._previous: dict[tuple[str, float], _Scrape] = {}
+        self._previous: dict[tuple[str, float], WorkerScrape] = {}
         self._snapshot: Json | None = None
         self._taken_at = 0.0
         self._lock = asyncio.Lock()
@@ -180,19 +180,18 @@ class ClusterView:
         records = sorted(fleet.workers().values(), key=lambda r: (r.role.value, r.worker_id))
         in_flight = fleet.in_flight()
         indexed = fleet.indexed_blocks()
-        async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False) as client:
-            scrapes = await asyncio.gather(*(_scrape(client, record) for record in records))
+        scrapes = await scrape_workers(records)
         now = time.time()
         own = Samples.of(self._frontend.metrics.registry)
         routes = own.by_label("fabric_frontend_routes_total", "kind")
         self._history.sample(now, routes)
         workers = []
-        current: dict[tuple[str, float], _Scrape] = {}
+        current: dict[tuple[str, float], WorkerScrape] = {}
         for record, scrape in zip(records, scrapes, strict=True):
             key = (record.worker_id, record.started_at)
             current[key] = scrape
             workers.append(
-                _worker_json(
+                worker_json(
                     record,
                     scrape,
                     self._previous.get(key),
@@ -210,17 +209,23 @@ class ClusterView:
         }
 
 
-async def _scrape(client: httpx.AsyncClient, record: WorkerRecord) -> _Scrape:
+async def scrape_workers(records: Sequence[WorkerRecord]) -> list[WorkerScrape]:
+    """Every worker's metrics, scraped concurrently, each within ``SCRAPE_TIMEOUT_S``."""
+    async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S, trust_env=False) as client:
+        return list(await asyncio.gather(*(_scrape(client, record) for record in records)))
+
+
+async def _scrape(client: httpx.AsyncClient, record: WorkerRecord) -> WorkerScrape:
     url = record.endpoints.metrics
     if url is None:
-        return _Scrape(time.monotonic(), None, "the worker's record names no metrics endpoint")
+        return WorkerScrape(time.monotonic(), None, "the worker's record names no metrics endpoint")
     try:
         response = await client.get(url)
         response.raise_for_status()
         samples = Samples.parse(response.text)
     except (httpx.HTTPError, ValueError) as exc:
-        return _Scrape(time.monotonic(), None, f"{url}: {type(exc).__name__}: {exc}")
-    return _Scrape(time.monotonic(), samples, None)
+        return WorkerScrape(time.monotonic(), None, f"{url}: {type(exc).__name__}: {exc}")
+    return WorkerScrape(time.monotonic(), samples, None)
 
 
 def _frontend_json(own: Samples, in_flight: int) -> Json:
@@ -249,14 +254,20 @@ def _frontend_json(own: Samples, in_flight: int) -> Json:
     }
 
 
-def _worker_json(
+def worker_json(
     record: WorkerRecord,
-    scrape: _Scrape,
-    previous: _Scrape | None,
+    scrape: WorkerScrape,
+    previous: WorkerScrape | None = None,
     *,
-    in_flight: int,
-    indexed_blocks: int | None,
+    in_flight: int | None = None,
+    indexed_blocks: int | None = None,
 ) -> Json:
+    """One worker as the page shows it (also ``fabric status``'s rows).
+
+    Args:
+        previous: the worker process's previous scrape, for rates (None: rates are None).
+        in_flight: this frontend's requests on it (None: not known, e.g. read from etcd).
+    """
     layout = record.layout
     block_bytes = kv_block_bytes(layout)
     body: Json = {
@@ -308,7 +319,7 @@ def _worker_json(
     return body
 
 
-def _state(record: WorkerRecord, scrape: _Scrape) -> str:
+def _state(record: WorkerRecord, scrape: WorkerScrape) -> str:
     """``up`` (its metrics answered), ``unreachable`` (they did not) or ``no_metrics``."""
     if scrape.samples is not None:
         return "up"
@@ -341,7 +352,7 @@ def _tiers_json(samples: Samples) -> list[Json]:
     return tiers
 
 
-def _rate(scrape: _Scrape, previous: _Scrape | None, name: str) -> float | None:
+def _rate(scrape: WorkerScrape, previous: WorkerScrape | None, name: str) -> float | None:
     """Per second between two scrapes of one worker process; None without two."""
     if previous is None or previous.samples is None or scrape.samples is None:
         return None

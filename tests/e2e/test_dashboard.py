@@ -9,6 +9,8 @@ move: the frontend's request count, the prefill route total, the KV transfers,
 decode-0's requests and device-tier hits (the same prompt twice), and the prefill worker's
 device tier (the prompt's blocks are cached there).
 
+``fabric status`` reads the same deployment from etcd and from the frontend's JSON.
+
 A screenshot of the page after the requests is saved in the test's temp dir, and copied to
 ``$FABRIC_DASHBOARD_SCREENSHOT`` when set (how ``docs/img/dashboard.png`` is made).
 """
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -176,3 +181,42 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     target = os.environ.get(SCREENSHOT_ENV)
     if target:
         shutil.copyfile(screenshot, target)
+
+
+def fabric_status(*args: str) -> str:
+    """``fabric status`` as a user runs it; its output (exit status 0 asserted)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fabric.cli", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def rows_of(table: str) -> dict[str, list[str]]:
+    """``worker id -> cells`` of a status table (cells split on runs of 2+ spaces)."""
+    return {
+        cells[0]: cells
+        for line in table.splitlines()
+        if len(cells := re.split(r"\s{2,}", line.strip())) > 3
+    }
+
+
+def test_fabric_status_from_etcd_and_from_the_frontend(pd: Deployment) -> None:
+    complete(pd.client(), prompt_ids(40, seed=5), max_tokens=4)
+    table = fabric_status(f"--etcd={pd.etcd}", f"--namespace={pd.namespace}")
+    rows = rows_of(table)
+    assert rows["prefill-0"][1:3] == ["prefill", "up"], table
+    assert rows["decode-0"][1:3] == ["decode", "up"], table
+    assert rows["decode-0"][3] == "-"  # in flight: only a frontend knows
+    assert int(rows["decode-0"][5]) >= 1  # requests
+    assert any(cell.startswith("G1 ") and cell.endswith("%") for cell in rows["decode-0"]), table
+
+    table = fabric_status(f"--frontend={pd.url}")
+    assert table.splitlines()[0] == f"frontend {pd.url}: 2 worker(s)"
+    assert re.search(r"frontend: [1-9]\d* requests, 0 in flight", table), table
+    rows = rows_of(table)
+    assert rows["decode-0"][1:4] == ["decode", "up", "0"], table
