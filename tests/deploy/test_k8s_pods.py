@@ -1,0 +1,210 @@
+"""The manifests' own commands, run as pods on lab hosts: they form the deployment they describe.
+
+One network namespace per pod (``tests/multihost/netns_harness``), each pod's container started
+by ``pod_runner`` from its template in ``deploy/k8s`` (the three etcd members of the
+StatefulSet, one prefill, one decode, one frontend, the node cache), with the manifests'
+secrets (a CURVE key pair and an API key made here). Checked as a cluster would see it: every
+readiness, liveness and startup probe passes on the address and port it names; the workers'
+records advertise their pod addresses; the frontend's Service port answers a completion with
+the API key and 401 without; every scraped port serves metrics; and every pod stops with status
+0 within its termination grace period on SIGTERM, the node cache unlinking its segment.
+
+Marked ``multihost``; skipped with the reason where network namespaces cannot be made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from k8s_checks import Manifest, all_containers, load_manifests
+from netns_harness import Lab, LabUnavailable, check_available, sweep_stale
+from pod_runner import Pod, PodRunner, http_status, probe
+
+from fabric.auth import keygen
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.records import WorkerRecord
+from fabric.discovery.registry import DEFAULT_NAMESPACE, workers_prefix
+from fabric.node.config import segment_name
+
+pytestmark = pytest.mark.multihost
+
+STARTUP_S = 240.0
+PODS = {  # (kind, name) -> how many pods of it run here
+    ("StatefulSet", "etcd"): 3,
+    ("Deployment", "prefill"): 1,
+    ("Deployment", "decode"): 1,
+    ("Deployment", "frontend"): 1,
+    ("DaemonSet", "node-cache"): 1,
+}
+
+
+def owner_key(manifest: Manifest) -> tuple[str, str]:
+    return manifest.doc["kind"], manifest.doc["metadata"]["name"]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    try:
+        check_available()
+    except LabUnavailable as exc:
+        pytest.skip(f"no network namespaces: {exc}")
+    sweep_stale()
+    names = [f"{name}-{i}" for (_, name), count in PODS.items() for i in range(count)]
+    lab = Lab(tmp_path_factory.mktemp("k8s-lab")).open(names)
+    try:
+        yield lab
+    finally:
+        lab.close()
+        assert lab.leftovers() == []
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    secret_key = keygen(tmp_path_factory.mktemp("keys")).read_text()
+    return {
+        "kv-fabric-keys": {"curve.key_secret": secret_key, "api-key": secrets.token_urlsafe(16)}
+    }
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node every pod runs on (unique: it names the node cache's shared memory segment)."""
+    return f"k8s-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="module")
+def pods(
+    lab: Lab,
+    keys: dict[str, dict[str, str]],
+    node: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Pod]]:
+    """Every pod of ``PODS`` started, each ready per its readiness probe."""
+    runner = PodRunner(tmp_path_factory.mktemp("k8s"), keys, node)
+    for i in range(PODS[("StatefulSet", "etcd")]):
+        runner.dns[f"etcd-{i}.etcd"] = lab.hosts[f"etcd-{i}"].address
+    started: dict[str, Pod] = {}
+    try:
+        for container in all_containers(load_manifests()):
+            count = PODS.get(owner_key(container.owner), 0)
+            if container.init or count == 0:
+                continue
+            for i in range(count):
+                name = f"{container.owner.doc['metadata']['name']}-{i}"
+                started[name] = runner.start(container, name, lab.hosts[name])
+        wait_ready(lab, list(started.values()))
+        yield started
+    finally:
+        lab.stop_children()
+        segment = Path("/dev/shm") / segment_name(DEFAULT_NAMESPACE, node)
+        segment.unlink(missing_ok=True)
+        runner.cleanup()
+
+
+def wait_ready(lab: Lab, pods: list[Pod]) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    waiting = [pod for pod in pods if "readinessProbe" in pod.container.spec]
+    while waiting:
+        for pod in pods:
+            if pod.child.process.poll() is not None:
+                pytest.fail(
+                    f"{pod.name} exited {pod.child.process.returncode}:\n{pod.child.tail()}"
+                )
+        waiting = [pod for pod in waiting if not probe(pod, "readinessProbe")]
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.child.tail()}" for p in waiting)
+            pytest.fail(f"not ready after {STARTUP_S:.0f} s: {[p.name for p in waiting]}\n{tails}")
+        time.sleep(0.5)
+
+
+def test_every_probe_passes(pods: dict[str, Pod]) -> None:
+    for pod in pods.values():
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if kind in pod.container.spec:
+                assert probe(pod, kind), f"{pod.name}: {kind} fails"
+
+
+def test_workers_advertise_their_pod_addresses(pods: dict[str, Pod]) -> None:
+    endpoints = ",".join(f"http://{pods[f'etcd-{i}'].host.address}:2379" for i in range(3))
+    registry = EtcdRegistry(endpoints, timeout_s=5.0)
+    try:
+        records = [
+            WorkerRecord.from_bytes(value, key=key)
+            for key, value in registry.get_prefix(workers_prefix(DEFAULT_NAMESPACE)).items()
+        ]
+    finally:
+        registry.close()
+    by_id = {record.worker_id: record for record in records}
+    for name in ("prefill-0", "decode-0"):
+        address = pods[name].host.address
+        record = by_id[name]  # --worker-id=$(POD_NAME)
+        assert f"//{address}:" in str(record.endpoints.signal), record
+        assert f"//{address}:9400/" in str(record.endpoints.metrics), record
+    assert any(record.role.value == "node-cache" for record in records), by_id
+
+
+def frontend_url(pods: dict[str, Pod]) -> str:
+    (service,) = [m.doc for m in load_manifests() if owner_key(m) == ("Service", "frontend")]
+    port = pods["frontend-0"].container.ports()[str(service["spec"]["ports"][0]["targetPort"])]
+    return f"http://{pods['frontend-0'].host.address}:{port}"
+
+
+def test_the_service_port_serves_completions_with_the_api_key(
+    pods: dict[str, Pod], keys: dict[str, dict[str, str]]
+) -> None:
+    url = frontend_url(pods) + "/v1/completions"
+    body = json.dumps({"model": "tiny", "prompt": "Hello from a pod", "max_tokens": 4}).encode()
+    key = keys["kv-fabric-keys"]["api-key"]
+    request = urllib.request.Request(
+        url,
+        data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    assert answer["choices"][0]["text"], answer
+    assert answer["usage"]["completion_tokens"] == 4, answer
+    anonymous = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=30)
+    assert refused.value.code == 401
+
+
+def test_every_scraped_port_serves_metrics(
+    pods: dict[str, Pod], keys: dict[str, dict[str, str]]
+) -> None:
+    key = keys["kv-fabric-keys"]["api-key"]
+    for pod in pods.values():
+        annotations = pod.container.pod["metadata"].get("annotations", {})
+        if annotations.get("prometheus.io/scrape") != "true":
+            continue
+        url = (
+            f"http://{pod.host.address}:{annotations['prometheus.io/port']}"
+            f"{annotations['prometheus.io/path']}"
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+        assert http_status(url, headers) == 200, f"{pod.name}: {url}"
+
+
+def test_every_pod_stops_cleanly_within_its_grace_period(pods: dict[str, Pod], node: str) -> None:
+    segment = Path("/dev/shm") / segment_name(DEFAULT_NAMESPACE, node)
+    assert segment.exists()  # the node cache serves from it
+    fabric = [pod for pod in pods.values() if not pod.name.startswith("etcd-")]
+    for pod in fabric:  # before etcd, as the deployment's own pods are stopped first
+        grace = pod.container.pod["spec"]["terminationGracePeriodSeconds"]
+        pod.child.process.terminate()
+        try:
+            code: int | None = pod.child.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, f"{pod.name}: status {code} after SIGTERM\n{pod.child.tail()}"
+    assert not segment.exists()  # unlinked by the node cache on SIGTERM
