@@ -10,11 +10,16 @@ watches use its generated gRPC stubs directly (see below).
 
 Invariants:
 
-* Every unary call has a deadline of ``timeout_s``; a failure raises ``DiscoveryError`` naming
-  the endpoints and what to do. The channel reconnects by itself with a short, capped backoff
-  (``_GRPC_OPTIONS``), so a restarted etcd is usable again within about a second. ``pyetcd``
-  marks a failed endpoint unusable for ``time_retry`` seconds (300 by default): with one endpoint
-  we set it to 0 (nothing to fail over to), with several to 1 s.
+* Every unary call has a deadline of ``timeout_s`` per endpoint tried; a failure raises
+  ``DiscoveryError`` naming the endpoints and what to do. The channel reconnects by itself with
+  a short, capped backoff (``_GRPC_OPTIONS``), so a restarted etcd is usable again within about
+  a second. ``pyetcd`` marks a failed endpoint unusable for ``time_retry`` seconds (300 by
+  default): with one endpoint we set it to 0 (nothing to fail over to), with several to 1 s.
+* Failover (several endpoints: the members of one cluster): a call that finds its endpoint
+  unreachable (unavailable, or no answer by the deadline) is retried at once on the next
+  endpoint pyetcd has not marked failed, up to once per endpoint, so one lost member costs a
+  call at most ``timeout_s`` more and no error; a watch whose stream breaks that way marks the
+  endpoint failed too, so its re-list and new stream go to another member.
 * TTLs are whole seconds in etcd: ``grant_lease`` rounds up, and etcd raises a TTL below its
   minimum (``1.5 * election timeout``, rounded up) to that minimum; ``Lease.ttl_s`` is as granted.
 * Watches re-establish themselves. Each watch owns a thread and a gRPC stream. It lists the
@@ -240,6 +245,26 @@ class EtcdRegistry:
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise DiscoveryError(f"etcd {what}: this EtcdRegistry ({self.endpoints}) is closed")
+        for _ in range(len(self._addresses) - 1):  # failover: the module docstring
+            try:
+                return self._call_endpoint(what, fn, *args, **kwargs)
+            except DiscoveryError as exc:
+                cause = exc.__cause__
+                if cause is None or not _is_unreachable(cause):
+                    raise
+                logger.warning("etcd %s: %s; trying the next endpoint", what, _details(cause))
+        return self._call_endpoint(what, fn, *args, **kwargs)
+
+    def _fail_over(self) -> None:
+        """Mark the endpoint in use failed (with several): pyetcd's next channel is another's.
+
+        pyetcd does this itself for the calls it wraps; the raw watch streams need it here."""
+        if len(self._addresses) > 1:
+            self._client.endpoint_in_use.fail()
+            self._client._clear_old_stubs()
+
+    def _call_endpoint(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One call on the endpoint in use (re-authenticating once when etcd refuses the token)."""
         token = self._current_token(what)
         try:
             return fn(*args, **kwargs)
@@ -390,6 +415,8 @@ class _EtcdWatch:
                 reason = "the stream ended (revision compacted or watch canceled by etcd)"
             except (DiscoveryError, grpc.RpcError, Etcd3Exception) as exc:
                 reason = _details(exc) or type(exc).__name__
+                if isinstance(exc, grpc.RpcError) and _is_unreachable(exc):
+                    self._registry._fail_over()  # the member is gone: re-list on another
             if self._cancelled.is_set():
                 break
             self._connected.clear()

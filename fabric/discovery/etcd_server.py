@@ -1,4 +1,5 @@
-"""EtcdServer: one single-member etcd on loopback, for tests and launch scripts.
+"""EtcdServer: one etcd member (alone on loopback, or one of a cluster), for tests and launch
+scripts.
 
 Owns the etcd process, its ports, its data directory and its log file.
 
@@ -17,6 +18,13 @@ Invariants:
   ``close`` / leaving the ``with`` block; a given ``data_dir`` is never removed.
 * Raft timing is shortened (heartbeat 50 ms, election 500 ms): a single member elects itself
   quickly and the minimum lease TTL becomes 1 s instead of 2 s.
+* A cluster member (``cluster``: every member's name and peer URL, this one's included, with the
+  cluster's token) serves clients on ``host`` and peers on its ``peer_url``, which must be in
+  ``cluster``; ports must be given (another host's ports cannot be picked from here). Members
+  are started with ``start(wait=False)`` and then ``wait_healthy()``: a member is healthy only
+  once a quorum has elected a leader. ``command_prefix`` runs the binary under another command
+  (``ip netns exec NAME``: a member on another network namespace); ``status`` /
+  ``is_leader`` read the member's raft status.
 * ``tls`` (``etcd_certs.TlsMaterial``) serves clients over TLS (``endpoint`` is ``https://``);
   ``client_cert_auth`` also requires a client certificate signed by its CA. ``users``
   (``ServerUsers``) turns authentication on at the first start of a data directory: a ``root``
@@ -50,7 +58,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from pyetcd import etcdrpc
@@ -89,6 +97,18 @@ def find_etcd_binary() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class EtcdCluster:
+    """The members of one etcd cluster: name -> peer URL (``http://host:2380``), and its token."""
+
+    peers: tuple[tuple[str, str], ...]
+    token: str = "fabric-etcd-cluster"
+
+    def initial_cluster(self) -> str:
+        """etcd's ``--initial-cluster`` value: ``name=url,name=url,...``."""
+        return ",".join(f"{name}={url}" for name, url in self.peers)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerUsers:
     """The users an ``EtcdServer`` starts with, authentication on (module docstring)."""
 
@@ -124,12 +144,27 @@ class EtcdServer:
         client_cert_auth: bool = False,
         users: ServerUsers | None = None,
         auth_token_ttl_s: int | None = None,
+        cluster: EtcdCluster | None = None,
+        command_prefix: tuple[str, ...] = (),
     ) -> None:
         """Args:
         auth_token_ttl_s: how long etcd keeps an unused auth token (its default: 300 s).
+        cluster: this server is one member of that cluster (module docstring).
+        command_prefix: run the binary under this command (e.g. ``ip netns exec NAME``).
         """
         if client_cert_auth and tls is None:
             raise ConfigError("client_cert_auth needs tls (the CA that signs client certificates)")
+        if cluster is not None:
+            if client_port is None or peer_port is None:
+                raise ConfigError("a cluster member needs its client_port and peer_port given")
+            own = dict(cluster.peers).get(name)
+            if own != f"http://{host}:{peer_port}":
+                raise ConfigError(
+                    f"cluster {cluster.initial_cluster()!r} must name this member as "
+                    f"{name}=http://{host}:{peer_port}"
+                )
+        self.cluster = cluster
+        self._command_prefix = command_prefix
         self.host = host
         self.tls = tls
         self.client_cert_auth = client_cert_auth
@@ -180,11 +215,20 @@ class EtcdServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> EtcdServer:
-        """Start etcd and wait until it is healthy (DiscoveryError with the log tail if not)."""
+    def start(self, *, wait: bool = True) -> EtcdServer:
+        """Start etcd and wait until it is healthy (DiscoveryError with the log tail if not).
+
+        ``wait=False`` only starts the process (a cluster member: ``wait_healthy`` once every
+        member was started); with ``users`` it must wait.
+        """
         if self.running:
             raise DiscoveryError(f"etcd at {self.endpoint} is already running")
         self._pick_ports(repick=False)
+        if not wait:
+            if self.users is not None:
+                raise ConfigError("a server with users must wait to turn authentication on")
+            self._launch()
+            return self
         attempt = 1
         while True:
             self._launch()
@@ -207,6 +251,40 @@ class EtcdServer:
                 raise
         logger.info("etcd %s healthy at %s (data %s)", self.name, self.endpoint, self.data_dir)
         return self
+
+    def wait_healthy(self) -> None:
+        """Until ``/health`` answers true (bounded by ``startup_timeout_s``); stops the process
+        and raises DiscoveryError with the log's tail if it does not."""
+        try:
+            self._wait_healthy()
+        except DiscoveryError:
+            self.stop()
+            raise
+
+    def status(self) -> dict[str, Any]:
+        """The member's raft status (``/v3/maintenance/status``: ``header.member_id``,
+        ``leader``, ``raftTerm``, ...).
+
+        Raises:
+            DiscoveryError: the member did not answer within ``stop_timeout_s``.
+        """
+        context = None if self.tls is None else self._admin_tls().ssl_context()
+        request = urllib.request.Request(
+            f"{self.endpoint}/v3/maintenance/status", data=b"{}", method="POST"
+        )
+        try:
+            with urllib.request.urlopen(
+                request, timeout=self.stop_timeout_s, context=context
+            ) as response:
+                body: dict[str, Any] = json.loads(response.read())
+        except (OSError, ValueError) as exc:
+            raise DiscoveryError(f"etcd {self.name} at {self.endpoint}: no status ({exc})") from exc
+        return body
+
+    def is_leader(self) -> bool:
+        """Whether this member is the cluster's raft leader now."""
+        status = self.status()
+        return bool(status.get("leader")) and status["leader"] == status["header"]["member_id"]
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``stop_timeout_s``; idempotent."""
@@ -327,7 +405,9 @@ class EtcdServer:
     def _launch(self) -> None:
         client_url = f"{self._scheme}://{self.host}:{self._client_port}"
         peer_url = f"http://{self.host}:{self._peer_port}"
+        cluster = self.cluster or EtcdCluster(((self.name, peer_url),), token=self.name)
         args = [
+            *self._command_prefix,
             self._binary,
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
@@ -335,9 +415,9 @@ class EtcdServer:
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={self.name}={peer_url}",
+            f"--initial-cluster={cluster.initial_cluster()}",
             "--initial-cluster-state=new",
-            f"--initial-cluster-token={self.name}",
+            f"--initial-cluster-token={cluster.token}",
             "--heartbeat-interval=50",
             "--election-timeout=500",
         ]

@@ -110,6 +110,17 @@ class PrefillHandoff:
         """Requests whose blocks are held for a decode."""
         return len(self._holds)
 
+    def progress(self) -> None:
+        """Drive this side's transfer agent while blocks are held (call it often then).
+
+        Over shared memory a decode's READ completes without this process; over a network
+        (UCX on TCP, between hosts) the target serves each READ only while its UCX worker is
+        progressed, and with NIXL's progress thread off that is this poll. Notifications are
+        drained with it; the reference engine's producer uses none.
+        """
+        if self._holds:
+            self._agent.notifications()
+
     def offer(
         self,
         request_id: str,

@@ -92,6 +92,11 @@ class PrefillService:
         """A queued request may be computable now."""
         return bool(self._queue) and not self._blocked
 
+    @property
+    def has_held(self) -> bool:
+        """Blocks are held for decodes to read: the agent must be progressed (``step``)."""
+        return self._handoff.num_held > 0
+
     def retry_admission(self) -> None:
         """Blocks were freed outside a release (offload copies done): retry the head."""
         self._blocked = False
@@ -132,8 +137,9 @@ class PrefillService:
 
     def step(self) -> bool:
         """Drop the work of decode workers that left, then compute the oldest queued prefill if
-        the pool has room; True when one was served."""
+        the pool has room; True when one was served. Progresses the agent for held reads."""
         self._drop_departed()
+        self._handoff.progress()
         if not self._queue:
             return False
         if self._blocked and self._kvbm.pool().num_free <= self._free_when_blocked:

@@ -19,9 +19,9 @@ Offload: with a host or disk tier, the worker's ``OffloadManager`` is stepped on
 (finished copies registered, next batches dispatched; it never blocks). Copies pin device
 blocks, so when some finish a request waiting for room is retried.
 
-Waiting: with local work the loop does not wait; with only remote prefills or offload copies in
-flight it waits ``POLL_S``; idle, it waits on the inbox (``IDLE_S``, which also paces handoff
-expiry).
+Waiting: with local work the loop does not wait; with only remote prefills, offload copies or
+held handoffs (a decode's READ over TCP needs this side's agent progressed) in flight it waits
+``POLL_S``; idle, it waits on the inbox (``IDLE_S``, which also paces handoff expiry).
 
 Failures: an unexpected exception in a step is logged with its traceback, every request in
 flight is ended with an error chunk and its blocks released, and the loop goes on. ``close``
@@ -135,7 +135,8 @@ class Scheduler:
                 )
                 remote = gen is not None and gen.has_remote_work
                 copying = self._offload is not None and not self._offload.idle
-                self._drain(0.0 if busy else POLL_S if remote or copying else IDLE_S)
+                lent = prefill is not None and prefill.has_held  # decodes read: progress
+                self._drain(0.0 if busy else POLL_S if remote or copying or lent else IDLE_S)
                 try:
                     if gen is not None:
                         gen.step(0.0 if busy else POLL_S)
