@@ -6,8 +6,10 @@ StatefulSet, one prefill, one decode, one frontend, the node cache), with the ma
 secrets (a CURVE key pair and an API key made here). Checked as a cluster would see it: every
 readiness, liveness and startup probe passes on the address and port it names; the workers'
 records advertise their pod addresses; the frontend's Service port answers a completion with
-the API key and 401 without; every scraped port serves metrics; and every pod stops with status
-0 within its termination grace period on SIGTERM, the node cache unlinking its segment.
+the API key and 401 without, and the prefill worker stores the prompt's blocks in the node
+cache through the host directories the pods share; every scraped port serves metrics; every
+pod stops with status 0 within its termination grace period on SIGTERM, the node cache
+unlinking its segment.
 
 Marked ``multihost``; skipped with the reason where network namespaces cannot be made.
 """
@@ -21,13 +23,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from k8s_checks import Manifest, all_containers, load_manifests
 from netns_harness import Lab, LabUnavailable, check_available, sweep_stale
 from pod_runner import Pod, PodRunner, http_status, probe
+from prometheus_client.parser import text_string_to_metric_families
 
 from fabric.auth import keygen
 from fabric.discovery.etcd import EtcdRegistry
@@ -162,7 +165,8 @@ def test_the_service_port_serves_completions_with_the_api_key(
     pods: dict[str, Pod], keys: dict[str, dict[str, str]]
 ) -> None:
     url = frontend_url(pods) + "/v1/completions"
-    body = json.dumps({"model": "tiny", "prompt": "Hello from a pod", "max_tokens": 4}).encode()
+    prompt = "Hello from a pod on a node with a cache. " * 8  # several full KV blocks
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 4}).encode()
     key = keys["kv-fabric-keys"]["api-key"]
     request = urllib.request.Request(
         url,
@@ -177,6 +181,33 @@ def test_the_service_port_serves_completions_with_the_api_key(
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(anonymous, timeout=30)
     assert refused.value.code == 401
+    # The prefill worker stored the prompt's blocks in the node cache: its socket and segment
+    # are shared through the host directories as the manifests mount them.
+    metrics = f"http://{pods['prefill-0'].host.address}:9400/metrics"
+    assert wait_until(lambda: node_offloads(metrics) > 0, 30.0), scrape(metrics)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def node_offloads(url: str) -> float:
+    """Blocks the worker at ``url`` stored in the node tier (G2N)."""
+    for family in text_string_to_metric_families(scrape(url)):
+        for sample in family.samples:
+            if sample.name == "fabric_kvbm_offloads_total" and sample.labels.get("target") == "G2N":
+                return float(sample.value)
+    return 0.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_every_scraped_port_serves_metrics(
