@@ -259,16 +259,17 @@ def start_node_cache(
     timeout_s: float,
     should_stop: Callable[[], bool] = lambda: False,
     namespace: str | None = None,
+    progress: Progress = print_progress,
 ) -> list[str]:
     """Start the node cache, add it to ``children`` and wait until it serves; the flags that
     attach a worker to it."""
     cmd = node_cache_command(etcd=etcd, model=model, shm_gb=shm_gb, namespace=namespace)
-    child = start_process("node-cache", cmd, run_dir, progress=print_progress, env=env)
+    child = start_process("node-cache", cmd, run_dir, progress=progress, env=env)
     children.append(child)
-    ready = ReadyLine(child, print_progress)
+    ready = ReadyLine(child, progress)
     wait_ready(children, ready, timeout_s, should_stop=should_stop)
     assert ready.line is not None
-    print_progress(
+    progress(
         f"node cache: {ready.line.get('num_blocks')} blocks in /dev/shm/{ready.line.get('segment')}"
     )
     return ["--node-cache", "etcd"]
