@@ -79,9 +79,15 @@ class Manifest:
         return f"{self.source}: {self.doc.get('kind')}/{self.doc.get('metadata', {}).get('name')}"
 
 
+KUSTOMIZATION = "kustomization.yaml"
+"""Kustomize's list of the manifests (``kubectl apply -k``), not an object itself."""
+
+
 def load_manifests(directory: Path = MANIFEST_DIR) -> list[Manifest]:
     manifests = []
     for path in sorted(directory.glob("*.yaml")):
+        if path.name == KUSTOMIZATION:
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 manifests.append(Manifest(path.name, doc))

@@ -9,14 +9,19 @@ on purpose (so a check that stopped looking would fail here).
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import yaml
 from k8s_checks import (
     CHECKS,
+    KUSTOMIZATION,
     MANIFEST_DIR,
     REPO,
     Manifest,
@@ -66,6 +71,29 @@ def test_the_image_is_the_one_the_dockerfile_builds() -> None:
         if c.is_fabric and not c.init
     }
     assert users == {int(uid)}
+
+
+def test_kustomize_lists_every_manifest() -> None:
+    """``kubectl apply -k deploy/k8s`` applies exactly the manifests checked here."""
+    kustomization = yaml.safe_load((MANIFEST_DIR / KUSTOMIZATION).read_text())
+    files = {p.name for p in MANIFEST_DIR.glob("*.yaml")} - {KUSTOMIZATION}
+    assert sorted(kustomization["resources"]) == sorted(files)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_manifests_unchanged() -> None:
+    """kubectl's own Kustomize renders the directory to the objects checked here."""
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFEST_DIR)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    canonical = sorted(json.dumps(doc, sort_keys=True) for doc in docs)
+    assert canonical == sorted(json.dumps(m.doc, sort_keys=True) for m in MANIFESTS)
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
