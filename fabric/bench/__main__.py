@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "vllm-offload": "fabric.bench.vllm_offload",
     "load": "fabric.bench.load",
     "chaos": "fabric.bench.chaos",
+    "router-scale": "fabric.bench.router_scale",
     "node-cache": "fabric.bench.node_cache",
 }
 """Subcommand name -> module implementing it."""
