@@ -20,7 +20,8 @@ Invariants:
 * A non-loopback ``advertise_host`` with a loopback bind is refused (``ConfigError``): peers on
   other hosts would be told an address nobody listens on.
 * ``HostAddresses.advertise`` rewrites only the host of a bound endpoint (``tcp://0.0.0.0:4123``
-  -> ``tcp://10.0.0.2:4123``); the port is the one the server really bound.
+  -> ``tcp://10.0.0.2:4123``); the port is the one the server really bound. ``published`` keeps
+  an endpoint a user configured with its own host, rewriting only a wildcard.
 * ``ucx_net_devices`` names the interface holding the advertised address (``lo`` on loopback),
   so the NIXL agent's UCX address carries an address its peers can reach; None where no local
   interface holds it (UCX then uses every device).
@@ -111,6 +112,14 @@ class HostAddresses:
         if not colon or not port.isdigit():
             raise ConfigError(f"endpoint {bound!r} has no port (scheme://host:port)")
         return f"{scheme}://{_url_host(self.host)}:{port}{slash}{path}"
+
+    def published(self, configured: str) -> str:
+        """What peers are given for an endpoint a user configured with its own host: as given,
+        unless that host is a wildcard (then ``advertise``)."""
+        authority = configured.partition("://")[2].partition("/")[0]
+        return (
+            self.advertise(configured) if is_wildcard(authority.rpartition(":")[0]) else configured
+        )
 
 
 def resolve_addresses(

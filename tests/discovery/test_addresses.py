@@ -110,3 +110,11 @@ def test_ucx_net_devices_names_the_interface_holding_the_address() -> None:
             pytest.skip("no default route on this host")
     device = ucx_net_devices(local)
     assert device in names
+
+
+def test_published_rewrites_only_a_wildcard_host() -> None:
+    addresses = HostAddresses("0.0.0.0", "10.0.0.2")
+    assert addresses.published("tcp://0.0.0.0:5557") == "tcp://10.0.0.2:5557"
+    assert addresses.published("tcp://*:5557") == "tcp://10.0.0.2:5557"
+    assert addresses.published("tcp://127.0.0.1:5557") == "tcp://127.0.0.1:5557"
+    assert addresses.published("tcp://10.9.9.9:5557") == "tcp://10.9.9.9:5557"

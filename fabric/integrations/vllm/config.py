@@ -26,7 +26,12 @@ Keys (all optional)::
     etcd_endpoints         str    etcd URL(s), comma-separated: enables P/D
     namespace              str    discovery namespace ("kv-fabric")
     worker_id              str    this instance's id in etcd (default "vllm-<engine_id>")
-    signal_host            str    interface the ZeroMQ signal server binds ("127.0.0.1")
+    signal_host            str    interface the ZeroMQ signal server binds ("127.0.0.1";
+                                  "0.0.0.0" for peers on other hosts)
+    advertise_host         str    address the etcd record gives peers for the signal and
+                                  event endpoints and the NIXL agent's UCX device (default:
+                                  signal_host, or with a wildcard the route to etcd;
+                                  ``fabric.discovery.addresses``)
     hold_timeout_s         float  producer frees unread prefill blocks after this (30)
     read_timeout_s         float  consumer's bound on one NIXL read (10)
     peer_timeout_s         float  consumer's bound on finding the producer and its answer (10)
@@ -116,6 +121,7 @@ class ConnectorConfig:
     namespace: str = "kv-fabric"
     worker_id: str | None = None
     signal_host: str = "127.0.0.1"
+    advertise_host: str | None = None
     hold_timeout_s: float = 30.0
     read_timeout_s: float = 10.0
     peer_timeout_s: float = 10.0

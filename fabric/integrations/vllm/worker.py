@@ -36,6 +36,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
+from fabric.discovery.addresses import resolve_addresses, ucx_net_devices
 from fabric.discovery.registration import WorkerRegistration
 from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
@@ -112,15 +113,23 @@ class FabricWorker:
         from fabric.transfer.nixl_agent import NixlAgent
 
         config = self.config
+        addresses = resolve_addresses(
+            config.signal_host, config.advertise_host, config.etcd_endpoints or ""
+        )
         kvbm = config.kvbm_config(self.geometry.block_size)
-        events = (kvbm.events_endpoint, kvbm.events_replay_endpoint)
+        stream, replay = kvbm.events_endpoint, kvbm.events_replay_endpoint
+        events = (
+            addresses.published(stream) if stream is not None else None,
+            addresses.published(replay) if replay is not None else None,
+        )
         if self.rank:  # a rank's own record: not routable (no http), no events (the scheduler's)
             worker_id = rank_worker_id(config.fabric_worker_id, self.rank)
             config = dataclasses.replace(config, worker_id=worker_id, http_url=None)
             events = (None, None)
         worker_id = config.fabric_worker_id
-        if config.signal_host.startswith("127."):
-            os.environ.setdefault("UCX_NET_DEVICES", "lo")  # every peer is on this host
+        devices = ucx_net_devices(addresses.host)
+        if devices is not None:  # the agent's UCX address: the interface peers reach
+            os.environ.setdefault("UCX_NET_DEVICES", devices)
         storage = pages.storage()
         agent = NixlAgent(f"{worker_id}-{os.getpid()}")
         self._stack.callback(agent.close)
@@ -157,7 +166,9 @@ class FabricWorker:
         record = instance_record(
             config,
             self.geometry,
-            signal_endpoint=self._producer.endpoint if self._producer is not None else None,
+            signal_endpoint=(
+                addresses.advertise(self._producer.endpoint) if self._producer is not None else None
+            ),
             agent_name=agent.name,
             started_at=time.time(),
             events=events,
