@@ -13,8 +13,9 @@ unknown field is an error; no network). The other checks tie the manifests to th
 * services: each selects the labels of some pod template and targets a declared port;
 * scrape annotations: the port named serves ``/metrics`` (and the container declares it);
 * environment: every ``FABRIC_*`` / ``DYN_KVBM_*`` variable is one the code reads, every other
-  variable is used by a ``$(VAR)`` reference, every reference is defined before it is used, and
-  every ``*_FILE`` variable names a file of a mounted secret;
+  variable is used by a ``$(VAR)`` reference or read by a library (``LIBRARY_PREFIXES``), every
+  reference is defined before it is used, and every ``*_FILE`` variable names a file of a
+  mounted secret;
 * consistency: fabric processes agree on model and namespace, their etcd URLs are the
   StatefulSet's members, workers share the node cache's host directories and node name, and
   the node cache's segment is the one its init container clears.
@@ -63,6 +64,8 @@ DOWNWARD_SAMPLES = {
 """What the kubelet would put in a ``fieldRef`` variable: one plausible value per field."""
 _REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _FABRIC_NAME = re.compile(r"^(FABRIC|DYN_KVBM)_[A-Z0-9_]+$")
+LIBRARY_PREFIXES = ("UCX_", "NIXL_", "OMP_", "PYTHON")
+"""Variables read by the libraries under the fabric (UCX, NIXL, OpenMP, Python), not by it."""
 
 Problems = list[str]
 
@@ -424,7 +427,7 @@ def env_problems(manifests: list[Manifest]) -> Problems:
                     problems.append(f"{container.name}: the fabric does not read {name}")
                 if name.endswith("_FILE"):
                     problems += _secret_file_problems(container, name, value)
-            elif name not in referenced:
+            elif name not in referenced and not name.startswith(LIBRARY_PREFIXES):
                 problems.append(f"{container.name}: {name} is set but never used")
     return problems
 
