@@ -2,12 +2,13 @@
 
 A real frontend (uvicorn on an ephemeral port) over an in-memory registry; workers are records
 whose ``metrics`` endpoint is a real ``MetricsServer`` over a real ``KvbmMetrics`` +
-``WorkerMetrics`` registry, with a pool snapshot the test moves, or a fake decode worker
-(``frontend_fakes``) that answers requests. Checked: every figure the page shows moves when its
-source moves (tiers, hit rates, requests, KV reads and their rate, the frontend's requests,
-TTFT, routes and their history, KV transfer time and bytes); a worker whose metrics do not
-answer stays listed as ``unreachable``; the API key protects the JSON, not the page; the static
-files come from an allow-list. The browser test is ``tests/e2e/test_dashboard.py``.
+``WorkerMetrics`` registry, with a pool snapshot and a G4 store the test moves, or a fake
+decode worker (``frontend_fakes``) that answers requests. Checked: every figure the page shows
+moves when its source moves (tiers, hit rates, G4, requests, active and waiting, KV reads and
+their rate, tokens per second; the frontend's requests, errors, in flight, queued, TTFT, ITL,
+routes and their history, KV transfer time and bytes); a worker whose metrics do not answer
+stays listed as ``unreachable``; the API key protects the JSON, not the page; the static files
+come from an allow-list. The browser test is ``tests/e2e/test_dashboard.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from fabric.discovery.registration import WorkerRegistration
 from fabric.discovery.registry import Role
 from fabric.frontend.api_key import ApiKey
 from fabric.frontend.dashboard_cluster import MIN_INTERVAL_S, RouteHistory, Samples
+from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.metrics import FrontendMetrics, kv_block_bytes
 from fabric.kvbm import KvbmMetrics, Tier
 from fabric.worker.metrics import MetricsServer, WorkerMetrics
@@ -59,6 +62,8 @@ class MetricWorker:
         self.kvbm = KvbmMetrics()
         self.device = Snapshot()
         self.kvbm.bind_pool(Tier.DEVICE, lambda: self.device)
+        self.store = {"blocks": 0, "hits": 0, "misses": 0}
+        self.kvbm.bind_store(lambda: self.store)
         self.worker = WorkerMetrics(
             self.kvbm.registry, role="prefill", worker_id=worker_id, model="tiny"
         )
@@ -149,12 +154,17 @@ def test_worker_figures_follow_its_metrics(
     assert (device["tier"], device["name"], device["capacity"]) == ("G1", "device", 64)
     assert (device["used"], device["hit_rate"]) == (0, None)
     assert (shown["requests"], shown["transferred_blocks"]) == (0, 0)
+    assert (shown["active"], shown["waiting"]) == (0, 0)
+    assert shown["shared"] == {"tier": "G4", "blocks": 0, "hits": 0, "misses": 0, "hit_rate": None}
 
     worker.device.num_in_use, worker.device.num_cached = 3, 5
     worker.device.hits, worker.device.misses = 6, 2
     worker.worker.requests.labels("generate").inc(4)
     worker.worker.transferred_blocks.inc(10)
     worker.worker.generated_tokens.inc(40)
+    worker.worker.active.set(2)
+    worker.worker.waiting.set(1)
+    worker.store.update(blocks=12, hits=3, misses=1)
     later = next_cluster(running, lambda s: (worker_of(s, "prefill-7") or {}).get("requests") == 4)
     shown = worker_of(later, "prefill-7")
     assert shown is not None
@@ -164,6 +174,8 @@ def test_worker_figures_follow_its_metrics(
     assert shown["transferred_bytes"] == 10 * BLOCK_BYTES
     assert shown["kv_read_bytes_per_s"] > 0  # 10 blocks since the previous scrape
     assert shown["tokens_per_s"] > 0
+    assert (shown["active"], shown["waiting"]) == (2, 1)
+    assert shown["shared"] == {"tier": "G4", "blocks": 12, "hits": 3, "misses": 1, "hit_rate": 0.75}
 
 
 def test_an_unreachable_worker_stays_listed(
@@ -181,34 +193,66 @@ def test_an_unreachable_worker_stays_listed(
     assert shown["tiers"] == []
 
 
-def test_frontend_figures_move_after_a_request(
+def complete(running: RunningFrontend, model: str = "tiny") -> int:
+    """One completion of 4 tokens; its HTTP status."""
+    body = json.dumps({"model": model, "prompt": "KV blocks", "max_tokens": 4}).encode()
+    request = urllib.request.Request(
+        f"{running.url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_frontend_figures_move_with_requests(
     start_frontend: Callable[..., RunningFrontend],
     make_worker: Callable[..., FakeWorker],
 ) -> None:
-    running = start_frontend()
-    make_worker("decode-0")
+    settings = FrontendSettings(
+        idle_timeout_s=5.0, request_timeout_s=30.0, max_in_flight_per_worker=1, queue_timeout_s=8
+    )
+    running = start_frontend(settings)
+    worker = make_worker("decode-0")
     before = next_cluster(running, lambda s: worker_of(s, "decode-0") is not None)
     front = before["frontend"]
     assert (front["requests"], front["routes"]["local"], front["ttft_ms"]) == (0, 0, None)
+    assert (front["in_flight"], front["queued"], front["itl_ms"], front["errors"]) == (
+        0,
+        0,
+        None,
+        0,
+    )
     shown = worker_of(before, "decode-0")
     assert shown is not None
     assert shown["state"] == "no_metrics"  # the fake's record names no metrics endpoint
 
-    body = json.dumps({"model": "tiny", "prompt": "KV blocks", "max_tokens": 4}).encode()
-    request = urllib.request.Request(
-        f"{running.url}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
+    # Held by the worker's gate: one request in flight on decode-0, the next one queued (cap 1).
+    worker.gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(complete, running)
+        assert wait_until(lambda: worker.requests.qsize() == 1)
+        second = pool.submit(complete, running)
+        busy = next_cluster(running, lambda s: s["frontend"]["queued"] == 1)
+        assert busy["frontend"]["in_flight"] == 1
+        assert (worker_of(busy, "decode-0") or {})["in_flight"] == 1
+        worker.gate.set()
+        assert (first.result(timeout=10), second.result(timeout=10)) == (200, 200)
 
-    after = next_cluster(running, lambda s: s["frontend"]["requests"] == 1)["frontend"]
-    assert after["routes"]["local"] == 1
+    after = next_cluster(running, lambda s: s["frontend"]["completion_tokens"] == 8)["frontend"]
+    assert (after["requests"], after["in_flight"], after["queued"]) == (2, 0, 0)
+    assert after["routes"]["local"] == 2
     assert after["ttft_ms"] is not None and after["ttft_ms"] > 0
-    assert after["completion_tokens"] == 4
+    assert after["itl_ms"] is not None and after["itl_ms"] > 0  # 4 tokens, one chunk each
     # The fake worker reports kv_transfer_ms but no transferred_blocks: nothing was read.
     assert after["kv_transfers"] == 0
     history = next_cluster(running, lambda s: bool(s["routes_history"]["buckets"]))
-    assert sum(b["counts"]["local"] for b in history["routes_history"]["buckets"]) == 1
+    assert sum(b["counts"]["local"] for b in history["routes_history"]["buckets"]) == 2
+
+    assert complete(running, model="another") == 404
+    failed = next_cluster(running, lambda s: s["frontend"]["errors"] == 1)["frontend"]
+    assert failed["requests"] == 3
 
 
 def test_route_history_buckets_deltas_and_forgets_old_ones() -> None:
