@@ -46,7 +46,7 @@ from fabric.kvbm.core.events import EventSink
 from fabric.kvbm.core.eviction import FrequencyFilter
 from fabric.kvbm.core.hashing import HashedBlocks, hash_token_blocks
 from fabric.kvbm.core.pool import BlockPool, register_positions
-from fabric.kvbm.core.types import SequenceHash, Tier
+from fabric.kvbm.core.types import BlockId, SequenceHash, Tier
 from fabric.kvbm.metrics import KvbmMetrics
 from fabric.kvbm.node_tier import NodeTier
 from fabric.kvbm.shared.store import SharedBlockStore, store_blocks
@@ -358,6 +358,23 @@ class KvBlockManager:
         )
         self.metrics.record_offloads(blocks.tier, Tier.NODE, stored)
         return stored
+
+    def load_node_into(
+        self, sequence_hashes: Sequence[SequenceHash], block_ids: Sequence[BlockId]
+    ) -> int:
+        """Copy the node tier's prefix of ``sequence_hashes`` into the caller's device blocks
+        ``block_ids`` (one per hash, allocated and not registered: the caller registers them);
+        how many it copied (0 without a node tier). A same-host P/D decode takes the prompt's
+        blocks this way before it reads the rest from the prefill over NIXL."""
+        if self._node is None or not sequence_hashes:
+            return 0
+        if len(block_ids) < len(sequence_hashes):
+            raise InvalidInput(f"{len(block_ids)} blocks for {len(sequence_hashes)} hashes")
+        loaded = self._node.load(
+            sequence_hashes, self._slot(Tier.DEVICE).storage, lambda n: block_ids[:n]
+        )
+        self.metrics.record_onboards(Tier.NODE, Tier.DEVICE, loaded)
+        return loaded
 
     def close(self) -> None:
         """Close every storage and the node tier (idempotent). Handles must not be used

@@ -213,7 +213,11 @@ class GenerationService:
         try:
             if ready.num_tokens != len(gen.prompt):
                 raise FabricError(f"offer covers {ready.num_tokens} tokens, not the prompt's")
-            self._handoff.read_into(ready, start, seq.block_table[start:num_blocks])
+            if self._kvbm.node_attached:  # the prefill stored its full blocks there too
+                hashes = self._kvbm.hash_tokens(gen.prompt).sequence_hashes
+                start += self._kvbm.load_node_into(hashes[start:], seq.block_table[start:])
+            if start < num_blocks:  # what this host's node cache lacks, over NIXL
+                self._handoff.read_into(ready, start, seq.block_table[start:num_blocks])
         except FabricError as exc:
             self._remote.abort(gen.request_id, "read failed", worker_id=outcome.worker_id)
             if self._prefill_failed(gen, f"reading its blocks failed: {exc}"):
@@ -233,7 +237,7 @@ class GenerationService:
         self._metrics.transferred_blocks.inc(num_blocks - start)
         self._metrics.cached_tokens.inc(stats.cached_tokens)
         logger.debug(
-            "request %s: read %d blocks from %s in %.2f ms (%d held here)",
+            "request %s: read %d blocks from %s in %.2f ms (%d held here or in the node cache)",
             gen.request_id,
             num_blocks - start,
             outcome.worker_id,

@@ -70,7 +70,12 @@ class Host:
         self.registration = self.service = None
 
     def start_worker(
-        self, worker_id: str, *, node: bool = True, **settings: object
+        self,
+        worker_id: str,
+        *,
+        node: bool = True,
+        role: Role = Role.AGGREGATED,
+        **settings: object,
     ) -> WorkerRuntime:
         node_settings = {"node_cache": "etcd", "node_name": NODE} if node else {}
         config = load_config(
@@ -82,7 +87,7 @@ class Host:
             **{"device_blocks": 64, **node_settings, **settings},
         )
         runtime = build_worker(
-            Role.AGGREGATED,
+            role,
             config,
             registry=self.registry,
             make_agent=lambda name: LoopbackAgent(name, self.loopback),
@@ -208,3 +213,25 @@ def test_a_restarted_node_cache_is_attached_again_without_a_worker_restart(
     before = from_node(b)
     hit = run(front, "b", shared + prompt_of(3, seed=23))
     assert from_node(b) - before == 6 and hit.stats["cached_tokens"] == 6 * BLOCK
+
+
+@pytest.mark.parametrize("tail", [5, 0], ids=["partial-tail-block", "block-aligned"])
+def test_same_host_pd_takes_the_prompt_from_the_node_tier(
+    host: tuple[Host, Frontend], tail: int
+) -> None:
+    the_host, front = host
+    the_host.start_node()
+    prefill = the_host.start_worker("p", role=Role.PREFILL)
+    decode = the_host.start_worker("d", role=Role.DECODE)
+    the_host.start_worker("reference", node=False)
+    prompt = prompt_of(8 * BLOCK + tail, seed=30)
+
+    result = front.generate("d", prompt, 6, prefill_worker="p")
+
+    assert result.final.finish_reason == "length", result.stats
+    assert result.stats["prefill_worker"] == "p"
+    assert to_node(prefill) == 8  # the prefill stored the prompt's full blocks...
+    assert from_node(decode) == 8  # ...the decode took them from the node tier
+    assert result.stats["transferred_blocks"] == (1 if tail else 0)  # the rest over NIXL
+    assert result.tokens == run(front, "reference", prompt).tokens
+    assert wait_until(lambda: idle(the_host, prefill, decode), 10.0)
