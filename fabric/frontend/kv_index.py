@@ -52,7 +52,7 @@ TIER_BITS = len(Tier)
 """Bits of one slot in a holder mask: one per tier, in ``Tier`` order (at least 2)."""
 _TIER_BIT = {tier: 1 << i for i, tier in enumerate(Tier)}
 _SLOT_BITS = (1 << TIER_BITS) - 1
-_LOG_SLACK = 1024
+_LOG_SLACK = 256
 """A slot's log is compacted when it exceeds twice the worker's blocks plus this."""
 
 
@@ -354,10 +354,11 @@ class KvPrefixIndex:
 
 
 def _slots(bits: int) -> Sequence[int]:
-    """The slots whose lowest mask bit is set in ``bits``."""
+    """The slots whose lowest mask bit is set in ``bits`` (only such bits may be set)."""
+    digits = bin(bits)[:1:-1]  # digit i is bit i
     slots = []
-    while bits:
-        low = bits & -bits
-        slots.append((low.bit_length() - 1) // TIER_BITS)
-        bits ^= low
+    position = digits.find("1")
+    while position >= 0:
+        slots.append(position // TIER_BITS)
+        position = digits.find("1", position + TIER_BITS)
     return slots

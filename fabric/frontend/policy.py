@@ -124,8 +124,12 @@ def cached_prefixes(
         num_blocks = len(token_ids) // block_size
         hashes = lazy_sequence_hashes(token_ids, block_size, seed=seed)
         matched = index.match_lengths(hashes, worker_ids, ROUTABLE_TIERS)
-        for worker_id in worker_ids:
-            prefixes[worker_id] = Prefix(matched[worker_id], num_blocks)
+        by_length: dict[int, Prefix] = {}  # one (frozen) Prefix per distinct length
+        for worker_id, length in matched.items():
+            prefix = by_length.get(length)
+            if prefix is None:
+                prefix = by_length[length] = Prefix(length, num_blocks)
+            prefixes[worker_id] = prefix
     return prefixes
 
 
@@ -155,16 +159,15 @@ def choose_serving(
     if not candidates:
         return None
     prefixes = prefixes or {}
+    loads = [load.get(record.worker_id, 0) for record in candidates]
+    least = min(loads)
+    tied = [record for record, n in zip(candidates, loads, strict=True) if n == least]
 
-    def key(record: WorkerRecord) -> tuple[int, int, str]:
+    def key(record: WorkerRecord) -> tuple[int, str]:
         own = prefixes.get(record.worker_id, NO_PREFIX).matched
-        return (
-            load.get(record.worker_id, 0),
-            -own if record.role is Role.AGGREGATED else 0,
-            record.worker_id,
-        )
+        return (-own if record.role is Role.AGGREGATED else 0, record.worker_id)
 
-    return min(candidates, key=key)
+    return tied[0] if len(tied) == 1 else min(tied, key=key)
 
 
 def choose_source(
@@ -183,30 +186,26 @@ def choose_source(
         min_gain_blocks: how many more leading blocks than ``serving`` a holder must hold.
     """
     roles = SOURCE_ROLES.get(serving.role, ())
-    own = prefixes.get(serving.worker_id, NO_PREFIX).matched
-
-    def matched(record: WorkerRecord) -> int:
-        return prefixes.get(record.worker_id, NO_PREFIX).matched
-
-    pool = [
-        record
-        for record in candidates
-        if record.worker_id != serving.worker_id
-        and record.role in roles
-        and compatible(record, serving)
-        and (
-            matched(record) >= own + min_gain_blocks
-            or (serving.role is Role.DECODE and record.role is Role.PREFILL)
-        )
-    ]
+    wanted = prefixes.get(serving.worker_id, NO_PREFIX).matched + min_gain_blocks
+    reads_prefill = serving.role is Role.DECODE
+    pool: list[tuple[int, WorkerRecord]] = []
+    for record in candidates:  # the cheap test first: most workers hold no longer prefix
+        matched = prefixes.get(record.worker_id, NO_PREFIX).matched
+        if (matched >= wanted or (reads_prefill and record.role is Role.PREFILL)) and (
+            record.worker_id != serving.worker_id
+            and record.role in roles
+            and compatible(record, serving)
+        ):
+            pool.append((matched, record))
     if not pool:
         return None
 
-    def key(record: WorkerRecord) -> tuple[int, bool, int, str]:
+    def key(entry: tuple[int, WorkerRecord]) -> tuple[int, bool, int, str]:
+        matched, record = entry
         dedicated = record.role is Role.PREFILL
-        return (-matched(record), not dedicated, load.get(record.worker_id, 0), record.worker_id)
+        return (-matched, not dedicated, load.get(record.worker_id, 0), record.worker_id)
 
-    return min(pool, key=key)
+    return min(pool, key=key)[1]
 
 
 def route_kind(serving: WorkerRecord, source: WorkerRecord | None) -> RouteKind:
