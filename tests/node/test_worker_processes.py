@@ -6,7 +6,9 @@ verdict from the workers' answers and ``/metrics``, never from timings.
 
 Checked: a prefix worker ``a`` computed is served to worker ``b`` from the node tier (b computes
 only its tail, its node-tier onboard counter says so) with the reference's output; after
-``kill -9`` of ``a``, a worker started afterwards hits every block ``a`` committed."""
+``kill -9`` of ``a``, a worker started afterwards hits every block ``a`` committed; a prefill
+and a decode process on the host hand a prompt over through the node cache (the decode reads
+only the partial tail block over NIXL)."""
 
 from __future__ import annotations
 
@@ -90,12 +92,14 @@ def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator
         )
         read_json(node)  # type: ignore[arg-type]
 
-        def start(worker_id: str, *, attach: bool = True) -> WorkerProcess:
+        def start(
+            worker_id: str, *, attach: bool = True, role: str = "aggregated"
+        ) -> WorkerProcess:
             extra = [f"--block-size={BLOCK}", "--device-blocks=64", "--registration-ttl=1"]
             if attach:
                 extra += ["--node-cache=etcd", f"--node-name={NODE}"]
             workers[worker_id] = spawn_worker(
-                "aggregated",
+                role,
                 worker_id,
                 etcd=etcd.endpoint,
                 namespace=namespace,
@@ -156,3 +160,21 @@ def test_workers_share_prefixes_through_the_node_cache_and_survive_a_kill_9(
     assert after.stats["cached_tokens"] == 8 * BLOCK and after.stats["computed_tokens"] == 7
     assert deployed.counter("c", FROM_NODE) == 8
     assert after.tokens == run(deployed, "reference", prompt_c).tokens
+
+
+def test_same_host_pd_reads_the_prompt_through_the_node_cache(deployment: Deployment) -> None:
+    deployed = deployment
+    deployed.start("p", role="prefill")
+    deployed.start("d", role="decode")
+    deployed.start("reference", attach=False)
+    deployed.wait_registered("p", "d", "reference")
+    prompt = prompt_of(8 * BLOCK + 5, seed=5)
+
+    result = deployed.frontend.generate("d", prompt, 8, prefill_worker="p")
+
+    assert result.final.finish_reason == "length", (result.stats, deployed.logs())
+    assert result.stats["prefill_worker"] == "p"
+    assert deployed.counter("p", TO_NODE) == 8
+    assert deployed.counter("d", FROM_NODE) == 8
+    assert result.stats["transferred_blocks"] == 1  # the partial tail block, over NIXL
+    assert result.tokens == run(deployed, "reference", prompt).tokens
