@@ -1,5 +1,12 @@
 """Remote block reads over NIXL (UCX on loopback): our path against raw NIXL and memcpy.
 
+With ``--hosts`` the same rows are measured between two hosts made of network namespaces
+(``fabric.bench.netns``, root needed): the child runs in a namespace of its own, this process in
+the root namespace, joined by veth pairs through a bridge, UCX forced onto TCP on both sides
+(``UCX_TLS=tcp``, each side's interface in ``UCX_NET_DEVICES``), and the child progresses its
+agent every ``POLL_S`` as a prefill worker holding blocks does (over TCP a READ needs the target
+progressed). ``memcpy_gbps`` stays the in-process copy.
+
 One child process (this module run with ``--child``, ``UCX_NET_DEVICES=lo``) fills, for every
 block size, a fully contiguous host storage of ``--total-mib`` with bytes drawn from a seed,
 registers it with a ``NixlAgent`` and exports a ``RemoteBlockSet`` of all its blocks in a
@@ -31,14 +38,17 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import msgpack
 import numpy as np
 
+from fabric.bench.netns import UCX_ENV, Lab, LabUnavailable, check_available
 from fabric.errors import FabricError
 from fabric.supervise import describe_exit
 
@@ -58,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed runs per figure")
     parser.add_argument(
         "--block-kib", default="16,256,2048", help="block sizes in KiB, comma separated"
+    )
+    parser.add_argument(
+        "--hosts",
+        action="store_true",
+        help="read from another host made of a network namespace, UCX over TCP on a veth link "
+        "(needs root and iproute2) instead of loopback",
     )
 
 
@@ -97,6 +113,7 @@ def child_main() -> None:
 
     from fabric.kvbm import export_block_set
     from fabric.transfer.nixl_agent import NixlAgent
+    from fabric.worker.scheduler import POLL_S
 
     (length,) = struct.unpack("<I", sys.stdin.buffer.read(4))
     args = msgpack.unpackb(sys.stdin.buffer.read(length))
@@ -113,10 +130,13 @@ def child_main() -> None:
     ]
     _send(out, msgpack.packb(sets))
     stdin, deadline = sys.stdin.fileno(), time.monotonic() + CHILD_LIFETIME_S
+    poll_s = POLL_S if args["progress"] else 0.05
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([stdin], [], [], 0.05)
+        ready, _, _ = select.select([stdin], [], [], poll_s)
         if ready and not os.read(stdin, 1):
             break
+        if args["progress"]:
+            agent.notifications()  # serves the parent's READs over TCP
     agent.close()
     for storage in storages:
         storage.close()
@@ -254,22 +274,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """Spawn the exporting child, measure every block size, always reap the child."""
-    from fabric.kvbm import RemoteBlockSet
-    from fabric.transfer.nixl_agent import NixlAgent
-
+    """Spawn the exporting child (on another host with ``--hosts``), measure every block size."""
     total = args.total_mib << 20
     blocks = [int(k) << 10 for k in str(args.block_kib).split(",") if k.strip()]
     if args.rounds < 1 or not blocks or any(b % BYTES_PER_INNER or total % b for b in blocks):
         raise FabricError(f"block sizes must divide --total-mib and be multiples of 256 B; {args}")
-    env = dict(os.environ, UCX_NET_DEVICES="lo")
-    os.environ["UCX_NET_DEVICES"] = "lo"
-    cmd = [sys.executable, "-m", "fabric.bench.transfer", "--child"]
+    with contextlib.ExitStack() as stack:
+        cmd = [sys.executable, "-m", "fabric.bench.transfer", "--child"]
+        if args.hosts:
+            lab = stack.enter_context(_two_hosts())
+            host = lab.hosts["h1"]
+            cmd, child_ucx = host.command(cmd), dict(UCX_ENV)
+            os.environ.update(UCX_TLS="tcp", UCX_NET_DEVICES=lab.root_link)
+            link = f"tcp over veth ({lab.client_address} -> {host.address})"
+        else:
+            child_ucx = {"UCX_NET_DEVICES": "lo"}
+            os.environ["UCX_NET_DEVICES"] = "lo"
+            link = "loopback"
+        rows = _read_from_child(cmd, dict(os.environ, **child_ucx), total, blocks, args)
+    load = os.getloadavg()
+    return {
+        "rounds": args.rounds,
+        "link": link,
+        "rows": rows,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": load},
+    }
+
+
+@contextlib.contextmanager
+def _two_hosts() -> Iterator[Lab]:
+    """A lab of one namespace host beside this (root) namespace, removed on exit."""
+    try:
+        check_available()
+    except LabUnavailable as exc:
+        raise FabricError(f"--hosts needs network namespaces: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="fabric-bench-hosts-") as log_dir:
+        lab = Lab(Path(log_dir)).open(["h1"])
+        try:
+            yield lab
+        finally:
+            lab.close()
+
+
+def _read_from_child(
+    cmd: list[str], env: dict[str, str], total: int, blocks: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Start the exporting child, measure every block size, always reap the child."""
+    from fabric.kvbm import RemoteBlockSet
+    from fabric.transfer.nixl_agent import NixlAgent
+
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     agent = None
     try:
         assert proc.stdin is not None
-        _send(proc.stdin, msgpack.packb({"total": total, "blocks": blocks}))
+        frame = {"total": total, "blocks": blocks, "progress": bool(args.hosts)}
+        _send(proc.stdin, msgpack.packb(frame))
         sets = [RemoteBlockSet.from_bytes(b) for b in msgpack.unpackb(_read_frame(proc, STARTUP_S))]
         agent = NixlAgent(f"bench-decode-{uuid.uuid4().hex[:8]}")
         rows = []
@@ -289,12 +348,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         proc.stdout.close()  # type: ignore[union-attr]
     if proc.returncode != 0:
         raise FabricError(f"the exporting child {describe_exit(proc.returncode)}")
-    load = os.getloadavg()
-    return {
-        "rounds": args.rounds,
-        "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": load},
-    }
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from netns_harness import Host, Lab
 from prometheus_client.parser import text_string_to_metric_families
 
+from fabric.bench.netns import Host, Lab
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdCluster, EtcdServer
 from fabric.discovery.records import WorkerRecord

@@ -15,7 +15,8 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from netns_harness import Lab, LabUnavailable, check_available, sweep_stale
+
+from fabric.bench.netns import Lab, LabUnavailable, check_available, sweep_stale
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import MakeLab
-from netns_harness import PREFIX, UCX_ENV, Lab, ip, namespaces, sweep_stale
+
+from fabric.bench.netns import PREFIX, UCX_ENV, Lab, ip, namespaces, sweep_stale
 
 pytestmark = pytest.mark.multihost
 

@@ -33,8 +33,8 @@ import openai
 import pytest
 from cluster_harness import Deployment, metric, scrape, start_etcd_cluster, wait_until
 from conftest import MakeLab
-from netns_harness import Host, Lab, ns_pids
 
+from fabric.bench.netns import Host, Lab, ns_pids
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
 

@@ -1,7 +1,7 @@
 """Hosts without a second machine: Linux network namespaces on a private bridge.
 
-Imported by bare name (pytest puts this directory on ``sys.path``); the name is unique across the
-test tree.
+The multi-host test suite (``tests/multihost``) and ``python -m fabric.bench transfer --hosts``
+build their hosts with it. Needs root and iproute2 (``check_available`` says what is missing).
 
 A ``Lab`` is one run's network::
 
@@ -45,7 +45,7 @@ from pathlib import Path
 from fabric.supervise import Child, start_process, stop_processes
 
 PREFIX = "kvfx"
-RANGE = ipaddress.ip_network("198.18.0.0/15")
+RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 DEVICE = "eth0"
 UCX_ENV = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": DEVICE}
 STOP_S = 15.0
@@ -85,15 +85,20 @@ def delete_namespace(netns: str) -> None:
     ip("netns", "del", netns, check=False)
 
 
+def stale_namespaces() -> list[str]:
+    """The namespaces of labs whose creating process is gone (a crashed run's)."""
+    return [
+        netns
+        for netns in namespaces()
+        if (match := _STALE.match(netns)) is not None and not _alive(int(match.group(1)))
+    ]
+
+
 def sweep_stale() -> list[str]:
     """Delete the namespaces of earlier runs whose process is gone; returns their names."""
-    swept = []
-    for netns in namespaces():
-        match = _STALE.match(netns)
-        if match is None or _alive(int(match.group(1))):
-            continue
+    swept = stale_namespaces()
+    for netns in swept:
         delete_namespace(netns)
-        swept.append(netns)
     return swept
 
 
