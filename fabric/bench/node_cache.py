@@ -325,7 +325,10 @@ def _reads(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict[str
     _log(f"NIXL and memcpy: {int(total_mib)} MiB in {block_bytes >> 10} KiB blocks")
     row = transfer.run(
         argparse.Namespace(
-            total_mib=int(total_mib), rounds=args.read_rounds, block_kib=str(block_bytes >> 10)
+            total_mib=int(total_mib),
+            rounds=args.read_rounds,
+            block_kib=str(block_bytes >> 10),
+            hosts=False,  # both processes on this host, as a same-host P/D pair
         )
     )["rows"][0]
     return {
