@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from k8s_checks import Container, expand
-from netns_harness import Host
 
+from fabric.bench.netns import Host
 from fabric.discovery.etcd_server import find_etcd_binary
 from fabric.supervise import Child
 

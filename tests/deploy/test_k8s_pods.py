@@ -1,6 +1,6 @@
 """The manifests' own commands, run as pods on lab hosts: they form the deployment they describe.
 
-One network namespace per pod (``tests/multihost/netns_harness``), each pod's container started
+One network namespace per pod (``fabric.bench.netns``), each pod's container started
 by ``pod_runner`` from its template in ``deploy/k8s`` (the three etcd members of the
 StatefulSet, one prefill, one decode, one frontend, the node cache), with the manifests'
 secrets (a CURVE key pair and an API key made here). Checked as a cluster would see it: every
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 from k8s_checks import Manifest, all_containers, load_manifests
-from netns_harness import Lab, LabUnavailable, check_available, sweep_stale
 from pod_runner import Pod, PodRunner, http_status, probe
 from prometheus_client.parser import text_string_to_metric_families
 
 from fabric.auth import keygen
+from fabric.bench.netns import Lab, LabUnavailable, check_available, sweep_stale
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import DEFAULT_NAMESPACE, workers_prefix
