@@ -3,8 +3,10 @@
 Two sources, one table:
 
 * etcd (default): every record under the namespace's workers prefix (prefill, decode and
-  aggregated workers, node caches, whatever registers there), and each one's Prometheus
-  endpoint, scraped concurrently (``dashboard_cluster.scrape_workers``, bounded per worker).
+  aggregated workers, whatever registers there), and each one's Prometheus endpoint, scraped
+  concurrently (``dashboard_cluster.scrape_workers``, bounded per worker); node caches below
+  the table (``dashboard_cluster.node_cache_json``: capacity, the workers of their node and
+  the blocks those stored and loaded there).
   Requests in flight are a frontend's view, so this source leaves them out.
 * ``--frontend URL``: that frontend's ``/v1/fabric/cluster`` (the dashboard's JSON; its API key
   from ``--api-key-file`` or ``FABRIC_API_KEY_FILE``), which adds in-flight counts, the
@@ -27,11 +29,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registry import DEFAULT_NAMESPACE, workers_prefix
+from fabric.discovery.registry import DEFAULT_NAMESPACE, Role, workers_prefix
 from fabric.errors import FabricError
 from fabric.frontend.api_key import ENV_API_KEY_FILE, ApiKey
 from fabric.frontend.dashboard import CLUSTER_PATH
-from fabric.frontend.dashboard_cluster import Json, scrape_workers, worker_json
+from fabric.frontend.dashboard_cluster import (
+    Json,
+    node_cache_json,
+    scrape_workers,
+    worker_json,
+)
 
 TIMEOUT_S = 5.0
 _COLUMNS = (
@@ -90,15 +97,17 @@ def from_etcd(etcd: str, namespace: str) -> Json:
         values = registry.get_prefix(workers_prefix(namespace))
     finally:
         registry.close()
-    records = sorted(
+    every = sorted(
         (WorkerRecord.from_bytes(value, key=key) for key, value in values.items()),
         key=lambda r: (r.role.value, r.worker_id),
     )
-    scrapes = asyncio.run(scrape_workers(records))
+    records = [record for record in every if record.role is not Role.NODE_CACHE]
+    scraped = list(zip(records, asyncio.run(scrape_workers(records)), strict=True))
     return {
         "source": f"etcd {etcd}, namespace {namespace}",
-        "workers": [
-            worker_json(record, scrape) for record, scrape in zip(records, scrapes, strict=True)
+        "workers": [worker_json(record, scrape) for record, scrape in scraped],
+        "node_caches": [
+            node_cache_json(record, scraped) for record in every if record.role is Role.NODE_CACHE
         ],
     }
 
@@ -137,6 +146,12 @@ def render(cluster: Json) -> str:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
+    for cache in cluster.get("node_caches", []):
+        lines.append(
+            f"node cache {cache['id']} on {cache['node'] or '?'}: {_count(cache['capacity'])} "
+            f"blocks; its node's workers ({', '.join(cache['workers']) or 'none'}) stored "
+            f"{_count(cache['stored_blocks'])} and loaded {_count(cache['loaded_blocks'])} blocks"
+        )
     return "\n".join(lines)
 
 

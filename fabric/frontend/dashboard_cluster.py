@@ -13,6 +13,10 @@ knows and what its workers export, read at request time:
 * this frontend's own registry (``metrics.FrontendMetrics``): requests, TTFT, ITL, routes taken,
   prefix hits, KV transfer time and bytes, refusals, queue;
 * ``RouteHistory``: routes taken per ``BUCKET_S`` bucket over the last ``HISTORY_S``.
+* node caches (``fleet.Fleet.node_caches``): their node and capacity (their records), the
+  workers of the same node, and the blocks those workers stored to and loaded from the node
+  tier (their ``fabric_kvbm_offloads_total{target="G2N"}`` and ``onboards_total{source="G2N"}``);
+  a node cache exports no metrics of its own, so its occupancy is not shown.
 
 Invariants: a worker whose endpoint fails or times out is shown with ``state`` ``unreachable``
 and its error (``no_metrics`` when its record names no endpoint), never dropped, and never
@@ -41,7 +45,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from fabric.discovery.records import WorkerRecord
+from fabric.discovery.records import FabricLayout, WorkerRecord
 from fabric.frontend.generation import Frontend
 from fabric.frontend.metrics import kv_block_bytes
 from fabric.frontend.policy import RouteKind
@@ -200,12 +204,17 @@ class ClusterView:
                 )
             )
         self._previous = current
+        scraped = list(zip(records, scrapes, strict=True))
         return {
             "model": self._frontend.model_name,
             "generated_at": now,
             "frontend": _frontend_json(own, sum(count for _, count in in_flight.values())),
             "routes_history": self._history.to_json(kind.value for kind in RouteKind),
             "workers": workers,
+            "node_caches": [
+                node_cache_json(record, scraped)
+                for record in sorted(fleet.node_caches().values(), key=lambda r: r.worker_id)
+            ],
         }
 
 
@@ -317,6 +326,31 @@ def worker_json(
     if blocks_per_s is not None and block_bytes is not None:
         body["kv_read_bytes_per_s"] = blocks_per_s * block_bytes
     return body
+
+
+def node_cache_json(
+    record: WorkerRecord, workers: Sequence[tuple[WorkerRecord, WorkerScrape]]
+) -> Json:
+    """A node cache as the page shows it, with what the workers of its node report."""
+    attached = [(w, scrape) for w, scrape in workers if record.node and w.node == record.node]
+    node = Tier.NODE.value
+    stored = loaded = 0.0
+    for _, scrape in attached:
+        if scrape.samples is not None:
+            stored += scrape.samples.value("fabric_kvbm_offloads_total", target=node)
+            loaded += scrape.samples.value("fabric_kvbm_onboards_total", source=node)
+    return {
+        "id": record.worker_id,
+        "role": record.role.value,
+        "state": "registered",
+        "node": record.node,
+        "capacity": record.layout.num_blocks if isinstance(record.layout, FabricLayout) else None,
+        "block_bytes": kv_block_bytes(record.layout),
+        "started_at": record.started_at,
+        "workers": [w.worker_id for w, _ in attached],
+        "stored_blocks": stored,
+        "loaded_blocks": loaded,
+    }
 
 
 def _state(record: WorkerRecord, scrape: WorkerScrape) -> str:

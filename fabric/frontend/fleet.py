@@ -22,6 +22,8 @@ Invariants:
   served model name (records without one are accepted); others are ignored (logged once).
   A vLLM record without an ``http`` endpoint is ignored too: the frontend cannot send it requests.
   vLLM and fabric workers never share a route (their compat hashes differ).
+* NODE_CACHE records (a host's node KV cache) are kept apart, for display only
+  (``node_caches``): never routed to, never connected to.
 * A live DECODE or AGGREGATED worker has exactly one connection; a live PREFILL worker has none
   (it is only ever a KV source, reached by the serving worker).
 * A record that changes its endpoints, compat hash or ``started_at`` (a restart) is treated as a
@@ -108,6 +110,7 @@ class Fleet:
         self._subscribers: dict[str, KvEventSubscriber] = {}
         self._load: dict[str, int] = {}
         self._ignored: set[str] = set()
+        self._node_caches: dict[str, WorkerRecord] = {}
         self._directory = WorkerDirectory(
             registry, namespace=namespace, on_change=self._on_change, grace_s=ROUTER_GRACE_S
         )
@@ -142,6 +145,11 @@ class Fleet:
         for record in self.workers().values():
             counts[record.role] += 1
         return counts
+
+    def node_caches(self) -> dict[str, WorkerRecord]:
+        """The node caches registered in the namespace, by id (any model; display only)."""
+        with self._lock:
+            return dict(self._node_caches)
 
     def in_flight(self) -> dict[str, tuple[Role, int]]:
         """``worker_id -> (role, in-flight requests)`` of every eligible worker."""
@@ -234,6 +242,13 @@ class Fleet:
         """Directory callback (the watch's thread): apply one join, update or leave."""
         record = event.record
         worker_id = record.worker_id
+        if record.role is Role.NODE_CACHE:
+            with self._lock:
+                if event.kind is WorkerEventKind.LEFT:
+                    self._node_caches.pop(worker_id, None)
+                else:
+                    self._node_caches[worker_id] = record
+            return
         old = self.workers().get(worker_id)
         if event.kind is WorkerEventKind.UPDATED and old is not None and _same_peer(old, record):
             self._replace_record(record)

@@ -1,13 +1,15 @@
 """The live cluster page (``/dashboard``) in a real headless Chromium, over a real 1P1D deployment.
 
 One deployment (``prefill-0``, ``decode-0`` and the frontend, tiny preset, each worker with a
-device, a host and a G4 shared-store tier) on the session's etcd; Debian's ``chromium`` driven by
+device, a host and a G4 shared-store tier, both attached to a node cache process found through
+etcd) on the session's etcd; Debian's ``chromium`` driven by
 Selenium through ``chromium-driver`` (both installed by ``launch/setup.sh``; the test is skipped,
 naming what is missing, where they are not). Checked: the page loads with no console error,
 shows both workers as ``up`` with their roles and tiers, and after two requests its figures
 move: the frontend's request count, the prefill route total, the KV transfers,
-decode-0's requests and device-tier hits (the same prompt twice), and the prefill worker's
-device tier (the prompt's blocks are cached there).
+decode-0's requests and device-tier hits (the same prompt twice), the prefill worker's device
+tier (the prompt's blocks are cached there) and the blocks stored to the node cache, shown with
+both workers of its node.
 
 ``fabric status`` reads the same deployment from etcd and from the frontend's JSON.
 
@@ -27,7 +29,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from e2e_harness import Deployment, complete, prompt_ids, wait_until
+from e2e_harness import (
+    BLOCK_SIZE,
+    STARTUP_S,
+    Deployment,
+    complete,
+    prompt_ids,
+    spawn,
+    wait_until,
+)
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
@@ -56,9 +66,28 @@ def pd(
     deployment = Deployment(
         "dashboard", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("dashboard")
     )
+    node = f"host-{deployment.namespace}"  # names the node cache's segment: unique per run
     try:
+        deployment.procs["node-cache"] = spawn(
+            "node-cache",
+            [
+                "serve",
+                "node-cache",
+                f"--model={model_dir}",
+                "--blocks=512",
+                f"--block-size={BLOCK_SIZE}",
+                f"--namespace={deployment.namespace}",
+                f"--node={node}",
+                f"--etcd={etcd.endpoint}",
+            ],
+            deployment.log_dir,
+        )
+        assert wait_until(lambda: f"node-cache-{node}" in deployment.records(), STARTUP_S), (
+            deployment.logs()
+        )
         shared = tmp_path_factory.mktemp("dashboard-g4")
         tiers = ["--host-blocks=256", f"--shared-disk-dir={shared}", "--shared-disk-blocks=256"]
+        tiers += ["--node-cache=etcd", f"--node-name={node}"]
         deployment.spawn_frontend()
         deployment.spawn_worker("prefill", "prefill-0", *tiers)
         deployment.spawn_worker("decode", "decode-0", *tiers)
@@ -138,6 +167,10 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     assert text_of(browser, f"{row['prefill-0']} [data-field=role]") == "prefill"
     assert text_of(browser, f"{row['decode-0']} [data-field=role]") == "decode"
     assert text_of(browser, "#model") == "tiny"
+    cache = "tr[data-node-cache]"
+    wait_for("the node cache", lambda: text_of(browser, f"{cache} [data-field=workers]"), browser)
+    assert text_of(browser, f"{cache} [data-field=workers]") == "decode-0, prefill-0"
+    assert text_of(browser, f"{cache} [data-field=capacity]") == "512 blocks"
 
     def figures() -> dict[str, float]:
         return {
@@ -149,6 +182,9 @@ def test_dashboard_shows_workers_and_moves_after_requests(
             ),
             "decode-0 G1 hits": number(tier("decode-0", "G1", "tier-hits")),
             "prefill-0 G1 used": number(tier("prefill-0", "G1", "tier-usage")),
+            "blocks stored to the node cache": number(
+                text_of(browser, f"{cache} [data-field=stored]")
+            ),
         }
 
     before = figures()

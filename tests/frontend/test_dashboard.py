@@ -58,7 +58,7 @@ class Snapshot:
 class MetricWorker:
     """A registered prefill worker whose metrics endpoint serves what the test sets."""
 
-    def __init__(self, registry: InMemoryRegistry, worker_id: str) -> None:
+    def __init__(self, registry: InMemoryRegistry, worker_id: str, node: str | None = None) -> None:
         self.kvbm = KvbmMetrics()
         self.device = Snapshot()
         self.kvbm.bind_pool(Tier.DEVICE, lambda: self.device)
@@ -83,6 +83,7 @@ class MetricWorker:
             ),
             compat_hash=COMPAT,
             started_at=time.time(),
+            node=node,
         )
         self.registration = WorkerRegistration(registry, record, ttl_s=5.0).start()
 
@@ -92,11 +93,12 @@ class MetricWorker:
 
 
 @pytest.fixture
-def metric_worker(registry: InMemoryRegistry) -> Iterator[Callable[[str], MetricWorker]]:
+def metric_worker(registry: InMemoryRegistry) -> Iterator[Callable[..., MetricWorker]]:
+    """``metric_worker(worker_id, node=None)``: a registered worker with real metrics."""
     workers: list[MetricWorker] = []
 
-    def make(worker_id: str) -> MetricWorker:
-        workers.append(MetricWorker(registry, worker_id))
+    def make(worker_id: str, node: str | None = None) -> MetricWorker:
+        workers.append(MetricWorker(registry, worker_id, node))
         return workers[-1]
 
     yield make
@@ -141,7 +143,7 @@ def next_cluster(
 
 def test_worker_figures_follow_its_metrics(
     start_frontend: Callable[..., RunningFrontend],
-    metric_worker: Callable[[str], MetricWorker],
+    metric_worker: Callable[..., MetricWorker],
 ) -> None:
     running = start_frontend()
     worker = metric_worker("prefill-7")
@@ -178,9 +180,52 @@ def test_worker_figures_follow_its_metrics(
     assert shown["shared"] == {"tier": "G4", "blocks": 12, "hits": 3, "misses": 1, "hit_rate": 0.75}
 
 
+def test_a_node_cache_shows_its_workers_and_their_node_tier_moves(
+    start_frontend: Callable[..., RunningFrontend],
+    metric_worker: Callable[..., MetricWorker],
+    registry: InMemoryRegistry,
+) -> None:
+    running = start_frontend()
+    worker = metric_worker("decode-3", node="host-a")
+    metric_worker("decode-4", node="host-b")
+    cache = WorkerRecord(
+        worker_id="node-cache-host-a",
+        role=Role.NODE_CACHE,
+        endpoints=Endpoints(signal="tcp://127.0.0.1:9"),
+        agent_name=None,
+        layout=FabricLayout(model="tiny", block_size=BLOCK_SIZE, num_blocks=512),
+        compat_hash=COMPAT,
+        started_at=time.time(),
+        node="host-a",
+    )
+    registration = WorkerRegistration(registry, cache, ttl_s=5.0).start()
+    try:
+        first = next_cluster(running, lambda s: bool(s["node_caches"]) and len(s["workers"]) == 2)
+        [shown] = first["node_caches"]
+        assert (shown["id"], shown["node"], shown["capacity"]) == (
+            "node-cache-host-a",
+            "host-a",
+            512,
+        )
+        assert (shown["workers"], shown["stored_blocks"], shown["loaded_blocks"]) == (
+            ["decode-3"],
+            0,
+            0,
+        )
+        assert worker_of(first, "node-cache-host-a") is None  # never a routed worker
+
+        worker.kvbm.record_offloads(Tier.DEVICE, Tier.NODE, 5)
+        worker.kvbm.record_onboards(Tier.NODE, Tier.DEVICE, 2)
+        moved = next_cluster(running, lambda s: s["node_caches"][0]["stored_blocks"] == 5)
+        assert moved["node_caches"][0]["loaded_blocks"] == 2
+    finally:
+        registration.close()
+    assert next_cluster(running, lambda s: not s["node_caches"])["node_caches"] == []
+
+
 def test_an_unreachable_worker_stays_listed(
     start_frontend: Callable[..., RunningFrontend],
-    metric_worker: Callable[[str], MetricWorker],
+    metric_worker: Callable[..., MetricWorker],
 ) -> None:
     running = start_frontend()
     worker = metric_worker("prefill-8")

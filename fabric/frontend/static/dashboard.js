@@ -154,12 +154,28 @@ function workerRow(worker) {
     el("td", {"data-field": "requests"}, count(worker.requests)));
 }
 
+function nodeCacheRow(cache) {
+  return el("tr", {"data-node-cache": cache.id},
+    el("td", {"data-field": "id"}, el("b", {}, cache.id)),
+    el("td", {"data-field": "node"}, cache.node || "—"),
+    el("td", {"data-field": "state"}, cache.state),
+    el("td", {"data-field": "capacity"},
+      cache.capacity == null ? "—" : `${count(cache.capacity)} blocks`),
+    el("td", {"data-field": "workers"}, cache.workers.join(", ") || "none"),
+    el("td", {"data-field": "stored"}, count(cache.stored_blocks)),
+    el("td", {"data-field": "loaded"}, count(cache.loaded_blocks)));
+}
+
 function render(data) {
   setText("model", data.model);
   renderFrontend(data.frontend);
   renderRoutes(data.routes_history, data.frontend.routes, data.generated_at);
   byId("workers").tBodies[0].replaceChildren(...data.workers.map(workerRow));
   setText("workers-count", `(${data.workers.length})`);
+  const caches = data.node_caches || [];
+  byId("node-caches-section").hidden = caches.length === 0;
+  byId("node-caches").tBodies[0].replaceChildren(...caches.map(nodeCacheRow));
+  setText("node-caches-count", `(${caches.length})`);
   const status = byId("status");
   status.className = "status";
   status.textContent = `updated ${new Date(data.generated_at * 1000).toLocaleTimeString()}`;
