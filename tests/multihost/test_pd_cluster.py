@@ -8,9 +8,14 @@ Every worker and frontend is given all three etcd endpoints. The workers' advert
 come three ways: the route to etcd (``--bind-host=0.0.0.0``: prefill-0, decode-0), the bind
 address (prefill-1) and ``--advertise-host`` (decode-1).
 
+A third discovery namespace holds two aggregated workers, on h2 and h3, behind their own frontend
+on h1: a peer hit (one worker reading the prefix another computed) crosses hosts too.
+
 Checked, in order (each test leaves the deployment serving):
 * every endpoint in the records is the worker's host address; outputs equal the aggregated
   worker's for each of the four prefill/decode pairs and for routed requests, with KV moved;
+* a peer hit: the prefix one aggregated worker computed is read by the other across hosts, the
+  output equal to the reference's;
 * the etcd leader killed (SIGKILL) while requests flow: none fails, every worker keeps its
   lease (none re-registers under a new one) past twice the lease TTL, and a worker started
   afterwards is seen by the frontend and serves;
@@ -98,6 +103,7 @@ class Cluster:
     registry: EtcdRegistry
     pd: Deployment
     reference: Deployment
+    peer: Deployment
     answers: dict[tuple[str, int], Answer]
 
     def host(self, name: str) -> Host:
@@ -123,9 +129,11 @@ def cluster(
     registry = EtcdRegistry(etcd, timeout_s=2.0)
     pd = Deployment(lab, etcd, tiny_dir, "pd", h1)
     reference = Deployment(lab, etcd, tiny_dir, "ref", h1)
+    peer = Deployment(lab, etcd, tiny_dir, "peer", h1)
     try:
         pd.start_frontend(8000)
         reference.start_frontend(8001)
+        peer.start_frontend(8002)
         pd.start_worker("prefill", "prefill-0", h2)
         pd.start_worker("prefill", "prefill-1", h2, f"--bind-host={h2.address}")
         pd.start_worker("decode", "decode-0", h3)
@@ -133,9 +141,12 @@ def cluster(
             "decode", "decode-1", h3, "--bind-host=0.0.0.0", f"--advertise-host={h3.address}"
         )
         reference.start_worker("aggregated", "aggregated-0", h1)
+        peer.start_worker("aggregated", "aggregated-a", h2)
+        peer.start_worker("aggregated", "aggregated-b", h3)
         pd.wait_ready(4)
         reference.wait_ready(1)
-        yield Cluster(lab, members, registry, pd, reference, {})
+        peer.wait_ready(2)
+        yield Cluster(lab, members, registry, pd, reference, peer, {})
     finally:
         registry.close()
         lab.stop_children()
@@ -167,6 +178,20 @@ def test_2p2d_across_hosts_equals_the_aggregated_worker(cluster: Cluster) -> Non
         assert got.output() == cluster.expected(prompt).output(), got.fabric
         assert (got.fabric["decode_worker"], got.fabric["prefill_worker"]) == (decode, prefill)
         assert got.fabric["transferred_blocks"] == -(-150 // 16), got.fabric  # every block read
+
+
+def test_peer_hit_read_across_hosts(cluster: Cluster) -> None:
+    client = cluster.peer.client()
+    prefix = token_prompt(160, seed=70)
+    first = complete(client, prefix, route={"worker": "aggregated-a", "prefill_worker": ""})
+    assert first.output() == cluster.expected(prefix).output(), first.fabric
+    assert first.fabric["decode_worker"] == "aggregated-a"
+    prompt = prefix + token_prompt(20, seed=71)  # aggregated-b has none of it cached
+    route = {"worker": "aggregated-b", "prefill_worker": "aggregated-a"}
+    got = complete(client, prompt, route=route)
+    assert got.output() == cluster.expected(prompt).output(), got.fabric
+    assert got.fabric["prefill_worker"] == "aggregated-a", got.fabric  # read from h2 on h3
+    assert got.fabric["transferred_blocks"] >= len(prefix) // 16, got.fabric
 
 
 def test_etcd_leader_killed_mid_run(cluster: Cluster) -> None:
