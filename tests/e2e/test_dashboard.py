@@ -27,8 +27,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from browser_page import PAGE_S, chromium, console_errors, text_of
 from e2e_harness import (
     BLOCK_SIZE,
     STARTUP_S,
@@ -42,17 +44,8 @@ from e2e_harness import (
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium is not installed (dev extra)"
-)
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-
 pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-PAGE_S = 20.0
 SCREENSHOT_ENV = "FABRIC_DASHBOARD_SCREENSHOT"
 
 
@@ -98,35 +91,9 @@ def pd(
 
 
 @pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("chromium and chromium-driver are not installed (launch/setup.sh does it)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container: Chromium's sandbox needs user namespaces
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
-        driver.set_page_load_timeout(PAGE_S)
+def browser() -> Iterator[Any]:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def text_of(driver: webdriver.Chrome, selector: str) -> str:
-    """The text of the element ``selector`` ("" while it is not on the page)."""
-    try:
-        return str(driver.find_element(By.CSS_SELECTOR, selector).text)
-    except WebDriverException:
-        return ""
 
 
 def number(text: str) -> float:
@@ -139,7 +106,7 @@ def number(text: str) -> float:
         return float("nan")
 
 
-def wait_for(what: str, predicate: Callable[[], object], driver: webdriver.Chrome) -> None:
+def wait_for(what: str, predicate: Callable[[], object], driver: Any) -> None:
     assert wait_until(predicate, PAGE_S, poll_s=0.2), (
         f"the page did not show {what} within {PAGE_S} s; status "
         f"{text_of(driver, '#status')!r}; console {driver.get_log('browser')}"
@@ -147,7 +114,7 @@ def wait_for(what: str, predicate: Callable[[], object], driver: webdriver.Chrom
 
 
 def test_dashboard_shows_workers_and_moves_after_requests(
-    pd: Deployment, browser: webdriver.Chrome, tmp_path: Path
+    pd: Deployment, browser: Any, tmp_path: Path
 ) -> None:
     browser.get(f"{pd.url}/dashboard")
     row = {worker: f'tr[data-worker="{worker}"]' for worker in ("prefill-0", "decode-0")}
@@ -208,8 +175,7 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     assert text_of(browser, f"{row['decode-0']} [data-field=kv-read]") != "—"
     assert text_of(browser, "#kv-transfer-ms") != "—"
 
-    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-    assert not errors, f"console errors: {errors}"
+    assert console_errors(browser) == []
 
     screenshot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(screenshot))
