@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import platform
 from typing import Any
 
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     num_prompts = args.prompts or (6 if args.quick else 50)
     if min(fleet_sizes) < 3:
         raise FabricError("--workers: at least 3 (a prompt has three holders)")
+    loadavg_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     hashing: dict[str, dict[int, float]] = {}
     checks = {"routes": 0, "longest_prefix_picked": 0}
@@ -105,6 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "churn": args.churn,
             "seed": args.seed,
             "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} CPUs",
+            "loadavg_before": [round(x, 2) for x in loadavg_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
 
