@@ -44,6 +44,7 @@ import heapq
 import threading
 from array import array
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from fabric.kvbm import AllCleared, BlockRemoved, BlockStored, KvEvent, SequenceHash, Tier
@@ -54,6 +55,21 @@ _TIER_BIT = {tier: 1 << i for i, tier in enumerate(Tier)}
 _SLOT_BITS = (1 << TIER_BITS) - 1
 _LOG_SLACK = 256
 """A slot's log is compacted when it exceeds twice the worker's blocks plus this."""
+
+
+@dataclass(slots=True)
+class _Move:
+    """Within one store or removal call: where the entries of one old state go.
+
+    Attributes:
+        new: the new state (the old one: nothing to do; None: the entry goes).
+        slot_changes: whether the slot becomes, or stops being, a holder.
+        count: the entries moved so far (their reference counts move once, at the end).
+    """
+
+    new: int | None
+    slot_changes: bool
+    count: int = 0
 
 
 class _HolderStates:
@@ -267,35 +283,28 @@ class KvPrefixIndex:
         bit = tier_bit << shift
         own = _SLOT_BITS << shift
         entries = self._entries
+        get = entries.get
         states = self._states
-        masks, refs = states.masks, states.refs
+        masks = states.masks
         log = self._logs[slot]
-        # old state -> (new state, whether the slot is a new holder); within one call a state
-        # cannot be freed (collect runs at the end), so the cached ids stay valid
-        moves: dict[int | None, tuple[int, bool]] = {}
-        added = 0
+        moves: dict[int | None, _Move] = {}
         for sequence_hash in hashes:
-            old = entries.get(sequence_hash)
+            old = get(sequence_hash)
             move = moves.get(old)
             if move is None:
                 mask = 0 if old is None else masks[old]
-                if mask & bit:
-                    assert old is not None, "a non-zero mask is an entry's"
-                    move = (old, False)
+                if mask & bit:  # held there already
+                    move = moves[old] = _Move(old, False)
                 else:
-                    move = (states.intern(mask | bit), not mask & own)
-                moves[old] = move
-            new, new_holder = move
+                    move = moves[old] = _Move(states.intern(mask | bit), not mask & own)
+            new = move.new
             if new == old:
                 continue
-            entries[sequence_hash] = new
-            refs[new] += 1
-            if old is not None:
-                states.unref(old)
-            if new_holder:
-                added += 1
+            entries[sequence_hash] = new  # type: ignore[assignment]  # a store never deletes
+            move.count += 1
+            if move.slot_changes:
                 log.append(sequence_hash)
-        self._num_blocks[slot] += added
+        self._num_blocks[slot] += self._settle(moves)
         if len(log) > 2 * self._num_blocks[slot] + _LOG_SLACK:
             self._compact_log(slot)
 
@@ -311,34 +320,46 @@ class KvPrefixIndex:
         """Clear ``bits`` (some of ``slot``'s) in the masks of ``hashes``."""
         own = _SLOT_BITS << (slot * TIER_BITS)
         entries = self._entries
+        get = entries.get
         states = self._states
-        masks, refs = states.masks, states.refs
-        moves: dict[int, tuple[int | None, bool]] = {}  # old -> (new or None, holder left)
-        removed = 0
+        masks = states.masks
+        moves: dict[int | None, _Move] = {}
         for sequence_hash in hashes:
-            old = entries.get(sequence_hash)
+            old = get(sequence_hash)
             if old is None:
                 continue
             move = moves.get(old)
             if move is None:
                 mask = masks[old]
-                if not mask & bits:
-                    move = (old, False)
+                if not mask & bits:  # not held there
+                    move = moves[old] = _Move(old, False)
                 else:
                     left = mask & ~bits
-                    move = (states.intern(left) if left else None, not left & own)
-                moves[old] = move
-            new, holder_left = move
+                    move = moves[old] = _Move(states.intern(left) if left else None, not left & own)
+            new = move.new
             if new == old:
                 continue
             if new is None:
                 del entries[sequence_hash]
             else:
                 entries[sequence_hash] = new
-                refs[new] += 1
-            states.unref(old)
-            removed += holder_left
-        self._num_blocks[slot] -= removed
+            move.count += 1
+        self._num_blocks[slot] -= self._settle(moves)
+
+    def _settle(self, moves: dict[int | None, _Move]) -> int:
+        """Move the reference counts of a call's moves; returns the hashes the slot gained or
+        lost (as a holder on any tier)."""
+        refs = self._states.refs
+        changed = 0
+        for old, move in moves.items():
+            if move.count:
+                if move.new is not None:
+                    refs[move.new] += move.count
+                if old is not None:
+                    self._states.unref(old, move.count)
+                if move.slot_changes:
+                    changed += move.count
+        return changed
 
     def _compact_log(self, slot: int) -> None:
         """Keep one log entry per hash the slot still holds."""
