@@ -17,8 +17,9 @@ unknown field is an error; no network). The other checks tie the manifests to th
   reference is defined before it is used, and every ``*_FILE`` variable names a file of a
   mounted secret;
 * consistency: fabric processes agree on model and namespace, their etcd URLs are the
-  StatefulSet's members, workers share the node cache's host directories and node name, and
-  the node cache's segment is the one its init container clears.
+  StatefulSet's members and they carry the TLS material etcd asks for, workers share the node
+  cache's host directories and node name, and the node cache's segment is the one its init
+  container clears.
 
 Each check takes the list of manifests, so tests can break a copy and see the check fail.
 """
@@ -471,6 +472,7 @@ def consistency_problems(manifests: list[Manifest]) -> Problems:
                 f"{process.container.name}: etcd {sorted(urls)}, members {sorted(members)}"
             )
     problems += _node_cache_problems(processes)
+    problems += _etcd_tls_problems(manifests, processes)
     for container in all_containers(manifests):
         if not container.init or "rm -f" not in " ".join(container.argv()[0]):
             continue
@@ -529,22 +531,55 @@ def _node_cache_problems(processes: list[FabricProcess]) -> Problems:
     return problems
 
 
+def _etcd(manifests: list[Manifest]) -> tuple[dict[str, Any], Container] | None:
+    """The etcd StatefulSet and its container, if the manifests have them."""
+    for container in all_containers(manifests):
+        doc = container.owner.doc
+        if (doc["kind"], doc["metadata"]["name"]) == ("StatefulSet", "etcd"):
+            return doc, container
+    return None
+
+
 def _etcd_members(manifests: list[Manifest]) -> set[str]:
-    """The client URLs of the etcd StatefulSet's members: ``<pod>.<headless service>:<its
-    client port>`` (empty when either is missing or the service is not headless)."""
-    docs = [m.doc for m in manifests]
-    for doc in docs:
-        if doc["kind"] != "StatefulSet" or doc["metadata"]["name"] != "etcd":
-            continue
-        service = doc["spec"]["serviceName"]
-        for svc in docs:
-            if svc["kind"] == "Service" and svc["metadata"]["name"] == service:
-                if svc["spec"].get("clusterIP") != "None":
-                    return set()
-                ports = {p.get("name"): p["port"] for p in svc["spec"]["ports"]}
-                name, replicas = doc["metadata"]["name"], int(doc["spec"]["replicas"])
-                return {f"http://{name}-{i}.{service}:{ports['client']}" for i in range(replicas)}
-    return set()
+    """The client URLs etcd's members advertise (``--advertise-client-urls`` with each member's
+    pod name), when its service is the headless one that gives those names (else empty)."""
+    found = _etcd(manifests)
+    if found is None:
+        return set()
+    doc, container = found
+    service = doc["spec"]["serviceName"]
+    headless = any(
+        m.doc["kind"] == "Service"
+        and m.doc["metadata"]["name"] == service
+        and m.doc["spec"].get("clusterIP") == "None"
+        for m in manifests
+    )
+    flag = "--advertise-client-urls="
+    advertised = [str(w) for w in container.spec["args"] if str(w).startswith(flag)]
+    if not headless or len(advertised) != 1:
+        return set()
+    name, replicas = doc["metadata"]["name"], int(doc["spec"]["replicas"])
+    urls = advertised[0].removeprefix(flag)
+    return {urls.replace("$(POD_NAME)", f"{name}-{i}") for i in range(replicas)}
+
+
+def _etcd_tls_problems(manifests: list[Manifest], processes: list[FabricProcess]) -> Problems:
+    """With TLS on etcd's client port, every fabric process trusts its CA; with client
+    certificate authentication, every one also has a certificate and key."""
+    found = _etcd(manifests)
+    if found is None:
+        return []
+    args = [str(w) for w in found[1].spec["args"]]
+    needed = []
+    if any(a.startswith("--cert-file=") for a in args):
+        needed.append("FABRIC_ETCD_CA_FILE")
+    if "--client-cert-auth" in args:
+        needed += ["FABRIC_ETCD_CERT_FILE", "FABRIC_ETCD_KEY_FILE"]
+    problems = []
+    for process in processes:
+        env = process.container.env()[0]
+        problems += [f"{process.container.name}: etcd needs {n}" for n in needed if n not in env]
+    return problems
 
 
 def resource_problems(manifests: list[Manifest]) -> Problems:

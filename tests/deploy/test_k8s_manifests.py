@@ -239,8 +239,29 @@ BREAKAGES: dict[str, tuple[str, Breakage, str]] = {  # id: (check, breakage, tex
     ),
     "an etcd member missing": (
         "consistency",
-        set_arg("Deployment", "prefill", "--etcd", "http://etcd-0.etcd:2379"),
+        set_arg("Deployment", "prefill", "--etcd", "https://etcd-0.etcd:2379"),
         "members",
+    ),
+    "etcd over plain HTTP": (
+        "consistency",
+        set_arg(
+            "Deployment",
+            "decode",
+            "--etcd",
+            "http://etcd-0.etcd:2379,http://etcd-1.etcd:2379,http://etcd-2.etcd:2379",
+        ),
+        "members",
+    ),
+    "no etcd client certificate": (
+        "consistency",
+        lambda ms: container(ms, "Deployment", "frontend")["env"].pop(
+            next(
+                i
+                for i, v in enumerate(container(ms, "Deployment", "frontend")["env"])
+                if v["name"] == "FABRIC_ETCD_CERT_FILE"
+            )
+        ),
+        "etcd needs FABRIC_ETCD_CERT_FILE",
     ),
     "node cache socket not shared": (
         "consistency",

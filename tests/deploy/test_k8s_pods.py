@@ -3,7 +3,8 @@
 One network namespace per pod (``fabric.bench.netns``), each pod's container started
 by ``pod_runner`` from its template in ``deploy/k8s`` (the three etcd members of the
 StatefulSet, one prefill, one decode, one frontend, the node cache), with the manifests'
-secrets (a CURVE key pair and an API key made here). Checked as a cluster would see it: every
+secrets made here (a CURVE key pair, an API key, etcd's CA, server and client certificates:
+etcd serves TLS to certificate holders only). Checked as a cluster would see it: every
 readiness, liveness and startup probe passes on the address and port it names; the workers'
 records advertise their pod addresses; the frontend's Service port answers a completion with
 the API key and 401 without, and the prefill worker stores the prompt's blocks in the node
@@ -34,8 +35,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from fabric.auth import keygen
 from fabric.bench.netns import Lab, LabUnavailable, check_available, sweep_stale
 from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_certs import TlsMaterial, generate
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import DEFAULT_NAMESPACE, workers_prefix
+from fabric.errors import FabricError
 from fabric.node.config import segment_name
 
 pytestmark = pytest.mark.multihost
@@ -71,10 +74,34 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
-    secret_key = keygen(tmp_path_factory.mktemp("keys")).read_text()
+def etcd_tls(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    """etcd's CA, server and client certificates, as docs/deploy.md makes them (the server's
+    names, and the members' addresses: the pods reach etcd at those here)."""
+    members = [lab.hosts[f"etcd-{i}"] for i in range(PODS[("StatefulSet", "etcd")])]
+    hosts = tuple(f"etcd-{i}.etcd" for i in range(len(members))) + tuple(
+        member.address for member in members
+    )
+    return generate(tmp_path_factory.mktemp("etcd-tls"), hosts=hosts)
+
+
+@pytest.fixture(scope="module")
+def keys(
+    etcd_tls: TlsMaterial, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, str]]:
+    """The manifests' Secrets: item -> content."""
     return {
-        "kv-fabric-keys": {"curve.key_secret": secret_key, "api-key": secrets.token_urlsafe(16)}
+        "kv-fabric-keys": {
+            "curve.key_secret": keygen(tmp_path_factory.mktemp("keys")).read_text(),
+            "api-key": secrets.token_urlsafe(16),
+            "etcd-ca.pem": etcd_tls.ca.read_text(),
+            "etcd-client.pem": etcd_tls.client_cert.read_text(),
+            "etcd-client-key.pem": etcd_tls.client_key.read_text(),
+        },
+        "etcd-tls": {
+            "ca.pem": etcd_tls.ca.read_text(),
+            "server.pem": etcd_tls.server_cert.read_text(),
+            "server-key.pem": etcd_tls.server_key.read_text(),
+        },
     }
 
 
@@ -136,8 +163,13 @@ def test_every_probe_passes(pods: dict[str, Pod]) -> None:
                 assert probe(pod, kind), f"{pod.name}: {kind} fails"
 
 
-def test_workers_advertise_their_pod_addresses(pods: dict[str, Pod]) -> None:
-    endpoints = ",".join(f"http://{pods[f'etcd-{i}'].host.address}:2379" for i in range(3))
+def test_workers_advertise_their_pod_addresses(
+    pods: dict[str, Pod], etcd_tls: TlsMaterial, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoints = ",".join(f"https://{pods[f'etcd-{i}'].host.address}:2379" for i in range(3))
+    monkeypatch.setenv("FABRIC_ETCD_CA_FILE", str(etcd_tls.ca))
+    monkeypatch.setenv("FABRIC_ETCD_CERT_FILE", str(etcd_tls.client_cert))
+    monkeypatch.setenv("FABRIC_ETCD_KEY_FILE", str(etcd_tls.client_key))
     registry = EtcdRegistry(endpoints, timeout_s=5.0)
     try:
         records = [
@@ -153,6 +185,19 @@ def test_workers_advertise_their_pod_addresses(pods: dict[str, Pod]) -> None:
         assert f"//{address}:" in str(record.endpoints.signal), record
         assert f"//{address}:9400/" in str(record.endpoints.metrics), record
     assert any(record.role.value == "node-cache" for record in records), by_id
+    # etcd serves only holders of a certificate of its CA (--client-cert-auth)
+    monkeypatch.delenv("FABRIC_ETCD_CERT_FILE")
+    monkeypatch.delenv("FABRIC_ETCD_KEY_FILE")
+    with pytest.raises(FabricError):
+        read_records(endpoints.split(",")[0])  # one member: refused within one call's bound
+
+
+def read_records(endpoints: str) -> None:
+    registry = EtcdRegistry(endpoints, timeout_s=3.0)
+    try:
+        registry.get_prefix(workers_prefix(DEFAULT_NAMESPACE))
+    finally:
+        registry.close()
 
 
 def frontend_url(pods: dict[str, Pod]) -> str:
