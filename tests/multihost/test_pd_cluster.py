@@ -8,14 +8,16 @@ Every worker and frontend is given all three etcd endpoints. The workers' advert
 come three ways: the route to etcd (``--bind-host=0.0.0.0``: prefill-0, decode-0), the bind
 address (prefill-1) and ``--advertise-host`` (decode-1).
 
-A third discovery namespace holds two aggregated workers, on h2 and h3, behind their own frontend
-on h1: a peer hit (one worker reading the prefix another computed) crosses hosts too.
+A third discovery namespace holds aggregated workers behind their own frontend on h1: a and b
+(h2, h3), for a peer hit across hosts, and g (h3) which shares a G4 directory with the reference
+worker (h1): one filesystem here, which every namespace sees, as a network filesystem would.
 
 Checked, in order (each test leaves the deployment serving):
 * every endpoint in the records is the worker's host address; outputs equal the aggregated
   worker's for each of the four prefill/decode pairs and for routed requests, with KV moved;
 * a peer hit: the prefix one aggregated worker computed is read by the other across hosts, the
   output equal to the reference's;
+* G4: blocks the reference wrote on h1 are prefix hits for g on h3, no peer involved;
 * the etcd leader killed (SIGKILL) while requests flow: none fails, every worker keeps its
   lease (none re-registers under a new one) past twice the lease TTL, and a worker started
   afterwards is seen by the frontend and serves;
@@ -48,6 +50,7 @@ pytestmark = [pytest.mark.multihost, pytest.mark.etcd, pytest.mark.nixl]
 MODEL = "tiny"
 MAX_TOKENS = 12
 TTL_S = 5.0  # the workers' default registration TTL
+G4_BLOCKS = 512
 IDLE_TIMEOUT_S = 20.0  # the frontend's --idle-timeout (cluster_harness)
 REQUEST_TIMEOUT_S = 60.0
 
@@ -104,6 +107,7 @@ class Cluster:
     pd: Deployment
     reference: Deployment
     peer: Deployment
+    shared_dir: Path
     answers: dict[tuple[str, int], Answer]
 
     def host(self, name: str) -> Host:
@@ -125,6 +129,8 @@ def cluster(
     lab = make_lab(["h1", "h2", "h3"])
     h1, h2, h3 = (lab.hosts[n] for n in ("h1", "h2", "h3"))
     members = start_etcd_cluster([h1, h2, h3], tmp_path_factory.mktemp("etcd"))
+    shared_dir = tmp_path_factory.mktemp("g4")  # one filesystem: every namespace sees it
+    g4 = [f"--shared-disk-dir={shared_dir}", f"--shared-disk-blocks={G4_BLOCKS}"]
     etcd = ",".join(m.endpoint for m in members)
     registry = EtcdRegistry(etcd, timeout_s=2.0)
     pd = Deployment(lab, etcd, tiny_dir, "pd", h1)
@@ -140,13 +146,14 @@ def cluster(
         pd.start_worker(
             "decode", "decode-1", h3, "--bind-host=0.0.0.0", f"--advertise-host={h3.address}"
         )
-        reference.start_worker("aggregated", "aggregated-0", h1)
+        reference.start_worker("aggregated", "aggregated-0", h1, *g4)
         peer.start_worker("aggregated", "aggregated-a", h2)
         peer.start_worker("aggregated", "aggregated-b", h3)
+        peer.start_worker("aggregated", "aggregated-g", h3, *g4)
         pd.wait_ready(4)
         reference.wait_ready(1)
-        peer.wait_ready(2)
-        yield Cluster(lab, members, registry, pd, reference, peer, {})
+        peer.wait_ready(3)
+        yield Cluster(lab, members, registry, pd, reference, peer, shared_dir, {})
     finally:
         registry.close()
         lab.stop_children()
@@ -192,6 +199,23 @@ def test_peer_hit_read_across_hosts(cluster: Cluster) -> None:
     assert got.output() == cluster.expected(prompt).output(), got.fabric
     assert got.fabric["prefill_worker"] == "aggregated-a", got.fabric  # read from h2 on h3
     assert got.fabric["transferred_blocks"] >= len(prefix) // 16, got.fabric
+
+
+def test_g4_blocks_written_on_one_host_are_hits_on_another(cluster: Cluster) -> None:
+    prompt = token_prompt(200, seed=90)
+    expected = cluster.expected(prompt)  # the reference (h1) computes it and stores it in G4
+    num_full = len(prompt) // 16
+
+    def stored() -> int:
+        return sum(1 for _ in cluster.shared_dir.rglob("*.kvb"))
+
+    assert wait_until(lambda: stored() >= num_full, 30), stored()
+    route = {"worker": "aggregated-g", "prefill_worker": ""}
+    got = complete(cluster.peer.client(), prompt, route=route)
+    assert got.output() == expected.output(), got.fabric
+    assert got.fabric["decode_worker"] == "aggregated-g"
+    assert got.fabric["prefill_worker"] == "", got.fabric  # no peer: from the shared directory
+    assert got.fabric["cached_tokens"] >= num_full * 16 - 16, got.fabric
 
 
 def test_etcd_leader_killed_mid_run(cluster: Cluster) -> None:
