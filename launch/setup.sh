@@ -51,9 +51,10 @@ ensure_rdma_libraries() {
 }
 ensure_rdma_libraries
 
-# Debian's chromium and chromium-driver: the headless browser of the dashboard's test
-# (tests/e2e/test_dashboard.py, skipped without them); skipped when present, installed with
-# apt-get when run as root, else named with the command that installs them (nothing fails).
+# Debian's chromium and chromium-driver: the headless browser of the cluster page's tests
+# (tests/e2e/test_cluster_page.py, tests/frontend/test_dashboard_browser.py; skipped without
+# them); skipped when present, installed with apt-get when run as root, else named with the
+# command that installs them (nothing fails).
 BROWSER_PACKAGES=(chromium chromium-driver)
 ensure_browser() {
   command -v dpkg-query >/dev/null 2>&1 || return 0

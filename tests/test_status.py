@@ -1,4 +1,4 @@
-"""``fabric status``'s table and its errors (a real deployment: ``tests/e2e/test_dashboard.py``).
+"""``fabric status``'s table and its errors (over a real deployment: ``e2e/test_cluster_page``).
 
 Rows come from ``dashboard_cluster.worker_json`` over real scrapes (text exposition parsed by
 ``Samples``); a worker whose metrics did not answer is a row in state ``unreachable`` naming

@@ -8,7 +8,8 @@ moves when its source moves (tiers, hit rates, G4, requests, active and waiting,
 their rate, tokens per second; the frontend's requests, errors, in flight, queued, TTFT, ITL,
 routes and their history, KV transfer time and bytes); a worker whose metrics do not answer
 stays listed as ``unreachable``; the API key protects the JSON, not the page; the static files
-come from an allow-list. The browser test is ``tests/e2e/test_dashboard.py``.
+come from an allow-list. The browser tests are ``tests/e2e/test_cluster_page.py`` and
+``test_dashboard_browser.py``.
 """
 
 from __future__ import annotations
