@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -77,6 +78,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 def etcd_tls(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     """etcd's CA, server and client certificates, as docs/deploy.md makes them (the server's
     names, and the members' addresses: the pods reach etcd at those here)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: etcd's certificates cannot be made")
     members = [lab.hosts[f"etcd-{i}"] for i in range(PODS[("StatefulSet", "etcd")])]
     hosts = tuple(f"etcd-{i}.etcd" for i in range(len(members))) + tuple(
         member.address for member in members
