@@ -144,3 +144,19 @@ def test_the_checker_catches_a_misspelt_metric(dashboard: dict[str, Any]) -> Non
     )
     assert unknown_names(broken, exported_series()) == ["ITL: fabric_itl_bucket"] * 2
     assert metric_names('sum by (le) (rate(a_b{x="y"}[5m])) / on (z) c + 1e3') == {"a_b", "c"}
+
+
+def test_panels_have_unique_ids_and_do_not_overlap(dashboard: dict[str, Any]) -> None:
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[x, y]}"
+                cells[x, y] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
