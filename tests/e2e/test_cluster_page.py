@@ -174,6 +174,7 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     wait_for(f"every figure of {before} grow (now {figures()})", moved, browser)
     assert text_of(browser, f"{row['decode-0']} [data-field=kv-read]") != "—"
     assert text_of(browser, "#kv-transfer-ms") != "—"
+    assert text_of(browser, "#prefix-hit-rate").endswith("%")  # blocks were looked up
 
     assert console_errors(browser) == []
 
@@ -216,6 +217,8 @@ def test_fabric_status_from_etcd_and_from_the_frontend(pd: Deployment) -> None:
     assert rows["decode-0"][3] == "-"  # in flight: only a frontend knows
     assert int(rows["decode-0"][5]) >= 1  # requests
     assert any(cell.startswith("G1 ") and cell.endswith("%") for cell in rows["decode-0"]), table
+    node_cache = r"^node cache node-cache-\S+ on \S+: 512 blocks; its node's workers "
+    assert re.search(node_cache + r"\(decode-0, prefill-0\) stored [1-9]", table, re.M), table
 
     table = fabric_status(f"--frontend={pd.url}")
     assert table.splitlines()[0] == f"frontend {pd.url}: 2 worker(s)"
