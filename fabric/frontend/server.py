@@ -110,12 +110,15 @@ def run_frontend(
         )
         try:
             logger.info(
-                "serving %s on http://%s:%d (workers from %s; API key %s)",
+                "serving %s on http://%s:%d (workers from %s; API key %s); cluster page "
+                "http://%s:%d/dashboard",
                 frontend.model_name,
                 host,
                 port,
                 etcd,
                 "required" if api_key else "off",
+                host,
+                port,
             )
             uvicorn.run(
                 build_app(frontend, api_key=api_key),
