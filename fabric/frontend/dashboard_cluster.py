@@ -184,14 +184,14 @@ class ClusterView:
         records = sorted(fleet.workers().values(), key=lambda r: (r.role.value, r.worker_id))
         in_flight = fleet.in_flight()
         indexed = fleet.indexed_blocks()
-        scrapes = await scrape_workers(records)
+        scraped = list(zip(records, await scrape_workers(records), strict=True))
         now = time.time()
         own = Samples.of(self._frontend.metrics.registry)
         routes = own.by_label("fabric_frontend_routes_total", "kind")
         self._history.sample(now, routes)
         workers = []
         current: dict[tuple[str, float], WorkerScrape] = {}
-        for record, scrape in zip(records, scrapes, strict=True):
+        for record, scrape in scraped:
             key = (record.worker_id, record.started_at)
             current[key] = scrape
             workers.append(
@@ -204,7 +204,6 @@ class ClusterView:
                 )
             )
         self._previous = current
-        scraped = list(zip(records, scrapes, strict=True))
         return {
             "model": self._frontend.model_name,
             "generated_at": now,
@@ -249,7 +248,7 @@ def _frontend_json(own: Samples, in_flight: int) -> Json:
         "errors": own.value("fabric_frontend_request_errors_total"),
         "refusals": own.by_label("fabric_frontend_refusals_total", "reason"),
         "in_flight": in_flight,
-        "queued": own.value("fabric_frontend_queued") if own.has("fabric_frontend_queued") else 0,
+        "queued": own.value("fabric_frontend_queued"),
         "prompt_tokens": own.value("fabric_frontend_prompt_tokens_total"),
         "completion_tokens": own.value("fabric_frontend_completion_tokens_total"),
         "ttft_ms": mean_ms("fabric_frontend_ttft_seconds"),
