@@ -21,6 +21,8 @@ Checked, in order (each test leaves the deployment serving):
 * the etcd leader killed (SIGKILL) while requests flow: none fails, every worker keeps its
   lease (none re-registers under a new one) past twice the lease TTL, and a worker started
   afterwards is seen by the frontend and serves;
+* a prefill worker killed while its prompts are queued or computed: the decode recomputes them
+  (outputs equal, ``fallback`` says why) within the request deadline;
 * a decode worker killed mid-request: its requests fail within the frontend's idle deadline,
   the other decode's requests complete with the reference's output, and the surviving hosts
   hold no blocks, no handoffs and no process of the killed worker.
@@ -273,6 +275,36 @@ def test_etcd_leader_killed_mid_run(cluster: Cluster) -> None:
     assert wait_until(lambda: cluster.pd.workers_seen().get("prefill") == 2, 30)
 
 
+def test_prefill_killed_mid_run_is_recomputed(cluster: Cluster) -> None:
+    client = cluster.pd.client()
+    prompts = [token_prompt(1500, seed=100 + i) for i in range(4)]
+    expected = [cluster.expected(p).output() for p in prompts]
+    victim = cluster.pd.children["prefill-1"]
+    victim_metrics = cluster.pd.records(cluster.registry)["prefill-1"].endpoints.metrics or ""
+    route = {"worker": "decode-0", "prefill_worker": "prefill-1"}
+
+    def send(prompt: list[int]) -> tuple[Answer, float]:
+        return complete(client, prompt, route=route), time.monotonic()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(send, p) for p in prompts]
+        assert wait_until(
+            lambda: (
+                metric(scrape(victim_metrics), "fabric_worker_requests_total", kind="prefill") >= 1
+            ),
+            60,
+        ), cluster.pd.logs()
+        victim.process.kill()
+        killed_at = time.monotonic()
+        results = [f.result(REQUEST_TIMEOUT_S) for f in futures]
+    for (got, ended_at), want in zip(results, expected, strict=True):
+        assert got.output() == want, got.fabric  # recomputed on decode-0, or read before
+        assert ended_at - killed_at < REQUEST_TIMEOUT_S, got.fabric
+    recomputed = [got.fabric for got, _ in results if got.fabric["prefill_worker"] == ""]
+    assert recomputed and all(f["fallback"] for f in recomputed), [g.fabric for g, _ in results]
+    assert wait_until(lambda: cluster.pd.workers_seen().get("prefill") == 1, 3 * TTL_S)
+
+
 def test_decode_killed_mid_request(cluster: Cluster) -> None:
     client = cluster.pd.client()
     prompt = PROMPTS[2]
@@ -307,7 +339,7 @@ def test_decode_killed_mid_request(cluster: Cluster) -> None:
         assert ended_at - killed_at < IDLE_TIMEOUT_S + 5, doomed_results
     assert any(outcome.startswith("error") for outcome, _ in doomed_results), doomed_results
     # nothing leaked on the surviving hosts
-    survivors = ("prefill-0", "prefill-1", "decode-0")
+    survivors = ("prefill-0", "decode-0")
 
     def idle() -> bool:
         for worker_id in survivors:
