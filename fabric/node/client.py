@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+import torch
 
 from fabric.errors import (
     FabricError,
@@ -290,6 +293,7 @@ def attach_node_cache(
             details = ", ".join(f"{k}: ours {a}, node's {b}" for k, (a, b) in diff.items())
             raise LayoutMismatch(f"node cache at {endpoint} holds other blocks ({details})")
         storage = host_storage(node_layout, shared_name=geometry.segment, create=False)
+        fault_in(storage, write=False)
     except BaseException:
         signal.close()
         raise
@@ -300,6 +304,19 @@ def attach_node_cache(
         geometry.segment,
     )
     return NodeCacheClient(signal, geometry, storage)
+
+
+def fault_in(storage: TensorStorage, *, write: bool) -> None:
+    """Map every page of ``storage`` into this process now (one touch per page), so that copies
+    never take page faults: a first load of fresh slots measured 2-6x slower than later ones.
+    ``write`` fills the pages with zeros (the service, allocating its segment's memory at
+    start); a read only maps pages that exist (clients)."""
+    for tensor in storage.tensors:
+        raw = tensor.view(torch.uint8).reshape(-1)
+        if write:
+            raw.zero_()
+        else:
+            int(raw[:: mmap.PAGESIZE].sum())
 
 
 def _layout_of(geometry: NodeGeometry) -> LayoutSpec:

@@ -5,7 +5,9 @@ the HOST tier with ``host_shared_name`` set: ``host_storage(..., shared_name=...
 with the configured eviction policy and event sink (kvbm's ``build_pool``, ``publisher_for``),
 the admission filter, the ``NodeCache`` over them, and the ``SignalServer`` that serves it.
 
-Invariants: the segment is created here and unlinked by ``close`` (or by a failed build, which
+Invariants: the segment's memory is allocated when it is built (every page written once, after
+checking that /dev/shm has room: a full tmpfs is a clear error at start, never a SIGBUS in a
+client's copy later); the segment is created here and unlinked by ``close`` (or by a failed build, which
 closes everything it built, in reverse order); ``close`` stops serving before it unlinks, is
 idempotent, and leaves processes that still map the segment a valid mapping (the kernel frees
 the memory when the last one unmaps).
@@ -14,15 +16,18 @@ the memory when the last one unmaps).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
+from fabric.errors import StorageError
 from fabric.kvbm import (
     EventSink,
     FrequencyFilter,
     Storage,
+    TensorStorage,
     Tier,
     ZmqEventPublisher,
     build_pool,
@@ -31,11 +36,14 @@ from fabric.kvbm import (
     tier_storage,
 )
 from fabric.node.cache import Lease, NodeCache
+from fabric.node.client import fault_in
 from fabric.node.config import NodeCacheConfig
 from fabric.node.leases import LeaseTable
 from fabric.signal.server import SignalServer
 
 logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
 
 
 class NodeCacheService:
@@ -73,6 +81,21 @@ class NodeCacheService:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_room(num_bytes: int) -> None:
+    """Refuse a segment larger than the free space of /dev/shm (writing past it is SIGBUS)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm to ask: the segment's creation says what went wrong
+    free = stat.f_bavail * stat.f_frsize
+    if num_bytes > free:
+        raise StorageError(
+            f"the node cache needs {num_bytes / 2**30:.2f} GiB of shared memory, {SHM_DIR} has "
+            f"{free / 2**30:.2f} GiB free: give fewer --blocks / a smaller --shm-gb, or a larger "
+            f"{SHM_DIR}"
+        )
 
 
 def node_record(service: NodeCacheService, config: NodeCacheConfig, *, model: str) -> WorkerRecord:
@@ -127,8 +150,11 @@ def build_node_cache(
     events = publisher_for(kvbm)
     built: list[Storage | EventSink] = [events]
     try:
+        _check_room(layout.total_bytes)
         storage = tier_storage(kvbm, Tier.HOST, layout)
         built.append(storage)
+        assert isinstance(storage, TensorStorage)  # the HOST tier's storage
+        fault_in(storage, write=True)  # its memory is allocated now, not at a first store
         cache = NodeCache(
             build_pool(kvbm, Tier.HOST, layout.num_blocks, events),
             layout,

@@ -4,16 +4,24 @@ and the segment's lifetime."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from node_harness import SPEC, ManualClock, shm_exists
+from node_harness import SPEC, ManualClock, node_config, shm_exists
 from node_peer import exact, filled_storage, layout
 
-from fabric.errors import InvalidInput, LayoutMismatch, TransferError
+from fabric.errors import InvalidInput, LayoutMismatch, StorageError, TransferError
 from fabric.kvbm import KvGeometry, LayoutKind, SequenceHash, host_storage
-from fabric.node import NodeCacheClient, NodeCacheService, StoreResult, attach_node_cache
+from fabric.node import (
+    NodeCacheClient,
+    NodeCacheService,
+    StoreResult,
+    attach_node_cache,
+    build_node_cache,
+    service,
+)
 from fabric.signal.errors import IncompatiblePeer
 
 Hashes = list[SequenceHash]
@@ -196,3 +204,17 @@ def test_close_unlinks_the_segment_and_clients_keep_their_mapping(
     service.close()
     assert not shm_exists(namespace)
     assert client.storage.tensors[0].numel() > 0  # still mapped, still readable
+
+
+def test_a_segment_larger_than_dev_shm_is_refused_at_start(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "SHM_DIR", "/nonexistent")  # room unknown: built
+    build_node_cache(node_config(namespace, lease_s=5.0)).close()
+    monkeypatch.setattr(service, "SHM_DIR", "/dev/shm")
+    shm = os.statvfs("/dev/shm")
+    block_bytes = node_config(namespace, lease_s=5.0).block_bytes
+    too_many = shm.f_bavail * shm.f_frsize // block_bytes + 1
+    with pytest.raises(StorageError, match="shared memory"):
+        build_node_cache(node_config(namespace, num_blocks=too_many, lease_s=5.0))
+    assert not shm_exists(namespace)
