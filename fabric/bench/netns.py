@@ -5,7 +5,7 @@ build their hosts with it. Needs root and iproute2 (``check_available`` says wha
 
 A ``Lab`` is one run's network::
 
-    root namespace (pytest: the client host)      switch namespace <lab>-sw
+    root namespace (the client host)               switch namespace <lab>-sw
       kvfx<hex> 198.18.N.1/24  ───veth───  up0 ─┐
                                                  br0 (bridge)
     host namespace <lab>-h1: eth0 198.18.N.11 ── h1 ─┤
@@ -14,7 +14,8 @@ A ``Lab`` is one run's network::
 
 * Addresses are in 198.18.0.0/15 (RFC 2544's benchmarking range, never routed), one /24 per run
   not used by any interface of the root namespace. Nothing of the lab exists outside its
-  namespaces but the root's veth end (and its /24 route), which dies with the switch namespace.
+  namespaces but the root's veth end (and its /24 route): ``close`` deletes it (it would also go
+  with the switch namespace, but asynchronously).
 * Names carry the creating process's pid and a random suffix (``kvfx-<pid>-<hex>-...``), so
   parallel runs never collide; ``sweep_stale`` removes the namespaces of runs whose process is
   gone (a crashed run), killing whatever still runs in them.
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabric.errors import FabricError
 from fabric.supervise import Child, start_process, stop_processes
 
 PREFIX = "kvfx"
@@ -52,7 +54,7 @@ STOP_S = 15.0
 _STALE = re.compile(rf"^{PREFIX}-(\d+)-[0-9a-f]+-")
 
 
-class LabUnavailable(Exception):
+class LabUnavailable(FabricError):
     """Network namespaces cannot be made here (the reason says why)."""
 
 

@@ -336,7 +336,7 @@ def test_decode_killed_mid_request(cluster: Cluster) -> None:
     for outcome, ended_at in doomed_results:
         # failed (or, had it finished before the kill, correct), within the idle deadline
         assert outcome.startswith("error") or outcome == "ok", doomed_results
-        assert ended_at - killed_at < IDLE_TIMEOUT_S + 5, doomed_results
+        assert ended_at - killed_at < IDLE_TIMEOUT_S + 10, doomed_results
     assert any(outcome.startswith("error") for outcome, _ in doomed_results), doomed_results
     # nothing leaked on the surviving hosts
     survivors = ("prefill-0", "decode-0")
