@@ -32,13 +32,20 @@ class ManualClock:
         return self.now
 
 
-def node_config(namespace: str, *, num_blocks: int = NUM_BLOCKS, lease_s: float) -> NodeCacheConfig:
+def node_config(
+    namespace: str,
+    *,
+    num_blocks: int = NUM_BLOCKS,
+    lease_s: float,
+    endpoint: str = "tcp://127.0.0.1:0",
+) -> NodeCacheConfig:
     return NodeCacheConfig(
         kvbm=load_kvbm_config(block_size=SPEC["block_size"], cpu_cache_blocks=num_blocks),
         geometry=geometry(SPEC),
         namespace=namespace,
         node="test",
         lease_s=lease_s,
+        endpoint=endpoint,
     )
 
 

@@ -12,7 +12,13 @@ import pytest
 from node_harness import SPEC, ManualClock, node_config, shm_exists
 from node_peer import exact, filled_storage, layout
 
-from fabric.errors import InvalidInput, LayoutMismatch, StorageError, TransferError
+from fabric.errors import (
+    FabricError,
+    InvalidInput,
+    LayoutMismatch,
+    StorageError,
+    TransferError,
+)
 from fabric.kvbm import KvGeometry, LayoutKind, SequenceHash, host_storage
 from fabric.node import (
     NodeCacheClient,
@@ -22,6 +28,7 @@ from fabric.node import (
     build_node_cache,
     service,
 )
+from fabric.node.link import NodeLink, fixed_endpoint
 from fabric.signal.errors import IncompatiblePeer
 
 Hashes = list[SequenceHash]
@@ -218,3 +225,32 @@ def test_a_segment_larger_than_dev_shm_is_refused_at_start(
     with pytest.raises(StorageError, match="shared memory"):
         build_node_cache(node_config(namespace, num_blocks=too_many, lease_s=5.0))
     assert not shm_exists(namespace)
+
+
+def test_a_client_of_a_restarted_service_is_told_to_attach_again_and_its_link_does(
+    make_service: Callable[..., NodeCacheService], make_client: Callable[..., NodeCacheClient]
+) -> None:
+    first = make_service()
+    client = make_client(first)
+    link = NodeLink(
+        fixed_endpoint(first.endpoint),
+        identity="linked",
+        compat_hash=first.cache.geometry.compat_hash,
+        layout=layout(SPEC, 1),
+        retry_s=0.0,
+    )
+    src = filled_storage(SPEC, [1, 2])
+    assert link.store(hashes(1, 2), src, [0, 1]) == 2
+    endpoint = first.endpoint
+    first.close()
+    second = make_service(endpoint=endpoint)  # same endpoint, a new (empty) segment
+    with pytest.raises(FabricError, match="attach again"):
+        client.stats()
+    assert second.cache.stats()["refused_unattached"] == 1
+    assert link.store(hashes(1, 2), src, [0, 1]) == 0  # refused: a miss, the link detaches
+    assert not link.attached
+    assert link.store(hashes(1, 2), src, [0, 1]) == 2  # attached again, into the new segment
+    assert link.num_attaches == 2
+    dst = host_storage(layout(SPEC, 2), pin=False)
+    assert link.load(hashes(1, 2), dst, lambda n: list(range(n))) == 2 and exact(dst, [1, 2], 2)
+    link.close()
