@@ -28,8 +28,9 @@ Keys (all optional)::
     worker_id              str    this instance's id in etcd (default "vllm-<engine_id>")
     signal_host            str    interface the ZeroMQ signal server binds ("127.0.0.1";
                                   "0.0.0.0" for peers on other hosts)
-    advertise_host         str    address the etcd record gives peers for the signal and
-                                  event endpoints and the NIXL agent's UCX device (default:
+    advertise_host         str    address the etcd record gives peers for the signal
+                                  endpoint, for event endpoints and an ``http_url`` bound
+                                  to 0.0.0.0, and the NIXL agent's UCX device (default:
                                   signal_host, or with a wildcard the route to etcd;
                                   ``fabric.discovery.addresses``)
     hold_timeout_s         float  producer frees unread prefill blocks after this (30)

@@ -116,6 +116,8 @@ class FabricWorker:
         addresses = resolve_addresses(
             config.signal_host, config.advertise_host, config.etcd_endpoints or ""
         )
+        if config.http_url is not None:  # a server on 0.0.0.0: its record names the host
+            config = dataclasses.replace(config, http_url=addresses.published(config.http_url))
         kvbm = config.kvbm_config(self.geometry.block_size)
         stream, replay = kvbm.events_endpoint, kvbm.events_replay_endpoint
         events = (
