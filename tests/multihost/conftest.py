@@ -36,6 +36,14 @@ def lab_unavailable() -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def _needs_namespaces() -> None:
+    """Every test here is skipped, with the reason, where no lab can be made."""
+    reason = lab_unavailable()
+    if reason is not None:
+        pytest.skip(f"no network namespaces: {reason}")
+
+
 @pytest.fixture(scope="module")
 def make_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeLab]:
     """``make_lab(["h1", "h2"])``: a lab with those hosts, closed at the module's end."""
