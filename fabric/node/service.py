@@ -156,7 +156,7 @@ def build_node_cache(
         assert isinstance(storage, TensorStorage)  # the HOST tier's storage
         fault_in(storage, write=True)  # its memory is allocated now, not at a first store
         cache = NodeCache(
-            build_pool(kvbm, Tier.HOST, layout.num_blocks, events),
+            build_pool(kvbm, Tier.NODE, layout.num_blocks, events),  # events: the node tier
             layout,
             segment=segment,
             compat_hash=config.compat_hash,

@@ -20,6 +20,7 @@ from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
 from fabric.discovery.registry import Role, parse_worker_key, workers_prefix
 from fabric.errors import ConfigError, DiscoveryError
 from fabric.frontend.fleet import Fleet
+from fabric.kvbm import SequenceHash
 from fabric.node import NodeCacheService
 from fabric.node.link import endpoint_in
 from fabric.node.service import node_record
@@ -139,3 +140,48 @@ def worker(
         0.0,
         node=node,
     )
+
+
+def test_node_events_carry_the_node_tier_and_the_record_names_their_stream(
+    namespace: str,
+) -> None:
+    import dataclasses
+
+    import zmq
+    from node_harness import SPEC
+    from node_peer import filled_storage, layout
+
+    from fabric.kvbm import Tier, decode_event_batch
+    from fabric.node import attach_node_cache, build_node_cache
+
+    base = node_config(namespace, lease_s=5.0)
+    kvbm = base.kvbm.model_copy(
+        update={
+            "events_endpoint": "tcp://127.0.0.1:0",
+            "events_replay_endpoint": "tcp://127.0.0.1:0",
+        }
+    )
+    config = dataclasses.replace(base, kvbm=kvbm)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    with build_node_cache(config) as service:
+        record = node_record(service, config, model="tiny")
+        assert record.endpoints.events and record.endpoints.events_replay
+        client = attach_node_cache(
+            service.endpoint,
+            identity="w",
+            compat_hash=config.compat_hash,
+            layout=layout(SPEC, 1),
+        )
+        try:
+            client.store([SequenceHash(7), SequenceHash(8)], filled_storage(SPEC, [7, 8]), [0, 1])
+        finally:
+            client.close()
+        dealer.connect(record.endpoints.events_replay)
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        assert dealer.poll(10_000), "no replay within 10 s"
+        _, _, payload = dealer.recv_multipart()
+        events = decode_event_batch(payload).events
+        assert events and all(event.tier is Tier.NODE for event in events)
+    dealer.close(linger=0)
+    ctx.term()
