@@ -3,7 +3,8 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE with
 ``"stream": true``), ``GET /v1/models``, ``GET /health`` (eligible workers by role; 503 while no
 decode or aggregated worker is known), ``GET /metrics`` (Prometheus text), the live cluster page
-``GET /dashboard`` and its JSON ``GET /v1/fabric/cluster`` (``dashboard``), and FastAPI's
+``GET /dashboard`` and its JSON ``GET /v1/fabric/cluster`` (``dashboard``), an ended request's
+``fabric`` field with its KV trace ``GET /v1/requests/{id}`` (``traces``), and FastAPI's
 ``/openapi.json`` and ``/docs``.
 
 Both generation routes accept the ``fabric`` routing pin (``protocol``'s docstring).
@@ -151,6 +152,21 @@ def build_app(frontend: Frontend, *, api_key: ApiKey | None = None) -> FastAPI:
             workers={role.value: count for role, count in counts.items()},
         )
         return JSONResponse(body.model_dump(), status_code=200 if serving else 503)
+
+    @app.get("/v1/requests/{request_id}", responses={404: {"model": ErrorResponse}})
+    async def request_trace(request_id: str) -> JSONResponse:
+        """An ended request's ``fabric`` field, its KV trace included (the last ones kept)."""
+        info = frontend.traces.get(request_id)
+        if info is None:
+            raise ApiError(
+                404,
+                f"no ended request {request_id!r} is known here: this frontend keeps the last "
+                f"{frontend.traces.capacity} ended requests (a request in flight, one served by "
+                "another frontend or older ones are not shown); ids are the responses' ids",
+                param="request_id",
+                code="request_not_found",
+            )
+        return JSONResponse({"id": request_id, "fabric": info})
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:

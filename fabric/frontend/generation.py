@@ -11,6 +11,9 @@ for a serving worker with room, then::
                                ├──no chunk for idle_timeout_s, or past the deadline──▶ FAILED (504)
                                └──abort() (client gone)──▶ ABORTED
 
+Every path out of RUNNING also records the request's ``fabric`` field (its KV trace included)
+in the frontend's ``TraceLog`` once (``traces``).
+
 Invariants: every path out of RUNNING releases the request's worker slots exactly once; every
 path but DONE sends ``Abort`` to the worker (harmless when it already stopped), so a worker never
 keeps generating for a client that is gone or a request the frontend gave up on.
@@ -30,8 +33,10 @@ from fabric.frontend.connection import StreamFailure
 from fabric.frontend.errors import ApiError, deadline_exceeded, worker_error
 from fabric.frontend.limits import PromptLimit
 from fabric.frontend.metrics import FrontendMetrics
+from fabric.frontend.protocol import FabricInfo
 from fabric.frontend.router import RoutedRequest, RoutePin, Router
 from fabric.frontend.tokenizer import Detokenizer, TextCodec
+from fabric.frontend.traces import TraceLog, kv_trace_view
 from fabric.signal.framing import wall_ms
 
 Scalar = float | int | str | bool
@@ -107,6 +112,10 @@ class Generation:
         metrics: FrontendMetrics,
         settings: FrontendSettings,
         received_at: float,
+        *,
+        traces: TraceLog,
+        route_ms: float = 0.0,
+        queue_ms: float = 0.0,
     ) -> None:
         self.routed = routed
         self.completion_tokens = 0
@@ -120,6 +129,9 @@ class Generation:
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._ended = False
+        self._traces = traces
+        self._route_ms = route_ms
+        self._queue_ms = queue_ms
 
     @property
     def request_id(self) -> str:
@@ -158,6 +170,7 @@ class Generation:
         self.routed.prefill_done()
         if item.finish_reason == "error":
             message = str(item.stats.get("error") or "the worker reported an error")
+            self.stats = {**item.stats, "error": message}
             self._fail(message)
             raise worker_error(f"worker {self.routed.serving.worker_id}: {message}")
         self._observe(len(item.token_ids))
@@ -168,15 +181,16 @@ class Generation:
             self.stats = dict(item.stats)
             self._metrics.observe_transfer(self.stats, self.routed.serving.layout)
             self.routed.finish()
+            self._traces.record(self.request_id, self.fabric_info())
         return Output(text, len(item.token_ids), item.finish_reason or None)
 
     def abort(self, reason: str) -> None:
         """Cancel the request on its worker unless it already ended (idempotent)."""
         if not self._ended:
-            self._ended = True
-            self.routed.abort(reason)
+            self.stats = {**self.stats, "error": f"aborted: {reason}"}
+            self._fail(reason)
 
-    def fabric_info(self) -> dict[str, Scalar]:
+    def fabric_info(self) -> FabricInfo:
         """The response's ``fabric`` field: routing and the worker's statistics.
 
         ``worker`` (and, as before, ``decode_worker``) is the serving worker;
@@ -185,11 +199,12 @@ class Generation:
         (who supplied the KV in the end: "" after a fallback, with ``fallback`` saying why);
         ``route`` is the ``RouteKind``; ``routed_prefix_blocks`` and ``routed_local_blocks`` are
         the full prompt blocks the router saw cached on the KV provider (the source, or the
-        serving worker for a local route) and on the serving worker.
+        serving worker for a local route) and on the serving worker; ``kv_trace`` is
+        ``traces.kv_trace_view``'s (the worker's compact ``kv_trace`` statistic decoded).
         """
         routed = self.routed
         route = routed.route
-        info: dict[str, Scalar] = {
+        info: FabricInfo = {
             "worker": routed.serving.worker_id,
             "decode_worker": routed.serving.worker_id,
             "prefill_worker": routed.request.prefill_worker,
@@ -199,9 +214,17 @@ class Generation:
             "routed_prefix_blocks": route.source_blocks,
             "routed_local_blocks": route.local_blocks,
         }
+        first_token_ms = None
         if self._first_token_at is not None:
-            info["frontend_ttft_ms"] = round((self._first_token_at - self._received_at) * 1e3, 3)
+            first_token_ms = (self._first_token_at - self._received_at) * 1e3
+            info["frontend_ttft_ms"] = round(first_token_ms, 3)
         info.update(self.stats)
+        info["kv_trace"] = kv_trace_view(
+            self.stats,
+            route_ms=self._route_ms,
+            frontend_queue_ms=self._queue_ms,
+            first_token_ms=first_token_ms,
+        )
         return info
 
     def _observe(self, num_tokens: int) -> None:
@@ -222,6 +245,7 @@ class Generation:
     def _fail(self, reason: str) -> None:
         self._ended = True
         self.routed.abort(reason)
+        self._traces.record(self.request_id, self.fabric_info())
 
 
 class Frontend:
@@ -252,6 +276,8 @@ class Frontend:
             codec.max_token_chars,
         )
         self.created = int(time.time())
+        self.traces = TraceLog()
+        """The ``fabric`` field of recently ended requests (``GET /v1/requests/{id}``)."""
         self._tokenizer_pool = tokenizer_pool
 
     async def encode(self, text: str) -> list[int]:
@@ -280,7 +306,10 @@ class Frontend:
         loop = asyncio.get_running_loop()
         deadline = ticket.arrived_at + self.settings.request_timeout_s
 
+        sent_at: list[float] = []
+
         def submit() -> RoutedRequest:
+            sent_at.append(time.monotonic())
             return self.router.submit(
                 request_id,
                 token_ids,
@@ -292,6 +321,7 @@ class Frontend:
             )
 
         routed = await self.admission.dispatch(ticket, submit)
+        routed_at = time.monotonic()
         route = routed.route
         self.metrics.prompt_tokens.inc(len(token_ids))
         self.metrics.routes.labels(route.kind.value).inc()
@@ -299,7 +329,14 @@ class Frontend:
             self.metrics.prefix_blocks.labels("hit").inc(route.source_blocks)
             self.metrics.prefix_blocks.labels("miss").inc(route.num_blocks - route.source_blocks)
         return Generation(
-            routed, self.codec.detokenizer(), self.metrics, self.settings, ticket.arrived_at
+            routed,
+            self.codec.detokenizer(),
+            self.metrics,
+            self.settings,
+            ticket.arrived_at,
+            traces=self.traces,
+            route_ms=(routed_at - sent_at[-1]) * 1e3,
+            queue_ms=(sent_at[-1] - ticket.arrived_at) * 1e3,
         )
 
     def close(self) -> None:

@@ -38,6 +38,22 @@ blocks the router saw cached on the KV provider / the serving worker), the worke
 (``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``, ``ttft_ms``,
 ``fallback``...) and the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that
 carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric``).
+
+``fabric.kv_trace`` (``KvTraceInfo``; ``fabric.frontend.traces``) is the request's KV trace::
+
+    "kv_trace": {"segments": [{"source": "device", "start": 0, "end": 64, "worker": ""},
+                              {"source": "recompute", "start": 64, "end": 100, "worker": ""}],
+                 "steps_ms": {"route": ..., "queue": ..., "onboard": ..., "transfer": ...,
+                              "prefill": ..., "first_token": ...},
+                 "fallback": ""}
+
+``segments`` cover the prompt's token positions in order (end exclusive), each with its source:
+``device`` / ``host`` / ``disk`` / ``g4`` (the serving worker's G1 prefix cache, G2, G3, the
+shared G4 store), ``node`` (its host's node cache), ``peer`` / ``prefill`` (read over NIXL from
+``worker``: an aggregated peer holding the prefix, or the P/D prefill worker), ``recompute``
+(computed by the serving worker). ``fallback`` says why the prompt was recomputed (e.g. the
+prefill worker timed out, reading its blocks failed). The same object, with the rest of the
+``fabric`` field, is served by ``GET /v1/requests/{id}`` for the last ended requests.
 """
 
 from __future__ import annotations
@@ -178,6 +194,29 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
+class KvSegmentInfo(BaseModel):
+    """Prompt positions ``start .. end - 1`` and where their K/V came from."""
+
+    source: Literal["device", "host", "disk", "g4", "node", "peer", "prefill", "recompute"]
+    start: int
+    end: int
+    worker: str = Field(default="", description="The peer or prefill worker read over NIXL.")
+
+
+class KvTraceInfo(BaseModel):
+    """``fabric.kv_trace``: where the prompt's KV came from, step times, the fallback."""
+
+    segments: list[KvSegmentInfo]
+    steps_ms: dict[str, float] = Field(
+        description="route, queue, onboard, transfer, prefill, first_token (ms)."
+    )
+    fallback: str = Field(description="Why the serving worker recomputed the prompt; '' if not.")
+
+
+FabricInfo = dict[str, Scalar | KvTraceInfo]
+"""A response's ``fabric`` field: route and worker statistics, and ``kv_trace``."""
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -185,7 +224,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    fabric: dict[str, Scalar] | None = None
+    fabric: FabricInfo | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -207,7 +246,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    fabric: dict[str, Scalar] | None = None
+    fabric: FabricInfo | None = None
 
 
 class ChatDelta(BaseModel):
@@ -229,7 +268,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    fabric: dict[str, Scalar] | None = None
+    fabric: FabricInfo | None = None
 
 
 class ModelCard(BaseModel):

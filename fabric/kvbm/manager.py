@@ -24,7 +24,8 @@ every block it allocated if the copy fails. Moves are synchronous here; the asyn
 per-path queues build on ``move`` (tiering issue).
 
 ``match`` looks through the tiers fastest first and returns one contiguous prefix split by tier;
-``match_and_onboard`` turns that into device blocks. The node tier (``attach_node``: a host tier
+``match_and_onboard`` turns that into device blocks (``onboard_prefix`` also says which tier
+each run of them came from). The node tier (``attach_node``: a host tier
 another process owns, ``node_tier.NodeTier``) is not a pool here either: ``match_and_onboard``
 asks it for the prefix after the pools' (one lookup, one copy into fresh device blocks), before
 G4; device blocks are allocated only for what it pinned, so a miss evicts nothing. Not
@@ -92,6 +93,16 @@ class PrefixMatch:
             return len(self.shared)
         handle = self.by_tier.get(tier)
         return 0 if handle is None else len(handle)
+
+
+@dataclass(frozen=True, slots=True)
+class OnboardedPrefix:
+    """Device blocks for a matched prefix and where they were found: ``sources`` lists
+    ``(tier, number of blocks)`` runs in prefix order, summing to ``len(blocks)`` (a request's
+    KV trace is built from them)."""
+
+    blocks: ImmutableBlocks
+    sources: tuple[tuple[Tier, int], ...]
 
 
 class KvBlockManager:
@@ -248,8 +259,13 @@ class KvBlockManager:
         If the device pool cannot take every onboarded block, the prefix is cut where it
         could not be onboarded (still a valid, shorter prefix). Nothing is leaked on failure.
         """
+        return self.onboard_prefix(sequence_hashes).blocks
+
+    def onboard_prefix(self, sequence_hashes: Sequence[SequenceHash]) -> OnboardedPrefix:
+        """``match_and_onboard``, also saying which tier each run of the prefix came from."""
         found = self.match(sequence_hashes)
         device = found.by_tier.pop(Tier.DEVICE, None)
+        sources: list[tuple[Tier, int]] = [] if device is None else [(Tier.DEVICE, len(device))]
         cut = False
         try:
             for tier in (Tier.HOST, Tier.DISK):
@@ -263,18 +279,21 @@ class KvBlockManager:
                 if moved is None:
                     cut = True
                     break
+                sources.append((tier, len(moved)))
                 device = moved if device is None else device.join(moved)
             start = 0 if device is None else len(device)
             num_shared = len(found.shared)
             if not cut and self._node is not None and start < len(sequence_hashes):
                 from_node = self._onboard_node(sequence_hashes, start)
                 if from_node is not None:
+                    sources.append((Tier.NODE, len(from_node)))
                     device = from_node if device is None else device.join(from_node)
                     start += len(from_node)
                     num_shared = self._num_shared_after(sequence_hashes, start)
             if num_shared and not cut:
                 loaded = self._onboard_shared(sequence_hashes, start, num_shared)
                 if loaded is not None:
+                    sources.append((Tier.SHARED, len(loaded)))
                     device = loaded if device is None else device.join(loaded)
         except BaseException:
             if device is not None and device.live:
@@ -283,8 +302,8 @@ class KvBlockManager:
         finally:
             self.release_match(found)
         if device is None:
-            return self._slot(Tier.DEVICE).pool.match([])
-        return device
+            device = self._slot(Tier.DEVICE).pool.match([])
+        return OnboardedPrefix(device, tuple(sources))
 
     # -- moves between tiers -------------------------------------------------------------------
 

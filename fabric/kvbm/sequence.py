@@ -5,9 +5,10 @@ Lifecycle::
     open (match + onboard the cached prefix) ──reserve──▶ blocks for N tokens
         ──append / commit──▶ full blocks registered as they complete ──release──▶ all returned
 
-``open`` takes the longest prefix any tier holds (``KvBlockManager.match_and_onboard``); when the
-whole prompt is cached it gives back the last matched block, so at least one position is computed
-and the engine has logits to sample from (the recomputed block deduplicates on registration).
+``open`` takes the longest prefix any tier holds (``KvBlockManager.onboard_prefix``; which tier
+each run came from is kept in ``cached_sources``); when the whole prompt is cached it gives back
+the last matched block, so at least one position is computed and the engine has logits to sample
+from (the recomputed block deduplicates on registration).
 ``reserve`` allocates the blocks a length needs; "no room now" is the value False, a request that
 could never fit raises ``PoolExhausted``. ``commit`` records that the K/V of every appended token
 (or of the first ``num_tokens``: a prompt prefilled chunk by chunk) is written and registers each
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from fabric.errors import InvalidInput
 from fabric.kvbm.core.block import ImmutableBlocks, MutableBlocks
-from fabric.kvbm.core.types import BlockId, SequenceHash
+from fabric.kvbm.core.types import BlockId, SequenceHash, Tier
 from fabric.kvbm.manager import KvBlockManager
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class SequenceBlocks:
         self.num_matched_blocks = len(cached)
         """Full prompt blocks some tier held at ``open``: one more than the cached ones when the
         whole block-aligned prompt was found (its last block is recomputed for the last token)."""
+        self.cached_sources: tuple[tuple[Tier, int], ...] = (
+            ((Tier.DEVICE, len(cached)),) if len(cached) else ()
+        )
+        """Where the cached blocks were found: ``(tier, number of blocks)`` runs in table order
+        (``KvBlockManager.onboard_prefix``), summing to the cached blocks."""
         self._hashes: list[SequenceHash] = cached.sequence_hashes
         self._held: list[ImmutableBlocks] = [cached]
         self._open: list[MutableBlocks] = []
@@ -76,15 +82,20 @@ class SequenceBlocks:
         if not prompt:
             raise InvalidInput("the prompt is empty; give at least one token")
         hashes = kvbm.hash_tokens(prompt).sequence_hashes
-        cached = kvbm.match_and_onboard(hashes)
+        prefix = kvbm.onboard_prefix(hashes)
+        cached, sources = prefix.blocks, list(prefix.sources)
         num_matched = len(cached)
         if num_matched * kvbm.block_size == len(prompt):
             trimmed = kvbm.pool(cached.tier).retain(cached, range(len(cached) - 1))
             kvbm.release(cached)
             cached = trimmed
+            tier, count = sources.pop()
+            if count > 1:
+                sources.append((tier, count - 1))
         logger.debug("sequence: %d of %d prompt blocks cached", len(cached), len(hashes))
         seq = cls(kvbm, prompt, cached, on_registered=on_registered)
         seq.num_matched_blocks = num_matched
+        seq.cached_sources = tuple(sources)
         return seq
 
     def reserve(self, num_tokens: int) -> bool:

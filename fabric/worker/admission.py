@@ -104,7 +104,9 @@ class Admission:
         remote = self._remote_prefills and source not in ("", self._worker_id)
         if not remote and local_budget <= 0:
             return None
+        began = time.perf_counter()
         seq = SequenceBlocks.open(self._kvbm, gen.prompt, on_registered=self._engine.on_registered)
+        onboard_ms = (time.perf_counter() - began) * 1000
         full = len(gen.prompt) // self._kvbm.block_size
         if remote and 0 < full <= seq.num_matched_blocks:  # only a partial block is left
             remote = False
@@ -125,4 +127,6 @@ class Admission:
         gen.seq = seq
         gen.stats.queue_ms = (time.perf_counter() - gen.arrived_at) * 1000
         gen.stats.local_prefix_tokens = seq.num_cached_tokens
+        gen.stats.onboard_ms = onboard_ms
+        gen.trace_cached()
         return gen

@@ -26,6 +26,11 @@ at each of them instead of waiting for the whole prompt. A chunk's full blocks a
 prompt is admitted only while the step has budget left. With no budget (``None``), each prompt
 is computed whole in one step, at most one new prompt per step, beside the step's decodes.
 
+Each request's KV trace (``RequestStats.kv_trace``) is set where its prompt's source is decided:
+the cached prefix and ``recompute`` when its prompt is queued here (also after a fallback), the
+cached prefix, ``node`` and ``remote_source`` (``prefill`` on a decode worker, ``peer`` on an
+aggregated one) when an offer was read.
+
 Aggregated workers compute a prompt here unless ``prefill_worker`` names another worker: that
 is a peer hit (the router saw that peer hold a longer cached prefix), read like a remote
 prefill, with the same fallback. Only the blocks this worker lacks are read. A request the pool
@@ -50,6 +55,7 @@ from fabric.config import PrefillFallback
 from fabric.engine import DecodeRequest, Engine, PrefillChunk, greedy
 from fabric.errors import ConfigError, FabricError
 from fabric.signal.framing import PeerId, wall_ms
+from fabric.signal.kv_trace import KvSource
 from fabric.signal.messages import GenerateRequest, TokenChunk
 from fabric.worker.admission import Admission
 from fabric.worker.handoff import DecodeHandoff
@@ -76,6 +82,7 @@ class GenerationService:
         handoff: DecodeHandoff | None = None,
         fallback: PrefillFallback = PrefillFallback.RECOMPUTE,
         max_num_batched_tokens: int | None = None,
+        remote_source: KvSource = KvSource.PREFILL,
     ) -> None:
         if (remote is None) != (handoff is None):
             raise ValueError("remote prefills need a decode handoff, and the reverse")
@@ -96,6 +103,7 @@ class GenerationService:
         self._handoff = handoff
         self._fallback = fallback
         self._budget = max_num_batched_tokens
+        self._remote_source = remote_source  # what a read offer is in the KV trace
         self._id_to_gen: dict[str, WorkerRequest] = {}
         self._prefilling: dict[str, WorkerRequest] = {}  # admission order
         self._decoding: dict[str, WorkerRequest] = {}
@@ -225,6 +233,9 @@ class GenerationService:
             return
         stats = gen.stats
         stats.kv_transfer_ms = (time.perf_counter() - began) * 1000
+        trace = gen.trace_cached()
+        trace.add(KvSource.NODE, start * self._kvbm.block_size)
+        trace.add(self._remote_source, len(gen.prompt))
         seq.commit()
         self._remote.done(outcome, num_blocks)
         computed = outcome.stats.get("computed_tokens", 0)
@@ -262,6 +273,7 @@ class GenerationService:
         assert gen.seq is not None
         gen.phase = Phase.PREFILLING
         num_cached = gen.seq.num_computed
+        gen.trace_cached().add(KvSource.RECOMPUTE, len(gen.prompt))
         gen.stats.cached_tokens = num_cached
         gen.stats.computed_tokens = len(gen.prompt) - num_cached
         self._metrics.computed_tokens.inc(len(gen.prompt) - num_cached)

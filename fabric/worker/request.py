@@ -16,6 +16,11 @@ Sampling is greedy (the reference engine is deterministic, so disaggregated outp
 aggregated output token for token); of ``sampling`` only ``ignore_eos`` (bool) is read. The EOS
 token, when generated, is streamed and ends the request with "stop".
 
+``stats.kv_trace`` says where each range of the prompt's K/V came from (``fabric.signal.kv_trace``):
+the cached prefix by tier (``trace_cached``, from the blocks ``SequenceBlocks.open`` found), then
+the node cache, the prefill or peer worker's blocks read over NIXL, or this worker's compute;
+it is rebuilt when a fallback recomputes the prompt, so it always describes the KV used.
+
 Invariants: ``seq`` is None exactly while WAITING; a request that leaves the scheduler has
 released ``seq`` (every block it matched or reserved). ``next_token`` is the last sampled token,
 streamed already but not yet fed to the model (its K/V is written by the next decode step).
@@ -30,12 +35,20 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from fabric.engine import Engine, greedy
-from fabric.kvbm import SequenceBlocks
+from fabric.kvbm import SequenceBlocks, Tier
 from fabric.models.config import ModelConfig
 from fabric.signal.framing import PeerId, wall_ms
+from fabric.signal.kv_trace import KvSource, KvTrace
 from fabric.signal.messages import GenerateRequest, PrefillRequest, TokenChunk
 
 StatValue = float | int | str | bool
+TIER_TO_SOURCE = {
+    Tier.DEVICE: KvSource.DEVICE,
+    Tier.HOST: KvSource.HOST,
+    Tier.DISK: KvSource.DISK,
+    Tier.SHARED: KvSource.G4,
+    Tier.NODE: KvSource.NODE,
+}
 
 
 class Phase(Enum):
@@ -75,6 +88,10 @@ class RequestStats:
     """The worker that computed the prompt; empty when this worker did."""
     fallback: str = ""
     """Why the prompt was recomputed here after the prefill worker failed (empty: it did not)."""
+    onboard_ms: float = 0.0
+    """Matching the prompt's cached prefix over the tiers and onboarding it to the device."""
+    kv_trace: KvTrace = field(default_factory=KvTrace)
+    """Where each prompt range's K/V came from (``trace_cached``, then the generation service)."""
 
     def as_dict(self, prompt_tokens: int, completion_tokens: int) -> dict[str, StatValue]:
         return {
@@ -90,6 +107,8 @@ class RequestStats:
             "ttft_ms": round(self.ttft_ms, 3),
             "prefill_worker": self.prefill_worker,
             "fallback": self.fallback,
+            "onboard_ms": round(self.onboard_ms, 3),
+            "kv_trace": self.kv_trace.encode(),
         }
 
 
@@ -117,6 +136,17 @@ class WorkerRequest:
     @property
     def prompt(self) -> list[int]:
         return self.request.token_ids
+
+    def trace_cached(self) -> KvTrace:
+        """Start the request's KV trace afresh with its cached prefix, tier by tier (the
+        blocks ``SequenceBlocks.open`` found); the caller adds what follows."""
+        assert self.seq is not None
+        trace = self.stats.kv_trace = KvTrace()
+        end = 0
+        for tier, num_blocks in self.seq.cached_sources:
+            end += num_blocks * self.seq.block_size
+            trace.add(TIER_TO_SOURCE[tier], end)
+        return trace
 
     def expired(self, now_ms: int) -> bool:
         """Past the request's deadline (``deadline_ms`` 0 means none)."""

@@ -71,6 +71,7 @@ from fabric.kvbm import (
 from fabric.models.config import ModelConfig
 from fabric.models.presets import Preset, ensure_model
 from fabric.node.link import NODE_CACHE_FROM_ETCD, NodeLink, endpoint_in, fixed_endpoint
+from fabric.signal.kv_trace import KvSource
 from fabric.signal.server import SignalServer
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
@@ -374,6 +375,7 @@ def _build(
             handoff=decode_handoff,
             fallback=config.serve.prefill_fallback,
             max_num_batched_tokens=config.serve.max_num_batched_tokens or None,
+            remote_source=KvSource.PEER if role is Role.AGGREGATED else KvSource.PREFILL,
         )
     scheduler.start(generation=generation, prefill=prefill, offload=offload)
     stack.callback(scheduler.close)  # before server.close: final chunks still go out
