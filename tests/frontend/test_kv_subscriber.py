@@ -6,6 +6,7 @@ the subscriber sees and what the replay answers.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -124,3 +125,46 @@ def test_an_undecodable_batch_forgets_the_worker(
     scripted.publish(2, payload(12))
     assert wait_until(lambda: held(index, 12))
     assert not held(index, 10)
+
+
+def hub_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kv-events"]
+
+
+def test_one_thread_follows_every_subscriber(scripted: ScriptedPublisher) -> None:
+    """Twenty subscribers (one PUB here) cost no thread each; each applies every batch."""
+    index = KvPrefixIndex()
+    subs = [
+        KvEventSubscriber(f"w{i}", index, endpoint=scripted.endpoint, replay_endpoint=None).start()
+        for i in range(20)
+    ]
+    try:
+        assert all(sub.wait_synced(WAIT_S) for sub in subs)
+        assert len(hub_threads()) == 1
+        assert scripted.publish_until(
+            0, payload(10), lambda: all(index.num_blocks(f"w{i}") == 1 for i in range(20))
+        )
+        scripted.publish(1, payload(11))
+        assert wait_until(lambda: all(sub.num_batches == 2 for sub in subs))
+    finally:
+        for sub in subs:
+            sub.close()
+    assert len(hub_threads()) == 1
+
+
+def test_a_failing_subscriber_is_closed_alone(
+    scripted: ScriptedPublisher, subscriber: KvEventSubscriber, index: KvPrefixIndex
+) -> None:
+    scripted.answer_replay([(0, payload(10))])
+    assert subscriber.wait_synced(WAIT_S)
+    index.apply("broken", [BlockStored(Tier.DEVICE, (SequenceHash(1),), None, None, None, 4)])
+    broken = KvEventSubscriber(
+        "broken", index, endpoint="tcp://no-such-host-:x", replay_endpoint=None
+    )
+    broken.start()
+    try:
+        assert broken.wait_synced(WAIT_S)  # failed: its entries are gone, and it says so
+        assert wait_until(lambda: index.num_blocks("broken") == 0)
+        assert scripted.publish_until(1, payload(11), lambda: held(index, 11))
+    finally:
+        broken.close()
