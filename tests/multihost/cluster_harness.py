@@ -33,6 +33,9 @@ from fabric.discovery.registry import workers_prefix
 from fabric.launch import frontend_command, wait_deployment_ready, worker_command
 from fabric.supervise import Child
 
+MakeLab = Callable[[Sequence[str]], Lab]
+"""The ``make_lab`` fixture (conftest): a lab with those hosts, closed at the module's end."""
+
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 FRONTEND_PORT = 8000

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
+from cluster_harness import MakeLab
 
 from fabric.bench.netns import Lab, LabUnavailable, check_available, sweep_stale
 
 logger = logging.getLogger(__name__)
-
-MakeLab = Callable[[Sequence[str]], Lab]
 
 
 @functools.cache

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MakeLab
+from cluster_harness import MakeLab
 
 from fabric.bench.netns import PREFIX, UCX_ENV, Lab, ip, namespaces, sweep_stale
 

@@ -40,8 +40,7 @@ from typing import Any
 
 import openai
 import pytest
-from cluster_harness import Deployment, metric, scrape, start_etcd_cluster, wait_until
-from conftest import MakeLab
+from cluster_harness import Deployment, MakeLab, metric, scrape, start_etcd_cluster, wait_until
 
 from fabric.bench.netns import Host, Lab, ns_pids
 from fabric.discovery.etcd import EtcdRegistry
