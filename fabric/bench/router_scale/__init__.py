@@ -5,7 +5,7 @@ For each fleet size of ``--workers``, two fresh processes on this machine: the s
 events in vLLM's wire format: prompts stored on the device, decode blocks one by one, write-through
 host copies, device and host evictions, shared system prompts on every worker) and the measured
 frontend side (``measure``: the real ``KvPrefixIndex`` of a ``Fleet``, one real
-``KvEventSubscriber`` thread per worker over real sockets and the real codec, the real
+``KvEventSubscriber`` per worker over real sockets and the real codec, the real
 ``Router.choose``). The cache grows in stages (``--cached-blocks``: (worker, block) pairs in the
 index at the stage's end, every stage with churn) and after each stage the router is timed on
 prompts of ``--prompt-tokens`` tokens (block size 16, the fabric's default), each held longest by

@@ -2,9 +2,9 @@
 
 Runs ``measure`` in a child process of its own (a fresh heap: its resident memory is what the
 frontend's structures cost). Holds a ``Fleet`` (its ``KvPrefixIndex``; the fleet is never
-started) and a ``Router`` over it, and one real ``KvEventSubscriber`` thread per simulated worker,
-subscribed over ZeroMQ TCP on 127.0.0.1 to the simulated workers' PUBs (``sim_workers``), each
-decoding with the real wire codec. Per stage:
+started) and a ``Router`` over it, and one real ``KvEventSubscriber`` per simulated worker (all
+followed by the subscribers' one thread), subscribed over ZeroMQ TCP on 127.0.0.1 to the
+simulated workers' PUBs (``sim_workers``), decoding with the real wire codec. Per stage:
 
 * **ingest**: from the ``stage`` command until every subscriber applied every batch of the stage
   (the simulated workers' send time included): blocks named by the stage's events per second;
