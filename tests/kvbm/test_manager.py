@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from fabric.errors import ConfigError, InvalidInput, StorageError, TransferError
-from fabric.kvbm import load_kvbm_config
+from fabric.kvbm import SequenceBlocks, load_kvbm_config
 from fabric.kvbm import manager as manager_module
 from fabric.kvbm.build import build_kvbm
 from fabric.kvbm.core.events import BlockStored, NullSink, RecordingSink
@@ -132,8 +132,10 @@ def test_match_splits_prefix_across_tiers(kvbm: KvBlockManager) -> None:
     kvbm.release_match(found)
     device.release(evict_device_but)
     device.release(keep)
-    onboarded = kvbm.match_and_onboard(hashes)
+    prefix = kvbm.onboard_prefix(hashes)
+    onboarded = prefix.blocks
     assert onboarded.sequence_hashes == hashes
+    assert prefix.sources == ((Tier.DEVICE, 2), (Tier.HOST, 2))  # what a KV trace shows
     kvbm.release(onboarded)
     for tier in kvbm.tiers:
         kvbm.pool(tier).check_invariants()
@@ -302,3 +304,22 @@ def test_missing_disk_directory_is_a_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(StorageError, match="does not exist"):
         build_kvbm(config, GEOMETRY)
+
+
+def test_sequence_keeps_where_its_cached_blocks_came_from(kvbm: KvBlockManager) -> None:
+    tokens = list(range(4 * BS))
+    hashes, _ = fill_device(kvbm, tokens)
+    with kvbm.pool(Tier.DEVICE).match(hashes) as on_device:
+        kvbm.offload(on_device, Tier.HOST)
+    device = kvbm.pool(Tier.DEVICE)
+    keep = device.match(hashes[:1])
+    evict = device.allocate(device.num_free)  # device keeps block 0, the host holds all four
+    assert evict is not None
+    device.release(evict)
+    device.release(keep)
+    with SequenceBlocks.open(kvbm, [*tokens, 7]) as seq:
+        assert seq.cached_sources == ((Tier.DEVICE, 1), (Tier.HOST, 3))
+    # The whole block-aligned prompt cached: its last block is recomputed, not counted as cached.
+    with SequenceBlocks.open(kvbm, tokens) as seq:
+        assert seq.num_cached_tokens == 3 * BS
+        assert seq.cached_sources == ((Tier.DEVICE, 3),)
