@@ -31,7 +31,7 @@ bytes a decode worker needs from a prefill on the same host, in GB/s (1e9 B/s), 
 
 * ``node``: through a node cache process (``python -m fabric.node``): one process stored the
   blocks, another loads them (``NodeCacheClient.load``: lookup + pin, one copy out of the shared
-  segment, unpin); checked byte for byte once;
+  segment, unpin) with one torch thread, as a worker does; checked byte for byte once;
 * ``nixl`` and ``memcpy``: ``python -m fabric.bench transfer`` on the same total bytes in blocks
   of the same size (its ``fabric_gbps``: ``fabric.pd.RemoteReader`` over NIXL between two
   processes, a decode worker's whole read path; its ``memcpy_gbps``: ``np.copyto`` in one
@@ -404,6 +404,10 @@ def _store_then_load(
 
     layout = geometry.layout(LayoutKind.FULLY_CONTIGUOUS, num_blocks, BLOCK_SIZE)
     src, dst = host_storage(layout, pin=False), host_storage(layout, pin=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # as a worker copies (--threads 1): a 2-thread copy waits on a busy core
     times: list[float] = []
     verified = False
     try:
@@ -428,6 +432,7 @@ def _store_then_load(
                     verified = torch.equal(src_bytes, dst.tensors[0].view(torch.uint8))
             copies = _copy_times(reader, hashes, dst, rounds)
     finally:
+        torch.set_num_threads(threads)
         src.close()
         dst.close()
     total = num_blocks * layout.block_bytes
