@@ -405,9 +405,8 @@ def _store_then_load(
     layout = geometry.layout(LayoutKind.FULLY_CONTIGUOUS, num_blocks, BLOCK_SIZE)
     src, dst = host_storage(layout, pin=False), host_storage(layout, pin=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # as a worker copies (--threads 1): a 2-thread copy waits on a busy core
+    # One thread, as a worker copies (--threads 1): a 2-thread copy waits on a busy core.
+    torch.set_num_threads(1)
     times: list[float] = []
     verified = False
     try:
