@@ -1,7 +1,7 @@
 """The router's view of which worker caches which KV blocks, built from KV events.
 
 Owns ``KvPrefixIndex``: for every sequence hash some worker holds, which workers hold it on which
-tiers. It is fed by ``kv_subscriber`` threads and read by the router, so every method takes one
+tiers. It is fed by ``kv_subscriber``'s thread and read by the router, so every method takes one
 lock. It is sized for fleets of hundreds of workers and about ten million cached blocks
 (``python -m fabric.bench router-scale``), so it keeps no Python object per (worker, block):
 
@@ -29,10 +29,11 @@ Invariants:
   (a miss costs a recompute, a false hit would not).
 * Sequence hashes are chained, so a prefix match walks the request's hashes in order and stops,
   per worker, at the first hash the worker lacks (on the tiers asked for, when a match names
-  tiers: the router matches device and host copies only, see ``policy``). The walk stops at the
-  first hash no asked-for worker holds, and recomputes the set of remaining workers only where a
-  block's state differs from the previous block's: its cost grows with the matched prefix, not
-  with the number of workers.
+  tiers: the router matches device and host copies only, see ``policy``). The walk starts with
+  every indexed worker, stops at the first hash none of those still in it holds (or at once when
+  no asked-for worker is indexed), and recomputes who is still in only where a block's state
+  differs from the previous block's: its cost grows with the matched prefix, not with the number
+  of workers (but for naming each worker's length once at the end).
 
 Every worker that publishes KV events is indexed, whatever its role: prefill, decode and
 aggregated workers alike (the router decides which of them may supply KV to whom).
@@ -180,8 +181,9 @@ class KvPrefixIndex:
     ) -> dict[str, int]:
         """For each of ``workers``, how many leading ``hashes`` it holds (0 for none).
 
-        ``hashes`` is consumed in order and no further than the first hash none of ``workers``
-        holds, so it may be a generator that computes them lazily (``policy`` does).
+        ``hashes`` is consumed in order and only while some indexed worker holds every hash so
+        far (on ``tiers``), one miss included, and not at all when none of ``workers`` is
+        indexed: it may be a generator that computes them lazily (``policy`` does).
 
         Args:
             tiers: count only copies on these tiers; None: any tier.

@@ -28,6 +28,7 @@ Sequence numbers (one per batch, +1 each) keep the index exact:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -217,6 +218,7 @@ class _Hub:
         self._requests: deque[tuple[KvEventSubscriber, bool]] = deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
         self._thread.start()
 
@@ -224,7 +226,8 @@ class _Hub:
         """Open (``opening``) or close ``subscriber`` on the hub's thread, soon."""
         with self._lock:
             self._requests.append((subscriber, opening))
-        os.write(self._wake_write, b"\0")
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the hub just as well
+            os.write(self._wake_write, b"\0")
 
     def _run(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
