@@ -203,6 +203,21 @@ def test_chunked_prefill_serves_what_whole_prefills_serve(
     assert wait_until(lambda: in_use(chunked) == 0, 2.0)
 
 
+def test_a_decode_worker_recomputes_a_failed_prefill_in_chunks(
+    start_worker: StartWorker, frontend: Frontend
+) -> None:
+    start_worker(Role.AGGREGATED, "reference", max_num_batched_tokens=0)
+    decode = start_worker(Role.DECODE, "decode", max_num_batched_tokens=16)
+    prompt = prompt_of(70, seed=11)
+    reference = frontend.generate("reference", prompt, 8)
+    result = frontend.generate("decode", prompt, 8, prefill_worker="nobody")
+    assert result.tokens == reference.tokens
+    assert "not registered" in str(result.stats["fallback"])
+    scrape_text = scrape(frontend.record(decode.worker_id))
+    assert metric(scrape_text, "fabric_worker_prefill_chunks_total") >= 70 / 16
+    assert wait_until(lambda: in_use(decode) == 0, 2.0)
+
+
 def test_roles_refuse_what_they_do_not_serve(start_worker: StartWorker, frontend: Frontend) -> None:
     start_worker(Role.PREFILL, "prefill")
     start_worker(Role.DECODE, "decode")
