@@ -130,9 +130,12 @@ class KvEventSubscriber:
         return sub
 
     def _drain(self) -> None:
-        """Apply the batches waiting on the SUB socket (at most ``MAX_DRAIN``)."""
+        """Apply the batches waiting on the SUB socket (at most ``MAX_DRAIN``); none once
+        ``close`` was called, even before the hub gets to the close."""
         assert self._sub is not None, "opened"
         for _ in range(MAX_DRAIN):
+            if self._stopping:  # closing: its worker's entries are being cleared
+                return
             try:
                 frames = self._sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
