@@ -7,6 +7,7 @@ vLLM consumer instance) reads them over NIXL and says when it is done. The messa
 move through a ``fabric.transfer`` agent, the block descriptions are ``fabric.kvbm.remote``'s.
 
     holds    HoldTable: held -> lent -> done / expired, deadlines, late requests refused
+    progress HoldProgress: poll the producer's agent while it holds (reads over TCP need it)
     offers   BlockExporter: BlocksReady for blocks of one registered storage
     reader   RemoteReader: slice an offer, plan, load the peer once, read, bounded
     links    ProducerLinks: find a producer in discovery, check it, one signal link to it
@@ -23,6 +24,7 @@ imported by the engines' adapters only.
 from fabric.pd.holds import Freed, HoldCounts, HoldState, HoldTable, Refusal
 from fabric.pd.links import KV_SOURCE_ROLES, ProducerLinks
 from fabric.pd.offers import BlockExporter
+from fabric.pd.progress import HoldProgress
 from fabric.pd.reader import RemoteReader
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "BlockExporter",
     "Freed",
     "HoldCounts",
+    "HoldProgress",
     "HoldState",
     "HoldTable",
     "ProducerLinks",

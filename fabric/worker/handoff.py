@@ -41,7 +41,8 @@ Invariants:
   .buffers())`` once at start), on both sides.
 
 The mechanisms are ``fabric.pd``'s, shared with vLLM's connector: the hold table
-(``HoldTable``), the offers (``BlockExporter``) and the reads (``RemoteReader``). This module
+(``HoldTable``), the offers (``BlockExporter``), the reads (``RemoteReader``) and the polling
+of the agent while blocks are held (``HoldProgress``). This module
 adds what the reference engine's block manager needs around them: references held through the
 ``KvBlockManager``, local prefix matches, allocation and registration of what was read.
 """
@@ -62,7 +63,7 @@ from fabric.kvbm import (
     SequenceHash,
     Tier,
 )
-from fabric.pd import BlockExporter, HoldTable, RemoteReader
+from fabric.pd import BlockExporter, HoldProgress, HoldTable, RemoteReader
 from fabric.signal.messages import BlocksReady, TransferDone
 from fabric.transfer.agent import TransferAgent
 
@@ -103,6 +104,7 @@ class PrefillHandoff:
         self._agent = agent
         self.hold_timeout_s = hold_timeout_s
         self._holds: HoldTable[Releasable] = HoldTable()
+        self._progress = HoldProgress(agent, self._holds)
         self._exporters: dict[Tier, BlockExporter] = {}
 
     @property
@@ -111,15 +113,9 @@ class PrefillHandoff:
         return len(self._holds)
 
     def progress(self) -> None:
-        """Drive this side's transfer agent while blocks are held (call it often then).
-
-        Over shared memory a decode's READ completes without this process; over a network
-        (UCX on TCP, between hosts) the target serves each READ only while its UCX worker is
-        progressed, and with NIXL's progress thread off that is this poll. Notifications are
-        drained with it; the reference engine's producer uses none.
-        """
-        if self._holds:
-            self._agent.notifications()
+        """Drive this side's transfer agent while blocks are held (call it often then): over
+        a network a decode's READ completes only while it is polled (``fabric.pd.progress``)."""
+        self._progress.maybe_progress()
 
     def offer(
         self,

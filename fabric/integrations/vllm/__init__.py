@@ -53,11 +53,12 @@ directory sees them: a prompt computed by one instance is a hit in another.
 *Prefill -> decode.* The producer's ``request_finished`` (for requests sent with
 ``kv_transfer_params: {"do_remote_decode": true}``) returns delay-free plus params naming its
 fabric worker id, request id, block ids and compat hash. Its worker side adopts vLLM's KV tensors
-as a fabric storage, registers them with a NIXL agent (progress thread off: reads are driven by
-the reader's polling), serves a ZeroMQ ``SignalServer`` and publishes a ``WorkerRecord`` in
-etcd (``discovery``: every instance with ``etcd_endpoints`` registers, except a consumer
-without ``http_url``; the fabric's frontend routes requests to those with an ``http``
-endpoint). The consumer, given those params, answers ``get_num_new_matched_tokens`` with an
+as a fabric storage, registers them with a NIXL agent (progress thread off: the reader's polling
+drives a read, and the producer polls its agent at every connector call while it holds blocks,
+which reads over TCP need: ``worker``), serves a ZeroMQ ``SignalServer`` and publishes a
+``WorkerRecord`` in etcd (``discovery``: every instance with ``etcd_endpoints`` registers,
+except a consumer without ``http_url``; the fabric's frontend routes requests to those with an
+``http`` endpoint). The consumer, given those params, answers ``get_num_new_matched_tokens`` with an
 asynchronous load of the prompt beyond its local hit; its worker finds the producer through a
 ``WorkerDirectory``, sends ``PrefillRequest`` (with the prompt, checked against the hold's
 digest), gets ``BlocksReady`` (a ``RemoteBlockSet``), reads with NIXL into the allocated blocks

@@ -235,7 +235,7 @@ class FabricConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete inside start_load_kv
+        self.worker.progress()  # loads complete inside start_load_kv; a held read moves here
 
     def save_kv_layer(
         self,
@@ -244,7 +244,7 @@ class FabricConnector(KVConnectorBase_V1):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return  # whole blocks (every layer) are saved in wait_for_save
+        self.worker.progress()  # whole blocks (every layer) are saved in wait_for_save
 
     def wait_for_save(self) -> None:
         self.worker.wait_for_save(self._meta())
@@ -274,6 +274,11 @@ class FabricConnector(KVConnectorBase_V1):
 
     def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
         return
+
+    def has_pending_push_work(self) -> bool:
+        """Keep vLLM stepping while prefills held in the host tier wait for their consumers:
+        vLLM freed those requests, and the worker polls its agent only when called."""
+        return self.scheduler.has_host_holds
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)

@@ -96,6 +96,8 @@ class FabricScheduler:
         self._tracked: dict[str, _Tracked] = {}
         self._hash_cache: dict[str, list[SequenceHash]] = {}
         self._meta = FabricMetadata()
+        self._host_holds: set[int] = set()
+        """Job ids of holds kept in the host tier and not yet reported freed by the workers."""
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -349,6 +351,7 @@ class FabricScheduler:
         """
         if report and self._ledger is not None:
             self._ledger.report(report)
+            self._host_holds = {j for j in self._host_holds if self._ledger.is_pending(j)}
         self.stats.num_load_error_blocks += len(invalid_block_ids)
         if not invalid_block_ids or self._kv_cache_manager is None:
             return
@@ -410,6 +413,8 @@ class FabricScheduler:
         )
         self.stats.num_holds += 1
         self.stats.num_host_holds += bool(host_ids)
+        if host_ids:
+            self._host_holds.add(job_id)
         return True, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
@@ -419,6 +424,13 @@ class FabricScheduler:
             "remote_num_tokens": num_tokens,
             "remote_compat_hash": f"{self._compat:016x}",
         }
+
+    @property
+    def has_host_holds(self) -> bool:
+        """Prefills held in the host tier for a consumer: vLLM freed their requests, so the
+        engine must keep stepping (``has_pending_push_work``) for the worker to serve and
+        release them."""
+        return bool(self._host_holds)
 
     def take_events(self) -> list[KvEvent]:
         """The tiers' KV events since the last call (for vLLM's own event stream)."""
@@ -431,6 +443,7 @@ class FabricScheduler:
             self._forget_lookup(req_id)
         if self._ledger is not None:
             self._ledger.close()
+        self._host_holds.clear()
         if self._events is not None:
             self._events[0].close()
             self._events = None

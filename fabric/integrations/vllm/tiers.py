@@ -172,6 +172,10 @@ class TierLedger:
         """Jobs planned and not yet reported."""
         return len(self._jobs)
 
+    def is_pending(self, job_id: int) -> bool:
+        """Job ``job_id`` was planned and not yet reported done (by every rank) or failed."""
+        return job_id in self._jobs
+
     # -- lookups -------------------------------------------------------------------------------
 
     def match(self, hashes: Sequence[SequenceHash]) -> TierHit:

@@ -11,6 +11,15 @@ Runs where vLLM's model runner runs, on its thread. Per step (``FabricMetadata``
   (``finished_sending``, only for requests vLLM has already reported finished);
 * ``take_load_errors``: the block ids that failed since the last call.
 
+A producer polls its NIXL agent (``fabric.pd.HoldProgress``, at most once a millisecond) at
+every connector call while it holds blocks for a consumer: over TCP a consumer's read moves only
+while the producer's agent is polled. vLLM steps while holds exist (a request whose blocks are
+held stays in its scheduler; for holds kept in the host tier the scheduler side reports
+``has_pending_push_work``), calling ``start_load_kv`` / ``wait_for_save`` / ``get_finished``
+every step (about every millisecond when nothing else runs) and ``progress`` around every
+attention layer of a forward pass (``FabricConnector.wait_for_layer_load`` /
+``save_kv_layer``), so a read waits at most one layer's compute between polls.
+
 With a host tier, a ``TierMover`` holds this rank's G2 / G3 bytes: tier loads run in
 ``start_load_kv``, the copy-out of newly full blocks in ``wait_for_save`` (the model thread's
 only share of an offload), write-downs to G3 / G4 on the mover's copy thread; finished jobs go
@@ -56,6 +65,7 @@ from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
 from fabric.kvbm import SharedBlockStore, Storage, Tier
+from fabric.pd import HoldProgress
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +95,7 @@ class FabricWorker:
         self._stack = ExitStack()
         self._holds = hold_table(read_timeout_s=config.read_timeout_s)
         self._producer: ProducerEndpoint | None = None
+        self._progress: HoldProgress | None = None
         self._reader: PeerReader | None = None
         self._load_errors: set[int] = set()
         self._received: set[str] = set()
@@ -152,6 +163,7 @@ class FabricWorker:
                 signal_host=config.signal_host,
             )
             self._stack.callback(self._producer.close)
+            self._progress = HoldProgress(agent, self._holds)
         if config.kv_role.consumes:
             self._reader = PeerReader(
                 worker_id=worker_id,
@@ -196,8 +208,14 @@ class FabricWorker:
         return self._pages
 
     def stats_dict(self) -> dict[str, int | float]:
-        """``WorkerStats`` and the hold table's counts."""
-        return {**self.stats.as_dict(), **self._holds.counts.as_dict()}
+        """``WorkerStats``, the hold table's counts and the producer's agent polls."""
+        polls = self._progress.num_polls if self._progress is not None else 0
+        return {**self.stats.as_dict(), **self._holds.counts.as_dict(), "num_hold_polls": polls}
+
+    def progress(self) -> None:
+        """Poll the NIXL agent if blocks are held for a consumer (model thread only; paced)."""
+        if self._progress is not None:
+            self._progress.maybe_progress()
 
     @property
     def num_holds(self) -> int:
@@ -208,6 +226,7 @@ class FabricWorker:
     # ---- loads -------------------------------------------------------------------------------
 
     def start_load_kv(self, meta: FabricMetadata) -> None:
+        self.progress()
         began = time.perf_counter()
         for hold in meta.holds:
             self._hold(hold)
@@ -311,6 +330,7 @@ class FabricWorker:
     # ---- saves -------------------------------------------------------------------------------
 
     def wait_for_save(self, meta: FabricMetadata) -> None:
+        self.progress()
         began = time.perf_counter()
         if self._mover is not None:
             for tier_save in meta.tier_saves:
@@ -345,6 +365,7 @@ class FabricWorker:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """``(finished_sending, finished_recving)`` for vLLM (see the module docstring)."""
+        self.progress()
         freed = set(self._freed)
         self._finished_ids |= {r for r in finished_req_ids if r in self._holds or r in freed}
         for released in self._holds.collect(time.monotonic()):
