@@ -37,6 +37,7 @@ Invariants:
   a call refused for its token (or a watch cancelled for it) drops it, authenticates again and
   is retried once. Refused credentials and failed TLS handshakes are ``EtcdAuthError``s naming
   the variable to fix.
+* Every failed call, retry and lost watch is counted (``fabric.discovery.metrics``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from pyetcd.utils import prefix_range_end
 
+from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.etcd_auth import (
     ENV_PASSWORD_FILE,
     ENV_USER,
@@ -253,6 +255,7 @@ class EtcdRegistry:
                 if cause is None or not _is_unreachable(cause):
                     raise
                 logger.warning("etcd %s: %s; trying the next endpoint", what, _details(cause))
+                etcd_metrics.RETRIES.labels("failover").inc()
         return self._call_endpoint(what, fn, *args, **kwargs)
 
     def _fail_over(self) -> None:
@@ -275,6 +278,7 @@ class EtcdRegistry:
                 "etcd refused this client's token (%s); authenticating again", _details(exc)
             )
             self._drop_token(token)
+            etcd_metrics.RETRIES.labels("reauth").inc()
         self._current_token(what)
         try:
             return fn(*args, **kwargs)
@@ -310,6 +314,7 @@ class EtcdRegistry:
 
     def _error(self, what: str, exc: BaseException) -> DiscoveryError:
         status, detail = _status(exc), _details(exc) or type(exc).__name__
+        etcd_metrics.CALL_FAILURES.labels(what, _failure_kind(exc, status)).inc()
         where = f"etcd {what} at {self.endpoints}"
         if status is grpc.StatusCode.NOT_FOUND:
             return DiscoveryError(
@@ -422,6 +427,7 @@ class _EtcdWatch:
             self._connected.clear()
             if self._lost_at is None:
                 self._lost_at = time.monotonic()
+                etcd_metrics.WATCH_LOSSES.inc()
                 logger.warning(
                     "etcd watch on %r lost (%s); re-establishing and re-listing",
                     self.prefix,
@@ -504,6 +510,15 @@ def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
 def _status(exc: BaseException | None) -> grpc.StatusCode | None:
     code = getattr(exc, "code", None)
     return code() if callable(code) else None
+
+
+def _failure_kind(exc: BaseException, status: grpc.StatusCode | None) -> str:
+    """The ``kind`` label of a failed call (``fabric.discovery.metrics``)."""
+    if isinstance(exc, ConnectionTimeoutError) or status is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timeout"
+    if isinstance(exc, ConnectionFailedError):
+        return "unavailable"
+    return "error" if status is None else status.name.lower()
 
 
 def _is_unreachable(exc: BaseException) -> bool:

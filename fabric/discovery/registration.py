@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
+from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import (
     DEFAULT_NAMESPACE,
@@ -197,6 +198,7 @@ class WorkerRegistration:
             lease = self._lease
             if lease is None:
                 self._restored("a new lease", self._register())
+                etcd_metrics.LEASE_REGRANTS.inc()
             elif not self._registry.keepalive(lease):
                 self._mark_lost(f"lease {lease.id:x} expired or was revoked")
                 self._lease = None

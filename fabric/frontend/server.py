@@ -23,6 +23,7 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.registry import DEFAULT_NAMESPACE, Registry
 from fabric.errors import ConfigError
 from fabric.frontend.admission import Admission
@@ -35,6 +36,7 @@ from fabric.frontend.http_connection import HttpClients
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.frontend.router import Router
 from fabric.frontend.tokenizer import TextCodec, resolve_model
+from fabric.signal import metrics as signal_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def build_frontend(
     router = Router(fleet, max_in_flight_per_worker=settings.max_in_flight_per_worker)
     admission = Admission(max_queued=settings.max_queued, queue_timeout_s=settings.queue_timeout_s)
     metrics = FrontendMetrics(fleet.in_flight, fleet.indexed_blocks, lambda: admission.num_queued)
+    for transport in (signal_metrics.REGISTRY, etcd_metrics.REGISTRY):  # this process's errors
+        metrics.registry.register(transport)
     frontend = Frontend(
         router,
         codec,

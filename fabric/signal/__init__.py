@@ -4,10 +4,12 @@
 vocabulary and the exceptions a refused message raises; ``framing`` the correlation-id frames and
 peer identities the ZeroMQ channel adds; ``server`` (``SignalServer``) and ``client``
 (``SignalClient``, ``error_from_reply``) the two ends of that channel; ``liveness`` the bounded
-last-seen table. KV bytes never travel here (NIXL moves them). Imports only ``fabric.errors``
-(never ``kvbm`` or ``transfer``). Inside the package imports point one way: ``errors``,
-``framing`` and ``liveness`` import no other signal module, ``messages`` imports ``errors``, and
-``client`` and ``server`` import the rest.
+last-seen table; ``metrics`` the process's signal error counters (``REGISTRY``); ``kv_trace``
+the compact form of a request's KV trace in ``TokenChunk.stats``. KV bytes never travel here
+(NIXL moves them). Imports only ``fabric.errors`` (and ``fabric.auth``, msgpack, ZeroMQ,
+prometheus_client; never ``kvbm`` or ``transfer``). Inside the package imports point one way:
+``errors``, ``framing``, ``liveness`` and ``kv_trace`` import no other signal module,
+``messages`` and ``metrics`` import ``errors``, and ``client`` and ``server`` import the rest.
 """
 
 from __future__ import annotations

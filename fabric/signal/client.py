@@ -36,7 +36,8 @@ from fabric.errors import (
     PeerUnavailable,
     TransferTimeout,
 )
-from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION
+from fabric.signal import metrics as signal_metrics
+from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION, SignalError
 from fabric.signal.framing import (
     CORR_BYTES,
     ONE_WAY,
@@ -45,6 +46,7 @@ from fabric.signal.framing import (
     wall_ms,
 )
 from fabric.signal.messages import DEFAULT_MAX_BYTES, ErrorReply, Heartbeat, Message, decode, encode
+from fabric.signal.metrics import Side, SignalErrorKind
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +138,14 @@ class SignalClient:
             if frames[0] == corr:
                 reply = self._decode(frames[1])
                 if isinstance(reply, ErrorReply):
+                    signal_metrics.record(Side.CLIENT, SignalErrorKind.REMOTE_ERROR)
                     raise error_from_reply(reply, peer=self._endpoint)
                 return reply
             if frames[0] == ONE_WAY:
                 self._buffer_push(frames[1])
             else:
                 logger.debug("%s: dropped a late reply (corr %s)", self._identity, frames[0].hex())
+        signal_metrics.record(Side.CLIENT, SignalErrorKind.TIMEOUT)
         raise TransferTimeout(
             f"{self._identity}: no reply from {self._endpoint} to {type(message).__name__} "
             f"within {wait_s} s; is the server running and reachable?"
@@ -222,6 +226,7 @@ class SignalClient:
         try:
             self._dealer.send_multipart((corr, payload), zmq.NOBLOCK)
         except zmq.Again as exc:
+            signal_metrics.record(Side.CLIENT, SignalErrorKind.CONNECTION_LOST)
             raise PeerUnavailable(
                 f"{self._identity}: send queue to {self._endpoint} is full; the server is not "
                 "reading"
@@ -237,13 +242,18 @@ class SignalClient:
             frames = self._dealer.recv_multipart()
             if len(frames) == 2 and len(frames[0]) == CORR_BYTES:
                 return frames[0], frames[1]
+            signal_metrics.record(Side.CLIENT, SignalErrorKind.MALFORMED)
             logger.warning(
                 "%s: dropped a badly framed message (%d frames)", self._identity, len(frames)
             )
         return None
 
     def _decode(self, payload: bytes) -> Message:
-        return decode(payload, expected_compat=self._compat_hash, max_bytes=self._max_bytes)
+        try:
+            return decode(payload, expected_compat=self._compat_hash, max_bytes=self._max_bytes)
+        except SignalError as exc:
+            signal_metrics.record_unreadable(Side.CLIENT, exc.code)
+            raise
 
 
 def error_from_reply(reply: ErrorReply, *, peer: str) -> FabricError:

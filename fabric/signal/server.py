@@ -55,10 +55,12 @@ import zmq
 
 from fabric.auth import keys_from_env, secure_server
 from fabric.errors import ConfigError, InvalidTransition, PeerUnavailable, TransferTimeout
+from fabric.signal import metrics as signal_metrics
 from fabric.signal.errors import ErrorCode, MalformedMessage, SignalError
 from fabric.signal.framing import CORR_BYTES, ONE_WAY, PeerId, identity_bytes, peer_id, wall_ms
 from fabric.signal.liveness import DEFAULT_HORIZON_S, DEFAULT_MAX_PEERS, LastSeenTable
 from fabric.signal.messages import DEFAULT_MAX_BYTES, ErrorReply, Heartbeat, Message, decode, encode
+from fabric.signal.metrics import Side, SignalErrorKind
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ class SignalServer:
         try:
             done.result(timeout=self._send_timeout_s)
         except FutureTimeout as exc:
+            signal_metrics.record(Side.SERVER, SignalErrorKind.TIMEOUT)
             raise TransferTimeout(
                 f"{self._name}: the server thread did not send {type(message).__name__} to "
                 f"{peer!r} within {self._send_timeout_s} s"
@@ -267,6 +270,7 @@ class SignalServer:
         try:
             self._router.send_multipart((identity, corr, payload), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
+            signal_metrics.record(Side.SERVER, SignalErrorKind.CONNECTION_LOST)
             reason = "not connected" if exc.errno == zmq.EHOSTUNREACH else "not reading"
             raise PeerUnavailable(
                 f"{self._name}: peer {peer_id(identity)!r} is {reason} ({exc})"
@@ -318,12 +322,14 @@ class SignalServer:
             reply = self._handler(message, peer)
         except Exception as exc:
             what = f"{type(message).__name__} from {peer!r}"
+            signal_metrics.record(Side.SERVER, SignalErrorKind.HANDLER_FAILED)
             logger.warning("%s: handler failed on %s", self._name, what, exc_info=True)
             return ErrorReply(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if reply is None and not is_request:
             return None
         if not isinstance(reply, Message):  # None for a request, or a handler bug
             what = f"{type(message).__name__} from {peer!r}"
+            signal_metrics.record(Side.SERVER, SignalErrorKind.HANDLER_FAILED)
             logger.warning("%s: handler returned %r to %s", self._name, reply, what)
             return ErrorReply(
                 request_id,
@@ -334,6 +340,7 @@ class SignalServer:
         return reply
 
     def _refuse(self, peer: PeerId, exc: SignalError) -> ErrorReply:
+        signal_metrics.record_unreadable(Side.SERVER, exc.code)
         logger.warning(
             "%s: refused a message from %r (%s): %s", self._name, peer, exc.code.name, exc
         )

@@ -1,9 +1,9 @@
 """The transfer layer: memory regions, transfer agents (NIXL and a loopback fake), region lists.
 
 It knows memory regions, agents and descriptor lists, never blocks: ``fabric.kvbm`` turns block
-ids into ``RegionList`` pairs and injects an agent. Imports only ``fabric.errors`` and numpy;
-NIXL is imported lazily by ``NixlAgent`` (``fabric.transfer.nixl_agent``), so this
-package works without it.
+ids into ``RegionList`` pairs and injects an agent. Imports only ``fabric.errors``, numpy and
+(``metrics``: the process's NIXL transfer metrics) prometheus_client; NIXL is imported lazily by
+``NixlAgent`` (``fabric.transfer.nixl_agent``), so this package works without it.
 """
 
 from __future__ import annotations

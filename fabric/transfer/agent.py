@@ -112,6 +112,8 @@ class AgentConfig:
     num_threads: int = 0
     poll_spin_s: float = 0.002
     poll_sleep_s: float = 0.0001
+    telemetry: bool = True
+    """NIXL captures each transfer's bytes and duration (``fabric.transfer.metrics``)."""
 
     def __post_init__(self) -> None:
         if not self.backends or not all(isinstance(b, str) and b for b in self.backends):

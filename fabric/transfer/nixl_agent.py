@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import logging
 import struct
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
@@ -50,6 +51,7 @@ from fabric.errors import (
     PeerUnavailable,
     TransferError,
 )
+from fabric.transfer import metrics as transfer_metrics
 from fabric.transfer.agent import (
     AgentConfig,
     Registration,
@@ -61,6 +63,7 @@ from fabric.transfer.agent import (
     wait_for,
 )
 from fabric.transfer.memory import BufferInfo, MemoryKind, RegionList
+from fabric.transfer.metrics import TransferOutcome
 from fabric.transfer.ucx_env import prepare_process
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,11 @@ def _agent_name(metadata: bytes) -> str | None:
         return name.decode()
     except UnicodeDecodeError:
         return None
+
+
+def _outcome_of(error: TransferError | None, otherwise: TransferOutcome) -> TransferOutcome:
+    """A dead or unknown peer, else ``otherwise`` (the metrics' error kinds)."""
+    return TransferOutcome.PEER_UNAVAILABLE if isinstance(error, PeerUnavailable) else otherwise
 
 
 def _is_nixl_error(e: BaseException) -> bool:
@@ -147,6 +155,7 @@ class NixlAgent:
             enable_listen_thread=cfg.listen_thread,
             num_threads=cfg.num_threads,
             backends=[],
+            capture_telemetry=cfg.telemetry,
         )
         with _nixl_errors(f"creating NIXL agent {name!r}"):
             agent = api.nixl_agent(name, nixl_conf)
@@ -164,6 +173,7 @@ class NixlAgent:
         self._next_registration = 1
         self._peer_metadata: dict[str, bytes] = {}
         self._unreleased: list[Any] = []
+        self._id_to_posted: dict[int, tuple[str, float]] = {}  # backend, time.monotonic()
         logger.info("NIXL agent %s up (backends %s)", name, ", ".join(cfg.backends))
 
     @property
@@ -288,28 +298,36 @@ class NixlAgent:
         notify: bytes | None,
     ) -> Transfer:
         check_transfer_args(local, remote, notify)
-        self._check_peer(peer)
         agent = self._nixl
         backend = self._backend_for(local.kind, remote.kind)
         what = f"{op.value} of {local.nbytes} bytes in {len(local)} descriptors with {peer!r}"
-        with _nixl_errors(what):
-            handle = agent.initialize_xfer(
-                op.value,
-                agent.get_xfer_descs(local.descs(), local.kind.value),
-                agent.get_xfer_descs(remote.descs(), remote.kind.value),
-                peer,
-                notify or b"",
-                [backend],
-            )
+        posted_at = time.monotonic()
+        try:
+            self._check_peer(peer)
+            with _nixl_errors(what):
+                handle = agent.initialize_xfer(
+                    op.value,
+                    agent.get_xfer_descs(local.descs(), local.kind.value),
+                    agent.get_xfer_descs(remote.descs(), remote.kind.value),
+                    peer,
+                    notify or b"",
+                    [backend],
+                )
+        except TransferError as e:
+            transfer_metrics.record_error(op.value, _outcome_of(e, TransferOutcome.POST_FAILED))
+            raise
         try:
             with _nixl_errors(what):
                 status = agent.transfer(handle)
             if status not in _NIXL_STATE:
                 raise TransferError(f"{what}: NIXL could not post it (state {status})")
-        except BaseException:
+        except BaseException as e:
             self._release_handle(handle)
+            if isinstance(e, TransferError):
+                transfer_metrics.record_error(op.value, _outcome_of(e, TransferOutcome.POST_FAILED))
             raise
         transfer = self._transfers.add(op, peer, local, handle)
+        self._id_to_posted[transfer.id] = (backend, posted_at)
         transfer.state = _NIXL_STATE[status]
         logger.debug("%s posted %s: %s", self._name, transfer.describe(), status)
         return transfer
@@ -348,8 +366,35 @@ class NixlAgent:
         wait_for(self, transfer, timeout_s, self._config)
 
     def release(self, transfer: Transfer) -> None:
-        """Release (and, if still pending, cancel) a transfer; a spent one raises."""
-        self._release_handle(self._transfers.pop(transfer))
+        """Release (and, if still pending, cancel) a transfer; a spent one raises. Its
+        outcome goes to ``fabric.transfer.metrics`` (NIXL's telemetry for a completed one)."""
+        handle = self._transfers.pop(transfer)
+        backend, posted_at = self._id_to_posted.pop(transfer.id)
+        op = transfer.op.value
+        if transfer.state is TransferState.DONE:
+            nbytes, seconds, num_descs = self._telemetry(handle)
+            if nbytes is None:  # no telemetry: the agent's own figures
+                nbytes, seconds = transfer.nbytes, time.monotonic() - posted_at
+                num_descs = transfer.num_descs
+            transfer_metrics.record_done(op, backend, nbytes, seconds, num_descs)
+        elif transfer.state is TransferState.FAILED:
+            transfer_metrics.record_error(op, _outcome_of(transfer.error, TransferOutcome.FAILED))
+        else:
+            transfer_metrics.record_error(op, TransferOutcome.CANCELLED)
+        self._release_handle(handle)
+
+    def _telemetry(self, handle: Any) -> tuple[int | None, float, int]:
+        """NIXL's (bytes, seconds, descriptors) of a completed transfer; bytes None without."""
+        if not self._config.telemetry:
+            return None, 0.0, 0
+        try:
+            telemetry = self._nixl.get_xfer_telemetry(handle)
+        except Exception as e:
+            if not _is_nixl_error(e):
+                raise
+            logger.debug("no NIXL telemetry for a transfer: %s", e)
+            return None, 0.0, 0
+        return int(telemetry.totalBytes), telemetry.xferDuration / 1e6, int(telemetry.descCount)
 
     def _release_handle(self, handle: Any) -> None:
         try:

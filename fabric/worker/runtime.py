@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from fabric.config import FabricConfig
+from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.addresses import HostAddresses, resolve_addresses, ucx_net_devices
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
@@ -71,8 +72,10 @@ from fabric.kvbm import (
 from fabric.models.config import ModelConfig
 from fabric.models.presets import Preset, ensure_model
 from fabric.node.link import NODE_CACHE_FROM_ETCD, NodeLink, endpoint_in, fixed_endpoint
+from fabric.signal import metrics as signal_metrics
 from fabric.signal.kv_trace import KvSource
 from fabric.signal.server import SignalServer
+from fabric.transfer import metrics as transfer_metrics
 from fabric.transfer.agent import TransferAgent
 from fabric.transfer.nixl_agent import NixlAgent
 from fabric.worker.generation import GenerationService
@@ -330,6 +333,8 @@ def _build(
     )
     scheduler = Scheduler(role, threads=config.serve.threads, name=f"scheduler:{worker_id}")
     health = WorkerHealth(lambda: scheduler.alive)
+    for transport in (transfer_metrics.REGISTRY, signal_metrics.REGISTRY, etcd_metrics.REGISTRY):
+        kvbm.metrics.registry.register(transport)  # this process's NIXL, signal and etcd errors
     metrics_server = MetricsServer(
         kvbm.metrics.registry,
         host=addresses.bind,

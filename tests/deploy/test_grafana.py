@@ -2,7 +2,8 @@
 
 The exported names come from the real metric objects, built the way the processes build them:
 the frontend's ``FrontendMetrics`` (with its fleet and queue readers), and a worker's registry
-(``KvbmMetrics`` with every tier and the G4 store bound, plus ``WorkerMetrics``). Each family
+(``KvbmMetrics`` with every tier and the G4 store bound, plus ``WorkerMetrics``), and the
+process-wide NIXL, signal and etcd registries both register. Each family
 yields the series names Prometheus scrapes from it (``_total`` of a counter, ``_bucket`` /
 ``_sum`` / ``_count`` of a histogram...). Every PromQL expression of every panel is read for
 metric names (label matchers, range selectors, grouping clauses, strings and function calls
@@ -20,9 +21,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.registry import Role
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.kvbm import KvbmMetrics, Tier
+from fabric.signal import metrics as signal_metrics
+from fabric.transfer import metrics as transfer_metrics
 from fabric.worker.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "kv-fabric.json"
@@ -67,7 +71,10 @@ def exported_series() -> set[str]:
         kvbm.bind_pool(tier, _Pool)
     kvbm.bind_store(dict)
     WorkerMetrics(kvbm.registry, role="decode", worker_id="decode-0", model="tiny")
-    return _series(frontend.registry) | _series(kvbm.registry)
+    transport = set()  # the process-wide registries the worker runtime and the frontend add
+    for registry in (transfer_metrics.REGISTRY, signal_metrics.REGISTRY, etcd_metrics.REGISTRY):
+        transport |= _series(registry)
+    return _series(frontend.registry) | _series(kvbm.registry) | transport
 
 
 def metric_names(expr: str) -> set[str]:

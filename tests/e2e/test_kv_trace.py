@@ -19,7 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_harness import BLOCK_SIZE, MODEL, REQUEST_S, Deployment, prompt_ids, wait_until
+from e2e_harness import (
+    BLOCK_SIZE,
+    MODEL,
+    REQUEST_S,
+    Deployment,
+    prompt_ids,
+    scrape,
+    wait_until,
+)
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
@@ -74,10 +82,19 @@ def segments(fabric: dict[str, Any]) -> list[tuple[str, int, int, str]]:
 
 
 def test_disaggregated_request_names_its_prefill_worker(traced: Deployment) -> None:
+    def nixl_read(name: str, **labels: str) -> float:
+        return traced.worker_metric("decode-t", name, 0.0, op="READ", **labels)
+
+    bytes_before = nixl_read("fabric_nixl_transfer_bytes_total", backend="UCX")
+    done_before = nixl_read("fabric_nixl_transfers_total", outcome="done")
     fabric = pinned(traced, prompt_ids(50, seed=71), "decode-t", "prefill-t")
     assert segments(fabric) == [("prefill", 0, 50, "prefill-t")]
     assert fabric["transferred_blocks"] == -(-50 // BLOCK_SIZE)
     assert fabric["kv_trace"]["fallback"] == ""
+    # The read went through NIXL: its telemetry is on the decode worker's /metrics.
+    assert nixl_read("fabric_nixl_transfer_bytes_total", backend="UCX") > bytes_before
+    assert nixl_read("fabric_nixl_transfers_total", outcome="done") > done_before
+    assert "fabric_signal_errors_total" in scrape(f"{traced.url}/metrics")  # exported there too
 
 
 def test_aggregated_prefix_hit_is_device_then_recompute(traced: Deployment) -> None:
