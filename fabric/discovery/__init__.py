@@ -4,7 +4,8 @@
 wire form; ``memory`` and ``etcd`` implement the protocol; ``registration`` keeps a worker
 registered and a directory of its peers; ``etcd_auth`` reads the ``FABRIC_ETCD_*`` credentials every
 ``EtcdRegistry`` uses; ``etcd_server`` runs a local etcd (``etcd_certs`` makes TLS material for it);
-``metrics`` counts the process's etcd errors (failed calls, retries, lost watches, re-granted leases).
+``metrics`` counts the process's etcd errors (failed calls, retries, lost watches, re-granted
+leases).
 Imports only ``fabric.errors`` from the rest of the fabric. ``etcd`` (gRPC) is not imported here, so
 the in-memory registry works without the etcd client installed.
 """
