@@ -213,6 +213,7 @@ def test_a_restarted_node_cache_is_attached_again_without_a_worker_restart(
     before = from_node(b)
     hit = run(front, "b", shared + prompt_of(3, seed=23))
     assert from_node(b) - before == 6 and hit.stats["cached_tokens"] == 6 * BLOCK
+    assert hit.stats["kv_trace"] == f"node:0-{6 * BLOCK},recompute:{6 * BLOCK}-{6 * BLOCK + 3}"
 
 
 @pytest.mark.parametrize("tail", [5, 0], ids=["partial-tail-block", "block-aligned"])
@@ -233,5 +234,7 @@ def test_same_host_pd_takes_the_prompt_from_the_node_tier(
     assert to_node(prefill) == 8  # the prefill stored the prompt's full blocks...
     assert from_node(decode) == 8  # ...the decode took them from the node tier
     assert result.stats["transferred_blocks"] == (1 if tail else 0)  # the rest over NIXL
+    read = f",prefill:{8 * BLOCK}-{8 * BLOCK + tail}" if tail else ""
+    assert result.stats["kv_trace"] == f"node:0-{8 * BLOCK}{read}"  # the KV trace says so
     assert result.tokens == run(front, "reference", prompt).tokens
     assert wait_until(lambda: idle(the_host, prefill, decode), 10.0)
