@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +63,32 @@ def model_dir() -> str:
 
 
 class Engine:
-    """One runner process: its result lines arrive on a queue, read by a daemon thread."""
+    """One runner process: its result lines arrive on a queue, read by a daemon thread.
 
-    def __init__(self, python: str, job: dict[str, Any], *, cpu: int | str, log: Path) -> None:
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(cpu), PYTHONUNBUFFERED="1")
+    ``prefix`` runs it under another command (``ip netns exec NAME``: a lab host, which execs
+    the runner in place, so the process group is still the runner's); ``env`` adds variables.
+    """
+
+    def __init__(
+        self,
+        python: str,
+        job: dict[str, Any],
+        *,
+        cpu: int | str,
+        log: Path,
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = {
+            **os.environ,
+            **(env or {}),
+            "VLLM_CPU_OMP_THREADS_BIND": str(cpu),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.log = log
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
-            [python, str(RUNNER), json.dumps(job)],
+            [*prefix, python, str(RUNNER), json.dumps(job)],
             stdout=subprocess.PIPE,
             stderr=self._log_file,
             env=env,
@@ -127,9 +145,22 @@ class Engines:
         self.logs = logs
         self._started: list[Engine] = []
 
-    def start(self, name: str, job: dict[str, Any], *, cpu: int | str = 0) -> Engine:
+    def start(
+        self,
+        name: str,
+        job: dict[str, Any],
+        *,
+        cpu: int | str = 0,
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> Engine:
         engine = Engine(
-            self.python, {"model": self.model, **job}, cpu=cpu, log=self.logs / f"{name}.log"
+            self.python,
+            {"model": self.model, **job},
+            cpu=cpu,
+            log=self.logs / f"{name}.log",
+            prefix=prefix,
+            env=env,
         )
         self._started.append(engine)
         return engine
