@@ -37,6 +37,12 @@ def pinned(client: openai.OpenAI, prompt: list[int], worker: str) -> Answer:
     return Answer(choice.text, choice.finish_reason, response.usage.completion_tokens, fabric)
 
 
+def kv_segments(answer: Answer) -> list[tuple[str, int, int, str]]:
+    """The response's KV trace: (source, start, end, worker) per prompt range."""
+    segments = answer.fabric["kv_trace"]["segments"]
+    return [(s["source"], s["start"], s["end"], s["worker"]) for s in segments]
+
+
 def test_peer_hit_then_shared_disk_hit_after_every_worker_restarted(
     etcd: EtcdServer,
     registry: EtcdRegistry,
@@ -62,6 +68,7 @@ def test_peer_hit_then_shared_disk_hit_after_every_worker_restarted(
         hit = pinned(client, second, "inst-b")  # the router names inst-a as the KV source
         assert (hit.fabric["route"], hit.fabric["prefill_worker"]) == ("peer_hit", "inst-a")
         assert hit.fabric["cached_tokens"] == SHARED_BLOCKS * 16
+        assert kv_segments(hit) == [("peer", 0, len(second), "inst-a")]  # read over NIXL
         assert hit.same_output(reference.answer(second, MAX_TOKENS))
         computed_on_b = deployment.worker_metric("inst-b", "fabric_worker_computed_tokens_total")
         assert computed_on_b == 0  # inst-b computed nothing: the whole prompt came from inst-a
@@ -75,6 +82,10 @@ def test_peer_hit_then_shared_disk_hit_after_every_worker_restarted(
         again = pinned(client, second, "inst-c")
         assert again.fabric["route"] == "local"
         assert again.fabric["cached_tokens"] == SHARED_BLOCKS * 16  # from G4, kept on disk
+        assert kv_segments(again) == [
+            ("g4", 0, SHARED_BLOCKS * 16, ""),
+            ("recompute", SHARED_BLOCKS * 16, len(second), ""),
+        ]
         assert again.same_output(hit)
         onboards = deployment.worker_metric(
             "inst-c", "fabric_kvbm_onboards_total", source="G4", target="G1"
