@@ -17,14 +17,15 @@ decode handoff. Admission (the waiting queue, where each prompt is computed) is
    blocks;
 4. end requests past their deadline.
 
-Chunked prefill (``max_num_batched_tokens``, as vLLM schedules): a step holds at most that
-many new tokens. Decodes come first (one token each, never held back); the prompts being
-computed here fill the rest, in admission order, each with as many of its remaining positions
-as fit, so a long prompt is prefilled over several steps and every running decode gets a token
-at each of them instead of waiting for the whole prompt. A chunk's full blocks are registered
-(hashed, offloadable, announced) as soon as the step computed them, never before. A new local
-prompt is admitted only while the step has budget left. With no budget (``None``), each prompt
-is computed whole in one step, at most one new prompt per step, beside the step's decodes.
+Chunked prefill (``max_num_batched_tokens``, as vLLM v1 schedules in effect; here decodes go
+first strictly): a step holds at most that many new tokens. Decodes come first (one token each,
+never held back); the prompts being computed here fill the rest, in admission order, each with
+as many of its remaining positions as fit, so a long prompt is prefilled over several steps and
+every running decode gets a token at each of them instead of waiting for the whole prompt. A
+chunk's full blocks are registered (hashed, offloadable, announced) as soon as the step
+computed them, never before. A new local prompt is admitted only while the step has budget
+left. With no budget (``None``), each prompt is computed whole in one step, at most one new
+prompt per step, beside the step's decodes.
 
 Each request's KV trace (``RequestStats.kv_trace``) is set where its prompt's source is decided:
 the cached prefix and ``recompute`` when its prompt is queued here (also after a fallback), the
