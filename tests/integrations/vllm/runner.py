@@ -14,8 +14,10 @@ The job::
 Prints ``{"event": "outputs", ...}`` once the prompts are done (token ids, ``num_cached_tokens``,
 ``kv_transfer_params``, the connector's geometry and both sides' counters), then, when
 ``hold_wait_s`` > 0, keeps the engine stepping until the producer holds nothing or the wait
-ends and prints ``{"event": "released", ...}``. Every line is flushed at once, so the test can
-read the outputs while the process keeps serving.
+ends and prints ``{"event": "released", ...}`` (with ``num_idle_while_holding``: the steps at
+which vLLM's own engine loop would have stopped stepping, ``scheduler.has_requests()`` false,
+though the producer still held blocks; it must step for the producer to serve reads). Every
+line is flushed at once, so the test can read the outputs while the process keeps serving.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def run(job: dict[str, Any]) -> None:
         # both cores busy and starves the consumer engine this producer waits for.
         pause_s = 1.5 if int(job.get("tensor_parallel_size", 1)) > 1 else 0.05
         deadline = time.monotonic() + hold_wait_s
+        num_idle_while_holding = 0
         while holding() and time.monotonic() < deadline:
+            num_idle_while_holding += not core.scheduler.has_requests()
             llm.llm_engine.step()
             time.sleep(pause_s)
         still_holding = holding()
@@ -132,7 +136,12 @@ def run(job: dict[str, Any]) -> None:
         )
         for _ in range(3):
             llm.llm_engine.step()
-        _emit("released", still_holding=still_holding, **_report(scheduler, worker))
+        _emit(
+            "released",
+            still_holding=still_holding,
+            num_idle_while_holding=num_idle_while_holding,
+            **_report(scheduler, worker),
+        )
 
 
 if __name__ == "__main__":

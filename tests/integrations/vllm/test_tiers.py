@@ -327,8 +327,10 @@ def test_a_pd_hold_takes_scratch_host_blocks_until_reported() -> None:
     assert len(host_ids) == 3 and ledger.pool(Tier.HOST).stats().num_in_use == 3
     assert ledger.plan_hold(2) is None  # G2 has one block left: the hold stays in vLLM's
     assert events.events == []  # scratch blocks are never registered, so never published
+    assert ledger.is_pending(job_id)  # the scheduler keeps vLLM stepping (has_host_holds)
     ledger.report(JobReport({job_id: 1}))
     assert ledger.pool(Tier.HOST).stats().num_free == 4 and ledger.num_jobs == 0
+    assert not ledger.is_pending(job_id)
 
 
 def test_a_full_host_tier_keeps_the_blocks_of_the_run_it_saves() -> None:
