@@ -37,8 +37,10 @@ from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.kvbm import Tier
+from fabric.kvbm import LayoutKind, Tier
+from fabric.models.config import ModelConfig
 from fabric.models.presets import ensure_model
+from fabric.node import attach_node_cache
 
 pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
 
@@ -55,6 +57,7 @@ class Deployment:
     directory: WorkerDirectory
     start: Callable[..., WorkerProcess]
     workers: dict[str, WorkerProcess]
+    node_stats: Callable[[], dict[str, int]]
 
     def logs(self) -> str:
         return "\n\n".join(f"== {w.worker_id}\n{w.log_tail()}" for w in self.workers.values())
@@ -69,7 +72,11 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator[Deployment]:
+def deployment(
+    tmp_path: Path, peers: Callable[[list[str]], object], request: pytest.FixtureRequest
+) -> Iterator[Deployment]:
+    """Etcd, a node cache of ``request.param`` blocks (default 64) and a worker starter."""
+    num_blocks = getattr(request, "param", 64)
     model_dir = ensure_model("tiny", tmp_path / "tiny", progress=lambda _: None)
     namespace = f"node-{uuid.uuid4().hex[:8]}"
     with EtcdServer(name=f"node-workers-{uuid.uuid4().hex[:6]}") as etcd:
@@ -82,7 +89,7 @@ def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator
                 "-m",
                 "fabric.node",
                 f"--model={model_dir}",
-                "--blocks=64",
+                f"--blocks={num_blocks}",
                 f"--block-size={BLOCK}",
                 f"--namespace={namespace}",
                 f"--node={NODE}",
@@ -90,7 +97,17 @@ def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator
                 "--registration-ttl=2",
             ]
         )
-        read_json(node)  # type: ignore[arg-type]
+        ready = read_json(node)  # type: ignore[arg-type]
+
+        def node_stats() -> dict[str, int]:
+            geometry = ModelConfig.from_dir(model_dir).kv_geometry()
+            with attach_node_cache(
+                ready["endpoint"],
+                identity="test",
+                compat_hash=ready["compat_hash"],
+                layout=geometry.layout(LayoutKind.FULLY_CONTIGUOUS, 1, BLOCK),
+            ) as client:
+                return client.stats()
 
         def start(
             worker_id: str, *, attach: bool = True, role: str = "aggregated"
@@ -110,7 +127,7 @@ def deployment(tmp_path: Path, peers: Callable[[list[str]], object]) -> Iterator
             return workers[worker_id]
 
         try:
-            yield Deployment(frontend, directory, start, workers)
+            yield Deployment(frontend, directory, start, workers, node_stats)
         finally:
             frontend.close()
             stop_all(list(workers.values()))
@@ -178,3 +195,20 @@ def test_same_host_pd_reads_the_prompt_through_the_node_cache(deployment: Deploy
     assert deployed.counter("d", FROM_NODE) == 8
     assert result.stats["transferred_blocks"] == 1  # the partial tail block, over NIXL
     assert result.tokens == run(deployed, "reference", prompt).tokens
+
+
+@pytest.mark.parametrize("deployment", [6], indirect=True)  # fewer than one prompt's blocks
+def test_a_full_node_cache_evicts_and_never_fails_a_request(deployment: Deployment) -> None:
+    deployed = deployment
+    deployed.start("a")
+    deployed.start("b")
+    deployed.start("reference", attach=False)
+    deployed.wait_registered("a", "b", "reference")
+    prompts = [prompt_of(8 * BLOCK + 3, seed=40 + i) for i in range(3)]
+    for prompt in prompts:
+        run(deployed, "a", prompt)
+    stats = deployed.node_stats()
+    assert stats["evictions"] > 0 and stats["num_cached"] <= 6, stats
+    for prompt in prompts:  # what is left is a hit, the rest computed: the same output
+        assert run(deployed, "b", prompt).tokens == run(deployed, "reference", prompt).tokens
+    assert deployed.node_stats()["live_pins"] == 0
