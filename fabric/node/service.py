@@ -7,10 +7,10 @@ the admission filter, the ``NodeCache`` over them, and the ``SignalServer`` that
 
 Invariants: the segment's memory is allocated when it is built (every page written once, after
 checking that /dev/shm has room: a full tmpfs is a clear error at start, never a SIGBUS in a
-client's copy later); the segment is created here and unlinked by ``close`` (or by a failed build, which
-closes everything it built, in reverse order); ``close`` stops serving before it unlinks, is
-idempotent, and leaves processes that still map the segment a valid mapping (the kernel frees
-the memory when the last one unmaps).
+client's copy later); the segment is created here and unlinked by ``close`` (or by a failed
+build, which closes everything it built, in reverse order); ``close`` stops serving before it
+unlinks, is idempotent, and leaves processes that still map the segment a valid mapping (the
+kernel frees the memory when the last one unmaps).
 """
 
 from __future__ import annotations
