@@ -92,6 +92,12 @@ class ServeConfig(BaseSettings):
     hold_timeout_s: float = Field(30.0, gt=0, validation_alias=env("hold_timeout_s"))
     """Prefill workers: release offered blocks a decode has not acknowledged within this."""
 
+    drain_timeout_s: float = Field(30.0, ge=0, validation_alias=env("drain_timeout_s"))
+    """How long a worker's drain on SIGTERM may take: it stops taking new requests and finishes
+    those it holds (prefill: until its holds are read); past this, what is left ends with an
+    error. 0: no drain, SIGTERM stops at once. Keep it below the orchestrator's grace period
+    (Kubernetes' ``terminationGracePeriodSeconds``) minus about 20 s for the shutdown steps."""
+
     registration_ttl_s: float = Field(5.0, gt=0, validation_alias=env("registration_ttl_s"))
     """Lease TTL of the worker's etcd record: a killed worker disappears within about this."""
 

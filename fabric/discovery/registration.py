@@ -9,6 +9,7 @@ Owns two things on top of any ``Registry``:
                           │   ▲                                           │
                           │   └── record re-put (same lease or a new one) ┘
                           │                                               │
+                          │   drain(): record re-put marked draining (still REGISTERED)
                           └──── close(): record marked leaving, lease ◀───┘
                                 revoked ──▶ CLOSED
 
@@ -22,6 +23,9 @@ Owns two things on top of any ``Registry``:
   by a new lease. One INFO line reports the restoration and the time it took. A deleted record
   is therefore back within one keepalive interval. A key holding another value (a second
   process with the same worker id) is left alone.
+* ``drain`` re-puts the record marked ``draining`` under the same lease (routers stop choosing
+  the worker; directories keep it live, so its open requests and holds are still served); every
+  later re-put keeps the mark. A failed put counts as a loss: the thread's repair re-puts it.
 * ``close`` stops the thread, which on its way out puts the record once more marked
   ``leaving`` (directories drop it at once, without their grace) and revokes the lease (the
   record disappears), then joins it within ``close_timeout_s``. If etcd is unreachable then,
@@ -151,6 +155,22 @@ class WorkerRegistration:
         )
         self._thread.start()
         return self
+
+    def drain(self) -> None:
+        """Mark the record ``draining`` now and in every later re-put (idempotent)."""
+        if self.record.draining:
+            return
+        self.record = dataclasses.replace(self.record, draining=True)
+        self._value = self.record.to_bytes()
+        lease = self._lease
+        if lease is None or self._stop.is_set():
+            return  # lost or closing: the repair (or nobody) puts the new value
+        try:
+            self._registry.put(self.key, self._value, lease=lease)
+        except DiscoveryError as exc:
+            self._mark_lost(f"marking it draining failed: {exc}")
+            return
+        logger.info("%s marked draining", self.key)
 
     def close(self) -> None:
         """Mark the record leaving, revoke the lease and stop the thread; idempotent."""

@@ -18,7 +18,10 @@ Invariants:
   or a ``StreamFailure`` nothing more.
 * Every stream registered with the connection ends: with its finished chunk, an ``ErrorReply``
   naming it (500), a failed send (503), or ``close`` (503, the worker left); ``abort`` drops it
-  without an item (the reader is gone).
+  without an item (the reader is gone). An ``ErrorReply`` with ``ErrorCode.UNAVAILABLE`` (the
+  worker drains and refused the request before starting it) is a ``StreamFailure`` marked
+  ``refused`` (503): it leaves this connection but not the stream, which the router may hand to
+  another worker (``RoutedRequest.next_item``).
 * Queues are bounded (``max_chunks``): a stream whose reader falls that far behind fails with a
   503 instead of growing without bound; the reader then aborts the request.
 """
@@ -36,6 +39,7 @@ from typing import Protocol
 from fabric.discovery.records import WorkerRecord
 from fabric.errors import ConfigError, FabricError
 from fabric.signal.client import SignalClient
+from fabric.signal.errors import ErrorCode
 from fabric.signal.messages import Abort, ErrorReply, GenerateRequest, Message, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,9 @@ class StreamFailure:
     status: int
     message: str
     code: str = "worker_unavailable"
+    refused: bool = False
+    """The worker refused the request before starting it (it drains): another may serve it,
+    and the stream stays open for that."""
 
 
 StreamItem = TokenChunk | StreamFailure
@@ -85,7 +92,7 @@ class ChunkStream:
                 503,
                 f"more than {self._queue.maxsize} chunks were waiting: the client reads too slowly",
             )
-        self._ended = isinstance(item, StreamFailure) or item.finished
+        self._ended = not item.refused if isinstance(item, StreamFailure) else item.finished
         self._queue.put_nowait(item)
 
 
@@ -267,8 +274,14 @@ class WorkerConnection:
             if stream is None:
                 logger.warning("worker %s refused a message: %s", self.worker_id, message.message)
                 return
+            refused = message.code is ErrorCode.UNAVAILABLE
             stream.push_threadsafe(
-                StreamFailure(500, f"worker {self.worker_id}: {message.message}")
+                StreamFailure(
+                    503 if refused else 500,
+                    f"worker {self.worker_id}: {message.message}",
+                    "worker_draining" if refused else "worker_unavailable",
+                    refused=refused,
+                )
             )
         else:
             logger.warning("unexpected %s from %s", type(message).__name__, self.worker_id)

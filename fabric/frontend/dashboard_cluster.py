@@ -353,9 +353,10 @@ def node_cache_json(
 
 
 def _state(record: WorkerRecord, scrape: WorkerScrape) -> str:
-    """``up`` (its metrics answered), ``unreachable`` (they did not) or ``no_metrics``."""
+    """``up`` (its metrics answered; ``draining`` when its record says so: it finishes its
+    requests and gets no new ones), ``unreachable`` (they did not) or ``no_metrics``."""
     if scrape.samples is not None:
-        return "up"
+        return "draining" if record.draining else "up"
     return "unreachable" if record.endpoints.metrics is not None else "no_metrics"
 
 

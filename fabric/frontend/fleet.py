@@ -31,6 +31,9 @@ Invariants:
 * A worker's in-flight count is the number of ``dispatch`` acquisitions not yet ``release``d
   (a worker with none has no entry); a release past zero is ignored, so a count never goes
   negative.
+* A DRAINING worker (its record says ``draining``: it finishes what it holds, takes nothing
+  new) stays live, with its connection, subscriber and index entries, so its open requests
+  finish; no route choice sees it (``dispatch``'s view leaves it out), whatever its role.
 * One lock guards membership and load. ``dispatch`` holds it from the route choice until the
   request is handed to the connection and counted, and a leave unlinks a connection under it
   before closing it, so a request is never handed to a closed connection (it would wait for
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -72,8 +75,9 @@ class FleetView:
     """The fleet as one route choice sees it; valid only inside ``Fleet.dispatch``.
 
     Attributes:
-        workers: every eligible worker by id.
-        serving: the decode and aggregated workers (those with a connection).
+        workers: every eligible worker by id, draining ones left out.
+        serving: the decode and aggregated workers (those with a connection), draining ones
+            left out.
         load: ``worker_id -> in-flight requests`` (absent: none).
         index: which worker caches which prefix.
     """
@@ -173,10 +177,13 @@ class Fleet:
         self,
         choose: Callable[[FleetView], Route],
         send: Callable[[ServingConnection, Route], T],
+        *,
+        exclude: Collection[str] = (),
     ) -> T:
         """Choose a route and hand a request to its serving worker, as one step.
 
-        Under the fleet's lock: ``choose`` picks a route from the live workers, ``send`` hands
+        Under the fleet's lock: ``choose`` picks a route from the live workers that are not
+        draining and not in ``exclude`` (a worker that just refused the request), ``send`` hands
         the request to the route's serving connection (open until this returns), then the
         route's serving worker and KV source each count one more request in flight; the caller
         ``release``s each of them once.
@@ -188,14 +195,17 @@ class Fleet:
             Whatever ``choose`` or ``send`` raise; nothing is counted then.
         """
         with self._lock:
-            route = choose(
-                FleetView(
-                    self._workers_locked(),
-                    [connection.record for connection in self._connections.values()],
-                    self._load,
-                    self.index,
-                )
-            )
+            workers = {
+                worker_id: record
+                for worker_id, record in self._workers_locked().items()
+                if not record.draining and worker_id not in exclude
+            }
+            serving = [
+                connection.record
+                for connection in self._connections.values()
+                if connection.worker_id in workers
+            ]
+            route = choose(FleetView(workers, serving, self._load, self.index))
             sent = send(self._connections[route.serving.worker_id], route)
             self._acquire_locked(route.serving.worker_id)
             if route.source is not None:
@@ -251,6 +261,8 @@ class Fleet:
             return
         old = self.workers().get(worker_id)
         if event.kind is WorkerEventKind.UPDATED and old is not None and _same_peer(old, record):
+            if record.draining and not old.draining:
+                logger.info("worker %s (%s) draining", worker_id, record.role.value)
             self._replace_record(record)
             return
         if old is not None:

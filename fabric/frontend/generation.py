@@ -155,7 +155,7 @@ class Generation:
         if self._ended:
             return None
         wait_s = max(0.0, min(self._settings.idle_timeout_s, self._deadline - time.monotonic()))
-        item = await self.routed.stream.get(wait_s)
+        item = await self.routed.next_item(wait_s)
         if item is None:
             past_deadline = time.monotonic() >= self._deadline
             what = "the request deadline" if past_deadline else "the idle timeout"

@@ -16,7 +16,12 @@ Invariants:
   prefill or offer is done then). Its releases are idempotent, so each count is released exactly
   once.
 * Choosing, sending and counting are one ``Fleet.dispatch``: a request is never handed to a
-  connection after the connection was closed.
+  connection after the connection was closed. Draining workers are never chosen (the fleet's
+  view leaves them out).
+* A request a draining worker refused before starting it (a ``StreamFailure`` marked
+  ``refused``: the frontend had not yet seen the record's ``draining``) is routed again over the
+  workers that have not refused it, on the same stream, its slots moved to the new route
+  (``RoutedRequest.next_item``); when no other worker can take it, the refusal is its end.
 * With a cap (``max_in_flight_per_worker``), a serving worker with that many requests in flight
   (the fleet's count: this frontend's requests) gets no more; a request none can take raises
   ``AllWorkersBusy`` (``admission`` waits and retries), checked before any prefix is hashed.
@@ -27,18 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
-from fabric.frontend.connection import ChunkStream, ServingConnection
-from fabric.frontend.errors import bad_request, no_workers
+from fabric.frontend.connection import ChunkStream, ServingConnection, StreamFailure, StreamItem
+from fabric.frontend.errors import ApiError, bad_request, no_workers
 from fabric.frontend.fleet import Fleet, FleetView
 from fabric.frontend.policy import (
+    MIN_PEER_GAIN_BLOCKS,
+    NO_PREFIX,
     SERVING_ROLES,
     SOURCE_ROLES,
+    Prefixes,
     Route,
     cached_prefixes,
     choose_serving,
@@ -71,24 +79,68 @@ class RoutePin:
     prefill_worker: str | None = None
 
 
+_Sent = tuple[GenerateRequest, ServingConnection, Route]
+_Resend = Callable[[Collection[str]], _Sent]
+"""Route the request again, leaving out the given worker ids, and send it (``Router.submit``)."""
+
+
 class RoutedRequest:
-    """One request in flight on its chosen workers; ``stream`` yields the worker's chunks."""
+    """One request in flight on its chosen workers; ``next_item`` yields the worker's chunks."""
 
     def __init__(
         self,
         fleet: Fleet,
-        request: GenerateRequest,
-        connection: ServingConnection,
-        route: Route,
+        sent: _Sent,
         stream: ChunkStream,
+        *,
+        resend: _Resend | None = None,
     ) -> None:
-        self.request = request
-        self.route = route
+        self.request, self._connection, self.route = sent
         self.stream = stream
         self._fleet = fleet
-        self._connection = connection
-        self._holds_source = route.source is not None
+        self._resend = resend
+        self._refused_by: set[str] = set()
+        self._holds_source = self.route.source is not None
         self._holds_serving = True
+
+    async def next_item(self, timeout_s: float) -> StreamItem | None:
+        """The stream's next chunk or failure, None when none came within ``timeout_s``.
+
+        A refusal by a draining worker sends the request to another worker (module docstring)
+        and waits for that one's first item; the refusal is returned when none can take it.
+        """
+        item = await self.stream.get(timeout_s)
+        while isinstance(item, StreamFailure) and item.refused and self._route_again(item):
+            item = await self.stream.get(timeout_s)
+        return item
+
+    def _route_again(self, refusal: StreamFailure) -> bool:
+        """Move the request to a worker that has not refused it; False when there is none."""
+        if self._resend is None:
+            return False
+        refused_by = self.serving.worker_id
+        self._refused_by.add(refused_by)
+        self.finish()
+        try:
+            self.request, self._connection, self.route = self._resend(self._refused_by)
+        except (ApiError, AllWorkersBusy) as exc:
+            logger.info(
+                "request %s refused by draining %s and no other worker can take it: %s",
+                self.request.request_id,
+                refused_by,
+                exc,
+            )
+            return False
+        self._holds_source = self.route.source is not None
+        self._holds_serving = True
+        logger.info(
+            "request %s refused by %s (%s); routed to %s",
+            self.request.request_id,
+            refused_by,
+            refusal.message,
+            self.serving.worker_id,
+        )
+        return True
 
     @property
     def serving(self) -> WorkerRecord:
@@ -162,11 +214,12 @@ class Router:
             AllWorkersBusy: every serving worker the request could use is at its cap.
         """
         resolved = pin or RoutePin()
+        stream = ChunkStream(loop, self._max_chunks)
 
         def choose(view: FleetView) -> Route:
             return self.choose(view, token_ids, resolved)
 
-        def send(connection: ServingConnection, route: Route) -> RoutedRequest:
+        def send(connection: ServingConnection, route: Route) -> _Sent:
             source = route.source
             request = GenerateRequest(
                 request_id,
@@ -176,11 +229,13 @@ class Router:
                 sampling,
                 deadline_ms,
             )
-            stream = ChunkStream(loop, self._max_chunks)
             connection.submit(request, stream, source)
-            return RoutedRequest(self.fleet, request, connection, route, stream)
+            return request, connection, route
 
-        routed = self.fleet.dispatch(choose, send)
+        def resend(exclude: Collection[str]) -> _Sent:
+            return self.fleet.dispatch(choose, send, exclude=exclude)
+
+        routed = RoutedRequest(self.fleet, self.fleet.dispatch(choose, send), stream, resend=resend)
         route = routed.route
         logger.debug(
             "%s -> %s, KV from %s (%s%s; %d of %d blocks cached there, %d here)",
@@ -245,7 +300,9 @@ class Router:
         if source is not None:
             _check_source(serving, source)
         elif pin.prefill_worker is None:
-            source = choose_source(serving, list(workers.values()), view.load, prefixes)
+            source = choose_source(
+                serving, _source_candidates(serving, workers, prefixes), view.load, prefixes
+            )
         pinned = pin.worker is not None or pin.prefill_worker is not None
         return make_route(serving, source, prefixes, pinned=pinned)
 
@@ -264,6 +321,18 @@ class Router:
                 "flight (--max-in-flight-per-worker)"
             )
         return with_room
+
+
+def _source_candidates(
+    serving: WorkerRecord, workers: Mapping[str, WorkerRecord], prefixes: Prefixes
+) -> list[WorkerRecord]:
+    """The workers ``choose_source`` must look at: every one for a decode worker (it may read
+    from a prefill worker holding nothing), else only those holding more than the serving
+    worker (``MIN_PEER_GAIN_BLOCKS`` more): O(holders), not O(fleet)."""
+    if serving.role is Role.DECODE:
+        return list(workers.values())
+    wanted = prefixes.get(serving.worker_id, NO_PREFIX).matched + MIN_PEER_GAIN_BLOCKS
+    return [workers[w] for w in prefixes.holders(wanted) if w in workers]
 
 
 def _live(workers: Mapping[str, WorkerRecord], roles: Collection[Role]) -> str:

@@ -115,6 +115,11 @@ class GenerationService:
         return bool(self._decoding) or bool(self._prefilling) or self._admission.has_work
 
     @property
+    def num_requests(self) -> int:
+        """Requests accepted and not ended yet (waiting, prefilling or decoding)."""
+        return len(self._id_to_gen)
+
+    @property
     def has_remote_work(self) -> bool:
         return self._remote is not None and self._remote.num_in_flight > 0
 

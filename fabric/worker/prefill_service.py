@@ -28,6 +28,11 @@ the peer that asked for it (the decode's signal identity, its worker id). ``on_w
 runs on the directory's watch thread and only queues the departure (a ``SimpleQueue``, as the
 scheduler's inbox takes messages from the signal thread); the scheduler thread applies it. A
 decode that re-registers under the same id keeps what it asked for after its LEFT was seen.
+
+While the worker drains (``Scheduler.drain``) nothing changes here: holds stay served until
+read, aborted or past the hold timeout, and a ``PrefillRequest`` still arriving (from a decode
+whose frontend had not seen the drain yet) is computed and offered, so no decode recomputes;
+``num_in_flight`` is what the drain waits for.
 """
 
 from __future__ import annotations
@@ -96,6 +101,11 @@ class PrefillService:
     def has_held(self) -> bool:
         """Blocks are held for decodes to read: the agent must be progressed (``step``)."""
         return self._handoff.num_held > 0
+
+    @property
+    def num_in_flight(self) -> int:
+        """Prefills queued or computed and held for a decode that has not read them yet."""
+        return len(self._queue) + self._handoff.num_held
 
     def retry_admission(self) -> None:
         """Blocks were freed outside a release (offload copies done): retry the head."""

@@ -14,6 +14,11 @@ built, newest first, and raises)::
     ─▶ scheduler + signal server
     ─▶ etcd registration (last: a registered worker is ready to serve)
 
+``WorkerRuntime.drain`` (a worker's first SIGTERM) marks the record ``draining`` (routers stop
+choosing the worker, its connections and holds stay served; ``/health/ready`` turns false) and
+has the scheduler refuse new ``GenerateRequest``s with ``UNAVAILABLE`` (the frontend sends them to
+another worker) while what it holds runs to its end (``Scheduler.wait_drained``).
+
 ``WorkerRuntime.close`` undoes it newest first: the record is revoked (no new traffic), the
 signal server stops, the scheduler ends every request (releasing its blocks), then the sockets,
 the agent, the offload manager and the manager close. With a host, disk or shared tier, the
@@ -101,6 +106,7 @@ class WorkerRuntime:
     offload: OffloadManager | None = None
     node: NodeLink | None = None
     """The node tier (``--node-cache``); the scheduler thread owns it."""
+    registration: WorkerRegistration | None = None
 
     @property
     def worker_id(self) -> str:
@@ -109,6 +115,13 @@ class WorkerRuntime:
     @property
     def healthy(self) -> bool:
         return self.scheduler.alive
+
+    def drain(self) -> None:
+        """Take no new requests and finish the rest (module docstring; idempotent). Wait with
+        ``scheduler.wait_drained``, then ``close``."""
+        if self.registration is not None:
+            self.registration.drain()  # first: routers stop choosing this worker, few refusals
+        self.scheduler.drain()
 
     def close(self) -> None:
         """Stop everything, newest first (idempotent)."""
@@ -422,7 +435,7 @@ def _build(
             namespace=config.serve.namespace,
         ).start()
         stack.callback(registration.close)
-        health.registered = lambda: registration.registered
+        health.registered = lambda: registration.registered and not registration.record.draining
     logger.info(
         "%s worker %s ready in %.1f s: signal %s, metrics %s",
         role.value,
@@ -431,4 +444,4 @@ def _build(
         record.endpoints.signal,
         record.endpoints.metrics,
     )
-    return WorkerRuntime(role, record, scheduler, kvbm, stack, offload, node)
+    return WorkerRuntime(role, record, scheduler, kvbm, stack, offload, node, registration)

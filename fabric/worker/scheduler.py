@@ -23,6 +23,22 @@ Waiting: with local work the loop does not wait; with only remote prefills, offl
 held handoffs (a decode's READ over TCP needs this side's agent progressed) in flight it waits
 ``POLL_S``; idle, it waits on the inbox (``IDLE_S``, which also paces handoff expiry).
 
+Draining (``drain``, on a worker's first SIGTERM)::
+
+    SERVING ──drain()──▶ DRAINING ──nothing in flight──▶ DRAINED (``wait_drained`` returns True)
+                            │                              │
+                            └──────── close() ─────────────┴──▶ CLOSED (what is left ends
+                                                                 with an error chunk)
+
+While draining, a new ``GenerateRequest`` is refused at once with ``ErrorReply(request_id,
+UNAVAILABLE)`` from the signal thread (the frontend routes it to another worker); everything
+else is served as before: requests already accepted (queued in the inbox, waiting, prefilling,
+decoding) run to their end, and a prefill or aggregated worker keeps its holds until read,
+aborted or expired, and still computes a ``PrefillRequest`` that arrives (a decode whose
+frontend had not seen the drain yet: serving it costs one prefill, refusing it a recompute).
+The loop sets DRAINED once the inbox is empty and no service has a request in flight or a
+hold.
+
 Failures: an unexpected exception in a step is logged with its traceback, every request in
 flight is ended with an error chunk and its blocks released, and the loop goes on. ``close``
 stops the loop; the services then end and release everything on this thread.
@@ -76,11 +92,26 @@ class Scheduler:
         self._offload: OffloadManager | None = None
         self._inbox: queue.SimpleQueue[tuple[Message, PeerId, float]] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._drained = threading.Event()
+        self._accepting = threading.Lock()  # handle's check-and-queue against DRAINED
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def drain(self) -> None:
+        """Refuse new ``GenerateRequest``s from now on and finish the rest (idempotent)."""
+        self._draining.set()
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a drain to end; True once nothing is in flight."""
+        return self._drained.wait(timeout_s)
 
     def start(
         self,
@@ -105,10 +136,20 @@ class Scheduler:
         return self
 
     def handle(self, message: Message, peer: PeerId) -> Message | None:
-        """The ``SignalServer`` handler: queue a message this role serves, refuse the rest."""
+        """The ``SignalServer`` handler: queue a message this role serves, refuse the rest
+        (and, while draining, every new ``GenerateRequest``)."""
         if isinstance(message, _ROLE_TO_TYPES[self.role]):
-            self._inbox.put((message, peer, time.perf_counter()))
-            return None
+            with self._accepting:  # no message queued after the loop found the drain done
+                if not (isinstance(message, GenerateRequest) and self._draining.is_set()):
+                    self._inbox.put((message, peer, time.perf_counter()))
+                    return None
+            logger.info("request %s refused: draining", message.request_id)
+            return ErrorReply(
+                message.request_id,
+                ErrorCode.UNAVAILABLE,
+                f"the worker is draining (shutting down) and takes no new requests; send "
+                f"request {message.request_id} to another worker",
+            )
         text = f"a {self.role.value} worker does not serve {type(message).__name__}"
         if isinstance(message, GenerateRequest):
             return error_chunk(message.request_id, text)
@@ -149,6 +190,8 @@ class Scheduler:
                 except Exception:
                     logger.exception("scheduler step failed; ending every request in flight")
                     self._fail_all("internal error in the worker (see its log)")
+                if self._draining.is_set() and not self._drained.is_set():
+                    self._maybe_drained()
         finally:
             if self._generation is not None:
                 self._generation.close()
@@ -156,6 +199,19 @@ class Scheduler:
                 self._prefill.close()
             if self._offload is not None:
                 self._offload.close()
+
+    def _maybe_drained(self) -> None:
+        """Set DRAINED when the inbox is empty and no request or hold is left (module docstring)."""
+        gen, prefill = self._generation, self._prefill
+        num_left = (gen.num_requests if gen is not None else 0) + (
+            prefill.num_in_flight if prefill is not None else 0
+        )
+        if num_left == 0:
+            with self._accepting:
+                if self._inbox.empty():
+                    self._drained.set()
+            if self._drained.is_set():
+                logger.info("drained: no request in flight")
 
     def _step_offload(self) -> None:
         """Step the offload manager; when copies ended (their pins released), retry admission."""

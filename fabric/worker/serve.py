@@ -3,9 +3,20 @@
 ``fabric.cli`` gives each role its own sub-command (``args.role`` is set by it).
 
 Flags override the ``FABRIC_*`` environment (``fabric.config``), which overrides the defaults.
-The process registers in etcd once it is ready (the signal for launchers and tests), stops
-cleanly on SIGINT / SIGTERM (record revoked, requests ended with an error chunk, blocks
-released) and exits 1 if its scheduler thread dies.
+The process registers in etcd once it is ready (the signal for launchers and tests) and stops::
+
+    SERVING ──SIGTERM──▶ DRAINING ──nothing in flight──────────────▶ CLOSING ──▶ exit 0
+       │                   │ (record draining, new requests          ▲
+       │                   │  refused, the rest finishing)           │
+       │                   ├──--drain-timeout passed────────────────┤ (what is left ends
+       │                   └──SIGTERM again, or SIGINT───────────────┤  with an error chunk)
+       └──SIGINT (or SIGTERM with --drain-timeout 0)────────────────┘
+
+CLOSING revokes the record, ends what is left with an error chunk and releases every block and
+hold. The exit status is 0 however the stop came, and 1 when the scheduler thread died. Once
+CLOSING ends, SIGTERM and SIGINT are ignored: the interpreter's shutdown restores the default
+action of signals that have a Python handler, so a late signal would otherwise kill the process
+(status -15) at random.
 """
 
 from __future__ import annotations
@@ -14,13 +25,18 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from enum import Enum
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices
 
 from fabric.config import PrefillFallback, load_config, setting_field
 from fabric.discovery.registry import Role
+
+if TYPE_CHECKING:
+    from fabric.worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +141,14 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
         "SECONDS",
         "prefill: release blocks unread after (s)",
     ),
+    (
+        "--drain-timeout",
+        "drain_timeout_s",
+        float,
+        "SECONDS",
+        "on SIGTERM, finish the requests in flight (taking no new ones) for at most this long, "
+        "then stop; 0: stop at once (a second SIGTERM or SIGINT always does)",
+    ),
     ("--registration-ttl", "registration_ttl_s", float, "SECONDS", "etcd lease TTL (s)"),
     (
         "--metrics-port",
@@ -135,6 +159,7 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
     ),
 )
 _HEALTH_CHECK_S = 0.5
+_DRAIN_POLL_S = 0.05
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,19 +198,65 @@ def run(args: argparse.Namespace) -> int:
         field: getattr(args, field) for _, field, *_ in _FLAGS if getattr(args, field) is not None
     }
     config = load_config(**overrides)
-    stop = threading.Event()
+    signals = _Signals(drain=config.serve.drain_timeout_s > 0)
+    signals.install()
+    try:
+        with build_worker(_ROLES[args.role], config) as worker:
+            status = _serve(worker, signals, config.serve.drain_timeout_s)
+            logger.info("worker %s stopping", worker.worker_id)
+        logger.info("worker %s stopped", worker.worker_id)
+        return status
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # see the module docstring
+            signal.signal(signum, signal.SIG_IGN)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        logger.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    with build_worker(_ROLES[args.role], config) as worker:
-        while not stop.wait(_HEALTH_CHECK_S):
-            if not worker.healthy:
-                logger.error("worker %s: the scheduler thread died; exiting", worker.worker_id)
-                return 1
-        logger.info("worker %s stopping", worker.worker_id)
-    logger.info("worker %s stopped", worker.worker_id)
+class _Signals:
+    """What SIGTERM and SIGINT asked for: a drain (the first SIGTERM, when ``drain``) or a stop."""
+
+    def __init__(self, *, drain: bool) -> None:
+        self.drain = threading.Event()
+        self.stop = threading.Event()
+        self.woken = threading.Event()
+        self._drain_on_sigterm = drain
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self._drain_on_sigterm and not self.drain.is_set():
+            logger.info("%s received: draining (again, or SIGINT: stop at once)", name)
+            self.drain.set()
+        else:
+            logger.info("%s received: stopping", name)
+            self.stop.set()
+        self.woken.set()
+
+
+def _serve(worker: WorkerRuntime, signals: _Signals, drain_timeout_s: float) -> int:
+    """Serve until a signal says stop or a drain ends (module docstring); the exit status."""
+    drain_deadline: float | None = None
+    while not signals.stop.is_set():
+        if not worker.healthy:
+            logger.error("worker %s: the scheduler thread died; exiting", worker.worker_id)
+            return 1
+        if drain_deadline is None and signals.drain.is_set():
+            drain_deadline = time.monotonic() + drain_timeout_s
+            worker.drain()
+        if drain_deadline is not None:
+            if worker.scheduler.wait_drained(0):
+                logger.info("worker %s drained", worker.worker_id)
+                break
+            if time.monotonic() >= drain_deadline:
+                logger.warning(
+                    "worker %s: drain not done within %.1f s (--drain-timeout); ending what is "
+                    "left with an error",
+                    worker.worker_id,
+                    drain_timeout_s,
+                )
+                break
+        signals.woken.wait(_HEALTH_CHECK_S if drain_deadline is None else _DRAIN_POLL_S)
+        signals.woken.clear()
     return 0
