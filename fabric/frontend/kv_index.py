@@ -7,16 +7,19 @@ lock. It is sized for fleets of hundreds of workers and about ten million cached
 
 * Each indexed worker has a *slot* ``s``; a *holder mask* is an int with ``len(Tier)`` bits per
   slot, bit ``s * TIER_BITS + tier`` set when slot ``s`` holds the block on that tier.
-* ``_entries`` maps a sequence hash to a *state id*, a small int naming one holder mask in the
-  interned state table (``_HolderStates``): the blocks of one prefix usually share one mask (one
-  holder, one tier; or every worker, for a system prompt), so a block costs one dict entry.
+* ``_table`` (``hash_table.U64Table``, numpy arrays) maps a sequence hash to a *state id*, a
+  small int naming one holder mask in the interned state table (``_HolderStates``): the blocks
+  of one prefix usually share one mask (one holder, one tier; or every worker, for a system
+  prompt), so a block costs one 12-byte slot of an open-addressing table.
 * Per slot, a log of the hashes the worker stored (an ``array('Q')``, 8 bytes each, compacted when
   it holds twice as many hashes as the worker does) is what ``AllBlocksCleared`` and
   ``clear_worker`` walk: a clear costs the worker's blocks, not the index's.
+* A batch's events are applied in bulk: consecutive stores (or removals) of one tier as one
+  numpy lookup of their hashes, then one state change per distinct old state.
 
 Invariants:
 
-* A hash is in ``_entries`` exactly when some slot holds it on some tier; a state's reference
+* A hash is in ``_table`` exactly when some slot holds it on some tier; a state's reference
   count is the number of entries naming it, and a state with none is freed at the end of the call
   that dropped it (so ids are never reused within one ``apply``).
 * ``_num_blocks[s]`` is the number of entries whose mask has a bit of slot ``s``. A worker has a
@@ -29,11 +32,12 @@ Invariants:
   (a miss costs a recompute, a false hit would not).
 * Sequence hashes are chained, so a prefix match walks the request's hashes in order and stops,
   per worker, at the first hash the worker lacks (on the tiers asked for, when a match names
-  tiers: the router matches device and host copies only, see ``policy``). The walk starts with
-  every indexed worker, stops at the first hash none of those still in it holds (or at once when
-  no asked-for worker is indexed), and recomputes who is still in only where a block's state
-  differs from the previous block's: its cost grows with the matched prefix, not with the number
-  of workers (but for naming each worker's length once at the end).
+  tiers: the router matches device and host copies only, see ``policy``). The walk looks hashes
+  up a chunk at a time, starts with every indexed worker, stops at the first hash none of those
+  still in it holds (or at once when no asked-for worker is indexed), and recomputes who is
+  still in only where a block's state differs from the previous block's: its cost grows with the
+  matched prefix, not with the number of workers (but for naming each holder's length once at
+  the end).
 
 Every worker that publishes KV events is indexed, whatever its role: prefill, decode and
 aggregated workers alike (the router decides which of them may supply KV to whom).
@@ -42,13 +46,17 @@ aggregated workers alike (the router decides which of them may supply KV to whom
 from __future__ import annotations
 
 import heapq
+import itertools
 import threading
 from array import array
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
 
-from fabric.kvbm import AllCleared, BlockRemoved, BlockStored, KvEvent, SequenceHash, Tier
+import numpy as np
+import numpy.typing as npt
+
+from fabric.frontend.hash_table import FIRST_VALUE, TOMBSTONE, Keys, U64Table
+from fabric.kvbm import AllCleared, BlockStored, KvEvent, SequenceHash, Tier
 
 TIER_BITS = len(Tier)
 """Bits of one slot in a holder mask: one per tier, in ``Tier`` order (at least 2)."""
@@ -56,29 +64,22 @@ _TIER_BIT = {tier: 1 << i for i, tier in enumerate(Tier)}
 _SLOT_BITS = (1 << TIER_BITS) - 1
 _LOG_SLACK = 256
 """A slot's log is compacted when it exceeds twice the worker's blocks plus this."""
+FIRST_CHUNK = 16
+"""Hashes of a ``Sequence`` given to ``match_lengths`` looked up first (the next chunks double)."""
 
-
-@dataclass(slots=True)
-class _Move:
-    """Within one store or removal call: where the entries of one old state go.
-
-    Attributes:
-        new: the new state (the old one: nothing to do; None: the entry goes).
-        slot_changes: whether the slot becomes, or stops being, a holder.
-        count: the entries moved so far (their reference counts move once, at the end).
-    """
-
-    new: int | None
-    slot_changes: bool
-    count: int = 0
+HashChunk = Sequence[SequenceHash] | npt.NDArray[np.uint64]
+"""Sequence hashes in chain order, as a sequence of ints or a ``uint64`` array."""
 
 
 class _HolderStates:
-    """Interned holder masks with reference counts (``KvPrefixIndex``'s state table)."""
+    """Interned holder masks with reference counts (``KvPrefixIndex``'s state table).
+
+    Ids start at ``FIRST_VALUE``: they are the values of the index's hash table.
+    """
 
     def __init__(self) -> None:
-        self.masks: list[int] = []
-        self.refs: list[int] = []
+        self.masks: list[int] = [0] * FIRST_VALUE
+        self.refs: list[int] = [0] * FIRST_VALUE
         self._id_of: dict[int, int] = {}
         self._free: list[int] = []
         self._unreferenced: list[int] = []
@@ -101,11 +102,15 @@ class _HolderStates:
             self._unreferenced.append(state)
         return state
 
-    def unref(self, state: int, count: int = 1) -> None:
-        refs = self.refs[state] - count
-        self.refs[state] = refs
-        if refs == 0:
-            self._unreferenced.append(state)
+    def move(self, old: int | None, new: int | None, count: int) -> None:
+        """``count`` entries go from state ``old`` to ``new`` (None: no state)."""
+        if new is not None:
+            self.refs[new] += count
+        if old is not None:
+            refs = self.refs[old] - count
+            self.refs[old] = refs
+            if refs == 0:
+                self._unreferenced.append(old)
 
     def collect(self) -> None:
         """Free every state left without references (call when no id is held in a local)."""
@@ -117,12 +122,46 @@ class _HolderStates:
         self._unreferenced.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class HeldPrefixes:
+    """One prefix walk's result: which workers hold how many leading hashes.
+
+    Attributes:
+        slot_of, worker_of: the index's slots when the walk ran (a snapshot).
+        groups: ``(length, slot bits)``, one per length > 0 some worker holds; a slot's bit is
+            the lowest mask bit of the slot.
+    """
+
+    slot_of: dict[str, int]
+    worker_of: list[str | None]
+    groups: list[tuple[int, int]]
+
+    def length_of(self, worker_id: str) -> int:
+        """How many leading hashes ``worker_id`` holds (0: none, or not indexed)."""
+        slot = self.slot_of.get(worker_id)
+        if slot is not None:
+            bit = 1 << (slot * TIER_BITS)
+            for length, bits in self.groups:
+                if bits & bit:
+                    return length
+        return 0
+
+    def holders(self, min_length: int) -> Iterator[str]:
+        """The workers holding at least ``min_length`` (> 0) leading hashes."""
+        for length, bits in self.groups:
+            if length >= min_length:
+                for slot in slots_of(bits):
+                    worker_id = self.worker_of[slot]
+                    assert worker_id is not None, "a walked slot has a worker"
+                    yield worker_id
+
+
 class KvPrefixIndex:
     """Which workers hold which sequence hashes (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[SequenceHash, int] = {}
+        self._table = U64Table()
         self._states = _HolderStates()
         self._slot_of: dict[str, int] = {}
         self._worker_of: list[str | None] = []
@@ -136,13 +175,13 @@ class KvPrefixIndex:
         """Apply one batch of ``worker_id``'s events, in order."""
         with self._lock:
             slot = self._slot_for(worker_id)
-            for event in events:
-                if isinstance(event, BlockStored):
-                    self._store(slot, _TIER_BIT[event.tier], event.sequence_hashes)
-                elif isinstance(event, BlockRemoved):
-                    self._remove(slot, _TIER_BIT[event.tier], event.sequence_hashes)
-                elif isinstance(event, AllCleared):
+            for kind, tier, hashes in _runs(events):
+                if kind is AllCleared:
                     self._clear(slot)
+                elif kind is BlockStored:
+                    self._store(slot, _TIER_BIT[tier], hashes)
+                else:
+                    self._drop(slot, _TIER_BIT[tier] << (slot * TIER_BITS), hashes)
             self._maybe_free_slot(slot)
             self._states.collect()
 
@@ -171,7 +210,7 @@ class KvPrefixIndex:
     def num_hashes(self) -> int:
         """Distinct sequence hashes held by some worker."""
         with self._lock:
-            return len(self._entries)
+            return len(self._table)
 
     def match_lengths(
         self,
@@ -181,32 +220,62 @@ class KvPrefixIndex:
     ) -> dict[str, int]:
         """For each of ``workers``, how many leading ``hashes`` it holds (0 for none).
 
-        ``hashes`` is consumed in order and only while some indexed worker holds every hash so
-        far (on ``tiers``), one miss included, and not at all when none of ``workers`` is
-        indexed: it may be a generator that computes them lazily (``policy`` does).
+        An iterator ``hashes`` is consumed in order and only while some indexed worker holds
+        every hash so far (on ``tiers``), one miss included, and not at all when none of
+        ``workers`` is indexed: it may compute them lazily. A sequence is looked up in chunks
+        (``FIRST_CHUNK`` hashes, then doubling) while every hash so far is held.
 
         Args:
             tiers: count only copies on these tiers; None: any tier.
         """
+        chunks: Iterable[HashChunk]
+        if isinstance(hashes, Sequence | np.ndarray):
+            chunks = _doubling_chunks(hashes)
+        else:
+            chunks = ([sequence_hash] for sequence_hash in hashes)
+        return self.match_chunks(chunks, workers, tiers)
+
+    def match_chunks(
+        self,
+        chunks: Iterable[HashChunk],
+        workers: Iterable[str],
+        tiers: Collection[Tier] | None = None,
+    ) -> dict[str, int]:
+        """``match_lengths`` over hashes given chunk by chunk: the next chunk is taken only
+        while some indexed worker holds every hash so far (a lazy hasher hashes no further).
+        """
         lengths = dict.fromkeys(workers, 0)
-        with self._lock:
-            slot_of = self._slot_of
-            if not any(worker_id in slot_of for worker_id in lengths):
-                return lengths
-            slot_lengths = self._match_slots(hashes, tiers)
-            for worker_id in lengths:
-                slot = slot_of.get(worker_id)
-                if slot is not None:
-                    lengths[worker_id] = slot_lengths.get(slot, 0)
+        held = self.held_prefixes(chunks, lengths.keys(), tiers)
+        for worker_id in held.holders(1):
+            if worker_id in lengths:
+                lengths[worker_id] = held.length_of(worker_id)
         return lengths
+
+    def held_prefixes(
+        self,
+        chunks: Iterable[HashChunk],
+        workers: Collection[str],
+        tiers: Collection[Tier] | None = None,
+    ) -> HeldPrefixes:
+        """``match_chunks`` over every indexed worker, as the walk found it: groups of workers
+        by length, read per worker or per length (its cost grows with the prefix and the
+        number of distinct lengths, not with the workers). Nothing (no chunk taken) when none
+        of ``workers`` (best a set or a dict's keys) is indexed.
+        """
+        with self._lock:
+            if self._slot_of.keys().isdisjoint(workers):
+                return HeldPrefixes({}, [], [])
+            groups = [(length, bits) for length, bits in self._match_slots(chunks, tiers) if bits]
+            return HeldPrefixes(dict(self._slot_of), list(self._worker_of), groups)
 
     def tiers_of(self, worker_id: str, sequence_hash: SequenceHash) -> frozenset[Tier]:
         """The tiers on which ``worker_id`` holds ``sequence_hash`` (empty: it does not)."""
         with self._lock:
             slot = self._slot_of.get(worker_id)
-            state = self._entries.get(sequence_hash)
-            if slot is None or state is None:
+            position = int(self._table.find(np.array([sequence_hash], dtype=np.uint64))[0])
+            if slot is None or position < 0:
                 return frozenset()
+            state = int(self._table.values[position])
             bits = self._states.masks[state] >> (slot * TIER_BITS)
             return frozenset(tier for tier, bit in _TIER_BIT.items() if bits & bit)
 
@@ -214,43 +283,52 @@ class KvPrefixIndex:
     # -----------------------------------------------------------------------------------------
 
     def _match_slots(
-        self, hashes: Iterable[SequenceHash], tiers: Collection[Tier] | None
-    ) -> dict[int, int]:
-        """``slot -> leading hashes held`` for every slot holding at least the first one."""
+        self, chunks: Iterable[HashChunk], tiers: Collection[Tier] | None
+    ) -> list[tuple[int, int]]:
+        """``(length, slot bits)``: the slots (lowest mask bit of each) holding exactly
+        ``length`` leading hashes, for every length > 0 some slot holds (bits may be 0)."""
         ones = self._ones
         wanted = sum(_TIER_BIT[tier] for tier in (Tier if tiers is None else tiers))
         pattern = ones * wanted  # the wanted tier bits of every slot
         low = ones * (_SLOT_BITS >> 1)  # every slot's bits but its top one
         top = ones << (TIER_BITS - 1)
         masks = self._states.masks
-        get = self._entries.get
+        table = self._table
         active = ones
-        depth = 0
-        previous: int | None = None
+        depth = 0  # hashes of earlier chunks, all held by some active slot
+        previous = None
         dropped: list[tuple[int, int]] = []  # (depth, slots that lack the hash at that depth)
-        for sequence_hash in hashes:
-            state = get(sequence_hash)
-            if state is None:
-                break
-            if state != previous:  # same state: same holders, nobody drops out
+        for chunk in chunks:
+            keys = np.asarray(chunk, dtype=np.uint64)
+            positions = table.find(keys)
+            misses = np.flatnonzero(positions < 0)
+            num_held = int(misses[0]) if misses.size else keys.size
+            states = table.values[positions[:num_held]]
+            starts = np.flatnonzero(states[1:] != states[:-1]) + 1  # where the state changes
+            for offset, state in zip(
+                itertools.chain((0,), starts.tolist()),
+                states[np.concatenate(([0], starts))].tolist() if num_held else (),
+                strict=False,
+            ):
+                if state == previous:  # same state: same holders, nobody drops out
+                    continue
                 previous = state
                 held = masks[state] & pattern
                 # a slot holding any wanted tier: its top bit (a carry out of its lower bits)
                 held = (held | ((held & low) + low)) & top
                 remaining = active & (held >> (TIER_BITS - 1))
                 if remaining != active:
-                    dropped.append((depth, active ^ remaining))
+                    dropped.append((depth + offset, active ^ remaining))
                     active = remaining
                     if not active:
                         break
-            depth += 1
+            if not active:
+                break
+            depth += num_held
+            if num_held < keys.size:
+                break
         dropped.append((depth, active))
-        slot_lengths: dict[int, int] = {}
-        for length, bits in dropped:
-            if length:
-                for slot in _slots(bits):
-                    slot_lengths[slot] = length
-        return slot_lengths
+        return [(length, bits) for length, bits in dropped if length]
 
     def _slot_for(self, worker_id: str) -> int:
         slot = self._slot_of.get(worker_id)
@@ -280,103 +358,157 @@ class KvPrefixIndex:
         self._ones &= ~(1 << (slot * TIER_BITS))
         heapq.heappush(self._free_slots, slot)
 
-    def _store(self, slot: int, tier_bit: int, hashes: Iterable[SequenceHash]) -> None:
+    def _store(self, slot: int, tier_bit: int, hashes: Keys) -> None:
         shift = slot * TIER_BITS
         bit = tier_bit << shift
         own = _SLOT_BITS << shift
-        entries = self._entries
-        get = entries.get
         states = self._states
         masks = states.masks
-        log = self._logs[slot]
-        moves: dict[int | None, _Move] = {}
-        for sequence_hash in hashes:
-            old = get(sequence_hash)
-            move = moves.get(old)
-            if move is None:
-                mask = 0 if old is None else masks[old]
+        keys = _distinct(hashes)
+        positions = self._table.find(keys)
+        found = positions >= 0
+        gained = 0
+        if found.any():
+            at = positions[found]
+            olds, which = _group(self._table.values[at])
+            news = olds.copy()
+            joined = np.zeros(olds.size, dtype=bool)
+            for j, (old, count) in enumerate(_counted(olds, which)):
+                mask = masks[old]
                 if mask & bit:  # held there already
-                    move = moves[old] = _Move(old, False)
-                else:
-                    move = moves[old] = _Move(states.intern(mask | bit), not mask & own)
-            new = move.new
-            if new == old:
-                continue
-            entries[sequence_hash] = new  # type: ignore[assignment]  # a store never deletes
-            move.count += 1
-            if move.slot_changes:
-                log.append(sequence_hash)
-        self._num_blocks[slot] += self._settle(moves)
-        if len(log) > 2 * self._num_blocks[slot] + _LOG_SLACK:
+                    continue
+                new = news[j] = states.intern(mask | bit)
+                states.move(old, new, count)
+                if not mask & own:
+                    joined[j] = True
+                    gained += count
+            if not np.array_equal(news, olds):
+                self._table.assign(at, news[which])
+            if joined.any():
+                self._logs[slot].frombytes(keys[found][joined[which]].tobytes())
+        missing = keys[~found]
+        if missing.size:
+            new = states.intern(bit)
+            states.move(None, new, missing.size)
+            self._table.insert(missing, new)
+            self._logs[slot].frombytes(missing.tobytes())
+            gained += missing.size
+        self._num_blocks[slot] += gained
+        if len(self._logs[slot]) > 2 * self._num_blocks[slot] + _LOG_SLACK:
             self._compact_log(slot)
 
-    def _remove(self, slot: int, tier_bit: int, hashes: Iterable[SequenceHash]) -> None:
-        self._drop(slot, tier_bit << (slot * TIER_BITS), hashes)
-
     def _clear(self, slot: int) -> None:
-        logged = cast(Iterable[SequenceHash], self._logs[slot])
+        logged = np.frombuffer(self._logs[slot], dtype=np.uint64).copy()
         self._drop(slot, _SLOT_BITS << (slot * TIER_BITS), logged)
         self._logs[slot] = array("Q")
 
-    def _drop(self, slot: int, bits: int, hashes: Iterable[SequenceHash]) -> None:
+    def _drop(self, slot: int, bits: int, hashes: Keys) -> None:
         """Clear ``bits`` (some of ``slot``'s) in the masks of ``hashes``."""
         own = _SLOT_BITS << (slot * TIER_BITS)
-        entries = self._entries
-        get = entries.get
         states = self._states
         masks = states.masks
-        moves: dict[int | None, _Move] = {}
-        for sequence_hash in hashes:
-            old = get(sequence_hash)
-            if old is None:
+        keys = _distinct(hashes)
+        positions = self._table.find(keys)
+        at = positions[positions >= 0]
+        if not at.size:
+            return
+        olds, which = _group(self._table.values[at])
+        news = olds.copy()
+        lost = 0
+        for j, (old, count) in enumerate(_counted(olds, which)):
+            mask = masks[old]
+            if not mask & bits:  # not held there
                 continue
-            move = moves.get(old)
-            if move is None:
-                mask = masks[old]
-                if not mask & bits:  # not held there
-                    move = moves[old] = _Move(old, False)
-                else:
-                    left = mask & ~bits
-                    move = moves[old] = _Move(states.intern(left) if left else None, not left & own)
-            new = move.new
-            if new == old:
-                continue
-            if new is None:
-                del entries[sequence_hash]
-            else:
-                entries[sequence_hash] = new
-            move.count += 1
-        self._num_blocks[slot] -= self._settle(moves)
-
-    def _settle(self, moves: dict[int | None, _Move]) -> int:
-        """Move the reference counts of a call's moves; returns the hashes the slot gained or
-        lost (as a holder on any tier)."""
-        refs = self._states.refs
-        changed = 0
-        for old, move in moves.items():
-            if move.count:
-                if move.new is not None:
-                    refs[move.new] += move.count
-                if old is not None:
-                    self._states.unref(old, move.count)
-                if move.slot_changes:
-                    changed += move.count
-        return changed
+            left = mask & ~bits
+            new = states.intern(left) if left else None
+            news[j] = TOMBSTONE if new is None else new
+            states.move(old, new, count)
+            if not left & own:
+                lost += count
+        if not np.array_equal(news, olds):
+            self._table.assign(at, news[which])
+        self._num_blocks[slot] -= lost
 
     def _compact_log(self, slot: int) -> None:
         """Keep one log entry per hash the slot still holds."""
         own = _SLOT_BITS << (slot * TIER_BITS)
-        get = self._entries.get
+        keys = _distinct(np.frombuffer(self._logs[slot], dtype=np.uint64))
+        positions = self._table.find(keys)
+        found = positions >= 0
+        olds, which = _group(self._table.values[positions[found]])
         masks = self._states.masks
+        holds = np.array([bool(masks[old] & own) for old in olds.tolist()], dtype=bool)
         kept = array("Q")
-        for sequence_hash in dict.fromkeys(self._logs[slot]):
-            state = get(SequenceHash(sequence_hash))
-            if state is not None and masks[state] & own:
-                kept.append(sequence_hash)
+        kept.frombytes(keys[found][holds[which]].tobytes())
         self._logs[slot] = kept
 
 
-def _slots(bits: int) -> Sequence[int]:
+def _runs(events: Iterable[KvEvent]) -> Iterator[tuple[type, Tier, Keys]]:
+    """The batch's events with consecutive stores (or removals) of one tier joined into one
+    ``(kind, tier, hashes)``; an ``AllCleared`` is its own run (its hashes empty)."""
+    kind: type | None = None
+    tier = Tier.DEVICE
+    parts: list[tuple[SequenceHash, ...]] = []
+    for event in events:
+        if isinstance(event, AllCleared):
+            if kind is not None:
+                yield kind, tier, _as_keys(parts)
+                kind, parts = None, []
+            yield AllCleared, event.tier, np.empty(0, dtype=np.uint64)
+            continue
+        if (type(event), event.tier) != (kind, tier):
+            if kind is not None:
+                yield kind, tier, _as_keys(parts)
+            kind, tier, parts = type(event), event.tier, []
+        parts.append(event.sequence_hashes)
+    if kind is not None:
+        yield kind, tier, _as_keys(parts)
+
+
+def _as_keys(parts: list[tuple[SequenceHash, ...]]) -> Keys:
+    if len(parts) == 1:
+        return np.array(parts[0], dtype=np.uint64)
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.uint64)
+
+
+def _distinct(keys: Keys) -> Keys:
+    """``keys`` without repeats (order not kept when there were some)."""
+    if keys.size < 2:
+        return keys
+    ordered = np.sort(keys)
+    if (ordered[1:] != ordered[:-1]).all():
+        return keys
+    return np.unique(ordered)
+
+
+def _group(values: npt.NDArray[np.uint32]) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.intp]]:
+    """The distinct values and, per value, the index of its distinct value."""
+    first = values[0]
+    if (values == first).all():  # the usual case: one prefix, one state
+        return values[:1].copy(), np.zeros(values.size, dtype=np.intp)
+    distinct, which = np.unique(values, return_inverse=True)
+    return distinct, which.reshape(-1)
+
+
+def _counted(
+    distinct: npt.NDArray[np.uint32], which: npt.NDArray[np.intp]
+) -> Iterator[tuple[int, int]]:
+    """``(value, how many)`` for each distinct value."""
+    counts = np.bincount(which, minlength=distinct.size)
+    return zip(distinct.tolist(), counts.tolist(), strict=True)
+
+
+def _doubling_chunks(
+    hashes: Sequence[SequenceHash] | npt.NDArray[np.uint64],
+) -> Iterator[HashChunk]:
+    start, size = 0, FIRST_CHUNK
+    while start < len(hashes):
+        yield hashes[start : start + size]
+        start += size
+        size *= 2
+
+
+def slots_of(bits: int) -> Sequence[int]:
     """The slots whose lowest mask bit is set in ``bits`` (only such bits may be set)."""
     digits = bin(bits)[:1:-1]  # digit i is bit i
     slots = []

@@ -10,10 +10,11 @@ tier needs no routing (every worker finds its disk hits itself), so a disk copy 
 worker a better KV source than another. The prompt's sequence hashes are computed the way workers
 register blocks, ``sequence_hashes(tokens, layout.block_size, seed=record.compat_hash)`` (a
 ``KvBlockManager``'s compat hash is its hash seed), once per distinct (seed, block size), lazily:
-in chunks (``HASH_CHUNK_BLOCKS`` first, doubling), chained with ``parent``, and only as far as the
-index walks, which stops at the first block none of the group's workers holds. So a prompt costs
-hashing up to its longest cached prefix, and nothing for a group none of whose workers has an
-indexed block.
+in chunks (``sequence_hash_chunks``: ``HASH_CHUNK_BLOCKS`` first, each next one
+``HASH_CHUNK_GROWTH`` times larger), looked up a chunk at a time (``KvPrefixIndex.match_chunks``)
+and only as far as the index walks, which stops at the first block none of the group's workers
+holds. So a prompt costs hashing up to a few times its longest cached prefix, and nothing for a
+group none of whose workers has an indexed block.
 
 The policy, in order:
 
@@ -42,14 +43,15 @@ The policy, in order:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm import SequenceHash, Tier, sequence_hashes
+from fabric.frontend.kv_index import TIER_BITS, HeldPrefixes, KvPrefixIndex, slots_of
+from fabric.kvbm import Tier
+from fabric.kvbm.core.hashing import sequence_hash_chunks
 
 SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
@@ -61,7 +63,10 @@ SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
 ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
 MIN_PEER_GAIN_BLOCKS = 1
 HASH_CHUNK_BLOCKS = 16
-"""Blocks of the first chunk a prompt is hashed in (the next chunks double)."""
+"""Blocks of the first chunk a prompt is hashed in."""
+HASH_CHUNK_GROWTH = 4
+"""How many times larger each next chunk is: a 2048-block prompt is five lookups, and hashing
+goes at most a few chunks' worth past the longest cached prefix."""
 
 
 class RouteKind(Enum):
@@ -110,44 +115,86 @@ def compatible(a: WorkerRecord, b: WorkerRecord) -> bool:
     return a.compat_hash == b.compat_hash and a.layout.block_size == b.layout.block_size
 
 
+class Prefixes(Mapping[str, Prefix]):
+    """Every worker's cached prefix of one prompt, read from the index walks' results on demand
+    (``cached_prefixes``): a lookup costs the number of distinct prefix lengths, and
+    ``holders`` the workers it names, so a decision over a large fleet reads only the workers
+    it looks at."""
+
+    def __init__(self) -> None:
+        self._walk_of: dict[str, tuple[HeldPrefixes | None, int]] = {}
+        self._walks: list[HeldPrefixes] = []
+
+    def add(self, worker_ids: Iterable[str], walk: HeldPrefixes | None, num_blocks: int) -> None:
+        """``worker_ids`` (of one geometry: ``num_blocks`` full blocks) as ``walk`` found them
+        (None: not walked, no prefix)."""
+        self._walk_of.update(dict.fromkeys(worker_ids, (walk, num_blocks)))
+        if walk is not None:
+            self._walks.append(walk)
+
+    def __getitem__(self, worker_id: str) -> Prefix:
+        walk, num_blocks = self._walk_of[worker_id]
+        matched = 0 if walk is None else walk.length_of(worker_id)
+        return Prefix(matched, num_blocks) if num_blocks else NO_PREFIX
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._walk_of)
+
+    def __len__(self) -> int:
+        return len(self._walk_of)
+
+    def longest(self, worker_ids: Iterable[str]) -> set[str]:
+        """Those of ``worker_ids`` holding the longest prefix among them (empty: none holds
+        any): one pass over the ids and one over the walks' lengths."""
+        best_length, best_bits, best_walk = 0, 0, None
+        bits_of: dict[int, int] = {}
+        for worker_id in worker_ids:
+            walk = self._walk_of.get(worker_id, (None, 0))[0]
+            slot = None if walk is None else walk.slot_of.get(worker_id)
+            if slot is not None:
+                bits_of[id(walk)] = bits_of.get(id(walk), 0) | 1 << (slot * TIER_BITS)
+        for walk in self._walks:
+            bits = bits_of.get(id(walk), 0)
+            for length, held in walk.groups:
+                if length > best_length and bits & held:
+                    best_length, best_bits, best_walk = length, bits & held, walk
+        if best_walk is None:
+            return set()
+        return {w for slot in slots_of(best_bits) if (w := best_walk.worker_of[slot]) is not None}
+
+    def holders(self, min_blocks: int) -> Iterator[str]:
+        """The workers holding at least ``min_blocks`` (> 0) leading blocks."""
+        for walk in self._walks:
+            for worker_id in walk.holders(min_blocks):
+                if self._walk_of.get(worker_id, (None, 0))[0] is walk:  # of this geometry
+                    yield worker_id
+
+
 def cached_prefixes(
     records: Sequence[WorkerRecord], token_ids: Sequence[int], index: KvPrefixIndex
-) -> dict[str, Prefix]:
+) -> Prefixes:
     """Each worker's cached prefix of the prompt on ``ROUTABLE_TIERS`` (no geometry: none)."""
-    prefixes = dict.fromkeys((r.worker_id for r in records), NO_PREFIX)
-    groups: dict[tuple[int, int], list[str]] = {}
+    prefixes = Prefixes()
+    groups: dict[tuple[int, int], dict[str, None]] = {}
+    no_geometry = []
     for record in records:
         block_size = record.layout.block_size
-        if block_size is not None:
-            groups.setdefault((record.compat_hash, block_size), []).append(record.worker_id)
+        if block_size is None:
+            no_geometry.append(record.worker_id)
+        else:
+            groups.setdefault((record.compat_hash, block_size), {})[record.worker_id] = None
+    prefixes.add(no_geometry, None, 0)
     for (seed, block_size), worker_ids in groups.items():
-        num_blocks = len(token_ids) // block_size
-        hashes = lazy_sequence_hashes(token_ids, block_size, seed=seed)
-        matched = index.match_lengths(hashes, worker_ids, ROUTABLE_TIERS)
-        by_length: dict[int, Prefix] = {}  # one (frozen) Prefix per distinct length
-        for worker_id, length in matched.items():
-            prefix = by_length.get(length)
-            if prefix is None:
-                prefix = by_length[length] = Prefix(length, num_blocks)
-            prefixes[worker_id] = prefix
+        chunks = sequence_hash_chunks(
+            token_ids,
+            block_size,
+            seed=seed,
+            first_blocks=HASH_CHUNK_BLOCKS,
+            growth=HASH_CHUNK_GROWTH,
+        )
+        walk = index.held_prefixes(chunks, worker_ids.keys(), ROUTABLE_TIERS)
+        prefixes.add(worker_ids, walk, len(token_ids) // block_size)
     return prefixes
-
-
-def lazy_sequence_hashes(
-    token_ids: Sequence[int], block_size: int, *, seed: int
-) -> Iterator[SequenceHash]:
-    """``sequence_hashes(token_ids, block_size, seed=seed)``, computed chunk by chunk as read."""
-    end = len(token_ids) // block_size * block_size
-    start = 0
-    parent: SequenceHash | None = None
-    chunk_blocks = HASH_CHUNK_BLOCKS
-    while start < end:
-        stop = min(end, start + chunk_blocks * block_size)
-        hashes = sequence_hashes(token_ids[start:stop], block_size, seed=seed, parent=parent)
-        yield from hashes
-        parent = hashes[-1]
-        start = stop
-        chunk_blocks *= 2
 
 
 def choose_serving(
@@ -163,11 +210,21 @@ def choose_serving(
     least = min(loads)
     tied = [record for record, n in zip(candidates, loads, strict=True) if n == least]
 
+    if len(tied) == 1:
+        return tied[0]
+    if isinstance(prefixes, Prefixes):  # the same choice, without a lookup per tied worker
+        aggregated = (r.worker_id for r in tied if r.role is Role.AGGREGATED)
+        longest = prefixes.longest(aggregated)
+        return min(
+            (r for r in tied if r.worker_id in longest) if longest else tied,
+            key=lambda record: record.worker_id,
+        )
+
     def key(record: WorkerRecord) -> tuple[int, str]:
         own = prefixes.get(record.worker_id, NO_PREFIX).matched
         return (-own if record.role is Role.AGGREGATED else 0, record.worker_id)
 
-    return tied[0] if len(tied) == 1 else min(tied, key=key)
+    return min(tied, key=key)
 
 
 def choose_source(

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Iterator
+
 from frontend_fakes import BLOCK_SIZE, COMPAT
 
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import KvPrefixIndex
+from fabric.frontend.kv_index import HashChunk, HeldPrefixes, KvPrefixIndex
 from fabric.frontend.policy import (
+    HASH_CHUNK_BLOCKS,
+    HASH_CHUNK_GROWTH,
     Prefix,
     Route,
     RouteKind,
     cached_prefixes,
     choose_serving,
     choose_source,
-    lazy_sequence_hashes,
     make_route,
 )
 from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
@@ -238,9 +241,34 @@ def test_prefixes_of_an_empty_index_count_the_full_blocks_without_hashing() -> N
     }
 
 
-def test_lazy_hashes_equal_the_whole_prompt_hashes() -> None:
-    """Chunks chained with ``parent`` give the very keys the pools register, whatever the length."""
-    for num_tokens in (0, 15, 16, 17 * 16 + 5, 100 * 16, 1000 * 16 + 3):
-        tokens = [(7 * i) % 50_000 for i in range(num_tokens)]
-        expected = sequence_hashes(tokens, BLOCK_SIZE, seed=COMPAT)
-        assert list(lazy_sequence_hashes(tokens, BLOCK_SIZE, seed=COMPAT)) == expected
+class ChunkCountingIndex(KvPrefixIndex):
+    """Records the length of every chunk of hashes the policy hands over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: list[int] = []
+
+    def held_prefixes(
+        self,
+        chunks: Iterable[HashChunk],
+        workers: Collection[str],
+        tiers: Collection[Tier] | None = None,
+    ) -> HeldPrefixes:
+        def counted() -> Iterator[HashChunk]:
+            for chunk in chunks:
+                self.read.append(len(chunk))
+                yield chunk
+
+        return super().held_prefixes(counted(), workers, tiers)
+
+
+def test_a_prompt_is_hashed_only_a_chunk_past_its_longest_cached_prefix() -> None:
+    """No holder: nothing hashed; a holder of 20 blocks: the first two chunks, not the rest."""
+    tokens = [(7 * i) % 50_000 for i in range(1000 * BLOCK_SIZE)]
+    hashes = sequence_hashes(tokens, BLOCK_SIZE, seed=COMPAT)
+    index = ChunkCountingIndex()
+    assert cached_prefixes([record("a", Role.AGGREGATED)], tokens, index) == {"a": Prefix(0, 1000)}
+    assert index.read == []
+    index.apply("a", [stored(hashes[:20])])
+    assert cached_prefixes([record("a", Role.AGGREGATED)], tokens, index) == {"a": Prefix(20, 1000)}
+    assert index.read == [HASH_CHUNK_BLOCKS, HASH_CHUNK_BLOCKS * HASH_CHUNK_GROWTH]

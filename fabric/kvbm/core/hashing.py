@@ -20,9 +20,11 @@ continuation onto the hashes already computed). Test vectors are in ``tests/kvbm
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import xxhash
@@ -39,6 +41,7 @@ DEFAULT_SEED = 1337
 _MAX_TOKEN = 2**32 - 1
 _pack_pair = struct.Struct("<QQ").pack
 _xxh3 = xxhash.xxh3_64_intdigest
+_LITTLE_ENDIAN = sys.byteorder == "little" and array("I").itemsize == 4
 
 
 def seed_for_salt(salt: str | bytes | None) -> int:
@@ -124,3 +127,52 @@ def sequence_hashes(
 ) -> list[SequenceHash]:
     """Just the chained sequence hashes of ``hash_token_blocks``."""
     return hash_token_blocks(tokens, block_size, seed=seed, parent=parent).sequence_hashes
+
+
+def sequence_hash_chunks(
+    tokens: Sequence[int] | np.ndarray,
+    block_size: int,
+    *,
+    seed: int = DEFAULT_SEED,
+    first_blocks: int = 16,
+    growth: int = 2,
+) -> Iterator[list[SequenceHash]]:
+    """``sequence_hashes(tokens, block_size, seed=seed)`` in chunks, each computed when read:
+    ``first_blocks`` blocks, then ``growth`` times as many as the chunk before.
+
+    The batch entry point of a reader that may stop early (the router's prefix walk): a list of
+    ints is packed with ``array('I')`` (several times faster than numpy's conversion of a list),
+    one chunk at a time, so an unread chunk costs nothing. The hashes are ``sequence_hashes``'s,
+    bit for bit; tokens that do not fit in u32 raise ``InvalidInput`` as there.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise InvalidInput(f"block_size must be a positive int, got {block_size!r}")
+    end = len(tokens) // block_size * block_size
+    start = 0
+    parent: SequenceHash | None = None
+    num_blocks = max(1, first_blocks)
+    step = 4 * block_size
+    while start < end:
+        stop = min(end, start + num_blocks * block_size)
+        packed = _packed_tokens(tokens[start:stop])
+        block_hashes = [_xxh3(packed[i : i + step], seed) for i in range(0, len(packed), step)]
+        chunk: list[int] = []
+        append = chunk.append
+        prev: int | None = parent
+        for bh in block_hashes:
+            prev = bh if prev is None else _xxh3(_pack_pair(prev, bh), seed)
+            append(prev)
+        yield cast(list[SequenceHash], chunk)  # no NewType call per hash: it is a plain int
+        parent = SequenceHash(chunk[-1])
+        start = stop
+        num_blocks *= max(1, growth)
+
+
+def _packed_tokens(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian u32 bytes (``as_token_array``'s checks, faster for lists)."""
+    if isinstance(tokens, list) and _LITTLE_ENDIAN:
+        try:
+            return array("I", tokens).tobytes()
+        except (OverflowError, TypeError):
+            pass  # as_token_array names the problem
+    return as_token_array(tokens).tobytes()
