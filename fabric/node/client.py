@@ -263,6 +263,7 @@ def attach_node_cache(
     compat_hash: int,
     layout: LayoutSpec,
     timeout_s: float = 5.0,
+    attach_timeout_s: float | None = None,
 ) -> NodeCacheClient:
     """Attach to the node cache at ``endpoint`` and map its segment.
 
@@ -272,6 +273,9 @@ def attach_node_cache(
         compat_hash: this process's KV compatibility hash (its block manager's seed).
         layout: the layout of the storages this process copies from and to (only the
             compatibility facts are compared).
+        timeout_s: bound on each request.
+        attach_timeout_s: bound on the attach itself (default ``timeout_s``): a caller that
+            retries attaching keeps each try short.
 
     Raises:
         IncompatiblePeer: the node cache serves another compat hash.
@@ -281,7 +285,7 @@ def attach_node_cache(
     """
     signal = SignalClient(endpoint, identity=identity, compat_hash=compat_hash, timeout_s=timeout_s)
     try:
-        geometry = _expect(signal.request(NodeAttach(identity)), NodeGeometry)
+        geometry = _expect(signal.request(NodeAttach(identity), attach_timeout_s), NodeGeometry)
         if geometry.compat_hash != compat_hash:
             raise ProtocolMismatch(
                 f"node cache at {endpoint} serves compat hash {geometry.compat_hash:#018x}, "

@@ -8,7 +8,8 @@ directory, ``endpoint_in``), the client while attached, and the pacing of attemp
        ▲                                                                           │
        └── any FabricError (no answer, refused: the service restarted with a new ──┘
            segment and does not know this client, a lease ended): client closed,
-           next attempt after a backoff (doubling from retry_s to max_retry_s)
+           next attempt after a backoff (doubling from retry_s to max_retry_s), each
+           attempt bounded by ATTACH_TIMEOUT_S
 
 Invariants: kvbm's ``NodeTier`` ones: ``store`` and ``load`` never raise a ``FabricError`` (a
 node tier that cannot serve is a miss, never a failed request) and report only what the node
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 2.0
 """Bound on one request to the node cache (a local process: far more than it takes)."""
+ATTACH_TIMEOUT_S = 0.5
+"""Bound on one attempt to attach: each one the scheduler thread may wait for while no node
+cache answers at a fixed endpoint (attempts are paced by the backoff)."""
 
 
 NODE_CACHE_FROM_ETCD = "etcd"
@@ -89,7 +93,7 @@ class NodeLink:
         layout: LayoutSpec,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry_s: float = 0.5,
-        max_retry_s: float = 10.0,
+        max_retry_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolve = resolve
@@ -185,6 +189,7 @@ class NodeLink:
                 compat_hash=self._compat_hash,
                 layout=self._layout,
                 timeout_s=self._timeout_s,
+                attach_timeout_s=min(ATTACH_TIMEOUT_S, self._timeout_s),
             )
         except FabricError as exc:
             if self._backoff == self._retry_s:  # the first failure of a streak
