@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from etcd_records import worker_records
 
 from fabric.bench.netns import UCX_ENV, Lab, LabUnavailable, check_available, sweep_stale
-from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
-from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registry import Role, workers_prefix
+from fabric.discovery.registry import Role
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost, pytest.mark.etcd, pytest.mark.nixl]
 
@@ -73,17 +72,6 @@ def lab_etcd(lab: Lab) -> Iterator[str]:
         server.close()
 
 
-def _records(etcd: str) -> list[WorkerRecord]:
-    registry = EtcdRegistry(etcd, timeout_s=5.0)
-    try:
-        return [
-            WorkerRecord.from_bytes(value, key=key)
-            for key, value in registry.get_prefix(workers_prefix()).items()
-        ]
-    finally:
-        registry.close()
-
-
 def _job(**fields: Any) -> dict[str, Any]:
     return {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "block_size": BLOCK, **fields}
 
@@ -92,7 +80,11 @@ def _job(**fields: Any) -> dict[str, Any]:
     "producer_tiers", [{}, {"cpu_cache_blocks": 64}], ids=["held-in-vllm", "held-in-host-tier"]
 )
 def test_decode_on_another_host_reads_the_prefill_over_tcp(
-    engines: Any, kv_transfer_config: Any, lab: Lab, lab_etcd: str, producer_tiers: dict[str, Any]
+    engines: Any,
+    kv_transfer_config: Any,
+    lab: Lab,
+    lab_etcd: str,
+    producer_tiers: dict[str, Any],
 ) -> None:
     """With a host tier the producer holds copies there and vLLM frees its requests at once;
     the scheduler side then keeps vLLM's engine stepping (``has_pending_push_work``)."""
@@ -122,7 +114,7 @@ def test_decode_on_another_host_reads_the_prefill_over_tcp(
     expected = reference.result("outputs")["token_ids"]
     assert reference.wait() == 0, reference.tail()
     prefilled = producer.result("outputs")
-    (record,) = [r for r in _records(lab_etcd) if r.worker_id.startswith("prefill-mh")]
+    (record,) = [r for r in worker_records(lab_etcd) if r.worker_id.startswith("prefill-mh")]
     assert record.role is Role.PREFILL
     # Advertised at the prefill host's address (bound to 0.0.0.0), reachable from the other.
     assert f"//{prefill_host.address}:" in record.endpoints.to_json()["signal"]

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from etcd_records import worker_records
 
-from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registry import Role, workers_prefix
+from fabric.discovery.registry import Role
 from fabric.kvbm import SharedBlockStore, sequence_hashes
 from fabric.kvbm.shared.format import HEADER_BYTES
 
@@ -131,17 +130,6 @@ def test_prefix_computed_by_one_process_is_a_hit_in_another(
     assert reader["worker_stats"]["num_loaded_blocks"] == sum(hits)
     assert reader["worker_stats"]["num_load_errors"] == 0
     assert reader["worker_stats"]["num_saved_blocks"] == 0  # nothing new to offload
-
-
-def _worker_records(etcd_endpoint: str) -> list[WorkerRecord]:
-    registry = EtcdRegistry(etcd_endpoint, timeout_s=5.0)
-    try:
-        return [
-            WorkerRecord.from_bytes(value, key=key)
-            for key, value in registry.get_prefix(workers_prefix()).items()
-        ]
-    finally:
-        registry.close()
 
 
 def _corrupt_block(store: SharedBlockStore, block_hash: int) -> Path:
@@ -304,7 +292,7 @@ def test_prefill_and_decode_with_tensor_parallel_instances(
         cpu="0|1",
     )
     prefilled = producer.result("outputs")
-    ids = sorted(r.worker_id for r in _worker_records(etcd_endpoint) if "-tp" in r.worker_id)
+    ids = sorted(r.worker_id for r in worker_records(etcd_endpoint) if "-tp" in r.worker_id)
     assert ids == ["prefill-tp", "prefill-tp-tp1"]  # one record per rank
     consumer = engines.run(
         "consumer-tp2",
@@ -358,7 +346,7 @@ def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
     params_a, params_c = prefilled["kv_transfer_params"]
     assert params_a["remote_worker_id"] == "prefill-0"
     assert params_a["remote_num_tokens"] == len(PROMPTS["A"])
-    (record,) = [r for r in _worker_records(etcd_endpoint) if r.worker_id.startswith("prefill-0")]
+    (record,) = [r for r in worker_records(etcd_endpoint) if r.worker_id.startswith("prefill-0")]
     # (only the producer: the consumer does not register)
     assert (record.worker_id, record.role) == ("prefill-0", Role.PREFILL)
     assert f"{record.compat_hash:016x}" == params_a["remote_compat_hash"]
@@ -381,7 +369,7 @@ def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
     assert producer.wait() == 0
     # A clean shutdown revoked the producer's lease: its record is gone at once, not after the
     # lease's TTL.
-    assert not [r for r in _worker_records(etcd_endpoint) if r.worker_id.startswith("prefill-0")]
+    assert not [r for r in worker_records(etcd_endpoint) if r.worker_id.startswith("prefill-0")]
 
     assert consumer["token_ids"] == reference["token_ids"]
     a, b, c = (PROMPTS[n] for n in ORDER)
