@@ -36,8 +36,11 @@ else is served as before: requests already accepted (queued in the inbox, waitin
 decoding) run to their end, and a prefill or aggregated worker keeps its holds until read,
 aborted or expired, and still computes a ``PrefillRequest`` that arrives (a decode whose
 frontend had not seen the drain yet: serving it costs one prefill, refusing it a recompute).
-The loop sets DRAINED once the inbox is empty and no service has a request in flight or a
-hold.
+The loop sets DRAINED once ``MIN_DRAIN_S`` has passed, the inbox is empty and no service has a
+request in flight or a hold; the minimum lets what peers sent before they saw the record's
+``draining`` mark (a watch round trip) arrive and be served. From DRAINED on, every new
+``GenerateRequest`` or ``PrefillRequest`` is refused with ``UNAVAILABLE`` (the worker is closing;
+a decode falls back as ``--prefill-fallback`` says).
 
 Failures: an unexpected exception in a step is logged with its traceback, every request in
 flight is ended with an error chunk and its blocks released, and the loop goes on. ``close``
@@ -74,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 IDLE_S = 0.05
 POLL_S = 0.002
+MIN_DRAIN_S = 1.0
+"""The shortest drain: messages sent before peers saw the ``draining`` mark arrive within it."""
+_NEW_WORK = (GenerateRequest, PrefillRequest)
 _ROLE_TO_TYPES: dict[Role, tuple[type, ...]] = {
     Role.PREFILL: (PrefillRequest, TransferDone, Abort),
     Role.DECODE: (GenerateRequest, Abort),
@@ -95,6 +101,7 @@ class Scheduler:
         self._draining = threading.Event()
         self._drained = threading.Event()
         self._accepting = threading.Lock()  # handle's check-and-queue against DRAINED
+        self._drain_began = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -107,7 +114,9 @@ class Scheduler:
 
     def drain(self) -> None:
         """Refuse new ``GenerateRequest``s from now on and finish the rest (idempotent)."""
-        self._draining.set()
+        if not self._draining.is_set():
+            self._drain_began = time.monotonic()
+            self._draining.set()
 
     def wait_drained(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a drain to end; True once nothing is in flight."""
@@ -140,10 +149,14 @@ class Scheduler:
         (and, while draining, every new ``GenerateRequest``)."""
         if isinstance(message, _ROLE_TO_TYPES[self.role]):
             with self._accepting:  # no message queued after the loop found the drain done
-                if not (isinstance(message, GenerateRequest) and self._draining.is_set()):
+                refused = (isinstance(message, _NEW_WORK) and self._drained.is_set()) or (
+                    isinstance(message, GenerateRequest) and self.draining
+                )
+                if not refused:
                     self._inbox.put((message, peer, time.perf_counter()))
                     return None
-            logger.info("request %s refused: draining", message.request_id)
+            assert isinstance(message, _NEW_WORK)
+            logger.info("%s %s refused: draining", type(message).__name__, message.request_id)
             return ErrorReply(
                 message.request_id,
                 ErrorCode.UNAVAILABLE,
@@ -206,7 +219,7 @@ class Scheduler:
         num_left = (gen.num_requests if gen is not None else 0) + (
             prefill.num_in_flight if prefill is not None else 0
         )
-        if num_left == 0:
+        if num_left == 0 and time.monotonic() >= self._drain_began + MIN_DRAIN_S:
             with self._accepting:
                 if self._inbox.empty():
                     self._drained.set()

@@ -1,0 +1,224 @@
+"""A worker's drain on SIGTERM, through real processes and the HTTP frontend.
+
+One deployment for the module, in its own namespace: ``agg-a`` and ``agg-b`` (aggregated),
+``prefill-h`` and ``prefill-s`` (prefill), ``decode-t`` (decode, ``--drain-timeout=1``) and a
+frontend. Requests are pinned where the route matters. In order (each test SIGTERMs its own
+worker):
+
+* ``agg-a`` SIGTERMed while it streams a long generation: the stream ends with the full
+  output the aggregated reference gives, a request sent meanwhile is served by another worker,
+  ``agg-a`` refuses a ``GenerateRequest`` sent straight to it (``UNAVAILABLE``), the frontend
+  shows it draining, and it exits 0.
+* ``prefill-h`` SIGTERMed while a decode's ``PrefillRequest`` waits for it (it is paused, then
+  resumed): it computes, holds until ``decode-t`` has read the blocks, and exits 0; the answer
+  equals the reference's and its KV trace has no recompute.
+* ``decode-t`` SIGTERMed while its request waits for the paused ``prefill-s``: the drain passes
+  its one-second deadline, the request ends with an error and the worker exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from e2e_harness import (
+    MODEL,
+    REQUEST_S,
+    STOP_S,
+    Answer,
+    Deployment,
+    Reference,
+    complete,
+    prompt_ids,
+    wait_until,
+)
+
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
+from fabric.signal.client import SignalClient
+from fabric.signal.errors import ErrorCode
+from fabric.signal.framing import wall_ms
+from fabric.signal.messages import ErrorReply, GenerateRequest
+
+pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
+
+LONG_TOKENS = 600  # several hundred decode steps: the stream is still running at SIGTERM
+SHORT_TOKENS = 8
+DRAIN_SEEN_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def draining(
+    etcd: EtcdServer,
+    registry: EtcdRegistry,
+    model_dir: Path,
+    reference: Reference,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
+    deployment = Deployment(
+        "drain", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("drain")
+    )
+    try:
+        deployment.spawn_frontend()
+        deployment.spawn_worker("aggregated", "agg-a")
+        deployment.spawn_worker("aggregated", "agg-b")
+        deployment.spawn_worker("prefill", "prefill-h")
+        deployment.spawn_worker("prefill", "prefill-s")
+        deployment.spawn_worker(
+            "decode", "decode-t", "--drain-timeout=1", "--prefill-fallback=recompute"
+        )
+        deployment.wait_workers(aggregated=2, prefill=2, decode=1)
+        yield deployment
+    finally:
+        deployment.close()
+
+
+def pinned(
+    deployment: Deployment, prompt: list[int], max_tokens: int, worker: str, source: str
+) -> Answer:
+    response = deployment.client().completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        extra_body={"fabric": {"worker": worker, "prefill_worker": source}},
+    )
+    assert response.usage is not None
+    choice = response.choices[0]
+    fabric = dict((response.model_extra or {})["fabric"])
+    return Answer(choice.text, choice.finish_reason, response.usage.completion_tokens, fabric)
+
+
+def segments(fabric: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    return [
+        (s["source"], s["start"], s["end"], s["worker"]) for s in fabric["kv_trace"]["segments"]
+    ]
+
+
+def cluster_state(deployment: Deployment, worker_id: str) -> str | None:
+    """The worker's state in the frontend's cluster view (the dashboard's, ``fabric status``'s)."""
+    body = httpx.get(f"{deployment.url}/v1/fabric/cluster", timeout=REQUEST_S).json()
+    states = {w["id"]: w["state"] for w in body["workers"]}
+    return states.get(worker_id)
+
+
+def refusal(deployment: Deployment, worker_id: str) -> ErrorReply | None:
+    """What ``worker_id`` answers a ``GenerateRequest`` sent straight to its signal endpoint."""
+    record = deployment.records()[worker_id]
+    assert record.endpoints.signal is not None
+    client = SignalClient(
+        record.endpoints.signal,
+        identity=f"probe-{uuid.uuid4().hex[:6]}",
+        compat_hash=record.compat_hash,
+    )
+    try:
+        deadline_ms = wall_ms() + int(REQUEST_S * 1000)
+        client.send(GenerateRequest("probe-1", prompt_ids(8, seed=3), 2, "", {}, deadline_ms))
+        reply = client.receive(REQUEST_S)
+    finally:
+        client.close()
+    return reply if isinstance(reply, ErrorReply) else None
+
+
+def test_drained_stream_completes_and_new_requests_go_elsewhere(
+    draining: Deployment, reference: Reference
+) -> None:
+    prompt = prompt_ids(40, seed=81)
+    want = reference.answer(prompt, LONG_TOKENS)
+    assert want.completion_tokens > LONG_TOKENS // 2, "a long generation (EOS came early)"
+    other_prompt = prompt_ids(30, seed=82)
+    other_want = reference.answer(other_prompt, SHORT_TOKENS)
+    victim = draining.procs["agg-a"]
+    stream = draining.client().completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=LONG_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"fabric": {"worker": "agg-a", "prefill_worker": ""}},
+    )
+    pieces: list[str] = []
+    finish, num_tokens = None, -1
+    with stream:
+        chunks = iter(stream)
+        first = next(chunks)  # the request runs on agg-a now
+        pieces.extend(choice.text for choice in first.choices)
+        victim.popen.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: draining.records()["agg-a"].draining, DRAIN_SEEN_S), (
+            draining.logs()
+        )
+        assert wait_until(lambda: cluster_state(draining, "agg-a") == "draining", DRAIN_SEEN_S)
+        other = complete(draining.client(), other_prompt, SHORT_TOKENS)
+        reply = refusal(draining, "agg-a")
+        still_draining = victim.alive and "agg-a" in draining.records()
+        for chunk in chunks:
+            pieces.extend(choice.text for choice in chunk.choices)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                num_tokens = chunk.usage.completion_tokens
+    assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
+    assert still_draining, "the stream ended before the other request: make LONG_TOKENS larger"
+    assert ("".join(pieces), finish, num_tokens) == (
+        want.text,
+        want.finish_reason,
+        want.completion_tokens,
+    )
+    assert other.fabric["worker"] != "agg-a" and other.same_output(other_want)
+    assert reply is not None and reply.code is ErrorCode.UNAVAILABLE, reply
+    assert "draining" in reply.message
+    assert "agg-a" not in draining.records()  # its record is gone once it stopped
+
+
+def test_draining_prefill_serves_its_hold(draining: Deployment, reference: Reference) -> None:
+    prompt = prompt_ids(50, seed=83)
+    want = reference.answer(prompt, SHORT_TOKENS)
+    victim = draining.procs["prefill-h"]
+    with ThreadPoolExecutor(1) as pool:
+        victim.pause()
+        try:
+            future = pool.submit(pinned, draining, prompt, SHORT_TOKENS, "decode-t", "prefill-h")
+            assert wait_until(
+                lambda: draining.worker_metric("decode-t", "fabric_worker_active_requests") == 1,
+                DRAIN_SEEN_S,
+            ), draining.logs()
+            victim.popen.send_signal(signal.SIGTERM)  # pending until it runs again
+        finally:
+            victim.resume()
+        answer = future.result(timeout=REQUEST_S)
+    assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
+    assert "draining" in victim.log_tail(200) and "drained" in victim.log_tail(200)
+    assert answer.same_output(want)
+    assert answer.fabric["prefill_worker"] == "prefill-h"
+    assert answer.fabric["kv_trace"]["fallback"] == ""
+    assert segments(answer.fabric) == [("prefill", 0, 50, "prefill-h")]
+    draining.assert_no_blocks_in_use()
+
+
+def test_drain_past_its_deadline_ends_requests_with_an_error(draining: Deployment) -> None:
+    """Last: it stops ``decode-t``."""
+    waiting = draining.procs["prefill-s"]
+    victim = draining.procs["decode-t"]
+    prompt = prompt_ids(30, seed=84)
+    with ThreadPoolExecutor(1) as pool:
+        waiting.pause()
+        try:
+            future = pool.submit(pinned, draining, prompt, SHORT_TOKENS, "decode-t", "prefill-s")
+            assert wait_until(
+                lambda: draining.worker_metric("decode-t", "fabric_worker_active_requests") == 1,
+                DRAIN_SEEN_S,
+            ), draining.logs()
+            victim.popen.send_signal(signal.SIGTERM)
+            with pytest.raises(openai.APIStatusError) as failed:
+                future.result(timeout=REQUEST_S)
+            assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
+        finally:
+            waiting.resume()
+    assert failed.value.status_code in (500, 503), failed.value
+    assert "drain not done within 1.0 s" in victim.log_tail(200)
