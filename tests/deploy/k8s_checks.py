@@ -598,6 +598,28 @@ def resource_problems(manifests: list[Manifest]) -> Problems:
     return problems
 
 
+WORKER_SHUTDOWN_S = 20.0
+"""A worker's stop after its drain: the record's close and the scheduler's, 10 s bounds each."""
+
+
+def termination_problems(manifests: list[Manifest]) -> Problems:
+    """Every worker's drain (``--drain-timeout``, else the default) and its shutdown fit in its
+    pod's termination grace period: past the grace the kubelet SIGKILLs, failing what drained."""
+    problems: Problems = []
+    for process in fabric_processes(manifests):
+        if process.role not in WORKER_ROLES:
+            continue
+        drain = process.args.drain_timeout_s
+        drain_s = ServeConfig.model_fields["drain_timeout_s"].default if drain is None else drain
+        grace = process.container.pod["spec"].get("terminationGracePeriodSeconds", 30)
+        if drain_s + WORKER_SHUTDOWN_S > grace:
+            problems.append(
+                f"{process.container.name}: --drain-timeout {drain_s:g} s + "
+                f"{WORKER_SHUTDOWN_S:g} s of shutdown exceed terminationGracePeriodSeconds {grace}"
+            )
+    return problems
+
+
 CHECKS: dict[str, Callable[[list[Manifest]], Problems]] = {
     "schema": schema_problems,
     "commands": command_problems,
@@ -607,4 +629,5 @@ CHECKS: dict[str, Callable[[list[Manifest]], Problems]] = {
     "environment": env_problems,
     "consistency": consistency_problems,
     "resources": resource_problems,
+    "termination": termination_problems,
 }

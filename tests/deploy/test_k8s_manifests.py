@@ -289,6 +289,11 @@ BREAKAGES: dict[str, tuple[str, Breakage, str]] = {  # id: (check, breakage, tex
         worker(lambda c: c["resources"].pop("limits")),
         "memory limit",
     ),
+    "drain past the grace period": (
+        "termination",
+        set_arg("Deployment", "decode", "--drain-timeout", "50"),
+        "exceed terminationGracePeriodSeconds",
+    ),
 }
 
 
