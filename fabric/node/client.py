@@ -14,12 +14,15 @@ Invariants:
   (``IncompatiblePeer``), and the client refuses a segment whose layout facts differ from its
   own (``LayoutMismatch``, naming the fields).
 * A result is reported only when the service confirmed it: a store counts blocks whose commit
-  was acknowledged; a load counts blocks whose pin was still live when it was released (so no
-  writer could have reused those slots while they were copied). Anything else raises a
+  was acknowledged; a load counts blocks whose pin was live until its copy ended (so no writer
+  could have reused those slots meanwhile): by this process's clock when the copy ended before
+  the pin's lease time from the lookup's send (the unpin then goes one-way, its answer
+  discarded), else by the service's answer to the unpin. Anything else raises a
   ``FabricError`` (``TransferError`` with the reason), after aborting the reservation or
   releasing the pin it held, best effort (the lease's deadline covers a service that is gone).
-* A writer never copies into slots whose lease already ended by its own clock: the local
-  deadline is taken before the request is sent, so it is never later than the service's.
+* A writer never copies into slots whose lease already ended by its own clock, and a reader
+  trusts its own clock only as far as the lease goes: the local deadline is taken before the
+  request is sent, so it is never later than the service's (one host, one monotonic clock).
 
 Threads: like its ``SignalClient``, a client belongs to one thread.
 """
@@ -171,6 +174,7 @@ class NodeCacheClient:
         first ``n`` of them receive the prefix; returns ``n``. Raises as ``load``."""
         if not sequence_hashes:
             return 0
+        sent_at = time.monotonic()  # the pin runs from no earlier than this
         pinned = self.lookup(sequence_hashes)
         if pinned.lease_id is None:
             return 0
@@ -182,6 +186,11 @@ class NodeCacheClient:
         except BaseException:
             self._release_quietly(pinned.lease_id)
             raise
+        if time.monotonic() < sent_at + pinned.lease_ms / 1000:
+            # The pin outlived the copy (the service's deadline is no earlier than ours): the
+            # bytes are good whatever the unpin meets, so it goes one-way (no round trip).
+            self._signal.send(NodeRelease(self._next_id(), pinned.lease_id))
+            return num_blocks
         try:
             self.release(pinned.lease_id)
         except FabricError as exc:
@@ -243,6 +252,8 @@ class NodeCacheClient:
         return f"{self._signal.identity}-{next(self._ids)}"
 
     def _request(self, message: Message) -> Message:
+        while self._signal.num_pending_pushes:  # answers to one-way unpins: nothing to act on
+            self._signal.receive(0.0)
         return self._signal.request(message)
 
     def _release_quietly(self, lease_id: int) -> None:

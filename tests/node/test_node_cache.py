@@ -254,3 +254,35 @@ def test_a_client_of_a_restarted_service_is_told_to_attach_again_and_its_link_do
     dst = host_storage(layout(SPEC, 2), pin=False)
     assert link.load(hashes(1, 2), dst, lambda n: list(range(n))) == 2 and exact(dst, [1, 2], 2)
     link.close()
+
+
+def test_a_load_unpins_one_way_and_one_that_outlasts_its_pin_is_not_trusted(
+    make_service: Callable[..., NodeCacheService],
+    make_client: Callable[..., NodeCacheClient],
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    from fabric.node import client as client_module
+
+    service = make_service(lease_s=2.0, clock=clock)
+    client = make_client(service)
+    store(client, hashes(1, 2))
+    for _ in range(5):  # the unpins go one-way; their answers never pile up
+        assert load(client, hashes(1, 2)) == (2, True)
+    assert client.stats()["live_pins"] == 0 and client.stats()["unpinned"] == 5
+    assert client._signal.num_pending_pushes <= 1
+
+    now = [100.0]  # this process's clock, moved by the copy below
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    def slow_allocate(num_blocks: int) -> list[int]:
+        clock.now += 3.0  # the copy outlasts the 2 s pin, on both clocks
+        now[0] += 3.0
+        return list(range(num_blocks))
+
+    dst = host_storage(layout(SPEC, 2), pin=False)
+    with pytest.raises(TransferError, match="treat the blocks as not loaded"):
+        client.load_into(hashes(1, 2), dst, slow_allocate)
+    assert client.stats()["expired_pins"] == 1
