@@ -14,6 +14,8 @@ worker):
   equals the reference's and its KV trace has no recompute.
 * ``decode-t`` SIGTERMed while its request waits for the paused ``prefill-s``: the drain passes
   its one-second deadline, the request ends with an error and the worker exits 0.
+* ``agg-b`` SIGTERMed twice while it streams: the second signal stops it at once (far inside
+  its 30 s drain), the stream ends with an error, and it exits 0, never -15.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ def test_draining_prefill_serves_its_hold(draining: Deployment, reference: Refer
 
 
 def test_drain_past_its_deadline_ends_requests_with_an_error(draining: Deployment) -> None:
-    """Last: it stops ``decode-t``."""
+    """It stops ``decode-t``."""
     waiting = draining.procs["prefill-s"]
     victim = draining.procs["decode-t"]
     prompt = prompt_ids(30, seed=84)
@@ -222,3 +224,25 @@ def test_drain_past_its_deadline_ends_requests_with_an_error(draining: Deploymen
             waiting.resume()
     assert failed.value.status_code in (500, 503), failed.value
     assert "drain not done within 1.0 s" in victim.log_tail(200)
+
+
+def test_a_second_sigterm_stops_at_once(draining: Deployment) -> None:
+    """Last: it stops ``agg-b``, whose drain (30 s, the default) would outlast ``STOP_S``."""
+    victim = draining.procs["agg-b"]
+    stream = draining.client().completions.create(
+        model=MODEL,
+        prompt=prompt_ids(40, seed=81),
+        max_tokens=LONG_TOKENS,
+        stream=True,
+        extra_body={"fabric": {"worker": "agg-b", "prefill_worker": ""}},
+    )
+    with stream, pytest.raises(openai.APIError):
+        chunks = iter(stream)
+        next(chunks)  # the request runs on agg-b now
+        victim.popen.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: draining.records()["agg-b"].draining, DRAIN_SEEN_S)
+        victim.popen.send_signal(signal.SIGTERM)
+        for _ in chunks:
+            pass
+    assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
+    assert "SIGTERM received: stopping" in victim.log_tail(200)
