@@ -8,9 +8,10 @@ answers each ``GenerateRequest`` from its own thread with one ``TokenChunk`` per
 ``ANSWER`` plus EOS (finish "stop"), or the first ``max_tokens`` of them (finish "length"), and
 records every request and ``Abort``. Knobs: ``fail_with`` (an error chunk), ``silent`` (never
 answers), ``token_delay_s`` (before each chunk), ``gate`` (cleared: requests wait for it before
-their first chunk). ``max_active`` is the most requests it ever held at once (from receipt to
-just before its final chunk is sent, so a frontend never sees a request end before it is
-uncounted). With ``events=True`` it also owns a real
+their first chunk), ``refuse_with`` (``ErrorReply`` ``UNAVAILABLE``: a draining worker's
+refusal), ``drain()`` (its record marked ``draining``). ``max_active`` is the most requests it
+ever held at once (from receipt to just before its final chunk is sent, so a frontend never sees
+a request end before it is uncounted). With ``events=True`` it also owns a real
 ``ZmqEventPublisher`` (with replay) and registers its ``events`` endpoints, so a test can publish
 the KV events a real decode or aggregated worker would.
 """
@@ -32,8 +33,9 @@ from fabric.frontend.generation import Frontend
 from fabric.frontend.server import BackgroundServer
 from fabric.frontend.tokenizer import TextCodec
 from fabric.kvbm import ZmqEventPublisher
+from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
-from fabric.signal.messages import Abort, GenerateRequest, Message, TokenChunk
+from fabric.signal.messages import Abort, ErrorReply, GenerateRequest, Message, TokenChunk
 from fabric.signal.server import SignalServer
 
 COMPAT = 0xFAB0C0DE
@@ -110,6 +112,7 @@ class FakeWorker:
         self.requests: queue.Queue[GenerateRequest] = queue.Queue()
         self.aborts: queue.Queue[Abort] = queue.Queue()
         self.fail_with: str | None = None
+        self.refuse_with: str | None = None  # answer GenerateRequests UNAVAILABLE (draining)
         self.silent = False
         self.token_delay_s = 0.0
         self.gate = threading.Event()
@@ -134,6 +137,10 @@ class FakeWorker:
             )
         self._registration = register(registry, worker_id, role, endpoints, model=model)
 
+    def drain(self) -> None:
+        """Mark the record draining, as a worker does on its first SIGTERM."""
+        self._registration.drain()
+
     def close(self) -> None:
         """Leave the registry (the record disappears at once) and stop serving; idempotent."""
         self._registration.close()
@@ -150,6 +157,8 @@ class FakeWorker:
     def _handle(self, message: Message, peer: PeerId) -> Message | None:
         if isinstance(message, GenerateRequest):
             self.requests.put(message)
+            if self.refuse_with is not None:
+                return ErrorReply(message.request_id, ErrorCode.UNAVAILABLE, self.refuse_with)
             threading.Thread(target=self._generate, args=(message, peer), daemon=True).start()
         elif isinstance(message, Abort):
             self._aborted.add(message.request_id)
