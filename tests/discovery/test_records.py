@@ -130,6 +130,7 @@ def _parts(cls: type, *, min_text: int = 0) -> st.SearchStrategy[typing.Any]:
         compat_hash=st.integers(0, 2**64 - 1),
         started_at=st.floats(0, 4e9),
         leaving=st.booleans(),
+        draining=st.booleans(),
     )
 )
 def test_worker_record_round_trip_property(record: WorkerRecord) -> None:
@@ -142,6 +143,14 @@ def test_leaving_is_written_only_when_true() -> None:
     leaving = dataclasses.replace(record, leaving=True)
     assert json.loads(leaving.to_bytes())["leaving"] is True
     assert WorkerRecord.from_bytes(leaving.to_bytes(), key=KEY) == leaving
+
+
+def test_draining_is_written_only_when_true_and_older_records_lack_it() -> None:
+    record = WorkerRecord.from_bytes(OLD_FABRIC_RECORD, key=KEY)
+    assert not record.draining and "draining" not in json.loads(record.to_bytes())
+    draining = dataclasses.replace(record, draining=True)
+    assert json.loads(draining.to_bytes())["draining"] is True
+    assert WorkerRecord.from_bytes(draining.to_bytes(), key=KEY) == draining
 
 
 def test_a_vllm_layout_names_its_engine_on_the_wire() -> None:

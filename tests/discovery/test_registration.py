@@ -4,6 +4,7 @@ directory's grace before a LEFT: ``test_directory_grace``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -94,6 +95,32 @@ def test_a_deleted_record_is_back_within_one_keepalive(
     warnings = [m for m in messages(caplog, logging.WARNING) if "undeletable" in m]
     assert len(warnings) == 1 and "deleted while its lease lives" in warnings[0]
     assert any("restored" in m and "re-put" in m for m in messages(caplog, logging.INFO))
+
+
+def test_a_draining_record_stays_live_and_keeps_its_mark(
+    registry: Registry, namespace: str, wait_until
+) -> None:
+    record = record_of("drainer", Role.DECODE)
+    key = record.key(namespace)
+    events: list[tuple[WorkerEventKind, bool]] = []
+    with (
+        WorkerRegistration(registry, record, ttl_s=TTL_S, namespace=namespace) as registration,
+        WorkerDirectory(
+            registry,
+            namespace=namespace,
+            on_change=lambda e: events.append((e.kind, e.record.draining)),
+        ) as directory,
+    ):
+        assert directory.wait_for(lambda w: "drainer" in w, BOUND_S)
+        registration.drain()
+        registration.drain()  # idempotent: one update
+        assert directory.wait_for(lambda w: w["drainer"].draining, BOUND_S)
+        assert registration.registered  # still registered: it serves what it holds
+        assert registry.delete(key)  # a re-put after a loss keeps the mark
+        assert wait_until(lambda: registry.get(key) == registration.record.to_bytes(), BOUND_S)
+        assert registration.record == dataclasses.replace(record, draining=True)
+    assert registry.get(key) is None
+    assert events[:2] == [(WorkerEventKind.JOINED, False), (WorkerEventKind.UPDATED, True)]
 
 
 def test_registration_lifecycle_misuse_raises(registry: Registry, namespace: str) -> None:
