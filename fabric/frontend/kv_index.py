@@ -365,7 +365,7 @@ class KvPrefixIndex:
         states = self._states
         masks = states.masks
         keys = _distinct(hashes)
-        positions = self._table.find(keys)
+        positions, ends = self._table.find_or_end(keys)
         found = positions >= 0
         gained = 0
         if found.any():
@@ -390,7 +390,7 @@ class KvPrefixIndex:
         if missing.size:
             new = states.intern(bit)
             states.move(None, new, missing.size)
-            self._table.insert(missing, new)
+            self._table.insert(missing, new, ends[~found])
             self._logs[slot].frombytes(missing.tobytes())
             gained += missing.size
         self._num_blocks[slot] += gained
