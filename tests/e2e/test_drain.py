@@ -5,10 +5,11 @@ One deployment for the module, in its own namespace: ``agg-a`` and ``agg-b`` (ag
 frontend. Requests are pinned where the route matters. In order (each test SIGTERMs its own
 worker):
 
-* ``agg-a`` SIGTERMed while it streams a long generation: the stream ends with the full
-  output the aggregated reference gives, a request sent meanwhile is served by another worker,
-  ``agg-a`` refuses a ``GenerateRequest`` sent straight to it (``UNAVAILABLE``), the frontend
-  shows it draining, and it exits 0.
+* ``agg-a`` SIGTERMed while it streams a long generation and holds a request waiting for the
+  paused ``prefill-s`` (which keeps the drain open until the test resumes it): both end with
+  the output the aggregated reference gives, a request sent meanwhile is served by another
+  worker, ``agg-a`` refuses a ``GenerateRequest`` sent straight to it (``UNAVAILABLE``), the
+  frontend shows it draining, and it exits 0.
 * ``prefill-h`` SIGTERMed while a decode's ``PrefillRequest`` waits for it (it is paused, then
   resumed): it computes, holds until ``decode-t`` has read the blocks, and exits 0; the answer
   equals the reference's and its KV trace has no recompute.
@@ -134,43 +135,60 @@ def test_drained_stream_completes_and_new_requests_go_elsewhere(
     prompt = prompt_ids(40, seed=81)
     want = reference.answer(prompt, LONG_TOKENS)
     assert want.completion_tokens > LONG_TOKENS // 2, "a long generation (EOS came early)"
+    held_prompt = prompt_ids(50, seed=85)
+    held_want = reference.answer(held_prompt, SHORT_TOKENS)
     other_prompt = prompt_ids(30, seed=82)
     other_want = reference.answer(other_prompt, SHORT_TOKENS)
-    victim = draining.procs["agg-a"]
-    stream = draining.client().completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=LONG_TOKENS,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"fabric": {"worker": "agg-a", "prefill_worker": ""}},
-    )
+    victim, waiting = draining.procs["agg-a"], draining.procs["prefill-s"]
     pieces: list[str] = []
     finish, num_tokens = None, -1
-    with stream:
-        chunks = iter(stream)
-        first = next(chunks)  # the request runs on agg-a now
-        pieces.extend(choice.text for choice in first.choices)
-        victim.popen.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: draining.records()["agg-a"].draining, DRAIN_SEEN_S), (
-            draining.logs()
-        )
-        assert wait_until(lambda: cluster_state(draining, "agg-a") == "draining", DRAIN_SEEN_S)
-        other = complete(draining.client(), other_prompt, SHORT_TOKENS)
-        reply = refusal(draining, "agg-a")
-        still_draining = victim.alive and "agg-a" in draining.records()
-        for chunk in chunks:
-            pieces.extend(choice.text for choice in chunk.choices)
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
-            if chunk.usage is not None:
-                num_tokens = chunk.usage.completion_tokens
+    with ThreadPoolExecutor(1) as pool:
+        waiting.pause()  # agg-a's request reading from prefill-s keeps the drain open
+        try:
+            held = pool.submit(pinned, draining, held_prompt, SHORT_TOKENS, "agg-a", "prefill-s")
+            assert wait_until(
+                lambda: draining.worker_metric("agg-a", "fabric_worker_active_requests") == 1,
+                DRAIN_SEEN_S,
+            ), draining.logs()
+            stream = draining.client().completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=LONG_TOKENS,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"fabric": {"worker": "agg-a", "prefill_worker": ""}},
+            )
+            with stream:
+                chunks = iter(stream)
+                first = next(chunks)  # the request runs on agg-a now
+                pieces.extend(choice.text for choice in first.choices)
+                victim.popen.send_signal(signal.SIGTERM)
+                assert wait_until(lambda: draining.records()["agg-a"].draining, DRAIN_SEEN_S), (
+                    draining.logs()
+                )
+                assert wait_until(
+                    lambda: cluster_state(draining, "agg-a") == "draining", DRAIN_SEEN_S
+                )
+                other = complete(draining.client(), other_prompt, SHORT_TOKENS)
+                reply = refusal(draining, "agg-a")
+                for chunk in chunks:
+                    pieces.extend(choice.text for choice in chunk.choices)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finish = chunk.choices[0].finish_reason
+                    if chunk.usage is not None:
+                        num_tokens = chunk.usage.completion_tokens
+            assert victim.alive  # still draining: the held request is not done
+        finally:
+            waiting.resume()
+        held_answer = held.result(timeout=REQUEST_S)
     assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
-    assert still_draining, "the stream ended before the other request: make LONG_TOKENS larger"
     assert ("".join(pieces), finish, num_tokens) == (
         want.text,
         want.finish_reason,
         want.completion_tokens,
+    )
+    assert (
+        held_answer.same_output(held_want) and held_answer.fabric["prefill_worker"] == "prefill-s"
     )
     assert other.fabric["worker"] != "agg-a" and other.same_output(other_want)
     assert reply is not None and reply.code is ErrorCode.UNAVAILABLE, reply
