@@ -16,7 +16,8 @@ Output: ``rows``, one per (fleet size, stage, prompt length), with ``workers``, 
 stored and removed events, per second, until every subscriber applied them), ``bytes_per_block``
 (the measured process's resident growth since its subscribers were synced, over
 ``cached_blocks``), ``route_ms_p50``, ``route_ms_p99`` (one decision, prompt hashing included,
-ingest idle); ``hash_ms_p50`` (hashing a whole prompt, per fleet size and prompt length),
+ingest idle); ``hash_ms_p50`` (hashing a whole prompt as the router does,
+``sequence_hash_chunks``, per fleet size and prompt length),
 ``checks`` (routes, and how many picked the longest prefix's holder as KV provider), ``goals``
 and the parameters. ``--quick``: a small run for tests (seconds).
 """
