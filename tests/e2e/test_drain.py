@@ -10,9 +10,9 @@ worker):
   the output the aggregated reference gives, a request sent meanwhile is served by another
   worker, ``agg-a`` refuses a ``GenerateRequest`` sent straight to it (``UNAVAILABLE``), the
   frontend shows it draining, and it exits 0.
-* ``prefill-h`` SIGTERMed while a decode's ``PrefillRequest`` waits for it (it is paused, then
-  resumed): it computes, holds until ``decode-t`` has read the blocks, and exits 0; the answer
-  equals the reference's and its KV trace has no recompute.
+* ``prefill-h`` SIGTERMed right after its prefill, while ``decode-t`` is paused before reading:
+  it holds until ``decode-t`` has read the blocks, and exits 0; the answer equals the
+  reference's and its KV trace has no recompute.
 * ``decode-t`` SIGTERMed while its request waits for the paused ``prefill-s``: the drain passes
   its one-second deadline, the request ends with an error and the worker exits 0.
 * ``agg-b`` SIGTERMed twice while it streams: the second signal stops it at once (far inside
@@ -74,8 +74,12 @@ def draining(
         deployment.spawn_worker("aggregated", "agg-b")
         deployment.spawn_worker("prefill", "prefill-h")
         deployment.spawn_worker("prefill", "prefill-s")
-        deployment.spawn_worker(
-            "decode", "decode-t", "--drain-timeout=1", "--prefill-fallback=recompute"
+        deployment.spawn_worker(  # a lease that outlives its pause in the prefill test
+            "decode",
+            "decode-t",
+            "--drain-timeout=1",
+            "--prefill-fallback=recompute",
+            "--registration-ttl=15",
         )
         deployment.wait_workers(aggregated=2, prefill=2, decode=1)
         yield deployment
@@ -197,9 +201,18 @@ def test_drained_stream_completes_and_new_requests_go_elsewhere(
 
 
 def test_draining_prefill_serves_its_hold(draining: Deployment, reference: Reference) -> None:
+    """SIGTERM lands on ``prefill-h`` right after its prefill, while ``decode-t`` (paused) has
+    not read the blocks yet; the hold is served once the decode runs again."""
     prompt = prompt_ids(50, seed=83)
     want = reference.answer(prompt, SHORT_TOKENS)
-    victim = draining.procs["prefill-h"]
+    victim, decode = draining.procs["prefill-h"], draining.procs["decode-t"]
+
+    def held() -> float:
+        return draining.worker_metric("prefill-h", "fabric_worker_held_handoffs", 0.0)
+
+    # Connects decode-t to prefill-h: a link's handshake needs both sides running, and with it
+    # done a PrefillRequest reaches the paused prefill worker's socket as soon as it is sent.
+    pinned(draining, prompt_ids(20, seed=86), SHORT_TOKENS, "decode-t", "prefill-h")
     with ThreadPoolExecutor(1) as pool:
         victim.pause()
         try:
@@ -207,13 +220,19 @@ def test_draining_prefill_serves_its_hold(draining: Deployment, reference: Refer
             assert wait_until(
                 lambda: draining.worker_metric("decode-t", "fabric_worker_active_requests") == 1,
                 DRAIN_SEEN_S,
-            ), draining.logs()
-            victim.popen.send_signal(signal.SIGTERM)  # pending until it runs again
+            ), draining.logs()  # its PrefillRequest waits for the paused prefill worker
+            decode.pause()
+            victim.resume()
+            assert wait_until(lambda: held() == 1, DRAIN_SEEN_S), draining.logs()  # prefilled
+            victim.popen.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: draining.records()["prefill-h"].draining, DRAIN_SEEN_S)
+            assert victim.alive and held() == 1  # draining, holding for the paused decode
         finally:
             victim.resume()
+            decode.resume()
         answer = future.result(timeout=REQUEST_S)
     assert victim.popen.wait(timeout=STOP_S) == 0, victim.log_tail()
-    assert "draining" in victim.log_tail(200) and "drained" in victim.log_tail(200)
+    assert "drained" in victim.log_tail(200)
     assert answer.same_output(want)
     assert answer.fabric["prefill_worker"] == "prefill-h"
     assert answer.fabric["kv_trace"]["fallback"] == ""
