@@ -104,7 +104,6 @@ class NodeLink:
         self._retry_s, self._max_retry_s = retry_s, max_retry_s
         self._clock = clock
         self._client: NodeCacheClient | None = None
-        self._endpoint: str | None = None
         self._next_attempt = 0.0
         self._backoff = retry_s
         self._closed = False
@@ -113,11 +112,6 @@ class NodeLink:
     @property
     def attached(self) -> bool:
         return self._client is not None
-
-    @property
-    def endpoint(self) -> str | None:
-        """The endpoint of the node cache this link is attached to (None: detached)."""
-        return self._endpoint if self._client is not None else None
 
     def store(
         self,
@@ -152,17 +146,6 @@ class NodeLink:
             self._lost(f"a load failed: {exc}")
             return 0
 
-    def stats(self) -> dict[str, int] | None:
-        """The node cache's counters (None: detached or unreachable)."""
-        client = self._attach()
-        if client is None:
-            return None
-        try:
-            return client.stats()
-        except FabricError as exc:
-            self._lost(f"a stats request failed: {exc}")
-            return None
-
     def close(self) -> None:
         """Detach (the node keeps every committed block). Idempotent."""
         self._closed = True
@@ -196,7 +179,6 @@ class NodeLink:
                 logger.warning("node cache at %s: cannot attach (%s); retrying", endpoint, exc)
             self._retry_later(now)
             return None
-        self._endpoint = endpoint
         self._backoff = self._retry_s
         self.num_attaches += 1
         logger.info("node tier attached: node cache at %s", endpoint)
