@@ -7,7 +7,7 @@
 - **ready**: live, and the worker's record is registered in etcd: the point from which
   frontends and peers route to it (``build_worker`` registers last). False again while the
   registration is lost (etcd unreachable past the lease) and from the first step of shutdown
-  (``WorkerRuntime.close`` revokes the record first).
+  (``WorkerRuntime.drain`` marks the record draining, ``WorkerRuntime.close`` revokes it).
 
 ``with_health(app, health)`` wraps the Prometheus WSGI app: ``GET /health/live`` and
 ``GET /health/ready`` answer 200 or 503 with a one-line JSON body (``{"live": ..., "ready":
