@@ -65,8 +65,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fabric.bench.prefix import seeded_tokens, stat_p50, wait_for_store
 from fabric.errors import FabricError
 from fabric.frontend.client import served_model, stream_completion
 from fabric.launch import (
@@ -87,9 +86,7 @@ from fabric.supervise import (
 
 STARTUP_S = 240.0
 REQUEST_TIMEOUT_S = 600.0
-STORE_WAIT_S = 60.0
 BLOCK_SIZE = 16
-FIRST_TOKEN_ID = 2
 NODE_GB = 0.5
 GOALS = {"node_vs_own_host_max": 1.1, "node_speedup_min": 35.0, "node_read_vs_memcpy_min": 0.9}
 WORKER_STATS = ("ttft_ms", "queue_ms", "prefill_ms", "kv_transfer_ms")
@@ -253,8 +250,8 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
 def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
     """First-call costs on a prompt nothing else uses: A computes it, B attaches to the node
     and loads it, C reads it over NIXL, D computes its own."""
-    shared = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
-    own = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "D"))
+    shared = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
+    own = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "D"))
     for worker, prompt, local in (
         ("A", shared, True),
         ("B", shared, True),
@@ -274,14 +271,14 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
     vocab = deployment.vocab
-    turn = _tokens(vocab, args.turn_tokens, ("turn", r))
-    prompts = {c: _tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
+    turn = seeded_tokens(vocab, args.turn_tokens, ("turn", r))
+    prompts = {c: seeded_tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
     results = []
     for step in ROUND:
         check_alive(deployment.children)
         if step.kind is Kind.G4_HIT:
             expected = (r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
-            _wait_for_store(deployment.run_dir / "g4", expected)
+            wait_for_store(deployment.run_dir / "g4", expected)
         routing = {"worker": step.worker, **({"prefill_worker": ""} if step.local else {})}
         got = stream_completion(
             deployment.url,
@@ -298,23 +295,6 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
         )
         results.append(result)
     return results
-
-
-def _wait_for_store(store_dir: Path, expected: int) -> None:
-    """Until G4 holds ``expected`` block files (A's write-through is asynchronous)."""
-    deadline = time.monotonic() + STORE_WAIT_S
-    while sum(1 for _ in store_dir.rglob("*.kvb")) < expected:
-        if time.monotonic() > deadline:
-            raise FabricError(
-                f"G4 in {store_dir} holds fewer than {expected} blocks after "
-                f"{STORE_WAIT_S:.0f} s: the write-through stalled (see the logs)"
-            )
-        time.sleep(0.05)
-
-
-def _tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
-    rng = np.random.default_rng([num_tokens, *(ord(c) for c in str(key))])
-    return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
 
 
 # -- P/D read rates --------------------------------------------------------------------------------
@@ -519,7 +499,8 @@ def _report(
         },
         "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
         "worker_ms_p50": {  # as the serving worker measured them (``fabric`` field)
-            k.value: {name: _stat_p50(by_kind[k], name) for name in WORKER_STATS} for k in Kind
+            k.value: {name: stat_p50((m.fabric for m in by_kind[k]), name) for name in WORKER_STATS}
+            for k in Kind
         },
         "reads": {k: v for k, v in reads.items() if k != "gbps"},
         "params": {
@@ -541,11 +522,6 @@ def _report(
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
-
-
-def _stat_p50(measured: list[Measured], name: str) -> float | None:
-    values = [float(m.fabric[name]) for m in measured if name in m.fabric]
-    return round(statistics.median(values), 3) if values else None
 
 
 def _log(message: str) -> None:

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -259,8 +260,8 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
 def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
     """First-call costs out of the way, on prompts nothing else uses: A computes one, C reads
     it from A (the NIXL connection between them), B computes its own."""
-    shared = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
-    own = _tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
+    shared = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
+    own = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
     for worker, prompt in (("A", shared), ("C", shared), ("B", own)):
         stream_completion(
             deployment.url,
@@ -274,13 +275,13 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
     vocab = deployment.vocab
-    turn = _tokens(vocab, args.turn_tokens, ("turn", r))
-    prompts = {c: _tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
+    turn = seeded_tokens(vocab, args.turn_tokens, ("turn", r))
+    prompts = {c: seeded_tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
     results = []
     for step in ROUND:
         check_alive(deployment.children)
         if step.kind is Kind.DISK_HIT:
-            _wait_for_store(
+            wait_for_store(
                 deployment.store_dir, expected=(r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
             )
         routing: dict[str, Any] = {"worker": step.worker}
@@ -317,13 +318,13 @@ class Turn:
 
 def _conversations(deployment: Deployment, args: argparse.Namespace) -> list[Turn]:
     """The multi-turn phase (module docstring); the router chooses every KV source."""
-    system = _tokens(deployment.vocab, args.prefix_tokens // 2, ("system", 0))
+    system = seeded_tokens(deployment.vocab, args.prefix_tokens // 2, ("system", 0))
     earlier: list[list[int]] = []
     turns = []
     for c in range(args.conversations):
         history = list(system)
         for k in range(args.turns):
-            history += _tokens(deployment.vocab, args.turn_tokens, ("user", c * 1000 + k))
+            history += seeded_tokens(deployment.vocab, args.turn_tokens, ("user", c * 1000 + k))
             worker = "AB"[(c + k) % 2]
             check_alive(deployment.children)
             got = stream_completion(
@@ -356,8 +357,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def _wait_for_store(store_dir: Path, expected: int) -> None:
-    """Until G4 holds ``expected`` block files (A's write-through is asynchronous)."""
+def wait_for_store(store_dir: Path, expected: int) -> None:
+    """Until G4 holds ``expected`` block files (write-through to G4 is asynchronous); shared
+    with the node-cache benchmark."""
     deadline = time.monotonic() + STORE_WAIT_S
     while sum(1 for _ in store_dir.rglob("*.kvb")) < expected:
         if time.monotonic() > deadline:
@@ -368,7 +370,8 @@ def _wait_for_store(store_dir: Path, expected: int) -> None:
         time.sleep(0.05)
 
 
-def _tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
+def seeded_tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
+    """``num_tokens`` token ids drawn from a seed made of ``key`` (the same key, the same ids)."""
     seed = [num_tokens, *(ord(c) for c in str(key))]
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
@@ -423,8 +426,12 @@ def _report(
             for k in Kind
         },
         "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
-        "prefill_ms_p50": {k.value: _stat_p50(by_kind[k], "prefill_ms") for k in Kind},
-        "kv_transfer_ms_p50": {k.value: _stat_p50(by_kind[k], "kv_transfer_ms") for k in Kind},
+        "prefill_ms_p50": {
+            k.value: stat_p50((m.fabric for m in by_kind[k]), "prefill_ms") for k in Kind
+        },
+        "kv_transfer_ms_p50": {
+            k.value: stat_p50((m.fabric for m in by_kind[k]), "kv_transfer_ms") for k in Kind
+        },
         "goals": {k: {"min_speedup": g, "met": speedups[k] >= g} for k, g in GOALS.items()},
         "outputs_equal": equal,
         "params": {
@@ -448,9 +455,9 @@ def _report(
     }
 
 
-def _stat_p50(measured: list[Measured], name: str) -> float | None:
-    """The p50 of a worker-reported figure (``fabric`` field) over ``measured``."""
-    values = [float(m.fabric[name]) for m in measured if name in m.fabric]
+def stat_p50(fabrics: Iterable[dict[str, Any]], name: str) -> float | None:
+    """The p50 of a worker-reported figure over responses' ``fabric`` fields (None: absent)."""
+    values = [float(fabric[name]) for fabric in fabrics if name in fabric]
     return round(statistics.median(values), 3) if values else None
 
 
