@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator
 
 from frontend_fakes import BLOCK_SIZE, COMPAT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
@@ -12,6 +14,7 @@ from fabric.frontend.kv_index import HashChunk, HeldPrefixes, KvPrefixIndex
 from fabric.frontend.policy import (
     HASH_CHUNK_BLOCKS,
     HASH_CHUNK_GROWTH,
+    ROUTABLE_TIERS,
     Prefix,
     Route,
     RouteKind,
@@ -20,6 +23,7 @@ from fabric.frontend.policy import (
     choose_source,
     make_route,
 )
+from fabric.frontend.router import _source_candidates as source_candidates
 from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
 
 PROMPT = list(range(100, 100 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
@@ -272,3 +276,46 @@ def test_a_prompt_is_hashed_only_a_chunk_past_its_longest_cached_prefix() -> Non
     index.apply("a", [stored(hashes[:20])])
     assert cached_prefixes([record("a", Role.AGGREGATED)], tokens, index) == {"a": Prefix(20, 1000)}
     assert index.read == [HASH_CHUNK_BLOCKS, HASH_CHUNK_BLOCKS * HASH_CHUNK_GROWTH]
+
+
+# The lazy prefix map against plain dicts
+# ---------------------------------------------------------------------------------------------
+
+holdings = st.lists(
+    st.tuples(st.integers(0, 7), st.integers(0, 4), st.sampled_from([Tier.DEVICE, Tier.DISK])),
+    max_size=12,
+)
+roles = st.lists(st.sampled_from(list(Role)[:3]), min_size=8, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(holdings, roles, st.lists(st.integers(0, 2), min_size=8, max_size=8))
+def test_choices_over_the_lazy_prefixes_equal_those_over_a_dict(
+    held: list[tuple[int, int, Tier]], worker_roles: list[Role], loads: list[int]
+) -> None:
+    """``Prefixes`` (read on demand, the router's O(holders) passes) and the same prefixes as a
+    plain dict (the straightforward passes over every worker) give the same route."""
+    workers = [record(f"w{i}", role) for i, role in enumerate(worker_roles)]
+    workers.append(record("other-geometry", Role.AGGREGATED, block_size=2 * BLOCK_SIZE))
+    index = KvPrefixIndex()
+    for w, length, tier in held:
+        if length:
+            index.apply(f"w{w}", [stored(HASHES[:length], tier)])
+    load = {f"w{i}": n for i, n in enumerate(loads)}
+    lazy = cached_prefixes(workers, PROMPT, index)
+    plain = dict(lazy)
+    assert plain == {
+        w.worker_id: Prefix(
+            index.match_lengths(HASHES, [w.worker_id], ROUTABLE_TIERS)[w.worker_id], 4
+        )
+        for w in workers[:-1]
+    } | {"other-geometry": Prefix(0, 2)}
+    pool = [w for w in workers if w.role is not Role.PREFILL]
+    if not pool:
+        return
+    serving = choose_serving(pool, load, lazy)
+    assert serving is not None
+    assert serving == choose_serving(pool, load, plain)
+    by_id = {w.worker_id: w for w in workers}
+    source = choose_source(serving, source_candidates(serving, by_id, lazy), load, lazy)
+    assert source == choose_source(serving, workers, load, plain)
