@@ -147,3 +147,56 @@ def test_the_index_over_thousands_of_hashes_agrees_with_the_reference() -> None:
         assert index.num_blocks(worker) == len(blocks)
     assert index.num_hashes == len({h for blocks in held.values() for h in blocks})
     assert index.num_cached_blocks == sum(len(blocks) for blocks in held.values())
+
+
+index_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["store", "store", "remove", "clear"]),
+        st.sampled_from(["w0", "w1", "w2"]),
+        st.sampled_from([Tier.DEVICE, Tier.HOST]),
+        st.integers(0, 39),
+        st.integers(1, 40),
+    ),
+    max_size=40,
+)
+CHAIN = [SequenceHash(h) for h in range(7, 7 + 40 * 3, 3)]  # keys colliding on purpose below
+
+
+@settings(max_examples=150, deadline=None)
+@given(index_ops)
+def test_the_index_over_a_colliding_table_agrees_with_the_reference(
+    ops: list[tuple[str, str, Tier, int, int]],
+) -> None:
+    """Every key homes to one of three slots: the index's stores, removals and clears still
+    find each entry through long probe runs that wrap around and through tombstones."""
+    index = KvPrefixIndex()
+    index._table = CollidingTable()
+    held: dict[str, dict[int, set[Tier]]] = {w: {} for w in ("w0", "w1", "w2")}
+    for kind, worker, tier, start, length in ops:
+        hashes = tuple(CHAIN[start : start + length])
+        blocks = held[worker]
+        if kind == "store":
+            index.apply(worker, [BlockStored(tier, hashes, None, None, None, 16)])
+            for h in hashes:
+                blocks.setdefault(h, set()).add(tier)
+        elif kind == "remove":
+            index.apply(worker, [BlockRemoved(tier, hashes)])
+            for h in hashes:
+                if h in blocks:
+                    blocks[h].discard(tier)
+                    if not blocks[h]:
+                        del blocks[h]
+        else:
+            index.clear_worker(worker)
+            blocks.clear()
+        for w, expected in held.items():
+            assert index.num_blocks(w) == len(expected)
+            length_held = 0
+            for h in CHAIN:
+                if h not in expected:
+                    break
+                length_held += 1
+            assert index.match_lengths(CHAIN, [w])[w] == length_held
+            for h in CHAIN[::7]:
+                assert index.tiers_of(w, h) == expected.get(h, set())
+    assert index.num_hashes == len({h for blocks in held.values() for h in blocks})
