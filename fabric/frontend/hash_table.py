@@ -38,8 +38,8 @@ TOMBSTONE = 1
 FIRST_VALUE = 2
 """The smallest value a slot can store (0 and 1 mark empty and deleted slots)."""
 MIN_CAPACITY = 1024
-MAX_LOAD = 0.65
-GROW_LOAD = 0.4
+MAX_LOAD = 0.5
+GROW_LOAD = 0.3
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _HIGH = np.uint64(32)
 _SCALAR_BELOW = 32
