@@ -3,13 +3,16 @@ SIGTERM.
 
 Flags override the ``FABRIC_*`` / ``DYN_KVBM_*`` environment (``KvbmConfig``), which overrides the
 defaults, so a node cache started in a deployment's environment shares its workers' block size,
-salt and compat hash. When serving, it prints one JSON line to stdout (``endpoint``, ``segment``,
-``num_blocks``, ``block_bytes``, ``compat_hash``, ``lease_s``) for launchers and tests; it sweeps
-expired leases four times per lease; on SIGINT / SIGTERM it stops serving and unlinks its
-segment. With ``--etcd`` it registers in discovery (role ``node-cache``, id
-``node-cache-<node>``, ``node`` = this host's name: ``node_record``), so workers started with
-``--node-cache etcd`` find it, and the router sees its KV events (published by default on a free
-loopback port, with replay); the record is revoked on the way out.
+salt and compat hash. When serving, it prints one JSON line to stdout (``endpoint``, ``metrics``,
+``segment``, ``num_blocks``, ``block_bytes``, ``compat_hash``, ``lease_s``) for launchers and
+tests; it sweeps expired leases four times per lease; on SIGINT / SIGTERM it stops serving and
+unlinks its segment. It serves its Prometheus metrics (``fabric.node.metrics``) on
+``http://<--metrics-host>:<--metrics-port>/metrics`` (port 0, the default: a free one) with the
+worker's ``MetricsServer``. With ``--etcd`` it registers in discovery (role ``node-cache``, id
+``node-cache-<node>``, ``node`` = this host's name, the metrics URL: ``node_record``), so
+workers started with ``--node-cache etcd`` find it, dashboards and ``fabric status`` scrape it,
+and the router sees its KV events (published by default on a free loopback port, with replay);
+the record is revoked on the way out.
 """
 
 from __future__ import annotations
@@ -85,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "[default tcp://127.0.0.1:0]",
     )
     parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the /metrics HTTP endpoint [default 127.0.0.1]",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="port of the /metrics HTTP endpoint (0: any free one) [default 0]",
+    )
+    parser.add_argument(
         "--etcd",
         metavar="URL",
         help="register in this etcd (role node-cache) so workers with --node-cache etcd find "
@@ -97,7 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fabric.node.config import NodeCacheConfig
+    from fabric.node.metrics import node_cache_registry
     from fabric.node.service import build_node_cache
+    from fabric.signal import metrics as signal_metrics
+    from fabric.worker.metrics import MetricsServer
 
     config = NodeCacheConfig(**_config_fields(args))
     stop = threading.Event()
@@ -110,9 +128,14 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, _stop)
     with ExitStack() as stack:
         service = stack.enter_context(build_node_cache(config))
-        registered = _register(args, service, config, stack)
+        registry = node_cache_registry(service.cache)
+        registry.register(signal_metrics.REGISTRY)  # this process's signal errors
+        metrics = MetricsServer(registry, args.metrics_host, args.metrics_port)
+        stack.callback(metrics.close)
+        registered = _register(args, service, config, stack, metrics=metrics.url)
         ready = {
             "endpoint": service.endpoint,
+            "metrics": metrics.url,
             "segment": service.segment,
             "num_blocks": config.num_blocks,
             "block_bytes": config.block_bytes,
@@ -129,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register(
-    args: argparse.Namespace, service: NodeCacheService, config: NodeCacheConfig, stack: ExitStack
+    args: argparse.Namespace,
+    service: NodeCacheService,
+    config: NodeCacheConfig,
+    stack: ExitStack,
+    *,
+    metrics: str,
 ) -> str | None:
     """Register ``service`` in etcd when ``--etcd`` was given; its worker id (None: not)."""
     if not args.etcd:
@@ -141,7 +169,7 @@ def _register(
 
     registry = EtcdRegistry(args.etcd, timeout_s=2.0)
     stack.callback(registry.close)
-    record = node_record(service, config, model=args.model)
+    record = node_record(service, config, model=args.model, metrics=metrics)
     registration = WorkerRegistration(
         registry, record, ttl_s=args.registration_ttl, namespace=config.namespace
     ).start()

@@ -393,6 +393,7 @@ class NodeCache:
             "unpinned": self.counters.unpinned,
             "expired_pins": self.counters.expired_pins,
             "refused_unattached": self.counters.refused_unattached,
+            "attached_clients": len(self._attached),
         }
 
 

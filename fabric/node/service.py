@@ -98,20 +98,25 @@ def _check_room(num_bytes: int) -> None:
         )
 
 
-def node_record(service: NodeCacheService, config: NodeCacheConfig, *, model: str) -> WorkerRecord:
+def node_record(
+    service: NodeCacheService, config: NodeCacheConfig, *, model: str, metrics: str | None = None
+) -> WorkerRecord:
     """The discovery record of ``service``: role ``NODE_CACHE``, id ``node-cache-<node>``, the
     host's name in ``node`` (workers of the host find it by that), its signal endpoint and KV
-    event stream, the segment's layout facts and the compat hash its blocks are keyed by."""
+    event stream, its ``/metrics`` URL when it serves one (``metrics``: dashboards and
+    ``fabric status`` scrape it), the segment's layout facts and the compat hash its blocks are
+    keyed by."""
     layout = config.layout
     events = service.events
     endpoints = (
         Endpoints(
             signal=service.endpoint,
+            metrics=metrics,
             events=events.endpoint,
             events_replay=events.replay_endpoint,
         )
         if isinstance(events, ZmqEventPublisher)
-        else Endpoints(signal=service.endpoint)
+        else Endpoints(signal=service.endpoint, metrics=metrics)
     )
     return WorkerRecord(
         worker_id=f"node-cache-{config.node}",

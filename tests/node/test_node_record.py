@@ -1,7 +1,7 @@
 """The node cache in discovery: its record (role ``node-cache``, the host's name in ``node``) on
 the wire, the frontend's fleet ignoring it (a node cache is a KV tier, never a worker to route
 to), workers finding it by host (``endpoint_in``), and ``python -m fabric.node --etcd``
-registering in a real etcd and revoking on SIGTERM."""
+registering in a real etcd (with its metrics URL, which answers) and revoking on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from collections.abc import Callable
 
+import httpx
 import pytest
 from node_harness import node_config, read_json, shm_exists, wait_until
 
@@ -19,6 +20,7 @@ from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
 from fabric.discovery.registry import Role, parse_worker_key, workers_prefix
 from fabric.errors import ConfigError, DiscoveryError
+from fabric.frontend.dashboard_cluster import Samples
 from fabric.frontend.fleet import Fleet
 from fabric.kvbm import SequenceHash
 from fabric.node import NodeCacheService
@@ -116,6 +118,9 @@ def test_python_m_fabric_node_registers_in_etcd_and_revokes_on_sigterm(
             assert record.node == "test" and record.endpoints.signal == ready["endpoint"]
             assert record.endpoints.events and record.endpoints.events_replay
             assert record.compat_hash == ready["compat_hash"]
+            assert record.endpoints.metrics == ready["metrics"]  # dashboards scrape it
+            scraped = Samples.parse(httpx.get(ready["metrics"], timeout=10).text)
+            assert scraped.value("fabric_node_cache_blocks_capacity") == 8
             service.terminate()
             assert service.wait(60) == 0
             wait_until(lambda: not registry.get_prefix(prefix), "the record's revocation", 10)
