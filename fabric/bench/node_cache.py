@@ -54,10 +54,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,27 +63,26 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fabric.bench.prefix import seeded_tokens, stat_p50, wait_for_store
+from fabric.bench.deployment import (
+    STARTUP_S,
+    Deployment,
+    apply_quick,
+    kind_figures,
+    machine,
+    make_run_dir,
+    needs_two_cpus,
+    request,
+    seeded_tokens,
+    start_frontend,
+    start_worker,
+    stat_p50,
+    wait_for_store,
+    wait_serving,
+)
 from fabric.errors import FabricError
-from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import (
-    frontend_command,
-    start_node_cache,
-    wait_deployment_ready,
-    worker_command,
-)
-from fabric.supervise import (
-    Child,
-    check_alive,
-    free_port,
-    private_etcd,
-    sigterm_raises,
-    start_process,
-    stop_processes,
-)
+from fabric.launch import start_node_cache
+from fabric.supervise import Child, check_alive, private_etcd, sigterm_raises, stop_processes
 
-STARTUP_S = 240.0
-REQUEST_TIMEOUT_S = 600.0
 BLOCK_SIZE = 16
 NODE_GB = 0.5
 GOALS = {"node_vs_own_host_max": 1.1, "node_speedup_min": 35.0, "node_read_vs_memcpy_min": 0.9}
@@ -121,17 +118,6 @@ ROUND = (
 WORKERS = {"A": "0", "B": "0", "C": "1", "D": "0"}  # instance -> CPU
 
 
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """The running deployment the rounds are sent to."""
-
-    url: str
-    model: str
-    vocab: int
-    run_dir: Path
-    children: list[Child]
-
-
 @dataclass(slots=True)
 class Measured:
     kind: Kind
@@ -161,20 +147,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure TTFT over a deployment, then the read rates; the figures as a dict."""
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    apply_quick(args, QUICK)
     from fabric.models.presets import PRESET_CONFIGS, Preset, ensure_model
 
     if args.preset not in [p.value for p in Preset]:
         raise FabricError(f"--preset {args.preset!r}: choose from {[p.value for p in Preset]}")
     if args.prefix_tokens < BLOCK_SIZE or min(args.turn_tokens, args.rounds, args.read_rounds) < 1:
         raise FabricError("--prefix-tokens >= 16; --turn-tokens, --rounds, --read-rounds >= 1")
-    if (os.cpu_count() or 1) < 2:
-        raise FabricError("this benchmark pins its instances to cores 0 and 1: it needs 2 CPUs")
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-node-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"logs in {run_dir}")
+    needs_two_cpus("instances")
+    run_dir = make_run_dir(args.run_dir, "fabric-bench-node-", _log)
     model_dir = ensure_model(args.preset)
     vocab = PRESET_CONFIGS[Preset(args.preset)].vocab_size
     load_before = os.getloadavg()
@@ -192,7 +173,8 @@ def _ttft(args: argparse.Namespace, run_dir: Path, vocab: int) -> list[Measured]
     with sigterm_raises(), private_etcd(run_dir) as etcd:
         try:
             url = _start(args, etcd, run_dir, children)
-            deployment = Deployment(url, served_model(url), vocab, run_dir, children)
+            model = wait_serving(url, children, len(WORKERS), _log)
+            deployment = Deployment(url, model, vocab, run_dir / "g4", children)
             _warm_up(deployment, args)
             for r in range(args.rounds):
                 measured += _round(deployment, args, r)
@@ -222,29 +204,24 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
     )
     extra = {"A": node + host + g4, "B": node, "C": [], "D": g4}
     for name, cpu in WORKERS.items():
-        cmd = worker_command(
+        start_worker(
+            children,
+            name,
             "aggregated",
             etcd=etcd,
             model=args.preset,
-            worker_id=name,
             namespace=namespace,
             cpus=cpu,
             threads=1,
+            run_dir=run_dir,
+            progress=_log,
             extra=device + extra[name],
+            env=env,
+            name=f"instance-{name}",
         )
-        children.append(start_process(f"instance-{name}", cmd, run_dir, progress=_log, env=env))
-    port = free_port()
-    cmd = frontend_command(
-        etcd=etcd,
-        model=args.preset,
-        port=port,
-        namespace=namespace,
-        extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+    return start_frontend(
+        children, etcd=etcd, model=args.preset, namespace=namespace, run_dir=run_dir, progress=_log
     )
-    children.append(start_process("frontend", cmd, run_dir, progress=_log))
-    url = f"http://127.0.0.1:{port}"
-    wait_deployment_ready(url, children, len(WORKERS), STARTUP_S, progress=_log)
-    return url
 
 
 def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
@@ -259,14 +236,7 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
         ("D", own, True),
     ):
         routing = {"worker": worker, **({"prefill_worker": ""} if local else {})}
-        stream_completion(
-            deployment.url,
-            deployment.model,
-            prompt,
-            args.max_tokens,
-            REQUEST_TIMEOUT_S,
-            fabric=routing,
-        )
+        request(deployment.url, deployment.model, prompt, args.max_tokens, routing)
 
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
@@ -278,15 +248,10 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
         check_alive(deployment.children)
         if step.kind is Kind.G4_HIT:
             expected = (r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
-            wait_for_store(deployment.run_dir / "g4", expected)
+            wait_for_store(deployment.store_dir, expected)
         routing = {"worker": step.worker, **({"prefill_worker": ""} if step.local else {})}
-        got = stream_completion(
-            deployment.url,
-            deployment.model,
-            prompts[step.context],
-            args.max_tokens,
-            REQUEST_TIMEOUT_S,
-            fabric=routing,
+        got = request(
+            deployment.url, deployment.model, prompts[step.context], args.max_tokens, routing
         )
         result = Measured(step.kind, step.context, got.ttft_s * 1e3, got.text, got.fabric)
         _log(
@@ -453,7 +418,8 @@ def _report(
     by_kind: dict[Kind, list[Measured]] = defaultdict(list)
     for m in measured:
         by_kind[m.kind].append(m)
-    ttft = {k.value: round(statistics.median(m.ttft_ms for m in by_kind[k]), 3) for k in Kind}
+    figures = kind_figures({k.value: by_kind[k] for k in Kind})
+    ttft = figures["ttft_ms"]
     # round r's recompute of X+U is the reference of its hits
     per_round = len(ROUND)
     equal = True
@@ -489,15 +455,9 @@ def _report(
                 "met": pd["node"] / pd["memcpy"] >= GOALS["node_read_vs_memcpy_min"],
             },
         },
-        "cached_tokens": {
-            k.value: sorted({int(m.fabric.get("cached_tokens", 0)) for m in by_kind[k]})
-            for k in Kind
-        },
-        "kv_sources": {
-            k.value: sorted({str(m.fabric.get("prefill_worker", "")) for m in by_kind[k]})
-            for k in Kind
-        },
-        "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
+        "cached_tokens": figures["cached_tokens"],
+        "kv_sources": figures["kv_sources"],
+        "ttft_ms_all": figures["ttft_ms_all"],
         "worker_ms_p50": {  # as the serving worker measured them (``fabric`` field)
             k.value: {name: stat_p50((m.fabric for m in by_kind[k]), name) for name in WORKER_STATS}
             for k in Kind
@@ -515,12 +475,7 @@ def _report(
             "instances": {name: f"aggregated@cpu{cpu}x1t" for name, cpu in WORKERS.items()},
             "round": [f"{s.worker}:{s.context}+U:{s.kind.value}" for s in ROUND],
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
     }
 
 

@@ -45,13 +45,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import tempfile
-import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -59,25 +55,26 @@ from typing import Any
 
 import numpy as np
 
+from fabric.bench.deployment import (
+    Deployment,
+    apply_quick,
+    kind_figures,
+    machine,
+    make_run_dir,
+    needs_two_cpus,
+    request,
+    seeded_tokens,
+    start_frontend,
+    start_worker,
+    stat_p50,
+    wait_for_store,
+    wait_serving,
+)
 from fabric.bench.svg_chart import bar_chart
 from fabric.errors import FabricError
-from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
-from fabric.supervise import (
-    Child,
-    check_alive,
-    free_port,
-    private_etcd,
-    sigterm_raises,
-    start_process,
-    stop_processes,
-)
+from fabric.supervise import Child, check_alive, private_etcd, sigterm_raises, stop_processes
 
-STARTUP_S = 240.0
-REQUEST_TIMEOUT_S = 600.0
-STORE_WAIT_S = 60.0
 BLOCK_SIZE = 16
-FIRST_TOKEN_ID = 2
 GOALS = {"host_hit": 30.0, "peer_hit": 30.0, "disk_hit": 20.0}
 QUICK = {
     "preset": "tiny",
@@ -122,17 +119,6 @@ WITH_G4 = ("A", "B")
 """C has no G4: its hits can only come from a peer (B would find A's blocks in G4 itself)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """The running deployment the rounds are sent to."""
-
-    url: str
-    model: str
-    vocab: int
-    store_dir: Path
-    children: list[Child]
-
-
 @dataclass(slots=True)
 class Measured:
     kind: Kind
@@ -172,9 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the deployment, send every round, stop everything; the figures as a dict."""
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    apply_quick(args, QUICK)
     from fabric.models.presets import PRESET_CONFIGS, Preset, ensure_model
 
     if args.preset not in [p.value for p in Preset]:
@@ -183,11 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FabricError("--prefix-tokens >= 16, --turn-tokens >= 1 and --rounds >= 1 needed")
     if min(args.max_tokens, args.conversations, args.turns) < 1:
         raise FabricError("--max-tokens, --conversations and --turns must be >= 1")
-    if (os.cpu_count() or 1) < 2:
-        raise FabricError("this benchmark pins its instances to cores 0 and 1: it needs 2 CPUs")
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-prefix-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"logs in {run_dir}")
+    needs_two_cpus("instances")
+    run_dir = make_run_dir(args.run_dir, "fabric-bench-prefix-", _log)
     ensure_model(args.preset)
     vocab = PRESET_CONFIGS[Preset(args.preset)].vocab_size
     load_before = os.getloadavg()
@@ -196,7 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with sigterm_raises(), private_etcd(run_dir) as etcd:
         try:
             url = _start(args, etcd, run_dir, children)
-            deployment = Deployment(url, served_model(url), vocab, run_dir / "g4", children)
+            model = wait_serving(url, children, len(WORKERS), _log)
+            deployment = Deployment(url, model, vocab, run_dir / "g4", children)
             _warm_up(deployment, args)
             for r in range(args.rounds):
                 measured += _round(deployment, args, r)
@@ -232,29 +214,23 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
     ]
     namespace = f"bench-prefix-{os.getpid()}"
     for name, cpu in WORKERS.items():
-        cmd = worker_command(
+        start_worker(
+            children,
+            name,
             "aggregated",
             etcd=etcd,
             model=args.preset,
-            worker_id=name,
             namespace=namespace,
             cpus=cpu,
             threads=1,
+            run_dir=run_dir,
+            progress=_log,
             extra=tiers + g4 if name in WITH_G4 else tiers,
+            name=f"instance-{name}",
         )
-        children.append(start_process(f"instance-{name}", cmd, run_dir, progress=_log))
-    port = free_port()
-    cmd = frontend_command(
-        etcd=etcd,
-        model=args.preset,
-        port=port,
-        namespace=namespace,
-        extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+    return start_frontend(
+        children, etcd=etcd, model=args.preset, namespace=namespace, run_dir=run_dir, progress=_log
     )
-    children.append(start_process("frontend", cmd, run_dir, progress=_log))
-    url = f"http://127.0.0.1:{port}"
-    wait_deployment_ready(url, children, len(WORKERS), STARTUP_S, progress=_log)
-    return url
 
 
 def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
@@ -263,14 +239,7 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
     shared = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
     own = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
     for worker, prompt in (("A", shared), ("C", shared), ("B", own)):
-        stream_completion(
-            deployment.url,
-            deployment.model,
-            prompt,
-            args.max_tokens,
-            REQUEST_TIMEOUT_S,
-            fabric={"worker": worker},
-        )
+        request(deployment.url, deployment.model, prompt, args.max_tokens, {"worker": worker})
 
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
@@ -287,13 +256,8 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
         routing: dict[str, Any] = {"worker": step.worker}
         if step.prefill_worker is not None:
             routing["prefill_worker"] = step.prefill_worker
-        got = stream_completion(
-            deployment.url,
-            deployment.model,
-            prompts[step.context],
-            args.max_tokens,
-            REQUEST_TIMEOUT_S,
-            fabric=routing,
+        got = request(
+            deployment.url, deployment.model, prompts[step.context], args.max_tokens, routing
         )
         result = Measured(
             step.kind, got.ttft_s * 1e3, got.text, len(prompts[step.context]), got.fabric
@@ -327,13 +291,8 @@ def _conversations(deployment: Deployment, args: argparse.Namespace) -> list[Tur
             history += seeded_tokens(deployment.vocab, args.turn_tokens, ("user", c * 1000 + k))
             worker = "AB"[(c + k) % 2]
             check_alive(deployment.children)
-            got = stream_completion(
-                deployment.url,
-                deployment.model,
-                history,
-                args.max_tokens,
-                REQUEST_TIMEOUT_S,
-                fabric={"worker": worker},
+            got = request(
+                deployment.url, deployment.model, history, args.max_tokens, {"worker": worker}
             )
             shared = max((_common_prefix(p, history) for p in earlier), default=0)
             turn = Turn(
@@ -357,26 +316,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def wait_for_store(store_dir: Path, expected: int) -> None:
-    """Until G4 holds ``expected`` block files (write-through to G4 is asynchronous); shared
-    with the node-cache benchmark."""
-    deadline = time.monotonic() + STORE_WAIT_S
-    while sum(1 for _ in store_dir.rglob("*.kvb")) < expected:
-        if time.monotonic() > deadline:
-            raise FabricError(
-                f"G4 in {store_dir} holds fewer than {expected} blocks after "
-                f"{STORE_WAIT_S:.0f} s: the write-through stalled (see the logs)"
-            )
-        time.sleep(0.05)
-
-
-def seeded_tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[int]:
-    """``num_tokens`` token ids drawn from a seed made of ``key`` (the same key, the same ids)."""
-    seed = [num_tokens, *(ord(c) for c in str(key))]
-    rng = np.random.default_rng(seed)
-    return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
-
-
 def _report(
     args: argparse.Namespace,
     measured: list[Measured],
@@ -386,7 +325,8 @@ def _report(
     by_kind: dict[Kind, list[Measured]] = defaultdict(list)
     for m in measured:
         by_kind[m.kind].append(m)
-    ttft = {k.value: round(statistics.median(m.ttft_ms for m in by_kind[k]), 3) for k in Kind}
+    figures = kind_figures({k.value: by_kind[k] for k in Kind})
+    ttft = figures["ttft_ms"]
     base = ttft[Kind.RECOMPUTE.value]
     speedups = {k: round(base / v, 2) for k, v in ttft.items() if k != Kind.RECOMPUTE.value}
     hits = [m for m in measured if m.kind is not Kind.RECOMPUTE]
@@ -416,16 +356,10 @@ def _report(
             "routes": dict(sorted(Counter(t.route for t in turns).items())),
             "ttft_ms_p50": round(statistics.median(t.ttft_ms for t in turns), 3),
         },
-        "cached_tokens": {
-            k.value: sorted({int(m.fabric.get("cached_tokens", 0)) for m in by_kind[k]})
-            for k in Kind
-        },
+        "cached_tokens": figures["cached_tokens"],
         "routes": {k.value: sorted({str(m.fabric.get("route")) for m in by_kind[k]}) for k in Kind},
-        "kv_sources": {
-            k.value: sorted({str(m.fabric.get("prefill_worker", "")) for m in by_kind[k]})
-            for k in Kind
-        },
-        "ttft_ms_all": {k.value: [round(m.ttft_ms, 1) for m in by_kind[k]] for k in Kind},
+        "kv_sources": figures["kv_sources"],
+        "ttft_ms_all": figures["ttft_ms_all"],
         "prefill_ms_p50": {
             k.value: stat_p50((m.fabric for m in by_kind[k]), "prefill_ms") for k in Kind
         },
@@ -446,19 +380,8 @@ def _report(
             "instances": {name: f"aggregated@cpu{cpu}x1t" for name, cpu in WORKERS.items()},
             "round": [f"{s.worker}:{s.context}+U:{s.kind.value}" for s in ROUND],
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
     }
-
-
-def stat_p50(fabrics: Iterable[dict[str, Any]], name: str) -> float | None:
-    """The p50 of a worker-reported figure over responses' ``fabric`` fields (None: absent)."""
-    values = [float(fabric[name]) for fabric in fabrics if name in fabric]
-    return round(statistics.median(values), 3) if values else None
 
 
 def _ratio(part: int, whole: int) -> float | None:

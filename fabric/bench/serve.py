@@ -52,10 +52,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -63,24 +61,21 @@ from typing import Any
 
 import numpy as np
 
+from fabric.bench.deployment import (
+    FIRST_TOKEN_ID,
+    apply_quick,
+    machine,
+    make_run_dir,
+    needs_two_cpus,
+    request,
+    start_frontend,
+    start_worker,
+    wait_serving,
+)
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
-from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
-from fabric.supervise import (
-    Child,
-    check_alive,
-    free_port,
-    private_etcd,
-    sigterm_raises,
-    start_process,
-    stop_processes,
-)
+from fabric.supervise import Child, check_alive, private_etcd, sigterm_raises, stop_processes
 
-STARTUP_S = 240.0
-REQUEST_TIMEOUT_S = 600.0
-FIRST_TOKEN_ID = 2
-"""Ids 0 and 1 are the presets' BOS / EOS; prompts draw from ``[2, vocab)``."""
 QUICK = {
     "presets": "tiny",
     "prompt_tokens": "40,136",
@@ -178,9 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every preset's deployments and workload; every started process is stopped."""
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    apply_quick(args, QUICK)
     from fabric.models.presets import Preset  # torch: only when running
 
     presets = _split(args.presets)
@@ -194,11 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FabricError(f"--modes: {exc}; choose from {[m.value for m in Mode]}") from exc
     if args.requests < 1 or args.max_tokens < 2 or not lengths or min(lengths) < 1:
         raise FabricError("--requests >= 1, --max-tokens >= 2 and positive --prompt-tokens needed")
-    if (os.cpu_count() or 1) < 2:
-        raise FabricError("this benchmark pins workers to cores 0 and 1: it needs 2 CPUs")
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-serve-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"logs in {run_dir}")
+    needs_two_cpus("workers")
+    run_dir = make_run_dir(args.run_dir, "fabric-bench-serve-", _log)
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
@@ -225,12 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prompts": "token ids, uniform in [2, vocab), distinct per request, same per mode",
             "outputs_compared": "completion text per request",
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
     }
 
 
@@ -288,33 +273,31 @@ def _start_all(
         namespace = f"bench-{preset}-{mode.value}-{os.getpid()}"
         workers = MODE_TO_WORKERS[mode]
         for index, spec in enumerate(workers):
-            name = f"{preset}-{mode.value}-{spec.role.value}-{index}"
-            cmd = worker_command(
+            start_worker(
+                children,
+                f"{preset}-{mode.value}-{spec.role.value}-{index}",
                 spec.role.value,
                 etcd=etcd,
                 model=preset,
-                worker_id=name,
                 namespace=namespace,
                 cpus=spec.cpus,
                 threads=spec.threads,
+                run_dir=run_dir,
+                progress=_log,
             )
-            children.append(start_process(name, cmd, run_dir, progress=_log))
-        port = free_port()
-        cmd = frontend_command(
+        url = start_frontend(
+            children,
             etcd=etcd,
             model=preset,
-            port=port,
             namespace=namespace,
-            extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+            run_dir=run_dir,
+            progress=_log,
+            name=f"{preset}-{mode.value}-frontend",
         )
-        children.append(
-            start_process(f"{preset}-{mode.value}-frontend", cmd, run_dir, progress=_log)
-        )
-        urls.append((mode, f"http://127.0.0.1:{port}", len(workers)))
+        urls.append((mode, url, len(workers)))
     deployments = []
     for mode, url, num_workers in urls:
-        wait_deployment_ready(url, children, num_workers, STARTUP_S, progress=_log)
-        deployments.append(Deployment(mode, url, served_model(url)))
+        deployments.append(Deployment(mode, url, wait_serving(url, children, num_workers, _log)))
         _log(f"{preset} {mode.value}: ready at {url}")
     return deployments
 
@@ -328,9 +311,7 @@ def _prompt(vocab: int, num_tokens: int, *, index: int) -> list[int]:
 def _request(deployment: Deployment, prompt: list[int], max_tokens: int) -> RequestResult:
     """One streamed completion, timed at the client: TTFT, per-chunk gaps, text, stats."""
     try:
-        got = stream_completion(
-            deployment.url, deployment.model, prompt, max_tokens, REQUEST_TIMEOUT_S
-        )
+        got = request(deployment.url, deployment.model, prompt, max_tokens)
     except FabricError as exc:
         raise FabricError(f"{deployment.mode.value}: {exc}") from exc
     return RequestResult(
