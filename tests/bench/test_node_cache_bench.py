@@ -10,11 +10,8 @@ itself, and this test stops the benchmark if it overruns.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from bench_quick import run_quick
 
 pytestmark = [pytest.mark.etcd, pytest.mark.nixl, pytest.mark.slow]
 
@@ -23,20 +20,7 @@ KINDS = ("recompute", "own_host_hit", "node_hit", "peer_hit", "g4_hit")
 
 
 def test_node_cache_quick_serves_every_hit_with_equal_outputs() -> None:
-    cmd = [sys.executable, "-m", "fabric.bench", "node-cache", "--quick"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"node-cache --quick took over {TIMEOUT_S:.0f} s; stderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    result = json.loads(out)
+    result = run_quick("node-cache", TIMEOUT_S)
 
     assert result["outputs_equal"] is True
     assert set(result["ttft_ms"]) == set(KINDS) and all(v > 0 for v in result["ttft_ms"].values())

@@ -8,11 +8,8 @@ benchmark (SIGTERM, which it turns into a clean shutdown, then SIGKILL) if it ov
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from bench_quick import run_quick
 
 pytestmark = [
     pytest.mark.etcd,
@@ -24,20 +21,7 @@ KINDS = ("recompute", "device_hit", "host_hit", "disk_hit", "peer_hit")
 
 
 def test_prefix_quick_hits_every_tier_with_equal_outputs() -> None:
-    cmd = [sys.executable, "-m", "fabric.bench", "prefix", "--quick"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"prefix --quick took over {TIMEOUT_S:.0f} s; stderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    result = json.loads(out)
+    result = run_quick("prefix", TIMEOUT_S)
 
     assert result["outputs_equal"] is True
     assert result["hit_rate"] == 1.0 and result["tier_rounds_hit_rate"] == 1.0

@@ -7,12 +7,10 @@ into a clean shutdown, then SIGKILL) if it overruns.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
+from bench_quick import run_quick
 
 pytestmark = [
     pytest.mark.etcd,
@@ -30,26 +28,8 @@ POSITIVE = (
 )
 
 
-def _run_quick() -> tuple[int, str, str]:
-    cmd = [sys.executable, "-m", "fabric.bench", "serve", "--quick"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the benchmark stops its children on SIGTERM
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"serve --quick took over {TIMEOUT_S:.0f} s; stderr:\n{err[-3000:]}")
-    return proc.returncode, out, err
-
-
 def test_serve_bench_quick() -> None:
-    code, out, err = _run_quick()
-    assert code == 0, err[-3000:]
-    result = json.loads(out)
+    result = run_quick("serve", TIMEOUT_S)
     rows = result["rows"]
     lengths = result["params"]["prompt_tokens"]
     assert len(lengths) >= 1
