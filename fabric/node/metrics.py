@@ -13,14 +13,13 @@ Serving the registry over HTTP is the worker's ``MetricsServer`` (``python -m fa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from enum import Enum
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from fabric.node.cache import NodeCache
 
 PREFIX = "fabric_node_cache_"
 
@@ -84,10 +83,16 @@ METRICS: tuple[tuple[str, Kind, str, str], ...] = (
 """(name without ``PREFIX`` and ``_total``, kind, ``NodeCache.stats()`` key, help)."""
 
 
+class StatsSource(Protocol):
+    """What the collector reads: ``NodeCache.stats()``, one consistent snapshot."""
+
+    def stats(self) -> Mapping[str, int]: ...
+
+
 class NodeCacheCollector(Collector):
     """``METRICS`` from one ``stats()`` snapshot of ``cache`` per scrape."""
 
-    def __init__(self, cache: NodeCache) -> None:
+    def __init__(self, cache: StatsSource) -> None:
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
@@ -97,7 +102,7 @@ class NodeCacheCollector(Collector):
             yield family(PREFIX + name, doc, value=stats[key])
 
 
-def node_cache_registry(cache: NodeCache) -> CollectorRegistry:
+def node_cache_registry(cache: StatsSource) -> CollectorRegistry:
     """A registry exporting ``cache``'s metrics (its own: one scrape shows this cache only)."""
     registry = CollectorRegistry()
     registry.register(NodeCacheCollector(cache))

@@ -2,7 +2,8 @@
 
 The exported names come from the real metric objects, built the way the processes build them:
 the frontend's ``FrontendMetrics`` (with its fleet and queue readers), and a worker's registry
-(``KvbmMetrics`` with every tier and the G4 store bound, plus ``WorkerMetrics``), and the
+(``KvbmMetrics`` with every tier and the G4 store bound, plus ``WorkerMetrics``), a node
+cache's (``fabric.node.metrics``), and the
 process-wide NIXL, signal and etcd registries both register. Each family
 yields the series names Prometheus scrapes from it (``_total`` of a counter, ``_bucket`` /
 ``_sum`` / ``_count`` of a histogram...). Every PromQL expression of every panel is read for
@@ -25,6 +26,7 @@ from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.registry import Role
 from fabric.frontend.metrics import FrontendMetrics
 from fabric.kvbm import KvbmMetrics, Tier
+from fabric.node.metrics import METRICS, node_cache_registry
 from fabric.signal import metrics as signal_metrics
 from fabric.transfer import metrics as transfer_metrics
 from fabric.worker.metrics import WorkerMetrics
@@ -54,6 +56,13 @@ class _Pool:
     duplicates: int = 0
 
 
+class _NodeStats:
+    """``NodeCache.stats()``'s keys, each 0 (the figures do not matter here, the names do)."""
+
+    def stats(self) -> dict[str, int]:
+        return {key: 0 for _, _, key, _ in METRICS}
+
+
 def _series(registry: CollectorRegistry) -> set[str]:
     names = set()
     for family in registry.collect():
@@ -74,7 +83,8 @@ def exported_series() -> set[str]:
     transport = set()  # the process-wide registries the worker runtime and the frontend add
     for registry in (transfer_metrics.REGISTRY, signal_metrics.REGISTRY, etcd_metrics.REGISTRY):
         transport |= _series(registry)
-    return _series(frontend.registry) | _series(kvbm.registry) | transport
+    node_cache = node_cache_registry(_NodeStats())  # a node cache's own registry
+    return _series(frontend.registry) | _series(kvbm.registry) | _series(node_cache) | transport
 
 
 def metric_names(expr: str) -> set[str]:
