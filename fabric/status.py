@@ -5,8 +5,9 @@ Two sources, one table:
 * etcd (default): every record under the namespace's workers prefix (prefill, decode and
   aggregated workers, whatever registers there), and each one's Prometheus endpoint, scraped
   concurrently (``dashboard_cluster.scrape_workers``, bounded per worker); node caches below
-  the table (``dashboard_cluster.node_cache_json``: capacity, the workers of their node and
-  the blocks those stored and loaded there).
+  the table (``dashboard_cluster.node_cache_json``: from their own metrics, used / capacity
+  blocks, hit rate, live pins and reservations, leases reclaimed; the workers of their node
+  and the blocks those stored and loaded there).
   Requests in flight are a frontend's view, so this source leaves them out.
 * ``--frontend URL``: that frontend's ``/v1/fabric/cluster`` (the dashboard's JSON; its API key
   from ``--api-key-file`` or ``FABRIC_API_KEY_FILE``), which adds in-flight counts, the
@@ -102,12 +103,15 @@ def from_etcd(etcd: str, namespace: str) -> Json:
         key=lambda r: (r.role.value, r.worker_id),
     )
     records = [record for record in every if record.role is not Role.NODE_CACHE]
-    scraped = list(zip(records, asyncio.run(scrape_workers(records)), strict=True))
+    caches = [record for record in every if record.role is Role.NODE_CACHE]
+    scrapes = asyncio.run(scrape_workers([*records, *caches]))
+    scraped = list(zip(records, scrapes[: len(records)], strict=True))
     return {
         "source": f"etcd {etcd}, namespace {namespace}",
         "workers": [worker_json(record, scrape) for record, scrape in scraped],
         "node_caches": [
-            node_cache_json(record, scraped) for record in every if record.role is Role.NODE_CACHE
+            node_cache_json(record, scrape, scraped)
+            for record, scrape in zip(caches, scrapes[len(records) :], strict=True)
         ],
     }
 
@@ -148,8 +152,12 @@ def render(cluster: Json) -> str:
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     for cache in cluster.get("node_caches", []):
         lines.append(
-            f"node cache {cache['id']} on {cache['node'] or '?'}: {_count(cache['capacity'])} "
-            f"blocks; its node's workers ({', '.join(cache['workers']) or 'none'}) stored "
+            f"node cache {cache['id']} on {cache['node'] or '?'} ({cache['state']}): "
+            f"{_count(cache.get('used'))}/{_count(cache['capacity'])} blocks, "
+            f"{_percent(cache.get('hit_rate'))} hit, {_count(cache.get('live_pins'))} pins, "
+            f"{_count(cache.get('live_reservations'))} reservations, "
+            f"{_count(cache.get('expired_leases'))} leases reclaimed; its node's workers "
+            f"({', '.join(cache['workers']) or 'none'}) stored "
             f"{_count(cache['stored_blocks'])} and loaded {_count(cache['loaded_blocks'])} blocks"
         )
     return "\n".join(lines)

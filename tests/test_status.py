@@ -2,11 +2,13 @@
 
 Rows come from ``dashboard_cluster.worker_json`` over real scrapes (text exposition parsed by
 ``Samples``); a worker whose metrics did not answer is a row in state ``unreachable`` naming
-why; a frontend that refuses the key or does not answer is a ``FabricError`` naming its URL.
+why; a node cache's line shows its own occupancy and hit rate from its metrics; a frontend
+that refuses the key or does not answer is a ``FabricError`` naming its URL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
-from fabric.frontend.dashboard_cluster import Samples, WorkerScrape, worker_json
+from fabric.frontend.dashboard_cluster import Samples, WorkerScrape, node_cache_json, worker_json
 from fabric.status import from_frontend, render
 
 METRICS = """
@@ -69,6 +71,31 @@ def test_the_table_shows_each_worker_and_why_one_is_missing() -> None:
     ]
     assert lines[3].split()[:3] == ["prefill-0", "prefill", "unreachable"]
     assert lines[3].endswith("connection refused")
+
+
+def test_a_node_cache_line_shows_its_own_occupancy_and_hit_rate() -> None:
+    text = """
+fabric_node_cache_blocks_capacity 64
+fabric_node_cache_blocks_in_use 2
+fabric_node_cache_blocks_cached 10
+fabric_node_cache_hits_total 6
+fabric_node_cache_misses_total 2
+fabric_node_cache_live_pins 1
+fabric_node_cache_live_reservations 0
+fabric_node_cache_expired_pins_total 1
+fabric_node_cache_expired_reservations_total 2
+"""
+    cache = dataclasses.replace(record("node-cache-a", Role.NODE_CACHE), node="a")
+    worker = dataclasses.replace(record("decode-0", Role.DECODE), node="a")
+    scraped = [(worker, WorkerScrape(0.0, Samples.parse(METRICS), None))]
+    up = node_cache_json(cache, WorkerScrape(0.0, Samples.parse(text), None), scraped)
+    down = node_cache_json(cache, WorkerScrape(0.0, None, "connection refused"), scraped)
+    lines = render({"source": "s", "workers": [], "node_caches": [up, down]}).splitlines()
+    assert lines[-2].startswith(
+        "node cache node-cache-a on a (up): 12/64 blocks, 75.0% hit, 1 pins, 0 reservations, "
+        "3 leases reclaimed; its node's workers (decode-0)"
+    )
+    assert lines[-1].startswith("node cache node-cache-a on a (unreachable): -/- blocks, - hit")
 
 
 class _Refuse(BaseHTTPRequestHandler):

@@ -13,10 +13,12 @@ knows and what its workers export, read at request time:
 * this frontend's own registry (``metrics.FrontendMetrics``): requests, TTFT, ITL, routes taken,
   prefix hits, KV transfer time and bytes, refusals, queue;
 * ``RouteHistory``: routes taken per ``BUCKET_S`` bucket over the last ``HISTORY_S``.
-* node caches (``fleet.Fleet.node_caches``): their node and capacity (their records), the
-  workers of the same node, and the blocks those workers stored to and loaded from the node
-  tier (their ``fabric_kvbm_offloads_total{target="G2N"}`` and ``onboards_total{source="G2N"}``);
-  a node cache exports no metrics of its own, so its occupancy is not shown.
+* node caches (``fleet.Fleet.node_caches``): their node (their records); from their own
+  ``/metrics`` (``fabric.node.metrics``, scraped with the workers') their occupancy (used /
+  capacity blocks), lookups' block hit rate, live pins and reservations and those reclaimed
+  after their lease ended, evictions and attached clients; the workers of the same node and the
+  blocks those workers stored to and loaded from the node tier (their
+  ``fabric_kvbm_offloads_total{target="G2N"}`` and ``onboards_total{source="G2N"}``).
 
 Invariants: a worker whose endpoint fails or times out is shown with ``state`` ``unreachable``
 and its error (``no_metrics`` when its record names no endpoint), never dropped, and never
@@ -182,9 +184,12 @@ class ClusterView:
     async def _take(self) -> Json:
         fleet = self._frontend.router.fleet
         records = sorted(fleet.workers().values(), key=lambda r: (r.role.value, r.worker_id))
+        caches = sorted(fleet.node_caches().values(), key=lambda r: r.worker_id)
         in_flight = fleet.in_flight()
         indexed = fleet.indexed_blocks()
-        scraped = list(zip(records, await scrape_workers(records), strict=True))
+        scrapes = await scrape_workers([*records, *caches])
+        scraped = list(zip(records, scrapes[: len(records)], strict=True))
+        cache_scrapes = scrapes[len(records) :]
         now = time.time()
         own = Samples.of(self._frontend.metrics.registry)
         routes = own.by_label("fabric_frontend_routes_total", "kind")
@@ -211,8 +216,8 @@ class ClusterView:
             "routes_history": self._history.to_json(kind.value for kind in RouteKind),
             "workers": workers,
             "node_caches": [
-                node_cache_json(record, scraped)
-                for record in sorted(fleet.node_caches().values(), key=lambda r: r.worker_id)
+                node_cache_json(record, scrape, scraped)
+                for record, scrape in zip(caches, cache_scrapes, strict=True)
             ],
         }
 
@@ -328,20 +333,24 @@ def worker_json(
 
 
 def node_cache_json(
-    record: WorkerRecord, workers: Sequence[tuple[WorkerRecord, WorkerScrape]]
+    record: WorkerRecord,
+    scrape: WorkerScrape,
+    workers: Sequence[tuple[WorkerRecord, WorkerScrape]],
 ) -> Json:
-    """A node cache as the page shows it, with what the workers of its node report."""
-    attached = [(w, scrape) for w, scrape in workers if record.node and w.node == record.node]
+    """A node cache as the page shows it: its own metrics (``scrape``; without them, the
+    record's capacity and None for the rest) and what the workers of its node report."""
+    attached = [(w, s) for w, s in workers if record.node and w.node == record.node]
     node = Tier.NODE.value
     stored = loaded = 0.0
-    for _, scrape in attached:
-        if scrape.samples is not None:
-            stored += scrape.samples.value("fabric_kvbm_offloads_total", target=node)
-            loaded += scrape.samples.value("fabric_kvbm_onboards_total", source=node)
-    return {
+    for _, worker_scrape in attached:
+        if worker_scrape.samples is not None:
+            stored += worker_scrape.samples.value("fabric_kvbm_offloads_total", target=node)
+            loaded += worker_scrape.samples.value("fabric_kvbm_onboards_total", source=node)
+    body: Json = {
         "id": record.worker_id,
         "role": record.role.value,
-        "state": "registered",
+        "state": _state(record, scrape),
+        "error": scrape.error,
         "node": record.node,
         "capacity": record.layout.num_blocks if isinstance(record.layout, FabricLayout) else None,
         "block_bytes": kv_block_bytes(record.layout),
@@ -349,7 +358,42 @@ def node_cache_json(
         "workers": [w.worker_id for w, _ in attached],
         "stored_blocks": stored,
         "loaded_blocks": loaded,
+        "used": None,
+        "in_use": None,
+        "cached": None,
+        "hits": None,
+        "misses": None,
+        "hit_rate": None,
+        "live_pins": None,
+        "live_reservations": None,
+        "expired_leases": None,
+        "evictions": None,
+        "attached_clients": None,
     }
+    samples = scrape.samples
+    if samples is None:
+        return body
+
+    def own(name: str) -> float:
+        return samples.value("fabric_node_cache_" + name)
+
+    in_use, cached = own("blocks_in_use"), own("blocks_cached")
+    hits, misses = own("hits_total"), own("misses_total")
+    body.update(
+        capacity=own("blocks_capacity"),
+        used=in_use + cached,
+        in_use=in_use,
+        cached=cached,
+        hits=hits,
+        misses=misses,
+        hit_rate=hits / (hits + misses) if hits + misses else None,
+        live_pins=own("live_pins"),
+        live_reservations=own("live_reservations"),
+        expired_leases=own("expired_pins_total") + own("expired_reservations_total"),
+        evictions=own("evictions_total"),
+        attached_clients=own("attached_clients"),
+    )
+    return body
 
 
 def _state(record: WorkerRecord, scrape: WorkerScrape) -> str:

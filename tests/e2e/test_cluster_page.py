@@ -8,8 +8,9 @@ naming what is missing, where they are not). Checked: the page loads with no con
 shows both workers as ``up`` with their roles and tiers, and after two requests its figures
 move: the frontend's request count, the prefill route total, the KV transfers,
 decode-0's requests and device-tier hits (the same prompt twice), the prefill worker's device
-tier (the prompt's blocks are cached there) and the blocks stored to the node cache, shown with
-both workers of its node.
+tier (the prompt's blocks are cached there), the blocks stored to the node cache, shown with
+both workers of its node, and the node cache's own figures (its metrics: used blocks and the
+blocks its lookups found; up, both workers attached after the requests).
 
 ``fabric status`` reads the same deployment from etcd and from the frontend's JSON.
 
@@ -137,7 +138,12 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     cache = "tr[data-node-cache]"
     wait_for("the node cache", lambda: text_of(browser, f"{cache} [data-field=workers]"), browser)
     assert text_of(browser, f"{cache} [data-field=workers]") == "decode-0, prefill-0"
-    assert text_of(browser, f"{cache} [data-field=capacity]") == "512 blocks"
+    wait_for(
+        "the node cache up",
+        lambda: text_of(browser, f"{cache} [data-field=state]") == "up",
+        browser,
+    )
+    assert text_of(browser, f"{cache} [data-field=usage]").endswith("/ 512 blocks")
 
     def figures() -> dict[str, float]:
         return {
@@ -152,6 +158,8 @@ def test_dashboard_shows_workers_and_moves_after_requests(
             "blocks stored to the node cache": number(
                 text_of(browser, f"{cache} [data-field=stored]")
             ),
+            "node cache used": number(text_of(browser, f"{cache} [data-field=usage]")),
+            "node cache lookups' blocks": number(text_of(browser, f"{cache} [data-field=hits]")),
         }
 
     before = figures()
@@ -173,6 +181,8 @@ def test_dashboard_shows_workers_and_moves_after_requests(
 
     wait_for(f"every figure of {before} grow (now {figures()})", moved, browser)
     assert text_of(browser, f"{row['decode-0']} [data-field=kv-read]") != "—"
+    # Both workers attached to the node cache (a worker attaches at its first store or load).
+    assert number(text_of(browser, f"{cache} [data-field=clients]")) == 2
     assert text_of(browser, "#kv-transfer-ms") != "—"
     assert text_of(browser, "#prefix-hit-rate").endswith("%")  # blocks were looked up
 
@@ -217,8 +227,8 @@ def test_fabric_status_from_etcd_and_from_the_frontend(pd: Deployment) -> None:
     assert rows["decode-0"][3] == "-"  # in flight: only a frontend knows
     assert int(rows["decode-0"][5]) >= 1  # requests
     assert any(cell.startswith("G1 ") and cell.endswith("%") for cell in rows["decode-0"]), table
-    node_cache = r"^node cache node-cache-\S+ on \S+: 512 blocks; its node's workers "
-    assert re.search(node_cache + r"\(decode-0, prefill-0\) stored [1-9]", table, re.M), table
+    node_cache = r"^node cache node-cache-\S+ on \S+ \(up\): [1-9]\d*/512 blocks, [\d.]+% hit, "
+    assert re.search(node_cache + r".*\(decode-0, prefill-0\) stored [1-9]", table, re.M), table
 
     table = fabric_status(f"--frontend={pd.url}")
     assert table.splitlines()[0] == f"frontend {pd.url}: 2 worker(s)"

@@ -3,13 +3,15 @@
 A real frontend (uvicorn on an ephemeral port) over an in-memory registry; workers are records
 whose ``metrics`` endpoint is a real ``MetricsServer`` over a real ``KvbmMetrics`` +
 ``WorkerMetrics`` registry, with a pool snapshot and a G4 store the test moves, or a fake
-decode worker (``frontend_fakes``) that answers requests. Checked: every figure the page shows
-moves when its source moves (tiers, hit rates, G4, requests, active and waiting, KV reads and
-their rate, tokens per second; the frontend's requests, errors, in flight, queued, TTFT, ITL,
-routes and their history, KV transfer time and bytes); a worker whose metrics do not answer
-stays listed as ``unreachable``; the API key protects the JSON, not the page; the static files
-come from an allow-list. The browser tests are ``tests/e2e/test_cluster_page.py`` and
-``test_dashboard_browser.py``.
+decode worker (``frontend_fakes``) that answers requests; a node cache is a real one (its
+service, its metrics registry on a ``MetricsServer``, a real client). Checked: every figure the
+page shows moves when its source moves (tiers, hit rates, G4, requests, active and waiting, KV
+reads and their rate, tokens per second; a node cache's occupancy, hit rate, live pins,
+attached clients and its node's stored and loaded blocks; the frontend's requests, errors, in
+flight, queued, TTFT, ITL, routes and their history, KV transfer time and bytes); a worker or
+node cache whose metrics do not answer stays listed as ``unreachable``; the API key protects
+the JSON, not the page; the static files come from an allow-list. The browser tests are
+``tests/e2e/test_cluster_page.py`` and ``test_dashboard_browser.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 from frontend_fakes import BLOCK_SIZE, COMPAT, FakeWorker, RunningFrontend, wait_until
 
 from fabric.discovery.memory import InMemoryRegistry
@@ -34,7 +38,17 @@ from fabric.frontend.api_key import ApiKey
 from fabric.frontend.dashboard_cluster import MIN_INTERVAL_S, RouteHistory, Samples
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.metrics import FrontendMetrics, kv_block_bytes
-from fabric.kvbm import KvbmMetrics, Tier
+from fabric.kvbm import (
+    KvbmMetrics,
+    KvGeometry,
+    SequenceHash,
+    Tier,
+    host_storage,
+    load_kvbm_config,
+)
+from fabric.node import NodeCacheConfig, attach_node_cache, build_node_cache
+from fabric.node.metrics import node_cache_registry
+from fabric.node.service import node_record
 from fabric.worker.metrics import MetricsServer, WorkerMetrics
 
 NUM_LAYERS, INNER_DIM = 2, 64  # float32, K and V: one block is 2 * 2 * 16 * 64 * 4 bytes
@@ -181,7 +195,7 @@ def test_worker_figures_follow_its_metrics(
     assert shown["shared"] == {"tier": "G4", "blocks": 12, "hits": 3, "misses": 1, "hit_rate": 0.75}
 
 
-def test_a_node_cache_shows_its_workers_and_their_node_tier_moves(
+def test_a_node_cache_shows_its_own_metrics_and_its_workers_node_tier(
     start_frontend: Callable[..., RunningFrontend],
     metric_worker: Callable[..., MetricWorker],
     registry: InMemoryRegistry,
@@ -189,38 +203,72 @@ def test_a_node_cache_shows_its_workers_and_their_node_tier_moves(
     running = start_frontend()
     worker = metric_worker("decode-3", node="host-a")
     metric_worker("decode-4", node="host-b")
-    cache = WorkerRecord(
-        worker_id="node-cache-host-a",
-        role=Role.NODE_CACHE,
-        endpoints=Endpoints(signal="tcp://127.0.0.1:9"),
-        agent_name=None,
-        layout=FabricLayout(model="tiny", block_size=BLOCK_SIZE, num_blocks=512),
-        compat_hash=COMPAT,
-        started_at=time.time(),
+    config = NodeCacheConfig(
+        kvbm=load_kvbm_config(block_size=4, cpu_cache_blocks=16),
+        geometry=KvGeometry(2, 1, 8, torch.float16),
+        namespace=f"dash{uuid.uuid4().hex[:10]}",
         node="host-a",
+        lease_s=5.0,
     )
-    registration = WorkerRegistration(registry, cache, ttl_s=5.0).start()
-    try:
-        first = next_cluster(running, lambda s: bool(s["node_caches"]) and len(s["workers"]) == 2)
-        [shown] = first["node_caches"]
-        assert (shown["id"], shown["node"], shown["capacity"]) == (
-            "node-cache-host-a",
-            "host-a",
-            512,
+    with build_node_cache(config) as service:
+        server = MetricsServer(node_cache_registry(service.cache))
+        record = node_record(service, config, model="tiny", metrics=server.url)
+        registration = WorkerRegistration(registry, record, ttl_s=5.0).start()
+        client = attach_node_cache(
+            service.endpoint,
+            identity="w",
+            compat_hash=config.compat_hash,
+            layout=config.layout_for(4),
         )
-        assert (shown["workers"], shown["stored_blocks"], shown["loaded_blocks"]) == (
-            ["decode-3"],
-            0,
-            0,
-        )
-        assert worker_of(first, "node-cache-host-a") is None  # never a routed worker
+        try:
+            first = next_cluster(
+                running, lambda s: bool(s["node_caches"]) and len(s["workers"]) == 2
+            )
+            [shown] = first["node_caches"]
+            assert (shown["id"], shown["node"], shown["state"]) == (
+                "node-cache-host-a",
+                "host-a",
+                "up",
+            )
+            assert (shown["capacity"], shown["used"], shown["hit_rate"]) == (16, 0, None)
+            assert (shown["attached_clients"], shown["live_pins"], shown["expired_leases"]) == (
+                1,
+                0,
+                0,
+            )
+            assert (shown["workers"], shown["stored_blocks"], shown["loaded_blocks"]) == (
+                ["decode-3"],
+                0,
+                0,
+            )
+            assert worker_of(first, "node-cache-host-a") is None  # never a routed worker
 
-        worker.kvbm.record_offloads(Tier.DEVICE, Tier.NODE, 5)
-        worker.kvbm.record_onboards(Tier.NODE, Tier.DEVICE, 2)
-        moved = next_cluster(running, lambda s: s["node_caches"][0]["stored_blocks"] == 5)
-        assert moved["node_caches"][0]["loaded_blocks"] == 2
-    finally:
-        registration.close()
+            hashes = [SequenceHash(h) for h in (1, 2, 3)]
+            source = host_storage(config.layout_for(3), pin=False)
+            assert client.store(hashes, source, [0, 1, 2]).num_stored == 3
+            pinned = client.lookup([*hashes[:2], SequenceHash(9)])  # 2 hits, 1 miss
+            assert pinned.lease_id is not None
+            worker.kvbm.record_offloads(Tier.DEVICE, Tier.NODE, 5)
+            worker.kvbm.record_onboards(Tier.NODE, Tier.DEVICE, 2)
+            moved = next_cluster(running, lambda s: s["node_caches"][0]["stored_blocks"] == 5)
+            [shown] = moved["node_caches"]
+            assert shown["loaded_blocks"] == 2
+            assert (shown["used"], shown["in_use"], shown["cached"]) == (3, 2, 1)
+            assert (shown["hits"], shown["misses"], shown["hit_rate"]) == (2, 1, 2 / 3)
+            assert shown["live_pins"] == 1
+            client.release(pinned.lease_id)
+            released = next_cluster(running, lambda s: s["node_caches"][0]["live_pins"] == 0)
+            assert released["node_caches"][0]["in_use"] == 0
+
+            server.close()  # the record stays, its metrics no longer answer
+            gone = next_cluster(running, lambda s: s["node_caches"][0]["state"] == "unreachable")
+            [shown] = gone["node_caches"]
+            assert server.url in shown["error"] and shown["capacity"] == 16
+            assert shown["used"] is None
+        finally:
+            client.close()
+            registration.close()
+            server.close()
     assert next_cluster(running, lambda s: not s["node_caches"])["node_caches"] == []
 
 

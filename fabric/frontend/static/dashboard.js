@@ -155,12 +155,22 @@ function workerRow(worker) {
 }
 
 function nodeCacheRow(cache) {
-  return el("tr", {"data-node-cache": cache.id},
+  const own = cache.used != null;  // its own metrics answered
+  const leases = own
+    ? `${count(cache.live_pins)} pins, ${count(cache.live_reservations)} reservations; ` +
+      `${count(cache.expired_leases)} reclaimed`
+    : "—";
+  return el("tr", {"data-node-cache": cache.id, title: cache.error || ""},
     el("td", {"data-field": "id"}, el("b", {}, cache.id)),
     el("td", {"data-field": "node"}, cache.node || "—"),
-    el("td", {"data-field": "state"}, cache.state),
-    el("td", {"data-field": "capacity"},
-      cache.capacity == null ? "—" : `${count(cache.capacity)} blocks`),
+    el("td", {"data-field": "state", class: `state-${cache.state}`}, cache.state),
+    el("td", {"data-field": "usage"},
+      cache.capacity == null ? "—" : `${own ? count(cache.used) : "—"} / ${count(cache.capacity)} blocks`),
+    el("td", {"data-field": "hits"}, own
+      ? `${count(cache.hits)} of ${count(cache.hits + cache.misses)} hit (${percent(cache.hit_rate)})`
+      : "—"),
+    el("td", {"data-field": "leases"}, leases),
+    el("td", {"data-field": "clients"}, own ? count(cache.attached_clients) : "—"),
     el("td", {"data-field": "workers"}, cache.workers.join(", ") || "none"),
     el("td", {"data-field": "stored"}, count(cache.stored_blocks)),
     el("td", {"data-field": "loaded"}, count(cache.loaded_blocks)));
