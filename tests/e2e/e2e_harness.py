@@ -14,53 +14,31 @@ records, the way an operator would find them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
-from prometheus_client.parser import text_string_to_metric_families
+from harness_probes import frontend_health, metric, scrape, wait_until, worker_records
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registry import workers_prefix
+from fabric.supervise import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"  # the served name: the model directory's name
 STARTUP_S = 90.0
 STOP_S = 15.0
 REQUEST_S = 30.0
-SCRAPE_S = 5.0
 DEVICE_BLOCKS = 256
 BLOCK_SIZE = 16
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is truthy; False once ``timeout_s`` has passed."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prompt_ids(length: int, seed: int) -> list[int]:
@@ -76,26 +54,10 @@ def num_blocks(num_tokens: int) -> int:
 # -- Prometheus text -------------------------------------------------------------------------
 
 
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=SCRAPE_S) as response:
-        return response.read().decode()
-
-
 def scrape_worker(record: WorkerRecord) -> str:
     """The worker's metrics, from the endpoint its record names."""
     assert record.endpoints.metrics is not None, f"{record.worker_id} has no metrics endpoint"
     return scrape(record.endpoints.metrics)
-
-
-def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
-    """The sample ``name`` whose labels include ``labels``; ``default`` when absent (or fail)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    if default is None:
-        raise AssertionError(f"{name}{labels or ''} not in the scrape")
-    return default
 
 
 # -- OpenAI responses ------------------------------------------------------------------------
@@ -337,13 +299,7 @@ class Deployment:
 
     def health(self) -> dict[str, Any] | None:
         """``/health``'s body (200 or 503), or None while the frontend does not answer."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return dict(json.loads(response.read()))
-        except urllib.error.HTTPError as exc:
-            return dict(json.loads(exc.read()))
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        return frontend_health(self.url, timeout_s=2)
 
     def wait_workers(self, timeout_s: float = STARTUP_S, **expected: int) -> None:
         """Until the frontend's ``/health`` counts ``expected`` workers by role (bounded)."""
@@ -372,14 +328,7 @@ class Deployment:
     # workers, found in etcd
 
     def records(self) -> dict[str, WorkerRecord]:
-        prefix = workers_prefix(self.namespace)
-        return {
-            record.worker_id: record
-            for record in (
-                WorkerRecord.from_bytes(value, key=key)
-                for key, value in self.registry.get_prefix(prefix).items()
-            )
-        }
+        return worker_records(self.registry, self.namespace)
 
     def worker_metrics(self, worker_id: str) -> str:
         record = self.records().get(worker_id)

@@ -13,23 +13,18 @@ are ``EtcdServer``s run under ``ip netns exec``. ``close`` stops all of it, boun
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
-from prometheus_client.parser import text_string_to_metric_families
+from harness_probes import frontend_health, worker_records
 
 from fabric.bench.netns import Host, Lab
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdCluster, EtcdServer
 from fabric.discovery.records import WorkerRecord
-from fabric.discovery.registry import workers_prefix
 from fabric.launch import frontend_command, wait_deployment_ready, worker_command
 from fabric.supervise import Child
 
@@ -43,16 +38,6 @@ STARTUP_S = 180.0
 REQUEST_S = 60.0
 BLOCK_SIZE = 16
 DEVICE_BLOCKS = 256
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, poll_s: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is truthy; False once ``timeout_s`` has passed."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(poll_s)
-    return True
 
 
 def start_etcd_cluster(hosts: Sequence[Host], data_root: Path) -> list[EtcdServer]:
@@ -84,20 +69,6 @@ def start_etcd_cluster(hosts: Sequence[Host], data_root: Path) -> list[EtcdServe
             member.stop()
         raise
     return members
-
-
-def metric(text: str, name: str, default: float = 0.0, **labels: str) -> float:
-    """The sample ``name`` whose labels include ``labels`` (``default`` when absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return default
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
 
 
 @dataclass
@@ -156,13 +127,7 @@ class Deployment:
         )
 
     def health(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                return dict(json.loads(response.read()))
-        except urllib.error.HTTPError as exc:
-            return dict(json.loads(exc.read()))
-        except (OSError, ValueError):
-            return None
+        return frontend_health(self.url, timeout_s=5)
 
     def workers_seen(self) -> dict[str, int]:
         """The frontend's worker count by role (``/health``)."""
@@ -174,14 +139,7 @@ class Deployment:
         )
 
     def records(self, registry: EtcdRegistry) -> dict[str, WorkerRecord]:
-        prefix = workers_prefix(self.namespace)
-        return {
-            record.worker_id: record
-            for record in (
-                WorkerRecord.from_bytes(value, key=key)
-                for key, value in registry.get_prefix(prefix).items()
-            )
-        }
+        return worker_records(registry, self.namespace)
 
     def logs(self) -> str:
         return "\n\n".join(

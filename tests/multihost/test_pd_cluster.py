@@ -40,7 +40,8 @@ from typing import Any
 
 import openai
 import pytest
-from cluster_harness import Deployment, MakeLab, metric, scrape, start_etcd_cluster, wait_until
+from cluster_harness import Deployment, MakeLab, start_etcd_cluster
+from harness_probes import metric, scrape, wait_until
 
 from fabric.bench.netns import Host, Lab, ns_pids
 from fabric.discovery.etcd import EtcdRegistry
@@ -289,7 +290,8 @@ def test_prefill_killed_mid_run_is_recomputed(cluster: Cluster) -> None:
         futures = [pool.submit(send, p) for p in prompts]
         assert wait_until(
             lambda: (
-                metric(scrape(victim_metrics), "fabric_worker_requests_total", kind="prefill") >= 1
+                metric(scrape(victim_metrics), "fabric_worker_requests_total", 0.0, kind="prefill")
+                >= 1
             ),
             60,
         ), cluster.pd.logs()
@@ -325,7 +327,7 @@ def test_decode_killed_mid_request(cluster: Cluster) -> None:
         doomed = [pool.submit(send, "decode-1") for _ in range(2)]
         kept = [pool.submit(send, "decode-0") for _ in range(2)]
         assert wait_until(
-            lambda: metric(scrape(victim_metrics), "fabric_worker_active_requests") >= 1, 60
+            lambda: metric(scrape(victim_metrics), "fabric_worker_active_requests", 0.0) >= 1, 60
         ), cluster.pd.logs()
         victim.process.kill()
         killed_at = time.monotonic()
@@ -343,9 +345,9 @@ def test_decode_killed_mid_request(cluster: Cluster) -> None:
     def idle() -> bool:
         for worker_id in survivors:
             text = scrape(records[worker_id].endpoints.metrics or "")
-            if metric(text, "fabric_kvbm_blocks_in_use", tier="G1") != 0:
+            if metric(text, "fabric_kvbm_blocks_in_use", 0.0, tier="G1") != 0:
                 return False
-            if metric(text, "fabric_worker_held_handoffs") != 0:
+            if metric(text, "fabric_worker_held_handoffs", 0.0) != 0:
                 return False
         return True
 
