@@ -8,6 +8,12 @@ own log file under ``--run-dir``. It waits until every worker is registered in e
 frontend's ``/health`` answers, prints the endpoints, then either answers ``--prompt`` once
 (printing the text and the timings) and stops, or serves until Ctrl-C / SIGTERM.
 
+Progress (``fabric.supervise.StartupStatus``): a ``[launch]`` line for each step (starting etcd,
+each process started with its pid and log, each ready, workers registered, ready, stopped) and,
+while it waits for the node cache or for the workers and frontend, what it waits for, for how
+long and of which bound (``--startup-timeout``): a live status line on a terminal, a plain line
+on each change and every ``LOG_EVERY_S`` otherwise (a pipe, a log, a test).
+
 Invariants: every process it started is stopped when it returns, whatever happened (SIGTERM,
 then SIGKILL after ``fabric.supervise.STOP_TIMEOUT_S``); the failure of any child stops the whole
 deployment with an error naming the child and the tail of its log; every wait is bounded. Each
@@ -55,6 +61,7 @@ from fabric.supervise import (
     Child,
     Progress,
     ReadyLine,
+    StartupStatus,
     check_alive,
     fetch_health,
     free_port,
@@ -139,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         env = secured.env() if secured is not None else {}
         # This process reads the same switches: its etcd checks and --prompt's request.
         stack.enter_context(_environment(env))
+        status = StartupStatus("[launch]")
+        progress = status.line
+        if not args.etcd:
+            progress("starting etcd")
         etcd = args.etcd or stack.enter_context(
             private_etcd(
                 run_dir,
@@ -146,14 +157,14 @@ def run(args: argparse.Namespace) -> int:
                 users=secured.users if secured is not None else None,
             )
         )
-        print_progress(f"etcd: {etcd}")
+        progress(f"etcd: {etcd}")
         if secured is not None:
-            print_progress(
+            progress(
                 f"secure: keys in {secured.directory}; clients send the API key in "
                 f"{secured.api_key_file} (Authorization: Bearer)"
             )
         children: list[Child] = []
-        stack.callback(lambda: statuses.update(stop_processes(children, progress=print_progress)))
+        stack.callback(lambda: statuses.update(stop_processes(children, progress=progress)))
         roles = (
             [("aggregated", i) for i in range(args.aggregated)]
             if args.aggregated
@@ -171,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
                 env=env,
                 timeout_s=args.startup_timeout,
                 should_stop=lambda: stopping["flag"],
+                progress=progress,
+                status=status,
             )
         ncores = os.cpu_count() or 1
         for index, (role, i) in enumerate(roles):
@@ -184,12 +197,10 @@ def run(args: argparse.Namespace) -> int:
                 threads=1 if args.pin else None,
                 extra=worker_flags,
             )
-            children.append(
-                start_process(worker_id, cmd, run_dir, progress=print_progress, env=env)
-            )
+            children.append(start_process(worker_id, cmd, run_dir, progress=progress, env=env))
         port = args.port or free_port()
         cmd = frontend_command(etcd=etcd, model=args.model, port=port)
-        children.append(start_process("frontend", cmd, run_dir, progress=print_progress, env=env))
+        children.append(start_process("frontend", cmd, run_dir, progress=progress, env=env))
         url = f"http://127.0.0.1:{port}"
         wait_deployment_ready(
             url,
@@ -197,19 +208,20 @@ def run(args: argparse.Namespace) -> int:
             len(roles),
             args.startup_timeout,
             should_stop=lambda: stopping["flag"],
-            progress=print_progress,
+            progress=progress,
+            status=status,
         )
-        print_progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
+        progress(f"ready: {len(roles)} workers, frontend {url} (logs in {run_dir})")
         if args.prompt is not None:
             _answer(url, args.prompt, args.max_tokens)
         else:
-            print_progress("serving; Ctrl-C stops everything")
+            progress("serving; Ctrl-C stops everything")
             while not stopping["flag"]:
                 check_alive(children)
                 time.sleep(POLL_S)
     unclean = sorted(name for name, code in statuses.items() if code != 0)
     if unclean:
-        print_progress(f"not stopped cleanly: {', '.join(unclean)} (statuses above)")
+        progress(f"not stopped cleanly: {', '.join(unclean)} (statuses above)")
         return 1
     return 0
 
@@ -260,14 +272,15 @@ def start_node_cache(
     should_stop: Callable[[], bool] = lambda: False,
     namespace: str | None = None,
     progress: Progress = print_progress,
+    status: StartupStatus | None = None,
 ) -> list[str]:
-    """Start the node cache, add it to ``children`` and wait until it serves; the flags that
-    attach a worker to it."""
+    """Start the node cache, add it to ``children`` and wait until it serves (shown on
+    ``status``); the flags that attach a worker to it."""
     cmd = node_cache_command(etcd=etcd, model=model, shm_gb=shm_gb, namespace=namespace)
     child = start_process("node-cache", cmd, run_dir, progress=progress, env=env)
     children.append(child)
     ready = ReadyLine(child, progress)
-    wait_ready(children, ready, timeout_s, should_stop=should_stop)
+    wait_ready(children, ready, timeout_s, should_stop=should_stop, status=status)
     assert ready.line is not None
     progress(
         f"node cache: {ready.line.get('num_blocks')} blocks in /dev/shm/{ready.line.get('segment')}"
@@ -310,6 +323,7 @@ class WorkersRegistered:
         self._num_workers = num_workers
         self._progress = progress
         self._last = ""
+        self._registered: int | None = None  # None: the frontend has not answered
 
     def poll(self) -> bool:
         body = fetch_health(self._url)
@@ -319,7 +333,7 @@ class WorkersRegistered:
             health = None
         if health is None:
             return False
-        registered = _count_workers(health)
+        registered = self._registered = _count_workers(health)
         if registered >= self._num_workers:
             return True
         status = f"{registered}/{self._num_workers} workers registered"
@@ -329,7 +343,9 @@ class WorkersRegistered:
         return False
 
     def waiting_for(self) -> str:
-        return self._last or "frontend not answering"
+        if self._registered is None:
+            return "the frontend's /health to answer"
+        return f"workers registered with the frontend: {self._registered}/{self._num_workers}"
 
 
 def wait_deployment_ready(
@@ -340,11 +356,12 @@ def wait_deployment_ready(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Progress,
+    status: StartupStatus | None = None,
 ) -> None:
     """Until the frontend at ``url`` reports every worker; bounded, aborted by a child's death
-    or by ``should_stop()`` (Ctrl-C)."""
+    or by ``should_stop()`` (Ctrl-C); the wait shown on ``status`` when given."""
     readiness = WorkersRegistered(url, num_workers, progress)
-    wait_ready(children, readiness, timeout_s, should_stop=should_stop)
+    wait_ready(children, readiness, timeout_s, should_stop=should_stop, status=status)
 
 
 def _count_workers(health: dict[str, Any]) -> int:

@@ -9,6 +9,9 @@ what users run, started and stopped the way users' are:
 * ``wait_ready`` polls a ``Readiness`` (``HealthEndpoints``: each server's ``/health`` answers
   2xx; ``ReadyLine``: a child printed its one JSON line, as ``fabric serve node-cache`` does)
   until it is ready; it gives up after a timeout, when a child exits or when asked to stop;
+  given a ``StartupStatus`` it shows what it waits for, for how long, of its bound: one live
+  line rewritten in place on a terminal, plain lines (on each change and every
+  ``LOG_EVERY_S``) in a log or pipe;
 * ``check_alive`` raises ``ChildFailed`` naming the first child that exited, with its log's tail;
 * ``stop_processes`` stops children as one: SIGTERM to each, one shared bound, then SIGKILL (to
   the whole group of a group leader); it reports each exit status other than 0 and returns all;
@@ -28,6 +31,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, TextIO
 
 from fabric.errors import FabricError
 from fabric.transfer.ucx_env import ucx_env_defaults
@@ -54,8 +58,74 @@ HEALTH_TIMEOUT_S = 2.0
 TAIL_LINES = 25
 """Lines of a child's log quoted when it fails."""
 
+LIVE_S = 0.25
+"""How often a live status line is rewritten at most."""
+LOG_EVERY_S = 10.0
+"""How often a wait that is not on a terminal repeats its line while nothing changes."""
+
 Progress = Callable[[str], None]
 """Receives one line per step worth telling (started, ready, stopped)."""
+
+
+class StartupStatus:
+    """What a start-up is doing, for the person watching it.
+
+    ``line`` (a ``Progress``) prints one line with ``prefix``; ``waiting`` reports a bounded
+    wait (what is awaited, seconds waited, the bound) and ``done`` ends it. On a terminal the
+    wait is one status line rewritten in place (at most every ``LIVE_S``) and cleared before any
+    other line and when the wait ends; elsewhere it is a plain line when what is awaited
+    changes and every ``LOG_EVERY_S`` while it does not, so a log shows progress, not noise.
+
+    Args:
+        live: rewrite a status line in place; default: whether ``stream`` is a terminal.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        stream: TextIO | None = None,
+        *,
+        live: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._prefix = prefix
+        self._stream = stream if stream is not None else sys.stdout
+        self._live = self._stream.isatty() if live is None else live
+        self._clock = clock
+        self._shown = False  # a live line is on the screen
+        self._what: str | None = None
+        self._written_at = 0.0
+
+    def line(self, message: str) -> None:
+        self._clear()
+        self._stream.write(f"{self._prefix} {message}\n")
+        self._stream.flush()
+
+    def waiting(self, what: str, waited_s: float, bound_s: float) -> None:
+        now = self._clock()
+        changed = what != self._what
+        every = LIVE_S if self._live else LOG_EVERY_S
+        if not changed and now - self._written_at < every:
+            return
+        self._what, self._written_at = what, now
+        text = f"waiting: {what} ({waited_s:.0f} s of {bound_s:.0f} s)"
+        if not self._live:
+            self.line(text)
+            return
+        self._stream.write(f"\r{self._prefix} {text}\x1b[K")
+        self._stream.flush()
+        self._shown = True
+
+    def done(self) -> None:
+        """The wait ended: clear its live line."""
+        self._clear()
+        self._what = None
+
+    def _clear(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
 
 
 class ChildFailed(FabricError):
@@ -209,21 +279,29 @@ def wait_ready(
     timeout_s: float,
     *,
     should_stop: Callable[[], bool] = lambda: False,
+    status: StartupStatus | None = None,
 ) -> None:
-    """Poll ``readiness`` until it is ready.
+    """Poll ``readiness`` until it is ready, showing the wait on ``status`` when given.
 
     Raises:
         ChildFailed: a child exited, or ``timeout_s`` passed first.
         FabricError: ``should_stop()`` turned true (Ctrl-C during start-up).
     """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if should_stop():
-            raise FabricError("interrupted during start-up")
-        check_alive(children)
-        if readiness.poll():
-            return
-        time.sleep(POLL_S)
+    start = time.monotonic()
+    deadline = start + timeout_s
+    try:
+        while (now := time.monotonic()) < deadline:
+            if should_stop():
+                raise FabricError("interrupted during start-up")
+            check_alive(children)
+            if readiness.poll():
+                return
+            if status is not None:
+                status.waiting(readiness.waiting_for(), now - start, timeout_s)
+            time.sleep(POLL_S)
+    finally:
+        if status is not None:
+            status.done()
     raise ChildFailed(f"not ready within {timeout_s:.0f} s ({readiness.waiting_for()})")
 
 

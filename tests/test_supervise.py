@@ -1,4 +1,5 @@
-"""Process supervision: exit statuses reported, and every NIXL process exits 0 when stopped.
+"""Process supervision: exit statuses reported, start-up waits shown (plain lines in order off a
+terminal, one live line on one), and every NIXL process exits 0 when stopped.
 
 The last test is issue 18's acceptance: with the RDMA libraries installed (``libibverbs1``,
 ``librdmacm1``: the README's set-up installs them), an aggregated worker and the frontend
@@ -10,10 +11,13 @@ status 0, not the SIGSEGV at exit that NIXL's wheel caused.
 from __future__ import annotations
 
 import ctypes.util
+import io
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,13 +26,16 @@ from fabric import supervise
 from fabric.frontend.client import served_model, stream_completion
 from fabric.launch import frontend_command, wait_deployment_ready, worker_command
 from fabric.supervise import (
+    LOG_EVERY_S,
     Child,
+    StartupStatus,
     child_env,
     describe_exit,
     free_port,
     private_etcd,
     start_process,
     stop_processes,
+    wait_ready,
 )
 
 STARTUP_S = 60.0
@@ -48,6 +55,82 @@ def test_child_env_keeps_ucx_off_the_efa_module(monkeypatch: pytest.MonkeyPatch)
     assert child_env({"UCX_MODULES": "^cuda"})["UCX_MODULES"] == "^cuda"
     monkeypatch.setenv("UCX_MODULES", "all")
     assert child_env()["UCX_MODULES"] == "all"  # the user's choice stands
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_wait_not_on_a_terminal_is_a_plain_line_on_each_change_and_every_interval() -> None:
+    out, clock = io.StringIO(), _Clock()
+    status = StartupStatus("[t]", out, clock=clock)  # a StringIO is no terminal
+    status.waiting("node-cache", 0.0, 60.0)
+    status.waiting("node-cache", 0.2, 60.0)  # unchanged, too soon: nothing
+    clock.now = LOG_EVERY_S
+    status.waiting("node-cache", LOG_EVERY_S, 60.0)  # unchanged, an interval later: repeated
+    clock.now += 0.2
+    status.waiting("workers 1/2", 10.2, 60.0)  # changed: at once
+    status.line("ready")
+    status.done()
+    assert out.getvalue().splitlines() == [
+        "[t] waiting: node-cache (0 s of 60 s)",
+        "[t] waiting: node-cache (10 s of 60 s)",
+        "[t] waiting: workers 1/2 (10 s of 60 s)",
+        "[t] ready",
+    ]
+
+
+def test_a_wait_on_a_terminal_is_one_line_rewritten_and_cleared() -> None:
+    out, clock = io.StringIO(), _Clock()
+    status = StartupStatus("[t]", out, live=True, clock=clock)
+    status.waiting("node-cache", 0.0, 60.0)
+    clock.now = 1.0
+    status.waiting("node-cache", 1.0, 60.0)
+    status.line("node-cache ready")  # clears the live line first
+    status.waiting("workers", 1.0, 60.0)
+    status.done()
+    assert out.getvalue() == (
+        "\r[t] waiting: node-cache (0 s of 60 s)\x1b[K"
+        "\r[t] waiting: node-cache (1 s of 60 s)\x1b[K"
+        "\r\x1b[K[t] node-cache ready\n"
+        "\r[t] waiting: workers (1 s of 60 s)\x1b[K"
+        "\r\x1b[K"
+    )
+
+
+class _Steps:
+    """A readiness that waits for ``steps`` in turn, one per poll, then is ready."""
+
+    def __init__(self, steps: list[str], progress: Callable[[str], None]) -> None:
+        self._steps = steps
+        self._progress = progress
+        self._polls = 0
+
+    def poll(self) -> bool:
+        self._polls += 1
+        if self._polls > len(self._steps):
+            self._progress("all ready")
+            return True
+        return False
+
+    def waiting_for(self) -> str:
+        return self._steps[self._polls - 1]
+
+
+def test_wait_ready_shows_each_thing_it_waits_for_in_order_then_ready() -> None:
+    out = io.StringIO()
+    status = StartupStatus("[t]", out)
+    wait_ready([], _Steps(["etcd", "node-cache"], status.line), 60.0, status=status)
+    lines = out.getvalue().splitlines()
+    assert [re.sub(r"\(\d+ s of", "(N s of", line) for line in lines] == [
+        "[t] waiting: etcd (N s of 60 s)",
+        "[t] waiting: node-cache (N s of 60 s)",
+        "[t] all ready",
+    ]
 
 
 def test_stop_processes_reports_what_did_not_exit_cleanly(tmp_path: Path) -> None:

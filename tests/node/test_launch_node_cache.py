@@ -1,10 +1,12 @@
 """``fabric launch --node-cache``: the node cache starts before the workers, registers in the
 launch's etcd, every worker attaches to it (found by host), the prompt is answered, and the
-whole deployment stops cleanly with the shared segment unlinked."""
+whole deployment stops cleanly with the shared segment unlinked; its progress lines come in
+order, each wait naming what it waits for and its bound."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -39,6 +41,7 @@ def test_launch_starts_a_node_cache_and_attaches_the_workers(tmp_path: Path) -> 
             "--prompt",
             prompt,
             "--max-tokens=4",
+            "--startup-timeout=300",
         ],
         check=False,
         cwd=REPO,
@@ -51,6 +54,30 @@ def test_launch_starts_a_node_cache_and_attaches_the_workers(tmp_path: Path) -> 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "[launch] node-cache ready" in output and "answer:" in output
+    # Progress, not silence: each step in order, and each wait with what it waits for and its
+    # bound (plain lines: stdout is a pipe here, not a terminal).
+    steps = [
+        "starting etcd",
+        "etcd: ",
+        "started node-cache (pid ",
+        "waiting: node-cache has not printed its ready line (",
+        "node-cache ready",
+        "node cache: ",
+        "started aggregated-0 (pid ",
+        "started frontend (pid ",
+        "waiting: ",
+        "ready: 1 workers, frontend ",
+        "stopped every process",
+    ]
+    launch_lines = [line[len("[launch] ") :] for line in done.stdout.splitlines()]
+    at = 0
+    for step in steps:
+        found = next(
+            (i for i in range(at, len(launch_lines)) if launch_lines[i].startswith(step)), None
+        )
+        assert found is not None, f"no {step!r} after line {at}:\n{done.stdout}"
+        at = found + 1
+    assert re.search(r"^\[launch\] waiting: .* \(\d+ s of 300 s\)$", done.stdout, re.M), output
     node_log = (run_dir / "node-cache.log").read_text()
     assert f'"node": "{node}"' in node_log and "node-cache-" + node in node_log
     assert "aggregated-0 attached" in node_log  # the worker found it through etcd
