@@ -212,7 +212,7 @@ class ClusterView:
         return {
             "model": self._frontend.model_name,
             "generated_at": now,
-            "frontend": _frontend_json(own, sum(count for _, count in in_flight.values())),
+            "frontend": frontend_json(own, sum(count for _, count in in_flight.values())),
             "routes_history": self._history.to_json(kind.value for kind in RouteKind),
             "workers": workers,
             "node_caches": [
@@ -241,7 +241,9 @@ async def _scrape(client: httpx.AsyncClient, record: WorkerRecord) -> WorkerScra
     return WorkerScrape(time.monotonic(), samples, None)
 
 
-def _frontend_json(own: Samples, in_flight: int) -> Json:
+def frontend_json(own: Samples, in_flight: int) -> Json:
+    """The frontend's figures from its own registry's samples (``in_flight``: the fleet's)."""
+
     def mean_ms(name: str) -> float | None:
         count = own.value(name + "_count")
         return own.value(name + "_sum") / count * 1e3 if count else None

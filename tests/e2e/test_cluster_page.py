@@ -184,6 +184,7 @@ def test_dashboard_shows_workers_and_moves_after_requests(
     # Both workers attached to the node cache (a worker attaches at its first store or load).
     assert number(text_of(browser, f"{cache} [data-field=clients]")) == 2
     assert text_of(browser, "#kv-transfer-ms") != "—"
+    assert text_of(browser, "#kv-bandwidth") != "—"  # bytes over transfer time
     assert text_of(browser, "#prefix-hit-rate").endswith("%")  # blocks were looked up
 
     assert console_errors(browser) == []

@@ -35,7 +35,12 @@ from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
 from fabric.discovery.registry import Role
 from fabric.frontend.api_key import ApiKey
-from fabric.frontend.dashboard_cluster import MIN_INTERVAL_S, RouteHistory, Samples
+from fabric.frontend.dashboard_cluster import (
+    MIN_INTERVAL_S,
+    RouteHistory,
+    Samples,
+    frontend_json,
+)
 from fabric.frontend.generation import FrontendSettings
 from fabric.frontend.metrics import FrontendMetrics, kv_block_bytes
 from fabric.kvbm import (
@@ -410,3 +415,15 @@ def test_kv_transfer_figures_count_requests_that_read_kv() -> None:
     assert own.value("fabric_frontend_kv_transfer_seconds_count") == 1
     assert own.value("fabric_frontend_kv_transfer_seconds_sum") == pytest.approx(0.004)
     assert own.value("fabric_frontend_kv_transfer_bytes_total") == 3 * BLOCK_BYTES
+    shown = frontend_json(own, in_flight=0)  # the page's cards: count, mean, bandwidth
+    assert (shown["kv_transfers"], shown["kv_transfer_ms"]) == (1, pytest.approx(4.0))
+    assert shown["kv_transfer_bytes_per_s"] == pytest.approx(3 * BLOCK_BYTES / 0.004)
+
+
+def test_the_prefix_hit_figures_follow_the_routes_counter() -> None:
+    metrics = FrontendMetrics(dict)
+    assert frontend_json(Samples.of(metrics.registry), 0)["prefix_blocks"] == {}
+    metrics.prefix_blocks.labels("hit").inc(6)  # as generation counts a routed request
+    metrics.prefix_blocks.labels("miss").inc(2)
+    shown = frontend_json(Samples.of(metrics.registry), 0)["prefix_blocks"]
+    assert shown == {"hit": 6, "miss": 2}  # the page's prefix hit rate: 6 / 8
