@@ -1,6 +1,6 @@
-"""What the deployment harnesses (``tests/e2e/e2e_harness.py``, ``tests/multihost/
-cluster_harness.py``) read of a running deployment: bounded polling, Prometheus scrapes and
-samples, the frontend's ``/health`` and the workers' etcd records.
+"""What the test harnesses (``tests/e2e/e2e_harness.py``, ``tests/multihost/cluster_harness.py``,
+``tests/worker/serving_harness.py``) and their tests read of a running deployment: bounded
+polling, Prometheus scrapes and samples, the frontend's ``/health`` and the workers' etcd records.
 
 Imported by bare name (``tests/`` is on ``sys.path``: the root conftest's directory); the name
 is unique across the test tree. Every wait here is bounded.

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "worker"))  # the serving tests' harness
-from serving_harness import Frontend, Result, wait_until
+from harness_probes import wait_until
+from serving_harness import Frontend, Result, prompt_of
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
@@ -114,11 +114,6 @@ def host(tiny_dir: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Host,
             runtime.close()
         the_host.stop_node()
         the_host.registry.close()
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 1024, (length,), generator=generator).tolist()
 
 
 def run(front: Frontend, worker_id: str, prompt: list[int]) -> Result:

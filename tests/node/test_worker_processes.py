@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from node_harness import read_json
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "worker"))  # the serving tests' harness
@@ -28,6 +27,7 @@ from serving_harness import (
     Result,
     WorkerProcess,
     metric,
+    prompt_of,
     scrape,
     spawn_worker,
     stop_all,
@@ -133,11 +133,6 @@ def deployment(
             stop_all(list(workers.values()))
             directory.close()
             registry.close()
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 1024, (length,), generator=generator).tolist()
 
 
 def run(deployed: Deployment, worker_id: str, prompt: list[int]) -> Result:

@@ -3,8 +3,8 @@
 ``WorkerProcess`` is one ``python -m fabric.worker ROLE`` child with its log file; ``stop`` sends
 SIGTERM and waits (bounded), then SIGKILLs. ``Frontend`` plays the frontend of the protocol: one
 ``SignalClient`` per worker (identity: the frontend's id), ``GenerateRequest`` sent one-way,
-``TokenChunk``s collected per request id until the finished one. ``blocks_in_use`` scrapes a
-worker's ``fabric_kvbm_blocks_in_use{tier="G1"}``.
+``TokenChunk``s collected per request id until the finished one. ``prompt_of`` makes a seeded
+prompt; ``blocks_in_use`` scrapes a worker's ``fabric_kvbm_blocks_in_use{tier="G1"}``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+from harness_probes import scrape as scrape_url
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
@@ -184,9 +186,9 @@ class Frontend:
 
 
 def scrape(record: WorkerRecord) -> str:
+    """The worker's metrics, from the endpoint its record names."""
     assert record.endpoints.metrics is not None, f"{record.worker_id} has no metrics endpoint"
-    with urllib.request.urlopen(record.endpoints.metrics, timeout=5) as response:
-        return response.read().decode()
+    return scrape_url(record.endpoints.metrics)
 
 
 def metric(text: str, name: str) -> float:
@@ -197,17 +199,14 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in the scrape")
 
 
+def prompt_of(length: int, seed: int) -> list[int]:
+    """``length`` token ids of the tiny vocabulary from ``seed``, never BOS (0) or EOS (1)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 1024, (length,), generator=generator).tolist()
+
+
 def blocks_in_use(record: WorkerRecord) -> float:
     return metric(scrape(record), 'fabric_kvbm_blocks_in_use{tier="G1"}')
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def stop_all(workers: Sequence[WorkerProcess]) -> None:

@@ -20,7 +20,6 @@ from prometheus_client import CollectorRegistry, Counter
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registry import Role
-from fabric.models.presets import ensure_model
 from fabric.supervise import free_port
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.health import LIVE_PATH, READY_PATH, WorkerHealth
@@ -83,11 +82,6 @@ def test_metrics_are_still_served_beside_health(server: MetricsServer) -> None:
     status, text = get(server.url)
     assert status == 200
     assert "probe_test_total 1.0" in text
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
 
 
 def test_a_worker_serves_health_on_its_configured_metrics_port(tiny_dir: Path) -> None:

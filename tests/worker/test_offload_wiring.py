@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_harness import Frontend, wait_until
+from harness_probes import wait_until
+from serving_harness import Frontend
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry

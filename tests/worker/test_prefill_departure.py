@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from serving_harness import wait_until
+from harness_probes import wait_until
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry

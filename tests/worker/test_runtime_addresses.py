@@ -4,7 +4,6 @@ of its record (``fabric.discovery.addresses``); the endpoints answer there."""
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,10 @@ from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registry import Role
 from fabric.errors import ConfigError
-from fabric.models.presets import ensure_model
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import build_worker
 
 ADVERTISED = "127.0.0.2"  # loopback, but not the address servers bind by default
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
-
-
-@pytest.fixture
-def registry() -> Iterator[InMemoryRegistry]:
-    registry = InMemoryRegistry()
-    yield registry
-    registry.close()
 
 
 def test_wildcard_bind_advertises_the_given_host(

@@ -22,17 +22,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import torch
+from harness_probes import wait_until
 from serving_harness import (
     Frontend,
     Result,
     WorkerProcess,
     blocks_in_use,
     metric,
+    prompt_of,
     scrape,
     spawn_worker,
     stop_all,
-    wait_until,
 )
 
 from fabric.discovery.etcd import EtcdRegistry
@@ -110,11 +110,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             stop_all(list(workers.values()))
             directory.close()
             registry.close()
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 1024, (length,), generator=generator).tolist()
 
 
 def check_equal(disaggregated: Result, aggregated: Result) -> None:

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from serving_harness import Frontend, Result, metric, scrape, wait_until
+from harness_probes import wait_until
+from serving_harness import Frontend, Result, metric, prompt_of, scrape
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
-from fabric.models.presets import ensure_model
 from fabric.signal.errors import UnknownMessageType
 from fabric.signal.framing import wall_ms
 from fabric.signal.messages import PrefillRequest
@@ -34,18 +33,6 @@ from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 
 StartWorker = Callable[..., WorkerRuntime]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
-
-
-@pytest.fixture
-def registry() -> Iterator[InMemoryRegistry]:
-    registry = InMemoryRegistry()
-    yield registry
-    registry.close()
 
 
 @pytest.fixture
@@ -92,11 +79,6 @@ def frontend(registry: InMemoryRegistry) -> Iterator[Frontend]:
     yield front
     front.close()
     directory.close()
-
-
-def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 1024, (length,), generator=generator).tolist()
 
 
 def in_use(runtime: WorkerRuntime) -> int:

@@ -11,25 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_harness import Frontend, Result, wait_until
+from harness_probes import wait_until
+from serving_harness import Frontend, Result
 
 from fabric.config import load_config
 from fabric.discovery.memory import InMemoryRegistry
 from fabric.discovery.registration import WorkerDirectory
 from fabric.discovery.registry import Role
 from fabric.kvbm import Tier
-from fabric.models.presets import ensure_model
 from fabric.transfer.loopback import LoopbackAgent, LoopbackRegistry
 from fabric.worker.runtime import WorkerRuntime, build_worker
 
 BLOCK = 16
 NAMESPACE = "tiering"
 StartWorker = Callable[..., WorkerRuntime]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("tiny", tmp_path_factory.mktemp("models") / "tiny", progress=lambda _: None)
 
 
 @pytest.fixture
