@@ -10,7 +10,8 @@ lock. It is sized for fleets of hundreds of workers and about ten million cached
 * ``_table`` (``hash_table.U64Table``, numpy arrays) maps a sequence hash to a *state id*, a
   small int naming one holder mask in the interned state table (``_HolderStates``): the blocks
   of one prefix usually share one mask (one holder, one tier; or every worker, for a system
-  prompt), so a block costs one 12-byte slot of an open-addressing table.
+  prompt), so a block costs one 12-byte slot of an open-addressing table (24-40 bytes at its
+  load).
 * Per slot, a log of the hashes the worker stored (an ``array('Q')``, 8 bytes each, compacted when
   it holds twice as many hashes as the worker does) is what ``AllBlocksCleared`` and
   ``clear_worker`` walk: a clear costs the worker's blocks, not the index's.
@@ -36,8 +37,8 @@ Invariants:
   up a chunk at a time, starts with every indexed worker, stops at the first hash none of those
   still in it holds (or at once when no asked-for worker is indexed), and recomputes who is
   still in only where a block's state differs from the previous block's: its cost grows with the
-  matched prefix, not with the number of workers (but for naming each holder's length once at
-  the end).
+  matched prefix, not with the number of workers. Its result (``HeldPrefixes``) keeps the
+  holders grouped by length, so a reader pays for the workers it asks about.
 
 Every worker that publishes KV events is indexed, whatever its role: prefill, decode and
 aggregated workers alike (the router decides which of them may supply KV to whom).
@@ -223,7 +224,7 @@ class KvPrefixIndex:
         An iterator ``hashes`` is consumed in order and only while some indexed worker holds
         every hash so far (on ``tiers``), one miss included, and not at all when none of
         ``workers`` is indexed: it may compute them lazily. A sequence is looked up in chunks
-        (``FIRST_CHUNK`` hashes, then doubling) while every hash so far is held.
+        (``FIRST_CHUNK`` hashes, then doubling) while some worker holds every hash so far.
 
         Args:
             tiers: count only copies on these tiers; None: any tier.
