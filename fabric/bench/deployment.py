@@ -2,10 +2,11 @@
 
 Owns the start and measure mechanics those benchmarks share, the way ``fabric launch`` starts a
 deployment (``fabric.launch``'s commands, supervised by ``fabric.supervise``): a worker or the
-OpenAI frontend started into the caller's ``children`` (the caller stops them), the bounded wait
-until the frontend sees its workers, one streamed request under the benchmarks' request timeout,
-seeded random prompts, the wait until a shared-disk (G4) directory holds a number of blocks,
-the p50 of a worker-reported figure, a report's per-kind figures and its ``machine`` block.
+OpenAI frontend started into the caller's ``children``, the bounded wait until the frontend
+sees its workers, ``deployed`` (a private etcd and one deployment on it, every process stopped
+on exit), one streamed request under the benchmarks' request timeout, seeded random prompts,
+the wait until the shared-disk (G4) directory holds a number of blocks, the p50 of a
+worker-reported figure, a report's per-kind figures and its ``machine`` block.
 
 Invariants: every wait is bounded (``STARTUP_S``, ``REQUEST_TIMEOUT_S``, ``STORE_WAIT_S``), and
 the same seed key always gives the same token ids.
@@ -19,7 +20,8 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,13 +31,26 @@ import numpy as np
 from fabric.errors import FabricError
 from fabric.frontend.client import StreamedCompletion, served_model, stream_completion
 from fabric.launch import frontend_command, wait_deployment_ready, worker_command
-from fabric.supervise import Child, Progress, free_port, start_process
+from fabric.supervise import (
+    Child,
+    Progress,
+    check_alive,
+    free_port,
+    private_etcd,
+    sigterm_raises,
+    start_process,
+    stop_processes,
+)
 
 STARTUP_S = 240.0
 REQUEST_TIMEOUT_S = 600.0
 STORE_WAIT_S = 60.0
 FIRST_TOKEN_ID = 2
 """Ids 0 and 1 are the presets' BOS / EOS; prompts draw from ``[2, vocab)``."""
+
+
+G4_DIR = "g4"
+"""The shared-disk (G4) directory a benchmark gives its workers, under its run directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +63,48 @@ class Deployment:
     vocab: int
     store_dir: Path
     children: list[Child]
+
+    def send(
+        self, prompt: Sequence[int], max_tokens: int, routing: dict[str, str] | None = None
+    ) -> StreamedCompletion:
+        """One streamed request (``request``), once every process is checked alive."""
+        check_alive(self.children)
+        return request(self.url, self.model, prompt, max_tokens, routing)
+
+    def wait_for_store(self, expected: int) -> None:
+        """Until G4 holds ``expected`` block files (write-through to G4 is asynchronous);
+        bounded, and failing at once if a process died."""
+        deadline = time.monotonic() + STORE_WAIT_S
+        while sum(1 for _ in self.store_dir.rglob("*.kvb")) < expected:
+            check_alive(self.children)
+            if time.monotonic() > deadline:
+                raise FabricError(
+                    f"G4 in {self.store_dir} holds fewer than {expected} blocks after "
+                    f"{STORE_WAIT_S:.0f} s: the write-through stalled (see the logs)"
+                )
+            time.sleep(0.05)
+
+
+@contextmanager
+def deployed(
+    run_dir: Path,
+    vocab: int,
+    num_workers: int,
+    start: Callable[[str, list[Child]], str],
+    progress: Progress,
+) -> Iterator[Deployment]:
+    """A private etcd under ``run_dir`` and the deployment ``start(etcd, children)`` starts on
+    it (its workers and frontend appended to ``children``; it returns the frontend's URL), once
+    the frontend sees ``num_workers`` workers. Every process is stopped on leaving, also on an
+    error or SIGTERM."""
+    children: list[Child] = []
+    with sigterm_raises(), private_etcd(run_dir) as etcd:
+        try:
+            url = start(etcd, children)
+            model = wait_serving(url, children, num_workers, progress)
+            yield Deployment(url, model, vocab, run_dir / G4_DIR, children)
+        finally:
+            stop_processes(children, progress=progress)
 
 
 def apply_quick(args: argparse.Namespace, quick: Mapping[str, object]) -> None:
@@ -148,18 +205,6 @@ def seeded_tokens(vocab: int, num_tokens: int, key: tuple[str, object]) -> list[
     seed = [num_tokens, *(ord(c) for c in str(key))]
     rng = np.random.default_rng(seed)
     return [int(t) for t in rng.integers(FIRST_TOKEN_ID, vocab, num_tokens)]
-
-
-def wait_for_store(store_dir: Path, expected: int) -> None:
-    """Until G4 holds ``expected`` block files (write-through to G4 is asynchronous)."""
-    deadline = time.monotonic() + STORE_WAIT_S
-    while sum(1 for _ in store_dir.rglob("*.kvb")) < expected:
-        if time.monotonic() > deadline:
-            raise FabricError(
-                f"G4 in {store_dir} holds fewer than {expected} blocks after "
-                f"{STORE_WAIT_S:.0f} s: the write-through stalled (see the logs)"
-            )
-        time.sleep(0.05)
 
 
 def stat_p50(fabrics: Iterable[dict[str, Any]], name: str) -> float | None:

@@ -53,6 +53,7 @@ node cache on another host (not built).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -64,24 +65,23 @@ from pathlib import Path
 from typing import Any
 
 from fabric.bench.deployment import (
+    G4_DIR,
     STARTUP_S,
     Deployment,
     apply_quick,
+    deployed,
     kind_figures,
     machine,
     make_run_dir,
     needs_two_cpus,
-    request,
     seeded_tokens,
     start_frontend,
     start_worker,
     stat_p50,
-    wait_for_store,
-    wait_serving,
 )
 from fabric.errors import FabricError
 from fabric.launch import start_node_cache
-from fabric.supervise import Child, check_alive, private_etcd, sigterm_raises, stop_processes
+from fabric.supervise import Child
 
 BLOCK_SIZE = 16
 NODE_GB = 0.5
@@ -169,25 +169,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ttft(args: argparse.Namespace, run_dir: Path, vocab: int) -> list[Measured]:
     measured: list[Measured] = []
-    children: list[Child] = []
-    with sigterm_raises(), private_etcd(run_dir) as etcd:
-        try:
-            url = _start(args, etcd, run_dir, children)
-            model = wait_serving(url, children, len(WORKERS), _log)
-            deployment = Deployment(url, model, vocab, run_dir / "g4", children)
-            _warm_up(deployment, args)
-            for r in range(args.rounds):
-                measured += _round(deployment, args, r)
-        finally:
-            stop_processes(children, progress=_log)
+    start = functools.partial(_start, args, run_dir)
+    with deployed(run_dir, vocab, len(WORKERS), start, _log) as deployment:
+        _warm_up(deployment, args)
+        for r in range(args.rounds):
+            measured += _round(deployment, args, r)
     return measured
 
 
-def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Child]) -> str:
+def _start(args: argparse.Namespace, run_dir: Path, etcd: str, children: list[Child]) -> str:
     context_blocks = -(-(args.prefix_tokens + args.turn_tokens + args.max_tokens) // BLOCK_SIZE)
     device = ["--block-size", str(BLOCK_SIZE), "--device-blocks", str(context_blocks * 5 // 4)]
     host = ["--host-blocks", str(4 * context_blocks)]
-    g4 = ["--shared-disk-dir", str(run_dir / "g4")]
+    g4 = ["--shared-disk-dir", str(run_dir / G4_DIR)]
     g4 += ["--shared-disk-blocks", str(4 * (args.rounds + 1) * context_blocks)]
     namespace = f"bench-node-{os.getpid()}"
     env = {"FABRIC_NODE_NAME": f"bench-node-{os.getpid()}"}  # its own segment
@@ -236,7 +230,7 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
         ("D", own, True),
     ):
         routing = {"worker": worker, **({"prefill_worker": ""} if local else {})}
-        request(deployment.url, deployment.model, prompt, args.max_tokens, routing)
+        deployment.send(prompt, args.max_tokens, routing)
 
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
@@ -245,14 +239,11 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
     prompts = {c: seeded_tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
     results = []
     for step in ROUND:
-        check_alive(deployment.children)
         if step.kind is Kind.G4_HIT:
             expected = (r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
-            wait_for_store(deployment.store_dir, expected)
+            deployment.wait_for_store(expected)
         routing = {"worker": step.worker, **({"prefill_worker": ""} if step.local else {})}
-        got = request(
-            deployment.url, deployment.model, prompts[step.context], args.max_tokens, routing
-        )
+        got = deployment.send(prompts[step.context], args.max_tokens, routing)
         result = Measured(step.kind, step.context, got.ttft_s * 1e3, got.text, got.fabric)
         _log(
             f"round {r} {step.kind.value:12} on {step.worker}: ttft {result.ttft_ms:8.1f} ms, "

@@ -44,6 +44,7 @@ and routing included).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -56,23 +57,22 @@ from typing import Any
 import numpy as np
 
 from fabric.bench.deployment import (
+    G4_DIR,
     Deployment,
     apply_quick,
+    deployed,
     kind_figures,
     machine,
     make_run_dir,
     needs_two_cpus,
-    request,
     seeded_tokens,
     start_frontend,
     start_worker,
     stat_p50,
-    wait_for_store,
-    wait_serving,
 )
 from fabric.bench.svg_chart import bar_chart
 from fabric.errors import FabricError
-from fabric.supervise import Child, check_alive, private_etcd, sigterm_raises, stop_processes
+from fabric.supervise import Child
 
 BLOCK_SIZE = 16
 GOALS = {"host_hit": 30.0, "peer_hit": 30.0, "disk_hit": 20.0}
@@ -173,18 +173,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vocab = PRESET_CONFIGS[Preset(args.preset)].vocab_size
     load_before = os.getloadavg()
     measured: list[Measured] = []
-    children: list[Child] = []
-    with sigterm_raises(), private_etcd(run_dir) as etcd:
-        try:
-            url = _start(args, etcd, run_dir, children)
-            model = wait_serving(url, children, len(WORKERS), _log)
-            deployment = Deployment(url, model, vocab, run_dir / "g4", children)
-            _warm_up(deployment, args)
-            for r in range(args.rounds):
-                measured += _round(deployment, args, r)
-            turns = _conversations(deployment, args)
-        finally:
-            stop_processes(children, progress=_log)
+    start = functools.partial(_start, args, run_dir)
+    with deployed(run_dir, vocab, len(WORKERS), start, _log) as deployment:
+        _warm_up(deployment, args)
+        for r in range(args.rounds):
+            measured += _round(deployment, args, r)
+        turns = _conversations(deployment, args)
     report = _report(args, measured, turns, load_before)
     if args.plot is not None:
         title = (
@@ -196,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Child]) -> str:
+def _start(args: argparse.Namespace, run_dir: Path, etcd: str, children: list[Child]) -> str:
     context_blocks = -(-(args.prefix_tokens + args.turn_tokens + args.max_tokens) // BLOCK_SIZE)
     tiers = [
         "--block-size",
@@ -208,7 +202,7 @@ def _start(args: argparse.Namespace, etcd: str, run_dir: Path, children: list[Ch
     ]
     g4 = [
         "--shared-disk-dir",
-        str(run_dir / "g4"),
+        str(run_dir / G4_DIR),
         "--shared-disk-blocks",
         str(4 * (args.rounds + 1) * context_blocks),
     ]
@@ -239,7 +233,7 @@ def _warm_up(deployment: Deployment, args: argparse.Namespace) -> None:
     shared = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "A"))
     own = seeded_tokens(deployment.vocab, 2 * BLOCK_SIZE + 3, ("warm", "B"))
     for worker, prompt in (("A", shared), ("C", shared), ("B", own)):
-        request(deployment.url, deployment.model, prompt, args.max_tokens, {"worker": worker})
+        deployment.send(prompt, args.max_tokens, {"worker": worker})
 
 
 def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Measured]:
@@ -248,17 +242,12 @@ def _round(deployment: Deployment, args: argparse.Namespace, r: int) -> list[Mea
     prompts = {c: seeded_tokens(vocab, args.prefix_tokens, (c, r)) + turn for c in ("X", "Y")}
     results = []
     for step in ROUND:
-        check_alive(deployment.children)
         if step.kind is Kind.DISK_HIT:
-            wait_for_store(
-                deployment.store_dir, expected=(r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE)
-            )
+            deployment.wait_for_store((r + 1) * 2 * (args.prefix_tokens // BLOCK_SIZE))
         routing: dict[str, Any] = {"worker": step.worker}
         if step.prefill_worker is not None:
             routing["prefill_worker"] = step.prefill_worker
-        got = request(
-            deployment.url, deployment.model, prompts[step.context], args.max_tokens, routing
-        )
+        got = deployment.send(prompts[step.context], args.max_tokens, routing)
         result = Measured(
             step.kind, got.ttft_s * 1e3, got.text, len(prompts[step.context]), got.fabric
         )
@@ -290,10 +279,7 @@ def _conversations(deployment: Deployment, args: argparse.Namespace) -> list[Tur
         for k in range(args.turns):
             history += seeded_tokens(deployment.vocab, args.turn_tokens, ("user", c * 1000 + k))
             worker = "AB"[(c + k) % 2]
-            check_alive(deployment.children)
-            got = request(
-                deployment.url, deployment.model, history, args.max_tokens, {"worker": worker}
-            )
+            got = deployment.send(history, args.max_tokens, {"worker": worker})
             shared = max((_common_prefix(p, history) for p in earlier), default=0)
             turn = Turn(
                 got.ttft_s * 1e3,
