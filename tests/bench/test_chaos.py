@@ -11,13 +11,10 @@ refusals are quick, every malformed request is a 4xx JSON and the prefill serves
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from bench_quick import run_quick
 
 from fabric.bench.chaos import FAULT_NAMES
 from fabric.bench.chaos.context import ROW_KEYS
@@ -32,26 +29,8 @@ TIMEOUT_S = 240.0
 KEEPALIVE_S = 5.0 / 3  # the default registration TTL over 3
 
 
-def _run_quick(run_dir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "fabric.bench", "chaos", "--quick", "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the benchmark stops its children on SIGTERM
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        pytest.fail(f"chaos --quick took over {TIMEOUT_S:.0f} s; stderr:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
 def test_chaos_quick(tmp_path: Path) -> None:
-    result = _run_quick(tmp_path)
+    result = run_quick("chaos", TIMEOUT_S, "--run-dir", str(tmp_path))
     rows = {row["fault"]: row for row in result["rows"]}
     assert list(rows) == list(FAULT_NAMES)
     for name, row in rows.items():
