@@ -7,12 +7,14 @@ salt and compat hash. When serving, it prints one JSON line to stdout (``endpoin
 ``segment``, ``num_blocks``, ``block_bytes``, ``compat_hash``, ``lease_s``) for launchers and
 tests; it sweeps expired leases four times per lease; on SIGINT / SIGTERM it stops serving and
 unlinks its segment. It serves its Prometheus metrics (``fabric.node.metrics``) on
-``http://<--metrics-host>:<--metrics-port>/metrics`` (port 0, the default: a free one) with the
-worker's ``MetricsServer``. With ``--etcd`` it registers in discovery (role ``node-cache``, id
-``node-cache-<node>``, ``node`` = this host's name, the metrics URL: ``node_record``), so
-workers started with ``--node-cache etcd`` find it, dashboards and ``fabric status`` scrape it,
-and the router sees its KV events (published by default on a free loopback port, with replay);
-the record is revoked on the way out.
+``http://<--bind-host>:<--metrics-port>/metrics`` (port 0, the default: a free one) with the
+worker's ``MetricsServer``; its record advertises that URL and the event stream at the advertised
+host (``fabric.discovery.addresses``, the rules workers follow: ``--advertise-host``, else the
+bind host, else with 0.0.0.0 the address of the route to etcd). With ``--etcd`` it registers in
+discovery (role ``node-cache``, id ``node-cache-<node>``, ``node`` = this host's name, the
+metrics URL: ``node_record``), so workers started with ``--node-cache etcd`` find it, dashboards
+and ``fabric status`` scrape it, and the router sees its KV events (published by default on a
+free port of the bind host, with replay); the record is revoked on the way out.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from contextlib import ExitStack
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from fabric.discovery.addresses import HostAddresses, resolve_addresses
 
 if TYPE_CHECKING:
     from fabric.node.config import NodeCacheConfig
@@ -83,14 +88,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--events-endpoint",
         metavar="ZMQ",
-        default="tcp://127.0.0.1:0",
         help="publish KV events here, vLLM's wire format, replay on a free port beside it "
-        "[default tcp://127.0.0.1:0]",
+        "[default tcp://<bind host>:0]",
     )
     parser.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="address of the /metrics HTTP endpoint [default 127.0.0.1]",
+        "--bind-host",
+        default=os.environ.get("FABRIC_BIND_HOST"),
+        metavar="HOST",
+        help="interface the KV event stream and /metrics listen on; 0.0.0.0 for all "
+        "[env FABRIC_BIND_HOST; default 127.0.0.1]",
+    )
+    parser.add_argument(
+        "--advertise-host",
+        default=os.environ.get("FABRIC_ADVERTISE_HOST"),
+        metavar="HOST",
+        help="address the etcd record gives for them (a pod IP, this host's address) "
+        "[env FABRIC_ADVERTISE_HOST; default: the bind host, or with 0.0.0.0 the address of "
+        "the route to etcd]",
     )
     parser.add_argument(
         "--metrics-port",
@@ -117,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     from fabric.signal import metrics as signal_metrics
     from fabric.worker.metrics import MetricsServer
 
-    config = NodeCacheConfig(**_config_fields(args))
+    addresses = resolve_addresses(args.bind_host, args.advertise_host, args.etcd or "")
+    config = NodeCacheConfig(**_config_fields(args, addresses))
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -130,12 +145,13 @@ def run(args: argparse.Namespace) -> int:
         service = stack.enter_context(build_node_cache(config))
         registry = node_cache_registry(service.cache)
         registry.register(signal_metrics.REGISTRY)  # this process's signal errors
-        metrics = MetricsServer(registry, args.metrics_host, args.metrics_port)
+        metrics = MetricsServer(registry, addresses.bind, args.metrics_port)
         stack.callback(metrics.close)
-        registered = _register(args, service, config, stack, metrics=metrics.url)
+        metrics_url = addresses.advertise(metrics.url)
+        registered = _register(args, service, config, stack, addresses, metrics=metrics_url)
         ready = {
             "endpoint": service.endpoint,
-            "metrics": metrics.url,
+            "metrics": metrics_url,
             "segment": service.segment,
             "num_blocks": config.num_blocks,
             "block_bytes": config.block_bytes,
@@ -156,6 +172,7 @@ def _register(
     service: NodeCacheService,
     config: NodeCacheConfig,
     stack: ExitStack,
+    addresses: HostAddresses,
     *,
     metrics: str,
 ) -> str | None:
@@ -169,7 +186,7 @@ def _register(
 
     registry = EtcdRegistry(args.etcd, timeout_s=2.0)
     stack.callback(registry.close)
-    record = node_record(service, config, model=args.model, metrics=metrics)
+    record = node_record(service, config, model=args.model, metrics=metrics, addresses=addresses)
     registration = WorkerRegistration(
         registry, record, ttl_s=args.registration_ttl, namespace=config.namespace
     ).start()
@@ -178,17 +195,18 @@ def _register(
     return record.worker_id
 
 
-def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
+def _config_fields(args: argparse.Namespace, addresses: HostAddresses) -> dict[str, Any]:
     from fabric.discovery.registry import DEFAULT_NAMESPACE
     from fabric.kvbm import load_kvbm_config
     from fabric.models.config import ModelConfig
     from fabric.models.presets import PRESET_CONFIGS, Preset
 
+    events = addresses.bind_endpoint() if args.events_endpoint is None else args.events_endpoint
     given = {
         "block_size": args.block_size,
         "eviction": args.eviction,
-        "events_endpoint": args.events_endpoint or None,
-        "events_replay_endpoint": "tcp://127.0.0.1:0" if args.events_endpoint else None,
+        "events_endpoint": events or None,  # "": no event stream
+        "events_replay_endpoint": addresses.bind_endpoint() if events else None,
         "cpu_cache_blocks": args.blocks,
     }
     overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 
+from fabric.discovery.addresses import HostAddresses
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import StorageError
@@ -99,24 +100,36 @@ def _check_room(num_bytes: int) -> None:
 
 
 def node_record(
-    service: NodeCacheService, config: NodeCacheConfig, *, model: str, metrics: str | None = None
+    service: NodeCacheService,
+    config: NodeCacheConfig,
+    *,
+    model: str,
+    metrics: str | None = None,
+    addresses: HostAddresses | None = None,
 ) -> WorkerRecord:
     """The discovery record of ``service``: role ``NODE_CACHE``, id ``node-cache-<node>``, the
     host's name in ``node`` (workers of the host find it by that), its signal endpoint and KV
     event stream, its ``/metrics`` URL when it serves one (``metrics``: dashboards and
     ``fabric status`` scrape it), the segment's layout facts and the compat hash its blocks are
-    keyed by."""
+    keyed by. With ``addresses``, the event stream is given at the advertised host (the signal
+    endpoint is published as configured: an ``ipc://`` path or a host the user chose)."""
     layout = config.layout
     events = service.events
+    advertise = addresses.advertise if addresses is not None else str
+    signal_endpoint = service.endpoint
+    if addresses is not None and signal_endpoint.startswith("tcp://"):
+        signal_endpoint = addresses.published(signal_endpoint)
     endpoints = (
         Endpoints(
-            signal=service.endpoint,
+            signal=signal_endpoint,
             metrics=metrics,
-            events=events.endpoint,
-            events_replay=events.replay_endpoint,
+            events=advertise(events.endpoint),
+            events_replay=advertise(events.replay_endpoint)
+            if events.replay_endpoint is not None
+            else None,
         )
         if isinstance(events, ZmqEventPublisher)
-        else Endpoints(signal=service.endpoint, metrics=metrics)
+        else Endpoints(signal=signal_endpoint, metrics=metrics)
     )
     return WorkerRecord(
         worker_id=f"node-cache-{config.node}",

@@ -204,8 +204,9 @@ class FabricProcess:
         return str(self.args.role)
 
     def metrics_port(self) -> int | None:
-        """The port serving ``/metrics``: a worker's metrics port, the frontend's HTTP port."""
-        if self.role in WORKER_ROLES:
+        """The port serving ``/metrics``: a worker's or node cache's metrics port, the frontend's
+        HTTP port."""
+        if self.role in WORKER_ROLES or self.role == "node-cache":
             return int(self.args.metrics_port) if self.args.metrics_port else None
         if self.role == "frontend":
             return int(self.args.port)
@@ -287,6 +288,8 @@ def _served_paths(
             return {}
         if process.role in WORKER_ROLES:
             return {port: lambda path: path in {LIVE_PATH, READY_PATH, "/metrics"}}
+        if process.role == "node-cache":
+            return {port: lambda path: path == "/metrics"}
         routes = _frontend_routes()
         key_on = "FABRIC_API_KEY_FILE" in container.env()[0] and not with_key
         return {port: lambda path: path in routes and not (key_on and is_protected(path))}
@@ -329,7 +332,7 @@ def probe_problems(manifests: list[Manifest]) -> Problems:
                 if got != path:
                     problems.append(f"{container.name}: {kind} must GET {path}, not {got}")
         has_probes = "livenessProbe" in container.spec and "readinessProbe" in container.spec
-        if not has_probes and not (process is not None and process.role == "node-cache"):
+        if not has_probes:
             problems.append(f"{container.name}: no liveness and readiness probes")
     return problems
 

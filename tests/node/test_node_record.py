@@ -107,6 +107,8 @@ def test_python_m_fabric_node_registers_in_etcd_and_revokes_on_sigterm(
                     "test",
                     f"--etcd={etcd.endpoint}",
                     "--registration-ttl=2",
+                    "--bind-host=0.0.0.0",  # all interfaces, advertised at another address
+                    "--advertise-host=127.0.0.2",
                 ]
             )
             ready = read_json(service)
@@ -119,6 +121,9 @@ def test_python_m_fabric_node_registers_in_etcd_and_revokes_on_sigterm(
             assert record.endpoints.events and record.endpoints.events_replay
             assert record.compat_hash == ready["compat_hash"]
             assert record.endpoints.metrics == ready["metrics"]  # dashboards scrape it
+            advertised = [record.endpoints.events, record.endpoints.events_replay]
+            assert all(e.startswith("tcp://127.0.0.2:") for e in advertised), record.endpoints
+            assert ready["metrics"].startswith("http://127.0.0.2:"), ready
             scraped = Samples.parse(httpx.get(ready["metrics"], timeout=10).text)
             assert scraped.value("fabric_node_cache_blocks_capacity") == 8
             service.terminate()
