@@ -15,6 +15,8 @@ kernel frees the memory when the last one unmaps).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -51,12 +53,18 @@ class NodeCacheService:
     """The node cache, its shared segment, its event sink and its signal server."""
 
     def __init__(
-        self, cache: NodeCache, storage: Storage, events: EventSink, server: SignalServer
+        self,
+        cache: NodeCache,
+        storage: Storage,
+        events: EventSink,
+        server: SignalServer,
+        owner_fd: int,
     ) -> None:
         self.cache = cache
         self.storage = storage
         self.events = events
         self.server = server
+        self._owner_fd = owner_fd  # claim_segment's lock, released after the unlink
         self._closed = False
 
     @property
@@ -75,6 +83,7 @@ class NodeCacheService:
         self.server.close()
         self.storage.close()
         self.events.close()
+        release_segment(self.segment, self._owner_fd)
         logger.info("node cache stopped; segment %s unlinked", self.segment)
 
     def __enter__(self) -> NodeCacheService:
@@ -97,6 +106,44 @@ def _check_room(num_bytes: int) -> None:
             f"{free / 2**30:.2f} GiB free: give fewer --blocks / a smaller --shm-gb, or a larger "
             f"{SHM_DIR}"
         )
+
+
+def claim_segment(segment: str) -> int:
+    """Become the one live node cache of ``segment``: an exclusive ``flock`` on
+    ``/dev/shm/<segment>.owner``, held (the returned descriptor) for the service's life.
+
+    The kernel drops the lock when its process dies, however it dies, so a segment whose owner
+    file is not locked was left by a node cache killed before it could unlink it (SIGKILL,
+    OOM): it is removed here, and the restarted cache starts empty (clients of the old one are
+    told to attach again).
+
+    Raises:
+        StorageError: a live node cache holds the lock (same node name and namespace).
+    """
+    path = os.path.join(SHM_DIR, f"{segment}.owner")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageError(
+            f"another node cache serves segment {segment} (it holds {path}): stop it, or give "
+            "this one another --node or --namespace"
+        ) from None
+    stale = os.path.join(SHM_DIR, segment)
+    if os.path.exists(stale):
+        os.unlink(stale)
+        logger.warning(
+            "removed segment %s, left by a node cache that died without unlinking it", segment
+        )
+    return fd
+
+
+def release_segment(segment: str, fd: int) -> None:
+    """Give up ``claim_segment``'s lock (after the segment is unlinked) and remove its file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(SHM_DIR, f"{segment}.owner"))
+    os.close(fd)
 
 
 def node_record(
@@ -157,9 +204,10 @@ def build_node_cache(
 ) -> NodeCacheService:
     """Create the segment, the pool and the server; serving starts before this returns.
 
+    A segment left by a node cache that died is replaced (``claim_segment``).
+
     Raises:
-        StorageError: the segment exists already (another node cache, or one killed before it
-            could unlink it: remove ``/dev/shm/<segment>``) or cannot be created.
+        StorageError: another live node cache serves the segment, or it cannot be created.
         ConfigError: the endpoint cannot be bound.
     """
     segment = config.segment
@@ -167,7 +215,9 @@ def build_node_cache(
     layout = config.layout
     events = publisher_for(kvbm)
     built: list[Storage | EventSink] = [events]
+    owner_fd: int | None = None
     try:
+        owner_fd = claim_segment(segment)
         _check_room(layout.total_bytes)
         storage = tier_storage(kvbm, Tier.HOST, layout)
         built.append(storage)
@@ -187,6 +237,8 @@ def build_node_cache(
     except BaseException:
         for part in reversed(built):
             part.close()
+        if owner_fd is not None:
+            release_segment(segment, owner_fd)
         raise
     logger.info(
         "node cache: %d blocks of %d bytes (%.1f MiB) in shared segment %s, leases %.1f s, "
@@ -198,4 +250,4 @@ def build_node_cache(
         config.lease_s,
         config.compat_hash,
     )
-    return NodeCacheService(cache, storage, events, server)
+    return NodeCacheService(cache, storage, events, server, owner_fd)

@@ -25,10 +25,12 @@ from fabric.node.config import segment_name
 def namespace() -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:12]}"
     yield name
-    leftover = Path("/dev/shm", segment_name(name, "test"))
-    if leftover.exists():  # clean up whatever failed, then fail
+    segment = Path("/dev/shm", segment_name(name, "test"))
+    leftovers = [p for p in (segment, segment.with_name(f"{segment.name}.owner")) if p.exists()]
+    for leftover in leftovers:  # clean up whatever failed, then fail
         leftover.unlink()
-        pytest.fail(f"{leftover} was left behind")
+    if leftovers:
+        pytest.fail(f"{leftovers} left behind")
 
 
 @pytest.fixture

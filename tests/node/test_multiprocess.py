@@ -4,9 +4,12 @@ and polls a state; no timing decides a verdict."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from node_harness import (
     SPEC,
@@ -124,3 +127,39 @@ def test_a_reader_killed_while_pinning_leaks_no_pin(
     assert stored.num_stored == 8
     assert client.lookup(seq[:1]).lease_id is None
     service.cache.check_invariants()
+
+
+def test_a_node_cache_killed_by_sigkill_is_replaced_by_the_next_and_a_live_one_is_not(
+    namespace: str, peers: Start
+) -> None:
+    argv = ["-m", "fabric.node", "--blocks", "8", "--block-size", str(SPEC["block_size"])]
+    argv += ["--model", "tiny", "--namespace", namespace, "--node", "test"]
+    # Its own process group, killed whole as an OOM kill or a container's SIGKILL does: with
+    # it dies the resource tracker that would otherwise unlink the segment.
+    first = subprocess.Popen(
+        [sys.executable, *argv], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        read_json(first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(WAIT_S)
+        assert first.stdout is not None
+        first.stdout.close()
+    assert shm_exists(namespace), "the killed group left no segment: nothing to replace"
+    second = peers(argv)
+    ready = read_json(second)
+    assert ready["num_blocks"] == 8 and shm_exists(namespace)
+    spec = {**spec_for(ready["endpoint"], ready["compat_hash"], "writer"), "layers": 4}
+    spec |= {"kv_heads": 2, "head_size": 64, "dtype": "float32"}  # the tiny preset
+    writer = peers(peer_argv(spec, "store", [31, 32]))
+    assert read_json(writer) == {"stored": 2, "held": 0}  # the new segment serves
+    refused = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=WAIT_S, check=False
+    )
+    assert refused.returncode != 0 and "another node cache serves segment" in refused.stderr
+    assert shm_exists(namespace)  # the refused one left the live one's segment alone
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(WAIT_S) == 0
+    assert not shm_exists(namespace)
+    assert not list(Path("/dev/shm").glob(f"*{namespace}*"))  # nor the owner lock file

@@ -216,9 +216,12 @@ def test_close_unlinks_the_segment_and_clients_keep_their_mapping(
 def test_a_segment_larger_than_dev_shm_is_refused_at_start(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "SHM_DIR", "/nonexistent")  # room unknown: built
-    build_node_cache(node_config(namespace, lease_s=5.0)).close()
-    monkeypatch.setattr(service, "SHM_DIR", "/dev/shm")
+    def unknown(path: str) -> os.statvfs_result:
+        raise OSError(f"no statvfs of {path} here")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service.os, "statvfs", unknown)  # room unknown: built
+        build_node_cache(node_config(namespace, lease_s=5.0)).close()
     shm = os.statvfs("/dev/shm")
     block_bytes = node_config(namespace, lease_s=5.0).block_bytes
     too_many = shm.f_bavail * shm.f_frsize // block_bytes + 1
