@@ -18,8 +18,7 @@ unknown field is an error; no network). The other checks tie the manifests to th
   mounted secret;
 * consistency: fabric processes agree on model and namespace, their etcd URLs are the
   StatefulSet's members and they carry the TLS material etcd asks for, workers share the node
-  cache's host directories and node name, and the node cache's segment is the one its init
-  container clears.
+  cache's host directories and node name.
 
 Each check takes the list of manifests, so tests can break a copy and see the check fail.
 """
@@ -47,7 +46,6 @@ from fabric.frontend.api import build_app
 from fabric.frontend.api_key import is_protected
 from fabric.frontend.generation import FrontendSettings
 from fabric.kvbm import KvbmConfig
-from fabric.node.config import segment_name
 from fabric.worker.health import LIVE_PATH, READY_PATH
 
 REPO = Path(__file__).resolve().parents[2]
@@ -454,7 +452,7 @@ def _secret_file_problems(container: Container, name: str, path: str) -> Problem
 
 def consistency_problems(manifests: list[Manifest]) -> Problems:
     """Fabric processes share one model and namespace and reach every etcd member; workers
-    reach the node cache; its init container clears the node cache's own segment."""
+    reach the node cache."""
     problems: Problems = []
     processes = list(fabric_processes(manifests))
     if len({p.args.model for p in processes}) > 1:
@@ -476,13 +474,6 @@ def consistency_problems(manifests: list[Manifest]) -> Problems:
             )
     problems += _node_cache_problems(processes)
     problems += _etcd_tls_problems(manifests, processes)
-    for container in all_containers(manifests):
-        if not container.init or "rm -f" not in " ".join(container.argv()[0]):
-            continue
-        node = DOWNWARD_SAMPLES["spec.nodeName"]
-        segment = f"/dev/shm/{segment_name(DEFAULT_NAMESPACE, node)}"
-        if segment not in " ".join(container.argv()[0]):
-            problems.append(f"{container.name}: does not clear the node cache segment {segment}")
     return problems
 
 

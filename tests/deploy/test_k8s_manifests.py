@@ -273,17 +273,6 @@ BREAKAGES: dict[str, tuple[str, Breakage, str]] = {  # id: (check, breakage, tex
         set_arg("Deployment", "prefill", "--node-name", "node-2"),
         "node name node-2",
     ),
-    "node cache segment not cleared": (
-        "consistency",
-        edit(
-            "DaemonSet",
-            "node-cache",
-            lambda d: d["spec"]["template"]["spec"]["initContainers"][0].update(
-                args=["rm -f /dev/shm/kvfabric-other-node-cache"]
-            ),
-        ),
-        "does not clear",
-    ),
     "no memory limit": (
         "resources",
         worker(lambda c: c["resources"].pop("limits")),

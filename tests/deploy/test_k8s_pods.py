@@ -140,6 +140,7 @@ def pods(
         lab.stop_children()
         segment = Path("/dev/shm") / segment_name(DEFAULT_NAMESPACE, node)
         segment.unlink(missing_ok=True)
+        segment.with_name(f"{segment.name}.owner").unlink(missing_ok=True)  # claim_segment's
         runner.cleanup()
 
 
