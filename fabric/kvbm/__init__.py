@@ -48,7 +48,13 @@ if TYPE_CHECKING:
         seed_for_salt,
         sequence_hashes,
     )
-    from fabric.kvbm.core.layout import KvGeometry, LayoutKind, LayoutSpec, dtype_name
+    from fabric.kvbm.core.layout import (
+        KvGeometry,
+        LayoutKind,
+        LayoutSpec,
+        dtype_name,
+        layout_record,
+    )
     from fabric.kvbm.core.pool import BlockPool, register_positions
     from fabric.kvbm.core.types import BlockHash, BlockId, SequenceHash, Tier
     from fabric.kvbm.manager import KvBlockManager, PrefixMatch
@@ -98,6 +104,7 @@ _NAME_TO_MODULE: dict[str, str] = {
     "LayoutKind": "fabric.kvbm.core.layout",
     "LayoutSpec": "fabric.kvbm.core.layout",
     "dtype_name": "fabric.kvbm.core.layout",
+    "layout_record": "fabric.kvbm.core.layout",
     "AllCleared": "fabric.kvbm.core.events",
     "BlockRemoved": "fabric.kvbm.core.events",
     "BlockStored": "fabric.kvbm.core.events",
@@ -177,6 +184,7 @@ __all__ = [
     "SequenceBlocks",
     "SequenceHash",
     "SharedBlockStore",
+    "layout_record",
     "load_mac_key",
     "Storage",
     "TensorStorage",

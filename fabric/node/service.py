@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from fabric.discovery.addresses import HostAddresses
-from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.records import Endpoints, WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import StorageError
 from fabric.kvbm import (
@@ -34,7 +34,7 @@ from fabric.kvbm import (
     Tier,
     ZmqEventPublisher,
     build_pool,
-    dtype_name,
+    layout_record,
     publisher_for,
     tier_storage,
 )
@@ -183,16 +183,7 @@ def node_record(
         role=Role.NODE_CACHE,
         endpoints=endpoints,
         agent_name=None,
-        layout=FabricLayout(
-            model=model,
-            block_size=layout.block_size,
-            num_layers=layout.num_layers,
-            outer_dim=layout.outer_dim,
-            inner_dim=layout.inner_dim,
-            dtype=dtype_name(layout.dtype),
-            kind=layout.kind.value,
-            num_blocks=layout.num_blocks,
-        ),
+        layout=layout_record(layout, model=model),
         compat_hash=config.compat_hash,
         started_at=time.time(),
         node=config.node,

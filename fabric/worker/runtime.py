@@ -59,7 +59,7 @@ from fabric.config import FabricConfig
 from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.addresses import HostAddresses, resolve_addresses, ucx_net_devices
 from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.records import Endpoints, WorkerRecord
 from fabric.discovery.registration import WorkerDirectory, WorkerRegistration
 from fabric.discovery.registry import Registry, Role
 from fabric.engine import Engine
@@ -72,7 +72,7 @@ from fabric.kvbm import (
     ZmqEventPublisher,
     build_kvbm,
     build_offload_manager,
-    dtype_name,
+    layout_record,
 )
 from fabric.models.config import ModelConfig
 from fabric.models.presets import Preset, ensure_model
@@ -412,17 +412,7 @@ def _build(
             ),
         ),
         agent_name=agent.name,
-        layout=FabricLayout(
-            model=model_name,
-            model_path=str(model_dir),
-            block_size=layout.block_size,
-            num_layers=layout.num_layers,
-            outer_dim=layout.outer_dim,
-            inner_dim=layout.inner_dim,
-            dtype=dtype_name(layout.dtype),
-            kind=layout.kind.value,
-            num_blocks=layout.num_blocks,
-        ),
+        layout=layout_record(layout, model=model_name, model_path=str(model_dir)),
         compat_hash=kvbm.compat_hash,
         started_at=time.time(),
         node=node_name(config),

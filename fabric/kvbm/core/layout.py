@@ -38,6 +38,7 @@ from enum import Enum
 import numpy as np
 import torch
 
+from fabric.discovery.records import FabricLayout
 from fabric.errors import InvalidInput, LayoutMismatch
 
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(
@@ -57,6 +58,22 @@ SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(
 def dtype_name(dtype: torch.dtype) -> str:
     """The short name of a torch dtype (``"float16"``), as used in compatibility facts."""
     return str(dtype).removeprefix("torch.")
+
+
+def layout_record(layout: LayoutSpec, *, model: str, model_path: str | None = None) -> FabricLayout:
+    """``layout``'s facts as a discovery record gives them (``FabricLayout``): what peers compare
+    before a transfer, and the pool's size."""
+    return FabricLayout(
+        model=model,
+        model_path=model_path,
+        block_size=layout.block_size,
+        num_layers=layout.num_layers,
+        outer_dim=layout.outer_dim,
+        inner_dim=layout.inner_dim,
+        dtype=dtype_name(layout.dtype),
+        kind=layout.kind.value,
+        num_blocks=layout.num_blocks,
+    )
 
 
 class LayoutKind(Enum):
