@@ -143,7 +143,8 @@ def build_app(frontend: Frontend, *, api_key: ApiKey | None = None) -> FastAPI:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
-        """Eligible workers by role; 503 while no decode or aggregated worker is known."""
+        """Workers that take new requests, by role; 503 while no decode or aggregated worker
+        does (none known, or every one draining)."""
         counts = frontend.router.fleet.count_by_role()
         serving = counts[Role.DECODE] + counts[Role.AGGREGATED]
         body = Health(

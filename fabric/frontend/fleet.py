@@ -145,9 +145,12 @@ class Fleet:
             return self._workers_locked()
 
     def count_by_role(self) -> dict[Role, int]:
+        """Eligible workers that take new requests, by role: draining ones are not counted
+        (``/health`` is unavailable when only draining decode workers are left)."""
         counts = dict.fromkeys(ROUTED_ROLES, 0)
         for record in self.workers().values():
-            counts[record.role] += 1
+            if not record.draining:
+                counts[record.role] += 1
         return counts
 
     def node_caches(self) -> dict[str, WorkerRecord]:

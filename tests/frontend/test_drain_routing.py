@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import httpx
 import openai
 import pytest
 from frontend_fakes import WAIT_S, FakeWorker, RunningFrontend, wait_until
@@ -107,3 +108,26 @@ def test_a_draining_worker_finishes_its_stream_and_gets_no_new_request(
     for sender in senders:
         sender.join(WAIT_S)
     assert answers == ["d-new", "d-new"] and old.requests.qsize() == 0
+
+
+def test_health_counts_no_draining_worker_and_is_503_when_only_draining_ones_serve(
+    make_worker: MakeWorker, start_frontend: StartFrontend
+) -> None:
+    running = start_frontend()
+    first, second = make_worker("d-first"), make_worker("d-second")
+    assert wait_until(lambda: sees(running, "d-first", "d-second"))
+    fleet = running.frontend.router.fleet
+
+    def health() -> httpx.Response:
+        return httpx.get(f"{running.url}/health", timeout=WAIT_S)
+
+    assert health().json()["workers"]["decode"] == 2
+    first.drain()
+    assert wait_until(lambda: fleet.workers()["d-first"].draining)
+    answer = health()
+    assert answer.status_code == 200 and answer.json()["workers"]["decode"] == 1
+    second.drain()
+    assert wait_until(lambda: fleet.workers()["d-second"].draining)
+    answer = health()
+    assert answer.status_code == 503 and answer.json()["status"] == "unavailable"
+    assert answer.json()["workers"]["decode"] == 0
