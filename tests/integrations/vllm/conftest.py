@@ -136,14 +136,21 @@ class Engine:
         self._log_file.close()
 
 
+VLLM_SHM = "vllm_dist_*"
+"""vLLM's shared-memory segments of a tensor-parallel group (``/dev/shm``): an engine killed
+before it shuts down (a producer still holding blocks at teardown) leaves them behind."""
+
+
 class Engines:
-    """Starts runner processes and kills every one of them at teardown."""
+    """Starts runner processes and kills every one of them at teardown, then removes the vLLM
+    shared-memory segments that appeared meanwhile (tests run one at a time)."""
 
     def __init__(self, python: str, model: str, logs: Path) -> None:
         self.python = python
         self.model = model
         self.logs = logs
         self._started: list[Engine] = []
+        self._shm_before = set(Path("/dev/shm").glob(VLLM_SHM))
 
     def start(
         self,
@@ -176,6 +183,8 @@ class Engines:
     def close(self) -> None:
         for engine in self._started:
             engine.kill()
+        for leftover in set(Path("/dev/shm").glob(VLLM_SHM)) - self._shm_before:
+            leftover.unlink(missing_ok=True)
 
 
 class Service:
