@@ -59,7 +59,7 @@ from pyetcd.etcdrpc import kv_pb2
 from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from pyetcd.utils import prefix_range_end
 
-from fabric.discovery import metrics as etcd_metrics
+import fabric.discovery.metrics as etcd_metrics
 from fabric.discovery.etcd_auth import (
     ENV_PASSWORD_FILE,
     ENV_USER,

@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
 
-from fabric.discovery import metrics as etcd_metrics
+import fabric.discovery.metrics as etcd_metrics
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import (
     DEFAULT_NAMESPACE,

@@ -28,6 +28,7 @@ from collections import deque
 
 import zmq
 
+import fabric.signal.metrics as signal_metrics
 from fabric.auth import keys_from_env, secure_client
 from fabric.errors import (
     ConfigError,
@@ -36,7 +37,6 @@ from fabric.errors import (
     PeerUnavailable,
     TransferTimeout,
 )
-from fabric.signal import metrics as signal_metrics
 from fabric.signal.errors import ERROR_CODE_TO_EXCEPTION, SignalError
 from fabric.signal.framing import (
     CORR_BYTES,

@@ -53,9 +53,9 @@ from typing import TypeAlias
 
 import zmq
 
+import fabric.signal.metrics as signal_metrics
 from fabric.auth import keys_from_env, secure_server
 from fabric.errors import ConfigError, InvalidTransition, PeerUnavailable, TransferTimeout
-from fabric.signal import metrics as signal_metrics
 from fabric.signal.errors import ErrorCode, MalformedMessage, SignalError
 from fabric.signal.framing import CORR_BYTES, ONE_WAY, PeerId, identity_bytes, peer_id, wall_ms
 from fabric.signal.liveness import DEFAULT_HORIZON_S, DEFAULT_MAX_PEERS, LastSeenTable

@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
+import fabric.transfer.metrics as transfer_metrics
 from fabric.errors import (
     ConfigError,
     FabricError,
@@ -51,7 +52,6 @@ from fabric.errors import (
     PeerUnavailable,
     TransferError,
 )
-from fabric.transfer import metrics as transfer_metrics
 from fabric.transfer.agent import (
     AgentConfig,
     Registration,
