@@ -129,7 +129,7 @@ def test_disaggregated_output_equals_aggregated(deployment: Deployment) -> None:
         assert len(aggregated.tokens) == MAX_TOKENS
         num_blocks = -(-length // BLOCK_SIZE)
         stats = disaggregated.stats
-        assert stats["prefill_worker"] == "prefill-a" and stats["fallback"] == ""
+        assert stats["prefill_worker"] == "prefill-a" and stats["fallback"] == "", stats
         assert (stats["computed_tokens"], stats["cached_tokens"]) == (length, 0)
         assert stats["transferred_blocks"] == num_blocks  # the partial last block too
         assert float(stats["kv_transfer_ms"]) > 0
