@@ -14,6 +14,9 @@ one has room or its time is up::
               ├──queue_timeout_s after arrival, still no room──▶ 429 (no_room), Retry-After
               └──refused otherwise (413, 400, 503) or the client left──▶ leaves the queue
 
+A request a draining worker refused while every other worker was at its cap enters the queue
+again (``Frontend._requeue``), as a new arrival: the same bound, order and timeout.
+
 Invariants:
 
 * At most ``max_queued`` requests are queued; each leaves the queue exactly once (``enter`` is a

@@ -7,6 +7,8 @@ for a serving worker with room, then::
 
     start ──route + send──▶ RUNNING ──finished chunk──▶ DONE        (slots released)
                                │
+                               ├──refused (draining worker)──▶ RUNNING on another worker,
+                               │     after waiting in ``admission`` when all are at their cap
                                ├──error chunk / StreamFailure──▶ FAILED (ApiError raised)
                                ├──no chunk for idle_timeout_s, or past the deadline──▶ FAILED (504)
                                └──abort() (client gone)──▶ ABORTED
@@ -24,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from fabric.errors import ConfigError
 from fabric.frontend.admission import Admission, Ticket
@@ -40,6 +44,7 @@ from fabric.frontend.traces import TraceLog, kv_trace_view
 from fabric.signal.framing import wall_ms
 
 Scalar = float | int | str | bool
+T = TypeVar("T")
 DEFAULT_MAX_PROMPT_TOKENS = 32768
 """The prompt limit when neither the settings nor the model's ``config.json`` give one."""
 
@@ -149,13 +154,18 @@ class Generation:
         """The next chunk's output, or None once finished.
 
         Raises:
-            ApiError: the worker failed (500), went away (503) or was too slow (504); the request
-                was aborted and its slots released.
+            ApiError: the worker failed (500), went away (503) or was too slow (504), or it
+                refused the request (draining) and no other worker had room in the admission
+                queue's bounds (429); the request was aborted and its slots released.
         """
         if self._ended:
             return None
         wait_s = max(0.0, min(self._settings.idle_timeout_s, self._deadline - time.monotonic()))
-        item = await self.routed.next_item(wait_s)
+        try:
+            item = await self.routed.next_item(wait_s)
+        except ApiError as exc:  # refused by a draining worker, then by the admission queue
+            self._fail(exc.message)
+            raise
         if item is None:
             past_deadline = time.monotonic() >= self._deadline
             what = "the request deadline" if past_deadline else "the idle timeout"
@@ -318,6 +328,7 @@ class Frontend:
                 deadline_ms=wall_ms() + int((deadline - time.monotonic()) * 1000),
                 loop=loop,
                 pin=pin,
+                requeue=self._requeue,
             )
 
         routed = await self.admission.dispatch(ticket, submit)
@@ -338,6 +349,12 @@ class Frontend:
             route_ms=(routed_at - sent_at[-1]) * 1e3,
             queue_ms=(sent_at[-1] - ticket.arrived_at) * 1e3,
         )
+
+    async def _requeue(self, attempt: Callable[[], T]) -> T:
+        """Queue a request a draining worker refused until ``attempt`` finds room, as a new
+        arrival (the same bound, order and timeout; 429 with ``Retry-After`` past them)."""
+        with self.admission.enter() as ticket:
+            return await self.admission.dispatch(ticket, attempt)
 
     def close(self) -> None:
         """Close the router (open requests fail) and stop the tokenizer threads."""

@@ -21,7 +21,10 @@ Invariants:
 * A request a draining worker refused before starting it (a ``StreamFailure`` marked
   ``refused``: the frontend had not yet seen the record's ``draining``) is routed again over the
   workers that have not refused it, on the same stream, its slots moved to the new route
-  (``RoutedRequest.next_item``); when no other worker can take it, the refusal is its end.
+  (``RoutedRequest.next_item``). When the others are all at their cap (``AllWorkersBusy``), it
+  waits for room through ``requeue`` (the frontend's admission queue, as any request at cap: a
+  429 with ``Retry-After`` only when that queue is full or its timeout passes); when no other
+  worker can take it at all, the refusal is its end.
 * With a cap (``max_in_flight_per_worker``), a serving worker with that many requests in flight
   (the fleet's count: this frontend's requests) gets no more; a request none can take raises
   ``AllWorkersBusy`` (``admission`` waits and retries), checked before any prefix is hashed.
@@ -32,14 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.errors import FabricError
 from fabric.frontend.connection import ChunkStream, ServingConnection, StreamFailure, StreamItem
-from fabric.frontend.errors import ApiError, bad_request, no_workers
+from fabric.frontend.errors import ApiError, Refusal, bad_request, no_workers
 from fabric.frontend.fleet import Fleet, FleetView
 from fabric.frontend.policy import (
     MIN_PEER_GAIN_BLOCKS,
@@ -58,6 +61,7 @@ from fabric.signal.messages import GenerateRequest
 
 logger = logging.getLogger(__name__)
 
+_QUEUE_REFUSALS = (Refusal.QUEUE_FULL, Refusal.NO_ROOM)
 _KV_SOURCE_ROLES = tuple(dict.fromkeys(role for roles in SOURCE_ROLES.values() for role in roles))
 
 
@@ -82,6 +86,9 @@ class RoutePin:
 _Sent = tuple[GenerateRequest, ServingConnection, Route]
 _Resend = Callable[[Collection[str]], _Sent]
 """Route the request again, leaving out the given worker ids, and send it (``Router.submit``)."""
+Requeue = Callable[[Callable[[], _Sent]], Awaitable[_Sent]]
+"""Wait for room: retry the attempt until it stops raising ``AllWorkersBusy`` (the frontend's
+admission queue); raises ``ApiError`` (429 with ``Retry-After``) when the queue refuses."""
 
 
 class RoutedRequest:
@@ -94,11 +101,13 @@ class RoutedRequest:
         stream: ChunkStream,
         *,
         resend: _Resend | None = None,
+        requeue: Requeue | None = None,
     ) -> None:
         self.request, self._connection, self.route = sent
         self.stream = stream
         self._fleet = fleet
         self._resend = resend
+        self._requeue = requeue
         self._refused_by: set[str] = set()
         self._holds_source = self.route.source is not None
         self._holds_serving = True
@@ -106,24 +115,45 @@ class RoutedRequest:
     async def next_item(self, timeout_s: float) -> StreamItem | None:
         """The stream's next chunk or failure, None when none came within ``timeout_s``.
 
-        A refusal by a draining worker sends the request to another worker (module docstring)
-        and waits for that one's first item; the refusal is returned when none can take it.
+        A refusal by a draining worker sends the request to another worker (module docstring),
+        waiting in ``requeue`` while every other one is at its cap, and waits for that one's
+        first item; the refusal is returned when none can take it.
+
+        Raises:
+            ApiError: ``requeue`` refused the request (429: its queue is full or no worker had
+                room in time); the request holds no slot then.
         """
         item = await self.stream.get(timeout_s)
-        while isinstance(item, StreamFailure) and item.refused and self._route_again(item):
+        while isinstance(item, StreamFailure) and item.refused and await self._route_again(item):
             item = await self.stream.get(timeout_s)
         return item
 
-    def _route_again(self, refusal: StreamFailure) -> bool:
+    async def _route_again(self, refusal: StreamFailure) -> bool:
         """Move the request to a worker that has not refused it; False when there is none."""
         if self._resend is None:
             return False
         refused_by = self.serving.worker_id
         self._refused_by.add(refused_by)
         self.finish()
+        resend = self._resend
+        refused = frozenset(self._refused_by)
         try:
-            self.request, self._connection, self.route = self._resend(self._refused_by)
+            try:
+                self.request, self._connection, self.route = resend(refused)
+            except AllWorkersBusy:
+                if self._requeue is None:
+                    raise
+                logger.info(
+                    "request %s refused by draining %s; every other worker is at its cap: queued",
+                    self.request.request_id,
+                    refused_by,
+                )
+                self.request, self._connection, self.route = await self._requeue(
+                    lambda: resend(refused)
+                )
         except (ApiError, AllWorkersBusy) as exc:
+            if isinstance(exc, ApiError) and exc.refusal in _QUEUE_REFUSALS:
+                raise  # the queue's own answer (429 with Retry-After), as for any request
             logger.info(
                 "request %s refused by draining %s and no other worker can take it: %s",
                 self.request.request_id,
@@ -204,6 +234,7 @@ class Router:
         deadline_ms: int,
         loop: asyncio.AbstractEventLoop,
         pin: RoutePin | None = None,
+        requeue: Requeue | None = None,
     ) -> RoutedRequest:
         """Choose the workers, send the ``GenerateRequest`` and return the request in flight.
 
@@ -212,6 +243,10 @@ class Router:
                 names a worker that is not live, has the wrong role or cannot exchange KV with
                 the other one.
             AllWorkersBusy: every serving worker the request could use is at its cap.
+
+        Args:
+            requeue: where a request a draining worker refused waits while every other worker
+                is at its cap (``RoutedRequest.next_item``); None: the refusal is its end.
         """
         resolved = pin or RoutePin()
         stream = ChunkStream(loop, self._max_chunks)
@@ -235,7 +270,9 @@ class Router:
         def resend(exclude: Collection[str]) -> _Sent:
             return self.fleet.dispatch(choose, send, exclude=exclude)
 
-        routed = RoutedRequest(self.fleet, self.fleet.dispatch(choose, send), stream, resend=resend)
+        routed = RoutedRequest(
+            self.fleet, self.fleet.dispatch(choose, send), stream, resend=resend, requeue=requeue
+        )
         route = routed.route
         logger.debug(
             "%s -> %s, KV from %s (%s%s; %d of %d blocks cached there, %d here)",

@@ -131,3 +131,62 @@ def test_health_counts_no_draining_worker_and_is_503_when_only_draining_ones_ser
     answer = health()
     assert answer.status_code == 503 and answer.json()["status"] == "unavailable"
     assert answer.json()["workers"]["decode"] == 0
+
+
+def test_a_refused_request_waits_in_the_queue_while_the_others_are_at_their_cap(
+    make_worker: MakeWorker, start_frontend: StartFrontend
+) -> None:
+    settings = FrontendSettings(
+        idle_timeout_s=5.0, request_timeout_s=30.0, max_in_flight_per_worker=1, queue_timeout_s=5
+    )
+    running = start_frontend(settings)
+    refusing, serving = make_worker("d-refusing"), make_worker("d-busy")
+    refusing.refuse_with = "the worker is draining"
+    serving.gate.clear()
+    assert wait_until(lambda: sees(running, "d-refusing", "d-busy"))
+    answers: list[str] = []
+    senders = [threading.Thread(target=lambda: answers.append(served_by(running))) for _ in "ab"]
+    senders[0].start()
+    assert wait_until(lambda: serving.requests.qsize() == 1)  # d-busy is at its cap now
+    senders[1].start()
+    assert wait_until(lambda: refusing.requests.qsize() == 1)  # refused: every other at cap
+    admission = running.frontend.admission
+    assert wait_until(lambda: admission.num_queued == 1)  # waits for room, no 503
+    serving.gate.set()  # the first ends; the queued one gets d-busy's slot
+    for sender in senders:
+        sender.join(WAIT_S)
+    assert answers == ["d-busy", "d-busy"] and serving.requests.qsize() == 2
+    assert admission.num_queued == 0
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.in_flight()["d-busy"][1] == 0)
+    assert fleet.in_flight()["d-refusing"][1] == 0
+
+
+def test_a_refused_request_gets_429_with_retry_after_when_no_room_comes_in_time(
+    make_worker: MakeWorker, start_frontend: StartFrontend
+) -> None:
+    settings = FrontendSettings(
+        idle_timeout_s=5.0, request_timeout_s=30.0, max_in_flight_per_worker=1, queue_timeout_s=0.3
+    )
+    running = start_frontend(settings)
+    refusing, serving = make_worker("d-refusing"), make_worker("d-busy")
+    refusing.refuse_with = "the worker is draining"
+    serving.gate.clear()
+    assert wait_until(lambda: sees(running, "d-refusing", "d-busy"))
+    first = threading.Thread(target=lambda: served_by(running))
+    first.start()
+    assert wait_until(lambda: serving.requests.qsize() == 1)
+    answer = httpx.post(
+        f"{running.url}/v1/completions",
+        json={"model": "tiny", "prompt": "Hello", "max_tokens": 3},
+        timeout=WAIT_S,
+    )
+    assert answer.status_code == 429, answer.text
+    assert answer.headers["Retry-After"] == "1"
+    assert "queue-timeout" in answer.json()["error"]["message"]
+    assert refusing.requests.qsize() == 1  # it was refused, then queued, then refused here
+    serving.gate.set()
+    first.join(WAIT_S)
+    fleet = running.frontend.router.fleet
+    assert wait_until(lambda: fleet.in_flight()["d-busy"][1] == 0)
+    assert fleet.in_flight()["d-refusing"][1] == 0
