@@ -146,6 +146,22 @@ class NodeLink:
             self._lost(f"a load failed: {exc}")
             return 0
 
+    def prefix_length(self, sequence_hashes: Sequence[SequenceHash]) -> int:
+        """How many leading blocks of ``sequence_hashes`` the node holds now: a lookup whose pin
+        is released at once (0 when the node cannot serve). A planner's count for a process
+        that loads elsewhere (vLLM's scheduler side): a later ``load`` may find fewer."""
+        client = self._attach()
+        if client is None or not sequence_hashes:
+            return 0
+        try:
+            pinned = client.lookup(sequence_hashes)
+            if pinned.lease_id is not None:
+                client.release(pinned.lease_id)
+        except FabricError as exc:
+            self._lost(f"a lookup failed: {exc}")
+            return 0
+        return len(pinned.slot_ids)
+
     def close(self) -> None:
         """Detach (the node keeps every committed block). Idempotent."""
         self._closed = True
