@@ -223,13 +223,19 @@ def plan_read(
     remote: RemoteBlockSet,
     *,
     compat_hash: int,
+    layers: tuple[int, int] | None = None,
 ) -> tuple[RegionList, RegionList]:
     """Paired (local, remote) regions that copy ``remote.block_ids[i]`` into ``local_ids[i]``.
+
+    Args:
+        layers: ``(first, end)``: only layers ``first .. end - 1`` of each block (a layer-wise
+            read of what a producer has written so far); None: every layer.
 
     Raises:
         ProtocolMismatch: ``remote.compat_hash != compat_hash``.
         LayoutMismatch: the block geometries differ (the message names every differing field).
-        InvalidInput: ids out of range, counts differ, a repeated local id, or disk storage.
+        InvalidInput: ids out of range, counts differ, a repeated local id, an empty or
+            out-of-range layer range, or disk storage.
     """
     if remote.compat_hash != compat_hash:
         raise ProtocolMismatch(
@@ -252,14 +258,18 @@ def plan_read(
         )
     if local_arr.size and (np.diff(np.sort(local_arr)) == 0).any():
         raise InvalidInput("a local block id appears twice; each may be written once per read")
+    first, end = (0, mine.num_layers) if layers is None else layers
+    if not 0 <= first < end <= mine.num_layers:
+        raise InvalidInput(f"layers {first}..{end - 1} asked for, the KV has {mine.num_layers}")
     local_bufs = local_storage.buffers()
     local_bases = np.array([b.address for b in local_bufs], dtype=np.int64)
     local_devs = np.array([b.device_id for b in local_bufs], dtype=np.int64)
     remote_bases = np.array([b.address for b in remote.buffers], dtype=np.int64)
     remote_devs = np.array([b.device_id for b in remote.buffers], dtype=np.int64)
     pieces = _slot_pieces if mine.kind is theirs.kind else _chunk_pieces
-    local_addr, local_dev, length = pieces(mine, local_bases, local_devs, local_arr)
-    remote_addr, remote_dev, _ = pieces(theirs, remote_bases, remote_devs, remote_arr)
+    span = (first, end)
+    local_addr, local_dev, length = pieces(mine, local_bases, local_devs, local_arr, layers=span)
+    remote_addr, remote_dev, _ = pieces(theirs, remote_bases, remote_devs, remote_arr, layers=span)
     return pair_coalesce(
         RegionList.build(local_storage.kind, local_addr, length, local_dev),
         RegionList.build(remote.kind, remote_addr, length, remote_dev),
@@ -267,22 +277,42 @@ def plan_read(
 
 
 def _slot_pieces(
-    layout: LayoutSpec, bases: np.ndarray, devs: np.ndarray, ids: np.ndarray
+    layout: LayoutSpec,
+    bases: np.ndarray,
+    devs: np.ndarray,
+    ids: np.ndarray,
+    *,
+    layers: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Address and device of every (buffer, block) slot, buffer-major; and the slot length."""
+    """Address and device of every (buffer, block) piece of ``layers`` (first, end),
+    buffer-major; and the piece length. Fully contiguous: the layers' run inside each block's
+    slot (slots are ``[layer][outer]``); layer separate: the whole slots of those layers'
+    buffers."""
+    first, end = layers
+    if layout.kind is LayoutKind.FULLY_CONTIGUOUS:
+        layer_bytes = layout.outer_dim * layout.chunk_bytes
+        bases, length = bases + first * layer_bytes, (end - first) * layer_bytes
+    else:
+        bases, devs, length = bases[first:end], devs[first:end], layout.slot_bytes
     addr = bases[:, None] + ids[None, :] * layout.block_stride
     dev = np.broadcast_to(devs[:, None], addr.shape)
-    return addr.reshape(-1), dev.reshape(-1), layout.slot_bytes
+    return addr.reshape(-1), dev.reshape(-1), length
 
 
 def _chunk_pieces(
-    layout: LayoutSpec, bases: np.ndarray, devs: np.ndarray, ids: np.ndarray
+    layout: LayoutSpec,
+    bases: np.ndarray,
+    devs: np.ndarray,
+    ids: np.ndarray,
+    *,
+    layers: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Address and device of every (block, layer, outer) chunk in that order; the chunk length."""
+    """Address and device of every (block, layer, outer) chunk of ``layers`` (first, end),
+    in that order; the chunk length."""
     locations = np.array(
         [
             layout.chunk_location(layer, outer)
-            for layer in range(layout.num_layers)
+            for layer in range(*layers)
             for outer in range(layout.outer_dim)
         ],
         dtype=np.int64,

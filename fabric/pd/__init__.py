@@ -10,6 +10,8 @@ move through a ``fabric.transfer`` agent, the block descriptions are ``fabric.kv
     progress HoldProgress: poll the producer's agent while it holds (reads over TCP need it)
     offers   BlockExporter: BlocksReady for blocks of one registered storage
     reader   RemoteReader: slice an offer, plan, load the peer once, read, bounded
+    layerwise KvFrontier / LayerwiseRead: what a producer has written so far, read while it
+             computes the rest
     links    ProducerLinks: find a producer in discovery, check it, one signal link to it
 
 Engines adapt it: ``fabric.worker.handoff`` / ``remote_prefill`` / ``prefill_service`` (the
@@ -22,6 +24,7 @@ imported by the engines' adapters only.
 """
 
 from fabric.pd.holds import Freed, HoldCounts, HoldState, HoldTable, Refusal
+from fabric.pd.layerwise import KvFrontier, LayerwiseRead, layers_ready
 from fabric.pd.links import KV_SOURCE_ROLES, ProducerLinks
 from fabric.pd.offers import BlockExporter
 from fabric.pd.progress import HoldProgress
@@ -35,7 +38,10 @@ __all__ = [
     "HoldProgress",
     "HoldState",
     "HoldTable",
+    "KvFrontier",
+    "LayerwiseRead",
     "ProducerLinks",
     "Refusal",
     "RemoteReader",
+    "layers_ready",
 ]

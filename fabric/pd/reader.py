@@ -8,7 +8,9 @@ connector, the transfer benchmark) turns an offer into bytes:
 2. ``read(remote, local_ids, start=...)``: take the slice ``start .. start + len(local_ids)`` of
    the offered blocks, plan the paired regions (``fabric.kvbm.remote.plan_read``: compatibility
    hash, geometry, layout kinds), load the producer's agent metadata unless this exact metadata
-   is already loaded, post the READ and wait for it, bounded by ``timeout_s``.
+   is already loaded, post the READ and wait for it, bounded by ``timeout_s``. ``post`` (a
+   subset of layers too) / ``poll`` / ``wait`` / ``release`` are its steps, for a consumer that
+   keeps several READs in flight (``fabric.pd.layerwise``).
 
 Invariants:
 
@@ -31,7 +33,7 @@ from fabric.errors import InvalidInput, ProtocolMismatch, TransferError
 from fabric.kvbm import RemoteBlockSet, Storage
 from fabric.kvbm.remote import plan_read
 from fabric.signal.messages import BlocksReady
-from fabric.transfer.agent import TransferAgent
+from fabric.transfer.agent import Transfer, TransferAgent, TransferState
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,28 @@ class RemoteReader:
                 ``timeout_s``. TransferError: the transfer failed. The transfer handle is
                 released on every path.
         """
+        transfer = self.post(remote, local_ids, start=start, notify=notify)
+        if transfer is not None:
+            self.wait(transfer, self.timeout_s)
+        logger.debug("read %d blocks from %s", len(local_ids), remote.agent_name)
+
+    def post(
+        self,
+        remote: RemoteBlockSet,
+        local_ids: Sequence[int],
+        *,
+        start: int = 0,
+        layers: tuple[int, int] | None = None,
+        notify: bytes | None = None,
+    ) -> Transfer | None:
+        """Post the READ of offered blocks ``start + i`` into ``local_ids[i]`` (only layers
+        ``layers[0] .. layers[1] - 1`` when given) without waiting; None when there is nothing
+        to read (``notify`` is then sent at once). Hand the transfer to ``wait``, ``poll`` or
+        ``release``.
+
+        Raises:
+            as ``read``, except ``TransferTimeout``.
+        """
         end = start + len(local_ids)
         if not 0 <= start <= end <= len(remote.block_ids):
             raise InvalidInput(
@@ -96,18 +120,52 @@ class RemoteReader:
                 f"{remote.agent_name!r}"
             )
         wanted = dataclasses.replace(remote, block_ids=remote.block_ids[start:end])
-        local, theirs = plan_read(self._storage, local_ids, wanted, compat_hash=self._compat_hash)
+        local, theirs = plan_read(
+            self._storage, local_ids, wanted, compat_hash=self._compat_hash, layers=layers
+        )
         peer = self._add_peer(remote)
         try:
             if not len(local):
                 if notify is not None:
                     self._agent.send_notification(peer, notify)
-                return
-            self._agent.wait(self._agent.read(local, theirs, peer, notify=notify), self.timeout_s)
+                return None
+            return self._agent.read(local, theirs, peer, notify=notify)
         except TransferError:
             self._forget_peer(peer)
             raise
-        logger.debug("read %d blocks from %s", len(local_ids), peer)
+
+    def wait(self, transfer: Transfer, timeout_s: float) -> None:
+        """Wait for a posted READ, at most ``timeout_s``; released on every path.
+
+        Raises:
+            PeerUnavailable / TransferTimeout / TransferError: as ``read`` (the producer's
+                metadata is forgotten: its next offer loads it again).
+        """
+        try:
+            self._agent.wait(transfer, timeout_s)
+        except TransferError:
+            self._forget_peer(transfer.peer)
+            raise
+
+    def poll(self, transfer: Transfer) -> bool:
+        """Whether a posted READ is done (then released), without waiting.
+
+        Raises:
+            PeerUnavailable / TransferError: it failed (released; the peer forgotten).
+        """
+        state = self._agent.poll(transfer)
+        if state is TransferState.PENDING:
+            return False
+        self._agent.release(transfer)
+        if state is TransferState.FAILED:
+            self._forget_peer(transfer.peer)
+            raise transfer.error or TransferError(f"{transfer.describe()} failed")
+        return True
+
+    def release(self, transfer: Transfer) -> None:
+        """Release a posted READ, cancelling it when still in flight."""
+        if not transfer.released:
+            self._agent.release(transfer)
 
     def _add_peer(self, remote: RemoteBlockSet) -> str:
         """Load the producer's metadata unless this exact metadata is loaded under its name."""

@@ -244,3 +244,63 @@ def test_coalescing_counts(agents, case: str) -> None:
     local_regions, remote_regions = plan_read(local, local_ids, block_set, compat_hash=COMPAT)
     assert len(local_regions) == len(remote_regions) == expected
     assert local_regions.nbytes == len(local_ids) * local_spec.block_bytes
+
+
+# -- reads of a layer subset (layer-wise P/D) ----------------------------------------------------
+
+LAYER_PAIRINGS = {
+    "fc->fc": (layout(FC), layout(FC, num_blocks=20)),
+    "ls->ls-padded": (layout(LS), layout(LS, num_blocks=20, alignment=256)),
+    "fc->ls": (layout(FC), layout(LS, num_blocks=20)),
+    "ls-padded->fc": (layout(LS, alignment=256), layout(FC, num_blocks=20)),
+}
+
+
+def layer_bytes(storage: TensorStorage, block: int, layer: int) -> bytes:
+    return b"".join(
+        storage.block_view(block, layer, outer).view(torch.uint8).numpy().tobytes()
+        for outer in range(storage.layout.outer_dim)
+    )
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (1, 3), (2, 3)], ids=lambda r: f"{r[0]}-{r[1]}")
+@pytest.mark.parametrize("pairing", LAYER_PAIRINGS)
+def test_layer_subset_read_copies_only_those_layers(agents, pairing: str, layers) -> None:
+    prefill, decode = agents
+    remote_spec, local_spec = LAYER_PAIRINGS[pairing]
+    remote_ids, local_ids = [2, 3, 4, 5], [10, 11, 12, 13]
+    source, block_set = exported(remote_spec, remote_ids, prefill)
+    local = host_storage(local_spec)
+    for t in local.tensors:
+        t.view(torch.uint8).fill_(0xEE)
+    decode.register(local.buffers())
+    plan = plan_read(local, local_ids, block_set, compat_hash=COMPAT, layers=layers)
+    decode.wait(decode.read(*plan, decode.add_peer(block_set.agent_metadata)), 5)
+    untouched = b"\xee" * len(layer_bytes(local, 0, 0))
+    for src, dst in zip(remote_ids, local_ids, strict=True):
+        for layer in range(local_spec.num_layers):
+            want = layer_bytes(source, src, layer) if layers[0] <= layer < layers[1] else untouched
+            assert layer_bytes(local, dst, layer) == want, (src, layer)
+    assert plan[0].nbytes == len(local_ids) * (layers[1] - layers[0]) * len(untouched)
+
+
+@pytest.mark.parametrize(
+    ("kind", "layers", "expected"),
+    [
+        (FC, (0, 3), 1),  # every layer: whole slots, one run
+        (FC, (1, 2), 4),  # one layer of [layer][outer] slots: one region per block
+        (LS, (1, 3), 2),  # layer-separate: one run per layer buffer
+    ],
+)
+def test_layer_subset_coalescing(agents, kind: LayoutKind, layers, expected: int) -> None:
+    _, block_set = exported(layout(kind), [2, 3, 4, 5], agents[0])
+    local = host_storage(layout(kind))
+    plan = plan_read(local, [8, 9, 10, 11], block_set, compat_hash=COMPAT, layers=layers)
+    assert len(plan[0]) == len(plan[1]) == expected
+
+
+@pytest.mark.parametrize("layers", [(0, 0), (2, 1), (-1, 2), (0, 4)])
+def test_bad_layer_range_is_refused(agents, layers) -> None:
+    _, block_set = exported(layout(FC), [2, 3], agents[0])
+    with pytest.raises(InvalidInput, match="layers"):
+        plan_read(host_storage(layout(FC)), [0, 1], block_set, compat_hash=COMPAT, layers=layers)

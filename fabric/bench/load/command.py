@@ -140,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt tokens of the overhead probes (%(default)s)",
     )
     parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="measure only pd_ttft_overhead_ms: a fresh 1p1d and the probes, no rate sweep "
+        "(--deployments, --rates and the client flags are ignored)",
+    )
+    parser.add_argument(
         "--rate-timeout",
         type=float,
         default=900.0,
@@ -258,10 +264,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.max_num_batched_tokens,
         )
         rows: list[dict[str, Any]] = []
-        for deployment in deployments:
+        for deployment in [] if args.overhead_only else deployments:
             rows += sweep(deployment, setup, workload, rates, args)
         overhead: Overhead | str = "not measured: --overhead-probes 0"
-        if not any(row["deployment"] == "1p1d" and row["error"] is None for row in rows):
+        if not args.overhead_only and not any(
+            row["deployment"] == "1p1d" and row["error"] is None for row in rows
+        ):
             overhead = "not measured: 1p1d was not run or failed at every rate"
         elif args.overhead_probes:
             overhead_setup = replace(
