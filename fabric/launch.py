@@ -49,7 +49,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fabric.errors import FabricError
 
@@ -326,14 +326,9 @@ class WorkersRegistered:
         self._registered: int | None = None  # None: the frontend has not answered
 
     def poll(self) -> bool:
-        body = fetch_health(self._url)
-        try:
-            health = json.loads(body) if body is not None else None
-        except ValueError:
-            health = None
-        if health is None:
+        registered = self._registered = registered_workers(self._url)
+        if registered is None:
             return False
-        registered = self._registered = _count_workers(health)
         if registered >= self._num_workers:
             return True
         status = f"{registered}/{self._num_workers} workers registered"
@@ -364,7 +359,15 @@ def wait_deployment_ready(
     wait_ready(children, readiness, timeout_s, should_stop=should_stop, status=status)
 
 
-def _count_workers(health: dict[str, Any]) -> int:
+def registered_workers(url: str) -> int | None:
+    """How many workers the frontend at ``url`` counts in its ``/health`` (None: no answer)."""
+    body = fetch_health(url)
+    try:
+        health = json.loads(body) if body is not None else None
+    except ValueError:
+        return None
+    if not isinstance(health, dict):
+        return None
     workers = health.get("workers", {})
     return sum(int(n) for n in workers.values()) if isinstance(workers, dict) else 0
 

@@ -1,12 +1,14 @@
-"""A local deployment for the serving benchmarks (``prefix``, ``node-cache``, ``serve``).
+"""A local deployment for the serving benchmarks (``prefix``, ``node-cache``, ``serve``,
+``load``, ``chaos``).
 
 Owns the start and measure mechanics those benchmarks share, the way ``fabric launch`` starts a
 deployment (``fabric.launch``'s commands, supervised by ``fabric.supervise``): a worker or the
-OpenAI frontend started into the caller's ``children``, the bounded wait until the frontend
-sees its workers, ``deployed`` (a private etcd and one deployment on it, every process stopped
-on exit), one streamed request under the benchmarks' request timeout, seeded random prompts,
-the wait until the shared-disk (G4) directory holds a number of blocks, the p50 of a
-worker-reported figure, a report's per-kind figures and its ``machine`` block.
+OpenAI frontend started into the caller's ``children`` (a worker also returned, for a caller
+that keeps its processes by name), the bounded wait until the frontend sees its workers,
+``deployed`` (a private etcd and one deployment on it, every process stopped on exit), one
+streamed request under the benchmarks' request timeout, seeded random prompts, the wait until
+the shared-disk (G4) directory holds a number of blocks, the p50 of a worker-reported figure, a
+report's per-kind figures and its ``machine`` block.
 
 Invariants: every wait is bounded (``STARTUP_S``, ``REQUEST_TIMEOUT_S``, ``STORE_WAIT_S``), and
 the same seed key always gives the same token ids.
@@ -136,16 +138,17 @@ def start_worker(
     etcd: str,
     model: str,
     namespace: str,
-    cpus: str,
-    threads: int,
+    cpus: str | None,
+    threads: int | None,
     run_dir: Path,
     progress: Progress,
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     name: str | None = None,
-) -> None:
-    """Start one worker (``serve ROLE``) into ``children``; ``name`` (default: its id) names
-    the process and its log ``run_dir/NAME.log``."""
+) -> Child:
+    """Start one worker (``serve ROLE``) into ``children`` and return it; ``name`` (default: its
+    id) names the process and its log ``run_dir/NAME.log``; ``cpus`` / ``threads`` None: the
+    worker's defaults (unpinned, its own thread count)."""
     cmd = worker_command(
         role,
         etcd=etcd,
@@ -156,8 +159,9 @@ def start_worker(
         threads=threads,
         extra=extra,
     )
-    process = name or worker_id
-    children.append(start_process(process, cmd, run_dir, progress=progress, env=env))
+    child = start_process(name or worker_id, cmd, run_dir, progress=progress, env=env)
+    children.append(child)
+    return child
 
 
 def start_frontend(
@@ -169,23 +173,35 @@ def start_frontend(
     run_dir: Path,
     progress: Progress,
     name: str = "frontend",
+    request_timeout_s: float | None = REQUEST_TIMEOUT_S,
+    extra: Sequence[str] = (),
 ) -> str:
-    """Start the OpenAI frontend of ``namespace`` on a free port into ``children``; its URL."""
+    """Start the OpenAI frontend of ``namespace`` on a free port into ``children``; its URL.
+
+    Args:
+        request_timeout_s: its ``--request-timeout`` (None: the frontend's default).
+        extra: more flags.
+    """
     port = free_port()
+    timeout = [] if request_timeout_s is None else ["--request-timeout", str(request_timeout_s)]
     cmd = frontend_command(
-        etcd=etcd,
-        model=model,
-        port=port,
-        namespace=namespace,
-        extra=["--request-timeout", str(REQUEST_TIMEOUT_S)],
+        etcd=etcd, model=model, port=port, namespace=namespace, extra=[*timeout, *extra]
     )
     children.append(start_process(name, cmd, run_dir, progress=progress))
     return f"http://127.0.0.1:{port}"
 
 
-def wait_serving(url: str, children: Sequence[Child], num_workers: int, progress: Progress) -> str:
-    """Until the frontend at ``url`` sees ``num_workers`` workers (bounded); its model id."""
-    wait_deployment_ready(url, children, num_workers, STARTUP_S, progress=progress)
+def wait_serving(
+    url: str,
+    children: Sequence[Child],
+    num_workers: int,
+    progress: Progress,
+    *,
+    timeout_s: float = STARTUP_S,
+) -> str:
+    """Until the frontend at ``url`` sees ``num_workers`` workers (within ``timeout_s``, failing
+    at once when one of ``children`` exits); its model id."""
+    wait_deployment_ready(url, children, num_workers, timeout_s, progress=progress)
     return served_model(url)
 
 

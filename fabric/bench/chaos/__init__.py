@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,15 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the deployments, run each fault, stop everything; the JSON result."""
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    from fabric.bench.deployment import apply_quick, machine, make_run_dir, needs_two_cpus
+
+    apply_quick(args, QUICK)
     names = [n.strip() for n in str(args.faults).split(",") if n.strip()]
     unknown = [n for n in names if n not in FAULT_NAMES]
     if not names or unknown:
         raise FabricError(f"--faults {args.faults!r}: choose from {', '.join(FAULT_NAMES)}")
-    if (os.cpu_count() or 1) < 2:
-        raise FabricError("this benchmark pins workers to cores 0 and 1: it needs 2 CPUs")
+    needs_two_cpus("workers")
     from fabric.bench.chaos.context import Context, Settings
     from fabric.bench.chaos.deployment import ChaosDeployment, log
     from fabric.bench.chaos.outcomes import References
@@ -149,9 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wire_frames=args.wire_frames,
         big_body_bytes=20 * 10**6,
     )
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="fabric-bench-chaos-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"logs in {run_dir}")
+    run_dir = make_run_dir(args.run_dir, "fabric-bench-chaos-", log)
     preset = Preset(args.preset)
     ensure_model(preset.value)
     vocab = PRESET_CONFIGS[preset].vocab_size
@@ -189,11 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "reference": f"aggregated {preset.value} worker, greedy, own namespace and frontend",
         },
         "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
+            **machine(loads[0]),
             "loadavg_1m_per_fault": [round(x[0], 2) for x in loads],
-            "loadavg_before": [round(x, 2) for x in loads[0]],
-            "loadavg_after": [round(x, 2) for x in loads[-1]],
             "wall_s": round(time.monotonic() - started, 1),
         },
     }

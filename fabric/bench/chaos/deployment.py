@@ -1,7 +1,8 @@
 """The chaos suite's deployments: a 1P1D under test and an aggregated reference, one private etcd.
 
 Owns every process the suite starts and the ways faults touch them: ``ChaosDeployment`` starts
-them as ``fabric launch`` does (``fabric.launch``'s commands, ``fabric.supervise``'s children),
+them as the other serving benchmarks do (``fabric.bench.deployment``'s ``start_worker`` /
+``start_frontend`` / ``wait_serving``, the commands of ``fabric launch``),
 kills a worker with SIGKILL and restarts it under the same worker id, pauses, kills and restarts
 etcd (``EtcdServer``), reads worker records from etcd and scrapes every ``/metrics`` (a worker's
 URL is its record's ``endpoints.metrics``; the frontend's is ``<url>/metrics``).
@@ -19,37 +20,29 @@ worker logs to ``<id>.<n>.log``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from fabric.bench.deployment import STARTUP_S, start_frontend, start_worker, wait_serving
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role, worker_key
 from fabric.errors import FabricError
-from fabric.frontend.client import served_model
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
-from fabric.supervise import (
-    POLL_S,
-    Child,
-    ChildFailed,
-    check_alive,
-    fetch_health,
-    free_port,
-    start_process,
-    stop_processes,
-)
+from fabric.launch import registered_workers
+from fabric.supervise import POLL_S, Child, ChildFailed, check_alive, stop_processes
 
-STARTUP_S = 240.0
+REFERENCE_TIMEOUT_S = 600.0
+"""The reference frontend's queue and request timeouts: it is only ever asked for references."""
 SCRAPE_TIMEOUT_S = 2.0
 PREFILL = "prefill-0"
 DECODE = "decode-0"
@@ -100,8 +93,10 @@ class ChaosDeployment:
         self.reference_url = ""
         self.model = ""
         self._request_timeout_s = request_timeout_s
+        self._started: list[Child] = []
+        """Every process ever started (killed and retired ones too): what ``close`` stops."""
         self._children: dict[str, Child] = {}
-        self._retired: list[Child] = []
+        """The live ones, by worker id or role (``frontend``, ``reference-frontend``)."""
         self._restarts = 0
         self._registry: EtcdRegistry | None = None
 
@@ -113,52 +108,35 @@ class ChaosDeployment:
         log(f"etcd at {self.etcd.endpoint}")
         for worker_id in (PREFILL, DECODE):
             self._start_worker(worker_id, worker_id)
-        port = free_port()
-        self._start(
-            "frontend",
-            frontend_command(
-                etcd=self.etcd.endpoint,
-                model=self.preset,
-                port=port,
-                namespace=self.namespace,
-                extra=["--request-timeout", str(self._request_timeout_s)],
-            ),
+        self.url = self._start_frontend(
+            "frontend", self.namespace, request_timeout_s=self._request_timeout_s
         )
-        self.url = f"http://127.0.0.1:{port}"
         ref_namespace = f"{self.namespace}-ref"
-        self._start(
+        self._children[REFERENCE] = start_worker(
+            self._started,
             REFERENCE,
-            worker_command(
-                Role.AGGREGATED.value,
-                etcd=self.etcd.endpoint,
-                model=self.preset,
-                worker_id=REFERENCE,
-                namespace=ref_namespace,
-                threads=1,
-            ),
+            Role.AGGREGATED.value,
+            etcd=self.etcd.endpoint,
+            model=self.preset,
+            namespace=ref_namespace,
+            cpus=None,
+            threads=1,
+            run_dir=self.run_dir,
+            progress=log,
         )
-        ref_port = free_port()
-        self._start(
+        self.reference_url = self._start_frontend(
             "reference-frontend",
-            frontend_command(
-                etcd=self.etcd.endpoint,
-                model=self.preset,
-                port=ref_port,
-                namespace=ref_namespace,
-                extra=["--queue-timeout", "600", "--request-timeout", "600"],
-            ),
+            ref_namespace,
+            request_timeout_s=REFERENCE_TIMEOUT_S,
+            extra=["--queue-timeout", str(REFERENCE_TIMEOUT_S)],
         )
-        self.reference_url = f"http://127.0.0.1:{ref_port}"
-        children = list(self._children.values())
-        wait_deployment_ready(self.url, children, 2, STARTUP_S, progress=log)
-        wait_deployment_ready(self.reference_url, children, 1, STARTUP_S, progress=log)
-        self.model = served_model(self.url)
+        self.model = wait_serving(self.url, self._started, 2, log)
+        wait_serving(self.reference_url, self._started, 1, log)
         log(f"1P1D at {self.url}, reference at {self.reference_url}")
 
     def close(self) -> None:
         """Stop every process and etcd (idempotent)."""
-        children, self._children = [*self._retired, *self._children.values()], {}
-        self._retired = []
+        children, self._started, self._children = self._started, [], {}
         try:
             stop_processes(children, progress=log)
         finally:
@@ -183,7 +161,6 @@ class ChaosDeployment:
         child = self._children.pop(worker_id)
         child.process.wait(10.0)
         child.log_file.close()
-        self._retired.append(child)
 
     # -- faults on workers -------------------------------------------------------------------
 
@@ -194,7 +171,6 @@ class ChaosDeployment:
         at = time.monotonic()
         child.process.wait(10.0)
         child.log_file.close()
-        self._retired.append(child)
         log(f"killed {worker_id} (pid {child.process.pid}) with SIGKILL")
         return at
 
@@ -223,29 +199,48 @@ class ChaosDeployment:
         return None
 
     def _start_worker(self, worker_id: str, log_name: str) -> None:
+        """A worker under test, pinned to its core (prefill 0, decode 1) when there are two;
+        ``log_name`` names its log (``<id>.<n>`` after a restart)."""
         cpu = "0" if worker_id == PREFILL else "1"
-        cmd = worker_command(
+        self._children[worker_id] = start_worker(
+            self._started,
+            worker_id,
             WORKER_TO_ROLE[worker_id].value,
             etcd=self.etcd.endpoint,
             model=self.preset,
-            worker_id=worker_id,
             namespace=self.namespace,
             cpus=cpu if (os.cpu_count() or 1) >= 2 else None,
             threads=1,
+            run_dir=self.run_dir,
+            progress=log,
+            name=log_name,
         )
-        self._start(worker_id, cmd, log_name=log_name)
 
-    def _start(self, name: str, cmd: list[str], *, log_name: str | None = None) -> None:
-        child = start_process(log_name or name, cmd, self.run_dir, progress=log)
-        self._children[name] = child
+    def _start_frontend(
+        self,
+        name: str,
+        namespace: str,
+        *,
+        request_timeout_s: float,
+        extra: Sequence[str] = (),
+    ) -> str:
+        url = start_frontend(
+            self._started,
+            etcd=self.etcd.endpoint,
+            model=self.preset,
+            namespace=namespace,
+            run_dir=self.run_dir,
+            progress=log,
+            name=name,
+            request_timeout_s=request_timeout_s,
+            extra=extra,
+        )
+        self._children[name] = self._started[-1]
+        return url
 
     def _counts(self, num_workers: int) -> bool:
-        body = fetch_health(self.url)
-        try:
-            workers = json.loads(body).get("workers", {}) if body is not None else {}
-        except ValueError:
-            return False
-        return isinstance(workers, dict) and sum(int(n) for n in workers.values()) >= num_workers
+        registered = registered_workers(self.url)
+        return registered is not None and registered >= num_workers
 
     # -- etcd ------------------------------------------------------------------------------
 

@@ -3,11 +3,12 @@
 A deployment is a row of ``DEPLOYMENTS``, started on this host the way its users start it and
 reached at one OpenAI URL (``Target``):
 
-* the reference engine's, as ``fabric launch`` starts them (``fabric.launch``'s worker and
-  frontend command lines, supervised by ``fabric.supervise``, ready once the frontend's
-  ``/health`` counts every worker; one torch thread per core): ``1p1d`` (prefill on core 0,
-  decode on core 1), ``agg_x2`` (two aggregated workers, cores 0 and 1, routed by the
-  frontend's KV-aware router), ``agg_2t`` (one aggregated worker on cores 0-1, two threads).
+* the reference engine's, as the other serving benchmarks and ``fabric launch`` start them
+  (``fabric.bench.deployment``'s ``start_worker`` / ``start_frontend`` / ``wait_serving``:
+  ready once the frontend's ``/health`` counts every worker; one torch thread per core):
+  ``1p1d`` (prefill on core 0, decode on core 1), ``agg_x2`` (two aggregated workers, cores 0
+  and 1, routed by the frontend's KV-aware router), ``agg_2t`` (one aggregated worker on cores
+  0-1, two threads).
   The aggregated workers run chunked prefill with the run's ``--max-num-batched-tokens``
   (``worker_flags``), so they are the best aggregated baseline, not one that stalls every
   decode for a whole prefill; ``1p1d``'s workers get no such flag;
@@ -39,6 +40,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fabric.bench.deployment import start_frontend, start_worker, wait_serving
 from fabric.bench.load.registrar import registered
 from fabric.bench.serve import WorkerSpec
 from fabric.bench.vs_vllm.arms import (
@@ -53,8 +55,7 @@ from fabric.bench.vs_vllm.arms import (
 )
 from fabric.bench.vs_vllm.servers import ArmContext, Server, start_server, wait_servers
 from fabric.discovery.registry import Role
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
-from fabric.supervise import Child, free_port, start_process, stop_processes
+from fabric.supervise import Child, stop_processes
 
 STARTUP_TIMEOUT_S = 420.0
 """Bound on a deployment's start-up (vLLM servers take a minute or two on 2 busy cores)."""
@@ -265,30 +266,36 @@ def worker_flags(deployment: Deployment, setup: Setup) -> tuple[str, ...]:
 def _start_workers(deployment: Deployment, setup: Setup, children: list[Child]) -> None:
     for index, spec in enumerate(deployment.workers):
         worker_id = f"{spec.role.value}-{index}"
-        cmd = worker_command(
+        start_worker(
+            children,
+            worker_id,
             spec.role.value,
             etcd=setup.etcd,
             model=setup.preset,
-            worker_id=worker_id,
             namespace=deployment.namespace,
             cpus=spec.cpus,
             threads=spec.threads,
+            run_dir=setup.run_dir,
+            progress=log,
             extra=worker_flags(deployment, setup),
+            name=f"{deployment.name}-{worker_id}",
         )
-        name = f"{deployment.name}-{worker_id}"
-        children.append(start_process(name, cmd, setup.run_dir, progress=log))
 
 
 def _start_frontend(deployment: Deployment, setup: Setup, children: list[Child]) -> str:
-    """``fabric serve frontend`` in the deployment's namespace, ready once it counts every
-    worker; its URL."""
-    port = free_port()
-    cmd = frontend_command(
-        etcd=setup.etcd, model=setup.preset, port=port, namespace=deployment.namespace
+    """``fabric serve frontend`` in the deployment's namespace (its default request timeout),
+    ready once it counts every worker; its URL."""
+    url = start_frontend(
+        children,
+        etcd=setup.etcd,
+        model=setup.preset,
+        namespace=deployment.namespace,
+        run_dir=setup.run_dir,
+        progress=log,
+        name=f"{deployment.name}-frontend",
+        request_timeout_s=None,
     )
-    children.append(start_process(f"{deployment.name}-frontend", cmd, setup.run_dir, progress=log))
-    url = f"http://127.0.0.1:{port}"
-    wait_deployment_ready(url, children, deployment.num_workers, STARTUP_TIMEOUT_S, progress=log)
+    wait_serving(url, children, deployment.num_workers, log, timeout_s=STARTUP_TIMEOUT_S)
     return url
 
 
