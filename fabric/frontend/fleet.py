@@ -22,8 +22,12 @@ Invariants:
   served model name (records without one are accepted); others are ignored (logged once).
   A vLLM record without an ``http`` endpoint is ignored too: the frontend cannot send it requests.
   vLLM and fabric workers never share a route (their compat hashes differ).
-* NODE_CACHE records (a host's node KV cache) are kept apart, for display only
-  (``node_caches``): never routed to, never connected to.
+* NODE_CACHE records (a host's node KV cache) are kept apart (``node_caches``): never routed
+  to, never connected to. The KV events of one that publishes them (and names its ``node``,
+  and serves this model or does not say) are followed into the index with the node cache's id
+  as their location, and the fleet's view maps its node to it (``FleetView.node_caches``), so
+  ``policy`` counts a node tier's prefix for the workers of that node. A node cache that
+  leaves or restarts is unsubscribed and its entries forgotten, as a worker's.
 * A live DECODE or AGGREGATED worker has exactly one connection; a live PREFILL worker has none
   (it is only ever a KV source, reached by the serving worker).
 * A record that changes its endpoints, compat hash or ``started_at`` (a restart) is treated as a
@@ -45,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fabric.discovery.records import WorkerRecord
@@ -80,12 +84,14 @@ class FleetView:
             left out.
         load: ``worker_id -> in-flight requests`` (absent: none).
         index: which worker caches which prefix.
+        node_caches: node name -> the node cache whose KV events the index follows.
     """
 
     workers: Mapping[str, WorkerRecord]
     serving: list[WorkerRecord]
     load: Mapping[str, int]
     index: KvPrefixIndex
+    node_caches: Mapping[str, WorkerRecord] = field(default_factory=dict)
 
 
 class Fleet:
@@ -115,6 +121,8 @@ class Fleet:
         self._load: dict[str, int] = {}
         self._ignored: set[str] = set()
         self._node_caches: dict[str, WorkerRecord] = {}
+        self._indexed_nodes: dict[str, WorkerRecord] = {}
+        """node name -> its node cache, when the index follows that cache's events."""
         self._directory = WorkerDirectory(
             registry, namespace=namespace, on_change=self._on_change, grace_s=ROUTER_GRACE_S
         )
@@ -208,7 +216,8 @@ class Fleet:
                 for connection in self._connections.values()
                 if connection.worker_id in workers
             ]
-            route = choose(FleetView(workers, serving, self._load, self.index))
+            view = FleetView(workers, serving, self._load, self.index, self._indexed_nodes)
+            route = choose(view)
             sent = send(self._connections[route.serving.worker_id], route)
             self._acquire_locked(route.serving.worker_id)
             if route.source is not None:
@@ -256,11 +265,7 @@ class Fleet:
         record = event.record
         worker_id = record.worker_id
         if record.role is Role.NODE_CACHE:
-            with self._lock:
-                if event.kind is WorkerEventKind.LEFT:
-                    self._node_caches.pop(worker_id, None)
-                else:
-                    self._node_caches[worker_id] = record
+            self._on_node_cache(event)
             return
         old = self.workers().get(worker_id)
         if event.kind is WorkerEventKind.UPDATED and old is not None and _same_peer(old, record):
@@ -272,6 +277,44 @@ class Fleet:
             self._remove(worker_id, event.kind.value)
         if event.kind is not WorkerEventKind.LEFT and self._eligible(record):
             self._add(record)
+
+    def _on_node_cache(self, event: WorkerEvent) -> None:
+        """A node cache joined, changed or left: keep its record, follow its KV events."""
+        record = event.record
+        worker_id = record.worker_id
+        with self._lock:
+            old = self._node_caches.pop(worker_id, None)
+            if event.kind is not WorkerEventKind.LEFT:
+                self._node_caches[worker_id] = record
+        if old is not None and event.kind is not WorkerEventKind.LEFT and _same_peer(old, record):
+            with self._lock:
+                if old.node is not None and self._indexed_nodes.get(old.node) is old:
+                    self._indexed_nodes[old.node] = record
+            return
+        if old is not None:
+            self._unfollow_node_cache(old, event.kind.value)
+        if event.kind is WorkerEventKind.LEFT or record.node is None:
+            return
+        model = record.layout.model
+        if model is not None and model != self.model_name:
+            return
+        subscriber = self._maybe_subscribe(record)
+        if subscriber is None:
+            return
+        with self._lock:
+            self._subscribers[worker_id] = subscriber
+            self._indexed_nodes[record.node] = record
+        logger.info("following the node tier of %s (node cache %s)", record.node, worker_id)
+
+    def _unfollow_node_cache(self, record: WorkerRecord, why: str) -> None:
+        with self._lock:
+            subscriber = self._subscribers.pop(record.worker_id, None)
+            if record.node is not None and self._indexed_nodes.get(record.node) is record:
+                del self._indexed_nodes[record.node]
+        if subscriber is not None:
+            subscriber.close()
+            self.index.clear_worker(record.worker_id)
+            logger.info("node cache %s no longer followed (%s)", record.worker_id, why)
 
     def _add(self, record: WorkerRecord) -> None:
         worker_id = record.worker_id
@@ -313,7 +356,9 @@ class Fleet:
                 endpoint=events,
                 replay_endpoint=record.endpoints.events_replay,
             ).start()
-        if record.role is Role.PREFILL:
+        if record.role is Role.NODE_CACHE:
+            logger.info("node cache %s publishes no KV events: not routed to", record.worker_id)
+        elif record.role is Role.PREFILL:
             logger.warning(
                 "prefill worker %s publishes no KV events: routed by load", record.worker_id
             )

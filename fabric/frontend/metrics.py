@@ -13,8 +13,9 @@ live in one test process.
   the gap between two chunks divided by the second chunk's tokens, one observation per token);
 * ``routes_total{kind}``: routed requests by route kind (``policy.RouteKind``): ``local`` (the
   serving worker computes the prompt), ``prefill`` (a decode worker reads a dedicated prefill
-  worker's KV), ``peer_hit`` (the serving worker reads a prefix another worker holds); every kind
-  is exported from the start, at 0;
+  worker's KV), ``peer_hit`` (the serving worker reads a prefix another worker holds), ``node`` (the
+  serving worker reads its prefix from its node's tier); every kind is exported from the
+  start, at 0;
 * ``prefix_blocks_total{result}``: full prompt blocks the chosen KV provider (the named
   ``prefill_worker``, else the serving worker itself) already held (``hit``) or not (``miss``),
   as the router saw them;
@@ -24,7 +25,8 @@ live in one test process.
   ``kv_block_bytes``, left out when its record does not give them);
 * read at scrape time from the fleet: ``worker_in_flight{worker,role}``, ``workers{role}`` and
   ``worker_indexed_blocks{worker}`` (distinct blocks the KV index knows the worker holds, on
-  any tier, from its KV events; absent for workers that publish none); from the admission
+  any tier, from its KV events; absent for workers that publish none; a node cache whose
+  events the index follows has one too, under its id); from the admission
   queue: ``queued`` (requests tokenizing or waiting for a worker with room; absent without a
   reader).
 """
@@ -140,7 +142,7 @@ class FrontendMetrics:
         )
         self.routes = Counter(
             PREFIX + "routes",
-            "Routed requests by route kind (local, prefill, peer_hit).",
+            "Routed requests by route kind (local, prefill, peer_hit, node).",
             ["kind"],
             registry=self.registry,
         )

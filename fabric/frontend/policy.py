@@ -16,6 +16,17 @@ and only as far as the index walks, which stops at the first block none of the g
 holds. So a prompt costs hashing up to a few times its longest cached prefix, and nothing for a
 group none of whose workers has an indexed block.
 
+Node tiers (``fabric.node``): a node cache's KV events are indexed with the node cache as their
+location (its record's id; ``Fleet`` follows them), and a worker whose record names the node
+(``WorkerRecord.node``) of a node cache of its geometry (compat hash and block size) counts the
+node tier's prefix as its own: its prefix is ``max(own pools, node tier)``, since its admission
+finds node-tier blocks right after its own pools (one copy out of the shared segment). A node
+hit is weighed as a device or host hit (the policy weighs tiers alike: a node hit costs one
+memcpy, a host hit one too), so a prefix in node N's tier makes every instance of node N a
+holder, and the least-loaded of them serves it without a peer transfer. The record does not say
+whether a worker attached to its node cache (``--node-cache``): one that did not would be
+credited a prefix it then recomputes (a miss, never a wrong answer).
+
 The policy, in order:
 
 1. **Serving worker** (``choose_serving``): the decode or aggregated worker with the fewest
@@ -38,7 +49,8 @@ The policy, in order:
 3. **Route kind** (``route_kind``): ``local`` without a KV source; ``prefill`` when a decode
    worker reads from a dedicated prefill worker (disaggregated serving, as before); ``peer_hit``
    for every other source (an aggregated holder, or a prefill worker holding the prefix an
-   aggregated worker lacks).
+   aggregated worker lacks); ``node`` for a route without a source whose serving worker's
+   prefix is longer in its node's tier than in its own pools (it reads the node cache).
 """
 
 from __future__ import annotations
@@ -60,7 +72,9 @@ SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
 }
 """Serving role -> the roles whose workers it can read a prompt's KV from (both serve
 ``PrefillRequest``s: ``fabric.pd.KV_SOURCE_ROLES``)."""
-ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST})
+ROUTABLE_TIERS = frozenset({Tier.DEVICE, Tier.HOST, Tier.NODE})
+"""Tiers whose copies route: a worker's device and host pools, and node caches' tiers (only node
+caches publish ``Tier.NODE`` events)."""
 MIN_PEER_GAIN_BLOCKS = 1
 HASH_CHUNK_BLOCKS = 16
 """Blocks of the first chunk a prompt is hashed in."""
@@ -75,14 +89,17 @@ class RouteKind(Enum):
     LOCAL = "local"
     PREFILL = "prefill"
     PEER_HIT = "peer_hit"
+    NODE = "node"
 
 
 @dataclass(frozen=True, slots=True)
 class Prefix:
-    """How many of the prompt's ``num_blocks`` full blocks a worker holds (``matched``)."""
+    """How many of the prompt's ``num_blocks`` full blocks a worker holds (``matched``): in its
+    own pools or in its node's tier, whichever holds more (``from_node``: the node's tier)."""
 
     matched: int
     num_blocks: int
+    from_node: bool = False
 
 
 NO_PREFIX = Prefix(0, 0)
@@ -124,6 +141,9 @@ class Prefixes(Mapping[str, Prefix]):
     def __init__(self) -> None:
         self._walk_of: dict[str, tuple[HeldPrefixes | None, int]] = {}
         self._walks: list[HeldPrefixes] = []
+        self._node_of: dict[str, str] = {}
+        """worker id -> the location (node cache id) of its node's tier, same geometry."""
+        self._workers_of_node: dict[str, list[str]] = {}
 
     def add(self, worker_ids: Iterable[str], walk: HeldPrefixes | None, num_blocks: int) -> None:
         """``worker_ids`` (of one geometry: ``num_blocks`` full blocks) as ``walk`` found them
@@ -132,10 +152,24 @@ class Prefixes(Mapping[str, Prefix]):
         if walk is not None:
             self._walks.append(walk)
 
+    def add_node(self, location: str, worker_ids: Iterable[str]) -> None:
+        """``worker_ids`` (already added, of the node tier's geometry) read ``location``'s
+        prefix (a node cache's index location, walked with them) as their own."""
+        members = self._workers_of_node.setdefault(location, [])
+        for worker_id in worker_ids:
+            self._node_of[worker_id] = location
+            members.append(worker_id)
+
     def __getitem__(self, worker_id: str) -> Prefix:
         walk, num_blocks = self._walk_of[worker_id]
-        matched = 0 if walk is None else walk.length_of(worker_id)
-        return Prefix(matched, num_blocks) if num_blocks else NO_PREFIX
+        if not num_blocks:
+            return NO_PREFIX
+        if walk is None:
+            return Prefix(0, num_blocks)
+        own = walk.length_of(worker_id)
+        location = self._node_of.get(worker_id)
+        node = 0 if location is None else walk.length_of(location)
+        return Prefix(max(own, node), num_blocks, node > own)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._walk_of)
@@ -145,7 +179,28 @@ class Prefixes(Mapping[str, Prefix]):
 
     def longest(self, worker_ids: Iterable[str]) -> set[str]:
         """Those of ``worker_ids`` holding the longest prefix among them (empty: none holds
-        any): one pass over the ids and one over the walks' lengths."""
+        any): one pass over the ids and one over the walks' lengths, then one length per node
+        tier the ids read."""
+        ids = list(worker_ids)
+        best_length, best = self._longest_own(ids)
+        if not self._node_of:
+            return best
+        node_to_ids: dict[str, list[str]] = {}
+        for worker_id in ids:
+            location = self._node_of.get(worker_id)
+            if location is not None:
+                node_to_ids.setdefault(location, []).append(worker_id)
+        for location, members in node_to_ids.items():
+            walk = self._walk_of[members[0]][0]
+            length = 0 if walk is None else walk.length_of(location)
+            if length > best_length:
+                best_length, best = length, set(members)
+            elif length == best_length and length:
+                best.update(members)
+        return best
+
+    def _longest_own(self, worker_ids: Iterable[str]) -> tuple[int, set[str]]:
+        """``longest`` by the workers' own pools: the length and the workers holding it."""
         best_length, best_bits, best_walk = 0, 0, None
         bits_of: dict[int, int] = {}
         for worker_id in worker_ids:
@@ -159,31 +214,52 @@ class Prefixes(Mapping[str, Prefix]):
                 if length > best_length and bits & held:
                     best_length, best_bits, best_walk = length, bits & held, walk
         if best_walk is None:
-            return set()
-        return {w for slot in slots_of(best_bits) if (w := best_walk.worker_of[slot]) is not None}
+            return 0, set()
+        slots = slots_of(best_bits)
+        return best_length, {w for slot in slots if (w := best_walk.worker_of[slot]) is not None}
 
     def holders(self, min_blocks: int) -> Iterator[str]:
-        """The workers holding at least ``min_blocks`` (> 0) leading blocks."""
+        """The workers holding at least ``min_blocks`` (> 0) leading blocks (in their own
+        pools or their node's tier; a worker holding both ways may come twice)."""
         for walk in self._walks:
             for worker_id in walk.holders(min_blocks):
                 if self._walk_of.get(worker_id, (None, 0))[0] is walk:  # of this geometry
                     yield worker_id
+                else:
+                    yield from self._workers_of_node.get(worker_id, ())  # a node tier
 
 
 def cached_prefixes(
-    records: Sequence[WorkerRecord], token_ids: Sequence[int], index: KvPrefixIndex
+    records: Sequence[WorkerRecord],
+    token_ids: Sequence[int],
+    index: KvPrefixIndex,
+    node_caches: Mapping[str, WorkerRecord] | None = None,
 ) -> Prefixes:
-    """Each worker's cached prefix of the prompt on ``ROUTABLE_TIERS`` (no geometry: none)."""
+    """Each worker's cached prefix of the prompt on ``ROUTABLE_TIERS`` (no geometry: none).
+
+    Args:
+        node_caches: node name -> the node cache whose events the index follows (its record's
+            id is their location); a worker of that node and geometry counts its prefix too.
+    """
     prefixes = Prefixes()
     groups: dict[tuple[int, int], dict[str, None]] = {}
     no_geometry = []
+    node_members: dict[str, list[str]] = {}  # node cache id -> its workers
+    node_records: dict[str, WorkerRecord] = {}
     for record in records:
         block_size = record.layout.block_size
         if block_size is None:
             no_geometry.append(record.worker_id)
-        else:
-            groups.setdefault((record.compat_hash, block_size), {})[record.worker_id] = None
+            continue
+        groups.setdefault((record.compat_hash, block_size), {})[record.worker_id] = None
+        if node_caches and record.node is not None:
+            cache = node_caches.get(record.node)
+            if cache is not None and compatible(cache, record):
+                node_members.setdefault(cache.worker_id, []).append(record.worker_id)
+                node_records[cache.worker_id] = cache
     prefixes.add(no_geometry, None, 0)
+    for cache in node_records.values():  # walked with the workers of its geometry
+        groups[(cache.compat_hash, cache.layout.block_size or 0)][cache.worker_id] = None
     for (seed, block_size), worker_ids in groups.items():
         chunks = sequence_hash_chunks(
             token_ids,
@@ -193,7 +269,10 @@ def cached_prefixes(
             growth=HASH_CHUNK_GROWTH,
         )
         walk = index.held_prefixes(chunks, worker_ids.keys(), ROUTABLE_TIERS)
-        prefixes.add(worker_ids, walk, len(token_ids) // block_size)
+        workers = (w for w in worker_ids if w not in node_records)
+        prefixes.add(workers, walk, len(token_ids) // block_size)
+    for location, members in node_members.items():
+        prefixes.add_node(location, members)
     return prefixes
 
 
@@ -265,10 +344,13 @@ def choose_source(
     return min(pool, key=key)[1]
 
 
-def route_kind(serving: WorkerRecord, source: WorkerRecord | None) -> RouteKind:
-    """The kind of a route (module docstring, step 3)."""
+def route_kind(
+    serving: WorkerRecord, source: WorkerRecord | None, *, from_node: bool = False
+) -> RouteKind:
+    """The kind of a route (module docstring, step 3); ``from_node``: the serving worker's
+    prefix is in its node's tier."""
     if source is None:
-        return RouteKind.LOCAL
+        return RouteKind.NODE if from_node else RouteKind.LOCAL
     if serving.role is Role.DECODE and source.role is Role.PREFILL:
         return RouteKind.PREFILL
     return RouteKind.PEER_HIT
@@ -287,7 +369,7 @@ def make_route(
     return Route(
         serving=serving,
         source=source,
-        kind=route_kind(serving, source),
+        kind=route_kind(serving, source, from_node=local.from_node),
         source_blocks=provider.matched,
         local_blocks=local.matched,
         num_blocks=provider.num_blocks or local.num_blocks,

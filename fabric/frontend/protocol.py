@@ -32,8 +32,9 @@ route of this one request (benchmarks, tests, operators)::
 
 Responses carry ``fabric`` too: the route (``worker`` and ``decode_worker``: the serving worker;
 ``prefill_worker``: who supplied the KV, "" for the serving worker itself;
-``routed_prefill_worker``: whom the router named; ``route``: ``local``, ``prefill`` or
-``peer_hit``; ``route_pinned``; ``routed_prefix_blocks`` / ``routed_local_blocks``: the prompt
+``routed_prefill_worker``: whom the router named; ``route``: ``local``, ``prefill``,
+``peer_hit`` or ``node`` (the serving worker's prefix is in its node's tier); ``route_pinned``;
+``routed_prefix_blocks`` / ``routed_local_blocks``: the prompt
 blocks the router saw cached on the KV provider / the serving worker), the worker's statistics
 (``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``, ``ttft_ms``,
 ``fallback``...) and the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that

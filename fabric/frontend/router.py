@@ -330,7 +330,7 @@ class Router:
                     "fabric.prefill_worker",
                 )
             serving_pool = self._check_room(serving_pool, view.load)
-        prefixes = cached_prefixes(list(workers.values()), token_ids, view.index)
+        prefixes = cached_prefixes(list(workers.values()), token_ids, view.index, view.node_caches)
         if serving is None:
             serving = choose_serving(serving_pool, view.load, prefixes)
             assert serving is not None, "the pool has a worker with room"
@@ -369,7 +369,7 @@ def _source_candidates(
     if serving.role is Role.DECODE:
         return list(workers.values())
     wanted = prefixes.get(serving.worker_id, NO_PREFIX).matched + MIN_PEER_GAIN_BLOCKS
-    return [workers[w] for w in prefixes.holders(wanted) if w in workers]
+    return [workers[w] for w in dict.fromkeys(prefixes.holders(wanted)) if w in workers]
 
 
 def _live(workers: Mapping[str, WorkerRecord], roles: Collection[Role]) -> str:

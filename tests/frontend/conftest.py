@@ -45,14 +45,21 @@ def registry() -> Iterator[InMemoryRegistry]:
 def make_worker(
     registry: InMemoryRegistry, codec: TextCodec
 ) -> Iterator[Callable[..., FakeWorker]]:
-    """``make_worker(worker_id, role=Role.DECODE, model="tiny", events=False)``: a registered
-    fake worker (with ``events``: publishing KV events)."""
+    """``make_worker(worker_id, role=Role.DECODE, model="tiny", events=False, node=None)``: a
+    registered fake worker (with ``events``: publishing KV events; ``node``: its record's)."""
     workers: list[FakeWorker] = []
 
     def make(
-        worker_id: str, *, role: Role = Role.DECODE, model: str = "tiny", events: bool = False
+        worker_id: str,
+        *,
+        role: Role = Role.DECODE,
+        model: str = "tiny",
+        events: bool = False,
+        node: str | None = None,
     ) -> FakeWorker:
-        worker = FakeWorker(registry, worker_id, codec, role=role, model=model, events=events)
+        worker = FakeWorker(
+            registry, worker_id, codec, role=role, model=model, events=events, node=node
+        )
         workers.append(worker)
         return worker
 

@@ -71,6 +71,7 @@ def register(
     *,
     compat_hash: int = COMPAT,
     model: str = MODEL,
+    node: str | None = None,
 ) -> WorkerRegistration:
     record = WorkerRecord(
         worker_id=worker_id,
@@ -80,6 +81,7 @@ def register(
         layout=FabricLayout(model=model, block_size=BLOCK_SIZE),
         compat_hash=compat_hash,
         started_at=time.time(),
+        node=node,
     )
     return WorkerRegistration(registry, record, ttl_s=5.0).start()
 
@@ -106,6 +108,7 @@ class FakeWorker:
         role: Role = Role.DECODE,
         model: str = MODEL,
         events: bool = False,
+        node: str | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.answer_ids = [*codec.encode(ANSWER), EOS]
@@ -135,7 +138,7 @@ class FakeWorker:
                 events=self.publisher.endpoint,
                 events_replay=self.publisher.replay_endpoint,
             )
-        self._registration = register(registry, worker_id, role, endpoints, model=model)
+        self._registration = register(registry, worker_id, role, endpoints, model=model, node=node)
 
     def drain(self) -> None:
         """Mark the record draining, as a worker does on its first SIGTERM."""
