@@ -62,6 +62,12 @@ wins)::
                                         scheduler side binds.
     shared_disk_key_file                the G4 MAC key (``disk_path``'s files carry a keyed MAC;
                                         docs/security.md)
+    node_cache                          this host's node KV cache (``fabric serve node-cache``)
+                                        as a tier after G2 / G3, before G4: its signal endpoint
+                                        (``tcp://host:port`` or ``ipc://path``), or ``etcd``
+                                        (needs ``etcd_endpoints``) for the one registered for
+                                        ``node_name`` in ``namespace`` (``integrations.vllm.node``)
+    node_name                           this host's name as node caches know it (the hostname)
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ TIER_KEYS = frozenset(
         "events_endpoint",
         "events_replay_endpoint",
         "shared_disk_key_file",
+        "node_cache",
+        "node_name",
     }
 )
 """``kv_connector_extra_config`` keys passed to the block manager's settings."""
@@ -209,6 +217,7 @@ class ConnectorConfig:
             raise ConfigError(
                 f"tier settings (extra config keys {given} or environment): {e}"
             ) from e
+        _check_node_cache(kvbm.node_cache, config)
         for endpoint in (kvbm.events_endpoint, kvbm.events_replay_endpoint):
             if endpoint is not None and endpoint.rsplit(":", 1)[-1] in ("0", "*"):
                 raise ConfigError(
@@ -224,6 +233,29 @@ class ConnectorConfig:
             kv_transfer_config.kv_connector_extra_config,
             kv_role=kv_transfer_config.kv_role,
             engine_id=kv_transfer_config.engine_id,
+        )
+
+
+NODE_CACHE_SCHEMES = ("tcp://", "ipc://")
+
+
+def _check_node_cache(node_cache: str | None, config: ConnectorConfig) -> None:
+    """``node_cache`` (key or ``FABRIC_NODE_CACHE``) is ``etcd`` with ``etcd_endpoints``, or an
+    endpoint; ConfigError otherwise."""
+    if node_cache is None:
+        return
+    if node_cache == "etcd":
+        if config.etcd_endpoints is None:
+            raise ConfigError(
+                "node_cache='etcd' finds this host's node cache in discovery: set "
+                "etcd_endpoints (and namespace, node_name as the node cache's), or give its "
+                "endpoint, e.g. tcp://127.0.0.1:7300"
+            )
+        return
+    if not node_cache.startswith(NODE_CACHE_SCHEMES) or node_cache.endswith(("://", ":0", ":*")):
+        raise ConfigError(
+            f"node_cache={node_cache!r} must be 'etcd' or the node cache's signal endpoint "
+            "(tcp://host:port or ipc://path, as fabric serve node-cache prints it)"
         )
 
 

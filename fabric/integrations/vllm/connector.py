@@ -32,6 +32,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from fabric.errors import ConfigError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.metadata import FabricMetadata, FabricWorkerMeta
+from fabric.integrations.vllm.node import attach_node_tier, check_node_supported, node_layout
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.scheduler import FabricScheduler
 from fabric.integrations.vllm.tiers import EventBuffer, TierLedger
@@ -92,9 +93,11 @@ def build_scheduler(
     config: ConnectorConfig, geometry: PageGeometry, world_size: int = 1
 ) -> FabricScheduler:
     """The scheduler side: the G4 store (rank 0's directory answers lookups: a shard another
-    rank lacks is a load error there, recomputed), and the tiers' ledger, counting a job done
+    rank lacks is a load error there, recomputed), the tiers' ledger, counting a job done
     once every rank reported it, whose events go to vLLM's own stream (``take_events``) and to
-    the fabric's publisher when ``events_endpoint`` is set."""
+    the fabric's publisher when ``events_endpoint`` is set, and the node tier's link (lookups
+    only) when ``node_cache`` is set."""
+    check_node_supported(config, world_size)
     kvbm = config.kvbm_config(geometry.block_size)
     store = open_store(config, geometry, 0, world_size)
     buffer = EventBuffer()
@@ -103,12 +106,17 @@ def build_scheduler(
         ledger = TierLedger.build(
             kvbm, geometry.block_bytes, events, shared=store is not None, world_size=world_size
         )
+        node = (
+            attach_node_tier(config, geometry, side="scheduler", layout=node_layout(geometry, 1))
+            if kvbm.node_cache is not None
+            else None
+        )
     except BaseException:
         events.close()
         if store is not None:
             store.close()
         raise
-    return FabricScheduler(config, geometry, store, ledger, events=(events, buffer))
+    return FabricScheduler(config, geometry, store, ledger, events=(events, buffer), node=node)
 
 
 def build_worker(
@@ -118,7 +126,9 @@ def build_worker(
     rank: int = 0,
     world_size: int = 1,
 ) -> FabricWorker:
-    """The worker side of tensor-parallel ``rank``: its own shard in every tier."""
+    """The worker side of tensor-parallel ``rank``: its own shard in every tier (its node link
+    is attached once vLLM registers its pages)."""
+    check_node_supported(config, world_size)
     store = open_store(config, geometry, rank, world_size)
     return FabricWorker(config, geometry, layer_names, store, rank)
 
@@ -128,6 +138,11 @@ def _tensor_parallel_rank() -> int:
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     return int(get_tensor_model_parallel_rank())
+
+
+_HIT_SOURCES = {Tier.HOST: CacheHitSource.HOST, Tier.NODE: CacheHitSource.HOST}
+"""vLLM's ``prompt_tokens_by_source`` of our tiers: host memory (G2, the node tier) is
+``host``; the others (G3, G4) are ``disk``."""
 
 
 def to_vllm_event(event: KvEvent) -> KVCacheEvent:
@@ -305,7 +320,7 @@ class FabricConnector(KVConnectorBase_V1):
             return {CacheHitSource.P2P: num_external_tokens}
         sources: dict[CacheHitSource, int] = {}
         for tier, tokens in self.scheduler.hit_sources(request.request_id).items():
-            source = CacheHitSource.HOST if tier is Tier.HOST else CacheHitSource.DISK
+            source = _HIT_SOURCES.get(tier, CacheHitSource.DISK)
             sources[source] = sources.get(source, 0) + tokens
         return sources or {CacheHitSource.DISK: num_external_tokens}
 

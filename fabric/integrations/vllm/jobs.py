@@ -1,5 +1,8 @@
 """Tier moves between vLLM's pages and the connector's tiers, as plain records.
 
+``NodeLoad`` / ``NodeSave`` are the node tier's (``node``): executed by the worker side alone
+(the node cache keeps its own leases), so they carry no job id and are never reported.
+
 The scheduler side (``tiers.TierLedger``) plans them and puts them in the step's
 ``FabricMetadata``; the worker side (``mover.TierMover``) executes them and reports each by its
 ``job_id`` in a ``JobReport`` (carried back in vLLM's ``kv_connector_worker_meta``). Picklable
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fabric.kvbm import Tier
+from fabric.kvbm import SequenceHash, Tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,28 @@ class TierWrite:
     src_ids: tuple[int, ...]
     dst: Tier
     dst_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLoad:
+    """Before the forward pass: copy the node tier's blocks of ``hashes`` into vLLM blocks
+    ``block_ids`` (a prefix hit of request ``request_id``; blocks it no longer holds are load
+    errors)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    hashes: tuple[SequenceHash, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSave:
+    """After the forward pass: store vLLM blocks ``block_ids[i]`` under ``hashes[i]`` (a run of
+    one request's consecutive full blocks, chained after ``parent``) in the node tier, those it
+    lacks."""
+
+    block_ids: tuple[int, ...]
+    hashes: tuple[SequenceHash, ...]
+    parent: SequenceHash | None
 
 
 @dataclass(slots=True)

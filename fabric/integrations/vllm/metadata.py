@@ -13,7 +13,9 @@ worker needs travels here as plain, picklable records; the sides share no state.
 * ``holds``: finished prefills whose blocks this producer keeps for a decode instance until it
   reports ``TransferDone`` or the hold times out;
 * ``tier_loads``, ``tier_saves``, ``tier_writes``: the jobs of the connector's host and local
-  disk tiers (``jobs``), planned by ``tiers.TierLedger``.
+  disk tiers (``jobs``), planned by ``tiers.TierLedger``;
+* ``node_loads``, ``node_saves``: the node tier's loads (before the forward pass) and stores
+  (after it) (``jobs``, ``node``).
 
 ``FabricWorkerMeta`` goes the other way (vLLM's ``kv_connector_worker_meta``): each worker
 rank's ``JobReport`` of finished tier jobs, merged over ranks by ``aggregate``.
@@ -30,7 +32,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from fabric.integrations.vllm.jobs import JobReport, TierLoad, TierSave, TierWrite
+from fabric.integrations.vllm.jobs import (
+    JobReport,
+    NodeLoad,
+    NodeSave,
+    TierLoad,
+    TierSave,
+    TierWrite,
+)
 from fabric.kvbm import SequenceHash, as_token_array
 
 
@@ -113,6 +122,8 @@ class FabricMetadata(KVConnectorMetadata):
     tier_loads: list[TierLoad] = field(default_factory=list)
     tier_saves: list[TierSave] = field(default_factory=list)
     tier_writes: list[TierWrite] = field(default_factory=list)
+    node_loads: list[NodeLoad] = field(default_factory=list)
+    node_saves: list[NodeSave] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -6,12 +6,14 @@ as ``FabricMetadata`` (``build_connector_meta``). With a host tier configured it
 connector's ``TierLedger`` (the G2 / G3 pools) and applies the worker's job reports
 (``update_connector_output``). State per request::
 
-    get_num_new_matched_tokens ──▶ lookup (local hit, external tokens: G2, G3, G4 or a peer;
-        │                          G2 / G3 blocks pinned)
+    get_num_new_matched_tokens ──▶ lookup (local hit, external tokens: G2, G3, the node tier,
+        │                          G4, in that order, or a peer; G2 / G3 blocks pinned)
         │ (vLLM allocates)
-    update_state_after_alloc ──▶ tracked (+ TierLoads, DiskLoad or PeerRead for the next meta)
+    update_state_after_alloc ──▶ tracked (+ TierLoads, NodeLoad, DiskLoad or PeerRead for the
+        │                                 next meta)
         │ every step: blocks that became full ──▶ TierSave to G2 (+ TierWrites down to G3 / G4),
-        │                                         or, without G2, DiskSave to G4
+        │                                         or, without G2, DiskSave to G4; and NodeSave
+        │                                         to the node tier
     request_finished ──▶ untracked (+ PeerHold queued when a decode instance will read it)
 
 vLLM's rules kept here: hits are whole blocks; a synchronous (disk) hit never covers the last
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric.integrations.vllm.config import ConnectorConfig
-from fabric.integrations.vllm.jobs import JobReport
+from fabric.integrations.vllm.jobs import JobReport, NodeLoad, NodeSave
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
     DiskSave,
@@ -38,6 +40,7 @@ from fabric.integrations.vllm.metadata import (
     PeerRead,
     token_digest,
 )
+from fabric.integrations.vllm.node import NodeAttachment
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.stats import SchedulerStats
 from fabric.integrations.vllm.tiers import EventBuffer, TierHit, TierLedger
@@ -51,12 +54,14 @@ _PEER_PARAMS = ("remote_worker_id", "remote_request_id", "remote_num_tokens")
 @dataclass(slots=True)
 class _Lookup:
     """What ``get_num_new_matched_tokens`` answered for a request (memoised for alloc):
-    ``hit`` holds the pinned G2 / G3 blocks, which come before the G4 ones."""
+    ``hit`` holds the pinned G2 / G3 blocks, which come before the ``num_node`` blocks the node
+    tier held, which come before the G4 ones."""
 
     num_local_tokens: int
     num_external_tokens: int
     from_peer: bool
     hit: TierHit | None = None
+    num_node: int = 0
 
 
 @dataclass(slots=True)
@@ -80,6 +85,7 @@ class FabricScheduler:
         ledger: TierLedger | None = None,
         *,
         events: tuple[EventSink, EventBuffer] | None = None,
+        node: NodeAttachment | None = None,
     ) -> None:
         self.config = config
         self.geometry = geometry
@@ -88,6 +94,7 @@ class FabricScheduler:
         self._store = store
         self._ledger = ledger
         self._events = events
+        self._node = node
         self._sources: dict[str, dict[Tier, int]] = {}
         self._seed = geometry.hash_seed
         self._compat = geometry.compat_hash
@@ -110,8 +117,8 @@ class FabricScheduler:
         """External tokens beyond the ``num_computed_tokens`` vLLM holds locally (block-aligned).
 
         Returns ``(n, True)`` for a prefill a producer holds for us (asynchronous read),
-        ``(n, False)`` for a disk-tier hit (loaded before the step's forward), ``(0, False)``
-        otherwise.
+        ``(n, False)`` for a hit below G1 (G2, G3, the node tier, G4: loaded before the step's
+        forward), ``(0, False)`` otherwise.
         """
         req_id = request.request_id
         self._forget_lookup(req_id)
@@ -123,7 +130,8 @@ class FabricScheduler:
                 return 0, False
             self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=True)
             return num, True
-        if (self._store is None and self._ledger is None) or not self.config.load_blocks:
+        no_tier = self._store is None and self._ledger is None and self._node is None
+        if no_tier or not self.config.load_blocks:
             return 0, False
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs  # the last token is always computed
@@ -133,19 +141,26 @@ class FabricScheduler:
         hashes = self._hashes(req_id, request.all_token_ids, max_blocks)[first:max_blocks]
         hit = self._ledger.match(hashes) if self._ledger is not None else None
         num_tier = hit.num_blocks if hit is not None else 0
-        num_shared = self._store.prefix_length(hashes[num_tier:]) if self._store else 0
+        rest = hashes[num_tier:]
+        num_node = self._node.link.prefix_length(rest) if self._node is not None and rest else 0
+        rest = rest[num_node:]
+        num_shared = self._store.prefix_length(rest) if self._store and rest else 0
         self.stats.num_lookups += 1
-        if num_tier + num_shared == 0:
+        if num_tier + num_node + num_shared == 0:
             if hit is not None:
                 self._ledger_release(hit)
             return 0, False
-        num = (num_tier + num_shared) * bs
-        self._lookups[req_id] = _Lookup(num_computed_tokens, num, from_peer=False, hit=hit)
+        num = (num_tier + num_node + num_shared) * bs
+        self._lookups[req_id] = _Lookup(
+            num_computed_tokens, num, from_peer=False, hit=hit, num_node=num_node
+        )
         logger.debug(
-            "request %s: %d tokens hit below G1 (%d blocks in G2/G3, %d in G4)",
+            "request %s: %d tokens hit below G1 (%d blocks in G2/G3, %d in the node tier, "
+            "%d in G4)",
             req_id,
             num,
             num_tier,
+            num_node,
             num_shared,
         )
         return num, False
@@ -240,15 +255,26 @@ class FabricScheduler:
             for load in self._ledger.plan_loads(req_id, hit, ids, num_tier):
                 self._meta.tier_loads.append(load)
                 sources[load.tier] = sources.get(load.tier, 0) + len(load.block_ids) * bs
-        if num > num_tier:
-            hashes = self._hashes(req_id, request.all_token_ids, first + num)
-            self._meta.loads.append(
-                DiskLoad(req_id, tuple(ids[num_tier:]), tuple(hashes[first + num_tier :]))
+        num_node = min(lookup.num_node, num - num_tier)
+        hashes = self._hashes(req_id, request.all_token_ids, first + num)
+        if num_node:
+            end = num_tier + num_node
+            self._meta.node_loads.append(
+                NodeLoad(
+                    req_id, tuple(ids[num_tier:end]), tuple(hashes[first + num_tier : first + end])
+                )
             )
-            sources[Tier.SHARED] = (num - num_tier) * bs
+            sources[Tier.NODE] = num_node * bs
+        if num > num_tier + num_node:
+            start = num_tier + num_node
+            self._meta.loads.append(
+                DiskLoad(req_id, tuple(ids[start:]), tuple(hashes[first + start :]))
+            )
+            sources[Tier.SHARED] = (num - start) * bs
         self._sources[req_id] = sources
         self.stats.num_host_hit_tokens += sources.get(Tier.HOST, 0)
         self.stats.num_local_disk_hit_tokens += sources.get(Tier.DISK, 0)
+        self.stats.num_node_hit_tokens += sources.get(Tier.NODE, 0)
         self.stats.num_disk_hit_tokens += sources.get(Tier.SHARED, 0)
 
     def stats_dict(self) -> dict[str, int | float]:
@@ -278,11 +304,17 @@ class FabricScheduler:
 
     def build_connector_meta(self, scheduler_output: Any) -> FabricMetadata:
         """This step's loads, reads and holds, plus the saves of blocks it completes."""
-        if self.config.save_blocks:
+        saving = self._ledger is not None or self._store is not None or self._node is not None
+        if self.config.save_blocks and saving:
+            runs = self._newly_full(scheduler_output)
+            if self._node is not None:
+                self._plan_node_saves(runs)
             if self._ledger is not None:
-                self._plan_tier_saves(scheduler_output, self._ledger)
+                self._plan_tier_saves(runs, self._ledger)
             elif self._store is not None:
-                self._plan_saves(scheduler_output, self._store)
+                self._plan_saves(runs, self._store)
+            for _, tracked, num_full in runs:
+                tracked.num_offered_blocks = num_full
         meta, self._meta = self._meta, FabricMetadata()
         return meta
 
@@ -305,9 +337,25 @@ class FabricScheduler:
                 found.append((req_id, tracked, num_full))
         return found
 
-    def _plan_tier_saves(self, scheduler_output: Any, ledger: TierLedger) -> None:
+    def _plan_node_saves(self, runs: list[tuple[str, _Tracked, int]]) -> None:
+        """Store every newly full block in the node tier, one run per request (the worker's
+        store copies only the blocks the node lacks)."""
+        for req_id, tracked, num_full in runs:
+            start = tracked.num_offered_blocks
+            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
+            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
+            self._meta.node_saves.append(
+                NodeSave(
+                    tuple(block_ids[start:num_full]),
+                    tuple(hashes[start:num_full]),
+                    hashes[start - 1] if start else None,
+                )
+            )
+            self.stats.num_node_save_blocks += num_full - start
+
+    def _plan_tier_saves(self, runs: list[tuple[str, _Tracked, int]], ledger: TierLedger) -> None:
         """Save every newly full block to G2 (and down), one run per request."""
-        for req_id, tracked, num_full in self._newly_full(scheduler_output):
+        for req_id, tracked, num_full in runs:
             start = tracked.num_offered_blocks
             hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
@@ -322,19 +370,17 @@ class FabricScheduler:
                 self._meta.tier_saves.append(save)
                 self.stats.num_save_blocks += len(save.block_ids)
             self._meta.tier_writes.extend(writes)
-            tracked.num_offered_blocks = num_full
 
-    def _plan_saves(self, scheduler_output: Any, store: SharedBlockStore) -> None:
+    def _plan_saves(self, runs: list[tuple[str, _Tracked, int]], store: SharedBlockStore) -> None:
         save_ids: list[int] = []
         save_hashes: list[SequenceHash] = []
-        for req_id, tracked, num_full in self._newly_full(scheduler_output):
+        for req_id, tracked, num_full in runs:
             hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
             for i in range(tracked.num_offered_blocks, num_full):
                 if i < tracked.recheck_until or not store.contains(hashes[i]):
                     save_ids.append(block_ids[i])
                     save_hashes.append(hashes[i])
-            tracked.num_offered_blocks = num_full
         if save_ids:
             self._meta.saves.append(DiskSave(tuple(save_ids), tuple(save_hashes)))
             self.stats.num_save_blocks += len(save_ids)
@@ -437,13 +483,16 @@ class FabricScheduler:
         return self._events[1].take() if self._events is not None else []
 
     def shutdown(self) -> None:
-        """Close the disk store (the worker side closes its own), the ledger and the event
-        publisher; idempotent."""
+        """Close the disk store (the worker side closes its own), the ledger, the node link and
+        the event publisher; idempotent."""
         for req_id in list(self._lookups):
             self._forget_lookup(req_id)
         if self._ledger is not None:
             self._ledger.close()
         self._host_holds.clear()
+        if self._node is not None:
+            self._node.close()
+            self._node = None
         if self._events is not None:
             self._events[0].close()
             self._events = None

@@ -19,6 +19,10 @@ class SchedulerStats:
     """Tokens vLLM agreed to load from the local disk tier (G3)."""
     num_disk_hit_tokens: int = 0
     """Tokens vLLM agreed to load from the shared disk tier (G4)."""
+    num_node_hit_tokens: int = 0
+    """Tokens vLLM agreed to load from this host's node cache (the node tier, G2N)."""
+    num_node_save_blocks: int = 0
+    """Blocks handed to the worker to store in the node tier (it copies only those it lacks)."""
     num_save_blocks: int = 0
     """Blocks handed to the worker to offload (to G2 with a host tier, else to G4)."""
     num_peer_reads: int = 0
@@ -48,8 +52,16 @@ class WorkerStats:
     """Milliseconds the model thread spent in ``start_load_kv`` on tier and disk loads."""
     num_loaded_blocks: int = 0
     """Blocks copied from the shared disk tier (G4) into vLLM's KV cache."""
+    num_node_loaded_blocks: int = 0
+    """Blocks copied from the node tier into vLLM's KV cache."""
+    num_node_stored_blocks: int = 0
+    """Blocks copied into the node tier (new to it; blocks it held are not copied)."""
+    node_ms_model_thread: float = 0.0
+    """Of ``save_ms_model_thread``, the part spent storing into the node tier (node loads are
+    in ``load_ms_model_thread``)."""
     num_load_errors: int = 0
-    """Blocks reported to vLLM as failed loads (disk misses, corrupt files, failed reads)."""
+    """Blocks reported to vLLM as failed loads (disk misses, corrupt files, failed reads, node
+    blocks gone or unreadable)."""
     num_saved_blocks: int = 0
     """Blocks written to the disk tier (not counting ones another instance wrote first)."""
     num_save_failures: int = 0

@@ -25,6 +25,11 @@ With a host tier, a ``TierMover`` holds this rank's G2 / G3 bytes: tier loads ru
 only share of an offload), write-downs to G3 / G4 on the mover's copy thread; finished jobs go
 back to the scheduler in ``build_connector_worker_meta``.
 
+With ``node_cache``, this rank's own ``NodeLink`` (``node``) loads node-tier hits in
+``start_load_kv`` (after the G2 / G3 loads, before G4's; blocks the node no longer holds are
+load errors) and stores each step's newly full blocks in ``wait_for_save``, straight from
+vLLM's pages (one copy into the shared segment each way).
+
 Loads and reads are synchronous: they complete inside ``start_load_kv`` (vLLM calls it before
 the forward pass for disk hits and after it for P/D reads), so a load error is always reported in
 the step that detected it and before vLLM could use the block. P/D pieces (NIXL agent, etcd
@@ -51,7 +56,7 @@ from fabric.errors import FabricError, StorageError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.consumer import PeerReader
 from fabric.integrations.vllm.discovery import instance_record, rank_worker_id
-from fabric.integrations.vllm.jobs import TierLoad, TierSave
+from fabric.integrations.vllm.jobs import NodeLoad, NodeSave, TierLoad, TierSave
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
     DiskSave,
@@ -61,6 +66,7 @@ from fabric.integrations.vllm.metadata import (
     PeerRead,
 )
 from fabric.integrations.vllm.mover import TierMover
+from fabric.integrations.vllm.node import NodeAttachment, attach_node_tier, node_storage
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
@@ -91,6 +97,8 @@ class FabricWorker:
         self._layer_names = list(layer_names)
         self._store = store
         self._mover: TierMover | None = None
+        self._node: NodeAttachment | None = None
+        self._node_pages: Storage | None = None
         self._pages: KvPages | None = None
         self._stack = ExitStack()
         self._holds = hold_table(read_timeout_s=config.read_timeout_s)
@@ -105,8 +113,16 @@ class FabricWorker:
     # ---- setup -------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Adopt vLLM's KV tensors; with P/D on, register them with NIXL and join etcd."""
+        """Adopt vLLM's KV tensors; with ``node_cache``, present them to the node tier (refused
+        with the reason for a layout it cannot hold); with P/D on, register them with NIXL and
+        join etcd."""
         self._pages = KvPages.from_kv_caches(self.geometry, kv_caches, self._layer_names)
+        if self.config.kvbm_config(self.geometry.block_size).node_cache is not None:
+            node_pages = node_storage(self._pages)
+            self._node = attach_node_tier(
+                self.config, self.geometry, side=f"rank{self.rank}", layout=node_pages.layout
+            )
+            self._node_pages = node_pages
         kvbm_config = self.config.kvbm_config(self.geometry.block_size)
         if kvbm_config.tier_blocks(Tier.HOST, self.geometry.block_bytes):
             self._mover = TierMover.build(kvbm_config, self._pages.layout_spec(), self._store)
@@ -232,6 +248,8 @@ class FabricWorker:
             self._hold(hold)
         for tier_load in meta.tier_loads:
             self._load_from_tier(tier_load)
+        for node_load in meta.node_loads:
+            self._load_from_node(node_load)
         for load in meta.loads:
             self._load_from_disk(load)
         self.stats.load_ms_model_thread += (time.perf_counter() - began) * 1000
@@ -269,6 +287,38 @@ class FabricWorker:
             return
         self._load_errors.update(load.block_ids)
         self.stats.num_load_errors += len(load.block_ids)
+
+    def _load_from_node(self, load: NodeLoad) -> None:
+        """Copy the node tier's prefix into the planned blocks; the rest are load errors (the
+        node evicted them since the lookup, or it cannot serve now)."""
+        num = 0
+        if self._node is not None and self._node_pages is not None:
+            if not self.config.debug_fail_loads:
+                num = self._node.link.load(
+                    load.hashes, self._node_pages, lambda m: load.block_ids[:m]
+                )
+        else:
+            logger.warning("request %s: a node load without a node tier", load.request_id)
+        self.stats.num_node_loaded_blocks += num
+        failed = load.block_ids[num:]
+        if failed:
+            self._load_errors.update(failed)
+            self.stats.num_load_errors += len(failed)
+            logger.warning(
+                "request %s: %d of %d node-tier blocks could not be loaded; vLLM recomputes them",
+                load.request_id,
+                len(failed),
+                len(load.block_ids),
+            )
+
+    def _save_to_node(self, save: NodeSave) -> None:
+        if self._node is None or self._node_pages is None:
+            return
+        began = time.perf_counter()
+        self.stats.num_node_stored_blocks += self._node.link.store(
+            save.hashes, self._node_pages, save.block_ids, parent_hash=save.parent
+        )
+        self.stats.node_ms_model_thread += (time.perf_counter() - began) * 1000
 
     def _load_from_disk(self, load: DiskLoad) -> None:
         assert self._store is not None, "the scheduler planned a disk load without a disk tier"
@@ -341,6 +391,8 @@ class FabricWorker:
                 self.stats.num_tier_writes += 1
         for save in meta.saves:
             self._save_to_disk(save)
+        for node_save in meta.node_saves:
+            self._save_to_node(node_save)
         self.stats.save_ms_model_thread += (time.perf_counter() - began) * 1000
 
     def build_worker_meta(self) -> FabricWorkerMeta | None:
@@ -386,10 +438,14 @@ class FabricWorker:
         return errors
 
     def shutdown(self) -> None:
-        """Free every hold, leave etcd, close NIXL, the tiers and the disk store; idempotent."""
+        """Free every hold, leave etcd, close NIXL, the tiers, the node link and the disk store;
+        idempotent."""
         logger.info("fabric worker stats: %s", json.dumps(self.stats_dict()))  # bench vllm-offload
         self._holds.expire_all()
         self._stack.close()
+        if self._node is not None:
+            self._node.close()
+            self._node = None
         if self._mover is not None:
             self._mover.close()
             self._mover = None

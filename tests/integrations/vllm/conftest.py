@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,19 @@ def connector_config(role: str, **extra: Any) -> dict[str, Any]:
 def kv_transfer_config() -> Any:
     """``kv_transfer_config(role, **extra)``: the fabric connector's vLLM config."""
     return connector_config
+
+
+@pytest.fixture
+def node_namespace() -> Iterator[str]:
+    """A namespace of its own for a node cache of node ``test``; its shared-memory segment and
+    owner file must be gone at teardown (removed, then the test fails, if not)."""
+    from fabric.node.config import segment_name
+
+    name = f"v{uuid.uuid4().hex[:12]}"
+    yield name
+    segment = Path("/dev/shm", segment_name(name, "test"))
+    leftovers = [p for p in (segment, segment.with_name(f"{segment.name}.owner")) if p.exists()]
+    for leftover in leftovers:
+        leftover.unlink()
+    if leftovers:
+        pytest.fail(f"{leftovers} left behind")

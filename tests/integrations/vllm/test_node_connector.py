@@ -1,0 +1,162 @@
+"""Both sides of the connector with a node tier, without an engine: one instance's scheduler and
+worker store a prompt's full blocks into a real node cache (in this process, real shared
+memory); another instance's scheduler reports them as an external hit, its worker copies them
+into vLLM-shaped pages (CPU tensors of vLLM-CPU's layout), byte for byte; blocks the node no
+longer holds become load errors (a shorter hit, never other bytes). vLLM's request and scheduler
+output are stand-ins with the attributes the connector reads.
+
+Runs with the .venv-vllm interpreter (the connector's metadata are vLLM's classes)::
+
+    .venv-vllm/bin/python -m pytest tests/integrations/vllm -q -m "not slow"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from node_pages import BS, GEOMETRY, node_config, vllm_hashes, vllm_kv_caches
+
+pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
+
+from fabric.integrations.vllm.config import ConnectorConfig
+from fabric.integrations.vllm.connector import build_scheduler, build_worker
+from fabric.integrations.vllm.jobs import NodeLoad
+from fabric.integrations.vllm.metadata import FabricMetadata
+from fabric.integrations.vllm.scheduler import FabricScheduler
+from fabric.integrations.vllm.worker import FabricWorker
+from fabric.kvbm import Tier
+from fabric.node import NodeCacheService, build_node_cache
+
+PROMPT = list(range(300, 300 + 5 * BS + 1))  # five full blocks and one token
+NUM_BLOCKS = 5
+
+
+@pytest.fixture
+def service(node_namespace: str) -> Iterator[NodeCacheService]:
+    with build_node_cache(node_config(node_namespace)) as node:
+        yield node
+
+
+class Instance:
+    """One vLLM instance's two connector sides over vLLM-shaped pages."""
+
+    def __init__(self, extra: dict[str, Any], seed: int) -> None:
+        config = ConnectorConfig.from_extra(extra, kv_role="kv_both", engine_id=f"e{seed}")
+        self.scheduler: FabricScheduler = build_scheduler(config, GEOMETRY)
+        self.worker: FabricWorker = build_worker(config, GEOMETRY, self.layer_names())
+        self.worker.register_kv_caches(vllm_kv_caches(seed))
+        self.pages = self.worker.pages
+        self.block_ids: dict[str, list[int]] = {}
+        self.scheduler.bind_kv_cache_manager(
+            SimpleNamespace(get_block_ids=lambda req_id: (self.block_ids[req_id],))
+        )
+
+    @staticmethod
+    def layer_names() -> list[str]:
+        return [f"layers.{i}.attn" for i in range(GEOMETRY.num_layers)]
+
+    def admit(self, req_id: str, block_ids: list[int]) -> tuple[Any, int]:
+        """vLLM's admission: the lookup, then the allocation of every block of the prompt."""
+        request = SimpleNamespace(
+            request_id=req_id,
+            kv_transfer_params=None,
+            num_tokens=len(PROMPT),
+            num_prompt_tokens=len(PROMPT),
+            all_token_ids=PROMPT,
+            prompt_token_ids=PROMPT,
+        )
+        num_external, asynchronous = self.scheduler.get_num_new_matched_tokens(request, 0)
+        assert not asynchronous
+        self.block_ids[req_id] = block_ids
+        self.scheduler.update_state_after_alloc(request, block_ids, num_external)
+        return request, num_external
+
+    def step(self, req_id: str, num_computed: int) -> FabricMetadata:
+        """One step computing the rest of the prompt: the worker's loads, forward, saves."""
+        output = SimpleNamespace(
+            num_scheduled_tokens={req_id: len(PROMPT) - num_computed},
+            scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=num_computed)],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
+        )
+        meta = self.scheduler.build_connector_meta(output)
+        self.worker.start_load_kv(meta)
+        self.worker.wait_for_save(meta)
+        return meta
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.scheduler.shutdown()
+
+
+@pytest.fixture
+def instances(service: NodeCacheService) -> Iterator[list[Instance]]:
+    made = [Instance({"node_cache": service.endpoint}, seed) for seed in (1, 2)]
+    yield made
+    for instance in made:
+        instance.close()
+
+
+def test_a_prefix_one_instance_computed_is_loaded_by_another_from_the_node_tier(
+    instances: list[Instance], service: NodeCacheService
+) -> None:
+    writer, reader = instances
+    _, num_external = writer.admit("w", [2, 3, 4, 5, 6, 7])
+    assert num_external == 0  # the node starts empty
+    meta = writer.step("w", 0)
+    assert [len(s.block_ids) for s in meta.node_saves] == [NUM_BLOCKS]
+    assert writer.worker.stats.num_node_stored_blocks == NUM_BLOCKS
+    assert service.cache.stats()["committed_blocks"] == NUM_BLOCKS
+
+    _, num_external = reader.admit("r", [8, 0, 1, 9, 10, 11])
+    assert num_external == NUM_BLOCKS * BS  # every full block; the last token is computed
+    assert reader.scheduler.hit_sources("r") == {Tier.NODE: NUM_BLOCKS * BS}
+    assert reader.scheduler.stats.num_node_hit_tokens == NUM_BLOCKS * BS
+    meta = reader.step("r", num_external)
+    (load,) = meta.node_loads
+    assert load.block_ids == (8, 0, 1, 9, 10) and not meta.loads and not meta.tier_loads
+    assert reader.worker.take_load_errors() == set()
+    assert reader.worker.stats.num_node_loaded_blocks == NUM_BLOCKS
+    assert np.array_equal(
+        reader.pages.gather([8, 0, 1, 9, 10]), writer.pages.gather([2, 3, 4, 5, 6])
+    )
+    # The loaded blocks are full blocks of this step too: offered again, the node holds them.
+    assert reader.worker.stats.num_node_stored_blocks == 0
+    assert service.cache.stats()["committed_blocks"] == NUM_BLOCKS
+    assert service.cache.stats()["live_pins"] == 0
+
+
+def test_blocks_the_node_lost_since_the_lookup_are_load_errors_from_the_first(
+    instances: list[Instance],
+) -> None:
+    writer, reader = instances
+    writer.admit("w", [2, 3, 4, 5, 6, 7])
+    writer.step("w", 0)
+    hashes = vllm_hashes(PROMPT[: NUM_BLOCKS * BS])
+    before = reader.pages.gather([0, 1, 2, 3, 4])
+    # The fourth block vanished (evicted) between the scheduler's lookup and the worker's load.
+    gone = (*hashes[:3], hashes[3] ^ 1, hashes[4])
+    reader.worker.start_load_kv(FabricMetadata(node_loads=[NodeLoad("r", (0, 1, 2, 3, 4), gone)]))
+    assert reader.worker.take_load_errors() == {3, 4}
+    assert reader.worker.stats.num_node_loaded_blocks == 3
+    assert np.array_equal(reader.pages.gather([0, 1, 2]), writer.pages.gather([2, 3, 4]))
+    assert np.array_equal(reader.pages.gather([3, 4]), before[3:])  # never other bytes
+
+
+def test_a_node_cache_that_is_gone_is_a_miss_and_planned_loads_become_load_errors(
+    instances: list[Instance], service: NodeCacheService
+) -> None:
+    writer, reader = instances
+    writer.admit("w", [2, 3, 4, 5, 6, 7])
+    writer.step("w", 0)
+    _, num_external = reader.admit("r", [0, 1, 2, 3, 4, 5])
+    assert num_external == NUM_BLOCKS * BS
+    service.close()  # between the lookup and the load
+    meta = reader.step("r", num_external)
+    assert len(meta.node_loads) == 1
+    assert reader.worker.take_load_errors() == {0, 1, 2, 3, 4}  # vLLM recomputes them
+    _, num_external = reader.admit("r2", [6, 7, 8, 9, 10, 11])
+    assert num_external == 0  # a miss, never an error
