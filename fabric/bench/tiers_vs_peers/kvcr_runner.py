@@ -67,10 +67,9 @@ class KvcrPath:
         pool[:: mmap.PAGESIZE] = 0  # fault the pool in, as the framework buffer is by staging
         g3 = None
         if self.disk:
-            fillers = self._slots * (plan.repeats + 2 + plan.latency_samples + 1)
-            g3 = G3Options(
+            g3 = G3Options(  # room for the blocks of two batches and their fillers
                 paths=(workdir / "kvcr-g3.bin",),
-                capacity_bytes_per_file=(capacity + fillers) * size,
+                capacity_bytes_per_file=2 * (capacity + self._slots) * size,
                 backend="POSIX",
             )
         self.kvcr = KVCR(
