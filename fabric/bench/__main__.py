@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "chaos": "fabric.bench.chaos",
     "router-scale": "fabric.bench.router_scale",
     "node-cache": "fabric.bench.node_cache",
+    "tiers-vs-peers": "fabric.bench.tiers_vs_peers",
 }
 """Subcommand name -> module implementing it."""
 
