@@ -30,17 +30,19 @@ bytes a decode worker needs from a prefill on the same host, in GB/s (1e9 B/s), 
 ``--read-rounds``:
 
 * ``node``: through a node cache process (``python -m fabric.node``): one process stored the
-  blocks, another loads them (``NodeCacheClient.load``: lookup + pin, one copy out of the shared
-  segment, unpin) with one torch thread, as a worker does; checked byte for byte once;
+  blocks, another loads them (``NodeCacheClient.load``: a full hit probes the service's slot
+  index in shared memory, one copy out of the shared segment, the slots' generations checked:
+  no request) with one torch thread, as a worker does; checked byte for byte once;
 * ``nixl`` and ``memcpy``: ``python -m fabric.bench transfer`` on the same total bytes in blocks
   of the same size (its ``fabric_gbps``: ``fabric.pd.RemoteReader`` over NIXL between two
   processes, a decode worker's whole read path; its ``memcpy_gbps``: ``np.copyto`` in one
   process).
 
-``node_copy_only_gbps`` is the copy out of the segment alone (one pin held around the copies):
-the node read without its two round trips. ``worker_ms_p50`` splits each kind's TTFT as the
-serving worker measured it (queue: admission, where the prefix is matched and loaded; prefill:
-the tail's compute).
+``node_pinned_gbps`` is the same load through lookup + pin, one copy, one-way unpin (the path
+before the slot index, and still the path of partial hits); ``node_copy_only_gbps`` the copy
+out of the segment alone (one pin held around the copies). ``worker_ms_p50`` splits each kind's
+TTFT as the serving worker measured it (queue: admission, where the prefix is matched and
+loaded; prefill: the tail's compute).
 
 Goals (issue 13): node_hit TTFT within 1.1x of own_host_hit (judged on the ratio of the p50s;
 ``per_round_ratio_p50``, the median of each round's node/own-host ratio, is beside it, less
@@ -278,6 +280,7 @@ def _reads(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict[str
     )["rows"][0]
     return {
         "node_copy_only_gbps": node["copy_only_gbps"],
+        "node_pinned_gbps": node["pinned_gbps"],
         "gbps": {
             "node": node["gbps"],
             "nixl": row["fabric_gbps"],
@@ -332,7 +335,8 @@ def _store_then_load(
     ready: dict[str, Any], geometry: Any, num_blocks: int, rounds: int
 ) -> dict[str, Any]:
     """Store ``num_blocks`` random blocks as one client, load them ``rounds + 1`` times as
-    another (the first load verified and not timed: it faults the pages in)."""
+    another, through the slot index (no request) and through lookup + pin (each path's first
+    load verified and not timed: it faults the pages in)."""
     import torch
 
     from fabric.kvbm import LayoutKind, SequenceHash, host_storage
@@ -343,8 +347,8 @@ def _store_then_load(
     threads = torch.get_num_threads()
     # One thread, as a worker copies (--threads 1): a 2-thread copy waits on a busy core.
     torch.set_num_threads(1)
-    times: list[float] = []
-    verified = False
+    times: dict[bool, list[float]] = {True: [], False: []}
+    verified = True
     try:
         src_bytes = src.tensors[0].view(torch.uint8)
         src_bytes.copy_(torch.randint(0, 256, src_bytes.shape, dtype=torch.uint8))
@@ -355,24 +359,34 @@ def _store_then_load(
             stored = writer.store(hashes, src, ids)
         if stored.num_stored != num_blocks:
             raise FabricError(f"the node cache stored {stored.num_stored} of {num_blocks} blocks")
-        with attach_node_cache(ready["endpoint"], identity="decode", **attach) as reader:
-            for i in range(rounds + 1):
-                dst.tensors[0].view(torch.uint8).zero_()
-                began = time.perf_counter()
-                loaded = reader.load(hashes, dst, ids)
-                times.append(time.perf_counter() - began)
-                if loaded != num_blocks:
-                    raise FabricError(f"the node cache loaded {loaded} of {num_blocks} blocks")
-                if i == 0:
-                    verified = torch.equal(src_bytes, dst.tensors[0].view(torch.uint8))
-            copies = _copy_times(reader, hashes, dst, rounds)
+        for optimistic in (True, False):
+            identity = "decode" if optimistic else "decode-pinned"
+            with attach_node_cache(
+                ready["endpoint"], identity=identity, optimistic=optimistic, **attach
+            ) as reader:
+                for i in range(rounds + 1):
+                    dst.tensors[0].view(torch.uint8).zero_()
+                    began = time.perf_counter()
+                    loaded = reader.load(hashes, dst, ids)
+                    times[optimistic].append(time.perf_counter() - began)
+                    if loaded != num_blocks:
+                        raise FabricError(f"the node cache loaded {loaded} of {num_blocks}")
+                    if i == 0:
+                        verified = verified and torch.equal(
+                            src_bytes, dst.tensors[0].view(torch.uint8)
+                        )
+                if optimistic and reader.num_optimistic_loads != rounds + 1:
+                    raise FabricError("the node reads did not go through the slot index")
+                if not optimistic:
+                    copies = _copy_times(reader, hashes, dst, rounds)
     finally:
         torch.set_num_threads(threads)
         src.close()
         dst.close()
     total = num_blocks * layout.block_bytes
     return {
-        "gbps": round(total / statistics.median(times[1:]) / 1e9, 3),
+        "gbps": round(total / statistics.median(times[True][1:]) / 1e9, 3),
+        "pinned_gbps": round(total / statistics.median(times[False][1:]) / 1e9, 3),
         "copy_only_gbps": round(total / statistics.median(copies) / 1e9, 3),
         "block_bytes": layout.block_bytes,
         "verified": verified,
@@ -381,7 +395,7 @@ def _store_then_load(
 
 def _copy_times(reader: Any, hashes: list[Any], dst: Any, rounds: int) -> list[float]:
     """The copy out of the segment alone (one pin held around ``rounds`` copies): what a load
-    costs without its two round trips to the node cache."""
+    costs without finding its blocks."""
     from fabric.kvbm import copy_blocks
 
     pinned = reader.lookup(hashes)

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from fabric.kvbm import (
     BlockPool,
+    BlockState,
     FrequencyFilter,
     ImmutableBlocks,
     LayoutSpec,
@@ -56,6 +57,7 @@ from fabric.kvbm import (
     SequenceHash,
     register_positions,
 )
+from fabric.node.index import IndexWriter
 from fabric.node.leases import LeaseGone, LeaseTable
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
@@ -111,6 +113,7 @@ class LeaseCounters:
     unpinned: int = 0
     expired_pins: int = 0
     refused_unattached: int = 0
+    optimistic_hits: int = 0
 
 
 class NodeCache:
@@ -123,6 +126,8 @@ class NodeCache:
         compat_hash: the KV compatibility hash clients must share.
         admission: which blocks are worth storing.
         leases: the lease table (its lease time and clock).
+        index: the slot index readers probe without a round trip (``fabric.node.index``); kept
+            equal to the registry's published slots here, under the lock.
     """
 
     def __init__(
@@ -134,8 +139,10 @@ class NodeCache:
         compat_hash: int,
         admission: FrequencyFilter,
         leases: LeaseTable[Lease],
+        index: IndexWriter | None = None,
     ) -> None:
         self._pool = pool
+        self._index = index
         self._admission = admission
         self._leases = leases
         self._lock = threading.Lock()
@@ -244,6 +251,8 @@ class NodeCache:
         positions = wanted[: self._pool.num_free]
         blocks = self._pool.allocate(len(positions))
         assert blocks is not None  # at most num_free blocks were asked for
+        if self._index is not None:  # before the writer hears of them (readers' seqlock)
+            self._index.unpublish(blocks.block_ids)
         if not positions:
             self._pool.release(blocks)
             self._pool.release(present)
@@ -337,8 +346,14 @@ class NodeCache:
         if committed:
             hashes = lease.sequence_hashes
             parents = [lease.parent_hash, *hashes[:-1]]
+            slots = list(lease.blocks.block_ids)
             register_positions(pool, lease.blocks, hashes, lease.positions, parents)
             counters.committed_blocks += num_blocks
+            if self._index is not None:  # a duplicate's slot went back to the free list instead
+                kept = [i for i, s in enumerate(slots) if pool.state(s) is BlockState.REGISTERED]
+                self._index.publish(
+                    [slots[i] for i in kept], [hashes[lease.positions[i]] for i in kept]
+                )
         elif expired:  # its writer may still be copying: no one gets these slots for a while
             self._quarantine.append((self._leases.now() + self._leases.lease_s, lease.blocks))
             counters.expired_reservations += 1
@@ -348,7 +363,17 @@ class NodeCache:
         pool.release(lease.present)
         return num_blocks
 
+    def _refresh_touched(self) -> None:
+        """Blocks readers copied through the index become the most recently used."""
+        if self._index is None:
+            return
+        slots, hashes = self._index.drain_touched()
+        if slots:
+            self._pool.release(self._pool.match_present([SequenceHash(h) for h in hashes]))
+            self.counters.optimistic_hits += len(slots)
+
     def _expire(self) -> int:
+        self._refresh_touched()
         now = self._leases.now()
         while self._quarantine and self._quarantine[0][0] <= now:
             self._pool.release(self._quarantine.popleft()[1])
@@ -393,6 +418,7 @@ class NodeCache:
             "unpinned": self.counters.unpinned,
             "expired_pins": self.counters.expired_pins,
             "refused_unattached": self.counters.refused_unattached,
+            "optimistic_hits": self.counters.optimistic_hits,
             "attached_clients": len(self._attached),
         }
 

@@ -6,7 +6,11 @@ one call per store or load, between the caller's storage and the segment; the se
 hands out slots under leases (``fabric.node.cache`` draws the lease state machine).
 
 * ``store``: reserve (slots for the hashes the node lacks), one copy into those slots, commit.
-* ``load``: lookup (the longest held prefix, pinned), one copy out, unpin.
+* ``load``: lookup (the longest held prefix, pinned), one copy out, unpin; or, when the
+  service's slot index (``fabric.node.index``) shows every asked block published, no request
+  at all: probe the index, one copy out, check the slots' generations did not move (a seqlock:
+  a block overwritten meanwhile is cut from the prefix), mark the slots read. Partial hits and
+  misses still go to the service (it counts them, and may hold what the index does not show).
 
 Invariants:
 
@@ -56,6 +60,7 @@ from fabric.kvbm import (
     host_storage,
 )
 from fabric.kvbm.core.layout import SUPPORTED_DTYPES, dtype_name
+from fabric.node.index import IndexReader, open_index, segment_inode
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import (
     Message,
@@ -97,11 +102,25 @@ class StoreResult:
 class NodeCacheClient:
     """Attached to one node cache (build with ``attach_node_cache``); see the module doc."""
 
-    def __init__(self, signal: SignalClient, geometry: NodeGeometry, storage: TensorStorage):
+    def __init__(
+        self,
+        signal: SignalClient,
+        geometry: NodeGeometry,
+        storage: TensorStorage,
+        index: IndexReader | None = None,
+    ):
         self._signal = signal
         self.geometry = geometry
         self.storage = storage
+        self._index = index
         self._ids = itertools.count(1)
+        self.num_optimistic_loads = 0
+        """Loads served from the index without a request (tests and benchmarks read it)."""
+
+    @property
+    def optimistic(self) -> bool:
+        """Whether full hits are read through the service's slot index (no round trip)."""
+        return self._index is not None
 
     # -- the two verbs ---------------------------------------------------------------------------
 
@@ -174,6 +193,9 @@ class NodeCacheClient:
         first ``n`` of them receive the prefix; returns ``n``. Raises as ``load``."""
         if not sequence_hashes:
             return 0
+        optimistic = self._load_optimistic(sequence_hashes, dst, allocate)
+        if optimistic is not None:
+            return optimistic
         sent_at = time.monotonic()  # the pin runs from no earlier than this
         pinned = self.lookup(sequence_hashes)
         if pinned.lease_id is None:
@@ -199,6 +221,33 @@ class NodeCacheClient:
                 f"the copy did ({exc}); the loaded bytes may have been overwritten: treat the "
                 "blocks as not loaded"
             ) from exc
+        return num_blocks
+
+    def _load_optimistic(
+        self,
+        sequence_hashes: Sequence[SequenceHash],
+        dst: Storage,
+        allocate: Callable[[int], Sequence[int]],
+    ) -> int | None:
+        """``load_into`` through the slot index when it shows every block; None otherwise."""
+        index = self._index
+        if index is None or not index.current():
+            return None
+        probe = index.probe(sequence_hashes)
+        if probe.slots.size < len(sequence_hashes):
+            return None
+        block_ids = list(allocate(probe.slots.size))[: probe.slots.size]
+        if block_ids:
+            copy_blocks(self.storage, probe.slots[: len(block_ids)], dst, block_ids)
+        num_blocks = index.num_unchanged(probe, len(block_ids))
+        index.touch(probe.slots[:num_blocks])
+        self.num_optimistic_loads += 1
+        if num_blocks < len(block_ids):
+            logger.debug(
+                "optimistic load: %d of %d blocks were overwritten while copied; cut there",
+                len(block_ids) - num_blocks,
+                len(block_ids),
+            )
         return num_blocks
 
     # -- the protocol, one request each ----------------------------------------------------------
@@ -237,6 +286,9 @@ class NodeCacheClient:
 
     def close(self) -> None:
         """Unmap the segment (never unlinks it) and close the socket. Idempotent."""
+        if self._index is not None:
+            self._index.close()
+            self._index = None
         self.storage.close()
         self._signal.close()
 
@@ -275,6 +327,7 @@ def attach_node_cache(
     layout: LayoutSpec,
     timeout_s: float = 5.0,
     attach_timeout_s: float | None = None,
+    optimistic: bool = True,
 ) -> NodeCacheClient:
     """Attach to the node cache at ``endpoint`` and map its segment.
 
@@ -287,6 +340,8 @@ def attach_node_cache(
         timeout_s: bound on each request.
         attach_timeout_s: bound on the attach itself (default ``timeout_s``): a caller that
             retries attaching keeps each try short.
+        optimistic: read full hits through the service's slot index, without a round trip
+            (when the service publishes one and this machine's memory order allows it).
 
     Raises:
         IncompatiblePeer: the node cache serves another compat hash.
@@ -307,8 +362,11 @@ def attach_node_cache(
         if diff:
             details = ", ".join(f"{k}: ours {a}, node's {b}" for k, (a, b) in diff.items())
             raise LayoutMismatch(f"node cache at {endpoint} holds other blocks ({details})")
+        before = segment_inode(geometry.segment)  # the index must describe the mapped segment
         storage = host_storage(node_layout, shared_name=geometry.segment, create=False)
         fault_in(storage, write=False)
+        same = before if segment_inode(geometry.segment) == before else None
+        index = open_index(geometry.segment, geometry.num_blocks, same) if optimistic else None
     except BaseException:
         signal.close()
         raise
@@ -318,7 +376,7 @@ def attach_node_cache(
         geometry.num_blocks,
         geometry.segment,
     )
-    return NodeCacheClient(signal, geometry, storage)
+    return NodeCacheClient(signal, geometry, storage, index)
 
 
 def fault_in(storage: TensorStorage, *, write: bool) -> None:

@@ -79,6 +79,12 @@ METRICS: tuple[tuple[str, Kind, str, str], ...] = (
         "refused_unattached",
         "Requests refused from clients not attached to this instance.",
     ),
+    (
+        "optimistic_hits",
+        Kind.COUNTER,
+        "optimistic_hits",
+        "Blocks readers copied through the shared index, without a lookup (as they marked them).",
+    ),
 )
 """(name without ``PREFIX`` and ``_total``, kind, ``NodeCache.stats()`` key, help)."""
 

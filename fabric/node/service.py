@@ -41,6 +41,7 @@ from fabric.kvbm import (
 from fabric.node.cache import Lease, NodeCache
 from fabric.node.client import fault_in
 from fabric.node.config import NodeCacheConfig
+from fabric.node.index import IndexWriter, segment_inode
 from fabric.node.leases import LeaseTable
 from fabric.signal.server import SignalServer
 
@@ -59,8 +60,11 @@ class NodeCacheService:
         events: EventSink,
         server: SignalServer,
         owner_fd: int,
+        *,
+        index: IndexWriter | None = None,
     ) -> None:
         self.cache = cache
+        self.index = index
         self.storage = storage
         self.events = events
         self.server = server
@@ -81,6 +85,8 @@ class NodeCacheService:
             return
         self._closed = True
         self.server.close()
+        if self.index is not None:
+            self.index.close()
         self.storage.close()
         self.events.close()
         release_segment(self.segment, self._owner_fd)
@@ -205,7 +211,7 @@ def build_node_cache(
     kvbm = config.kvbm.model_copy(update={"host_shared_name": segment})
     layout = config.layout
     events = publisher_for(kvbm)
-    built: list[Storage | EventSink] = [events]
+    built: list[Storage | EventSink | IndexWriter] = [events]
     owner_fd: int | None = None
     try:
         owner_fd = claim_segment(segment)
@@ -214,6 +220,10 @@ def build_node_cache(
         built.append(storage)
         assert isinstance(storage, TensorStorage)  # the HOST tier's storage
         fault_in(storage, write=True)  # its memory is allocated now, not at a first store
+        data_inode = segment_inode(segment)
+        assert data_inode is not None  # created just above, under this service's claim
+        index = IndexWriter(segment, layout.num_blocks, data_inode)
+        built.append(index)
         cache = NodeCache(
             build_pool(kvbm, Tier.NODE, layout.num_blocks, events),  # events: the node tier
             layout,
@@ -221,6 +231,7 @@ def build_node_cache(
             compat_hash=config.compat_hash,
             admission=FrequencyFilter(config.admit_after),
             leases=LeaseTable[Lease](config.lease_s, clock),
+            index=index,
         )
         server = SignalServer(
             config.endpoint, cache.handle, compat_hash=config.compat_hash, name="node-cache"
@@ -241,4 +252,4 @@ def build_node_cache(
         config.lease_s,
         config.compat_hash,
     )
-    return NodeCacheService(cache, storage, events, server, owner_fd)
+    return NodeCacheService(cache, storage, events, server, owner_fd, index=index)

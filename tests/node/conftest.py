@@ -19,6 +19,7 @@ from node_peer import layout
 
 from fabric.node import NodeCacheClient, NodeCacheService, attach_node_cache, build_node_cache
 from fabric.node.config import segment_name
+from fabric.node.index import index_name
 
 
 @pytest.fixture
@@ -26,7 +27,8 @@ def namespace() -> Iterator[str]:
     name = f"t{uuid.uuid4().hex[:12]}"
     yield name
     segment = Path("/dev/shm", segment_name(name, "test"))
-    leftovers = [p for p in (segment, segment.with_name(f"{segment.name}.owner")) if p.exists()]
+    names = (segment.name, f"{segment.name}.owner", index_name(segment.name))
+    leftovers = [p for p in (segment.with_name(n) for n in names) if p.exists()]
     for leftover in leftovers:  # clean up whatever failed, then fail
         leftover.unlink()
     if leftovers:
@@ -58,12 +60,15 @@ def make_service(namespace: str) -> Iterator[Callable[..., NodeCacheService]]:
 def make_client() -> Iterator[Callable[..., NodeCacheClient]]:
     clients: list[NodeCacheClient] = []
 
-    def make(service: NodeCacheService, identity: str = "w1") -> NodeCacheClient:
+    def make(
+        service: NodeCacheService, identity: str = "w1", *, optimistic: bool = True
+    ) -> NodeCacheClient:
         client = attach_node_cache(
             service.endpoint,
             identity=identity,
             compat_hash=service.cache.geometry.compat_hash,
             layout=layout(SPEC, 1),
+            optimistic=optimistic,
         )
         clients.append(client)
         return client

@@ -270,7 +270,7 @@ def test_a_load_unpins_one_way_and_one_that_outlasts_its_pin_is_not_trusted(
     from fabric.node import client as client_module
 
     service = make_service(lease_s=2.0, clock=clock)
-    client = make_client(service)
+    client = make_client(service, optimistic=False)  # full hits through lookup + pin
     store(client, hashes(1, 2))
     for _ in range(5):  # the unpins go one-way; their answers never pile up
         assert load(client, hashes(1, 2)) == (2, True)
