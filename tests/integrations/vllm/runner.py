@@ -9,12 +9,16 @@ The job::
      "kv_transfer_params": [{...} | null, ...], # per prompt (optional)
      "hold_wait_s": 0,                          # producer: keep stepping until holds are freed
      "reset_prefix_cache_before": [i, ...],     # empty vLLM's G1 before these prompts
+     "pause_before": {"index": i, "resume_file": path},  # see below
      "tensor_parallel_size": 1}                 # > 1: one worker process per rank
 
 Prints ``{"event": "outputs", ...}`` once the prompts are done (token ids, ``num_cached_tokens``,
 ``kv_transfer_params``, the connector's geometry and both sides' counters), then, when
 ``hold_wait_s`` > 0, keeps the engine stepping until the producer holds nothing or the wait
-ends and prints ``{"event": "released", ...}`` (with ``num_idle_while_holding``: the steps at
+ends and prints ``{"event": "released", ...}``. With ``pause_before``, it prints
+``{"event": "paused", ...}`` (the counters so far) before prompt ``index`` and waits (at most
+``PAUSE_S``) until ``resume_file`` exists: the test changes the world meanwhile (restarts a
+node cache) while the engine lives (with ``num_idle_while_holding``: the steps at
 which vLLM's own engine loop would have stopped stepping, ``scheduler.has_requests()`` false,
 though the producer still held blocks; it must step for the producer to serve reads). Every
 line is flushed at once, so the test can read the outputs while the process keeps serving.
@@ -33,6 +37,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries results only
 
+
+PAUSE_S = 180.0
+"""Bound on a ``pause_before`` wait."""
 
 RESULT_PREFIX = "@@fabric-result "
 """Marks result lines: anything else on stdout (a library's print) is not ours."""
@@ -96,7 +103,15 @@ def run(job: dict[str, Any]) -> None:
     # One generate per prompt, in order: later prompts may hit blocks earlier ones saved.
     outputs = []
     resets = set(job.get("reset_prefix_cache_before", ()))
+    pause = job.get("pause_before") or {}
     for i, (prompt, sp) in enumerate(zip(prompts, sampling, strict=True)):
+        if i == pause.get("index"):
+            _emit("paused", **_report(*_connectors(llm)))
+            deadline = time.monotonic() + PAUSE_S
+            while not os.path.exists(pause["resume_file"]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not resumed within {PAUSE_S} s")
+                time.sleep(0.1)
         if i in resets and not llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM could not reset its prefix cache before prompt {i}")
         (out,) = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
