@@ -14,7 +14,13 @@ what users run, started and stopped the way users' are:
   ``LOG_EVERY_S``) in a log or pipe;
 * ``check_alive`` raises ``ChildFailed`` naming the first child that exited, with its log's tail;
 * ``stop_processes`` stops children as one: SIGTERM to each, one shared bound, then SIGKILL (to
-  the whole group of a group leader); it reports each exit status other than 0 and returns all;
+  the whole group of a group leader); it reports each exit status other than 0 and returns all.
+  ``stop_in_stages`` does that stage after stage, each with its own bound (``fabric launch``:
+  the workers drain first while the frontend still relays their streams). Given ``hurry`` (a
+  second Ctrl-C), once that turns true each child still running gets SIGINT (the "stop at once"
+  of a worker, the frontend's uvicorn and the node cache; a second SIGTERM could merge with the
+  first while still pending) and each bound shrinks to ``HURRY_S``; given a
+  ``StartupStatus``, the wait shows which children it waits for;
 * ``private_etcd`` runs an etcd of its own for a ``with`` block, ``sigterm_raises`` turns SIGTERM
   into ``SystemExit`` so that ``finally`` blocks stop the children, ``free_port`` picks a port.
 
@@ -53,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
 """Default bound between SIGTERM and SIGKILL."""
+HURRY_S = 5.0
+"""Bound between a hurried stop's SIGINT and SIGKILL."""
 POLL_S = 0.2
 HEALTH_TIMEOUT_S = 2.0
 TAIL_LINES = 25
@@ -68,7 +76,7 @@ Progress = Callable[[str], None]
 
 
 class StartupStatus:
-    """What a start-up is doing, for the person watching it.
+    """What a start-up (or a stop) is doing, for the person watching it.
 
     ``line`` (a ``Progress``) prints one line with ``prefix``; ``waiting`` reports a bounded
     wait (what is awaited, seconds waited, the bound) and ``done`` ends it. On a terminal the
@@ -323,43 +331,105 @@ def _signal_name(signum: int) -> str:
 
 
 def stop_processes(
-    children: Sequence[Child], *, progress: Progress, timeout_s: float = STOP_TIMEOUT_S
+    children: Sequence[Child],
+    *,
+    progress: Progress,
+    timeout_s: float = STOP_TIMEOUT_S,
+    hurry: Callable[[], bool] | None = None,
+    status: StartupStatus | None = None,
 ) -> dict[str, int]:
     """SIGTERM every child, then SIGKILL whatever is left after ``timeout_s`` (one bound for all).
 
-    A group leader's group gets the rest of the bound to exit after the leader did (its helpers
-    shut down after it), then SIGKILL as a whole. Each child that did not exit with status 0 is
+    A group leader counts as running until its whole group has exited (its helpers shut down
+    after it), and is SIGKILLed as a group. Each child that did not exit with status 0 is
     reported to ``progress`` with its status and log.
+
+    Args:
+        hurry: polled while waiting; once it returns true, every child still running gets
+            SIGINT and whatever is left after ``HURRY_S`` more is SIGKILLed.
+        status: shows the wait: which children are still running, seconds waited, the bound.
 
     Returns:
         Each child's exit status by name (``Popen.returncode``: negative when a signal ended it).
     """
+    return stop_in_stages([(children, timeout_s)], progress=progress, hurry=hurry, status=status)
+
+
+def stop_in_stages(
+    stages: Sequence[tuple[Sequence[Child], float]],
+    *,
+    progress: Progress,
+    hurry: Callable[[], bool] | None = None,
+    status: StartupStatus | None = None,
+) -> dict[str, int]:
+    """``stop_processes`` for each ``(children, timeout_s)`` of ``stages`` in turn: a stage is
+    signalled only once every process of the one before has exited or been killed."""
+    statuses: dict[str, int] = {}
+    for children, timeout_s in stages:
+        statuses.update(_stop_stage(children, timeout_s, progress, hurry, status))
+    if statuses:
+        progress("stopped every process")
+    return statuses
+
+
+def _stop_stage(
+    children: Sequence[Child],
+    timeout_s: float,
+    progress: Progress,
+    hurry: Callable[[], bool] | None,
+    status: StartupStatus | None,
+) -> dict[str, int]:
     for child in reversed(children):
         if child.process.poll() is None:
             child.process.terminate()
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
+    hurried = False
+    try:
+        while (left := [c for c in children if _running(c)]) and (
+            now := time.monotonic()
+        ) < deadline:
+            if hurry is not None and not hurried and hurry():
+                hurried = True
+                deadline = min(deadline, now + HURRY_S)
+                progress(f"stopping at once: {_names(left)}")
+                for child in left:
+                    if child.process.poll() is None:
+                        child.process.send_signal(signal.SIGINT)
+            if status is not None:
+                status.waiting(f"{_names(left)} to exit", now - start, deadline - start)
+            time.sleep(POLL_S)
+    finally:
+        if status is not None:
+            status.done()
     statuses: dict[str, int] = {}
     for child in children:
-        try:
-            child.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within %.0f s: killing it", child.name, timeout_s)
-        if child.own_group:
-            while _group_alive(child.process.pid) and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-            if _group_alive(child.process.pid):
+        if _running(child):
+            logger.warning(
+                "%s did not stop within %.0f s: killing it", child.name, time.monotonic() - start
+            )
+            if child.own_group:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.process.pid, signal.SIGKILL)
-        elif child.process.poll() is None:
-            child.process.kill()
+            else:
+                child.process.kill()
         code = child.process.wait()
         child.log_file.close()
         statuses[child.name] = code
         if code != 0:
             progress(f"{child.name} {describe_exit(code)} (log {child.log_path})")
-    if children:
-        progress("stopped every process")
     return statuses
+
+
+def _running(child: Child) -> bool:
+    """The child (or, for a group leader, any process of its group) has not exited."""
+    if child.process.poll() is None:
+        return True
+    return child.own_group and _group_alive(child.process.pid)
+
+
+def _names(children: Sequence[Child]) -> str:
+    return ", ".join(child.name for child in children)
 
 
 def _group_alive(pgid: int) -> bool:

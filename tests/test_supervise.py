@@ -24,7 +24,7 @@ import pytest
 
 from fabric import supervise
 from fabric.frontend.client import served_model, stream_completion
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
+from fabric.launch.processes import frontend_command, wait_deployment_ready, worker_command
 from fabric.supervise import (
     LOG_EVERY_S,
     Child,
@@ -34,6 +34,7 @@ from fabric.supervise import (
     free_port,
     private_etcd,
     start_process,
+    stop_in_stages,
     stop_processes,
     wait_ready,
 )
@@ -151,6 +152,92 @@ def test_stop_processes_reports_what_did_not_exit_cleanly(tmp_path: Path) -> Non
     assert statuses == {"clean": 0, "failing": 3}
     assert any(line.startswith("failing exited with status 3 (log ") for line in lines), lines
     assert not any(line.startswith("clean ") for line in lines), lines
+
+
+_DRAINER = (
+    "import signal, sys, time\n"
+    "def term(*_):\n"
+    "    print('draining', flush=True)\n"
+    "def stop(*_):\n"
+    "    print('stopped at once', flush=True)\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, term)\n"
+    "signal.signal(signal.SIGINT, stop)\n"
+    "print('up', flush=True)\n"
+    "time.sleep(600)\n"
+)
+"""A worker's signals, played: SIGTERM starts a drain that never ends, SIGINT stops at once."""
+
+
+def test_a_hurried_stop_sends_the_stop_at_once_and_needs_no_kill(tmp_path: Path) -> None:
+    lines: list[str] = []
+    children = [
+        start_process(name, [sys.executable, "-c", _DRAINER], tmp_path, progress=lines.append)
+        for name in ("w0", "w1")
+    ]
+    for child in children:
+        assert _wait_for_line(child, "up"), child.tail()
+    asked: list[bool] = []
+
+    def hurry() -> bool:  # the second Ctrl-C comes once both children drain
+        asked.append(all("draining" in child.tail() for child in children))
+        return asked[-1]
+
+    # The bound (600 s) would outlast the test's timeout: only the hurry can end this stop.
+    statuses = stop_processes(children, progress=lines.append, timeout_s=600.0, hurry=hurry)
+    assert statuses == {"w0": 0, "w1": 0}, lines
+    assert all("stopped at once" in child.tail() for child in children)
+    assert "stopping at once: w0, w1" in lines and asked[-1]
+
+
+def test_stages_stop_one_after_the_other(tmp_path: Path) -> None:
+    """The second stage is signalled only once the first has exited (each checks)."""
+    first = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    second = (
+        "import os, signal, sys, time\n"
+        "def term(*_):\n"
+        "    try:\n"
+        "        os.kill(int(sys.argv[1]), 0)\n"
+        "    except ProcessLookupError:\n"
+        "        sys.exit(0)\n"
+        "    sys.exit(4)  # the first stage is still running\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    lines: list[str] = []
+    worker = start_process("worker", [sys.executable, "-c", first], tmp_path, progress=print)
+    pid = str(worker.process.pid)
+    frontend = start_process(
+        "frontend", [sys.executable, "-c", second, pid], tmp_path, progress=print
+    )
+    for child in (worker, frontend):
+        assert _wait_for_line(child, "up"), child.tail()
+    statuses = stop_in_stages([([worker], STOP_S), ([frontend], STOP_S)], progress=lines.append)
+    assert statuses == {"worker": 0, "frontend": 0}, lines
+    assert lines == ["stopped every process"]
+
+
+def test_a_stop_shows_what_it_waits_for(tmp_path: Path) -> None:
+    slow = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    child = start_process("slow", [sys.executable, "-c", slow], tmp_path, progress=print)
+    assert _wait_for_line(child, "up"), child.tail()
+    out = io.StringIO()
+    status = StartupStatus("[t]", out, live=False)
+    assert stop_processes([child], progress=status.line, status=status) == {"slow": 0}
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[t] waiting: slow to exit (0 s of 10 s)"), lines
+    assert lines[-1] == "[t] stopped every process"
 
 
 @pytest.mark.nixl

@@ -32,7 +32,7 @@ import numpy as np
 
 from fabric.errors import FabricError
 from fabric.frontend.client import StreamedCompletion, served_model, stream_completion
-from fabric.launch import frontend_command, wait_deployment_ready, worker_command
+from fabric.launch.processes import frontend_command, wait_deployment_ready, worker_command
 from fabric.supervise import (
     Child,
     Progress,

@@ -38,7 +38,7 @@ from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role, worker_key
 from fabric.errors import FabricError
-from fabric.launch import registered_workers
+from fabric.launch.processes import registered_workers
 from fabric.supervise import POLL_S, Child, ChildFailed, check_alive, stop_processes
 
 REFERENCE_TIMEOUT_S = 600.0
