@@ -15,7 +15,9 @@ Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at 
     tiers.py      TierLedger: the host (G2) and local disk (G3) pools, jobs in flight
     worker.py     FabricWorker: tier and G4 loads and saves, P/D reads, completions, load errors
     mover.py      TierMover: the tiers' bytes on one rank, copies, the write-down copy thread
-    jobs.py       TierLoad / TierSave / TierWrite and the workers' JobReport (no vLLM import)
+    node.py       the host's node cache as a tier: each side's NodeLink, pages in its geometry
+    jobs.py       TierLoad / TierSave / TierWrite, NodeLoad / NodeSave and the workers'
+                  JobReport (no vLLM import)
     producer.py   the P/D hold table (fabric.pd.HoldTable) and ProducerEndpoint
     discovery.py  instance_record: the etcd record (role, signal/http endpoints, layout facts)
     consumer.py   PeerReader: etcd lookup, PrefillRequest/BlocksReady, NIXL read, TransferDone
@@ -41,6 +43,15 @@ executes the jobs, reporting them back through ``kv_connector_worker_meta``. Loo
 local hit, then the longest prefix in G2, G3 and G4, in that order (pinned until loaded); each
 step's newly full blocks are copied out to G2 on the model thread after the forward pass (one
 copy), then written down to G3 (blocks the admission filter admits) and G4 on a copy thread.
+
+*The host's node cache (``node_cache``).* ``fabric serve node-cache`` owns one shared-memory
+tier per host; each side attaches its own ``fabric.node`` ``NodeLink`` (``node``). The
+scheduler counts the prefix the node holds after G2 / G3 (before G4); the worker loads it into
+vLLM's pages before the forward pass (blocks gone since the lookup are load errors) and stores
+each step's newly full blocks after it. vLLM attaches with the compat hash of the node's slots
+(a reference worker's of that geometry) and keys its blocks with its own seed: one node cache
+per host serves both engines, which never share a block. A restarted node cache is attached
+again without a restart of vLLM.
 
 *Offload and prefix hits (disk tier, G4).* The scheduler side asks the ``SharedBlockStore`` how many
 leading blocks beyond vLLM's local hit it holds (``get_num_new_matched_tokens``: whole blocks,

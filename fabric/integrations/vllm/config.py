@@ -13,6 +13,8 @@ Which features are on follows from the settings, not from a mode string:
   vLLM's own G1 (``tiers``, ``mover``);
 * the shared disk tier (G4: offload and prefix hits across processes and restarts) when
   ``disk_path`` is set;
+* the host's node cache as a tier (after G2 / G3, before G4) when ``node_cache`` is set (or
+  ``FABRIC_NODE_CACHE``);
 * prefill -> decode transfer when ``etcd_endpoints`` is set: a ``kv_producer`` (or ``kv_both``)
   holds finished prefills for a decode instance, a ``kv_consumer`` (or ``kv_both``) reads them.
 

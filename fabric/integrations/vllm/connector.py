@@ -208,11 +208,13 @@ class FabricConnector(KVConnectorBase_V1):
             rank = _tensor_parallel_rank() if world_size > 1 else 0
             self._worker = build_worker(self.config, self.geometry, layer_names, rank, world_size)
         logger.info(
-            "fabric connector (%s, %s): tiers %s, G4 %s, P/D %s, compat %016x, %d-byte blocks",
+            "fabric connector (%s, %s): tiers %s, G4 %s, node tier %s, P/D %s, compat %016x, "
+            "%d-byte blocks",
             role.name.lower(),
             self.config.kv_role.value,
             dict(self.config.tier_settings) or "from the environment",
             self.config.disk_path or "off",
+            self.config.kvbm_config(self.geometry.block_size).node_cache or "off",
             self.config.etcd_endpoints or "off",
             self.geometry.compat_hash,
             self.geometry.block_bytes,

@@ -300,16 +300,7 @@ class FabricWorker:
         else:
             logger.warning("request %s: a node load without a node tier", load.request_id)
         self.stats.num_node_loaded_blocks += num
-        failed = load.block_ids[num:]
-        if failed:
-            self._load_errors.update(failed)
-            self.stats.num_load_errors += len(failed)
-            logger.warning(
-                "request %s: %d of %d node-tier blocks could not be loaded; vLLM recomputes them",
-                load.request_id,
-                len(failed),
-                len(load.block_ids),
-            )
+        self._fail_loads(load.request_id, load.block_ids, num, "node-tier")
 
     def _save_to_node(self, save: NodeSave) -> None:
         if self._node is None or self._node_pages is None:
@@ -335,17 +326,25 @@ class FabricWorker:
             num_ok += got
             if got < len(ids):
                 break
-        failed = load.block_ids[num_ok:]
         self.stats.num_loaded_blocks += num_ok
-        if failed:
-            self._load_errors.update(failed)
-            self.stats.num_load_errors += len(failed)
-            logger.warning(
-                "request %s: %d of %d disk-tier blocks could not be loaded; vLLM recomputes them",
-                load.request_id,
-                len(failed),
-                len(load.block_ids),
-            )
+        self._fail_loads(load.request_id, load.block_ids, num_ok, "disk-tier")
+
+    def _fail_loads(
+        self, request_id: str, block_ids: tuple[int, ...], num_loaded: int, source: str
+    ) -> None:
+        """Report ``block_ids`` past the first ``num_loaded`` as load errors (recomputed)."""
+        failed = block_ids[num_loaded:]
+        if not failed:
+            return
+        self._load_errors.update(failed)
+        self.stats.num_load_errors += len(failed)
+        logger.warning(
+            "request %s: %d of %d %s blocks could not be loaded; vLLM recomputes them",
+            request_id,
+            len(failed),
+            len(block_ids),
+            source,
+        )
 
     def _read_from_peer(self, read: PeerRead) -> None:
         if self._reader is None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from node_pages import BS, GEOMETRY, node_config, vllm_hashes, vllm_kv_caches
+from page_fixtures import BS, GEOMETRY, node_config, vllm_hashes, vllm_kv_caches
 
 pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from node_pages import (
+from page_fixtures import (
     BS,
     GEOMETRY,
     HEAD,

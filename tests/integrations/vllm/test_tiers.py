@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from page_fixtures import BS, GEOMETRY, VLLM_BLOCKS, vllm_pages
 
 from fabric.errors import ConfigError
 from fabric.integrations.vllm.config import ConnectorConfig
 from fabric.integrations.vllm.jobs import JobReport, TierWrite
 from fabric.integrations.vllm.mover import TierMover
-from fabric.integrations.vllm.pages import KvPages, PageGeometry
+from fabric.integrations.vllm.pages import KvPages
 from fabric.integrations.vllm.tiers import EventBuffer, TierLedger
 from fabric.kvbm import (
     RecordingSink,
@@ -30,20 +30,6 @@ from fabric.kvbm import (
     hash_token_blocks,
     load_kvbm_config,
 )
-
-BS, LAYERS, HEADS, HEAD = 4, 2, 2, 8
-GEOMETRY = PageGeometry(
-    model="fake",
-    dtype="float16",
-    num_layers=LAYERS,
-    num_kv_heads=HEADS,
-    head_size=HEAD,
-    head_size_v=HEAD,
-    block_size=BS,
-    kv_layout="",
-    page_bytes=HEADS * BS * 2 * HEAD * 2,
-)
-VLLM_BLOCKS = 16
 
 
 def hashes_of(n: int, start: int = 0) -> list[SequenceHash]:
@@ -59,16 +45,6 @@ def make_ledger(host: int = 8, disk: int = 0, *, admit_after: int = 1, shared: b
     ledger = TierLedger.build(config, GEOMETRY.block_bytes, events, shared=shared)
     assert ledger is not None
     return ledger, events
-
-
-def vllm_pages(seed: int) -> KvPages:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randn(VLLM_BLOCKS, HEADS, BS, 2 * HEAD, generator=generator).half()
-        for _ in range(LAYERS)
-    ]
-    names = [f"layers.{i}.attn" for i in range(LAYERS)]
-    return KvPages.from_kv_caches(GEOMETRY, dict(zip(names, tensors, strict=True)), names)
 
 
 @pytest.fixture

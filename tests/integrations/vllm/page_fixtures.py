@@ -1,4 +1,4 @@
-"""Shared by the node tier's unit tests: a small vLLM page geometry (vLLM-CPU's per-layer
+"""Shared by the tier unit tests: a small vLLM page geometry (vLLM-CPU's per-layer
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``), pages of random bytes, vLLM's
 hashes of tokens, and the node cache of that geometry (what ``fabric serve node-cache`` builds
 for the model)."""
@@ -25,7 +25,7 @@ GEOMETRY = PageGeometry(
     kv_layout="",
     page_bytes=HEADS * BS * 2 * HEAD * 2,
 )
-VLLM_BLOCKS = 12
+VLLM_BLOCKS = 16
 NODE = "test"
 
 
