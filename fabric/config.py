@@ -34,6 +34,16 @@ class PrefillFallback(Enum):
     """Answer the request with an error chunk."""
 
 
+class KvHandoff(Enum):
+    """How a prompt's KV crosses from a prefill worker to a decode worker (both must agree:
+    the decode asks in its ``PrefillRequest``, the prefill answers as it is set)."""
+
+    LAYERWISE = "layerwise"
+    """Readable layer by layer while the prompt is computed; the decode reads as it goes."""
+    WHOLE = "whole"
+    """Offered once the whole prompt is computed; the decode reads it all then."""
+
+
 class ServeConfig(BaseSettings):
     """Settings of one worker process (``fabric serve``) beyond its block manager."""
 
@@ -73,6 +83,10 @@ class ServeConfig(BaseSettings):
     )
     """Decode workers: recompute the prompt locally when the prefill worker fails, or fail."""
 
+    kv_handoff: KvHandoff = Field(KvHandoff.LAYERWISE, validation_alias=env("kv_handoff"))
+    """Decode workers ask for (prefill workers grant) a layer-wise handoff, or not: ``whole``
+    on either side keeps the whole-prompt offer."""
+
     max_waiting: int = Field(64, ge=0, validation_alias=env("max_waiting"))
     """Requests that may wait for device blocks; beyond this they are refused with an error."""
 
@@ -106,7 +120,7 @@ class ServeConfig(BaseSettings):
     ``/health/ready``) on ``bind_host``; 0: an ephemeral one. Fixed where Prometheus and
     probes need to know it (Kubernetes)."""
 
-    @field_validator("prefill_fallback", mode="before")
+    @field_validator("prefill_fallback", "kv_handoff", mode="before")
     @classmethod
     def _enum_by_name(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

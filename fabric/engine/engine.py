@@ -166,9 +166,17 @@ class Engine:
         )
 
     def step(
-        self, decodes: Sequence[DecodeRequest], chunks: Sequence[PrefillChunk] = ()
+        self,
+        decodes: Sequence[DecodeRequest],
+        chunks: Sequence[PrefillChunk] = (),
+        *,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """One forward call over ``decodes`` and prefill ``chunks`` (see the module docstring).
+
+        Args:
+            on_layer: called with each layer's index as soon as that layer's K/V of every new
+                token is in the pool (``LlamaModel.forward``): a layer-wise handoff's signal.
 
         Returns:
             ``(len(decodes) + len(chunks), vocab)`` logits: each decode's, then the last
@@ -188,7 +196,7 @@ class Engine:
             end = chunk.start + len(chunk.tokens)
             parts.append(prefill_batch(self.kv, chunk.block_table, chunk.start, end))
             tokens += chunk.tokens
-        logits = self.model.forward(self._token_tensor(tokens), pack(parts), self.kv)
+        logits = self.model.forward(self._token_tensor(tokens), pack(parts), self.kv, on_layer)
         stats = self.stats
         stats.num_steps += 1
         stats.num_decode_tokens += len(decodes)
@@ -198,7 +206,12 @@ class Engine:
         return logits
 
     def prefill(
-        self, tokens: Sequence[int], block_table: Sequence[int], num_computed: int
+        self,
+        tokens: Sequence[int],
+        block_table: Sequence[int],
+        num_computed: int,
+        *,
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Compute positions ``num_computed ..`` of ``tokens``; return the last one's logits.
 
@@ -207,6 +220,7 @@ class Engine:
             block_table: the sequence's device blocks in order, covering ``len(tokens)`` tokens;
                 blocks before ``num_computed`` must already hold that prefix's K/V.
             num_computed: positions whose K/V is already in the blocks (0 .. len(tokens) - 1).
+            on_layer: as ``step``'s.
 
         Returns:
             ``(vocab,)`` logits of position ``len(tokens) - 1``.
@@ -217,7 +231,7 @@ class Engine:
                 f"{len(tokens)} tokens"
             )
         chunk = PrefillChunk(tokens[num_computed:], block_table, num_computed)
-        return self.step((), (chunk,))[0]
+        return self.step((), (chunk,), on_layer=on_layer)[0]
 
     def decode_step(
         self, batch: Sequence[DecodeRequest | tuple[int, Sequence[int], int]]

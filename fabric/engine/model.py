@@ -14,11 +14,17 @@ prefix hits and decode). Only the last token of each sequence produces logits, s
 layer computes attention, output projection and MLP for those rows alone (K/V of every new
 token are still written).
 
+``on_layer(i)``, when given, is called right after layer ``i`` wrote the K/V of every new token
+(before its attention reads anything), in layer order: from then on layer ``i`` of those
+positions is final, which is what a layer-wise handoff announces (``fabric.pd.KvFrontier``).
+
 Invariants: the forward runs under ``torch.inference_mode``; it never writes outside the batch's
 write slots; the RoPE tables cover ``max_position_embeddings`` positions (callers check).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +69,21 @@ class LlamaModel:
         self._cos, self._sin = rope_tables(config, device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, batch: PagedBatch, kv: PagedKv) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        batch: PagedBatch,
+        kv: PagedKv,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Logits ``(num_seqs, vocab)`` of each sequence's last token; writes K/V of all tokens.
 
         Args:
             tokens: ``(N,)`` token ids at ``batch.positions`` (packed, as the batch's groups).
             batch: the write slots, attention groups and last rows of this call.
             kv: the pages to write and read.
+            on_layer: called with each layer's index once its K/V are written (module
+                docstring).
         """
         c = self.config
         x = F.embedding(tokens, self.weights.embed)
@@ -79,7 +93,15 @@ class LlamaModel:
         for i, layer in enumerate(self.weights.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
             attn, x = self._attention(
-                i, layer, h, x, rope=(cos, sin), batch=batch, kv=kv, last_only=i == last
+                i,
+                layer,
+                h,
+                x,
+                rope=(cos, sin),
+                batch=batch,
+                kv=kv,
+                last_only=i == last,
+                on_written=on_layer,
             )
             x = x + F.linear(attn, layer.o)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, c.rms_norm_eps))
@@ -96,6 +118,7 @@ class LlamaModel:
         batch: PagedBatch,
         kv: PagedKv,
         last_only: bool,
+        on_written: Callable[[int], None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention output ``(N', heads * D)`` and the residual cut to the same rows.
 
@@ -109,6 +132,8 @@ class LlamaModel:
         q = apply_rope(q.view(n, heads, d), *rope)
         k = apply_rope(k.view(n, kv_heads, d), *rope)
         kv.write(index, batch, k.reshape(n, kv_heads * d), v)
+        if on_written is not None:
+            on_written(index)
         outs = []
         start = 0
         for group in batch.groups:

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from fabric.kvbm import RemoteBlockSet, Storage, export_block_set
-from fabric.signal.messages import BlocksReady
+from fabric.signal.messages import BlocksReady, KvStream
 from fabric.transfer.agent import TransferAgent
 
 
@@ -45,4 +45,17 @@ class BlockExporter:
             agent_name=self._template.agent_name,
             block_set=self.block_set(block_ids).to_bytes(),
             num_tokens=num_tokens,
+        )
+
+    def stream(
+        self, request_id: str, block_ids: Sequence[int], *, num_tokens: int, done_tokens: int
+    ) -> KvStream:
+        """The ``KvStream`` offering ``block_ids`` before they are computed (a layer-wise
+        handoff: the first ``done_tokens`` tokens' KV readable now, the rest as it is written)."""
+        return KvStream(
+            request_id=request_id,
+            agent_name=self._template.agent_name,
+            block_set=self.block_set(block_ids).to_bytes(),
+            num_tokens=num_tokens,
+            done_tokens=done_tokens,
         )

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from fabric.errors import InvalidInput, ProtocolMismatch, TransferError
 from fabric.kvbm import RemoteBlockSet, Storage
 from fabric.kvbm.remote import plan_read
-from fabric.signal.messages import BlocksReady
+from fabric.signal.messages import BlocksReady, KvStream
 from fabric.transfer.agent import Transfer, TransferAgent, TransferState
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class RemoteReader:
         return self._storage
 
     @staticmethod
-    def block_set(ready: BlocksReady) -> RemoteBlockSet:
-        """The offer's block set.
+    def block_set(ready: BlocksReady | KvStream) -> RemoteBlockSet:
+        """The offer's block set (a whole offer's or a layer-wise one's).
 
         Raises:
             ProtocolMismatch: the block set is another agent's than ``ready`` names, or of

@@ -19,8 +19,9 @@ Invariants:
   ``ErrorReply``: it carries no KV data, and a peer must be able to tell an incompatible sender
   why it was refused, so an ``ErrorReply`` is accepted whatever its compatibility hash.
 
-Wire layout, protocol version 3 (version 1 lacked types 7 and 8, version 2 types 9 to 20). A
-contract: changing it means a new ``PROTOCOL_VERSION``::
+Wire layout, protocol version 3 (version 1 lacked types 7 and 8, version 2 types 9 to 20; types
+21 and 22 came later within version 3, see "Layer-wise handoff" below). A contract: changing it
+means a new ``PROTOCOL_VERSION``::
 
     payload = msgpack array [version: uint, type: uint, compat_hash: uint64, body: array]
 
@@ -62,6 +63,24 @@ contract: changing it means a new ``PROTOCOL_VERSION``::
      19 NodeStatsRequest [request_id: str]                                  -> NodeStats
      20 NodeStats      [request_id: str, stats: {str: int}]
 
+    Layer-wise handoff (prefill -> decode; sent only to a decode that asked, see below):
+     21 KvStream       [request_id: str, agent_name: str, block_set: bin, num_tokens: uint32,
+                        done_tokens: uint32 <= num_tokens]
+     22 KvLayers       [request_id: str, done_tokens: uint32, chunk_end: uint32 >= done_tokens,
+                        num_layers: uint32]
+
+Layer-wise handoff: a decode worker that can take the prompt's KV while it is computed puts
+``LAYERWISE_OPTION: True`` into its ``PrefillRequest``'s ``sampling`` map (keys under the
+``fabric.`` prefix are handoff options, not sampling parameters). A prefill worker that
+predates it ignores the key (it reads only the sampling keys it knows) and answers as before:
+``TokenChunk`` + ``BlocksReady`` once the prompt is computed. One that supports it, and has it
+enabled, answers ``KvStream`` (the block set, before computing; positions below
+``done_tokens``, a cached prefix, are readable at once), then ``KvLayers`` frontiers as layers
+are written (``fabric.pd.KvFrontier``), then ``TokenChunk`` + ``BlocksReady`` as before. Types 21
+and 22 thus reach only peers that asked for them, which is why they did not need a new protocol
+version (a version-3 peer that predates them refuses them as unknown types, and is never sent
+one); any other new type still does.
+
 Strings are msgpack str (UTF-8), ``block_set`` is msgpack bin; ``request_id``, ``decode_worker``,
 ``agent_name``, ``worker_id`` and sampling keys are non-empty; at most 64 sampling entries. Adding
 a message type or an error code is a new protocol version.
@@ -86,6 +105,8 @@ from fabric.signal.errors import (
 )
 
 PROTOCOL_VERSION = 3
+LAYERWISE_OPTION = "fabric.kv_layerwise"
+"""The ``PrefillRequest.sampling`` key by which a decode asks for a layer-wise handoff."""
 DEFAULT_MAX_BYTES = 1 << 20
 MAX_SAMPLING_ENTRIES = 64
 _U32 = 1 << 32
@@ -118,6 +139,8 @@ class MessageType(Enum):
     NODE_ACK = 18
     NODE_STATS_REQUEST = 19
     NODE_STATS = 20
+    KV_STREAM = 21
+    KV_LAYERS = 22
 
 
 # Field checks (shared by construction and decoding)
@@ -194,6 +217,11 @@ class PrefillRequest:
         _check_str("PrefillRequest", "decode_worker", self.decode_worker)
         _check_sampling("PrefillRequest", self.sampling)
         _check_int("PrefillRequest", "deadline_ms", self.deadline_ms, 0, _I64)
+
+    @property
+    def wants_layerwise(self) -> bool:
+        """The decode can take the KV layer by layer (``KvStream``, ``KvLayers``)."""
+        return self.sampling.get(LAYERWISE_OPTION) is True
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +360,49 @@ class TokenChunk:
         if self.finished != bool(self.finish_reason):
             raise MalformedMessage("TokenChunk.finish_reason is set exactly when finished")
         _check_sampling("TokenChunk", self.stats, "stats")
+
+
+@dataclass(frozen=True, slots=True)
+class KvStream:
+    """Prefill -> decode worker that asked for a layer-wise handoff: the blocks that will hold
+    the prompt's KV (``block_set``, as in ``BlocksReady``), held for it from now on; positions
+    below ``done_tokens`` (a cached prefix) are readable at once, the rest as ``KvLayers`` say."""
+
+    TYPE: ClassVar[MessageType] = MessageType.KV_STREAM
+    request_id: str
+    agent_name: str
+    block_set: bytes
+    num_tokens: int
+    done_tokens: int
+
+    def __post_init__(self) -> None:
+        _check_str("KvStream", "request_id", self.request_id)
+        _check_str("KvStream", "agent_name", self.agent_name)
+        if type(self.block_set) is not bytes:
+            raise MalformedMessage(
+                f"KvStream.block_set must be bytes, got {type(self.block_set).__name__}"
+            )
+        _check_int("KvStream", "num_tokens", self.num_tokens, 0, _U32)
+        _check_int("KvStream", "done_tokens", self.done_tokens, 0, self.num_tokens + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class KvLayers:
+    """Prefill -> decode: a frontier of the prompt's KV (``fabric.pd.KvFrontier``): every layer
+    of positions below ``done_tokens``, and layers ``0 .. num_layers - 1`` of positions
+    ``done_tokens .. chunk_end - 1``, are written and final."""
+
+    TYPE: ClassVar[MessageType] = MessageType.KV_LAYERS
+    request_id: str
+    done_tokens: int
+    chunk_end: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        _check_str("KvLayers", "request_id", self.request_id)
+        _check_int("KvLayers", "done_tokens", self.done_tokens, 0, _U32)
+        _check_int("KvLayers", "chunk_end", self.chunk_end, self.done_tokens, _U32)
+        _check_int("KvLayers", "num_layers", self.num_layers, 0, _U32)
 
 
 # Node KV cache messages (``fabric.node``)
@@ -584,6 +655,8 @@ Message: TypeAlias = (
     | NodeAck
     | NodeStatsRequest
     | NodeStats
+    | KvStream
+    | KvLayers
 )
 
 _MESSAGE_CLASSES = (
@@ -607,6 +680,8 @@ _MESSAGE_CLASSES = (
     NodeAck,
     NodeStatsRequest,
     NodeStats,
+    KvStream,
+    KvLayers,
 )
 _TYPE_TO_CLASS: dict[MessageType, type[Message]] = {cls.TYPE: cls for cls in _MESSAGE_CLASSES}
 _TYPE_TO_FIELDS: dict[MessageType, tuple[str, ...]] = {

@@ -57,13 +57,19 @@ from fabric.engine import DecodeRequest, Engine, PrefillChunk, greedy
 from fabric.errors import ConfigError, FabricError
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.kv_trace import KvSource
-from fabric.signal.messages import GenerateRequest, TokenChunk
+from fabric.signal.messages import GenerateRequest, KvStream, TokenChunk
 from fabric.worker.admission import Admission
 from fabric.worker.handoff import DecodeHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
-from fabric.worker.remote_prefill import RemoteFailed, RemotePrefills, RemoteReady
+from fabric.worker.remote_prefill import (
+    RemoteFailed,
+    RemotePrefills,
+    RemoteProgress,
+    RemoteReady,
+)
 from fabric.worker.request import FinishReason, Phase, WorkerRequest, error_chunk
+from fabric.worker.streams import DecodeStreams
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class GenerationService:
         handoff: DecodeHandoff | None = None,
         fallback: PrefillFallback = PrefillFallback.RECOMPUTE,
         max_num_batched_tokens: int | None = None,
+        layerwise: bool = False,
         remote_source: KvSource = KvSource.PREFILL,
     ) -> None:
         if (remote is None) != (handoff is None):
@@ -102,6 +109,8 @@ class GenerationService:
         )
         self._remote = remote
         self._handoff = handoff
+        self._layerwise = layerwise  # ask prefill workers for layer-wise handoffs
+        self._streams = DecodeStreams(handoff) if handoff is not None else None
         self._fallback = fallback
         self._budget = max_num_batched_tokens
         self._remote_source = remote_source  # what a read offer is in the KV trace
@@ -198,44 +207,82 @@ class GenerationService:
         """Ask the request's prefill worker; False when the prompt is to be computed here."""
         assert self._remote is not None
         worker_id = gen.request.prefill_worker
-        problem = self._remote.start(gen.prefill_request(self._worker_id), worker_id)
+        request = gen.prefill_request(self._worker_id, layerwise=self._layerwise)
+        problem = self._remote.start(request, worker_id)
         if problem is None:
             logger.debug("request %s: prefill sent to %s", gen.request_id, worker_id)
             return True
         return not self._prefill_failed(gen, problem)
 
     def _collect_remote(self, timeout_s: float) -> None:
-        assert self._remote is not None
+        assert self._remote is not None and self._streams is not None
         for outcome in self._remote.poll(timeout_s):
             gen = self._id_to_gen.get(outcome.request_id)
             if gen is None or gen.phase is not Phase.REMOTE_PREFILL:
-                if isinstance(outcome, RemoteReady):
+                if not isinstance(outcome, RemoteFailed):
                     self._remote.abort(outcome.request_id, "ended", worker_id=outcome.worker_id)
                 continue
             if isinstance(outcome, RemoteFailed):
+                self._streams.cancel(gen.request_id)
                 if self._prefill_failed(gen, outcome.reason):
                     self._start_prefill(gen)
+            elif isinstance(outcome, RemoteProgress):
+                self._on_progress(gen, outcome)
             else:
                 self._read_offer(gen, outcome)
+        for request_id, exc in self._streams.poll():
+            self._read_failed(self._id_to_gen[request_id], exc, None)
+
+    def _on_progress(self, gen: WorkerRequest, progress: RemoteProgress) -> None:
+        """A layer-wise handoff opened (``KvStream``) or moved (``KvLayers``): read what is new."""
+        assert self._streams is not None and gen.seq is not None
+        message = progress.message
+        try:
+            if isinstance(message, KvStream):
+                start = self._local_start(gen)
+                num_blocks = -(-len(gen.prompt) // self._kvbm.block_size)
+                self._streams.begin(message, start, gen.seq.block_table[start:num_blocks])
+            else:
+                self._streams.advance(message)
+        except FabricError as exc:
+            self._read_failed(gen, exc, progress.worker_id)
+
+    def _read_failed(self, gen: WorkerRequest, exc: FabricError, worker_id: str | None) -> None:
+        """Reading ``gen``'s offer failed: tell its prefill worker, apply the fallback."""
+        assert self._remote is not None
+        self._remote.abort(gen.request_id, "read failed", worker_id=worker_id)
+        if self._prefill_failed(gen, f"reading its blocks failed: {exc}"):
+            self._start_prefill(gen)
+
+    def _local_start(self, gen: WorkerRequest) -> int:
+        """The first of ``gen``'s prompt blocks to read: those before are held here (a local
+        prefix) or were just loaded from this host's node cache (the prefill stores its full
+        blocks there too)."""
+        assert gen.seq is not None
+        start = gen.seq.num_cached_tokens // self._kvbm.block_size
+        if self._kvbm.node_attached:
+            hashes = self._kvbm.hash_tokens(gen.prompt).sequence_hashes
+            start += self._kvbm.load_node_into(hashes[start:], gen.seq.block_table[start:])
+        return start
 
     def _read_offer(self, gen: WorkerRequest, outcome: RemoteReady) -> None:
         assert self._remote is not None and self._handoff is not None and gen.seq is not None
+        assert self._streams is not None
         seq, ready = gen.seq, outcome.ready
         num_blocks = -(-len(gen.prompt) // self._kvbm.block_size)
-        start = seq.num_cached_tokens // self._kvbm.block_size
         began = time.perf_counter()
         try:
             if ready.num_tokens != len(gen.prompt):
                 raise FabricError(f"offer covers {ready.num_tokens} tokens, not the prompt's")
-            if self._kvbm.node_attached:  # the prefill stored its full blocks there too
-                hashes = self._kvbm.hash_tokens(gen.prompt).sequence_hashes
-                start += self._kvbm.load_node_into(hashes[start:], seq.block_table[start:])
-            if start < num_blocks:  # what this host's node cache lacks, over NIXL
-                self._handoff.read_into(ready, start, seq.block_table[start:num_blocks])
+            streamed = self._streams.finish(ready)  # the rest of a layer-wise read
+            if streamed is not None:
+                start, gen.stats.kv_early_reads = streamed
+            else:  # a whole offer
+                start = self._local_start(gen)
+                if start < num_blocks:  # what this host's node cache lacks, over NIXL
+                    self._handoff.read_into(ready, start, seq.block_table[start:num_blocks])
         except FabricError as exc:
-            self._remote.abort(gen.request_id, "read failed", worker_id=outcome.worker_id)
-            if self._prefill_failed(gen, f"reading its blocks failed: {exc}"):
-                self._start_prefill(gen)
+            self._read_failed(gen, exc, outcome.worker_id)
             return
         stats = gen.stats
         stats.kv_transfer_ms = (time.perf_counter() - began) * 1000
@@ -422,6 +469,8 @@ class GenerationService:
         if gen.phase is Phase.WAITING:
             self._admission.remove(gen)
         elif gen.phase is Phase.REMOTE_PREFILL and self._remote is not None:
+            assert self._streams is not None
+            self._streams.cancel(gen.request_id)  # before its blocks go back to the pool
             self._remote.abort(gen.request_id, "request ended")
         self._prefilling.pop(gen.request_id, None)
         self._decoding.pop(gen.request_id, None)

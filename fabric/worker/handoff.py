@@ -63,8 +63,8 @@ from fabric.kvbm import (
     SequenceHash,
     Tier,
 )
-from fabric.pd import BlockExporter, HoldProgress, HoldTable, RemoteReader
-from fabric.signal.messages import BlocksReady, TransferDone
+from fabric.pd import BlockExporter, HoldProgress, HoldTable, LayerwiseRead, RemoteReader
+from fabric.signal.messages import BlocksReady, KvStream, TransferDone
 from fabric.transfer.agent import TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,41 @@ class PrefillHandoff:
         )
         self._hold(request_id, owner, len(block_ids), decode)
         return ready
+
+    def stream_owned(
+        self,
+        request_id: str,
+        block_ids: Sequence[BlockId],
+        owner: Releasable,
+        *,
+        num_tokens: int,
+        done_tokens: int,
+        decode: str | None = None,
+    ) -> KvStream:
+        """As ``offer_owned``, but before the prompt is computed (a layer-wise handoff): the
+        blocks are held from now on and the decode reads each layer as ``KvLayers`` announce
+        it; ``stream_ready`` ends the stream. If this raises, the caller still owns ``owner``.
+
+        Raises:
+            InvalidInput: ``request_id`` is already held.
+        """
+        self._check_new(request_id)
+        stream = self._exporter(Tier.DEVICE).stream(
+            request_id, block_ids, num_tokens=num_tokens, done_tokens=done_tokens
+        )
+        self._hold(request_id, owner, len(block_ids), decode)
+        return stream
+
+    def stream_ready(
+        self, request_id: str, block_ids: Sequence[BlockId], *, first_token: int, num_tokens: int
+    ) -> BlocksReady | None:
+        """The ``BlocksReady`` that ends a stream (every layer written, the first token known);
+        None when its hold already ended (aborted, abandoned or expired)."""
+        if request_id not in self._holds:
+            return None
+        return self._exporter(Tier.DEVICE).ready(
+            request_id, block_ids, first_token=first_token, num_tokens=num_tokens
+        )
 
     def complete(self, done: TransferDone) -> bool:
         """Release the blocks of ``done.request_id``; False when none are held under that id
@@ -305,6 +340,20 @@ class DecodeHandoff:
         self._reader.read(self._reader.block_set(ready), block_ids, start=start)
         logger.debug(
             "request %s: read %d blocks from %s", ready.request_id, len(block_ids), ready.agent_name
+        )
+
+    def layerwise_read(
+        self, offer: KvStream, start: int, block_ids: Sequence[BlockId]
+    ) -> LayerwiseRead:
+        """A layer-wise read of ``offer``'s blocks ``start ..`` into ``block_ids`` (device
+        blocks the caller owns, as ``read_into``'s); ``fabric.worker.streams`` drives it.
+
+        Raises:
+            ProtocolMismatch / LayoutMismatch / InvalidInput: as ``read_into``.
+        """
+        remote = self._reader.block_set(offer)
+        return LayerwiseRead(
+            self._reader, remote, block_ids, start=start, num_tokens=offer.num_tokens
         )
 
     def _read(

@@ -8,7 +8,13 @@ Runs on the scheduler thread (it owns the engine and the manager). A ``PrefillRe
 
 Replies are pushed to the asking decode worker's signal client, in this order: a
 ``TokenChunk([first token], stats)`` with this worker's ``computed_tokens``, ``cached_tokens``
-and ``prefill_ms`` (``BlocksReady`` has no stats field), then ``BlocksReady``. A request that
+and ``prefill_ms`` (``BlocksReady`` has no stats field), then ``BlocksReady``. A layer-wise
+handoff (the request ``wants_layerwise`` and this worker allows it, ``layerwise``) is held from
+before the compute: ``KvStream`` (the blocks, held from now on), one ``KvLayers`` per layer as
+the engine writes it (``on_layer``: a frontier of the whole prompt as one chunk after the cached
+prefix), then the same ``TokenChunk`` and ``BlocksReady``; a failure after ``KvStream`` aborts
+the hold and answers ``ErrorReply``, and a decode that stops receiving gets nothing more (its
+hold is aborted once the prompt is computed). A request that
 cannot be served gets ``ErrorReply(request_id, code, message)`` instead: ``UNAVAILABLE`` (queue
 full, prompt larger than the pool, or invalid), ``DEADLINE_EXCEEDED``, ``INTERNAL``. A prompt
 larger than the pool is refused at once; one that fits waits, in order, until held blocks are
@@ -41,6 +47,7 @@ import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fabric.discovery.registration import WorkerEvent, WorkerEventKind
@@ -49,7 +56,15 @@ from fabric.errors import FabricError
 from fabric.kvbm import SequenceBlocks
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId, wall_ms
-from fabric.signal.messages import ErrorReply, Message, PrefillRequest, TokenChunk, TransferDone
+from fabric.signal.messages import (
+    ErrorReply,
+    KvLayers,
+    KvStream,
+    Message,
+    PrefillRequest,
+    TokenChunk,
+    TransferDone,
+)
 from fabric.worker.handoff import PrefillHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
@@ -77,8 +92,10 @@ class PrefillService:
         metrics: WorkerMetrics,
         *,
         max_waiting: int,
+        layerwise: bool = True,
     ) -> None:
         self._engine = engine
+        self._layerwise = layerwise
         self._kvbm = engine.kvbm
         self._handoff = handoff
         self._outbox = outbox
@@ -225,23 +242,44 @@ class PrefillService:
             self._released()
 
     def _serve(self, queued: _Queued, seq: SequenceBlocks) -> None:
-        request = queued.request
+        request, peer = queued.request, queued.peer
+        request_id, num_tokens = request.request_id, len(request.token_ids)
         num_cached = seq.num_computed
+        block_ids = seq.block_table[: -(-num_tokens // self._kvbm.block_size)]
+        layerwise = self._layerwise and request.wants_layerwise
+        sender = None
         try:
-            token, num_computed, ms = compute_prompt(self._engine, seq)
-            num_blocks = -(-len(request.token_ids) // self._kvbm.block_size)
-            ready = self._handoff.offer_owned(
-                request.request_id,
-                seq.block_table[:num_blocks],
-                seq,
-                first_token=token,
-                num_tokens=len(request.token_ids),
-                decode=queued.peer,
+            if layerwise:  # held from here: the handoff owns seq
+                stream = self._handoff.stream_owned(
+                    request_id,
+                    block_ids,
+                    seq,
+                    num_tokens=num_tokens,
+                    done_tokens=num_cached,
+                    decode=peer,
+                )
+                sender = _LayerSender(self._push, peer, stream)
+            token, num_computed, ms = compute_prompt(
+                self._engine, seq, None if sender is None else sender.on_layer
             )
+            if layerwise:
+                ready = self._handoff.stream_ready(
+                    request_id, block_ids, first_token=token, num_tokens=num_tokens
+                )
+            else:
+                ready = self._handoff.offer_owned(
+                    request_id,
+                    block_ids,
+                    seq,
+                    first_token=token,
+                    num_tokens=num_tokens,
+                    decode=peer,
+                )
         except FabricError as exc:
-            seq.release()
-            logger.warning("prefill %s failed: %s", request.request_id, exc, exc_info=True)
-            self._reply_error(queued.peer, request.request_id, ErrorCode.INTERNAL, str(exc))
+            if not (layerwise and self._handoff.abort(request_id)):
+                seq.release()
+            logger.warning("prefill %s failed: %s", request_id, exc, exc_info=True)
+            self._reply_error(peer, request_id, ErrorCode.INTERNAL, str(exc))
             return
         self._metrics.computed_tokens.inc(num_computed)
         self._metrics.cached_tokens.inc(num_cached)
@@ -251,17 +289,19 @@ class PrefillService:
             "prefill_ms": round(ms, 3),
         }
         logger.debug(
-            "prefill %s: %d cached, %d computed in %.1f ms, %d blocks offered to %s",
-            request.request_id,
+            "prefill %s: %d cached, %d computed in %.1f ms, %d blocks offered to %s%s",
+            request_id,
             num_cached,
             num_computed,
             ms,
-            num_blocks,
-            queued.peer,
+            len(block_ids),
+            peer,
+            " layer by layer" if layerwise else "",
         )
-        chunk = TokenChunk(request.request_id, [token], False, "", stats)
-        if not (self._push(queued.peer, chunk) and self._push(queued.peer, ready)):
-            self._handoff.abort(request.request_id)
+        chunk = TokenChunk(request_id, [token], False, "", stats)
+        delivered = sender is None or sender.delivered
+        if not (delivered and ready and self._push(peer, chunk) and self._push(peer, ready)):
+            self._handoff.abort(request_id)
 
     def _reply_error(self, peer: PeerId, request_id: str, code: ErrorCode, message: str) -> None:
         logger.info("prefill %s refused (%s): %s", request_id, code.name, message)
@@ -275,3 +315,23 @@ class PrefillService:
             logger.warning("cannot reach decode %s: %s", peer, exc)
             return False
         return True
+
+
+class _LayerSender:
+    """Sends a layer-wise handoff's ``KvStream``, then one ``KvLayers`` per layer written
+    (``Engine.step``'s ``on_layer``); after a failed push it sends nothing more (the decode
+    is gone: the hold is aborted once the prompt is computed)."""
+
+    def __init__(
+        self, push: Callable[[PeerId, Message], bool], peer: PeerId, stream: KvStream
+    ) -> None:
+        self._push = push
+        self._peer = peer
+        self._stream = stream
+        self.delivered = push(peer, stream)
+
+    def on_layer(self, layer: int) -> None:
+        if self.delivered:
+            stream = self._stream
+            frontier = KvLayers(stream.request_id, stream.done_tokens, stream.num_tokens, layer + 1)
+            self.delivered = self._push(self._peer, frontier)

@@ -8,6 +8,7 @@ Wire exchange (worker to worker; the frontend never sees it)::
 
     decode                                     prefill
       PrefillRequest (one-way) ───────────────▶ queued, computed, offered
+      ◀──────── KvStream, KvLayers...           a layer-wise handoff only (RemoteProgress)
       ◀──────── TokenChunk([first], stats)      the prefill's own stats (computed, cached, ms)
       ◀──────── BlocksReady                     (or ErrorReply(request_id, ...) on failure)
       TransferDone / Abort (one-way) ─────────▶ release
@@ -35,6 +36,8 @@ from fabric.signal.messages import (
     Abort,
     BlocksReady,
     ErrorReply,
+    KvLayers,
+    KvStream,
     Message,
     PrefillRequest,
     TokenChunk,
@@ -68,7 +71,17 @@ class RemoteFailed:
     reason: str
 
 
-RemoteOutcome = RemoteReady | RemoteFailed
+@dataclass(frozen=True, slots=True)
+class RemoteProgress:
+    """A layer-wise handoff's news, before its ``RemoteReady``: the ``KvStream`` that opens it
+    or a ``KvLayers`` frontier."""
+
+    request_id: str
+    worker_id: str
+    message: KvStream | KvLayers
+
+
+RemoteOutcome = RemoteReady | RemoteFailed | RemoteProgress
 
 
 @dataclass(slots=True)
@@ -124,10 +137,13 @@ class RemotePrefills:
                 outcome = self._on_message(worker_id, message)
                 if outcome is not None:
                     outcomes.append(outcome)
-                if not isinstance(message, TokenChunk):
+                if isinstance(message, TokenChunk):
+                    # The stats chunk comes right before its BlocksReady: take that too.
+                    message = self._links.receive(worker_id, _FOLLOW_UP_S)
+                elif isinstance(message, KvStream | KvLayers):  # take every frontier queued
+                    message = self._links.receive(worker_id, _MIN_WAIT_S)
+                else:
                     break
-                # The stats chunk comes right before its BlocksReady: take that too.
-                message = self._links.receive(worker_id, _FOLLOW_UP_S)
         now = time.monotonic()
         for request_id, flight in list(self._in_flight.items()):
             reason = None
@@ -164,6 +180,13 @@ class RemotePrefills:
         flight = self._in_flight.get(request_id) if isinstance(request_id, str) else None
         if isinstance(message, TokenChunk) and flight is not None:
             flight.stats = dict(message.stats)
+        elif isinstance(message, KvStream | KvLayers):
+            if flight is not None:
+                return RemoteProgress(message.request_id, worker_id, message)
+            if isinstance(message, KvStream):  # nobody will read it: release at once
+                self._links.send(
+                    worker_id, Abort(message.request_id, "request no longer in flight")
+                )
         elif isinstance(message, BlocksReady):
             if flight is None:
                 logger.debug("late BlocksReady for %s from %s: aborting", request_id, worker_id)

@@ -31,6 +31,7 @@ so a request never runs out of blocks mid-stream.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -39,7 +40,12 @@ from fabric.kvbm import SequenceBlocks, Tier
 from fabric.models.config import ModelConfig
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.kv_trace import KvSource, KvTrace
-from fabric.signal.messages import GenerateRequest, PrefillRequest, TokenChunk
+from fabric.signal.messages import (
+    LAYERWISE_OPTION,
+    GenerateRequest,
+    PrefillRequest,
+    TokenChunk,
+)
 
 StatValue = float | int | str | bool
 TIER_TO_SOURCE = {
@@ -78,6 +84,11 @@ class RequestStats:
     """Prompt positions this worker already held (never read from the prefill worker)."""
     transferred_blocks: int = 0
     kv_transfer_ms: float = 0.0
+    """Reading the prompt's KV after the prefill offered it whole (the wait TTFT pays; of a
+    layer-wise handoff, only what was left when the prefill finished)."""
+    kv_early_reads: int = 0
+    """READs of a layer-wise handoff posted while the prefill still computed (0: none, e.g. a
+    whole-prompt handoff)."""
     prefill_ms: float = 0.0
     """Prompt compute time, here (from the step of its first chunk to the end of the step of
     its last: steps shared with decodes and other prompts included) or as the prefill worker
@@ -102,6 +113,7 @@ class RequestStats:
             "local_prefix_tokens": self.local_prefix_tokens,
             "transferred_blocks": self.transferred_blocks,
             "kv_transfer_ms": round(self.kv_transfer_ms, 3),
+            "kv_early_reads": self.kv_early_reads,
             "prefill_ms": round(self.prefill_ms, 3),
             "queue_ms": round(self.queue_ms, 3),
             "ttft_ms": round(self.ttft_ms, 3),
@@ -152,10 +164,15 @@ class WorkerRequest:
         """Past the request's deadline (``deadline_ms`` 0 means none)."""
         return 0 < self.request.deadline_ms <= now_ms
 
-    def prefill_request(self, decode_worker: str) -> PrefillRequest:
+    def prefill_request(self, decode_worker: str, *, layerwise: bool) -> PrefillRequest:
+        """What to ask the prefill worker; ``layerwise``: this decode takes the KV layer by
+        layer (``LAYERWISE_OPTION``, set or removed whatever the client's sampling map held)."""
         r = self.request
+        sampling = {k: v for k, v in r.sampling.items() if k != LAYERWISE_OPTION}
+        if layerwise:
+            sampling[LAYERWISE_OPTION] = True
         return PrefillRequest(
-            r.request_id, r.token_ids, r.max_tokens, decode_worker, r.sampling, r.deadline_ms
+            r.request_id, r.token_ids, r.max_tokens, decode_worker, sampling, r.deadline_ms
         )
 
     def chunk(self, tokens: list[int], finish: FinishReason | None) -> TokenChunk:
@@ -231,15 +248,18 @@ def new_worker_request(
     return WorkerRequest(request, peer, stop, arrived_at)
 
 
-def compute_prompt(engine: Engine, seq: SequenceBlocks) -> tuple[int, int, float]:
-    """Compute the prompt positions ``seq`` lacks, register its full blocks, sample greedily.
+def compute_prompt(
+    engine: Engine, seq: SequenceBlocks, on_layer: Callable[[int], None] | None = None
+) -> tuple[int, int, float]:
+    """Compute the prompt positions ``seq`` lacks, register its full blocks, sample greedily;
+    ``on_layer`` sees each layer written (``Engine.step``).
 
     Returns:
         (first token, positions computed, milliseconds).
     """
     start = time.perf_counter()
     num_computed = len(seq.tokens) - seq.num_computed
-    logits = engine.prefill(seq.tokens, seq.block_table, seq.num_computed)
+    logits = engine.prefill(seq.tokens, seq.block_table, seq.num_computed, on_layer=on_layer)
     seq.commit()
     (token,) = greedy(logits)
     return token, num_computed, (time.perf_counter() - start) * 1000

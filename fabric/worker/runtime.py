@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from fabric.config import FabricConfig
+from fabric.config import FabricConfig, KvHandoff
 from fabric.discovery import metrics as etcd_metrics
 from fabric.discovery.addresses import HostAddresses, resolve_addresses, ucx_net_devices
 from fabric.discovery.etcd import EtcdRegistry
@@ -363,7 +363,12 @@ def _build(
     if role in (Role.PREFILL, Role.AGGREGATED):  # aggregated: serves peers' prefix hits too
         handoff = PrefillHandoff(kvbm, agent, hold_timeout_s=config.serve.hold_timeout_s)
         prefill = PrefillService(
-            engine, handoff, server, metrics, max_waiting=config.serve.max_waiting
+            engine,
+            handoff,
+            server,
+            metrics,
+            max_waiting=config.serve.max_waiting,
+            layerwise=config.serve.kv_handoff is KvHandoff.LAYERWISE,
         )
     with _step("watching workers in etcd"):
         directory = WorkerDirectory(
@@ -393,6 +398,7 @@ def _build(
             handoff=decode_handoff,
             fallback=config.serve.prefill_fallback,
             max_num_batched_tokens=config.serve.max_num_batched_tokens or None,
+            layerwise=config.serve.kv_handoff is KvHandoff.LAYERWISE,
             remote_source=KvSource.PEER if role is Role.AGGREGATED else KvSource.PREFILL,
         )
     scheduler.start(generation=generation, prefill=prefill, offload=offload)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices
 
-from fabric.config import PrefillFallback, load_config, setting_field
+from fabric.config import load_config, setting_field
 from fabric.discovery.registry import Role
 
 if TYPE_CHECKING:
@@ -112,6 +112,14 @@ _FLAGS: tuple[tuple[str, str, type, str, str], ...] = (  # flag, field, type, me
         "decode: when the prefill worker fails, recompute the prompt here or answer an error",
     ),
     (
+        "--kv-handoff",
+        "kv_handoff",
+        str,
+        "MODE",
+        "prefill, decode: the prompt's KV layer by layer while it is computed (both sides must "
+        "allow it), or whole once computed",
+    ),
+    (
         "--max-waiting",
         "max_waiting",
         int,
@@ -179,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         alias = info.validation_alias
         env = alias.choices[0] if isinstance(alias, AliasChoices) else field.upper()
         default = info.default.value if isinstance(info.default, Enum) else info.default
-        choices = [f.value for f in PrefillFallback] if field == "prefill_fallback" else None
+        choices = [f.value for f in type(info.default)] if isinstance(info.default, Enum) else None
         suffix = f" [env {env}" + ("]" if default is None else f"; default {default}]")
         parser.add_argument(
             flag,

@@ -21,6 +21,7 @@ from fabric.signal.errors import (
 )
 from fabric.signal.messages import (
     DEFAULT_MAX_BYTES,
+    LAYERWISE_OPTION,
     MAX_SAMPLING_ENTRIES,
     PROTOCOL_VERSION,
     Abort,
@@ -28,6 +29,8 @@ from fabric.signal.messages import (
     ErrorReply,
     GenerateRequest,
     Heartbeat,
+    KvLayers,
+    KvStream,
     Message,
     MessageType,
     PrefillRequest,
@@ -77,6 +80,15 @@ messages: st.SearchStrategy[Message] = st.one_of(
         block_set=st.binary(max_size=200),
         num_tokens=u32,
     ),
+    st.builds(
+        KvStream,
+        request_id=ids,
+        agent_name=ids,
+        block_set=st.binary(max_size=200),
+        num_tokens=st.just(U32 - 1),
+        done_tokens=u32.filter(lambda n: n < U32),
+    ),
+    st.builds(KvLayers, request_id=ids, done_tokens=st.just(0), chunk_end=u32, num_layers=u32),
     st.builds(TransferDone, request_id=ids, num_blocks=u32),
     st.builds(Abort, request_id=ids, reason=st.text(max_size=40)),
     st.builds(
@@ -274,7 +286,7 @@ def test_version_is_checked_before_the_envelope_shape() -> None:
         _decode(_raw(4, "a future envelope"))
 
 
-@pytest.mark.parametrize("raw_type", [0, 21, 255, "TRANSFER_DONE", None])
+@pytest.mark.parametrize("raw_type", [0, 23, 255, "TRANSFER_DONE", None])
 def test_unknown_type_is_a_protocol_mismatch(raw_type: object) -> None:
     with pytest.raises(UnknownMessageType, match="unknown message type"):
         _decode(_raw(PROTOCOL_VERSION, raw_type, COMPAT, []))
@@ -377,3 +389,28 @@ def test_valid_envelopes_with_one_wrong_field_raise_only_signal_errors(
     version, raw_type, compat, body = msgpack.unpackb(encode(message, COMPAT))
     body[data.draw(st.integers(0, len(body) - 1))] = data.draw(msgpack_values)
     _assert_only_signal_errors(_raw(version, raw_type, compat, body))
+
+
+def test_layerwise_option_travels_in_a_version_3_prefill_request() -> None:
+    """A decode asking for a layer-wise handoff sends the same six-field PrefillRequest a peer
+    that predates it decodes (the option is a sampling entry it ignores)."""
+    request = PrefillRequest("r", [1, 2], 4, "decode-1", {LAYERWISE_OPTION: True}, 0)
+    version, raw_type, _, body = msgpack.unpackb(encode(request, COMPAT))
+    assert (version, raw_type, len(body)) == (3, MessageType.PREFILL_REQUEST.value, 6)
+    decoded = _decode(encode(request, COMPAT))
+    assert isinstance(decoded, PrefillRequest) and decoded.wants_layerwise
+    assert not PrefillRequest("r", [1], 4, "d", {LAYERWISE_OPTION: 1}, 0).wants_layerwise
+    assert not PrefillRequest("r", [1], 4, "d", {}, 0).wants_layerwise
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: KvStream("r", "a", b"x", 10, 11),  # done past the prompt
+        lambda: KvLayers("r", 8, 7, 1),  # chunk ends before what is done
+        lambda: KvLayers("r", 0, 4, -1),
+    ],
+)
+def test_invalid_layerwise_messages_cannot_be_built(build: Any) -> None:
+    with pytest.raises(MalformedMessage):
+        build()
