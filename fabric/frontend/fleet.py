@@ -38,6 +38,9 @@ Invariants:
 * A DRAINING worker (its record says ``draining``: it finishes what it holds, takes nothing
   new) stays live, with its connection, subscriber and index entries, so its open requests
   finish; no route choice sees it (``dispatch``'s view leaves it out), whatever its role.
+* The ``Roster`` (the route choices' view) holds exactly the live eligible workers that are not
+  draining, each serving one at its in-flight count, so a choice finds the least-loaded workers
+  and a prompt's geometries without a pass over the fleet.
 * One lock guards membership and load. ``dispatch`` holds it from the route choice until the
   request is handed to the connection and counted, and a leave unlinks a connection under it
   before closing it, so a request is never handed to a closed connection (it would wait for
@@ -65,7 +68,8 @@ from fabric.frontend.http_backend import uses_http
 from fabric.frontend.http_connection import HttpClients, HttpConnection
 from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.kv_subscriber import KvEventSubscriber
-from fabric.frontend.policy import SERVING_ROLES, Route
+from fabric.frontend.policy import Route
+from fabric.frontend.roster import SERVING_ROLES, Roster
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +83,31 @@ class FleetView:
     """The fleet as one route choice sees it; valid only inside ``Fleet.dispatch``.
 
     Attributes:
-        workers: every eligible worker by id, draining ones left out.
-        serving: the decode and aggregated workers (those with a connection), draining ones
-            left out.
+        roster: the eligible workers, draining ones left out (``Roster``: by id, geometry,
+            node, and the serving ones by load).
         load: ``worker_id -> in-flight requests`` (absent: none).
         index: which worker caches which prefix.
         node_caches: node name -> the node cache whose KV events the index follows.
+        exclude: workers this choice must not pick (they refused the request).
     """
 
-    workers: Mapping[str, WorkerRecord]
-    serving: list[WorkerRecord]
+    roster: Roster
     load: Mapping[str, int]
     index: KvPrefixIndex
     node_caches: Mapping[str, WorkerRecord] = field(default_factory=dict)
+    exclude: frozenset[str] = frozenset()
+
+    @property
+    def workers(self) -> Mapping[str, WorkerRecord]:
+        """Every worker a route may name, by id (a copy only when some are excluded)."""
+        records = self.roster.records
+        if not self.exclude:
+            return records
+        return {w: r for w, r in records.items() if w not in self.exclude}
+
+    def serving(self) -> list[WorkerRecord]:
+        """The decode and aggregated workers a route may name (a pass over them)."""
+        return [r for r in self.roster.serving() if r.worker_id not in self.exclude]
 
 
 class Fleet:
@@ -119,6 +135,8 @@ class Fleet:
         self._prefills: dict[str, WorkerRecord] = {}
         self._subscribers: dict[str, KvEventSubscriber] = {}
         self._load: dict[str, int] = {}
+        self._roster = Roster()
+        """The eligible workers that are not draining, indexed for route choices."""
         self._ignored: set[str] = set()
         self._node_caches: dict[str, WorkerRecord] = {}
         self._indexed_nodes: dict[str, WorkerRecord] = {}
@@ -141,6 +159,7 @@ class Fleet:
             self._connections.clear()
             self._subscribers.clear()
             self._prefills.clear()
+            self._roster = Roster()
         for connection in connections:
             connection.close()
         for subscriber in subscribers:
@@ -206,17 +225,9 @@ class Fleet:
             Whatever ``choose`` or ``send`` raise; nothing is counted then.
         """
         with self._lock:
-            workers = {
-                worker_id: record
-                for worker_id, record in self._workers_locked().items()
-                if not record.draining and worker_id not in exclude
-            }
-            serving = [
-                connection.record
-                for connection in self._connections.values()
-                if connection.worker_id in workers
-            ]
-            view = FleetView(workers, serving, self._load, self.index, self._indexed_nodes)
+            view = FleetView(
+                self._roster, self._load, self.index, self._indexed_nodes, frozenset(exclude)
+            )
             route = choose(view)
             sent = send(self._connections[route.serving.worker_id], route)
             self._acquire_locked(route.serving.worker_id)
@@ -232,6 +243,7 @@ class Fleet:
                 self._load[worker_id] = count
             else:
                 self._load.pop(worker_id, None)
+            self._roster.set_load(worker_id, max(0, count))
 
     # Internals (lock held where the name says so)
     # -----------------------------------------------------------------------------------------
@@ -242,7 +254,8 @@ class Fleet:
         return records
 
     def _acquire_locked(self, worker_id: str) -> None:
-        self._load[worker_id] = self._load.get(worker_id, 0) + 1
+        count = self._load[worker_id] = self._load.get(worker_id, 0) + 1
+        self._roster.set_load(worker_id, count)
 
     def _eligible(self, record: WorkerRecord) -> bool:
         if record.role not in ROUTED_ROLES:
@@ -342,6 +355,8 @@ class Fleet:
                 self._connections[worker_id] = connection
             else:
                 self._prefills[worker_id] = record
+            if not record.draining:
+                self._roster.put(record, self._load.get(worker_id, 0))
             if subscriber is not None:
                 self._subscribers[worker_id] = subscriber
         logger.info("worker %s (%s) joined", worker_id, record.role.value)
@@ -377,12 +392,18 @@ class Fleet:
                 connection.record = record
             elif record.worker_id in self._prefills:
                 self._prefills[record.worker_id] = record
+            else:
+                return
+            self._roster.discard(record.worker_id)
+            if not record.draining:
+                self._roster.put(record, self._load.get(record.worker_id, 0))
 
     def _remove(self, worker_id: str, why: str) -> None:
         with self._lock:
             connection = self._connections.pop(worker_id, None)
             subscriber = self._subscribers.pop(worker_id, None)
             self._prefills.pop(worker_id, None)
+            self._roster.discard(worker_id)
         if connection is not None:
             connection.close()
         if subscriber is not None:

@@ -55,17 +55,17 @@ The policy, in order:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import TIER_BITS, HeldPrefixes, KvPrefixIndex, slots_of
+from fabric.frontend.kv_index import HeldPrefixes, KvPrefixIndex, slots_of
+from fabric.frontend.roster import Geometry, Roster, geometry_of
 from fabric.kvbm import Tier
 from fabric.kvbm.core.hashing import sequence_hash_chunks
 
-SERVING_ROLES = (Role.DECODE, Role.AGGREGATED)
 SOURCE_ROLES: Mapping[Role, tuple[Role, ...]] = {
     Role.DECODE: (Role.PREFILL, Role.AGGREGATED),
     Role.AGGREGATED: (Role.PREFILL, Role.AGGREGATED),
@@ -133,134 +133,126 @@ def compatible(a: WorkerRecord, b: WorkerRecord) -> bool:
 
 
 class Prefixes(Mapping[str, Prefix]):
-    """Every worker's cached prefix of one prompt, read from the index walks' results on demand
-    (``cached_prefixes``): a lookup costs the number of distinct prefix lengths, and
-    ``holders`` the workers it names, so a decision over a large fleet reads only the workers
-    it looks at."""
+    """Every routable worker's cached prefix of one prompt, read from the index walks' results
+    on demand (``cached_prefixes``; one walk per geometry): a lookup costs the number of
+    distinct prefix lengths, and ``longest`` and ``holders`` the workers the walks name, so a
+    decision over a large fleet reads only the workers it looks at.
 
-    def __init__(self) -> None:
-        self._walk_of: dict[str, tuple[HeldPrefixes | None, int]] = {}
-        self._walks: list[HeldPrefixes] = []
-        self._node_of: dict[str, str] = {}
-        """worker id -> the location (node cache id) of its node's tier, same geometry."""
-        self._workers_of_node: dict[str, list[str]] = {}
+    A worker counts its node's tier (module docstring) when ``node_caches`` has a node cache of
+    its geometry for its node; the walk of that geometry then includes the node cache's
+    location."""
 
-    def add(self, worker_ids: Iterable[str], walk: HeldPrefixes | None, num_blocks: int) -> None:
-        """``worker_ids`` (of one geometry: ``num_blocks`` full blocks) as ``walk`` found them
-        (None: not walked, no prefix)."""
-        self._walk_of.update(dict.fromkeys(worker_ids, (walk, num_blocks)))
-        if walk is not None:
-            self._walks.append(walk)
+    def __init__(self, roster: Roster, node_caches: Mapping[str, WorkerRecord]) -> None:
+        self._roster = roster
+        self._node_caches = node_caches
+        self._cache_at = {cache.worker_id: cache for cache in node_caches.values()}
+        self._walks: dict[Geometry, tuple[HeldPrefixes, int]] = {}
+        """geometry -> its walk and the prompt's full blocks at its block size."""
 
-    def add_node(self, location: str, worker_ids: Iterable[str]) -> None:
-        """``worker_ids`` (already added, of the node tier's geometry) read ``location``'s
-        prefix (a node cache's index location, walked with them) as their own."""
-        members = self._workers_of_node.setdefault(location, [])
-        for worker_id in worker_ids:
-            self._node_of[worker_id] = location
-            members.append(worker_id)
+    def add(self, geometry: Geometry, walk: HeldPrefixes, num_blocks: int) -> None:
+        """The walk of ``geometry``'s workers (and of its node caches' locations)."""
+        self._walks[geometry] = (walk, num_blocks)
 
     def __getitem__(self, worker_id: str) -> Prefix:
-        walk, num_blocks = self._walk_of[worker_id]
-        if not num_blocks:
-            return NO_PREFIX
-        if walk is None:
-            return Prefix(0, num_blocks)
+        record = self._roster.records[worker_id]
+        geometry = geometry_of(record)
+        entry = None if geometry is None else self._walks.get(geometry)
+        if entry is None or not entry[1]:
+            return NO_PREFIX if entry is None or not entry[1] else Prefix(0, entry[1])
+        walk, num_blocks = entry
         own = walk.length_of(worker_id)
-        location = self._node_of.get(worker_id)
+        location = self._node_location(record)
         node = 0 if location is None else walk.length_of(location)
         return Prefix(max(own, node), num_blocks, node > own)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._walk_of)
+        return iter(self._roster.records)
 
     def __len__(self) -> int:
-        return len(self._walk_of)
+        return len(self._roster.records)
 
-    def longest(self, worker_ids: Iterable[str]) -> set[str]:
-        """Those of ``worker_ids`` holding the longest prefix among them (empty: none holds
-        any): one pass over the ids and one over the walks' lengths, then one length per node
-        tier the ids read."""
-        ids = list(worker_ids)
-        best_length, best = self._longest_own(ids)
-        if not self._node_of:
-            return best
-        node_to_ids: dict[str, list[str]] = {}
-        for worker_id in ids:
-            location = self._node_of.get(worker_id)
-            if location is not None:
-                node_to_ids.setdefault(location, []).append(worker_id)
-        for location, members in node_to_ids.items():
-            walk = self._walk_of[members[0]][0]
-            length = 0 if walk is None else walk.length_of(location)
-            if length > best_length:
-                best_length, best = length, set(members)
-            elif length == best_length and length:
-                best.update(members)
+    def longest(self, wanted: Callable[[str], bool]) -> set[str]:
+        """The workers for which ``wanted`` is true holding the longest prefix among them
+        (empty: none holds any): the walks' holders, longest first, until one is wanted."""
+        best_length, best = 0, set()
+        for walk, _ in self._walks.values():
+            for length, bits in reversed(walk.groups):  # the groups grow in length
+                if length < best_length:
+                    break
+                found = {w for w in self._members(walk, bits) if wanted(w)}
+                if found:
+                    if length > best_length:
+                        best_length, best = length, found
+                    else:
+                        best |= found
+                    break
         return best
-
-    def _longest_own(self, worker_ids: Iterable[str]) -> tuple[int, set[str]]:
-        """``longest`` by the workers' own pools: the length and the workers holding it."""
-        best_length, best_bits, best_walk = 0, 0, None
-        bits_of: dict[int, int] = {}
-        for worker_id in worker_ids:
-            walk = self._walk_of.get(worker_id, (None, 0))[0]
-            slot = None if walk is None else walk.slot_of.get(worker_id)
-            if slot is not None:
-                bits_of[id(walk)] = bits_of.get(id(walk), 0) | 1 << (slot * TIER_BITS)
-        for walk in self._walks:
-            bits = bits_of.get(id(walk), 0)
-            for length, held in walk.groups:
-                if length > best_length and bits & held:
-                    best_length, best_bits, best_walk = length, bits & held, walk
-        if best_walk is None:
-            return 0, set()
-        slots = slots_of(best_bits)
-        return best_length, {w for slot in slots if (w := best_walk.worker_of[slot]) is not None}
 
     def holders(self, min_blocks: int) -> Iterator[str]:
         """The workers holding at least ``min_blocks`` (> 0) leading blocks (in their own
         pools or their node's tier; a worker holding both ways may come twice)."""
-        for walk in self._walks:
-            for worker_id in walk.holders(min_blocks):
-                if self._walk_of.get(worker_id, (None, 0))[0] is walk:  # of this geometry
+        for walk, _ in self._walks.values():
+            for length, bits in walk.groups:
+                if length >= min_blocks:
+                    yield from self._members(walk, bits)
+
+    def _members(self, walk: HeldPrefixes, bits: int) -> Iterator[str]:
+        """The routable workers ``bits`` (of ``walk``) name: its workers of the walk's
+        geometry, and the workers a node cache's location stands for."""
+        records = self._roster.records
+        for slot in slots_of(bits):
+            location = walk.worker_of[slot]
+            assert location is not None, "a walked slot has a worker"
+            record = records.get(location)
+            if record is not None:
+                if self._walk_of(record) is walk:
+                    yield location
+                continue
+            cache = self._cache_at.get(location)
+            if cache is None or cache.node is None:
+                continue
+            for worker_id in self._roster.by_node.get(cache.node, ()):
+                if compatible(records[worker_id], cache):
                     yield worker_id
-                else:
-                    yield from self._workers_of_node.get(worker_id, ())  # a node tier
+
+    def _walk_of(self, record: WorkerRecord) -> HeldPrefixes | None:
+        geometry = geometry_of(record)
+        entry = None if geometry is None else self._walks.get(geometry)
+        return None if entry is None else entry[0]
+
+    def _node_location(self, record: WorkerRecord) -> str | None:
+        """The index location of ``record``'s node tier, when one of its geometry is followed."""
+        if record.node is None:
+            return None
+        cache = self._node_caches.get(record.node)
+        return cache.worker_id if cache is not None and compatible(cache, record) else None
 
 
 def cached_prefixes(
-    records: Sequence[WorkerRecord],
+    records: Collection[WorkerRecord] | Roster,
     token_ids: Sequence[int],
     index: KvPrefixIndex,
     node_caches: Mapping[str, WorkerRecord] | None = None,
 ) -> Prefixes:
     """Each worker's cached prefix of the prompt on ``ROUTABLE_TIERS`` (no geometry: none).
 
+    Costs one walk per geometry (and the isdisjoint check of its ids against the index's): the
+    fleet's ``Roster`` keeps the workers grouped, a collection is grouped here.
+
     Args:
         node_caches: node name -> the node cache whose events the index follows (its record's
             id is their location); a worker of that node and geometry counts its prefix too.
     """
-    prefixes = Prefixes()
-    groups: dict[tuple[int, int], dict[str, None]] = {}
-    no_geometry = []
-    node_members: dict[str, list[str]] = {}  # node cache id -> its workers
-    node_records: dict[str, WorkerRecord] = {}
-    for record in records:
-        block_size = record.layout.block_size
-        if block_size is None:
-            no_geometry.append(record.worker_id)
-            continue
-        groups.setdefault((record.compat_hash, block_size), {})[record.worker_id] = None
-        if node_caches and record.node is not None:
-            cache = node_caches.get(record.node)
-            if cache is not None and compatible(cache, record):
-                node_members.setdefault(cache.worker_id, []).append(record.worker_id)
-                node_records[cache.worker_id] = cache
-    prefixes.add(no_geometry, None, 0)
-    for cache in node_records.values():  # walked with the workers of its geometry
-        groups[(cache.compat_hash, cache.layout.block_size or 0)][cache.worker_id] = None
-    for (seed, block_size), worker_ids in groups.items():
+    roster = records if isinstance(records, Roster) else Roster.of(records)
+    node_caches = node_caches or {}
+    prefixes = Prefixes(roster, node_caches)
+    locations: dict[Geometry, list[str]] = {}
+    for cache in node_caches.values():
+        geometry = geometry_of(cache)
+        if geometry is not None and geometry in roster.by_geometry:
+            locations.setdefault(geometry, []).append(cache.worker_id)
+    for geometry, worker_ids in roster.by_geometry.items():
+        seed, block_size = geometry
         chunks = sequence_hash_chunks(
             token_ids,
             block_size,
@@ -268,11 +260,11 @@ def cached_prefixes(
             first_blocks=HASH_CHUNK_BLOCKS,
             growth=HASH_CHUNK_GROWTH,
         )
-        walk = index.held_prefixes(chunks, worker_ids.keys(), ROUTABLE_TIERS)
-        workers = (w for w in worker_ids if w not in node_records)
-        prefixes.add(workers, walk, len(token_ids) // block_size)
-    for location, members in node_members.items():
-        prefixes.add_node(location, members)
+        walked: Collection[str] = worker_ids.keys()
+        if geometry in locations:
+            walked = {*worker_ids, *locations[geometry]}
+        walk = index.held_prefixes(chunks, walked, ROUTABLE_TIERS)
+        prefixes.add(geometry, walk, len(token_ids) // block_size)
     return prefixes
 
 
@@ -284,26 +276,34 @@ def choose_serving(
     """The least-loaded candidate; ties: an aggregated worker's longer prefix, then the id."""
     if not candidates:
         return None
-    prefixes = prefixes or {}
     loads = [load.get(record.worker_id, 0) for record in candidates]
     least = min(loads)
-    tied = [record for record, n in zip(candidates, loads, strict=True) if n == least]
+    tied = {r.worker_id: r for r, n in zip(candidates, loads, strict=True) if n == least}
+    return choose_among_tied(tied, prefixes or {})
 
+
+def choose_among_tied(
+    tied: Mapping[str, WorkerRecord], prefixes: Mapping[str, Prefix]
+) -> WorkerRecord:
+    """``choose_serving``'s tie-break over equally loaded workers (not empty): the aggregated
+    worker holding the longest prefix, then the smallest id. Over ``Prefixes`` it costs the
+    holders (and the smallest id, a pass over the ids in C), not a lookup per tied worker."""
     if len(tied) == 1:
-        return tied[0]
-    if isinstance(prefixes, Prefixes):  # the same choice, without a lookup per tied worker
-        aggregated = (r.worker_id for r in tied if r.role is Role.AGGREGATED)
+        return next(iter(tied.values()))
+    if isinstance(prefixes, Prefixes):
+
+        def aggregated(worker_id: str) -> bool:
+            record = tied.get(worker_id)
+            return record is not None and record.role is Role.AGGREGATED
+
         longest = prefixes.longest(aggregated)
-        return min(
-            (r for r in tied if r.worker_id in longest) if longest else tied,
-            key=lambda record: record.worker_id,
-        )
+        return tied[min(longest or tied)]
 
     def key(record: WorkerRecord) -> tuple[int, str]:
         own = prefixes.get(record.worker_id, NO_PREFIX).matched
         return (-own if record.role is Role.AGGREGATED else 0, record.worker_id)
 
-    return min(tied, key=key)
+    return min(tied.values(), key=key)
 
 
 def choose_source(

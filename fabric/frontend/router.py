@@ -47,16 +47,17 @@ from fabric.frontend.fleet import Fleet, FleetView
 from fabric.frontend.policy import (
     MIN_PEER_GAIN_BLOCKS,
     NO_PREFIX,
-    SERVING_ROLES,
     SOURCE_ROLES,
     Prefixes,
     Route,
     cached_prefixes,
+    choose_among_tied,
     choose_serving,
     choose_source,
     compatible,
     make_route,
 )
+from fabric.frontend.roster import SERVING_ROLES
 from fabric.signal.messages import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -298,30 +299,29 @@ class Router:
         """
         pin = pin or RoutePin()
         workers = view.workers
-        serving_pool = view.serving
-        if not serving_pool:
+        least, tied = view.roster.least_loaded(view.exclude)
+        if not tied:
             raise no_workers(
                 f"no decode or aggregated worker serves {self.fleet.model_name!r} right now; "
                 "start one (it registers in etcd) and retry"
             )
         serving = None
+        serving_pool: list[WorkerRecord] | None = None
         if pin.worker is not None:
             serving = _pinned(workers, pin.worker, SERVING_ROLES, "worker")
             self._check_room([serving], view.load)
         source = None
         if pin.prefill_worker:
             source = _pinned(workers, pin.prefill_worker, _KV_SOURCE_ROLES, "prefill_worker")
-        if serving is None:
-            if source is not None:
-                serving_pool = [
-                    r
-                    for r in serving_pool
-                    if r.worker_id != source.worker_id
-                    and source.role in SOURCE_ROLES.get(r.role, ())
-                    and compatible(r, source)
-                ]
+        if serving is None and source is not None:
+            serving_pool = [
+                r
+                for r in view.serving()
+                if r.worker_id != source.worker_id
+                and source.role in SOURCE_ROLES.get(r.role, ())
+                and compatible(r, source)
+            ]
             if not serving_pool:
-                assert source is not None, "only a pinned source empties the serving pool"
                 raise bad_request(
                     f"fabric.prefill_worker: no decode or aggregated worker other than "
                     f"{source.worker_id!r} can read its KV ({source.role.value}, "
@@ -330,9 +330,14 @@ class Router:
                     "fabric.prefill_worker",
                 )
             serving_pool = self._check_room(serving_pool, view.load)
-        prefixes = cached_prefixes(list(workers.values()), token_ids, view.index, view.node_caches)
+        elif serving is None and self._max_in_flight is not None and least >= self._max_in_flight:
+            self._check_room(view.serving(), view.load)  # raises, naming them
+        prefixes = cached_prefixes(view.roster, token_ids, view.index, view.node_caches)
         if serving is None:
-            serving = choose_serving(serving_pool, view.load, prefixes)
+            if serving_pool is None:  # the least loaded, found without a pass over the fleet
+                serving = choose_among_tied(tied, prefixes)
+            else:
+                serving = choose_serving(serving_pool, view.load, prefixes)
             assert serving is not None, "the pool has a worker with room"
         if source is not None:
             _check_source(serving, source)

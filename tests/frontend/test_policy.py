@@ -19,10 +19,12 @@ from fabric.frontend.policy import (
     Route,
     RouteKind,
     cached_prefixes,
+    choose_among_tied,
     choose_serving,
     choose_source,
     make_route,
 )
+from fabric.frontend.roster import Roster
 from fabric.frontend.router import _source_candidates as source_candidates
 from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
 
@@ -35,10 +37,15 @@ def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
 
 
 def record(
-    worker_id: str, role: Role, *, compat: int = COMPAT, block_size: int = BLOCK_SIZE
+    worker_id: str,
+    role: Role,
+    *,
+    compat: int = COMPAT,
+    block_size: int = BLOCK_SIZE,
+    node: str | None = None,
 ) -> WorkerRecord:
     layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(worker_id, role, Endpoints(), None, layout, compat, 0.0)
+    return WorkerRecord(worker_id, role, Endpoints(), None, layout, compat, 0.0, node=node)
 
 
 def route(
@@ -289,33 +296,55 @@ roles = st.lists(st.sampled_from(list(Role)[:3]), min_size=8, max_size=8)
 
 
 @settings(max_examples=150, deadline=None)
-@given(holdings, roles, st.lists(st.integers(0, 2), min_size=8, max_size=8))
+@given(
+    holdings,
+    roles,
+    st.lists(st.integers(0, 2), min_size=8, max_size=8),
+    st.lists(st.sampled_from([None, "n1", "n2"]), min_size=8, max_size=8),
+    st.integers(0, 4),
+)
 def test_choices_over_the_lazy_prefixes_equal_those_over_a_dict(
-    held: list[tuple[int, int, Tier]], worker_roles: list[Role], loads: list[int]
+    held: list[tuple[int, int, Tier]],
+    worker_roles: list[Role],
+    loads: list[int],
+    nodes: list[str | None],
+    node_held: int,
 ) -> None:
-    """``Prefixes`` (read on demand, the router's O(holders) passes) and the same prefixes as a
-    plain dict (the straightforward passes over every worker) give the same route."""
-    workers = [record(f"w{i}", role) for i, role in enumerate(worker_roles)]
+    """``Prefixes`` (read on demand, the router's O(holders) passes, node tiers included) and
+    the same prefixes as a plain dict (the straightforward passes over every worker) give the
+    same route; so does the least-loaded bucket of a ``Roster`` (the router's path)."""
+    workers = [
+        record(f"w{i}", role, node=node)
+        for i, (role, node) in enumerate(zip(worker_roles, nodes, strict=True))
+    ]
     workers.append(record("other-geometry", Role.AGGREGATED, block_size=2 * BLOCK_SIZE))
     index = KvPrefixIndex()
     for w, length, tier in held:
         if length:
             index.apply(f"w{w}", [stored(HASHES[:length], tier)])
+    cache = record("node-cache-n1", Role.NODE_CACHE, node="n1")
+    if node_held:
+        index.apply(cache.worker_id, [stored(HASHES[:node_held], Tier.NODE)])
     load = {f"w{i}": n for i, n in enumerate(loads)}
-    lazy = cached_prefixes(workers, PROMPT, index)
+    lazy = cached_prefixes(workers, PROMPT, index, {"n1": cache})
     plain = dict(lazy)
-    assert plain == {
-        w.worker_id: Prefix(
-            index.match_lengths(HASHES, [w.worker_id], ROUTABLE_TIERS)[w.worker_id], 4
-        )
-        for w in workers[:-1]
-    } | {"other-geometry": Prefix(0, 2)}
+
+    def expected(worker: WorkerRecord) -> Prefix:
+        own = index.match_lengths(HASHES, [worker.worker_id], ROUTABLE_TIERS)[worker.worker_id]
+        node = node_held if worker.node == "n1" else 0
+        return Prefix(max(own, node), 4, node > own)
+
+    assert plain == {w.worker_id: expected(w) for w in workers[:-1]} | {
+        "other-geometry": Prefix(0, 2)
+    }
     pool = [w for w in workers if w.role is not Role.PREFILL]
     if not pool:
         return
     serving = choose_serving(pool, load, lazy)
     assert serving is not None
     assert serving == choose_serving(pool, load, plain)
+    _, tied = Roster.of(workers, load).least_loaded()
+    assert choose_among_tied(tied, lazy) == serving
     by_id = {w.worker_id: w for w in workers}
     source = choose_source(serving, source_candidates(serving, by_id, lazy), load, lazy)
     assert source == choose_source(serving, workers, load, plain)

@@ -40,6 +40,7 @@ from fabric.discovery.registry import Role
 from fabric.errors import FabricError
 from fabric.frontend.fleet import Fleet, FleetView
 from fabric.frontend.kv_subscriber import KvEventSubscriber
+from fabric.frontend.roster import Roster
 from fabric.frontend.router import Router
 from fabric.kvbm.core.hashing import sequence_hash_chunks
 
@@ -199,7 +200,7 @@ def _view(
         for worker_id, endpoint in zip(worker_ids, endpoints, strict=True)
     }
     load = {worker_id: rng.randrange(4) for worker_id in worker_ids}
-    return FleetView(records, list(records.values()), load, fleet.index)
+    return FleetView(Roster.of(list(records.values()), load), load, fleet.index)
 
 
 def _route(
