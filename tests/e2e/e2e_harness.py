@@ -20,7 +20,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,6 +362,43 @@ class Deployment:
         assert wait_until(idle, timeout_s, poll_s=0.1), (
             f"{self.name}: G1 blocks still in use after {timeout_s} s: {last}\n{self.logs()}"
         )
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker of a test's deployment: its role, id and flags beyond ``spawn_worker``'s."""
+
+    role: str
+    worker_id: str
+    flags: tuple[str, ...] = ()
+
+
+@contextmanager
+def deployed(
+    name: str,
+    etcd: str,
+    registry: EtcdRegistry,
+    model_dir: Path,
+    log_dir: Path,
+    *,
+    workers: Sequence[Worker],
+) -> Iterator[Deployment]:
+    """A deployment in a namespace of its own: the frontend first (every worker joins a running
+    frontend), then ``workers`` in order; yielded once the frontend counts them by role, every
+    process stopped on exit."""
+    deployment = Deployment(name, etcd, registry, model_dir, log_dir)
+    try:
+        deployment.spawn_frontend()
+        for worker in workers:
+            deployment.spawn_worker(worker.role, worker.worker_id, *worker.flags)
+        deployment.wait_workers(**Counter(worker.role for worker in workers))
+        yield deployment
+    finally:
+        deployment.close()
+
+
+Deploy = Callable[[str, Sequence[Worker]], AbstractContextManager[Deployment]]
+"""``deploy(name, workers)``: a test module's deployment (``deployed``; conftest's fixture)."""
 
 
 class Reference:

@@ -25,7 +25,6 @@ import signal
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,15 +35,15 @@ from e2e_harness import (
     REQUEST_S,
     STOP_S,
     Answer,
+    Deploy,
     Deployment,
     Reference,
+    Worker,
     complete,
     prompt_ids,
     wait_until,
 )
 
-from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.etcd_server import EtcdServer
 from fabric.signal.client import SignalClient
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import wall_ms
@@ -58,33 +57,20 @@ DRAIN_SEEN_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def draining(
-    etcd: EtcdServer,
-    registry: EtcdRegistry,
-    model_dir: Path,
-    reference: Reference,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Deployment]:
-    deployment = Deployment(
-        "drain", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("drain")
-    )
-    try:
-        deployment.spawn_frontend()
-        deployment.spawn_worker("aggregated", "agg-a")
-        deployment.spawn_worker("aggregated", "agg-b")
-        deployment.spawn_worker("prefill", "prefill-h")
-        deployment.spawn_worker("prefill", "prefill-s")
-        deployment.spawn_worker(  # a lease that outlives its pause in the prefill test
+def draining(deploy: Deploy, reference: Reference) -> Iterator[Deployment]:
+    workers = [
+        Worker("aggregated", "agg-a"),
+        Worker("aggregated", "agg-b"),
+        Worker("prefill", "prefill-h"),
+        Worker("prefill", "prefill-s"),
+        Worker(  # a lease that outlives its pause in the prefill test
             "decode",
             "decode-t",
-            "--drain-timeout=1",
-            "--prefill-fallback=recompute",
-            "--registration-ttl=15",
-        )
-        deployment.wait_workers(aggregated=2, prefill=2, decode=1)
+            ("--drain-timeout=1", "--prefill-fallback=recompute", "--registration-ttl=15"),
+        ),
+    ]
+    with deploy("drain", workers) as deployment:
         yield deployment
-    finally:
-        deployment.close()
 
 
 def pinned(

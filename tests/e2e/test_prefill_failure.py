@@ -14,21 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 from e2e_harness import (
     REQUEST_S,
+    Deploy,
     Deployment,
     Reference,
+    Worker,
     complete,
     prompt_ids,
     wait_until,
 )
-
-from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.etcd_server import EtcdServer
 
 pytestmark = [
     pytest.mark.etcd,
@@ -40,25 +38,14 @@ VICTIM_TTL_S = 3  # long enough that both requests are routed to the paused vict
 
 
 @pytest.fixture(scope="module")
-def faulty(
-    etcd: EtcdServer,
-    registry: EtcdRegistry,
-    model_dir: Path,
-    reference: Reference,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Deployment]:
-    deployment = Deployment(
-        "fault", etcd.endpoint, registry, model_dir, tmp_path_factory.mktemp("fault")
-    )
-    try:
-        deployment.spawn_frontend()
-        deployment.spawn_worker("prefill", "prefill-v", f"--registration-ttl={VICTIM_TTL_S}")
-        deployment.spawn_worker("decode", "decode-f", "--prefill-fallback=fail")
-        deployment.spawn_worker("decode", "decode-r", "--prefill-fallback=recompute")
-        deployment.wait_workers(prefill=1, decode=2)
+def faulty(deploy: Deploy, reference: Reference) -> Iterator[Deployment]:
+    workers = [
+        Worker("prefill", "prefill-v", (f"--registration-ttl={VICTIM_TTL_S}",)),
+        Worker("decode", "decode-f", ("--prefill-fallback=fail",)),
+        Worker("decode", "decode-r", ("--prefill-fallback=recompute",)),
+    ]
+    with deploy("fault", workers) as deployment:
         yield deployment
-    finally:
-        deployment.close()
 
 
 def test_prefill_killed_mid_request_fails_or_recomputes(
