@@ -39,3 +39,8 @@ def test_demo_runs_and_verifies_the_onboarded_bytes(capsys: pytest.CaptureFixtur
 def test_bad_input_is_an_error_exit(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--prompt-tokens", "3"]) == 2
     assert "shorter than one block" in capsys.readouterr().err
+
+
+def test_launch_refuses_a_negative_drain_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--drain-timeout", "-1"]) == 2
+    assert "--drain-timeout must be >= 0" in capsys.readouterr().err

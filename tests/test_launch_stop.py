@@ -31,8 +31,7 @@ import pytest
 from harness_probes import wait_until
 
 from fabric.frontend.client import served_model
-
-pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
+from fabric.launch.stopping import StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 240.0
@@ -111,6 +110,30 @@ def launched(run_dir: Path, model: Path) -> Iterator[Launch]:
         reader.join(timeout=5.0)
 
 
+def test_the_second_signal_or_one_during_a_stop_hurries() -> None:
+    asked_twice = StopSignals()
+    asked_twice._on_signal(15, None)
+    assert asked_twice.stopping() and not asked_twice.hurry()
+    asked_twice.stop_begins()
+    assert not asked_twice.hurry()  # the stop the first signal asked for: graceful
+    asked_twice._on_signal(2, None)
+    assert asked_twice.hurry()
+
+    failed = StopSignals()  # a child failed: the stop began with no signal
+    failed.stop_begins()
+    assert not failed.hurry()
+    failed._on_signal(2, None)
+    assert failed.hurry()  # the first Ctrl-C during that stop
+
+    impatient = StopSignals()  # two signals before the stop began
+    impatient._on_signal(2, None)
+    impatient._on_signal(2, None)
+    impatient.stop_begins()
+    assert impatient.hurry()
+
+
+@pytest.mark.etcd
+@pytest.mark.nixl
 def test_a_request_in_flight_finishes_when_launch_is_stopped(
     tmp_path: Path, tiny_dir: Path
 ) -> None:
@@ -151,6 +174,8 @@ def test_a_request_in_flight_finishes_when_launch_is_stopped(
     )
 
 
+@pytest.mark.etcd
+@pytest.mark.nixl
 def test_a_second_sigterm_stops_everything_at_once(tmp_path: Path, tiny_dir: Path) -> None:
     with launched(tmp_path / "run", tiny_dir) as launch:
         stream = launch.client().completions.create(
