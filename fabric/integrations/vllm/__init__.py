@@ -12,6 +12,7 @@ Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at 
 
     connector.py  FabricConnector: the facade vLLM builds per role; build_scheduler/build_worker
     scheduler.py  FabricScheduler: lookups, load/save plans, holds (no KV bytes)
+    saves.py      the saves planned for the blocks each step completes (node, G2 and down, G4)
     tiers.py      TierLedger: the host (G2) and local disk (G3) pools, jobs in flight
     worker.py     FabricWorker: tier and G4 loads and saves, P/D reads, completions, load errors
     mover.py      TierMover: the tiers' bytes on one rank, copies, the write-down copy thread

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric.integrations.vllm.config import ConnectorConfig
-from fabric.integrations.vllm.jobs import JobReport, NodeLoad, NodeSave
+from fabric.integrations.vllm.jobs import JobReport, NodeLoad
 from fabric.integrations.vllm.metadata import (
     DiskLoad,
-    DiskSave,
     FabricMetadata,
     PeerHold,
     PeerRead,
@@ -42,6 +41,7 @@ from fabric.integrations.vllm.metadata import (
 )
 from fabric.integrations.vllm.node import NodeAttachment
 from fabric.integrations.vllm.pages import PageGeometry
+from fabric.integrations.vllm.saves import FullRun, disk_save, node_saves, tier_saves
 from fabric.integrations.vllm.stats import SchedulerStats
 from fabric.integrations.vllm.tiers import EventBuffer, TierHit, TierLedger
 from fabric.kvbm import EventSink, KvEvent, SequenceHash, SharedBlockStore, Tier, hash_token_blocks
@@ -306,84 +306,52 @@ class FabricScheduler:
         """This step's loads, reads and holds, plus the saves of blocks it completes."""
         saving = self._ledger is not None or self._store is not None or self._node is not None
         if self.config.save_blocks and saving:
-            runs = self._newly_full(scheduler_output)
+            runs = self._full_runs(scheduler_output)
             if self._node is not None:
-                self._plan_node_saves(runs)
+                self._meta.node_saves.extend(node_saves(runs))
+                self.stats.num_node_save_blocks += sum(len(run.block_ids) for run in runs)
             if self._ledger is not None:
-                self._plan_tier_saves(runs, self._ledger)
-            elif self._store is not None:
-                self._plan_saves(runs, self._store)
-            for _, tracked, num_full in runs:
-                tracked.num_offered_blocks = num_full
+                saves, writes = tier_saves(runs, self._ledger)
+                self._meta.tier_saves.extend(saves)
+                self._meta.tier_writes.extend(writes)
+                self.stats.num_save_blocks += sum(len(save.block_ids) for save in saves)
+            elif self._store is not None and (save := disk_save(runs, self._store)) is not None:
+                self._meta.saves.append(save)
+                self.stats.num_save_blocks += len(save.block_ids)
         meta, self._meta = self._meta, FabricMetadata()
         return meta
 
-    def _newly_full(self, scheduler_output: Any) -> list[tuple[str, _Tracked, int]]:
-        """``(request, tracked, full blocks)`` of the scheduled requests whose full blocks by
-        the end of this step go beyond those already offered."""
+    def _full_runs(self, scheduler_output: Any) -> list[FullRun]:
+        """The runs of the scheduled requests whose full blocks by the end of this step go
+        beyond those already offered (``saves``); they count as offered from now on."""
         num_scheduled = scheduler_output.num_scheduled_tokens
         steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         steps += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-        found = []
+        bs = self.block_size
+        runs = []
         for req_id, num_computed in steps:
             tracked = self._tracked.get(req_id)
             if tracked is None:
                 continue
             tokens = tracked.request.all_token_ids
-            end_tokens = min(num_computed + num_scheduled.get(req_id, 0), len(tokens))
-            num_full = end_tokens // self.block_size
-            if num_full > tracked.num_offered_blocks:
-                found.append((req_id, tracked, num_full))
-        return found
-
-    def _plan_node_saves(self, runs: list[tuple[str, _Tracked, int]]) -> None:
-        """Store every newly full block in the node tier, one run per request (the worker's
-        store copies only the blocks the node lacks)."""
-        for req_id, tracked, num_full in runs:
+            end = min(num_computed + num_scheduled.get(req_id, 0), len(tokens)) // bs
             start = tracked.num_offered_blocks
-            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
+            if end <= start:
+                continue
+            hashes = self._hashes(req_id, tokens, end)
             (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
-            self._meta.node_saves.append(
-                NodeSave(
-                    tuple(block_ids[start:num_full]),
-                    tuple(hashes[start:num_full]),
+            runs.append(
+                FullRun(
+                    tuple(block_ids[start:end]),
+                    tuple(hashes[start:end]),
                     hashes[start - 1] if start else None,
+                    tokens[start * bs : end * bs],
+                    recheck=max(0, tracked.recheck_until - start),
                 )
             )
-            self.stats.num_node_save_blocks += num_full - start
-
-    def _plan_tier_saves(self, runs: list[tuple[str, _Tracked, int]], ledger: TierLedger) -> None:
-        """Save every newly full block to G2 (and down), one run per request."""
-        for req_id, tracked, num_full in runs:
-            start = tracked.num_offered_blocks
-            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
-            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
-            bs = self.block_size
-            save, writes = ledger.plan_save(
-                block_ids[start:num_full],
-                hashes[start:],
-                hashes[start - 1] if start else None,
-                tokens=tracked.request.all_token_ids[start * bs : num_full * bs],
-            )
-            if save is not None and save.block_ids:
-                self._meta.tier_saves.append(save)
-                self.stats.num_save_blocks += len(save.block_ids)
-            self._meta.tier_writes.extend(writes)
-
-    def _plan_saves(self, runs: list[tuple[str, _Tracked, int]], store: SharedBlockStore) -> None:
-        save_ids: list[int] = []
-        save_hashes: list[SequenceHash] = []
-        for req_id, tracked, num_full in runs:
-            hashes = self._hashes(req_id, tracked.request.all_token_ids, num_full)
-            (block_ids,) = self._kv_cache_manager.get_block_ids(req_id)
-            for i in range(tracked.num_offered_blocks, num_full):
-                if i < tracked.recheck_until or not store.contains(hashes[i]):
-                    save_ids.append(block_ids[i])
-                    save_hashes.append(hashes[i])
-        if save_ids:
-            self._meta.saves.append(DiskSave(tuple(save_ids), tuple(save_hashes)))
-            self.stats.num_save_blocks += len(save_ids)
+            tracked.num_offered_blocks = end
+        return runs
 
     def update_connector_output(
         self, invalid_block_ids: set[int], report: JobReport | None = None
