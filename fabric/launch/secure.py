@@ -24,7 +24,7 @@ from fabric.errors import FabricError
 
 if TYPE_CHECKING:
     from fabric.discovery.etcd_certs import TlsMaterial
-    from fabric.discovery.etcd_server import ServerUsers
+    from fabric.discovery.etcd_users import ServerUsers
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class DeploymentSecrets:
         """
         from fabric.auth import keygen
         from fabric.discovery.etcd_certs import generate
-        from fabric.discovery.etcd_server import ServerUsers
+        from fabric.discovery.etcd_users import ServerUsers
 
         if directory.exists() and any(directory.iterdir()):
             raise FabricError(f"{directory} already holds secrets; use a new --run-dir")

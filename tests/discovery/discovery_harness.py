@@ -8,7 +8,8 @@ import time
 import pytest
 
 from fabric.discovery.etcd_auth import EtcdAuth
-from fabric.discovery.etcd_server import EtcdServer, ServerUsers
+from fabric.discovery.etcd_server import EtcdServer
+from fabric.discovery.etcd_users import ServerUsers
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
 

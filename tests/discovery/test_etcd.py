@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from fabric.discovery.etcd import EtcdRegistry, parse_endpoints
-from fabric.discovery.etcd_server import EtcdServer, find_etcd_binary
+from fabric.discovery.etcd_member import find_etcd_binary
+from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import (
     Role,

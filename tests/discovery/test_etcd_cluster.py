@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.etcd_server import EtcdCluster, EtcdServer
+from fabric.discovery.etcd_member import EtcdCluster
+from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.registry import WatchEvent
 from fabric.errors import ConfigError
 
