@@ -61,7 +61,7 @@ from enum import Enum
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import HeldPrefixes, KvPrefixIndex, slots_of
+from fabric.frontend.kv_index import TIER_BITS, HeldPrefixes, KvPrefixIndex, slots_of
 from fabric.frontend.roster import Geometry, Roster, geometry_of
 from fabric.kvbm import Tier
 from fabric.kvbm.core.hashing import sequence_hash_chunks
@@ -140,7 +140,9 @@ class Prefixes(Mapping[str, Prefix]):
 
     A worker counts its node's tier (module docstring) when ``node_caches`` has a node cache of
     its geometry for its node; the walk of that geometry then includes the node cache's
-    location."""
+    location. A walk's groups name workers of its own geometry only (a worker's events name
+    hashes of its seed and block size, which no other geometry's prompt hashes equal), so
+    ``longest`` and ``holders`` need not check the geometry of the workers they name."""
 
     def __init__(self, roster: Roster, node_caches: Mapping[str, WorkerRecord]) -> None:
         self._roster = roster
@@ -171,15 +173,30 @@ class Prefixes(Mapping[str, Prefix]):
     def __len__(self) -> int:
         return len(self._roster.records)
 
-    def longest(self, wanted: Callable[[str], bool]) -> set[str]:
-        """The workers for which ``wanted`` is true holding the longest prefix among them
-        (empty: none holds any): the walks' holders, longest first, until one is wanted."""
+    def longest(self, tied: Collection[str], accept: Callable[[str], bool]) -> set[str]:
+        """Those of ``tied`` that ``accept`` holding the longest prefix among them (empty: none
+        holds any): the walks' groups, longest first, until one names such a worker. A group
+        costs its holders or, when it has more than ``tied``, one mask of ``tied`` per walk."""
         best_length, best = 0, set()
         for walk, _ in self._walks.values():
+            locations = self._location_bits(walk)
+            tied_bits: int | None = None
             for length, bits in reversed(walk.groups):  # the groups grow in length
                 if length < best_length:
                     break
-                found = {w for w in self._members(walk, bits) if wanted(w)}
+                found = {w for w in self._node_members(walk, bits & locations) if w in tied}
+                own = bits & ~locations
+                if own.bit_count() > len(tied):
+                    if tied_bits is None:
+                        slot_of = walk.slot_of
+                        tied_bits = sum(
+                            1 << (slot * TIER_BITS)
+                            for w in tied
+                            if (slot := slot_of.get(w)) is not None
+                        )
+                    own &= tied_bits
+                found.update(w for w in _named(walk, own) if w in tied)
+                found = {w for w in found if accept(w)}
                 if found:
                     if length > best_length:
                         best_length, best = length, found
@@ -189,36 +206,35 @@ class Prefixes(Mapping[str, Prefix]):
         return best
 
     def holders(self, min_blocks: int) -> Iterator[str]:
-        """The workers holding at least ``min_blocks`` (> 0) leading blocks (in their own
-        pools or their node's tier; a worker holding both ways may come twice)."""
+        """The routable workers holding at least ``min_blocks`` (> 0) leading blocks (in their
+        own pools or their node's tier; a worker holding both ways may come twice)."""
+        records = self._roster.records
         for walk, _ in self._walks.values():
+            locations = self._location_bits(walk)
             for length, bits in walk.groups:
                 if length >= min_blocks:
-                    yield from self._members(walk, bits)
+                    yield from (w for w in _named(walk, bits & ~locations) if w in records)
+                    yield from self._node_members(walk, bits & locations)
 
-    def _members(self, walk: HeldPrefixes, bits: int) -> Iterator[str]:
-        """The routable workers ``bits`` (of ``walk``) name: its workers of the walk's
-        geometry, and the workers a node cache's location stands for."""
+    def _location_bits(self, walk: HeldPrefixes) -> int:
+        """The mask bits of the node caches' locations in ``walk`` (the rest are workers)."""
+        bits = 0
+        for location in self._cache_at:
+            slot = walk.slot_of.get(location)
+            if slot is not None:
+                bits |= 1 << (slot * TIER_BITS)
+        return bits
+
+    def _node_members(self, walk: HeldPrefixes, bits: int) -> Iterator[str]:
+        """The routable workers whose node tier a location of ``bits`` (of ``walk``) is: the
+        workers of its node, of the node cache's geometry."""
         records = self._roster.records
-        for slot in slots_of(bits):
-            location = walk.worker_of[slot]
-            assert location is not None, "a walked slot has a worker"
-            record = records.get(location)
-            if record is not None:
-                if self._walk_of(record) is walk:
-                    yield location
-                continue
-            cache = self._cache_at.get(location)
-            if cache is None or cache.node is None:
-                continue
-            for worker_id in self._roster.by_node.get(cache.node, ()):
-                if compatible(records[worker_id], cache):
-                    yield worker_id
-
-    def _walk_of(self, record: WorkerRecord) -> HeldPrefixes | None:
-        geometry = geometry_of(record)
-        entry = None if geometry is None else self._walks.get(geometry)
-        return None if entry is None else entry[0]
+        for location in _named(walk, bits):
+            cache = self._cache_at[location]
+            if cache.node is not None:
+                for worker_id in self._roster.by_node.get(cache.node, ()):
+                    if compatible(records[worker_id], cache):
+                        yield worker_id
 
     def _node_location(self, record: WorkerRecord) -> str | None:
         """The index location of ``record``'s node tier, when one of its geometry is followed."""
@@ -226,6 +242,14 @@ class Prefixes(Mapping[str, Prefix]):
             return None
         cache = self._node_caches.get(record.node)
         return cache.worker_id if cache is not None and compatible(cache, record) else None
+
+
+def _named(walk: HeldPrefixes, bits: int) -> Iterator[str]:
+    """The ids ``walk`` names for the slot bits ``bits``."""
+    for slot in slots_of(bits):
+        worker_id = walk.worker_of[slot]
+        assert worker_id is not None, "a walked slot has a worker"
+        yield worker_id
 
 
 def cached_prefixes(
@@ -293,10 +317,9 @@ def choose_among_tied(
     if isinstance(prefixes, Prefixes):
 
         def aggregated(worker_id: str) -> bool:
-            record = tied.get(worker_id)
-            return record is not None and record.role is Role.AGGREGATED
+            return tied[worker_id].role is Role.AGGREGATED
 
-        longest = prefixes.longest(aggregated)
+        longest = prefixes.longest(tied.keys(), aggregated)
         return tied[min(longest or tied)]
 
     def key(record: WorkerRecord) -> tuple[int, str]:
