@@ -19,9 +19,11 @@ Offload: with a host or disk tier, the worker's ``OffloadManager`` is stepped on
 (finished copies registered, next batches dispatched; it never blocks). Copies pin device
 blocks, so when some finish a request waiting for room is retried.
 
-Waiting: with local work the loop does not wait; with only remote prefills, offload copies or
-held handoffs (a decode's READ over TCP needs this side's agent progressed) in flight it waits
-``POLL_S``; idle, it waits on the inbox (``IDLE_S``, which also paces handoff expiry).
+Waiting: with local work the loop does not wait; with remote prefills in flight it waits up to
+``POLL_S`` on their signal links (not on the inbox, so their replies are taken as they arrive;
+the inbox is still drained every loop); with only offload copies or held handoffs (a decode's
+READ over TCP needs this side's agent progressed) in flight it waits ``POLL_S`` on the inbox;
+idle, it waits on the inbox (``IDLE_S``, which also paces handoff expiry).
 
 Draining (``drain``, on a worker's first SIGTERM)::
 
@@ -190,7 +192,9 @@ class Scheduler:
                 remote = gen is not None and gen.has_remote_work
                 copying = self._offload is not None and not self._offload.idle
                 lent = prefill is not None and prefill.has_held  # decodes read: progress
-                self._drain(0.0 if busy else POLL_S if remote or copying or lent else IDLE_S)
+                # with prefills in flight the wait is on their links (gen.step): a BlocksReady
+                # or KvLayers is taken as it arrives, not after an inbox wait
+                self._drain(0.0 if busy or remote else POLL_S if copying or lent else IDLE_S)
                 try:
                     if gen is not None:
                         gen.step(0.0 if busy else POLL_S)
