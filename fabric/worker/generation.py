@@ -7,7 +7,10 @@ decode handoff. Admission (the waiting queue, where each prompt is computed) is
 1. collect remote prefill outcomes: read the offered blocks this worker lacks into the blocks
    reserved at admission, register them, ``TransferDone``, stream the first token; or, when the
    prefill worker failed, queue the prompt to be computed here (``PrefillFallback.RECOMPUTE``)
-   or end the request with an error chunk (``FAIL``);
+   or end the request with an error chunk (``FAIL``). A layer-wise handoff (``layerwise``: asked
+   for in the ``PrefillRequest``) reads each layer as its ``KvLayers`` arrives
+   (``streams.DecodeStreams``, polled every step; a failed READ falls back at once), so only
+   what is left when ``BlocksReady`` comes is read then;
 2. admit waiting requests in arrival order while the device pool has room for all of a
    request's blocks (prompt + ``max_tokens - 1``): send it to its prefill worker, or queue its
    prompt to be computed here while this step's token budget has room;
@@ -291,13 +294,7 @@ class GenerationService:
         trace.add(self._remote_source, len(gen.prompt))
         seq.commit()
         self._remote.done(outcome, num_blocks)
-        computed = outcome.stats.get("computed_tokens", 0)
-        stats.computed_tokens = computed if isinstance(computed, int) else 0
-        stats.cached_tokens = len(gen.prompt) - stats.computed_tokens
-        prefill_ms = outcome.stats.get("prefill_ms", 0.0)
-        stats.prefill_ms = float(prefill_ms) if isinstance(prefill_ms, int | float) else 0.0
-        stats.prefill_worker = outcome.worker_id
-        stats.transferred_blocks = num_blocks - start
+        stats.record_offer(outcome.stats, outcome.worker_id, len(gen.prompt), num_blocks - start)
         self._metrics.transferred_blocks.inc(num_blocks - start)
         self._metrics.cached_tokens.inc(stats.cached_tokens)
         logger.debug(

@@ -36,6 +36,10 @@ Invariants:
   references stand in for the retained ones), and the decode reads the offered blocks it lacks
   into blocks it already reserved, then registers them itself (``SequenceBlocks.commit``). The
   whole prompt's KV crosses, so the decode computes nothing of the prompt.
+* ``stream_owned`` / ``stream_ready`` are the layer-wise pair (``fabric.pd.layerwise``): the
+  prefill holds and offers the prompt's blocks before computing them (``KvStream``), and ends
+  the stream with the ``BlocksReady`` of the computed prompt; ``layerwise_read`` is the
+  decode's reader of such an offer. The hold is the same as ``offer_owned``'s.
 * Neither class is thread-safe: one owner thread each, like the ``KvBlockManager`` they use. The
   agent must already have the device storage registered (``agent.register(kvbm.storage()
   .buffers())`` once at start), on both sides.

@@ -259,6 +259,9 @@ class PrefillService:
                     decode=peer,
                 )
                 sender = _LayerSender(self._push, peer, stream)
+                if not sender.delivered:  # the decode is gone: nobody will read
+                    self._handoff.abort(request_id)
+                    return
             token, num_computed, ms = compute_prompt(
                 self._engine, seq, None if sender is None else sender.on_layer
             )

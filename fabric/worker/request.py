@@ -31,7 +31,7 @@ so a request never runs out of blocks mid-stream.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -103,6 +103,22 @@ class RequestStats:
     """Matching the prompt's cached prefix over the tiers and onboarding it to the device."""
     kv_trace: KvTrace = field(default_factory=KvTrace)
     """Where each prompt range's K/V came from (``trace_cached``, then the generation service)."""
+
+    def record_offer(
+        self,
+        prefill_stats: Mapping[str, StatValue],
+        prefill_worker: str,
+        prompt_tokens: int,
+        transferred_blocks: int,
+    ) -> None:
+        """An offer read from ``prefill_worker``, with the stats it reported."""
+        computed = prefill_stats.get("computed_tokens", 0)
+        self.computed_tokens = computed if isinstance(computed, int) else 0
+        self.cached_tokens = prompt_tokens - self.computed_tokens
+        prefill_ms = prefill_stats.get("prefill_ms", 0.0)
+        self.prefill_ms = float(prefill_ms) if isinstance(prefill_ms, int | float) else 0.0
+        self.prefill_worker = prefill_worker
+        self.transferred_blocks = transferred_blocks
 
     def as_dict(self, prompt_tokens: int, completion_tokens: int) -> dict[str, StatValue]:
         return {
