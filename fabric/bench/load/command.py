@@ -356,6 +356,7 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
     prompts = [random_prompt(setup.preset, prompt_tokens, key=i) for i in range(num_probes + 1)]
     ttfts: list[float] = []
     prefills: list[float] = []
+    reads: list[float] = []
     try:
         with running(NAME_TO_DEPLOYMENT["1p1d"], setup) as target:
             for index, prompt in enumerate(prompts):
@@ -364,11 +365,15 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
                     continue  # the warm-up
                 ttfts.append(got.ttft_s * 1e3)
                 prefills.append(float(got.fabric["prefill_ms"]))
-                log(f"overhead probe {index}: TTFT {ttfts[-1]:.1f} ms, prefill {prefills[-1]} ms")
+                reads.append(float(got.fabric["kv_transfer_ms"]))
+                log(
+                    f"overhead probe {index}: TTFT {ttfts[-1]:.1f} ms, prefill {prefills[-1]} ms, "
+                    f"KV read after it {reads[-1]} ms"
+                )
     except Exception as exc:  # the sweep's figures stand without it
         log(f"overhead probes failed: {type(exc).__name__}: {exc}")
         return f"the probes failed: {type(exc).__name__}: {exc}"
-    return Overhead(setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills))
+    return Overhead(setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills), tuple(reads))
 
 
 def random_prompt(preset: str, num_tokens: int, *, key: int) -> list[int]:
