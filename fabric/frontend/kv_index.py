@@ -5,18 +5,19 @@ tiers. It is fed by ``kv_subscriber``'s thread and read by the router, so every 
 lock. It is sized for fleets of hundreds of workers and about ten million cached blocks
 (``python -m fabric.bench router-scale``), so it keeps no Python object per (worker, block):
 
-* Each indexed worker has a *slot* ``s``; a *holder mask* is an int with ``len(Tier)`` bits per
-  slot, bit ``s * TIER_BITS + tier`` set when slot ``s`` holds the block on that tier.
+* Each indexed worker has a *slot* ``s``; a *holder mask* (``holders``: the representation,
+  the interned states and a walk's result) is an int with ``len(Tier)`` bits per slot, bit
+  ``s * TIER_BITS + tier`` set when slot ``s`` holds the block on that tier.
 * ``_table`` (``hash_table.U64Table``, numpy arrays) maps a sequence hash to a *state id*, a
-  small int naming one holder mask in the interned state table (``_HolderStates``): the blocks
-  of one prefix usually share one mask (one holder, one tier; or every worker, for a system
-  prompt), so a block costs one 12-byte slot of an open-addressing table (24-40 bytes at its
-  load).
+  small int naming one holder mask in the interned state table (``holders.HolderStates``): the
+  blocks of one prefix usually share one mask (one holder, one tier; or every worker, for a
+  system prompt), so a block costs one 12-byte slot of an open-addressing table (24-40 bytes at
+  its load).
 * Per slot, a log of the hashes the worker stored (an ``array('Q')``, 8 bytes each, compacted when
   it holds twice as many hashes as the worker does) is what ``AllBlocksCleared`` and
   ``clear_worker`` walk: a clear costs the worker's blocks, not the index's.
-* A batch's events are applied in bulk: consecutive stores (or removals) of one tier as one
-  numpy lookup of their hashes, then one state change per distinct old state.
+* A batch's events are applied in bulk (``kv_batches``): consecutive stores (or removals) of one
+  tier as one numpy lookup of their hashes, then one state change per distinct old state.
 
 Invariants:
 
@@ -51,18 +52,21 @@ import itertools
 import threading
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from fabric.frontend.hash_table import FIRST_VALUE, TOMBSTONE, Keys, U64Table
+from fabric.frontend.hash_table import TOMBSTONE, Keys, U64Table
+from fabric.frontend.holders import (
+    SLOT_BITS,
+    TIER_BIT,
+    TIER_BITS,
+    HeldPrefixes,
+    HolderStates,
+)
+from fabric.frontend.kv_batches import counted, distinct, group, runs
 from fabric.kvbm import AllCleared, BlockStored, KvEvent, SequenceHash, Tier
 
-TIER_BITS = len(Tier)
-"""Bits of one slot in a holder mask: one per tier, in ``Tier`` order (at least 2)."""
-_TIER_BIT = {tier: 1 << i for i, tier in enumerate(Tier)}
-_SLOT_BITS = (1 << TIER_BITS) - 1
 _LOG_SLACK = 256
 """A slot's log is compacted when it exceeds twice the worker's blocks plus this."""
 FIRST_CHUNK = 16
@@ -72,98 +76,13 @@ HashChunk = Sequence[SequenceHash] | npt.NDArray[np.uint64]
 """Sequence hashes in chain order, as a sequence of ints or a ``uint64`` array."""
 
 
-class _HolderStates:
-    """Interned holder masks with reference counts (``KvPrefixIndex``'s state table).
-
-    Ids start at ``FIRST_VALUE``: they are the values of the index's hash table.
-    """
-
-    def __init__(self) -> None:
-        self.masks: list[int] = [0] * FIRST_VALUE
-        self.refs: list[int] = [0] * FIRST_VALUE
-        self._id_of: dict[int, int] = {}
-        self._free: list[int] = []
-        self._unreferenced: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self._id_of)
-
-    def intern(self, mask: int) -> int:
-        """The id of ``mask`` (non-zero), allocated with no references when new."""
-        state = self._id_of.get(mask)
-        if state is None:
-            if self._free:
-                state = self._free.pop()
-                self.masks[state] = mask
-            else:
-                state = len(self.masks)
-                self.masks.append(mask)
-                self.refs.append(0)
-            self._id_of[mask] = state
-            self._unreferenced.append(state)
-        return state
-
-    def move(self, old: int | None, new: int | None, count: int) -> None:
-        """``count`` entries go from state ``old`` to ``new`` (None: no state)."""
-        if new is not None:
-            self.refs[new] += count
-        if old is not None:
-            refs = self.refs[old] - count
-            self.refs[old] = refs
-            if refs == 0:
-                self._unreferenced.append(old)
-
-    def collect(self) -> None:
-        """Free every state left without references (call when no id is held in a local)."""
-        for state in self._unreferenced:
-            if self.refs[state] == 0 and self.masks[state]:
-                del self._id_of[self.masks[state]]
-                self.masks[state] = 0
-                self._free.append(state)
-        self._unreferenced.clear()
-
-
-@dataclass(frozen=True, slots=True)
-class HeldPrefixes:
-    """One prefix walk's result: which workers hold how many leading hashes.
-
-    Attributes:
-        slot_of, worker_of: the index's slots when the walk ran (a snapshot).
-        groups: ``(length, slot bits)``, one per length > 0 some worker holds; a slot's bit is
-            the lowest mask bit of the slot.
-    """
-
-    slot_of: dict[str, int]
-    worker_of: list[str | None]
-    groups: list[tuple[int, int]]
-
-    def length_of(self, worker_id: str) -> int:
-        """How many leading hashes ``worker_id`` holds (0: none, or not indexed)."""
-        slot = self.slot_of.get(worker_id)
-        if slot is not None:
-            bit = 1 << (slot * TIER_BITS)
-            for length, bits in self.groups:
-                if bits & bit:
-                    return length
-        return 0
-
-    def holders(self, min_length: int) -> Iterator[str]:
-        """The workers holding at least ``min_length`` (> 0) leading hashes."""
-        for length, bits in self.groups:
-            if length >= min_length:
-                for slot in slots_of(bits):
-                    worker_id = self.worker_of[slot]
-                    assert worker_id is not None, "a walked slot has a worker"
-                    yield worker_id
-
-
 class KvPrefixIndex:
     """Which workers hold which sequence hashes (see the module docstring)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._table = U64Table()
-        self._states = _HolderStates()
+        self._states = HolderStates()
         self._slot_of: dict[str, int] = {}
         self._worker_of: list[str | None] = []
         self._free_slots: list[int] = []
@@ -176,13 +95,13 @@ class KvPrefixIndex:
         """Apply one batch of ``worker_id``'s events, in order."""
         with self._lock:
             slot = self._slot_for(worker_id)
-            for kind, tier, hashes in _runs(events):
+            for kind, tier, hashes in runs(events):
                 if kind is AllCleared:
                     self._clear(slot)
                 elif kind is BlockStored:
-                    self._store(slot, _TIER_BIT[tier], hashes)
+                    self._store(slot, TIER_BIT[tier], hashes)
                 else:
-                    self._drop(slot, _TIER_BIT[tier] << (slot * TIER_BITS), hashes)
+                    self._drop(slot, TIER_BIT[tier] << (slot * TIER_BITS), hashes)
             self._maybe_free_slot(slot)
             self._states.collect()
 
@@ -278,7 +197,7 @@ class KvPrefixIndex:
                 return frozenset()
             state = int(self._table.values[position])
             bits = self._states.masks[state] >> (slot * TIER_BITS)
-            return frozenset(tier for tier, bit in _TIER_BIT.items() if bits & bit)
+            return frozenset(tier for tier, bit in TIER_BIT.items() if bits & bit)
 
     # Internals (lock held)
     # -----------------------------------------------------------------------------------------
@@ -289,9 +208,9 @@ class KvPrefixIndex:
         """``(length, slot bits)``: the slots (lowest mask bit of each) holding exactly
         ``length`` leading hashes, for every length > 0 some slot holds (bits may be 0)."""
         ones = self._ones
-        wanted = sum(_TIER_BIT[tier] for tier in (Tier if tiers is None else tiers))
+        wanted = sum(TIER_BIT[tier] for tier in (Tier if tiers is None else tiers))
         pattern = ones * wanted  # the wanted tier bits of every slot
-        low = ones * (_SLOT_BITS >> 1)  # every slot's bits but its top one
+        low = ones * (SLOT_BITS >> 1)  # every slot's bits but its top one
         top = ones << (TIER_BITS - 1)
         masks = self._states.masks
         table = self._table
@@ -362,19 +281,19 @@ class KvPrefixIndex:
     def _store(self, slot: int, tier_bit: int, hashes: Keys) -> None:
         shift = slot * TIER_BITS
         bit = tier_bit << shift
-        own = _SLOT_BITS << shift
+        own = SLOT_BITS << shift
         states = self._states
         masks = states.masks
-        keys = _distinct(hashes)
+        keys = distinct(hashes)
         positions, ends = self._table.find_or_end(keys)
         found = positions >= 0
         gained = 0
         if found.any():
             at = positions[found]
-            olds, which = _group(self._table.values[at])
+            olds, which = group(self._table.values[at])
             news = olds.copy()
             joined = np.zeros(olds.size, dtype=bool)
-            for j, (old, count) in enumerate(_counted(olds, which)):
+            for j, (old, count) in enumerate(counted(olds, which)):
                 mask = masks[old]
                 if mask & bit:  # held there already
                     continue
@@ -400,23 +319,23 @@ class KvPrefixIndex:
 
     def _clear(self, slot: int) -> None:
         logged = np.frombuffer(self._logs[slot], dtype=np.uint64).copy()
-        self._drop(slot, _SLOT_BITS << (slot * TIER_BITS), logged)
+        self._drop(slot, SLOT_BITS << (slot * TIER_BITS), logged)
         self._logs[slot] = array("Q")
 
     def _drop(self, slot: int, bits: int, hashes: Keys) -> None:
         """Clear ``bits`` (some of ``slot``'s) in the masks of ``hashes``."""
-        own = _SLOT_BITS << (slot * TIER_BITS)
+        own = SLOT_BITS << (slot * TIER_BITS)
         states = self._states
         masks = states.masks
-        keys = _distinct(hashes)
+        keys = distinct(hashes)
         positions = self._table.find(keys)
         at = positions[positions >= 0]
         if not at.size:
             return
-        olds, which = _group(self._table.values[at])
+        olds, which = group(self._table.values[at])
         news = olds.copy()
         lost = 0
-        for j, (old, count) in enumerate(_counted(olds, which)):
+        for j, (old, count) in enumerate(counted(olds, which)):
             mask = masks[old]
             if not mask & bits:  # not held there
                 continue
@@ -432,71 +351,16 @@ class KvPrefixIndex:
 
     def _compact_log(self, slot: int) -> None:
         """Keep one log entry per hash the slot still holds."""
-        own = _SLOT_BITS << (slot * TIER_BITS)
-        keys = _distinct(np.frombuffer(self._logs[slot], dtype=np.uint64))
+        own = SLOT_BITS << (slot * TIER_BITS)
+        keys = distinct(np.frombuffer(self._logs[slot], dtype=np.uint64))
         positions = self._table.find(keys)
         found = positions >= 0
-        olds, which = _group(self._table.values[positions[found]])
+        olds, which = group(self._table.values[positions[found]])
         masks = self._states.masks
         holds = np.array([bool(masks[old] & own) for old in olds.tolist()], dtype=bool)
         kept = array("Q")
         kept.frombytes(keys[found][holds[which]].tobytes())
         self._logs[slot] = kept
-
-
-def _runs(events: Iterable[KvEvent]) -> Iterator[tuple[type, Tier, Keys]]:
-    """The batch's events with consecutive stores (or removals) of one tier joined into one
-    ``(kind, tier, hashes)``; an ``AllCleared`` is its own run (its hashes empty)."""
-    kind: type | None = None
-    tier = Tier.DEVICE
-    parts: list[tuple[SequenceHash, ...]] = []
-    for event in events:
-        if isinstance(event, AllCleared):
-            if kind is not None:
-                yield kind, tier, _as_keys(parts)
-                kind, parts = None, []
-            yield AllCleared, event.tier, np.empty(0, dtype=np.uint64)
-            continue
-        if (type(event), event.tier) != (kind, tier):
-            if kind is not None:
-                yield kind, tier, _as_keys(parts)
-            kind, tier, parts = type(event), event.tier, []
-        parts.append(event.sequence_hashes)
-    if kind is not None:
-        yield kind, tier, _as_keys(parts)
-
-
-def _as_keys(parts: list[tuple[SequenceHash, ...]]) -> Keys:
-    if len(parts) == 1:
-        return np.array(parts[0], dtype=np.uint64)
-    return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.uint64)
-
-
-def _distinct(keys: Keys) -> Keys:
-    """``keys`` without repeats (order not kept when there were some)."""
-    if keys.size < 2:
-        return keys
-    ordered = np.sort(keys)
-    if (ordered[1:] != ordered[:-1]).all():
-        return keys
-    return np.unique(ordered)
-
-
-def _group(values: npt.NDArray[np.uint32]) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.intp]]:
-    """The distinct values and, per value, the index of its distinct value."""
-    first = values[0]
-    if (values == first).all():  # the usual case: one prefix, one state
-        return values[:1].copy(), np.zeros(values.size, dtype=np.intp)
-    distinct, which = np.unique(values, return_inverse=True)
-    return distinct, which.reshape(-1)
-
-
-def _counted(
-    distinct: npt.NDArray[np.uint32], which: npt.NDArray[np.intp]
-) -> Iterator[tuple[int, int]]:
-    """``(value, how many)`` for each distinct value."""
-    counts = np.bincount(which, minlength=distinct.size)
-    return zip(distinct.tolist(), counts.tolist(), strict=True)
 
 
 def _doubling_chunks(
@@ -507,14 +371,3 @@ def _doubling_chunks(
         yield hashes[start : start + size]
         start += size
         size *= 2
-
-
-def slots_of(bits: int) -> Sequence[int]:
-    """The slots whose lowest mask bit is set in ``bits`` (only such bits may be set)."""
-    digits = bin(bits)[:1:-1]  # digit i is bit i
-    slots = []
-    position = digits.find("1")
-    while position >= 0:
-        slots.append(position // TIER_BITS)
-        position = digits.find("1", position + TIER_BITS)
-    return slots

@@ -61,7 +61,8 @@ from enum import Enum
 
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import TIER_BITS, HeldPrefixes, KvPrefixIndex, slots_of
+from fabric.frontend.holders import TIER_BITS, HeldPrefixes, slots_of
+from fabric.frontend.kv_index import KvPrefixIndex
 from fabric.frontend.roster import Geometry, Roster, geometry_of
 from fabric.kvbm import Tier
 from fabric.kvbm.core.hashing import sequence_hash_chunks

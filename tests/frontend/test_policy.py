@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
-from fabric.frontend.kv_index import HashChunk, HeldPrefixes, KvPrefixIndex
+from fabric.frontend.holders import HeldPrefixes
+from fabric.frontend.kv_index import HashChunk, KvPrefixIndex
 from fabric.frontend.policy import (
     HASH_CHUNK_BLOCKS,
     HASH_CHUNK_GROWTH,
