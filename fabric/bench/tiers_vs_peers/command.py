@@ -15,6 +15,7 @@ import torch
 from fabric.bench.deployment import machine
 from fabric.bench.tiers_vs_peers import measure, peers, report
 from fabric.errors import ConfigError
+from fabric.supervise import sigterm_raises
 
 OURS = ("fabric_host", "fabric_node", "fabric_disk")
 SYSTEMS = (*OURS, *peers.PEERS)
@@ -71,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="times every row is measured, the systems taking turns so that background load "
+        "hits them alike; a row keeps each figure's best round (default: %(default)s)",
+    )
+    parser.add_argument(
         "--latency-samples",
         type=int,
         default=200,
@@ -99,30 +107,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     systems = _systems(args.systems)
     sizes = _sizes(args.sizes)
     total = int(args.total_mib * 2**20)
+    if args.rounds < 1 or args.repeats < 1 or args.latency_samples < 1:
+        raise ConfigError("--rounds, --repeats and --latency-samples must be at least 1")
+    plans = [_plan(block_bytes, total, args) for block_bytes in sizes]
     load_before = os.getloadavg()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one copy thread everywhere (the LMCache runner does the same)
-    rows: list[dict[str, Any]] = []
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="tiers-vs-peers-", dir=args.workdir) as tmp:
-            for block_bytes in sizes:
-                if total % block_bytes:
-                    raise ConfigError(f"--total-mib is no whole number of {block_bytes} B blocks")
-                plan = measure.Plan(
-                    block_bytes, total // block_bytes, args.repeats, args.latency_samples
-                )
-                for system in systems:
-                    _log(f"{system}, {block_bytes >> 10} KiB blocks x {plan.num_blocks}")
-                    workdir = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=tmp))
-                    if system in peers.PEERS:
-                        row = peers.peer_row(peers.PEERS[system], plan, workdir, args.peer_timeout)
-                    else:
-                        row = _our_row(system, plan, workdir)
-                    rows.append(row)
-                    _log(_describe(row))
+        with (
+            sigterm_raises(),  # a SIGTERM still stops the node cache and a peer's runner
+            tempfile.TemporaryDirectory(prefix="tiers-vs-peers-", dir=args.workdir) as tmp,
+        ):
+            for round_index in range(args.rounds):
+                for plan in plans:
+                    for system in systems:
+                        _log(
+                            f"round {round_index + 1}/{args.rounds}: {system}, "
+                            f"{report.size_label(plan.block_bytes)} blocks x {plan.num_blocks}"
+                        )
+                        row = _row(system, plan, Path(tmp), args.peer_timeout)
+                        runs.setdefault((system, plan.block_bytes), []).append(row)
+                        _log(_describe(row))
             memcpy = measure.memcpy_gbps(total, args.repeats)
     finally:
         torch.set_num_threads(threads)
+    rows = [report.best_of_rounds(runs[(s, p.block_bytes)]) for p in plans for s in systems]
     summary, goals = report.summarize(rows)
     return {
         "rows": rows,
@@ -133,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params": {
             "sizes_kib": [b / 1024 for b in sizes],
             "total_mib": args.total_mib,
+            "rounds": args.rounds,
             "repeats": args.repeats,
             "warm_up_batches": measure.WARM_UP_BATCHES,
             "latency_samples": args.latency_samples,
@@ -142,6 +153,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine(load_before),
     }
+
+
+def _plan(block_bytes: int, total: int, args: argparse.Namespace) -> measure.Plan:
+    if total % block_bytes or total < block_bytes:
+        raise ConfigError(f"--total-mib is no whole number of {block_bytes} B blocks")
+    return measure.Plan(block_bytes, total // block_bytes, args.repeats, args.latency_samples)
+
+
+def _row(system: str, plan: measure.Plan, tmp: Path, peer_timeout_s: float) -> dict[str, Any]:
+    """One measurement of ``system``, in a fresh directory under ``tmp``."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=tmp))
+    if system in peers.PEERS:
+        return peers.peer_row(peers.PEERS[system], plan, workdir, peer_timeout_s)
+    return _our_row(system, plan, workdir)
 
 
 def _our_row(system: str, plan: measure.Plan, workdir: Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ older block to the file, which is what a store to kvcr's disk tier costs. Before
 one deposit of ``SPILL_SLOTS`` filler blocks (untimed) moves every measured block to G3, so the
 load reads the file.
 
-Waiting on an operation polls ``poll_completed`` with 20 us sleeps (kvcr's progress thread
-sleeps 1 ms when idle: part of its latency).
+The request dicts (``{BlockKey: [MemoryRef]}``) are built in ``stage``, before the clock
+starts, as every system's arguments are. Waiting on an operation polls ``poll_completed`` with
+20 us sleeps (kvcr's progress thread sleeps 1 ms when idle: part of its latency).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class KvcrPath:
             ),
         )
         self._num_fillers = 0
+        self._chunks: list[dict[Any, list[Any]]] = []
         if self.disk:
             self._push_to_disk()
 
@@ -103,11 +105,14 @@ class KvcrPath:
 
     def stage(self, keys: Sequence[int], data: np.ndarray) -> None:
         self.fw[: len(keys)] = data
+        step = self._slots if self.disk else len(keys)
+        self._chunks = [
+            self._refs(keys[start : start + step], first=start)
+            for start in range(0, len(keys), step)
+        ]
 
     def store(self, keys: Sequence[int]) -> None:
-        step = self._slots if self.disk else len(keys)
-        for start in range(0, len(keys), step):
-            chunk = self._refs(keys[start : start + step], first=start)
+        for chunk in self._chunks:
             self._run("deposit", self.kvcr.deposit(chunk), len(chunk))
 
     def clear(self, keys: Sequence[int]) -> None:
@@ -116,7 +121,8 @@ class KvcrPath:
             self._push_to_disk()
 
     def load(self, keys: Sequence[int]) -> None:
-        self._run("deliver", self.kvcr.deliver(self._refs(keys)), len(keys))
+        refs = {key: ref for chunk in self._chunks for key, ref in chunk.items()}
+        self._run("deliver", self.kvcr.deliver(refs), len(keys))
 
     def loaded(self, keys: Sequence[int]) -> np.ndarray:
         return self.fw[: len(keys)]

@@ -105,6 +105,7 @@ class LmcachePath:
             mock_up_broadcast_object_fn,
         )
         self.engine.post_init()
+        self._tokens = torch.empty(0, dtype=torch.long)
 
     # -- measure.TierPath ----------------------------------------------------------------------
 
@@ -113,15 +114,16 @@ class LmcachePath:
             len(keys), 2, self.layers, CHUNK, self.hidden
         )
         self._engine_view(len(keys)).copy_(blocks)
+        self._tokens = _tokens(keys)
 
     def store(self, keys: Sequence[int]) -> None:
-        self.engine.store(self._tokens(keys), kv=self.kv)
+        self.engine.store(self._tokens, kv=self.kv)
 
     def clear(self, keys: Sequence[int]) -> None:
         self.kv[:, :, : len(keys) * CHUNK].zero_()
 
     def load(self, keys: Sequence[int]) -> None:
-        mask = self.engine.retrieve(self._tokens(keys), kv=self.kv)
+        mask = self.engine.retrieve(self._tokens, kv=self.kv)
         found = int(mask.sum())
         if found != len(keys) * CHUNK:
             raise RuntimeError(f"LMCache retrieved {found} of {len(keys) * CHUNK} tokens")
@@ -141,14 +143,15 @@ class LmcachePath:
         blocks: torch.Tensor = used.view(2, self.layers, num_blocks, CHUNK, self.hidden)
         return blocks.permute(2, 0, 1, 3, 4)
 
-    @staticmethod
-    def _tokens(keys: Sequence[int]) -> torch.Tensor:
-        starts = torch.tensor(keys, dtype=torch.long).unsqueeze(1) * CHUNK
-        tokens: torch.Tensor = (starts + torch.arange(CHUNK)).reshape(-1)
-        return tokens
-
     def close(self) -> None:
         LMCacheEngineBuilder.destroy(INSTANCE)
+
+
+def _tokens(keys: Sequence[int]) -> torch.Tensor:
+    """The token ids of ``keys``' blocks: ``16 k .. 16 k + 15`` for key ``k``."""
+    starts = torch.tensor(keys, dtype=torch.long).unsqueeze(1) * CHUNK
+    tokens: torch.Tensor = (starts + torch.arange(CHUNK)).reshape(-1)
+    return tokens
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ A system is a ``TierPath``: the engine's KV buffers it stores from and loads int
 public store / load calls. ``measure_path`` drives it:
 
     per batch (``WARM_UP_BATCHES``, then ``repeats`` timed ones), fresh keys and random bytes:
-      stage (untimed: the bytes into the engine's buffers)
+      stage (untimed: the bytes into the engine's buffers, the calls' arguments built)
       store (timed)                      -> store_gbps: bytes / time, median over repeats
       clear (untimed: engine buffers zeroed, the engine's own copy of the keys dropped)
       load  (timed)                      -> load_gbps

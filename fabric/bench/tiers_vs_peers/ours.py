@@ -15,9 +15,9 @@
   one copy into the segment, a commit round trip. Load: ``NodeCacheClient.load``: a lookup round
   trip (pins), one copy out, the unpin sent one-way.
 
-Every path copies with one torch thread (``THREADS``), as a worker with ``--threads 1`` does.
-Keys are used as the blocks' sequence hashes: no token hashing is timed (the engine hashed when
-the request arrived).
+Every path copies with one torch thread, as a worker with ``--threads 1`` does. A key's sequence
+hash (``sequence_hashes``) is computed in ``stage``: no hashing is timed (the engine hashed the
+request's tokens when it arrived).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from fabric.bench.tiers_vs_peers import measure
 from fabric.errors import FabricError
@@ -49,7 +50,6 @@ from fabric.kvbm import (
 from fabric.node import NodeCacheClient, attach_node_cache
 from fabric.supervise import Child, Progress, ReadyLine, start_process, stop_processes, wait_ready
 
-THREADS = 1
 NODE_STARTUP_S = 120.0
 
 
@@ -66,8 +66,10 @@ def block_rows(storage: TensorStorage) -> np.ndarray:
     return raw[:, : layout.block_bytes].numpy()
 
 
-def _hashes(keys: Sequence[int]) -> list[SequenceHash]:
-    return [SequenceHash(k) for k in keys]
+def sequence_hashes(keys: Sequence[int]) -> list[SequenceHash]:
+    """The keys as sequence hashes: xxh3-64 of each key, so they spread like real chained
+    hashes do (consecutive ints would cluster in hash tables keyed by their low bits)."""
+    return [SequenceHash(xxhash.xxh3_64_intdigest(k.to_bytes(8, "little"))) for k in keys]
 
 
 class KvbmTierPath:
@@ -92,6 +94,7 @@ class KvbmTierPath:
         device = self.kvbm.storage(Tier.DEVICE)
         assert isinstance(device, TensorStorage)  # device_storage on the CPU
         self.rows = block_rows(device)
+        self._hashes: list[SequenceHash] = []
         self._stored: ImmutableBlocks | None = None
         self._loaded: ImmutableBlocks | None = None
 
@@ -99,11 +102,11 @@ class KvbmTierPath:
         blocks = self.kvbm.allocate(len(keys))
         if blocks is None:
             raise FabricError(f"the device pool has no {len(keys)} free blocks")
-        hashes = _hashes(keys)
-        self.kvbm.release_match(self.kvbm.match(hashes))  # the request's lookup on arrival
+        self._hashes = sequence_hashes(keys)
+        self.kvbm.release_match(self.kvbm.match(self._hashes))  # the request's lookup on arrival
         self.rows[blocks.block_ids] = data
         blocks.advance(blocks.capacity)
-        self._stored = self.kvbm.register(blocks, hashes)
+        self._stored = self.kvbm.register(blocks, self._hashes)
 
     def store(self, keys: Sequence[int]) -> None:
         assert self._stored is not None
@@ -118,7 +121,7 @@ class KvbmTierPath:
         self._drop_device_cache()
 
     def load(self, keys: Sequence[int]) -> None:
-        self._loaded = self.kvbm.match_and_onboard(_hashes(keys))
+        self._loaded = self.kvbm.match_and_onboard(self._hashes)
         if len(self._loaded) != len(keys):
             raise FabricError(f"onboarded {len(self._loaded)} of {len(keys)} blocks")
 
@@ -160,6 +163,7 @@ class NodeTierPath:
         self._progress = progress
         self.storage: TensorStorage | None = None
         self.client: NodeCacheClient | None = None
+        self._hashes: list[SequenceHash] = []
         try:
             ready = ReadyLine(self._children[0], progress)
             wait_ready(self._children, ready, NODE_STARTUP_S)
@@ -179,11 +183,12 @@ class NodeTierPath:
             raise
 
     def stage(self, keys: Sequence[int], data: np.ndarray) -> None:
+        self._hashes = sequence_hashes(keys)
         self.rows[: len(keys)] = data
 
     def store(self, keys: Sequence[int]) -> None:
         assert self.client is not None and self.storage is not None
-        result = self.client.store(_hashes(keys), self.storage, range(len(keys)))
+        result = self.client.store(self._hashes, self.storage, range(len(keys)))
         if result.num_stored != len(keys):
             raise FabricError(f"the node cache stored {result} of {len(keys)} blocks")
 
@@ -192,7 +197,7 @@ class NodeTierPath:
 
     def load(self, keys: Sequence[int]) -> None:
         assert self.client is not None and self.storage is not None
-        num_loaded = self.client.load(_hashes(keys), self.storage, range(len(keys)))
+        num_loaded = self.client.load(self._hashes, self.storage, range(len(keys)))
         if num_loaded != len(keys):
             raise FabricError(f"the node cache loaded {num_loaded} of {len(keys)} blocks")
 

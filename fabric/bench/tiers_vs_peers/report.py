@@ -30,7 +30,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
         same = [r for r in measured if r["tier"] == tier and r["block_bytes"] == block_bytes]
         ours = [r for r in same if r["system"].startswith(OURS_PREFIX)]
         theirs = [r for r in same if not r["system"].startswith(OURS_PREFIX)]
-        name = f"{tier}_{_size(block_bytes)}"
+        name = f"{tier}_{size_label(block_bytes)}"
         case: dict[str, Any] = {}
         for figure, pick, goal, higher in (
             ("store_gbps", max, BANDWIDTH_GOAL, True),
@@ -49,6 +49,39 @@ def summarize(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str,
             }
         summary[name] = case
     return summary, goals
+
+
+def best_of_rounds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rounds of one (system, block size): each figure's best round (highest
+    bandwidth, lowest latency), the rounds' own figures in ``rounds``. A round whose load came
+    back wrong wins over everything (``verified: false`` is never hidden); rounds that failed
+    otherwise are listed in ``round_errors``, and the row is an error row only when every
+    round failed."""
+    corrupted = [r for r in runs if r.get("verified") is False]
+    if corrupted:
+        return corrupted[0]
+    measured = [r for r in runs if r.get("error") is None]
+    errors = [r["error"] for r in runs if r.get("error") is not None]
+    if not measured:
+        return {**runs[0], "round_errors": errors}
+    row = dict(measured[0])
+    for figure in _FIGURES:
+        values = [r[figure] for r in measured]
+        row[figure] = max(values) if figure.endswith("gbps") else min(values)
+    row["rounds"] = [{f: r[f] for f in _FIGURES} for r in measured]
+    if errors:
+        row["round_errors"] = errors
+    return row
+
+
+_FIGURES = (
+    "store_gbps",
+    "load_gbps",
+    "latency_us_p50",
+    "latency_us_p99",
+    "store_latency_us_p50",
+    "store_latency_us_p99",
+)
 
 
 def _compare(
@@ -76,5 +109,6 @@ def _compare(
     return out
 
 
-def _size(block_bytes: int) -> str:
+def size_label(block_bytes: int) -> str:
+    """``256KiB``, ``512B``."""
     return f"{block_bytes >> 10}KiB" if block_bytes % 1024 == 0 else f"{block_bytes}B"
