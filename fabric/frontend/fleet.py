@@ -23,11 +23,13 @@ Invariants:
   A vLLM record without an ``http`` endpoint is ignored too: the frontend cannot send it requests.
   vLLM and fabric workers never share a route (their compat hashes differ).
 * NODE_CACHE records (a host's node KV cache) are kept apart (``node_caches``): never routed
-  to, never connected to. The KV events of one that publishes them (and names its ``node``,
-  and serves this model or does not say) are followed into the index with the node cache's id
-  as their location, and the fleet's view maps its node to it (``FleetView.node_caches``), so
-  ``policy`` counts a node tier's prefix for the workers of that node. A node cache that
-  leaves or restarts is unsubscribed and its entries forgotten, as a worker's.
+  to, never connected to. The KV events of one that publishes them (and names its ``node``)
+  are followed into the index with the node cache's id as their location, and the fleet's view
+  maps its node to it (``FleetView.node_caches``), so ``policy`` counts a node tier's prefix
+  for the workers of that node with its compat hash and block size (its record's ``model`` is
+  not compared: node caches name a model directory, workers a served name; one of another
+  model has another compat hash and counts for no worker). A node cache that leaves or
+  restarts is unsubscribed and its entries forgotten, as a worker's.
 * A live DECODE or AGGREGATED worker has exactly one connection; a live PREFILL worker has none
   (it is only ever a KV source, reached by the serving worker).
 * A record that changes its endpoints, compat hash or ``started_at`` (a restart) is treated as a
@@ -307,9 +309,6 @@ class Fleet:
         if old is not None:
             self._unfollow_node_cache(old, event.kind.value)
         if event.kind is WorkerEventKind.LEFT or record.node is None:
-            return
-        model = record.layout.model
-        if model is not None and model != self.model_name:
             return
         subscriber = self._maybe_subscribe(record)
         if subscriber is None:
