@@ -1,5 +1,5 @@
-"""Shared by the tier unit tests: a small vLLM page geometry (vLLM-CPU's per-layer
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]``), pages of random bytes, vLLM's
+"""Shared by the tier unit tests: a small vLLM page geometry, pages of random bytes in the
+per-layer shapes of vLLM-CPU, FlashInfer and FlashAttention (CPU tensors), vLLM's
 hashes of tokens, and the node cache of that geometry (what ``fabric serve node-cache`` builds
 for the model)."""
 
@@ -29,19 +29,25 @@ VLLM_BLOCKS = 16
 NODE = "test"
 
 
-def vllm_kv_caches(seed: int) -> dict[str, torch.Tensor]:
-    """What vLLM-CPU hands ``register_kv_caches``: one random page tensor per layer."""
+LAYER_SHAPES = {
+    "vllm-cpu": (VLLM_BLOCKS, HEADS, BS, 2 * HEAD),  # blocks outermost, K then V per head
+    "flashinfer": (VLLM_BLOCKS, 2, BS, HEADS, HEAD),  # blocks outermost, K/V then tokens
+    "flash-attn": (2, VLLM_BLOCKS, BS, HEADS, HEAD),  # K and V apart (NHD)
+}
+"""One layer's KV tensor of each backend (CPU tensors of its shape)."""
+
+
+def vllm_kv_caches(seed: int, backend: str = "vllm-cpu") -> dict[str, torch.Tensor]:
+    """What vLLM hands ``register_kv_caches``: one random page tensor per layer."""
     generator = torch.Generator().manual_seed(seed)
     return {
-        f"layers.{i}.attn": torch.randn(
-            VLLM_BLOCKS, HEADS, BS, 2 * HEAD, generator=generator
-        ).half()
+        f"layers.{i}.attn": torch.randn(LAYER_SHAPES[backend], generator=generator).half()
         for i in range(LAYERS)
     }
 
 
-def vllm_pages(seed: int) -> KvPages:
-    kv_caches = vllm_kv_caches(seed)
+def vllm_pages(seed: int, backend: str = "vllm-cpu") -> KvPages:
+    kv_caches = vllm_kv_caches(seed, backend)
     return KvPages.from_kv_caches(GEOMETRY, kv_caches, list(kv_caches))
 
 

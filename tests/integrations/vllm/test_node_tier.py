@@ -13,15 +13,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 from page_fixtures import (
     BS,
     GEOMETRY,
-    HEAD,
-    HEADS,
-    LAYERS,
     NODE,
-    VLLM_BLOCKS,
     connector_config,
     node_config,
     vllm_hashes,
@@ -38,7 +33,6 @@ from fabric.integrations.vllm.node import (
     node_geometry,
     node_storage,
 )
-from fabric.integrations.vllm.pages import KvPages
 from fabric.kvbm import LayoutKind, SequenceHash, hash_token_blocks, host_storage
 from fabric.node import NodeCacheService, attach_node_cache, build_node_cache
 from fabric.node.service import node_record
@@ -59,11 +53,12 @@ def test_vllm_attaches_with_the_slots_compat_hash_of_a_reference_worker(
     assert node_compat_hash(kvbm, GEOMETRY) != GEOMETRY.hash_seed
 
 
+@pytest.mark.parametrize("backend", ["vllm-cpu", "flashinfer"])
 def test_pages_stored_by_one_instance_load_byte_exact_into_another(
-    service: NodeCacheService,
+    service: NodeCacheService, backend: str
 ) -> None:
     config = connector_config(node_cache=service.endpoint)
-    writer_pages, reader_pages = vllm_pages(1), vllm_pages(2)
+    writer_pages, reader_pages = vllm_pages(1, backend), vllm_pages(2, backend)
     writer_storage, reader_storage = node_storage(writer_pages), node_storage(reader_pages)
     writer = attach_node_tier(config, GEOMETRY, side="w", layout=writer_storage.layout)
     reader = attach_node_tier(config, GEOMETRY, side="r", layout=reader_storage.layout)
@@ -73,7 +68,7 @@ def test_pages_stored_by_one_instance_load_byte_exact_into_another(
     assert reader.link.prefix_length([*hashes, SequenceHash(1)]) == 4
     assert reader.link.load(hashes[:3], reader_storage, lambda m: [9, 4, 5][:m]) == 3
     assert np.array_equal(reader_pages.gather([9, 4, 5]), writer_pages.gather([3, 7, 1]))
-    assert np.array_equal(reader_pages.gather([0]), vllm_pages(2).gather([0]))  # untouched
+    assert np.array_equal(reader_pages.gather([0]), vllm_pages(2, backend).gather([0]))
     stats = service.cache.stats()
     assert stats["committed_blocks"] == 4 and stats["live_pins"] == 0
     writer.close()
@@ -165,12 +160,8 @@ def test_bad_node_settings_are_refused_with_the_reason() -> None:
 
 
 def test_layouts_the_node_cannot_hold_are_refused_with_the_reason() -> None:
-    # FlashAttention's NHD: K and V apart, [2, num_blocks, block_size, heads, head].
-    names = [f"layers.{i}.attn" for i in range(LAYERS)]
-    kv_apart = {n: torch.zeros(2, VLLM_BLOCKS, BS, HEADS, HEAD).half() for n in names}
-    pages = KvPages.from_kv_caches(GEOMETRY, kv_apart, names)
     with pytest.raises(LayoutMismatch, match="K and V apart"):
-        node_storage(pages)
+        node_storage(vllm_pages(0, "flash-attn"))
     with pytest.raises(LayoutMismatch, match="V 4"):
         node_geometry(dataclasses.replace(GEOMETRY, head_size_v=4))
     with pytest.raises(LayoutMismatch, match="this model's are 64 bytes"):
