@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 from contextlib import ExitStack
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--blocks", type=int, metavar="N", help="blocks in the shared pool")
     size.add_argument("--shm-gb", type=float, metavar="GB", help="size of the shared pool (GB)")
     parser.add_argument("--block-size", type=int, metavar="TOKENS", help="tokens per KV block")
+    parser.add_argument(
+        "--disk-dir",
+        type=Path,
+        metavar="DIR",
+        help="this node's disk tier below the shared pool (block files, written through at "
+        "commit, read on a pool miss; a restart with the same directory serves them) "
+        "[default: none]",
+    )
+    disk = parser.add_mutually_exclusive_group()
+    disk.add_argument("--disk-blocks", type=int, metavar="N", help="blocks the disk tier keeps")
+    disk.add_argument("--disk-gb", type=float, metavar="GB", help="size of the disk tier (GiB)")
     parser.add_argument(
         "--endpoint",
         default="tcp://127.0.0.1:0",
@@ -158,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
             "compat_hash": config.compat_hash,
             "lease_s": config.lease_s,
             "node": config.node,
+            "disk_dir": None if config.disk_dir is None else str(config.disk_dir),
+            "disk_blocks": config.num_disk_blocks if config.disk_dir is not None else 0,
             "worker_id": registered,
         }
         print(json.dumps(ready), flush=True)
@@ -226,6 +240,9 @@ def _config_fields(args: argparse.Namespace, addresses: HostAddresses) -> dict[s
         "endpoint": args.endpoint,
         "lease_s": args.lease_s,
         "admit_after": args.admit_after,
+        "disk_dir": args.disk_dir,
+        "disk_blocks": args.disk_blocks or 0,
+        "disk_gb": args.disk_gb or 0.0,
     }
     node = args.node or kvbm.node_name
     if node:

@@ -47,9 +47,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fabric.errors import FabricError
 from fabric.kvbm import (
     BlockPool,
-    BlockState,
     FrequencyFilter,
     ImmutableBlocks,
     LayoutSpec,
@@ -57,6 +57,7 @@ from fabric.kvbm import (
     SequenceHash,
     register_positions,
 )
+from fabric.node.disk import DISK_STATS, NodeDisk, onboard_prefix
 from fabric.node.index import IndexWriter
 from fabric.node.leases import LeaseGone, LeaseTable
 from fabric.signal.errors import ErrorCode
@@ -128,6 +129,8 @@ class NodeCache:
         leases: the lease table (its lease time and clock).
         index: the slot index readers probe without a round trip (``fabric.node.index``); kept
             equal to the registry's published slots here, under the lock.
+        disk: the node's disk tier (``fabric.node.disk``): committed blocks are written
+            through to it, and a lookup extends the pool's prefix with its blocks.
     """
 
     def __init__(
@@ -140,9 +143,11 @@ class NodeCache:
         admission: FrequencyFilter,
         leases: LeaseTable[Lease],
         index: IndexWriter | None = None,
+        disk: NodeDisk | None = None,
     ) -> None:
         self._pool = pool
         self._index = index
+        self._disk = disk
         self._admission = admission
         self._leases = leases
         self._lock = threading.Lock()
@@ -302,6 +307,11 @@ class NodeCache:
         assert isinstance(message, NodeLookup)
         hashes = [SequenceHash(h) for h in message.sequence_hashes]
         self._admission.observe(hashes)
+        if self._disk is not None:
+            try:
+                onboard_prefix(self._pool, self._disk, self._index, hashes)
+            except FabricError as exc:  # the disk cannot serve: the pool's prefix still can
+                logger.warning("node disk: a lookup's blocks not read (%s)", exc)
         matched = self._pool.match(hashes)
         if not len(matched):
             self._pool.release(matched)
@@ -349,11 +359,13 @@ class NodeCache:
             slots = list(lease.blocks.block_ids)
             register_positions(pool, lease.blocks, hashes, lease.positions, parents)
             counters.committed_blocks += num_blocks
-            if self._index is not None:  # a duplicate's slot went back to the free list instead
-                kept = [i for i, s in enumerate(slots) if pool.state(s) is BlockState.REGISTERED]
-                self._index.publish(
-                    [slots[i] for i in kept], [hashes[lease.positions[i]] for i in kept]
-                )
+            stored = [hashes[p] for p in lease.positions]
+            if self._index is not None:
+                self._index.publish_registered(pool, slots, stored)
+            if self._disk is not None:  # write-through: referenced until its files are written
+                held = pool.match_present(stored)
+                if not self._disk.offload(held.sequence_hashes, held.block_ids, held):
+                    pool.release(held)
         elif expired:  # its writer may still be copying: no one gets these slots for a while
             self._quarantine.append((self._leases.now() + self._leases.lease_s, lease.blocks))
             counters.expired_reservations += 1
@@ -374,6 +386,9 @@ class NodeCache:
 
     def _expire(self) -> int:
         self._refresh_touched()
+        if self._disk is not None:
+            for held in self._disk.drain():
+                self._pool.release(held)
         now = self._leases.now()
         while self._quarantine and self._quarantine[0][0] <= now:
             self._pool.release(self._quarantine.popleft()[1])
@@ -419,6 +434,7 @@ class NodeCache:
             "expired_pins": self.counters.expired_pins,
             "refused_unattached": self.counters.refused_unattached,
             "optimistic_hits": self.counters.optimistic_hits,
+            **(self._disk.stats() if self._disk is not None else dict.fromkeys(DISK_STATS, 0)),
             "attached_clients": len(self._attached),
         }
 

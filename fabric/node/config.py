@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fabric.discovery.registry import DEFAULT_NAMESPACE
 from fabric.errors import ConfigError
@@ -45,6 +46,10 @@ class NodeCacheConfig:
         endpoint: where the signal server binds (port 0: a free one).
         lease_s: how long a reservation or a pin lives unless renewed.
         admit_after: a block is stored once its hash was seen this many times (1: always).
+        disk_dir: the node's own disk tier below the pool (``fabric.node.disk``: kvbm's G4
+            block files), written through at commit and read on a pool miss; None: no disk.
+        disk_blocks / disk_gb: how many blocks (or GiB of them) the disk tier keeps (LRU);
+            one is needed with ``disk_dir``; blocks win when both are given.
     """
 
     kvbm: KvbmConfig
@@ -54,8 +59,15 @@ class NodeCacheConfig:
     endpoint: str = DEFAULT_ENDPOINT
     lease_s: float = DEFAULT_LEASE_S
     admit_after: int = 1
+    disk_dir: Path | None = None
+    disk_blocks: int = 0
+    disk_gb: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.disk_dir is not None and self.num_disk_blocks <= 0:
+            raise ConfigError(
+                f"--disk-dir {self.disk_dir} needs a size: give --disk-blocks or --disk-gb"
+            )
         if not self.lease_s > 0:
             raise ConfigError(f"lease_s must be positive, got {self.lease_s}")
         if self.admit_after < 1:
@@ -75,6 +87,12 @@ class NodeCacheConfig:
     @property
     def num_blocks(self) -> int:
         return self.kvbm.tier_blocks(Tier.HOST, self.block_bytes)
+
+    @property
+    def num_disk_blocks(self) -> int:
+        if self.disk_blocks > 0:
+            return self.disk_blocks
+        return int(self.disk_gb * 2**30) // self.block_bytes
 
     @property
     def segment(self) -> str:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fabric.errors import StorageError
+from fabric.kvbm import BlockId, BlockPool, BlockState
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,15 @@ class IndexWriter:
             while m.buckets[b]:
                 b = (b + 1) & m.mask
             m.buckets[b] = slot + 1
+
+    def publish_registered(
+        self, pool: BlockPool, slots: Sequence[int], hashes: Sequence[int]
+    ) -> None:
+        """``publish`` the slots ``pool`` registered (``slots[i]`` under ``hashes[i]``); a slot
+        whose hash was already registered elsewhere (a duplicate) went back to the free list
+        and stays unpublished."""
+        kept = [i for i, s in enumerate(slots) if pool.state(BlockId(s)) is BlockState.REGISTERED]
+        self.publish([slots[i] for i in kept], [hashes[i] for i in kept])
 
     def unpublish(self, slots: Sequence[int]) -> None:
         """Slots about to be handed to a writer: readers that copied them see the change."""

@@ -85,6 +85,17 @@ METRICS: tuple[tuple[str, Kind, str, str], ...] = (
         "optimistic_hits",
         "Blocks readers copied through the shared index, without a lookup (as they marked them).",
     ),
+    ("disk_blocks", Kind.GAUGE, "disk_blocks", "Blocks in the disk tier (0: none)."),
+    ("disk_written", Kind.COUNTER, "disk_written", "Blocks written through to the disk tier."),
+    ("disk_onboarded", Kind.COUNTER, "disk_onboarded", "Blocks read from disk into the pool."),
+    (
+        "disk_skipped",
+        Kind.COUNTER,
+        "disk_skipped",
+        "Committed blocks not written to disk: its write queue was full.",
+    ),
+    ("disk_failed", Kind.COUNTER, "disk_failed", "Blocks whose disk write failed."),
+    ("disk_pending", Kind.GAUGE, "disk_pending", "Blocks queued for the disk (referenced)."),
 )
 """(name without ``PREFIX`` and ``_total``, kind, ``NodeCache.stats()`` key, help)."""
 

@@ -29,6 +29,7 @@ from fabric.errors import StorageError
 from fabric.kvbm import (
     EventSink,
     FrequencyFilter,
+    SharedBlockStore,
     Storage,
     TensorStorage,
     Tier,
@@ -41,6 +42,7 @@ from fabric.kvbm import (
 from fabric.node.cache import Lease, NodeCache
 from fabric.node.client import fault_in
 from fabric.node.config import NodeCacheConfig
+from fabric.node.disk import NodeDisk
 from fabric.node.index import IndexWriter, segment_inode
 from fabric.node.leases import LeaseTable
 from fabric.signal.server import SignalServer
@@ -62,9 +64,11 @@ class NodeCacheService:
         owner_fd: int,
         *,
         index: IndexWriter | None = None,
+        disk: NodeDisk | None = None,
     ) -> None:
         self.cache = cache
         self.index = index
+        self.disk = disk
         self.storage = storage
         self.events = events
         self.server = server
@@ -87,6 +91,8 @@ class NodeCacheService:
         self.server.close()
         if self.index is not None:
             self.index.close()
+        if self.disk is not None:  # its writer reads the segment: before the segment goes
+            self.disk.close()
         self.storage.close()
         self.events.close()
         release_segment(self.segment, self._owner_fd)
@@ -211,7 +217,7 @@ def build_node_cache(
     kvbm = config.kvbm.model_copy(update={"host_shared_name": segment})
     layout = config.layout
     events = publisher_for(kvbm)
-    built: list[Storage | EventSink | IndexWriter] = [events]
+    built: list[Storage | EventSink | IndexWriter | NodeDisk] = [events]
     owner_fd: int | None = None
     try:
         owner_fd = claim_segment(segment)
@@ -224,6 +230,16 @@ def build_node_cache(
         assert data_inode is not None  # created just above, under this service's claim
         index = IndexWriter(segment, layout.num_blocks, data_inode)
         built.append(index)
+        disk = None
+        if config.disk_dir is not None:
+            store = SharedBlockStore(
+                config.disk_dir,
+                compat_hash=config.compat_hash,
+                block_bytes=layout.block_bytes,
+                capacity_blocks=config.num_disk_blocks,
+            )
+            disk = NodeDisk(store, storage, max_pending_blocks=max(1, layout.num_blocks // 4))
+            built.append(disk)
         cache = NodeCache(
             build_pool(kvbm, Tier.NODE, layout.num_blocks, events),  # events: the node tier
             layout,
@@ -232,6 +248,7 @@ def build_node_cache(
             admission=FrequencyFilter(config.admit_after),
             leases=LeaseTable[Lease](config.lease_s, clock),
             index=index,
+            disk=disk,
         )
         server = SignalServer(
             config.endpoint, cache.handle, compat_hash=config.compat_hash, name="node-cache"
@@ -242,6 +259,8 @@ def build_node_cache(
         if owner_fd is not None:
             release_segment(segment, owner_fd)
         raise
+    if disk is not None:
+        logger.info("node cache disk tier: %r, written through at commit", disk.store)
     logger.info(
         "node cache: %d blocks of %d bytes (%.1f MiB) in shared segment %s, leases %.1f s, "
         "compat hash %#018x",
@@ -252,4 +271,4 @@ def build_node_cache(
         config.lease_s,
         config.compat_hash,
     )
-    return NodeCacheService(cache, storage, events, server, owner_fd, index=index)
+    return NodeCacheService(cache, storage, events, server, owner_fd, index=index, disk=disk)

@@ -38,7 +38,9 @@ def node_config(
     num_blocks: int = NUM_BLOCKS,
     lease_s: float,
     endpoint: str = "tcp://127.0.0.1:0",
+    **extra: Any,
 ) -> NodeCacheConfig:
+    """``extra``: more ``NodeCacheConfig`` fields (the disk tier's)."""
     return NodeCacheConfig(
         kvbm=load_kvbm_config(block_size=SPEC["block_size"], cpu_cache_blocks=num_blocks),
         geometry=geometry(SPEC),
@@ -46,6 +48,7 @@ def node_config(
         node="test",
         lease_s=lease_s,
         endpoint=endpoint,
+        **extra,
     )
 
 
