@@ -63,14 +63,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--disk-dir",
         type=Path,
+        default=os.environ.get("FABRIC_NODE_CACHE_DISK_DIR") or None,
         metavar="DIR",
         help="this node's disk tier below the shared pool (block files, written through at "
         "commit, read on a pool miss; a restart with the same directory serves them) "
-        "[default: none]",
+        "[env FABRIC_NODE_CACHE_DISK_DIR (so fabric launch --node-cache passes it); default none]",
     )
     disk = parser.add_mutually_exclusive_group()
     disk.add_argument("--disk-blocks", type=int, metavar="N", help="blocks the disk tier keeps")
-    disk.add_argument("--disk-gb", type=float, metavar="GB", help="size of the disk tier (GiB)")
+    disk.add_argument(
+        "--disk-gb",
+        type=float,
+        default=float(os.environ.get("FABRIC_NODE_CACHE_DISK_GB") or 0) or None,
+        metavar="GB",
+        help="size of the disk tier (GiB) [env FABRIC_NODE_CACHE_DISK_GB]",
+    )
     parser.add_argument(
         "--endpoint",
         default="tcp://127.0.0.1:0",
