@@ -43,4 +43,4 @@ def test_bad_input_is_an_error_exit(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_launch_refuses_a_negative_drain_timeout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["launch", "--drain-timeout", "-1"]) == 2
-    assert "--drain-timeout must be >= 0" in capsys.readouterr().err
+    assert "--drain-timeout must be a number of seconds >= 0" in capsys.readouterr().err

@@ -30,8 +30,10 @@ import openai
 import pytest
 from harness_probes import wait_until
 
+from fabric.config import ServeConfig
+from fabric.errors import FabricError
 from fabric.frontend.client import served_model
-from fabric.launch.stopping import StopSignals
+from fabric.launch.stopping import DRAIN_ENV, WORKER_DRAIN_S, StopSignals, drain_timeout
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_S = 240.0
@@ -130,6 +132,17 @@ def test_the_second_signal_or_one_during_a_stop_hurries() -> None:
     impatient._on_signal(2, None)
     impatient.stop_begins()
     assert impatient.hurry()
+
+
+def test_the_drain_bound_is_the_workers_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DRAIN_ENV, raising=False)
+    assert drain_timeout(None) == WORKER_DRAIN_S == ServeConfig().drain_timeout_s
+    monkeypatch.setenv(DRAIN_ENV, "7.5")
+    assert drain_timeout(None) == 7.5 == ServeConfig().drain_timeout_s
+    assert drain_timeout(0.0) == 0.0  # the flag first
+    monkeypatch.setenv(DRAIN_ENV, "soon")
+    with pytest.raises(FabricError, match=DRAIN_ENV):
+        drain_timeout(None)
 
 
 @pytest.mark.etcd

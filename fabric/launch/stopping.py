@@ -20,6 +20,7 @@ returns; its whole wait is bounded by the drain plus ``DRAIN_MARGIN_S`` plus ``S
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from types import FrameType
@@ -31,6 +32,9 @@ DRAIN_MARGIN_S = STOP_TIMEOUT_S
 """What a worker may take beyond its drain to close (record revoked, blocks released, NIXL
 shut down) before it is SIGKILLed."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DRAIN_ENV = "FABRIC_DRAIN_TIMEOUT_S"
+WORKER_DRAIN_S = 30.0
+"""The workers' own default drain (``fabric.config.ServeConfig.drain_timeout_s``)."""
 
 
 class StopSignals:
@@ -85,12 +89,22 @@ def stop_deployment(
 
 
 def drain_timeout(flag: float | None) -> float:
-    """``--drain-timeout``, else what a worker would take from its environment."""
-    if flag is not None:
-        if flag < 0:
-            raise FabricError("--drain-timeout must be >= 0")
-        return float(flag)
-    from fabric.config import ServeConfig
-    from fabric.settings import load_settings
+    """``--drain-timeout``, else ``FABRIC_DRAIN_TIMEOUT_S``, else the workers' default.
 
-    return load_settings(ServeConfig, {}).drain_timeout_s
+    Read here rather than through ``fabric.config.ServeConfig``, whose import loads torch
+    (seconds before anything starts); a test checks that the defaults agree.
+
+    Raises:
+        FabricError: the value is not a number >= 0 (naming the flag or the variable).
+    """
+    if flag is not None:
+        what, value = "--drain-timeout", str(flag)
+    else:
+        what, value = DRAIN_ENV, os.environ.get(DRAIN_ENV, str(WORKER_DRAIN_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise FabricError(f"{what} must be a number of seconds >= 0, not {value!r}")
+    return seconds

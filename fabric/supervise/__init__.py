@@ -24,6 +24,8 @@ what users run, started and stopped the way users' are:
 * ``private_etcd`` runs an etcd of its own for a ``with`` block, ``sigterm_raises`` turns SIGTERM
   into ``SystemExit`` so that ``finally`` blocks stop the children, ``free_port`` picks a port.
 
+Modules: this one, and ``startup_status`` (``StartupStatus``, importable from here).
+
 Invariants: every wait is bounded; once ``stop_processes`` returns, each child is reaped (with
 its whole process group when it leads one) and its log file is closed, whatever happened.
 """
@@ -37,7 +39,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -46,14 +47,43 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, TYPE_CHECKING, Protocol, TextIO
+from typing import IO, TYPE_CHECKING, Protocol
 
 from fabric.errors import FabricError
+from fabric.supervise.startup_status import LIVE_S, LOG_EVERY_S, StartupStatus
 from fabric.transfer.ucx_env import ucx_env_defaults
 
 if TYPE_CHECKING:
     from fabric.discovery.etcd_certs import TlsMaterial
     from fabric.discovery.etcd_users import ServerUsers
+
+__all__ = [
+    "HEALTH_TIMEOUT_S",
+    "HURRY_S",
+    "LIVE_S",
+    "LOG_EVERY_S",
+    "POLL_S",
+    "STOP_TIMEOUT_S",
+    "TAIL_LINES",
+    "Child",
+    "ChildFailed",
+    "HealthEndpoints",
+    "Progress",
+    "ReadyLine",
+    "Readiness",
+    "StartupStatus",
+    "check_alive",
+    "child_env",
+    "describe_exit",
+    "fetch_health",
+    "free_port",
+    "private_etcd",
+    "sigterm_raises",
+    "start_process",
+    "stop_in_stages",
+    "stop_processes",
+    "wait_ready",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,74 +96,8 @@ HEALTH_TIMEOUT_S = 2.0
 TAIL_LINES = 25
 """Lines of a child's log quoted when it fails."""
 
-LIVE_S = 0.25
-"""How often a live status line is rewritten at most."""
-LOG_EVERY_S = 10.0
-"""How often a wait that is not on a terminal repeats its line while nothing changes."""
-
 Progress = Callable[[str], None]
 """Receives one line per step worth telling (started, ready, stopped)."""
-
-
-class StartupStatus:
-    """What a start-up (or a stop) is doing, for the person watching it.
-
-    ``line`` (a ``Progress``) prints one line with ``prefix``; ``waiting`` reports a bounded
-    wait (what is awaited, seconds waited, the bound) and ``done`` ends it. On a terminal the
-    wait is one status line rewritten in place (at most every ``LIVE_S``) and cleared before any
-    other line and when the wait ends; elsewhere it is a plain line when what is awaited
-    changes and every ``LOG_EVERY_S`` while it does not, so a log shows progress, not noise.
-
-    Args:
-        live: rewrite a status line in place; default: whether ``stream`` is a terminal.
-    """
-
-    def __init__(
-        self,
-        prefix: str,
-        stream: TextIO | None = None,
-        *,
-        live: bool | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._prefix = prefix
-        self._stream = stream if stream is not None else sys.stdout
-        self._live = self._stream.isatty() if live is None else live
-        self._clock = clock
-        self._shown = False  # a live line is on the screen
-        self._what: str | None = None
-        self._written_at = 0.0
-
-    def line(self, message: str) -> None:
-        self._clear()
-        self._stream.write(f"{self._prefix} {message}\n")
-        self._stream.flush()
-
-    def waiting(self, what: str, waited_s: float, bound_s: float) -> None:
-        now = self._clock()
-        changed = what != self._what
-        every = LIVE_S if self._live else LOG_EVERY_S
-        if not changed and now - self._written_at < every:
-            return
-        self._what, self._written_at = what, now
-        text = f"waiting: {what} ({waited_s:.0f} s of {bound_s:.0f} s)"
-        if not self._live:
-            self.line(text)
-            return
-        self._stream.write(f"\r{self._prefix} {text}\x1b[K")
-        self._stream.flush()
-        self._shown = True
-
-    def done(self) -> None:
-        """The wait ended: clear its live line."""
-        self._clear()
-        self._what = None
-
-    def _clear(self) -> None:
-        if self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-            self._shown = False
 
 
 class ChildFailed(FabricError):
