@@ -5,6 +5,8 @@ SIGTERM and waits (bounded), then SIGKILLs. ``Frontend`` plays the frontend of t
 ``SignalClient`` per worker (identity: the frontend's id), ``GenerateRequest`` sent one-way,
 ``TokenChunk``s collected per request id until the finished one. ``prompt_of`` makes a seeded
 prompt; ``blocks_in_use`` scrapes a worker's ``fabric_kvbm_blocks_in_use{tier="G1"}``.
+``serving_fleet`` runs a private etcd, the given workers on the tiny model and a ``Frontend``,
+and stops all of them on exit.
 """
 
 from __future__ import annotations
@@ -16,21 +18,26 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from harness_probes import scrape as scrape_url
 
+from fabric.discovery.etcd import EtcdRegistry
+from fabric.discovery.etcd_server import EtcdServer
 from fabric.discovery.records import WorkerRecord
 from fabric.discovery.registration import WorkerDirectory
+from fabric.models.presets import ensure_model
 from fabric.signal.client import SignalClient
 from fabric.signal.messages import Abort, GenerateRequest, TokenChunk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_S = 15.0
 REPLY_S = 30.0
+STARTUP_S = 60.0
 
 
 @dataclass
@@ -218,3 +225,39 @@ def stop_all(workers: Sequence[WorkerProcess]) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             worker.proc.wait(timeout=STOP_S)
         worker.kill()
+
+
+@contextlib.contextmanager
+def serving_fleet(
+    tmp: Path, workers: Mapping[str, tuple[str, Sequence[str]]], extra: Sequence[str]
+) -> Iterator[tuple[Frontend, dict[str, WorkerProcess]]]:
+    """A private etcd, ``workers`` (id -> (role, flags), each also given ``extra``) on the tiny
+    model in one fresh namespace, all registered (within ``STARTUP_S``), and a ``Frontend``;
+    every process is stopped on exit."""
+    model_dir = ensure_model("tiny", tmp / "tiny", progress=lambda _: None)
+    namespace = f"serving-{uuid.uuid4().hex[:8]}"
+    with EtcdServer(name=f"fabric-{tmp.name}-etcd") as etcd:
+        started: dict[str, WorkerProcess] = {}
+        registry = EtcdRegistry(etcd.endpoint, timeout_s=2.0)
+        directory = WorkerDirectory(registry, namespace=namespace).start()
+        frontend = Frontend(directory)
+        try:
+            for worker_id, (role, flags) in workers.items():
+                started[worker_id] = spawn_worker(
+                    role,
+                    worker_id,
+                    etcd=etcd.endpoint,
+                    namespace=namespace,
+                    model_dir=model_dir,
+                    log_dir=tmp,
+                    extra=[*extra, *flags],
+                )
+            if not directory.wait_for(lambda w: set(w) == set(workers), STARTUP_S):
+                logs = "\n\n".join(f"== {w.worker_id}\n{w.log_tail()}" for w in started.values())
+                pytest.fail(f"workers did not register within {STARTUP_S} s:\n{logs}")
+            yield frontend, started
+        finally:
+            frontend.close()
+            stop_all(list(started.values()))
+            directory.close()
+            registry.close()

@@ -17,7 +17,6 @@ wait is bounded.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,14 +30,8 @@ from serving_harness import (
     metric,
     prompt_of,
     scrape,
-    spawn_worker,
-    stop_all,
+    serving_fleet,
 )
-
-from fabric.discovery.etcd import EtcdRegistry
-from fabric.discovery.etcd_server import EtcdServer
-from fabric.discovery.registration import WorkerDirectory
-from fabric.models.presets import ensure_model
 
 pytestmark = [
     pytest.mark.etcd,
@@ -47,7 +40,6 @@ pytestmark = [
 
 BLOCK_SIZE = 16
 DEVICE_BLOCKS = 96
-STARTUP_S = 60.0
 MAX_TOKENS = 16
 WORKERS = {
     "prefill-a": ("prefill", []),
@@ -77,39 +69,13 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    tmp = tmp_path_factory.mktemp("serving")
-    model_dir = ensure_model("tiny", tmp / "tiny", progress=lambda _: None)
-    namespace = f"serving-{uuid.uuid4().hex[:8]}"
-    with EtcdServer(name="fabric-serving-etcd") as etcd:
-        workers: dict[str, WorkerProcess] = {}
-        registry = EtcdRegistry(etcd.endpoint, timeout_s=2.0)
-        directory = WorkerDirectory(registry, namespace=namespace).start()
-        frontend = Frontend(directory)
-        try:
-            for worker_id, (role, extra) in WORKERS.items():
-                workers[worker_id] = spawn_worker(
-                    role,
-                    worker_id,
-                    etcd=etcd.endpoint,
-                    namespace=namespace,
-                    model_dir=model_dir,
-                    log_dir=tmp,
-                    extra=[
-                        f"--device-blocks={DEVICE_BLOCKS}",
-                        f"--block-size={BLOCK_SIZE}",
-                        "--registration-ttl=1",
-                        *extra,
-                    ],
-                )
-            deployed = Deployment(frontend, workers)
-            if not directory.wait_for(lambda w: set(w) == set(WORKERS), STARTUP_S):
-                pytest.fail(f"workers did not register within {STARTUP_S} s:\n{deployed.logs()}")
-            yield deployed
-        finally:
-            frontend.close()
-            stop_all(list(workers.values()))
-            directory.close()
-            registry.close()
+    extra = [
+        f"--device-blocks={DEVICE_BLOCKS}",
+        f"--block-size={BLOCK_SIZE}",
+        "--registration-ttl=1",
+    ]
+    with serving_fleet(tmp_path_factory.mktemp("serving"), WORKERS, extra) as (frontend, workers):
+        yield Deployment(frontend, workers)
 
 
 def check_equal(disaggregated: Result, aggregated: Result) -> None:
