@@ -139,6 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "it [default: not registered; workers then need its endpoint]",
     )
     parser.add_argument(
+        "--nixl",
+        action="store_true",
+        help="register the shared pool with a NIXL agent so workers on other hosts can read it "
+        "(lookup + pin over the signal channel, one NIXL READ, unpin); with --etcd its block "
+        "set is published there [default: off]",
+    )
+    parser.add_argument(
         "--registration-ttl", type=float, default=5.0, metavar="SECONDS", help="etcd lease TTL"
     )
 
@@ -180,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             "disk_dir": None if config.disk_dir is None else str(config.disk_dir),
             "disk_blocks": config.num_disk_blocks if config.disk_dir is not None else 0,
             "worker_id": registered,
+            "agent_name": None if service.nixl is None else service.nixl.agent.name,
         }
         print(json.dumps(ready), flush=True)
         logger.info("node cache serving on %s", service.endpoint)
@@ -213,6 +221,10 @@ def _register(
     ).start()
     stack.callback(registration.close)
     logger.info("registered as %s in namespace %r", record.worker_id, config.namespace)
+    if service.nixl is not None:
+        key = service.nixl.publish(registry, config.namespace, config.node)
+        stack.callback(registry.delete, key)
+        logger.info("NIXL block set of agent %s at %s", service.nixl.agent.name, key)
     return record.worker_id
 
 
@@ -250,6 +262,7 @@ def _config_fields(args: argparse.Namespace, addresses: HostAddresses) -> dict[s
         "disk_dir": args.disk_dir,
         "disk_blocks": args.disk_blocks or 0,
         "disk_gb": args.disk_gb or 0.0,
+        "nixl": args.nixl,
     }
     node = args.node or kvbm.node_name
     if node:

@@ -206,6 +206,10 @@ class NodeCache:
                     getattr(message, "request_id", None), ErrorCode.UNKNOWN_REQUEST, str(exc)
                 )
 
+    def busy(self) -> bool:
+        """Whether a reservation or pin is live (read without the lock: a hint for pollers)."""
+        return len(self._leases) > 0
+
     def sweep(self) -> int:
         """Reclaim every lease past its deadline now; how many were."""
         with self._lock:

@@ -259,30 +259,30 @@ class NodeCacheClient:
         reply = self._request(
             NodeReserve(self._next_id(), [int(h) for h in sequence_hashes], parent_hash)
         )
-        return _expect(reply, NodeReserved)
+        return expect_reply(reply, NodeReserved)
 
     def commit(self, lease_id: int, sequence_hashes: Sequence[SequenceHash]) -> NodeAck:
         """Register a reservation's slots (their bytes written); the lease ends."""
         reply = self._request(
             NodeCommit(self._next_id(), lease_id, [int(h) for h in sequence_hashes])
         )
-        return _expect(reply, NodeAck)
+        return expect_reply(reply, NodeAck)
 
     def lookup(self, sequence_hashes: Sequence[SequenceHash]) -> NodePinned:
         """Pin the longest held prefix (a lease; release it)."""
         reply = self._request(NodeLookup(self._next_id(), [int(h) for h in sequence_hashes]))
-        return _expect(reply, NodePinned)
+        return expect_reply(reply, NodePinned)
 
     def release(self, lease_id: int) -> NodeAck:
         """End a lease: abort a reservation, unpin a lookup."""
-        return _expect(self._request(NodeRelease(self._next_id(), lease_id)), NodeAck)
+        return expect_reply(self._request(NodeRelease(self._next_id(), lease_id)), NodeAck)
 
     def renew(self, lease_id: int) -> NodeAck:
         """Extend a live lease by the service's lease time."""
-        return _expect(self._request(NodeRenew(self._next_id(), lease_id)), NodeAck)
+        return expect_reply(self._request(NodeRenew(self._next_id(), lease_id)), NodeAck)
 
     def stats(self) -> dict[str, int]:
-        return _expect(self._request(NodeStatsRequest(self._next_id())), NodeStats).stats
+        return expect_reply(self._request(NodeStatsRequest(self._next_id())), NodeStats).stats
 
     def close(self) -> None:
         """Unmap the segment (never unlinks it) and close the socket. Idempotent."""
@@ -351,7 +351,9 @@ def attach_node_cache(
     """
     signal = SignalClient(endpoint, identity=identity, compat_hash=compat_hash, timeout_s=timeout_s)
     try:
-        geometry = _expect(signal.request(NodeAttach(identity), attach_timeout_s), NodeGeometry)
+        geometry = expect_reply(
+            signal.request(NodeAttach(identity), attach_timeout_s), NodeGeometry
+        )
         if geometry.compat_hash != compat_hash:
             raise ProtocolMismatch(
                 f"node cache at {endpoint} serves compat hash {geometry.compat_hash:#018x}, "
@@ -419,7 +421,7 @@ def _pair(sequence_hashes: Sequence[SequenceHash], block_ids: Sequence[int]) -> 
         )
 
 
-def _expect(reply: Message, kind: type[_M]) -> _M:
+def expect_reply(reply: Message, kind: type[_M]) -> _M:
     if not isinstance(reply, kind):
         raise ProtocolMismatch(f"node cache answered {type(reply).__name__}, not {kind.__name__}")
     return reply

@@ -50,6 +50,8 @@ class NodeCacheConfig:
             block files), written through at commit and read on a pool miss; None: no disk.
         disk_blocks / disk_gb: how many blocks (or GiB of them) the disk tier keeps (LRU);
             one is needed with ``disk_dir``; blocks win when both are given.
+        nixl: register the segment with a NIXL agent so other hosts can read it
+            (``fabric.node.nixl``).
     """
 
     kvbm: KvbmConfig
@@ -62,6 +64,7 @@ class NodeCacheConfig:
     disk_dir: Path | None = None
     disk_blocks: int = 0
     disk_gb: float = 0.0
+    nixl: bool = False
 
     def __post_init__(self) -> None:
         if self.disk_dir is not None and self.num_disk_blocks <= 0:

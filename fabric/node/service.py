@@ -45,6 +45,7 @@ from fabric.node.config import NodeCacheConfig
 from fabric.node.disk import NodeDisk
 from fabric.node.index import IndexWriter, segment_inode
 from fabric.node.leases import LeaseTable
+from fabric.node.nixl import NodeNixl
 from fabric.signal.server import SignalServer
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,12 @@ class NodeCacheService:
         *,
         index: IndexWriter | None = None,
         disk: NodeDisk | None = None,
+        nixl: NodeNixl | None = None,
     ) -> None:
         self.cache = cache
         self.index = index
         self.disk = disk
+        self.nixl = nixl
         self.storage = storage
         self.events = events
         self.server = server
@@ -93,6 +96,8 @@ class NodeCacheService:
             self.index.close()
         if self.disk is not None:  # its writer reads the segment: before the segment goes
             self.disk.close()
+        if self.nixl is not None:
+            self.nixl.close()
         self.storage.close()
         self.events.close()
         release_segment(self.segment, self._owner_fd)
@@ -194,7 +199,7 @@ def node_record(
         worker_id=f"node-cache-{config.node}",
         role=Role.NODE_CACHE,
         endpoints=endpoints,
-        agent_name=None,
+        agent_name=None if service.nixl is None else service.nixl.agent.name,
         layout=layout_record(layout, model=model),
         compat_hash=config.compat_hash,
         started_at=time.time(),
@@ -217,7 +222,7 @@ def build_node_cache(
     kvbm = config.kvbm.model_copy(update={"host_shared_name": segment})
     layout = config.layout
     events = publisher_for(kvbm)
-    built: list[Storage | EventSink | IndexWriter | NodeDisk] = [events]
+    built: list[Storage | EventSink | IndexWriter | NodeDisk | NodeNixl] = [events]
     owner_fd: int | None = None
     try:
         owner_fd = claim_segment(segment)
@@ -250,6 +255,12 @@ def build_node_cache(
             index=index,
             disk=disk,
         )
+        nixl = None
+        if config.nixl:
+            nixl = NodeNixl(
+                storage, node=config.node, compat_hash=config.compat_hash, busy=cache.busy
+            )
+            built.append(nixl)
         server = SignalServer(
             config.endpoint, cache.handle, compat_hash=config.compat_hash, name="node-cache"
         )
@@ -271,4 +282,6 @@ def build_node_cache(
         config.lease_s,
         config.compat_hash,
     )
-    return NodeCacheService(cache, storage, events, server, owner_fd, index=index, disk=disk)
+    return NodeCacheService(
+        cache, storage, events, server, owner_fd, index=index, disk=disk, nixl=nixl
+    )
