@@ -8,7 +8,12 @@ host and outliving any of them (issue 13).
               events), the admission filter, the lease state machine, the signal handler
     service   build_node_cache -> NodeCacheService: segment + pool + NodeCache + SignalServer
     client    attach_node_cache -> NodeCacheClient: map the segment; store (reserve, one copy,
-              commit) and load (lookup + pin, one copy, unpin)
+              commit) and load (a full hit through the slot index, no request; else lookup +
+              pin, one copy, unpin)
+    index     the slot index in shared memory (one writer, seqlocked readers)
+    disk      NodeDisk: the node's disk tier (kvbm's G4 store), write-through, onboard on lookup
+    nixl      NodeNixl: the segment registered with NIXL, its block set in etcd
+    remote    RemoteNodeReader: a reader on another host (lookup + pin, NIXL READ, unpin)
 
 ``python -m fabric.node`` (``fabric serve node-cache``) runs the service. The protocol's
 messages are ``fabric.signal.messages``' Node* types over the signal channel. Imports

@@ -3,7 +3,9 @@
 The service is the node cache's running whole: the shared segment (kvbm's ``tier_storage`` for
 the HOST tier with ``host_shared_name`` set: ``host_storage(..., shared_name=...)``), the pool
 with the configured eviction policy and event sink (kvbm's ``build_pool``, ``publisher_for``),
-the admission filter, the ``NodeCache`` over them, and the ``SignalServer`` that serves it.
+the admission filter, the slot index readers probe (``fabric.node.index``), the optional disk
+tier (``fabric.node.disk``) and NIXL registration (``fabric.node.nixl``), the ``NodeCache``
+over them, and the ``SignalServer`` that serves it.
 
 Invariants: the segment's memory is allocated when it is built (every page written once, after
 checking that /dev/shm has room: a full tmpfs is a clear error at start, never a SIGBUS in a
