@@ -15,6 +15,7 @@ import torch
 from fabric.bench.deployment import machine
 from fabric.bench.tiers_vs_peers import measure, peers, report
 from fabric.errors import ConfigError
+from fabric.kvbm.tiers import kernels
 from fabric.supervise import sigterm_raises
 
 OURS = ("fabric_host", "fabric_node", "fabric_disk")
@@ -24,8 +25,9 @@ PATHS = {
     "fabric_host": "kvbm G2: offload(device blocks, HOST) = allocate + one copy_blocks + "
     "register; load = match_and_onboard (match, allocate device blocks, one copy, register)",
     "fabric_node": "node cache process + NodeCacheClient over real shared memory: store = "
-    "reserve round trip + one copy into the segment + commit round trip; load = lookup round "
-    "trip (pin) + one copy out + one-way unpin",
+    "reserve round trip + one copy into the segment + commit round trip; load = a full hit "
+    "through the segment's slot index (probe, one copy out, generation re-check, no round "
+    "trip), else a lookup round trip (pin) + one copy out + one-way unpin",
     "fabric_disk": "kvbm G3 (one O_DIRECT file): offload(device blocks, DISK) = allocate + "
     "write + register; load = match_and_onboard from DISK (read + register)",
     "kvcr_host": "kvcr local DRAM: deposit (NIXL UCX copy into kvcr's pool) / deliver, "
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.rounds < 1 or args.repeats < 1 or args.latency_samples < 1:
         raise ConfigError("--rounds, --repeats and --latency-samples must be at least 1")
     plans = [_plan(block_bytes, total, args) for block_bytes in sizes]
+    if any(s in OURS for s in systems) and not kernels.build():  # waits for a build under way
+        _log("the native copy kernels are not available: our copies use the pure fallback")
     load_before = os.getloadavg()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one copy thread everywhere (the LMCache runner does the same)
@@ -150,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "block_tokens": measure.BLOCK_TOKENS,
             "tier_capacity": "a batch and an eighth (every store evicts)",
             "copy_threads": 1,
+            "native_copy_kernels": kernels.native_available(),
         },
         "machine": machine(load_before),
     }

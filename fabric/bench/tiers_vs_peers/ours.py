@@ -12,8 +12,9 @@
   fabric.node``, its own process, supervised by ``fabric.supervise``; its segment in
   /dev/shm), and this process attached as a worker is (``attach_node_cache``). The engine's KV is
   a host storage of the batch's blocks. Store: ``NodeCacheClient.store``: a reserve round trip,
-  one copy into the segment, a commit round trip. Load: ``NodeCacheClient.load``: a lookup round
-  trip (pins), one copy out, the unpin sent one-way.
+  one copy into the segment, a commit round trip. Load: ``NodeCacheClient.load``: a full hit
+  reads through the segment's slot index (no round trip: probe, one copy out, the generations
+  checked again), anything else takes a lookup round trip (pins), one copy out, a one-way unpin.
 
 Every path copies with one torch thread, as a worker with ``--threads 1`` does. A key's sequence
 hash (``sequence_hashes``) is computed in ``stage``: no hashing is timed (the engine hashed the
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import xxhash
 
+from fabric.bench.deployment import STARTUP_S
 from fabric.bench.tiers_vs_peers import measure
 from fabric.errors import FabricError
 from fabric.kvbm import (
@@ -49,8 +51,6 @@ from fabric.kvbm import (
 )
 from fabric.node import NodeCacheClient, attach_node_cache
 from fabric.supervise import Child, Progress, ReadyLine, start_process, stop_processes, wait_ready
-
-NODE_STARTUP_S = 120.0
 
 
 def geometry(block_bytes: int) -> KvGeometry:
@@ -166,7 +166,7 @@ class NodeTierPath:
         self._hashes: list[SequenceHash] = []
         try:
             ready = ReadyLine(self._children[0], progress)
-            wait_ready(self._children, ready, NODE_STARTUP_S)
+            wait_ready(self._children, ready, STARTUP_S)
             assert ready.line is not None
             layout = geo.layout(LayoutKind.FULLY_CONTIGUOUS, plan.num_blocks, measure.BLOCK_TOKENS)
             self.storage = host_storage(layout, pin=False)
