@@ -9,6 +9,8 @@ is unique across the test tree. Every wait here is bounded.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -71,3 +73,18 @@ def worker_records(registry: EtcdRegistry, namespace: str) -> dict[str, WorkerRe
             for key, value in registry.get_prefix(workers_prefix(namespace)).items()
         )
     }
+
+
+def launched_pids(output: str) -> list[int]:
+    """The pids ``fabric launch`` printed for the processes it started (``started NAME (pid N)``):
+    each runs in a process group of its own, so a check of launch's group does not cover them."""
+    return [int(m) for m in re.findall(r"\] started \S+ \(pid (\d+)\)", output)]
+
+
+def process_alive(pid: int) -> bool:
+    """True while a process ``pid`` exists (a zombie counts: its parent has not reaped it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from harness_probes import wait_until
+from harness_probes import launched_pids, process_alive, wait_until
 
 from fabric.config import ServeConfig
 from fabric.errors import FabricError
@@ -56,20 +56,12 @@ class Launch:
         return "\n".join(self.lines)
 
     def pids(self) -> list[int]:
-        return [int(m) for m in re.findall(r"\] started \S+ \(pid (\d+)\)", self.output)]
+        return launched_pids(self.output)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(
             base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=STOP_S
         )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @contextmanager
@@ -173,7 +165,7 @@ def test_a_request_in_flight_finishes_when_launch_is_stopped(
                 if chunk.usage is not None:
                     num_tokens = chunk.usage.completion_tokens
         code = launch.proc.wait(timeout=DRAIN_S + STOP_S)
-        assert not [pid for pid in launch.pids() if _alive(pid)], launch.output
+        assert not [pid for pid in launch.pids() if process_alive(pid)], launch.output
     assert code == 0, launch.output
     assert ("".join(pieces), num_tokens) == (want.choices[0].text, want.usage.completion_tokens)
     assert re.search(
@@ -204,7 +196,7 @@ def test_a_second_sigterm_stops_everything_at_once(tmp_path: Path, tiny_dir: Pat
                 pass
         # Far inside the drain's two minutes: the hurry, not the drain, ended it.
         code = launch.proc.wait(timeout=STOP_S)
-        assert not [pid for pid in launch.pids() if _alive(pid)], launch.output
+        assert not [pid for pid in launch.pids() if process_alive(pid)], launch.output
     assert code == 0, launch.output
     assert "stopping at once: aggregated-0" in launch.output
     worker_log = (tmp_path / "run" / "aggregated-0.log").read_text()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from e2e_harness import REPO_ROOT, STOP_S, wait_until
+from harness_probes import launched_pids, process_alive
 
 pytestmark = [
     pytest.mark.etcd,
@@ -49,6 +50,7 @@ def run_in_own_group(cmd: list[str], env: dict[str, str]) -> subprocess.Complete
         text=True,
         start_new_session=True,
     )
+    out = ""
     try:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -61,10 +63,16 @@ def run_in_own_group(cmd: list[str], env: dict[str, str]) -> subprocess.Complete
         pytest.fail(f"{cmd[0]} did not finish within {TIMEOUT_S} s:\n{out}")
     finally:
         # Every child is gone when launch returns; anything left is a leak, and is stopped.
-        leaked = not wait_until(lambda: group_gone(proc.pid), 5.0)
+        # launch runs each process it starts in a group of its own: those are checked by pid.
+        groups = [proc.pid, *launched_pids(out)]
+        leaked = not wait_until(
+            lambda: group_gone(proc.pid) and not any(process_alive(p) for p in groups[1:]), 5.0
+        )
         if leaked:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+    assert groups[1:], f"no 'started NAME (pid N)' line in the output of {cmd[0]}:\n{out}"
     assert not leaked, f"processes of {cmd[0]} outlived it:\n{out}"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
