@@ -85,7 +85,8 @@ class ServeConfig(BaseSettings):
 
     kv_handoff: KvHandoff = Field(KvHandoff.LAYERWISE, validation_alias=env("kv_handoff"))
     """Decode workers ask for (prefill workers grant) a layer-wise handoff, or not: ``whole``
-    on either side keeps the whole-prompt offer."""
+    on either side keeps the whole-prompt offer. A decode with a node cache (``node_cache``)
+    asks for the whole offer: its prompt blocks come from the host's node tier."""
 
     max_waiting: int = Field(64, ge=0, validation_alias=env("max_waiting"))
     """Requests that may wait for device blocks; beyond this they are refused with an error."""

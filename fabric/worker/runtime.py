@@ -398,7 +398,9 @@ def _build(
             handoff=decode_handoff,
             fallback=config.serve.prefill_fallback,
             max_num_batched_tokens=config.serve.max_num_batched_tokens or None,
-            layerwise=config.serve.kv_handoff is KvHandoff.LAYERWISE,
+            # with a node cache the prompt's full blocks come from the host's node tier once
+            # the prefill stored them: a layer-wise read would bypass it, so ask for the whole
+            layerwise=config.serve.kv_handoff is KvHandoff.LAYERWISE and not kvbm.node_attached,
             remote_source=KvSource.PEER if role is Role.AGGREGATED else KvSource.PREFILL,
         )
     scheduler.start(generation=generation, prefill=prefill, offload=offload)
