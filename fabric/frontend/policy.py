@@ -35,7 +35,9 @@ The policy, in order:
    id order, as before); then the smallest worker id, so choices are reproducible. Load comes
    first on purpose: a worker lacking the prefix reads it from a holder (step 2) instead of
    recomputing it, so sending every request that shares a prefix to its one holder would buy a
-   transfer's worth of time at the price of a hot spot.
+   transfer's worth of time at the price of a hot spot. The router takes the least-loaded
+   workers from the fleet's ``Roster`` (its lowest load bucket) and breaks the tie with
+   ``choose_among_tied``, the same choice without a pass over the fleet.
 2. **KV source** (``choose_source``, ``GenerateRequest.prefill_worker``): candidates are the
    other workers the serving worker can read KV from (``SOURCE_ROLES``: prefill and aggregated
    workers) with its compat hash and
