@@ -13,10 +13,17 @@ agent); a process that serves ``/metrics`` registers it into its registry (the w
 
 Without NIXL telemetry (an agent built with ``AgentConfig(telemetry=False)``, or NIXL refusing
 to give it) the agent's own post-to-release time and its byte count stand in.
+
+Each record is also handed, as a ``TransferRecord``, to the observers ``add_observer``
+installed (a process that exports the counts elsewhere than a ``/metrics`` of its own, e.g. the
+vLLM connector through vLLM's ``KVConnectorStats``); observers run on the recording thread and
+must not raise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -70,15 +77,55 @@ _ERRORS = Counter(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    """One ended transfer as the series above count it (``backend`` and the sizes are only
+    known for a DONE one)."""
+
+    op: str
+    outcome: TransferOutcome
+    backend: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+    num_descs: int = 0
+
+
+TransferObserver = Callable[[TransferRecord], None]
+
+
+class _Observers:
+    """The installed observers; the tuple is replaced, never mutated, so a recording thread
+    iterates the one it read while another adds or removes."""
+
+    current: tuple[TransferObserver, ...] = ()
+
+
+_OBSERVERS = _Observers()
+
+
+def add_observer(observer: TransferObserver) -> None:
+    """Hand every record from now on to ``observer`` too (module docstring)."""
+    _OBSERVERS.current = (*_OBSERVERS.current, observer)
+
+
+def remove_observer(observer: TransferObserver) -> None:
+    """Stop handing records to ``observer`` (nothing if it was not added)."""
+    _OBSERVERS.current = tuple(o for o in _OBSERVERS.current if o != observer)
+
+
 def record_done(op: str, backend: str, nbytes: int, seconds: float, num_descs: int) -> None:
     """One completed transfer."""
     _TRANSFERS.labels(op, TransferOutcome.DONE.value).inc()
     _BYTES.labels(op, backend).inc(nbytes)
     _SECONDS.labels(op, backend).observe(seconds)
     _DESCRIPTORS.labels(op).inc(num_descs)
+    for observer in _OBSERVERS.current:
+        observer(TransferRecord(op, TransferOutcome.DONE, backend, nbytes, seconds, num_descs))
 
 
 def record_error(op: str, outcome: TransferOutcome) -> None:
     """One transfer that did not complete (``outcome`` is not DONE)."""
     _TRANSFERS.labels(op, outcome.value).inc()
     _ERRORS.labels(op, outcome.value).inc()
+    for observer in _OBSERVERS.current:
+        observer(TransferRecord(op, outcome))
