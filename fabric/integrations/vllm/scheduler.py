@@ -44,7 +44,9 @@ from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.saves import FullRun, disk_save, node_saves, tier_saves
 from fabric.integrations.vllm.stats import SchedulerStats
 from fabric.integrations.vllm.tiers import EventBuffer, TierHit, TierLedger
+from fabric.integrations.vllm.traces import TIER_TO_SOURCE, RequestTraces
 from fabric.kvbm import EventSink, KvEvent, SequenceHash, SharedBlockStore, Tier, hash_token_blocks
+from fabric.signal.kv_trace import KvSource
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,10 @@ class FabricScheduler:
         self.geometry = geometry
         self.block_size = geometry.block_size
         self.stats = SchedulerStats()
+        self.traces = RequestTraces(
+            geometry.block_size, KvSource.PEER if config.kv_role.produces else KvSource.PREFILL
+        )
+        """Each request's KV trace (``traces``), returned and logged when it finishes."""
         self._store = store
         self._ledger = ledger
         self._events = events
@@ -122,6 +128,7 @@ class FabricScheduler:
         """
         req_id = request.request_id
         self._forget_lookup(req_id)
+        self.traces.looked_up(req_id, num_computed_tokens)
         peer = self._peer_params(request)
         if peer is not None:
             remote_tokens = min(int(peer["remote_num_tokens"]), request.num_prompt_tokens)
@@ -227,34 +234,27 @@ class FabricScheduler:
         lookup = self._lookups.pop(req_id, None)
         hit = lookup.hit if lookup is not None else None
         bs = self.block_size
-        params = request.kv_transfer_params
         if self._peer_params(request) is not None:
-            params["do_remote_prefill"] = False  # one transfer per request, even if retried
-            if num_external_tokens > 0 and lookup is not None and lookup.from_peer:
-                first = lookup.num_local_tokens // bs
-                end = -(-(lookup.num_local_tokens + num_external_tokens) // bs)
-                self._meta.reads.append(
-                    self._peer_read(request, params, first, tuple(block_ids[first:end]))
-                )
-                self.stats.num_peer_reads += 1
-            else:  # a full local hit: nothing to read, but the producer may free its blocks
-                self._meta.reads.append(self._peer_read(request, params, 0, ()))
+            self._plan_peer_read(request, block_ids, num_external_tokens, lookup)
             return
         if num_external_tokens <= 0 or lookup is None or lookup.from_peer:
             if hit is not None:
                 self._ledger_release(hit)
+            self.traces.planned(req_id, request.num_prompt_tokens, [])
             return
         first = lookup.num_local_tokens // bs
         num = num_external_tokens // bs
         ids = block_ids[first : first + num]
         num_tier = 0
         sources: dict[Tier, int] = {}
+        traced: list[tuple[KvSource, int, tuple[int, ...]]] = []
         if hit is not None:
             assert self._ledger is not None
             num_tier = min(hit.num_blocks, num)
             for load in self._ledger.plan_loads(req_id, hit, ids, num_tier):
                 self._meta.tier_loads.append(load)
                 sources[load.tier] = sources.get(load.tier, 0) + len(load.block_ids) * bs
+                traced.append((TIER_TO_SOURCE[load.tier], len(load.block_ids) * bs, load.block_ids))
         num_node = min(lookup.num_node, num - num_tier)
         hashes = self._hashes(req_id, request.all_token_ids, first + num)
         if num_node:
@@ -265,17 +265,43 @@ class FabricScheduler:
                 )
             )
             sources[Tier.NODE] = num_node * bs
+            traced.append((KvSource.NODE, num_node * bs, tuple(ids[num_tier:end])))
         if num > num_tier + num_node:
             start = num_tier + num_node
             self._meta.loads.append(
                 DiskLoad(req_id, tuple(ids[start:]), tuple(hashes[first + start :]))
             )
             sources[Tier.SHARED] = (num - start) * bs
+            traced.append((KvSource.G4, (num - start) * bs, tuple(ids[start:])))
         self._sources[req_id] = sources
+        self.traces.planned(req_id, request.num_prompt_tokens, traced)
         self.stats.num_host_hit_tokens += sources.get(Tier.HOST, 0)
         self.stats.num_local_disk_hit_tokens += sources.get(Tier.DISK, 0)
         self.stats.num_node_hit_tokens += sources.get(Tier.NODE, 0)
         self.stats.num_disk_hit_tokens += sources.get(Tier.SHARED, 0)
+
+    def _plan_peer_read(
+        self, request: Any, block_ids: list[int], num_external_tokens: int, lookup: _Lookup | None
+    ) -> None:
+        """Plan reading the prefill a producer holds for ``request`` (or, after a full local
+        hit, only telling it to free its blocks)."""
+        params = request.kv_transfer_params
+        params["do_remote_prefill"] = False  # one transfer per request, even if retried
+        loads: list[tuple[KvSource, int, tuple[int, ...]]] = []
+        if num_external_tokens > 0 and lookup is not None and lookup.from_peer:
+            bs = self.block_size
+            first = lookup.num_local_tokens // bs
+            end = -(-(lookup.num_local_tokens + num_external_tokens) // bs)
+            read = self._peer_read(request, params, first, tuple(block_ids[first:end]))
+            self.stats.num_peer_reads += 1
+            loads.append((self.traces.remote_source, num_external_tokens, read.block_ids))
+        else:  # a full local hit: nothing to read, but the producer may free its blocks
+            read = self._peer_read(request, params, 0, ())
+        self._meta.reads.append(read)
+        worker = read.remote_worker_id if loads else ""
+        self.traces.planned(
+            request.request_id, request.num_prompt_tokens, loads, prefill_worker=worker
+        )
 
     def stats_dict(self) -> dict[str, int | float]:
         """``SchedulerStats`` and the tier jobs still in flight."""
@@ -367,6 +393,7 @@ class FabricScheduler:
             self._ledger.report(report)
             self._host_holds = {j for j in self._host_holds if self._ledger.is_pending(j)}
         self.stats.num_load_error_blocks += len(invalid_block_ids)
+        self.traces.load_errors(invalid_block_ids)
         if not invalid_block_ids or self._kv_cache_manager is None:
             return
         for req_id, tracked in self._tracked.items():
@@ -379,13 +406,18 @@ class FabricScheduler:
 
     # ---- finish ------------------------------------------------------------------------------
 
-    def request_finished(
-        self, request: Any, block_ids: list[int]
-    ) -> tuple[bool, dict[str, Any] | None]:
-        """Untrack the request; hold its blocks when a decode instance will read them.
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any]]:
+        """Untrack the request; hold its blocks when a decode instance will read them; end
+        its KV trace.
 
-        Returns ``(delay_free, kv_transfer_params)`` as vLLM expects.
+        Returns ``(delay_free, kv_transfer_params)`` as vLLM expects: the P/D handoff's params
+        when held, and always ``fabric_stats``, the request's trace (``traces``).
         """
+        delay_free, params = self._hand_over(request, block_ids)
+        stats = self.traces.finished(request.request_id)
+        return delay_free, {**(params or {}), "fabric_stats": stats}
+
+    def _hand_over(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
         req_id = request.request_id

@@ -13,83 +13,25 @@ Runs with the .venv-vllm interpreter (the connector's metadata are vLLM's classe
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
-from page_fixtures import BS, GEOMETRY, node_config, vllm_hashes, vllm_kv_caches
+from page_fixtures import BS, node_config, vllm_hashes
 
 pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 
-from fabric.integrations.vllm.config import ConnectorConfig
-from fabric.integrations.vllm.connector import build_scheduler, build_worker
+from connector_sides import NUM_BLOCKS, PROMPT, Instance
+
 from fabric.integrations.vllm.jobs import NodeLoad
 from fabric.integrations.vllm.metadata import FabricMetadata
-from fabric.integrations.vllm.scheduler import FabricScheduler
-from fabric.integrations.vllm.worker import FabricWorker
-from fabric.kvbm import Tier
+from fabric.kvbm import SequenceHash, Tier
 from fabric.node import NodeCacheService, build_node_cache
-
-PROMPT = list(range(300, 300 + 5 * BS + 1))  # five full blocks and one token
-NUM_BLOCKS = 5
 
 
 @pytest.fixture
 def service(node_namespace: str) -> Iterator[NodeCacheService]:
     with build_node_cache(node_config(node_namespace)) as node:
         yield node
-
-
-class Instance:
-    """One vLLM instance's two connector sides over vLLM-shaped pages."""
-
-    def __init__(self, extra: dict[str, Any], seed: int) -> None:
-        config = ConnectorConfig.from_extra(extra, kv_role="kv_both", engine_id=f"e{seed}")
-        self.scheduler: FabricScheduler = build_scheduler(config, GEOMETRY)
-        self.worker: FabricWorker = build_worker(config, GEOMETRY, self.layer_names())
-        self.worker.register_kv_caches(vllm_kv_caches(seed))
-        self.pages = self.worker.pages
-        self.block_ids: dict[str, list[int]] = {}
-        self.scheduler.bind_kv_cache_manager(
-            SimpleNamespace(get_block_ids=lambda req_id: (self.block_ids[req_id],))
-        )
-
-    @staticmethod
-    def layer_names() -> list[str]:
-        return [f"layers.{i}.attn" for i in range(GEOMETRY.num_layers)]
-
-    def admit(self, req_id: str, block_ids: list[int]) -> tuple[Any, int]:
-        """vLLM's admission: the lookup, then the allocation of every block of the prompt."""
-        request = SimpleNamespace(
-            request_id=req_id,
-            kv_transfer_params=None,
-            num_tokens=len(PROMPT),
-            num_prompt_tokens=len(PROMPT),
-            all_token_ids=PROMPT,
-            prompt_token_ids=PROMPT,
-        )
-        num_external, asynchronous = self.scheduler.get_num_new_matched_tokens(request, 0)
-        assert not asynchronous
-        self.block_ids[req_id] = block_ids
-        self.scheduler.update_state_after_alloc(request, block_ids, num_external)
-        return request, num_external
-
-    def step(self, req_id: str, num_computed: int) -> FabricMetadata:
-        """One step computing the rest of the prompt: the worker's loads, forward, saves."""
-        output = SimpleNamespace(
-            num_scheduled_tokens={req_id: len(PROMPT) - num_computed},
-            scheduled_new_reqs=[SimpleNamespace(req_id=req_id, num_computed_tokens=num_computed)],
-            scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[]),
-        )
-        meta = self.scheduler.build_connector_meta(output)
-        self.worker.start_load_kv(meta)
-        self.worker.wait_for_save(meta)
-        return meta
-
-    def close(self) -> None:
-        self.worker.shutdown()
-        self.scheduler.shutdown()
 
 
 @pytest.fixture
@@ -138,7 +80,7 @@ def test_blocks_the_node_lost_since_the_lookup_are_load_errors_from_the_first(
     hashes = vllm_hashes(PROMPT[: NUM_BLOCKS * BS])
     before = reader.pages.gather([0, 1, 2, 3, 4])
     # The fourth block vanished (evicted) between the scheduler's lookup and the worker's load.
-    gone = (*hashes[:3], hashes[3] ^ 1, hashes[4])
+    gone = (*hashes[:3], SequenceHash(hashes[3] ^ 1), hashes[4])
     reader.worker.start_load_kv(FabricMetadata(node_loads=[NodeLoad("r", (0, 1, 2, 3, 4), gone)]))
     assert reader.worker.take_load_errors() == {3, 4}
     assert reader.worker.stats.num_node_loaded_blocks == 3
