@@ -38,6 +38,9 @@ bytes a decode worker needs from a prefill on the same host, in GB/s (1e9 B/s), 
   processes, a decode worker's whole read path; its ``memcpy_gbps``: ``np.copyto`` in one
   process).
 
+``memcpy_paired_gbps`` is ``np.copyto`` of the same bytes in the reading process, timed right
+after each node load, and ``node_vs_memcpy_paired`` the median of the per-round ratios (a
+figure the load of a shared machine moves less than two measurements minutes apart).
 ``node_pinned_gbps`` is the same load through lookup + pin, one copy, one-way unpin (the path
 before the slot index, and still the path of partial hits); ``node_copy_only_gbps`` the copy
 out of the segment alone (one pin held around the copies). ``worker_ms_p50`` splits each kind's
@@ -198,7 +201,10 @@ def _start(args: argparse.Namespace, run_dir: Path, etcd: str, children: list[Ch
         namespace=namespace,
         progress=_log,
     )
-    extra = {"A": node + host + g4, "B": node, "C": [], "D": g4}
+    # C has nothing below its device: under another node name, so the router does not credit it
+    # with this node's tier (which it does not attach to) and has it read the holder over NIXL
+    elsewhere = ["--node-name", f"bench-no-node-cache-{os.getpid()}"]
+    extra = {"A": node + host + g4, "B": node, "C": elsewhere, "D": g4}
     for name, cpu in WORKERS.items():
         start_worker(
             children,
@@ -281,6 +287,8 @@ def _reads(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict[str
     return {
         "node_copy_only_gbps": node["copy_only_gbps"],
         "node_pinned_gbps": node["pinned_gbps"],
+        "memcpy_paired_gbps": node["memcpy_paired_gbps"],
+        "node_vs_memcpy_paired": node["paired_ratio"],
         "gbps": {
             "node": node["gbps"],
             "nixl": row["fabric_gbps"],
@@ -348,6 +356,8 @@ def _store_then_load(
     # One thread, as a worker copies (--threads 1): a 2-thread copy waits on a busy core.
     torch.set_num_threads(1)
     times: dict[bool, list[float]] = {True: [], False: []}
+    memcpy: list[float] = []
+    dst_bytes = dst.tensors[0].view(torch.uint8).numpy()
     verified = True
     try:
         src_bytes = src.tensors[0].view(torch.uint8)
@@ -375,6 +385,8 @@ def _store_then_load(
                         verified = verified and torch.equal(
                             src_bytes, dst.tensors[0].view(torch.uint8)
                         )
+                    elif optimistic:  # the same bytes by np.copyto, right after: paired
+                        memcpy.append(_memcpy_s(src_bytes.numpy(), dst_bytes))
                 if optimistic and reader.num_optimistic_loads != rounds + 1:
                     raise FabricError("the node reads did not go through the slot index")
                 if not optimistic:
@@ -387,10 +399,23 @@ def _store_then_load(
     return {
         "gbps": round(total / statistics.median(times[True][1:]) / 1e9, 3),
         "pinned_gbps": round(total / statistics.median(times[False][1:]) / 1e9, 3),
+        "memcpy_paired_gbps": round(total / statistics.median(memcpy) / 1e9, 3),
+        "paired_ratio": round(
+            statistics.median(m / t for m, t in zip(memcpy, times[True][1:], strict=True)), 3
+        ),
         "copy_only_gbps": round(total / statistics.median(copies) / 1e9, 3),
         "block_bytes": layout.block_bytes,
         "verified": verified,
     }
+
+
+def _memcpy_s(src: Any, dst: Any) -> float:
+    """Seconds of one ``np.copyto`` of ``src`` into ``dst`` (this process's memcpy)."""
+    import numpy as np
+
+    began = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - began
 
 
 def _copy_times(reader: Any, hashes: list[Any], dst: Any, rounds: int) -> list[float]:
