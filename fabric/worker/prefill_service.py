@@ -258,7 +258,7 @@ class PrefillService:
                     done_tokens=num_cached,
                     decode=peer,
                 )
-                sender = _LayerSender(self._push, peer, stream)
+                sender = _LayerSender(self._push, self._handoff.progress, peer, stream)
                 if not sender.delivered:  # the decode is gone: nobody will read
                     self._handoff.abort(request_id)
                     return
@@ -323,17 +323,25 @@ class PrefillService:
 class _LayerSender:
     """Sends a layer-wise handoff's ``KvStream``, then one ``KvLayers`` per layer written
     (``Engine.step``'s ``on_layer``); after a failed push it sends nothing more (the decode
-    is gone: the hold is aborted once the prompt is computed)."""
+    is gone: the hold is aborted once the prompt is computed). Each layer also progresses the
+    agent (``PrefillHandoff.progress``): over TCP the decode's READs of the layers announced
+    move only while it is polled, and the scheduler loop does not poll during a forward."""
 
     def __init__(
-        self, push: Callable[[PeerId, Message], bool], peer: PeerId, stream: KvStream
+        self,
+        push: Callable[[PeerId, Message], bool],
+        progress: Callable[[], None],
+        peer: PeerId,
+        stream: KvStream,
     ) -> None:
         self._push = push
+        self._progress = progress
         self._peer = peer
         self._stream = stream
         self.delivered = push(peer, stream)
 
     def on_layer(self, layer: int) -> None:
+        self._progress()
         if self.delivered:
             stream = self._stream
             frontier = KvLayers(stream.request_id, stream.done_tokens, stream.num_tokens, layer + 1)
