@@ -15,7 +15,7 @@ consumer reads is ever written again (the producer writes each prompt position o
 
 ``LayerwiseRead`` is the consumer's read of one offer into blocks it owns: each ``advance``
 posts READs of what the new frontier made final and the consumer has not read yet (grouped by
-layer range: at most three groups, each one planned, coalesced READ; fully contiguous slots give
+layer range: a few groups, each one planned, coalesced READ; fully contiguous slots give
 one descriptor per block and layer range, layer-separate buffers one per layer and run of
 blocks), ``poll`` checks them without waiting, ``finish`` reads the rest and waits for all,
 bounded by the reader's timeout, and ``cancel`` releases (cancels) whatever is in flight.

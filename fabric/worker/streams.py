@@ -61,6 +61,7 @@ class DecodeStreams:
         Raises:
             FabricError: the offer cannot be read (malformed, incompatible, the peer gone).
         """
+        self.cancel(offer.request_id)  # a repeated KvStream replaces the first, never leaks it
         read = self._handoff.layerwise_read(offer, start, block_ids)
         read.advance(KvFrontier(offer.done_tokens, offer.done_tokens, 0))
         self._id_to_stream[offer.request_id] = _Stream(offer, read, start)

@@ -194,3 +194,19 @@ def test_prefill_gone_mid_stream_leaves_nothing_in_flight(pair: Pair) -> None:
     assert decode.agent.num_live_transfers == 0
     pair.service.abort("req-1")
     assert pair.prefill_kvbm.pool().stats().num_in_use == 0
+
+
+def test_a_repeated_stream_replaces_the_first_without_leaking(pair: Pair) -> None:
+    tokens = _prefill(pair, 37, ask=True)
+    (stream,) = [m for m in pair.decode.pushed if isinstance(m, KvStream)]
+    decode, seq = pair.decode, pair.decode.seq
+    assert seq is not None
+    pair.registry.pause("prefill")  # READs stay in flight
+    done = KvStream(stream.request_id, stream.agent_name, stream.block_set, len(tokens), 32)
+    for _ in range(2):
+        decode.streams.begin(done, 0, seq.block_table[:3])  # blocks 0-1 are readable at once
+        assert decode.agent.num_live_transfers == 1
+    decode.streams.cancel(stream.request_id)
+    assert decode.agent.num_live_transfers == 0 and len(decode.streams) == 0
+    pair.registry.resume("prefill")
+    pair.service.abort("req-1")
