@@ -8,7 +8,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -40,10 +40,6 @@ PATHS = {
     "chunk",
 }
 """What each system's store and load include (also printed in the JSON)."""
-
-
-class ClosablePath(measure.TierPath, Protocol):
-    def close(self) -> None: ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,18 +176,14 @@ def _our_row(system: str, plan: measure.Plan, workdir: Path) -> dict[str, Any]:
     from fabric.kvbm import Tier
 
     tier = TIERS[system]
-    build: Callable[[], ClosablePath]
+    build: Callable[[], measure.ClosablePath]
     if system == "fabric_node":
         build = lambda: ours.NodeTierPath(plan, workdir, progress=_log)  # noqa: E731
     else:
         kvbm_tier = Tier.HOST if tier == "host" else Tier.DISK
         build = lambda: ours.KvbmTierPath(plan, kvbm_tier, workdir)  # noqa: E731
     try:
-        path = build()
-        try:
-            figures = measure.measure_path(path, plan, log=lambda m: _log(f"{system}: {m}"))
-        finally:
-            path.close()
+        figures = measure.measure_and_close(build(), plan, log=lambda m: _log(f"{system}: {m}"))
     except measure.VerificationFailed as exc:
         row = peers.error_row(system, tier, plan, f"verification failed: {exc}")
         row["verified"] = False

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import mmap
 import socket
-import tempfile
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -186,12 +185,8 @@ def _address(array: np.ndarray) -> int:
 def main() -> None:
     args = measure.runner_parser(__doc__ or "").parse_args()
     plan = measure.plan_of(args)
-    with tempfile.TemporaryDirectory(prefix="kvcr-", dir=args.workdir) as workdir:
-        path = KvcrPath(plan, args.tier, Path(workdir))
-        try:
-            row = measure.measure_path(path, plan, log=measure.stderr_log(f"kvcr_{args.tier}"))
-        finally:
-            path.close()
+    path = KvcrPath(plan, args.tier, Path(args.workdir))
+    row = measure.measure_and_close(path, plan, log=measure.stderr_log(f"kvcr_{args.tier}"))
     row["version"] = f"kvcr {version('kvcr')}, nixl {version('nixl')}"
     measure.emit(row)
 

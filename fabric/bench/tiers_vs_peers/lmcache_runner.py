@@ -160,11 +160,7 @@ def main() -> None:
         raise SystemExit("lmcache_runner measures LMCache's local_cpu backend: --tier host")
     torch.set_num_threads(1)
     plan = measure.plan_of(args)
-    path = LmcachePath(plan)
-    try:
-        row = measure.measure_path(path, plan, log=measure.stderr_log("lmcache_cpu"))
-    finally:
-        path.close()
+    row = measure.measure_and_close(LmcachePath(plan), plan, log=measure.stderr_log("lmcache_cpu"))
     row["version"] = f"lmcache {version('lmcache')}, torch {torch.__version__}"
     measure.emit(row)
 

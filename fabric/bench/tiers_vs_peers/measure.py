@@ -80,6 +80,12 @@ class TierPath(Protocol):
         ...
 
 
+class ClosablePath(TierPath, Protocol):
+    """A ``TierPath`` that owns its system (closed after it was measured)."""
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What one row measures: ``num_blocks`` blocks of ``block_bytes`` per batch."""
@@ -178,6 +184,16 @@ def measure_path(
         "store_latency_us_p99": _percentile_us(single_store, 99),
         "verified": True,  # every load above passed check_loaded, or we raised
     }
+
+
+def measure_and_close(
+    path: ClosablePath, plan: Plan, *, log: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """``measure_path``, then ``path.close()`` whatever happened."""
+    try:
+        return measure_path(path, plan, log=log)
+    finally:
+        path.close()
 
 
 def memcpy_gbps(total_bytes: int, repeats: int) -> float:
