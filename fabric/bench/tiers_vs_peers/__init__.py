@@ -12,10 +12,14 @@ plus single blocks one at a time for the latency p50 / p99, through six systems,
 
 The peers run in their own virtual environments (``launch/setup_peers.sh`` makes them; kvcr pins
 another NIXL than ours), each row one subprocess of a runner script of this package that prints
-JSON; a peer that is missing or fails gives a row with ``error`` and no figures. Every system is
-driven through its public API and timed and checked by the same code (``measure``): each load is
-compared byte for byte with what was stored (``verified``). What each path includes is in
-``paths`` of the JSON (``command.PATHS``). Every system copies with one thread.
+JSON; a peer that is missing or fails gives a row with ``error`` and no figures. Their pythons:
+``<repo>/.venv-kvcr/bin/python`` and ``<repo>/.venv-lmcache/bin/python``, or the venvs named by
+``$FABRIC_KVCR_VENV`` / ``$FABRIC_LMCACHE_VENV``. A full run with the defaults took about 10
+minutes at a load average of 5-14 on 2 cores (kvcr's disk tier at 16 KiB is the longest row).
+Every system is driven through its public API and timed and checked by the same code
+(``measure``): each load is compared byte for byte with what was stored (``verified``). What
+each path includes is in ``paths`` of the JSON (``command.PATHS``). Every system copies with one
+thread.
 
 JSON: ``rows`` (``system``, ``tier``, ``block_bytes``, ``store_gbps``, ``load_gbps``,
 ``latency_us_p50`` / ``latency_us_p99`` of a single-block load, ``store_latency_us_*`` of a
