@@ -18,6 +18,8 @@
 
 #include <torch/extension.h>
 
+#include "prompt_hash.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -171,11 +173,13 @@ void batched_copy(const at::Tensor& src, const at::Tensor& dst, const at::Tensor
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Batched byte-chunk copies between uint8 tensors (see csrc/block_copy.cpp)";
+  m.doc() = "Batched byte-chunk copies between uint8 tensors (see csrc/block_copy.cpp) and "
+            "chained prompt hashes (csrc/prompt_hash.cpp)";
   m.def("batched_copy", &batched_copy, "Copy lengths[i] bytes from src[src_offsets[i]:] to "
         "dst[dst_offsets[i]:] for every chunk i (checked, GIL released)",
         py::arg("src"), py::arg("dst"), py::arg("src_offsets"), py::arg("dst_offsets"),
         py::arg("lengths"), py::call_guard<py::gil_scoped_release>());
+  register_prompt_hash(m);
   m.attr("with_cuda") =
 #ifdef WITH_CUDA
       true;

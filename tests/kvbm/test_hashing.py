@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.errors import InvalidInput
+from fabric.kvbm.core import extension
 from fabric.kvbm.core.hashing import (
     DEFAULT_SEED,
     hash_token_blocks,
@@ -60,7 +63,9 @@ def test_unsalted_block_hash_equals_dynamo_router() -> None:
 
 
 @pytest.mark.parametrize(("key", "expected"), list(VECTORS.items()))
-def test_vectors(key: tuple, expected: tuple) -> None:
+def test_vectors(
+    key: tuple[str | None, tuple[int, ...], int], expected: tuple[list[int], list[int]]
+) -> None:
     salt, tokens, block_size = key
     hashed = hash_token_blocks(list(tokens), block_size, seed=seed_for_salt(salt))
     assert (hashed.block_hashes, hashed.sequence_hashes) == expected
@@ -72,6 +77,38 @@ def test_stable_across_processes() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out.strip() == str(sequence_hashes(list(range(64)), 16))
+
+
+def test_a_process_without_the_built_extension_hashes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unbuilt extension: the first hash starts the build in the background (here it waits on the
+    build lock this test holds) and answers at once with the Python path, values unchanged."""
+    monkeypatch.setenv(extension.ENV_BUILD_DIR, str(tmp_path))
+    build_dir = extension.build_dir(extension.EXTENSION_NAME)
+    build_dir.mkdir(parents=True)
+    code = (
+        "import logging, os\n"
+        "from fabric.kvbm.core import extension, hashing\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "h = hashing.hash_token_blocks(list(range(32)), 16)\n"
+        "print(extension.native() is None, h.block_hashes, h.sequence_hashes, flush=True)\n"
+        "os._exit(0)  # the build thread is still waiting for the lock\n"
+    )
+    env = {**os.environ, extension.ENV_BUILD_DIR: str(tmp_path), extension.ENV_SWITCH: "1"}
+    with extension.exclusive(build_dir / "kv-fabric-build.lock"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    expected = VECTORS[(None, tuple(range(32)), 16)]
+    assert out.stdout.strip() == f"True {expected[0]} {expected[1]}", out.stderr
+    assert "building them in the background" in out.stderr
 
 
 @given(

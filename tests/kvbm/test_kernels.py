@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import fabric.kvbm.tiers.block_copy as copy_module
 from fabric.errors import ConfigError, InvalidInput
+from fabric.kvbm.core import extension
 from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
 from fabric.kvbm.tiers import kernels
 from fabric.kvbm.tiers.block_copy import copy_blocks, gather_to_staging, scatter_from_staging
@@ -272,7 +273,7 @@ def test_serving_never_waits_for_a_build(tmp_path: Path, monkeypatch: pytest.Mon
     background: here that build waits on the build lock this test holds, and the process still
     answers (first call False, bytes right) and exits."""
     monkeypatch.setenv(kernels.ENV_BUILD_DIR, str(tmp_path))
-    build_dir = kernels._build_dir(kernels._EXTENSION_NAME)
+    build_dir = extension.build_dir(extension.EXTENSION_NAME)
     build_dir.mkdir(parents=True)
     code = """
         import logging, os
@@ -285,7 +286,7 @@ def test_serving_never_waits_for_a_build(tmp_path: Path, monkeypatch: pytest.Mon
         print(kernels.native_available(), dst.tolist(), flush=True)
         os._exit(0)  # the build thread is still waiting for the lock
     """
-    with kernels._exclusive(build_dir / "kv-fabric-build.lock"):
+    with extension.exclusive(build_dir / "kv-fabric-build.lock"):
         result = run_python(code, {kernels.ENV_BUILD_DIR: str(tmp_path)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "[1,", "2,", "3,", "0]"], result.stderr
@@ -297,10 +298,10 @@ def test_builds_go_to_a_cache_directory_outside_the_checkout(
 ) -> None:
     monkeypatch.delenv(kernels.ENV_BUILD_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = kernels._build_dir(kernels._EXTENSION_NAME)
+    built = extension.build_dir(extension.EXTENSION_NAME)
     assert built.parent == tmp_path / "kv-fabric" / "torch_ext"
     monkeypatch.setenv(kernels.ENV_BUILD_DIR, str(tmp_path / "elsewhere"))
-    assert kernels._build_dir(kernels._EXTENSION_NAME).parent == tmp_path / "elsewhere"
+    assert extension.build_dir(extension.EXTENSION_NAME).parent == tmp_path / "elsewhere"
 
 
 def test_a_failed_build_falls_back_and_warns_once(tmp_path: Path) -> None:
@@ -314,7 +315,7 @@ def test_a_failed_build_falls_back_and_warns_once(tmp_path: Path) -> None:
     assert result.stdout.split() == ["False", "False", "[1,", "2,", "3,", "0]"]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, result.stderr
-    assert "native block copy kernels unavailable" in warnings[0]
+    assert "native kernels unavailable" in warnings[0]
     assert "/bin/false" in warnings[0]
 
 
@@ -322,14 +323,14 @@ def test_a_failed_build_falls_back_and_warns_once(tmp_path: Path) -> None:
 def test_builds_wait_for_each_other_and_a_stale_torch_lock_is_cleared(tmp_path: Path) -> None:
     """A second process waits while the build lock is held, and a ``lock`` file left by a killed
     torch build does not wedge it (torch alone would wait for that file forever)."""
-    name = kernels._EXTENSION_NAME
-    built = kernels._build_dir(name)
+    name = extension.EXTENSION_NAME
+    built = extension.build_dir(name)
     if not (built / f"{name}.so").exists():
         pytest.skip(f"the extension was built with CUDA or elsewhere, not in {built}")
     build_dir = tmp_path / built.name
     shutil.copytree(built, build_dir)  # keeps mtimes: ninja finds it up to date
     (build_dir / "lock").touch()
-    with kernels._exclusive(build_dir / "kv-fabric-build.lock"):
+    with extension.exclusive(build_dir / "kv-fabric-build.lock"):
         process = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(LOAD_AND_COPY)],
             env={**os.environ, kernels.ENV_BUILD_DIR: str(tmp_path), kernels.ENV_SWITCH: "1"},
@@ -365,8 +366,8 @@ def test_cuda_source_compiles_with_nvcc() -> None:
     if not any((p / "c10" / "cuda" / "CUDAStream.h").is_file() for p in includes):
         pytest.skip("this torch ships no c10/cuda headers to compile the kernel against")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
-    source = kernels.CSRC / "block_copy_cuda.cu"
-    work = kernels._build_root() / "nvcc_check"
+    source = extension.CSRC / "block_copy_cuda.cu"
+    work = extension._build_root() / "nvcc_check"
     shim = work / "shim"
     macros = Path("c10") / "cuda" / "impl" / "cuda_cmake_macros.h"
     if not any((p / macros).is_file() for p in includes):
@@ -397,7 +398,8 @@ def test_cuda_kernel_matches_the_cpu_copy(request: pytest.FixtureRequest) -> Non
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     request.getfixturevalue("native")
-    if not kernels._loaded().with_cuda:  # type: ignore[union-attr]
+    loaded = extension.native()
+    if loaded is None or not loaded.with_cuda:
         pytest.skip("the extension was built without CUDA (torch has no CUDA toolkit home)")
     rng = np.random.default_rng(0)
     src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)
