@@ -23,7 +23,9 @@ Invariants:
   the holds taken after it was seen leaving. Holds taken without a ``consumer`` are never
   abandoned (their deadline frees them).
 * A lent hold's deadline is pushed to at least ``lend`` time + ``lend_grace_s``, so blocks are
-  never freed under a read that is still allowed to run.
+  never freed under a read that is still allowed to run. ``rearm`` pushes a held or lent hold's
+  deadline later (an owner that holds blocks before it computes them starts the consumer's
+  allowance when it offers them); a deadline never moves earlier.
 * Requests that left the table are remembered (the last ``MAX_FORGOTTEN``) so that a late
   ``lend`` is refused as finished (``UNKNOWN_REQUEST``) rather than "not yet" (``UNAVAILABLE``).
 * ``counts`` only grow: holds taken, released by a consumer, expired by their deadline,
@@ -186,6 +188,16 @@ class HoldTable(Generic[T]):
             hold.state = HoldState.LENT
             hold.deadline = max(hold.deadline, now + self._lend_grace_s)
             return hold.item
+
+    def rearm(self, request_id: str, deadline: float) -> bool:
+        """Push a held or lent hold's deadline to at least ``deadline`` (monotonic); False when
+        ``request_id`` is not held (released, expired, abandoned or never held)."""
+        with self._lock:
+            hold = self._holds.get(request_id)
+            if hold is None or hold.state not in (HoldState.HELD, HoldState.LENT):
+                return False
+            hold.deadline = max(hold.deadline, deadline)
+            return True
 
     def release(self, request_id: str) -> bool:
         """The consumer is done with (or gave up on) the blocks; False if not held."""

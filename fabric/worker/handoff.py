@@ -17,7 +17,7 @@ Invariants:
 * The prefill holds exactly one reference per offered block from ``offer`` (or, for
   ``offer_owned``, the owner it was given, released once) until ``complete``,
   ``abort``, ``abandon`` (the decode it was offered to left the fleet: its record left the
-  prefill's worker directory), ``expire`` (older than ``hold_timeout_s``: the backstop, so a
+  prefill's worker directory), ``expire`` (offered ``hold_timeout_s`` ago: the backstop, so a
   decode that died never leaks prefill blocks even unseen) or ``close``, whichever comes first;
   afterwards the request id is unknown and a late ``complete`` / ``abort`` returns False (an
   expected outcome after an expiry, not an error).
@@ -39,7 +39,9 @@ Invariants:
 * ``stream_owned`` / ``stream_ready`` are the layer-wise pair (``fabric.pd.layerwise``): the
   prefill holds and offers the prompt's blocks before computing them (``KvStream``), and ends
   the stream with the ``BlocksReady`` of the computed prompt; ``layerwise_read`` is the
-  decode's reader of such an offer. The hold is the same as ``offer_owned``'s.
+  decode's reader of such an offer. The hold is the same as ``offer_owned``'s, its deadline
+  re-armed by ``stream_ready`` (``hold_timeout_s`` counts from the offer, as for
+  ``offer_owned``, not from before the compute).
 * Neither class is thread-safe: one owner thread each, like the ``KvBlockManager`` they use. The
   agent must already have the device storage registered (``agent.register(kvbm.storage()
   .buffers())`` once at start), on both sides.
@@ -201,12 +203,18 @@ class PrefillHandoff:
         self, request_id: str, block_ids: Sequence[BlockId], *, first_token: int, num_tokens: int
     ) -> BlocksReady | None:
         """The ``BlocksReady`` that ends a stream (every layer written, the first token known);
-        None when its hold already ended (aborted, abandoned or expired)."""
-        if request_id not in self._holds:
-            return None
-        return self._exporter(Tier.DEVICE).ready(
+        None when its hold already ended (aborted, abandoned or expired).
+
+        The hold's deadline is re-armed here, ``hold_timeout_s`` from now: the hold was taken
+        before the compute, and the decode's allowance starts when the offer is complete (a
+        prefill longer than the timeout must not expire the hold as it ends). A decode that
+        vanished meanwhile still frees it (``abandon``, or this deadline)."""
+        ready = self._exporter(Tier.DEVICE).ready(
             request_id, block_ids, first_token=first_token, num_tokens=num_tokens
         )
+        if not self._holds.rearm(request_id, time.monotonic() + self.hold_timeout_s):
+            return None
+        return ready
 
     def complete(self, done: TransferDone) -> bool:
         """Release the blocks of ``done.request_id``; False when none are held under that id

@@ -10,11 +10,12 @@ Replies are pushed to the asking decode worker's signal client, in this order: a
 ``TokenChunk([first token], stats)`` with this worker's ``computed_tokens``, ``cached_tokens``
 and ``prefill_ms`` (``BlocksReady`` has no stats field), then ``BlocksReady``. A layer-wise
 handoff (the request ``wants_layerwise`` and this worker allows it, ``layerwise``) is held from
-before the compute: ``KvStream`` (the blocks, held from now on), one ``KvLayers`` per layer as
-the engine writes it (``on_layer``: a frontier of the whole prompt as one chunk after the cached
-prefix), then the same ``TokenChunk`` and ``BlocksReady``; a failure after ``KvStream`` aborts
-the hold and answers ``ErrorReply``, and a decode that stops receiving gets nothing more (its
-hold is aborted once the prompt is computed). A request that
+before the compute (its hold timeout counts from ``BlocksReady``, however long the compute;
+a decode that left still frees it at once): ``KvStream`` (the blocks, held from now on), one
+``KvLayers`` per layer as the engine writes it (``on_layer``: a frontier of the whole prompt as
+one chunk after the cached prefix), then the same ``TokenChunk`` and ``BlocksReady``; a failure
+after ``KvStream`` aborts the hold and answers ``ErrorReply``, and a decode that stops receiving
+gets nothing more (its hold is aborted once the prompt is computed). A request that
 cannot be served gets ``ErrorReply(request_id, code, message)`` instead: ``UNAVAILABLE`` (queue
 full, prompt larger than the pool, or invalid), ``DEADLINE_EXCEEDED``, ``INTERNAL``. A prompt
 larger than the pool is refused at once; one that fits waits, in order, until held blocks are

@@ -1,10 +1,12 @@
-"""The producer's hold table: every hold leaves once, lent holds outlive their deadline, late
+"""The producer's hold table: every hold leaves once, lent holds outlive their deadline, a
+re-armed deadline only moves later, late
 requests are refused as finished, a departed consumer's holds are abandoned."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,7 +15,7 @@ from fabric.pd import HoldState, HoldTable, Refusal
 from fabric.signal.errors import ErrorCode
 
 
-def _prompt_is(expected: str):
+def _prompt_is(expected: str) -> Callable[[str], str | None]:
     return lambda item: None if item == expected else f"holds {item!r}"
 
 
@@ -57,6 +59,20 @@ def test_a_lent_hold_outlives_its_deadline_by_the_grace() -> None:
     assert table.counts.num_holds_expired == 2
     late = table.lend("idle", 15.0)
     assert isinstance(late, Refusal) and "expired" in late.message
+
+
+def test_rearm_pushes_a_deadline_later_never_earlier_and_only_while_held() -> None:
+    table: HoldTable[str] = HoldTable()
+    table.hold("r1", "a", num_blocks=1, deadline=10.0)
+    assert table.rearm("r1", 20.0)
+    assert table.collect(15.0) == []  # the old deadline no longer frees it
+    assert table.rearm("r1", 5.0)  # earlier: kept at 20 s
+    assert table.collect(19.0) == []
+    (freed,) = table.collect(20.0)
+    assert (freed.request_id, freed.state) == ("r1", HoldState.EXPIRED)
+    assert not table.rearm("r1", 30.0)  # gone
+    table.hold("r2", "b", num_blocks=1, deadline=10.0)
+    assert table.release("r2") and not table.rearm("r2", 30.0)  # released: nothing to arm
 
 
 def test_finish_takes_the_hold_out_at_once_and_only_once() -> None:

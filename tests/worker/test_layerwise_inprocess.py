@@ -4,20 +4,27 @@ one process (loopback agents): the decode's READs run inside the prefill's forwa
 the engine wrote it would land stale. Checked: the decode's blocks equal the prefill's byte for
 byte, several READs ran before ``BlocksReady``, a prefill that does not grant layer-wise (or a
 request that does not ask) gets today's whole offer, a failed read mid-stream leaves nothing in
-flight, and every block is released on both sides."""
+flight, a prefill longer than the hold timeout keeps its hold (the timeout counts from
+``BlocksReady``) while a decode that left still frees it, and every block is released on both
+sides."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.registration import WorkerEvent, WorkerEventKind
+from fabric.discovery.registry import Role
 from fabric.engine import Engine
 from fabric.errors import PeerUnavailable
 from fabric.kvbm import KvBlockManager, RemoteBlockSet, SequenceBlocks, build_kvbm, load_kvbm_config
+from fabric.kvbm.tiers.storage import TensorStorage
 from fabric.models.config import ModelConfig
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import (
@@ -38,6 +45,7 @@ from fabric.worker.streams import DecodeStreams
 
 DECODE = PeerId("decode-1")
 BLOCK = 16
+SHORT_HOLD_S = 0.05
 
 
 @dataclass
@@ -80,7 +88,7 @@ def _kvbm(tiny_dir: Path) -> KvBlockManager:
     return build_kvbm(config, ModelConfig.from_dir(tiny_dir).kv_geometry())
 
 
-def _make_pair(tiny_dir: Path, *, layerwise: bool) -> Iterator[Pair]:
+def _make_pair(tiny_dir: Path, *, layerwise: bool, hold_s: float = 60) -> Iterator[Pair]:
     registry = LoopbackRegistry()
     p_kvbm, d_kvbm = _kvbm(tiny_dir), _kvbm(tiny_dir)
     p_agent, d_agent = LoopbackAgent("prefill", registry), LoopbackAgent("decode", registry)
@@ -88,7 +96,7 @@ def _make_pair(tiny_dir: Path, *, layerwise: bool) -> Iterator[Pair]:
         p_agent.register(p_kvbm.storage().buffers())
         d_agent.register(d_kvbm.storage().buffers())
         decode = Decode(d_kvbm, d_agent, DecodeStreams(DecodeHandoff(d_kvbm, d_agent, timeout_s=5)))
-        handoff = PrefillHandoff(p_kvbm, p_agent, hold_timeout_s=60)
+        handoff = PrefillHandoff(p_kvbm, p_agent, hold_timeout_s=hold_s)
         metrics = WorkerMetrics(p_kvbm.metrics.registry, role="prefill", worker_id="p", model="m")
         service = PrefillService(
             Engine(tiny_dir, p_kvbm), handoff, decode, metrics, max_waiting=4, layerwise=layerwise
@@ -109,12 +117,18 @@ def pair(tiny_dir: Path) -> Iterator[Pair]:
 
 
 @pytest.fixture
+def short_hold_pair(tiny_dir: Path) -> Iterator[Pair]:
+    yield from _make_pair(tiny_dir, layerwise=True, hold_s=SHORT_HOLD_S)
+
+
+@pytest.fixture
 def whole_pair(tiny_dir: Path) -> Iterator[Pair]:
     yield from _make_pair(tiny_dir, layerwise=False)
 
 
 def _block_bytes(kvbm: KvBlockManager, block: int) -> bytes:
     storage = kvbm.storage()
+    assert isinstance(storage, TensorStorage)
     layout = storage.layout
     return b"".join(
         storage.block_view(block, layer, outer).contiguous().view(torch.uint8).numpy().tobytes()
@@ -210,3 +224,76 @@ def test_a_repeated_stream_replaces_the_first_without_leaking(pair: Pair) -> Non
     assert decode.agent.num_live_transfers == 0 and len(decode.streams) == 0
     pair.registry.resume("prefill")
     pair.service.abort("req-1")
+
+
+def _slow_prefill(pair: Pair, on_first_layer: Callable[[], None] | None = None) -> float:
+    """A prefill whose compute outlasts the hold timeout (it sleeps through it at the first
+    layer); returns ``time.monotonic()`` at its last layer, after the compute's hold time."""
+    decode = pair.decode
+    original = decode.send
+    last_layer = [0.0]
+    num_layers = pair.prefill_kvbm.storage().layout.num_layers
+
+    def send(peer: str, message: Message) -> None:
+        if isinstance(message, KvLayers) and message.num_layers == 1:
+            time.sleep(2 * SHORT_HOLD_S)
+            if on_first_layer is not None:
+                on_first_layer()
+        if isinstance(message, KvLayers) and message.num_layers == num_layers:
+            last_layer[0] = time.monotonic()
+        original(peer, message)
+
+    decode.send = send  # type: ignore[method-assign]
+    _prefill(pair, 200, ask=True)
+    return last_layer[0]
+
+
+def test_a_prefill_longer_than_the_hold_timeout_keeps_its_hold(short_hold_pair: Pair) -> None:
+    """The hold was taken before a compute longer than ``hold_timeout_s``: at the end of the
+    compute it is still held (its deadline counts from ``BlocksReady``), the decode's blocks
+    arrive, and its release frees them; unreleased, the deadline after the offer frees them."""
+    pair = short_hold_pair
+    last_layer = _slow_prefill(pair)
+    assert pair.handoff.expire(last_layer) == []  # a deadline from the hold would have passed
+    assert pair.decode.finished is not None and pair.handoff.num_held == 1
+    assert pair.prefill_kvbm.pool().stats().num_in_use > 0
+    seq = pair.decode.seq
+    assert seq is not None
+    for mine, theirs in zip(seq.block_table, _offered_ids(pair), strict=False):
+        assert _block_bytes(pair.decode.kvbm, mine) == _block_bytes(pair.prefill_kvbm, theirs)
+    assert pair.handoff.complete(TransferDone("req-1", len(_offered_ids(pair))))
+    assert pair.prefill_kvbm.pool().stats().num_in_use == 0
+    seq.release()
+
+
+def test_an_unreleased_slow_prefill_still_expires_after_its_offer(short_hold_pair: Pair) -> None:
+    pair = short_hold_pair
+    _slow_prefill(pair)
+    assert pair.handoff.num_held == 1
+    assert pair.handoff.expire(time.monotonic() + SHORT_HOLD_S) == ["req-1"]
+    assert pair.prefill_kvbm.pool().stats().num_in_use == 0
+    assert pair.decode.seq is not None
+    pair.decode.seq.release()
+
+
+def test_a_decode_that_left_during_a_slow_prefill_frees_its_hold(short_hold_pair: Pair) -> None:
+    """The decode's record leaves the directory while the prefill computes its prompt: the next
+    step drops the hold at once, long before any deadline."""
+    pair = short_hold_pair
+    record = WorkerRecord(
+        worker_id=DECODE,
+        role=Role.DECODE,
+        endpoints=Endpoints(signal="tcp://127.0.0.1:5555"),
+        agent_name="decode",
+        layout=FabricLayout(block_size=BLOCK, dtype="float32"),
+        compat_hash=0xC0FFEE,
+        started_at=time.time(),
+    )
+    left = WorkerEvent(WorkerEventKind.LEFT, record)
+    _slow_prefill(pair, lambda: pair.service.on_worker_change(left))
+    assert pair.handoff.num_held == 1  # the scheduler thread has not seen the LEFT yet
+    pair.service.step()
+    assert pair.handoff.num_held == 0
+    assert pair.prefill_kvbm.pool().stats().num_in_use == 0
+    assert pair.decode.seq is not None
+    pair.decode.seq.release()
