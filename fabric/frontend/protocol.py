@@ -36,16 +36,16 @@ Responses carry ``fabric`` too: the route (``worker`` and ``decode_worker``: the
 ``peer_hit`` or ``node`` (the serving worker's prefix is in its node's tier); ``route_pinned``;
 ``routed_prefix_blocks`` / ``routed_local_blocks``: the prompt
 blocks the router saw cached on the KV provider / the serving worker), the worker's statistics
-(``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``prefill_ms``, ``ttft_ms``,
-``fallback``...) and the frontend's own ``frontend_ttft_ms``. In a stream it is on the chunk that
-carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric``).
+(``cached_tokens``, ``computed_tokens``, ``kv_transfer_ms``, ``kv_wait_ms``, ``prefill_ms``,
+``ttft_ms``, ``fallback``...) and the frontend's own ``frontend_ttft_ms``. In a stream it is on
+the chunk that carries ``finish_reason``. OpenAI clients keep unknown fields (``response.fabric``).
 
 ``fabric.kv_trace`` (``KvTraceInfo``; ``fabric.frontend.traces``) is the request's KV trace::
 
     "kv_trace": {"segments": [{"source": "device", "start": 0, "end": 64, "worker": ""},
                               {"source": "recompute", "start": 64, "end": 100, "worker": ""}],
                  "steps_ms": {"route": ..., "queue": ..., "onboard": ..., "transfer": ...,
-                              "prefill": ..., "first_token": ...},
+                              "transfer_wait": ..., "prefill": ..., "first_token": ...},
                  "fallback": ""}
 
 ``segments`` cover the prompt's token positions in order (end exclusive), each with its source:
@@ -209,7 +209,7 @@ class KvTraceInfo(BaseModel):
 
     segments: list[KvSegmentInfo]
     steps_ms: dict[str, float] = Field(
-        description="route, queue, onboard, transfer, prefill, first_token (ms)."
+        description="route, queue, onboard, transfer, transfer_wait, prefill, first_token (ms)."
     )
     fallback: str = Field(description="Why the serving worker recomputed the prompt; '' if not.")
 

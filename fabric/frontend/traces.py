@@ -9,7 +9,7 @@ DEBUG otherwise) as ``request <id> kv: <JSON>``. The shape::
     {"segments": [{"source": "host", "start": 0, "end": 64, "worker": ""},
                   {"source": "prefill", "start": 64, "end": 100, "worker": "prefill-1"}],
      "steps_ms": {"route": 0.4, "queue": 1.2, "onboard": 0.3, "transfer": 2.1,
-                  "prefill": 30.5, "first_token": 36.0},
+                  "transfer_wait": 0.2, "prefill": 30.5, "first_token": 36.0},
      "fallback": ""}
 
 ``segments`` are token positions (end exclusive) in prompt order: ``device`` / ``host`` /
@@ -19,9 +19,12 @@ Empty when the worker sent no trace (a vLLM instance, or a request that failed b
 prompt's source was decided). ``steps_ms``: ``route`` the router's choice and send, ``queue``
 the wait before that on this frontend (tokenizing included) plus the wait for blocks on the
 worker, ``onboard`` matching and onboarding the cached prefix on the worker, ``transfer``
-reading KV over NIXL (and the node cache), ``prefill`` computing the prompt (here or on the
-prefill worker), ``first_token`` from arrival on this frontend to the first token. ``fallback``
-is why the prompt was recomputed on the serving worker ("" when it was not).
+reading KV over NIXL (and the node cache; a layer-wise read from its first READ to its last,
+overlapping the prefill's compute), ``transfer_wait`` the part of it the first token waited
+for after the prefill finished (all of it for a whole-prompt read), ``prefill`` computing the
+prompt (here or on the prefill worker), ``first_token`` from arrival on this frontend to the
+first token. ``fallback`` is why the prompt was recomputed on the serving worker ("" when it
+was not).
 
 Invariants: the log holds at most ``capacity`` requests, oldest dropped first; a request is in
 it only once it ended (finished, failed or aborted); it is touched on the event loop only.
@@ -46,6 +49,7 @@ _REMOTE = (KvSource.PEER, KvSource.PREFILL)
 _WORKER_STEPS = {
     "onboard": "onboard_ms",
     "transfer": "kv_transfer_ms",
+    "transfer_wait": "kv_wait_ms",
     "prefill": "prefill_ms",
 }
 

@@ -279,7 +279,7 @@ class GenerationService:
                 raise FabricError(f"offer covers {ready.num_tokens} tokens, not the prompt's")
             streamed = self._streams.finish(ready)  # the rest of a layer-wise read
             if streamed is not None:
-                start, gen.stats.kv_early_reads = streamed
+                start, gen.stats.kv_early_reads = streamed.start, streamed.num_early_reads
             else:  # a whole offer
                 start = self._local_start(gen)
                 if start < num_blocks:  # what this host's node cache lacks, over NIXL
@@ -288,7 +288,8 @@ class GenerationService:
             self._read_failed(gen, exc, outcome.worker_id)
             return
         stats = gen.stats
-        stats.kv_transfer_ms = (time.perf_counter() - began) * 1000
+        stats.kv_wait_ms = (time.perf_counter() - began) * 1000
+        stats.kv_transfer_ms = stats.kv_wait_ms if streamed is None else streamed.read_ms
         trace = gen.trace_cached()
         trace.add(KvSource.NODE, start * self._kvbm.block_size)
         trace.add(self._remote_source, len(gen.prompt))
@@ -298,11 +299,13 @@ class GenerationService:
         self._metrics.transferred_blocks.inc(num_blocks - start)
         self._metrics.cached_tokens.inc(stats.cached_tokens)
         logger.debug(
-            "request %s: read %d blocks from %s in %.2f ms (%d held here or in the node cache)",
+            "request %s: read %d blocks from %s in %.2f ms, %.2f ms of it after the offer (%d "
+            "held here or in the node cache)",
             gen.request_id,
             num_blocks - start,
             outcome.worker_id,
             stats.kv_transfer_ms,
+            stats.kv_wait_ms,
             start,
         )
         self._start_decoding(gen, ready.first_token)

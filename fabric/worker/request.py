@@ -84,8 +84,12 @@ class RequestStats:
     """Prompt positions this worker already held (never read from the prefill worker)."""
     transferred_blocks: int = 0
     kv_transfer_ms: float = 0.0
-    """Reading the prompt's KV after the prefill offered it whole (the wait TTFT pays; of a
-    layer-wise handoff, only what was left when the prefill finished)."""
+    """Reading the prompt's KV from another worker, the whole read: a whole offer's read, or a
+    layer-wise handoff's from its first READ posted to its last completed (the prefill's compute
+    overlaps it). What transfer bandwidth divides by."""
+    kv_wait_ms: float = 0.0
+    """The part of the read TTFT waited for: after the prefill's ``BlocksReady`` came (equal to
+    ``kv_transfer_ms`` for a whole offer; of a layer-wise handoff, what was left to read)."""
     kv_early_reads: int = 0
     """READs of a layer-wise handoff posted while the prefill still computed (0: none, e.g. a
     whole-prompt handoff)."""
@@ -129,6 +133,7 @@ class RequestStats:
             "local_prefix_tokens": self.local_prefix_tokens,
             "transferred_blocks": self.transferred_blocks,
             "kv_transfer_ms": round(self.kv_transfer_ms, 3),
+            "kv_wait_ms": round(self.kv_wait_ms, 3),
             "kv_early_reads": self.kv_early_reads,
             "prefill_ms": round(self.prefill_ms, 3),
             "queue_ms": round(self.queue_ms, 3),

@@ -22,6 +22,7 @@ scheduler thread, the agent's owner.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,20 @@ class _Stream:
     offer: KvStream
     read: LayerwiseRead
     start: int
+    began: float  # time.perf_counter() before the first READ was posted
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedRead:
+    """A layer-wise read that ``finish`` completed."""
+
+    start: int
+    """The first block read (blocks before it were held here)."""
+    num_early_reads: int
+    """READs posted before ``BlocksReady`` came (while the prefill computed)."""
+    read_ms: float
+    """From the first READ posted (``begin``) to the last one completed: the whole read, the
+    time its bytes took to cross (``kv_transfer_ms``), not what TTFT waited for."""
 
 
 class DecodeStreams:
@@ -62,9 +77,10 @@ class DecodeStreams:
             FabricError: the offer cannot be read (malformed, incompatible, the peer gone).
         """
         self.cancel(offer.request_id)  # a repeated KvStream replaces the first, never leaks it
+        began = time.perf_counter()
         read = self._handoff.layerwise_read(offer, start, block_ids)
         read.advance(KvFrontier(offer.done_tokens, offer.done_tokens, 0))
-        self._id_to_stream[offer.request_id] = _Stream(offer, read, start)
+        self._id_to_stream[offer.request_id] = _Stream(offer, read, start, began)
 
     def advance(self, layers: KvLayers) -> None:
         """Post the READs of what ``layers`` made final (nothing when the stream is gone).
@@ -93,11 +109,9 @@ class DecodeStreams:
                 failed.append((request_id, exc))
         return failed
 
-    def finish(self, ready: BlocksReady) -> tuple[int, int] | None:
+    def finish(self, ready: BlocksReady) -> StreamedRead | None:
         """Read what is left of the stream ``ready`` ends and wait for every READ (bounded by
-        the transfer timeout); the first block read (blocks before it were held here) and the
-        READs posted before ``ready`` came, or None when ``ready`` ends no stream (read it
-        whole).
+        the transfer timeout); None when ``ready`` ends no stream (read it whole).
 
         Raises:
             ProtocolMismatch: ``ready`` offers other blocks than the stream did.
@@ -113,13 +127,15 @@ class DecodeStreams:
             )
         num_early = stream.read.num_reads
         stream.read.finish()
+        read_ms = (time.perf_counter() - stream.began) * 1000
         logger.debug(
-            "request %s: layer-wise read done, %d READs before the offer, %d after",
+            "request %s: layer-wise read done in %.2f ms, %d READs before the offer, %d after",
             ready.request_id,
+            read_ms,
             num_early,
             stream.read.num_reads - num_early,
         )
-        return stream.start, num_early
+        return StreamedRead(stream.start, num_early, read_ms)
 
     def cancel(self, request_id: str) -> None:
         """Cancel the READs in flight of ``request_id`` and forget it (no-op when absent)."""

@@ -35,7 +35,7 @@ from fabric.discovery.etcd_server import EtcdServer
 pytestmark = [pytest.mark.etcd, pytest.mark.nixl]
 
 MAX_TOKENS = 4
-STEPS = {"route", "queue", "onboard", "transfer", "prefill", "first_token"}
+STEPS = {"route", "queue", "onboard", "transfer", "transfer_wait", "prefill", "first_token"}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ def test_view_names_the_source_worker_and_sums_the_queues() -> None:
         "queue_ms": 2.0,
         "onboard_ms": 0.5,
         "kv_transfer_ms": 1.5,
+        "kv_wait_ms": 0.25,
         "prefill_ms": 7.0,
         "fallback": "",
     }
@@ -41,6 +42,7 @@ def test_view_names_the_source_worker_and_sums_the_queues() -> None:
         "queue": 3.0,
         "onboard": 0.5,
         "transfer": 1.5,
+        "transfer_wait": 0.25,
         "prefill": 7.0,
         "first_token": 12.0,
     }
@@ -105,7 +107,15 @@ def test_response_and_requests_route_show_the_trace(
         ("prefill", 16, 20, "prefill-1"),
     ]
     steps = trace["steps_ms"]
-    assert set(steps) == {"route", "queue", "onboard", "transfer", "prefill", "first_token"}
+    assert set(steps) == {
+        "route",
+        "queue",
+        "onboard",
+        "transfer",
+        "transfer_wait",
+        "prefill",
+        "first_token",
+    }
     assert all(value >= 0 for value in steps.values())
 
     auth = {"Authorization": f"Bearer {KEY}"}

@@ -100,6 +100,8 @@ def test_layerwise_output_equals_aggregated(deployment: Deployment, length: int)
     assert stats["prefill_worker"] == "prefill-lw" and stats["fallback"] == "", stats
     assert stats["transferred_blocks"] == -(-length // BLOCK_SIZE)
     assert int(stats["kv_early_reads"]) > 0, stats  # layers read while the prompt was computed
+    # the whole read (first READ to last) includes what TTFT waited for after BlocksReady
+    assert float(stats["kv_transfer_ms"]) >= float(stats["kv_wait_ms"]) > 0, stats
 
 
 @pytest.mark.parametrize(
@@ -118,6 +120,7 @@ def test_either_side_whole_keeps_the_whole_prompt_handoff(
     stats = result.stats
     assert stats["prefill_worker"] == prefill and stats["fallback"] == "", stats
     assert stats["kv_early_reads"] == 0 and stats["transferred_blocks"] == 9, stats
+    assert stats["kv_transfer_ms"] == stats["kv_wait_ms"], stats  # a whole read is all waited for
 
 
 def test_prefill_killed_mid_stream_is_recomputed_around(deployment: Deployment) -> None:

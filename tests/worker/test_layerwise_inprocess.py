@@ -11,7 +11,7 @@ sides."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from fabric.transfer import LoopbackAgent, LoopbackRegistry
 from fabric.worker.handoff import DecodeHandoff, PrefillHandoff
 from fabric.worker.metrics import WorkerMetrics
 from fabric.worker.prefill_service import PrefillService
-from fabric.worker.streams import DecodeStreams
+from fabric.worker.streams import DecodeStreams, StreamedRead
 
 DECODE = PeerId("decode-1")
 BLOCK = 16
@@ -58,7 +58,7 @@ class Decode:
     seq: SequenceBlocks | None = None
     pushed: list[Message] = field(default_factory=list)
     reads_at_ready: int | None = None
-    finished: tuple[int, int] | None = None
+    finished: StreamedRead | None = None
 
     def send(self, peer: str, message: Message) -> None:
         assert peer == DECODE
@@ -72,6 +72,10 @@ class Decode:
             self.streams.poll()
         elif isinstance(message, BlocksReady):
             self.finished = self.streams.finish(message)
+
+    def send_all(self, peer: str, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.send(peer, message)
 
 
 @dataclass
@@ -162,8 +166,10 @@ def test_layerwise_blocks_equal_the_prefills_byte_for_byte(pair: Pair, length: i
     num_layers = pair.prefill_kvbm.storage().layout.num_layers
     assert kinds == [KvStream] + [KvLayers] * num_layers + [TokenChunk, BlocksReady]
     assert pair.decode.finished is not None
-    start, num_early = pair.decode.finished
-    assert start == 0 and num_early == num_layers  # one READ per layer, during the forward
+    finished = pair.decode.finished
+    assert finished.start == 0
+    assert finished.num_early_reads == num_layers  # one READ per layer, during the forward
+    assert finished.read_ms > 0
     seq = pair.decode.seq
     assert seq is not None
     for mine, theirs in zip(seq.block_table, _offered_ids(pair), strict=False):

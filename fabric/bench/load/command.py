@@ -357,6 +357,7 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
     ttfts: list[float] = []
     prefills: list[float] = []
     reads: list[float] = []
+    waits: list[float] = []
     try:
         with running(NAME_TO_DEPLOYMENT["1p1d"], setup) as target:
             for index, prompt in enumerate(prompts):
@@ -366,14 +367,17 @@ def measure_overhead(setup: Setup, prompt_tokens: int, num_probes: int) -> Overh
                 ttfts.append(got.ttft_s * 1e3)
                 prefills.append(float(got.fabric["prefill_ms"]))
                 reads.append(float(got.fabric["kv_transfer_ms"]))
+                waits.append(float(got.fabric["kv_wait_ms"]))
                 log(
                     f"overhead probe {index}: TTFT {ttfts[-1]:.1f} ms, prefill {prefills[-1]} ms, "
-                    f"KV read after it {reads[-1]} ms"
+                    f"KV read {reads[-1]} ms, {waits[-1]} ms of it after the prefill"
                 )
     except Exception as exc:  # the sweep's figures stand without it
         log(f"overhead probes failed: {type(exc).__name__}: {exc}")
         return f"the probes failed: {type(exc).__name__}: {exc}"
-    return Overhead(setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills), tuple(reads))
+    return Overhead(
+        setup.preset, prompt_tokens, tuple(ttfts), tuple(prefills), tuple(reads), tuple(waits)
+    )
 
 
 def random_prompt(preset: str, num_tokens: int, *, key: int) -> list[int]:

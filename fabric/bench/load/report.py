@@ -93,15 +93,17 @@ _PERCENTILE_KEYS = {
 
 @dataclass(frozen=True, slots=True)
 class Overhead:
-    """Sequential ``1p1d`` probes: client TTFT, the prefill worker's compute and the decode's
-    KV read after the prefill finished (what TTFT waited for; of a layer-wise handoff only the
-    rest), per request."""
+    """Sequential ``1p1d`` probes, per request: client TTFT, the prefill worker's compute, the
+    decode's whole KV read (``kv_transfer_ms``: of a layer-wise handoff from its first READ to
+    its last, overlapping the compute) and the part of it after the prefill finished
+    (``kv_wait_ms``: what TTFT waited for)."""
 
     preset: str
     prompt_tokens: int
     ttft_ms: tuple[float, ...]
     prefill_ms: tuple[float, ...]
     kv_transfer_ms: tuple[float, ...] = ()
+    kv_wait_ms: tuple[float, ...] = ()
 
 
 def _round(value: Any, digits: int = 3) -> float | None:
@@ -235,6 +237,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], overhead: Overhead | str) -> di
             "ttft_ms": [round(t, 2) for t in overhead.ttft_ms],
             "prefill_ms": [round(p, 2) for p in overhead.prefill_ms],
             "kv_transfer_ms": [round(k, 2) for k in overhead.kv_transfer_ms],
+            "kv_wait_ms": [round(k, 2) for k in overhead.kv_wait_ms],
         }
     out["goals"] = {
         key: {bound: value, "value": out[key], "met": _met(out[key], bound, value)}
