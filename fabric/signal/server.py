@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeAlias
@@ -172,25 +172,37 @@ class SignalServer:
             TransferTimeout: the server thread did not get to it within ``send_timeout_s``.
             InvalidTransition: the server was closed.
         """
-        payload = encode(message, self._compat_hash)
+        self.send_all(peer, (message,))
+
+    def send_all(self, peer: str, messages: Sequence[Message]) -> None:
+        """Push ``messages`` to ``peer`` in order, in one wake-up of the server thread (one
+        hand-over instead of one per message; a client reading them finds them together).
+
+        Raises:
+            As ``send``: the first message's failure (each is sent on its own, in order).
+        """
+        payloads = [encode(message, self._compat_hash) for message in messages]
         identity = identity_bytes(peer)
         if threading.current_thread() is self._thread:
-            self._send_now(identity, ONE_WAY, payload)
+            for payload in payloads:
+                self._send_now(identity, ONE_WAY, payload)
             return
-        done: Future[None] = Future()
+        dones: list[Future[None]] = [Future() for _ in payloads]
         with self._lock:
             if self._closing:
                 raise InvalidTransition(f"{self._name}: send() after close()")
-            self._outbox.append((identity, payload, done))
+            self._outbox.extend(zip([identity] * len(payloads), payloads, dones, strict=True))
         self._wake()
-        try:
-            done.result(timeout=self._send_timeout_s)
-        except FutureTimeout as exc:
-            signal_metrics.record(Side.SERVER, SignalErrorKind.TIMEOUT)
-            raise TransferTimeout(
-                f"{self._name}: the server thread did not send {type(message).__name__} to "
-                f"{peer!r} within {self._send_timeout_s} s"
-            ) from exc
+        deadline = time.monotonic() + self._send_timeout_s
+        for message, done in zip(messages, dones, strict=True):
+            try:
+                done.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout as exc:
+                signal_metrics.record(Side.SERVER, SignalErrorKind.TIMEOUT)
+                raise TransferTimeout(
+                    f"{self._name}: the server thread did not send {type(message).__name__} to "
+                    f"{peer!r} within {self._send_timeout_s} s"
+                ) from exc
 
     def close(self) -> None:
         """Stop the thread, close the socket and wait until the port is free (both bounded).

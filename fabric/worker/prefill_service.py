@@ -304,7 +304,8 @@ class PrefillService:
         )
         chunk = TokenChunk(request_id, [token], False, "", stats)
         delivered = sender is None or sender.delivered
-        if not (delivered and ready and self._push(peer, chunk) and self._push(peer, ready)):
+        # One hand-over to the signal thread for both: the decode needs them together.
+        if not (delivered and ready and self._push(peer, chunk, ready)):
             self._handoff.abort(request_id)
 
     def _reply_error(self, peer: PeerId, request_id: str, code: ErrorCode, message: str) -> None:
@@ -312,9 +313,9 @@ class PrefillService:
         self._metrics.errors.labels(ErrorKind.REFUSED.value).inc()
         self._push(peer, ErrorReply(request_id, code, message))
 
-    def _push(self, peer: PeerId, message: Message) -> bool:
+    def _push(self, peer: PeerId, *messages: Message) -> bool:
         try:
-            self._outbox.send(peer, message)
+            self._outbox.send_all(peer, messages)
         except FabricError as exc:
             logger.warning("cannot reach decode %s: %s", peer, exc)
             return False

@@ -28,6 +28,7 @@ from fabric.signal.messages import (
     Heartbeat,
     Message,
     PrefillRequest,
+    TokenChunk,
     TransferDone,
     encode,
 )
@@ -96,6 +97,20 @@ def test_server_pushes_to_a_client_by_identity(
     server.send("decode-1", ready)
     assert decode_1.receive(WAIT_S) == ready
     assert decode_0.receive(0.1) is None
+
+
+def test_send_all_pushes_in_order_in_one_hand_over(
+    make_client: Callable[..., SignalClient], server: SignalServer
+) -> None:
+    decode = make_client(server.endpoint, identity="decode-1")
+    decode.ping()
+    chunk = TokenChunk("r1", [42], False, "", {"prefill_ms": 1.5})
+    ready = BlocksReady("r1", 42, "prefill-agent", b"\x00opaque", 16)
+    server.send_all("decode-1", [chunk, ready])
+    assert decode.receive(WAIT_S) == chunk
+    assert decode.receive(WAIT_S) == ready
+    with pytest.raises(PeerUnavailable, match="'nobody' is not connected"):
+        server.send_all("nobody", [chunk, ready])
 
 
 def test_push_to_an_unknown_peer_raises(server: SignalServer) -> None:

@@ -7,7 +7,7 @@ at every step of a long prefill, and blocks register only once full and computed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,10 @@ class Recorder:
 
     def send(self, peer: str, message: Message) -> None:
         self.messages.append(message)
+
+    def send_all(self, peer: str, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.send(peer, message)
 
     def chunks(self, request_id: str) -> list[TokenChunk]:
         return [

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,10 @@ class DeadDecode:
     def send(self, peer: str, message: Message) -> None:
         self.num_pushes += 1
         raise PeerUnavailable(f"decode worker {peer} is not connected")
+
+    def send_all(self, peer: str, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.send(peer, message)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,10 @@ class Outbox:
 
     def send(self, peer: str, message: Message) -> None:
         self.pushed.append((peer, message))
+
+    def send_all(self, peer: str, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self.send(peer, message)
 
 
 @dataclass
