@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 REGISTRY = CollectorRegistry()
 PREFIX = "fabric_nixl_"
-_SECONDS_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+SECONDS_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 
 class TransferOutcome(Enum):
@@ -60,7 +60,7 @@ _SECONDS = Histogram(
     PREFIX + "transfer_seconds",
     "NIXL's own duration of completed transfers (post to completion).",
     ["op", "backend"],
-    buckets=_SECONDS_BUCKETS,
+    buckets=SECONDS_BUCKETS,
     registry=REGISTRY,
 )
 _DESCRIPTORS = Counter(

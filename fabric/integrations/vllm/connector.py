@@ -35,6 +35,7 @@ from fabric.integrations.vllm.metadata import FabricMetadata, FabricWorkerMeta
 from fabric.integrations.vllm.node import attach_node_tier, check_node_supported, node_layout
 from fabric.integrations.vllm.pages import PageGeometry
 from fabric.integrations.vllm.scheduler import FabricScheduler
+from fabric.integrations.vllm.telemetry import FabricPromMetrics, FabricTransferStats
 from fabric.integrations.vllm.tiers import EventBuffer, TierLedger
 from fabric.integrations.vllm.worker import FabricWorker
 from fabric.kvbm import (
@@ -51,6 +52,12 @@ from fabric.kvbm import (
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -272,6 +279,31 @@ class FabricConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The worker's NIXL transfers since the last step (``telemetry``); None on the
+        scheduler side and when there were none."""
+        if self._worker is None:
+            return None
+        rows = self._worker.transfers.take()
+        return FabricTransferStats(data={"nixl": rows}) if rows else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        return FabricTransferStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        """The fabric's NIXL series in vLLM's ``/metrics`` (``telemetry``)."""
+        return FabricPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self.worker.build_worker_meta()

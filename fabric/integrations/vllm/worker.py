@@ -70,6 +70,7 @@ from fabric.integrations.vllm.node import NodeAttachment, attach_node_tier, node
 from fabric.integrations.vllm.pages import KvPages, PageGeometry
 from fabric.integrations.vllm.producer import ProducerEndpoint, hold_table
 from fabric.integrations.vllm.stats import WorkerStats
+from fabric.integrations.vllm.telemetry import TransferTally
 from fabric.kvbm import SharedBlockStore, Storage, Tier
 from fabric.pd import HoldProgress
 
@@ -106,6 +107,8 @@ class FabricWorker:
         self._progress: HoldProgress | None = None
         self._reader: PeerReader | None = None
         self._load_errors: set[int] = set()
+        self.transfers = TransferTally()
+        """The NIXL agent's transfers since vLLM last took them (``telemetry``)."""
         self._received: set[str] = set()
         self._finished_ids: set[str] = set()
         self._freed: list[str] = []
@@ -160,6 +163,8 @@ class FabricWorker:
         if devices is not None:  # the agent's UCX address: the interface peers reach
             os.environ.setdefault("UCX_NET_DEVICES", devices)
         storage = pages.storage()
+        self.transfers.start()
+        self._stack.callback(self.transfers.stop)  # after the agent closed (LIFO)
         agent = NixlAgent(f"{worker_id}-{os.getpid()}")
         self._stack.callback(agent.close)
         agent.register(storage.buffers())
