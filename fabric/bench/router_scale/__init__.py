@@ -17,7 +17,9 @@ stored and removed events, per second, until every subscriber applied them), ``b
 (the measured process's resident growth since its subscribers were synced, over
 ``cached_blocks``), ``route_ms_p50``, ``route_ms_p99`` (one decision, prompt hashing included,
 ingest idle); ``hash_ms_p50`` (hashing a whole prompt as the router does,
-``sequence_hash_chunks``, per fleet size and prompt length),
+``sequence_hash_chunks``, per fleet size and prompt length; native when ``hash_native``, the
+measured process having loaded the ``csrc/`` extension as a frontend does), ``hash_ms_p50_python``
+(the same with ``FABRIC_NATIVE_KERNELS=0``: the Python path),
 ``checks`` (routes, and how many picked the longest prefix's holder as KV provider), ``goals``
 and the parameters. ``--quick``: a small run for tests (seconds).
 """
@@ -87,17 +89,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     loadavg_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     hashing: dict[str, dict[int, float]] = {}
+    hashing_python: dict[str, dict[int, float]] = {}
+    hash_native: list[bool] = []
     checks = {"routes": 0, "longest_prefix_picked": 0}
     for num_workers in fleet_sizes:
         params = FleetParams(num_workers, stages, prompt_tokens, num_prompts, args.churn, args.seed)
         result = _run_fleet(params, args.repeats)
         rows += result["rows"]
         hashing[str(num_workers)] = result["hash_ms_p50"]
+        hashing_python[str(num_workers)] = result["hash_ms_p50_python"]
+        hash_native.append(result["hash_native"])
         for key in checks:
             checks[key] += result["checks"][key]
     return {
         "rows": rows,
         "hash_ms_p50": hashing,
+        "hash_ms_p50_python": hashing_python,
+        "hash_native": all(hash_native),
         "checks": checks,
         "goals": _goals(rows),
         "params": {

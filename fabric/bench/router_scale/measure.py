@@ -42,6 +42,7 @@ from fabric.frontend.fleet import Fleet, FleetView
 from fabric.frontend.kv_subscriber import KvEventSubscriber
 from fabric.frontend.roster import Roster
 from fabric.frontend.router import Router
+from fabric.kvbm.core import extension
 from fabric.kvbm.core.hashing import sequence_hash_chunks
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def _measure(workers: Connection, repeats: int) -> dict[str, Any]:
     _say(f"{len(worker_ids)} simulated workers ready")
     fleet = Fleet(InMemoryRegistry(), model_name="router-scale", identity="router-scale")
     router = Router(fleet)
+    # As a frontend's first route does: load the native hashing when the set-up built it.
+    hash_native = extension.native() is not None
     subscribers = [
         KvEventSubscriber(worker_id, fleet.index, endpoint=endpoint, replay_endpoint=None).start()
         for worker_id, endpoint in zip(worker_ids, endpoints, strict=True)
@@ -78,6 +81,7 @@ def _measure(workers: Connection, repeats: int) -> dict[str, Any]:
         baseline = _rss_bytes()
         rows: list[dict[str, Any]] = []
         hashing: dict[int, float] = {}
+        hashing_python: dict[int, float] = {}
         checks = {"routes": 0, "longest_prefix_picked": 0}
         done = [s.num_batches for s in subscribers]
         for i, stage in enumerate(stages):
@@ -93,6 +97,7 @@ def _measure(workers: Connection, repeats: int) -> dict[str, Any]:
                 checks["routes"] += len(times)
                 checks["longest_prefix_picked"] += right
                 hashing[num_tokens] = _hash_ms(prompts)
+                hashing_python[num_tokens] = _python_hash_ms(prompts)
                 rows.append(
                     {
                         "workers": len(worker_ids),
@@ -107,6 +112,8 @@ def _measure(workers: Connection, repeats: int) -> dict[str, Any]:
         return {
             "rows": rows,
             "hash_ms_p50": hashing,
+            "hash_ms_p50_python": hashing_python,
+            "hash_native": hash_native,
             "checks": checks,
             "num_hashes": fleet.index.num_hashes,
         }
@@ -232,6 +239,20 @@ def _hash_ms(prompts: list[RoutedPrompt]) -> float:
             pass
         times.append((time.perf_counter() - start) * 1000)
     return round(statistics.median(times), 4)
+
+
+def _python_hash_ms(prompts: list[RoutedPrompt]) -> float:
+    """``_hash_ms`` with the native hashing switched off (``FABRIC_NATIVE_KERNELS=0``): the
+    Python path, for the comparison."""
+    saved = os.environ.get(extension.ENV_SWITCH)
+    os.environ[extension.ENV_SWITCH] = "0"
+    try:
+        return _hash_ms(prompts)
+    finally:
+        if saved is None:
+            del os.environ[extension.ENV_SWITCH]
+        else:
+            os.environ[extension.ENV_SWITCH] = saved
 
 
 def _percentile(values: list[float], q: int) -> float:
