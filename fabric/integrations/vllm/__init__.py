@@ -8,7 +8,8 @@ One ``--kv-transfer-config`` puts the fabric under a vLLM instance (docs/vllm.md
      "kv_load_failure_policy": "recompute",
      "kv_connector_extra_config": {"cpu_cache_gb": ..., "disk_path": ..., "etcd_endpoints": ...}}
 
-Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at module level)::
+Modules (imports point down; only ``connector``, ``metadata`` and ``telemetry`` import vLLM at
+module level)::
 
     connector.py  FabricConnector: the facade vLLM builds per role; build_scheduler/build_worker
     scheduler.py  FabricScheduler: lookups, load/save plans, holds (no KV bytes)
@@ -26,6 +27,9 @@ Modules (imports point down; only ``connector`` and ``metadata`` import vLLM at 
     pages.py      PageGeometry (compat hash, hash seed) and KvPages (gather/scatter, NIXL layout)
     config.py     ConnectorConfig from kv_connector_extra_config; KvRole
     stats.py      counters of both sides
+    traces.py     RequestTraces: each request's KV trace (fabric.signal.kv_trace), returned in
+                  kv_transfer_params["fabric_stats"] and logged once
+    telemetry.py  the NIXL agent's transfers to vLLM's KVConnectorStats and /metrics
 
 Design.
 
