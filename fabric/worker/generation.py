@@ -4,13 +4,12 @@ Runs on the scheduler thread, which owns the engine, the manager, the prefill li
 decode handoff. Admission (the waiting queue, where each prompt is computed) is
 ``admission.Admission``'s; this module runs what it admits. One ``step``:
 
-1. collect remote prefill outcomes: read the offered blocks this worker lacks into the blocks
-   reserved at admission, register them, ``TransferDone``, stream the first token; or, when the
-   prefill worker failed, queue the prompt to be computed here (``PrefillFallback.RECOMPUTE``)
-   or end the request with an error chunk (``FAIL``). A layer-wise handoff (``layerwise``: asked
-   for in the ``PrefillRequest``) reads each layer as its ``KvLayers`` arrives
-   (``streams.DecodeStreams``, polled every step; a failed READ falls back at once), so only
-   what is left when ``BlocksReady`` comes is read then;
+1. collect remote prefill outcomes (``remote_outcomes.RemoteOutcomes``: it reads the offered
+   blocks this worker lacks into the blocks reserved at admission, layer by layer as
+   ``KvLayers`` arrive when ``layerwise`` asked for it, and sends ``TransferDone``): stream the
+   first token of a prompt read; or, when the prefill worker or the read failed, queue the
+   prompt to be computed here (``PrefillFallback.RECOMPUTE``) or end the request with an error
+   chunk (``FAIL``);
 2. admit waiting requests in arrival order while the device pool has room for all of a
    request's blocks (prompt + ``max_tokens - 1``): send it to its prefill worker, or queue its
    prompt to be computed here while this step's token budget has room;
@@ -60,19 +59,14 @@ from fabric.engine import DecodeRequest, Engine, PrefillChunk, greedy
 from fabric.errors import ConfigError, FabricError
 from fabric.signal.framing import PeerId, wall_ms
 from fabric.signal.kv_trace import KvSource
-from fabric.signal.messages import GenerateRequest, KvStream, TokenChunk
+from fabric.signal.messages import GenerateRequest, TokenChunk
 from fabric.worker.admission import Admission
 from fabric.worker.handoff import DecodeHandoff
 from fabric.worker.metrics import ErrorKind, WorkerMetrics
 from fabric.worker.outbox import Outbox
-from fabric.worker.remote_prefill import (
-    RemoteFailed,
-    RemotePrefills,
-    RemoteProgress,
-    RemoteReady,
-)
+from fabric.worker.remote_outcomes import Read, RemoteOutcomes
+from fabric.worker.remote_prefill import RemotePrefills
 from fabric.worker.request import FinishReason, Phase, WorkerRequest, error_chunk
-from fabric.worker.streams import DecodeStreams
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +104,21 @@ class GenerationService:
         self._admission = Admission(
             engine, worker_id=worker_id, max_waiting=max_waiting, remote_prefills=remote is not None
         )
-        self._remote = remote
-        self._handoff = handoff
-        self._layerwise = layerwise  # ask prefill workers for layer-wise handoffs
-        self._streams = DecodeStreams(handoff) if handoff is not None else None
+        self._remote = (
+            None
+            if remote is None or handoff is None
+            else RemoteOutcomes(
+                engine,
+                remote,
+                handoff,
+                metrics,
+                worker_id=worker_id,
+                layerwise=layerwise,
+                source=remote_source,
+            )
+        )
         self._fallback = fallback
         self._budget = max_num_batched_tokens
-        self._remote_source = remote_source  # what a read offer is in the KV trace
         self._id_to_gen: dict[str, WorkerRequest] = {}
         self._prefilling: dict[str, WorkerRequest] = {}  # admission order
         self._decoding: dict[str, WorkerRequest] = {}
@@ -209,106 +211,18 @@ class GenerationService:
     def _start_remote(self, gen: WorkerRequest) -> bool:
         """Ask the request's prefill worker; False when the prompt is to be computed here."""
         assert self._remote is not None
-        worker_id = gen.request.prefill_worker
-        request = gen.prefill_request(self._worker_id, layerwise=self._layerwise)
-        problem = self._remote.start(request, worker_id)
-        if problem is None:
-            logger.debug("request %s: prefill sent to %s", gen.request_id, worker_id)
-            return True
-        return not self._prefill_failed(gen, problem)
+        problem = self._remote.start(gen)
+        return problem is None or not self._prefill_failed(gen, problem)
 
     def _collect_remote(self, timeout_s: float) -> None:
-        assert self._remote is not None and self._streams is not None
-        for outcome in self._remote.poll(timeout_s):
-            gen = self._id_to_gen.get(outcome.request_id)
-            if gen is None or gen.phase is not Phase.REMOTE_PREFILL:
-                if not isinstance(outcome, RemoteFailed):
-                    self._remote.abort(outcome.request_id, "ended", worker_id=outcome.worker_id)
-                continue
-            if isinstance(outcome, RemoteFailed):
-                self._streams.cancel(gen.request_id)
-                if self._prefill_failed(gen, outcome.reason):
-                    self._start_prefill(gen)
-            elif isinstance(outcome, RemoteProgress):
-                self._on_progress(gen, outcome)
-            else:
-                self._read_offer(gen, outcome)
-        for request_id, exc in self._streams.poll():
-            self._read_failed(self._id_to_gen[request_id], exc, None)
-
-    def _on_progress(self, gen: WorkerRequest, progress: RemoteProgress) -> None:
-        """A layer-wise handoff opened (``KvStream``) or moved (``KvLayers``): read what is new."""
-        assert self._streams is not None and gen.seq is not None
-        message = progress.message
-        try:
-            if isinstance(message, KvStream):
-                start = self._local_start(gen)
-                num_blocks = -(-len(gen.prompt) // self._kvbm.block_size)
-                self._streams.begin(message, start, gen.seq.block_table[start:num_blocks])
-            else:
-                self._streams.advance(message)
-        except FabricError as exc:
-            self._read_failed(gen, exc, progress.worker_id)
-
-    def _read_failed(self, gen: WorkerRequest, exc: FabricError, worker_id: str | None) -> None:
-        """Reading ``gen``'s offer failed: tell its prefill worker, apply the fallback."""
+        """Apply what the remote prefills brought (``remote_outcomes``): decode a prompt read,
+        or the fallback for one lost."""
         assert self._remote is not None
-        self._remote.abort(gen.request_id, "read failed", worker_id=worker_id)
-        if self._prefill_failed(gen, f"reading its blocks failed: {exc}"):
-            self._start_prefill(gen)
-
-    def _local_start(self, gen: WorkerRequest) -> int:
-        """The first of ``gen``'s prompt blocks to read: those before are held here (a local
-        prefix) or were just loaded from this host's node cache (the prefill stores its full
-        blocks there too)."""
-        assert gen.seq is not None
-        start = gen.seq.num_cached_tokens // self._kvbm.block_size
-        if self._kvbm.node_attached:
-            hashes = self._kvbm.hash_tokens(gen.prompt).sequence_hashes
-            start += self._kvbm.load_node_into(hashes[start:], gen.seq.block_table[start:])
-        return start
-
-    def _read_offer(self, gen: WorkerRequest, outcome: RemoteReady) -> None:
-        assert self._remote is not None and self._handoff is not None and gen.seq is not None
-        assert self._streams is not None
-        seq, ready = gen.seq, outcome.ready
-        num_blocks = -(-len(gen.prompt) // self._kvbm.block_size)
-        began = time.perf_counter()
-        try:
-            if ready.num_tokens != len(gen.prompt):
-                raise FabricError(f"offer covers {ready.num_tokens} tokens, not the prompt's")
-            streamed = self._streams.finish(ready)  # the rest of a layer-wise read
-            if streamed is not None:
-                start, gen.stats.kv_early_reads = streamed.start, streamed.num_early_reads
-            else:  # a whole offer
-                start = self._local_start(gen)
-                if start < num_blocks:  # what this host's node cache lacks, over NIXL
-                    self._handoff.read_into(ready, start, seq.block_table[start:num_blocks])
-        except FabricError as exc:
-            self._read_failed(gen, exc, outcome.worker_id)
-            return
-        stats = gen.stats
-        stats.kv_wait_ms = (time.perf_counter() - began) * 1000
-        stats.kv_transfer_ms = stats.kv_wait_ms if streamed is None else streamed.read_ms
-        trace = gen.trace_cached()
-        trace.add(KvSource.NODE, start * self._kvbm.block_size)
-        trace.add(self._remote_source, len(gen.prompt))
-        seq.commit()
-        self._remote.done(outcome, num_blocks)
-        stats.record_offer(outcome.stats, outcome.worker_id, len(gen.prompt), num_blocks - start)
-        self._metrics.transferred_blocks.inc(num_blocks - start)
-        self._metrics.cached_tokens.inc(stats.cached_tokens)
-        logger.debug(
-            "request %s: read %d blocks from %s in %.2f ms, %.2f ms of it after the offer (%d "
-            "held here or in the node cache)",
-            gen.request_id,
-            num_blocks - start,
-            outcome.worker_id,
-            stats.kv_transfer_ms,
-            stats.kv_wait_ms,
-            start,
-        )
-        self._start_decoding(gen, ready.first_token)
+        for result in self._remote.collect(timeout_s, self._id_to_gen):
+            if isinstance(result, Read):
+                self._start_decoding(result.gen, result.first_token)
+            elif self._prefill_failed(result.gen, result.reason):
+                self._start_prefill(result.gen)
 
     def _prefill_failed(self, gen: WorkerRequest, reason: str) -> bool:
         """Apply the fallback; True when the prompt is to be computed here."""
@@ -469,9 +383,7 @@ class GenerationService:
         if gen.phase is Phase.WAITING:
             self._admission.remove(gen)
         elif gen.phase is Phase.REMOTE_PREFILL and self._remote is not None:
-            assert self._streams is not None
-            self._streams.cancel(gen.request_id)  # before its blocks go back to the pool
-            self._remote.abort(gen.request_id, "request ended")
+            self._remote.end(gen.request_id)  # before its blocks go back to the pool
         self._prefilling.pop(gen.request_id, None)
         self._decoding.pop(gen.request_id, None)
         if gen.seq is not None:
