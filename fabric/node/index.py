@@ -10,7 +10,7 @@ One writer, the service (``IndexWriter``, under ``NodeCache``'s lock), many read
                             odd = not (free, reserved for a writer, or never written)
     hash     [num_slots]    the sequence hash of the block a published slot holds
     touched  [num_slots]    readers set 1 on the slots they read (recency); the writer drains it
-    buckets  [num_buckets]  open addressing, linear probing from ``hash & (num_buckets - 1)``:
+    buckets  [num_buckets]  open addressing, linear probing from ``home_bucket(hash)``:
                             slot + 1, 0 empty; deletion shifts entries back (no tombstones)
 
 Slot lifecycle, as the index sees it (a slot's generation only grows)::
@@ -80,6 +80,23 @@ def segment_inode(segment: str) -> int | None:
         return os.stat(os.path.join(SHM_DIR, segment)).st_ino
     except FileNotFoundError:
         return None
+
+
+_MIX = 0x9E3779B97F4A7C15
+"""Fibonacci hashing: a bucket is the top bits of ``hash * _MIX`` (mod 2**64), so hashes that
+differ only in their high bits (or count up) do not cluster in linear probing."""
+
+
+def home_bucket(sequence_hash: int, num_buckets: int) -> int:
+    """The bucket probing for ``sequence_hash`` starts at (``num_buckets`` a power of two)."""
+    shift = 64 - (num_buckets.bit_length() - 1)
+    return ((int(sequence_hash) * _MIX) & 0xFFFFFFFFFFFFFFFF) >> shift
+
+
+def _home_buckets(hashes: np.ndarray, num_buckets: int) -> np.ndarray:
+    """``home_bucket`` of each of ``hashes`` (uint64), vectorised."""
+    shift = np.uint64(64 - (num_buckets.bit_length() - 1))
+    return ((hashes * np.uint64(_MIX)) >> shift).astype(np.int64)
 
 
 def _num_buckets(num_slots: int) -> int:
@@ -152,7 +169,7 @@ class IndexWriter:
             assert m.gen[slot] & 1, f"slot {slot} published twice"
             m.hash[slot] = h
             m.gen[slot] += 1
-            b = int(h) & m.mask
+            b = home_bucket(h, m.mask + 1)
             while m.buckets[b]:
                 b = (b + 1) & m.mask
             m.buckets[b] = slot + 1
@@ -197,7 +214,7 @@ class IndexWriter:
 
     def _remove(self, slot: int) -> None:
         m = self._map
-        b = int(m.hash[slot]) & m.mask
+        b = home_bucket(int(m.hash[slot]), m.mask + 1)
         while m.buckets[b] != slot + 1:
             if not m.buckets[b]:
                 return  # never inserted (cannot happen for a published slot)
@@ -209,7 +226,7 @@ class IndexWriter:
             entry = int(m.buckets[j])
             if not entry:
                 break
-            home = int(m.hash[entry - 1]) & m.mask
+            home = home_bucket(int(m.hash[entry - 1]), m.mask + 1)
             if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
                 continue  # its home lies after the hole: it stays
             m.buckets[hole] = entry
@@ -260,7 +277,7 @@ class IndexReader:
         m = self._map
         wanted = np.fromiter(sequence_hashes, dtype=np.uint64, count=len(sequence_hashes))
         found = np.full(wanted.size, -1, dtype=np.int64)
-        home = (wanted & np.uint64(m.mask)).astype(np.int64)
+        home = _home_buckets(wanted, m.mask + 1)
         pending = np.arange(wanted.size)
         for step in range(m.mask + 1):
             entries = m.buckets[(home[pending] + step) & m.mask]
