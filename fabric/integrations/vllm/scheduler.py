@@ -14,7 +14,8 @@ connector's ``TierLedger`` (the G2 / G3 pools) and applies the worker's job repo
         │ every step: blocks that became full ──▶ TierSave to G2 (+ TierWrites down to G3 / G4),
         │                                         or, without G2, DiskSave to G4; and NodeSave
         │                                         to the node tier
-    request_finished ──▶ untracked (+ PeerHold queued when a decode instance will read it)
+    request_finished ──▶ untracked (+ PeerHold queued when a decode instance will read it);
+                         its KV trace (``traces``) returned as ``fabric_stats`` and logged
 
 vLLM's rules kept here: hits are whole blocks; a synchronous (disk) hit never covers the last
 prompt token, which must be computed to sample the next one; an asynchronous (peer) load may

@@ -7,7 +7,8 @@ connector's scheduler side from what it already plans, per request::
     get_num_new_matched_tokens ──▶ looked_up: vLLM's own prefix hit (``device``)
     update_state_after_alloc   ──▶ planned: device, then each planned load in prompt order
         │                          (G2 ``host``, G3 ``disk``, ``node``, G4 ``g4``, or a P/D read:
-        │                          ``prefill`` for a kv_consumer, ``peer`` for kv_both)
+        │                          ``prefill`` for a kv_consumer, ``peer`` for kv_both); again
+        │                          after an async read landed: no lookup before it, trace kept
     update_connector_output    ──▶ load_errors: cut at the first block that failed to load,
         │                          ``fallback`` says which source failed and from where
     request_finished           ──▶ finished: the rest up to the prompt's end is ``recompute``;
@@ -90,7 +91,12 @@ class RequestTraces:
         prefill_worker: str = "",
     ) -> None:
         """Start ``req_id``'s trace afresh: its local hit, then ``loads`` in prompt order, each
-        ``(source, num_tokens, vLLM block ids)``; ``prefill_worker`` the P/D source."""
+        ``(source, num_tokens, vLLM block ids)``; ``prefill_worker`` the P/D source.
+
+        An allocation with no lookup before it (vLLM scheduling a request again once its P/D
+        read landed) keeps the trace planned at the lookup's."""
+        if req_id not in self._num_local and req_id in self._open:
+            return
         state = _Open(num_prompt_tokens, prefill_worker=prefill_worker)
         limit = num_prompt_tokens - 1
         state.trace.add(KvSource.DEVICE, min(self._num_local.pop(req_id, 0), limit))

@@ -311,3 +311,25 @@ def node_namespace() -> Iterator[str]:
         leftover.unlink()
     if leftovers:
         pytest.fail(f"{leftovers} left behind")
+
+
+@pytest.fixture
+def service(node_namespace: str) -> Iterator[Any]:
+    """A node cache of ``page_fixtures``' geometry in this process (real shared memory)."""
+    from page_fixtures import node_config
+
+    from fabric.node import build_node_cache
+
+    with build_node_cache(node_config(node_namespace)) as node:
+        yield node
+
+
+@pytest.fixture
+def instances(service: Any) -> Iterator[list[Any]]:
+    """Two instances' connector sides (``connector_sides.Instance``) on that node cache."""
+    from connector_sides import Instance
+
+    made = [Instance({"node_cache": service.endpoint}, seed) for seed in (1, 2)]
+    yield made
+    for instance in made:
+        instance.close()

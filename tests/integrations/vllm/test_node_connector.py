@@ -12,11 +12,9 @@ Runs with the .venv-vllm interpreter (the connector's metadata are vLLM's classe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
-from page_fixtures import BS, node_config, vllm_hashes
+from page_fixtures import BS, vllm_hashes
 
 pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 
@@ -25,21 +23,7 @@ from connector_sides import NUM_BLOCKS, PROMPT, Instance
 from fabric.integrations.vllm.jobs import NodeLoad
 from fabric.integrations.vllm.metadata import FabricMetadata
 from fabric.kvbm import SequenceHash, Tier
-from fabric.node import NodeCacheService, build_node_cache
-
-
-@pytest.fixture
-def service(node_namespace: str) -> Iterator[NodeCacheService]:
-    with build_node_cache(node_config(node_namespace)) as node:
-        yield node
-
-
-@pytest.fixture
-def instances(service: NodeCacheService) -> Iterator[list[Instance]]:
-    made = [Instance({"node_cache": service.endpoint}, seed) for seed in (1, 2)]
-    yield made
-    for instance in made:
-        instance.close()
+from fabric.node import NodeCacheService
 
 
 def test_a_prefix_one_instance_computed_is_loaded_by_another_from_the_node_tier(

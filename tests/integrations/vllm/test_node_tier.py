@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -34,14 +33,8 @@ from fabric.integrations.vllm.node import (
     node_storage,
 )
 from fabric.kvbm import LayoutKind, SequenceHash, hash_token_blocks, host_storage
-from fabric.node import NodeCacheService, attach_node_cache, build_node_cache
+from fabric.node import NodeCacheService, attach_node_cache
 from fabric.node.service import node_record
-
-
-@pytest.fixture
-def service(node_namespace: str) -> Iterator[NodeCacheService]:
-    with build_node_cache(node_config(node_namespace)) as node:
-        yield node
 
 
 def test_vllm_attaches_with_the_slots_compat_hash_of_a_reference_worker(

@@ -15,35 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
-from page_fixtures import BS, node_config, vllm_hashes
+from page_fixtures import BS, vllm_hashes
 
 pytest.importorskip("vllm", reason="run with .venv-vllm (launch/setup_vllm.sh)")
 
 from connector_sides import NUM_BLOCKS, PROMPT, Instance
 
 from fabric.kvbm import SequenceHash
-from fabric.node import NodeCacheService, build_node_cache
 from fabric.signal.kv_trace import KvTrace
 
 LAST = len(PROMPT)
 """The prompt's length: vLLM computes its last token (position ``LAST - 1``) itself."""
-
-
-@pytest.fixture
-def service(node_namespace: str) -> Iterator[NodeCacheService]:
-    with build_node_cache(node_config(node_namespace)) as node:
-        yield node
-
-
-@pytest.fixture
-def instances(service: NodeCacheService) -> Iterator[list[Instance]]:
-    made = [Instance({"node_cache": service.endpoint}, seed) for seed in (1, 2)]
-    yield made
-    for instance in made:
-        instance.close()
 
 
 def finish(instance: Instance, request: object) -> dict[str, str]:
@@ -135,6 +119,8 @@ def test_a_p_d_read_is_a_prefill_segment_named_by_its_producer() -> None:
         request, num_external = decode.admit("d", [4, 5, 6, 7, 8, 9], params=prefill_params())
         assert num_external == LAST  # the whole prompt is read
         decode.scheduler.update_connector_output(set())
+        # Once the read landed vLLM schedules the request again, without a lookup.
+        decode.scheduler.update_state_after_alloc(request, [4, 5, 6, 7, 8, 9], 0)
         stats = finish(decode, request)
     finally:
         decode.close()
