@@ -6,7 +6,8 @@ frontend. Requests are pinned where the route matters. In order (each test SIGTE
 worker):
 
 * ``agg-a`` SIGTERMed while it streams a long generation and holds a request waiting for the
-  paused ``prefill-s`` (which keeps the drain open until the test resumes it): both end with
+  paused ``prefill-s`` (which keeps the drain open until the test resumes it; its lease outlives
+  the pause, else agg-a sees it leave and recomputes the held prompt itself): both end with
   the output the aggregated reference gives, a request sent meanwhile is served by another
   worker, ``agg-a`` refuses a ``GenerateRequest`` sent straight to it (``UNAVAILABLE``), the
   frontend shows it draining, and it exits 0.
@@ -62,7 +63,9 @@ def draining(deploy: Deploy, reference: Reference) -> Iterator[Deployment]:
         Worker("aggregated", "agg-a"),
         Worker("aggregated", "agg-b"),
         Worker("prefill", "prefill-h"),
-        Worker("prefill", "prefill-s"),
+        # Paused while agg-a's stream drains: its lease (5 s by default) lapsed under load and
+        # agg-a recomputed the held prompt (prefill_worker ""), as a prefill that left should.
+        Worker("prefill", "prefill-s", ("--registration-ttl=30",)),
         Worker(  # a lease that outlives its pause in the prefill test
             "decode",
             "decode-t",
