@@ -387,4 +387,18 @@ def test_prefill_and_decode_instances_disaggregated_through_the_fabric(
     assert released["worker_stats"]["num_holds_expired"] == 0
     host_holds = 2 if producer_tiers else 0
     assert prefilled["scheduler_stats"]["num_host_holds"] == host_holds
+    # Each request's KV trace (fabric_stats): the producer computed A; the consumer read A
+    # from it (all but the last token, which vLLM computes), and recomputed B after its read
+    # failed, saying from whom.
+    assert params_a["fabric_stats"]["kv_trace"] == f"recompute:0-{len(a)}"
+    trace_a, trace_b, trace_c = (p["fabric_stats"] for p in consumer["kv_transfer_params"])
+    assert trace_a == {
+        "kv_trace": f"prefill:0-{len(a) - 1},recompute:{len(a) - 1}-{len(a)}",
+        "prefill_worker": "prefill-0",
+        "fallback": "",
+    }
+    assert trace_b["fallback"].startswith("the read from prefill-gone failed at token ")
+    assert "prefill" not in trace_b["kv_trace"] and trace_b["prefill_worker"] == ""
+    assert trace_b["kv_trace"].split(",")[-1].startswith("recompute:")
+    assert "prefill:" in trace_c["kv_trace"] and trace_c["prefill_worker"] == "prefill-0"
     assert released["scheduler_stats"]["tier_jobs_in_flight"] == 0  # host copies freed
