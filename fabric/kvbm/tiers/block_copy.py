@@ -33,6 +33,11 @@ CUDA tensors (unmeasured here: no GPU) use slices for long runs and torch
 integer word (8, 4, 2 or 1 bytes) dividing chunk size, strides and addresses, or as bytes, so
 padding is skipped and no value is ever converted.
 
+Per call. What depends only on the (source, target) storage pair (geometry check, buffer pairs,
+byte views, strides) is a cached ``copy_plan.PairPlan``; batches of up to ``SMALL_BATCH`` blocks
+are checked and described with Python ints (no numpy per call): a one-block copy costs a few
+microseconds of set-up instead of tens.
+
 Disk. A disk side goes through a page-aligned staging buffer laid out as the file is (block
 stride, padding included): reads fill it with one ``preadv`` per run of adjacent file blocks, then
 its rows are scattered; writes gather into it, then ``pwritev`` per run.
@@ -46,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +59,7 @@ import torch
 from fabric.errors import InvalidInput, LayoutMismatch
 from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
 from fabric.kvbm.tiers import kernels
+from fabric.kvbm.tiers.copy_plan import PairPlan, build_plan, pair_plan
 from fabric.kvbm.tiers.storage import DiskStorage, Storage, TensorStorage
 from fabric.transfer.memory import MemoryKind
 
@@ -69,16 +74,9 @@ NATIVE_MAX_RUN_BYTES = 512 << 10
 from which slices are used instead (from 512 KiB runs two-thread slices reached 7-8 GB/s against
 native's 5-6 with the other core free; at 128-256 KiB native still led)."""
 
-_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Side:
-    """Tensors laid out by ``layout`` and the rows (block ids) taking part in one copy."""
-
-    layout: LayoutSpec
-    tensors: list[torch.Tensor]
-    ids: np.ndarray
+SMALL_BATCH = 8
+"""Batches of up to this many blocks are checked and described with Python ints: numpy's
+per-call cost (``asarray``, ``unique``, ``diff``: a few microseconds each) exceeds the work."""
 
 
 def copy_blocks(
@@ -95,34 +93,55 @@ def copy_blocks(
             storage type other than ``TensorStorage`` / ``DiskStorage``.
         StorageError: disk I/O failed.
     """
-    diff = src.layout.geometry_diff(dst.layout)
-    if diff:
-        details = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
-        raise LayoutMismatch(f"cannot copy blocks between layouts that differ in {details}")
     source, target = _supported(src), _supported(dst)
-    src_arr = src.layout.block_id_array(src_ids)
-    dst_arr = dst.layout.block_id_array(dst_ids)
+    plan: PairPlan | None = None
+    if isinstance(source, TensorStorage) and isinstance(target, TensorStorage):
+        plan = pair_plan(source, target)  # checks the geometry
+    else:
+        diff = src.layout.geometry_diff(dst.layout)
+        if diff:
+            details = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
+            raise LayoutMismatch(f"cannot copy blocks between layouts that differ in {details}")
+    src_arr = _id_array(src.layout, src_ids)
+    dst_arr = _id_array(dst.layout, dst_ids)
     if src_arr.size != dst_arr.size:
         raise InvalidInput(
             f"got {src_arr.size} source ids but {dst_arr.size} destination ids; they must pair up"
         )
-    if np.unique(dst_arr).size != dst_arr.size:
-        values, counts = np.unique(dst_arr, return_counts=True)
-        raise InvalidInput(
-            f"destination block id {int(values[counts > 1][0])} appears more than once; "
-            "each destination block may be written once per copy"
-        )
+    _check_unique(dst_arr)
     if src_arr.size == 0:
         return
     logger.debug("copy %d blocks %s -> %s", src_arr.size, type(src).__name__, type(dst).__name__)
-    src_side = _read_side(source, src_arr)
-    if isinstance(target, DiskStorage):
-        staging = target.staging_buffer(dst_arr.size)
-        _copy_rows(src_side, _staging_side(target.layout, staging), same_storage=False)
-        target.write_from(dst_arr, staging)
+    if plan is not None:
+        _copy_rows(plan, src_arr, dst_arr, same_storage=source is target)
+    elif isinstance(target, TensorStorage):
+        assert isinstance(source, DiskStorage)
+        _copy_from_disk(source, src_arr, target, dst_arr)
     else:
-        dst_side = _Side(target.layout, target.tensors, dst_arr)
-        _copy_rows(src_side, dst_side, same_storage=source is target)
+        _copy_to_disk(source, src_arr, target, dst_arr)
+
+
+def _id_array(layout: LayoutSpec, block_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``layout.block_id_array`` with a short cut for a small list of Python ints."""
+    if isinstance(block_ids, list | tuple | range) and 0 < len(block_ids) <= SMALL_BATCH:
+        num_blocks = layout.num_blocks
+        if all(type(i) is int and 0 <= i < num_blocks for i in block_ids):
+            return np.array(block_ids, dtype=np.int64)
+    return layout.block_id_array(block_ids)
+
+
+def _check_unique(dst_arr: np.ndarray) -> None:
+    if dst_arr.size <= SMALL_BATCH:
+        ids = dst_arr.tolist()
+        if len(set(ids)) == len(ids):
+            return
+    elif np.unique(dst_arr).size == dst_arr.size:
+        return
+    values, counts = np.unique(dst_arr, return_counts=True)
+    raise InvalidInput(
+        f"destination block id {int(values[counts > 1][0])} appears more than once; "
+        "each destination block may be written once per copy"
+    )
 
 
 def gather_to_staging(
@@ -215,43 +234,69 @@ def _supported(storage: Storage) -> TensorStorage | DiskStorage:
     return storage
 
 
-def _staging_side(layout: LayoutSpec, staging: np.ndarray) -> _Side:
-    num_rows = staging.size // layout.block_stride
-    staging_layout = dataclasses.replace(layout, num_blocks=num_rows)
-    return _Side(staging_layout, [torch.from_numpy(staging)], np.arange(num_rows))
+def _staging_storage(layout: LayoutSpec, staging: np.ndarray) -> TensorStorage:
+    """A disk staging buffer (laid out as the file: block stride, padding included) as memory."""
+    staging_layout = dataclasses.replace(layout, num_blocks=staging.size // layout.block_stride)
+    return TensorStorage(staging_layout, [torch.from_numpy(staging)], MemoryKind.DRAM)
 
 
-def _read_side(storage: TensorStorage | DiskStorage, ids: np.ndarray) -> _Side:
-    """The source as memory: the storage itself, or a staging buffer read from disk."""
-    if isinstance(storage, TensorStorage):
-        return _Side(storage.layout, storage.tensors, ids)
-    staging = storage.staging_buffer(ids.size)
-    storage.read_into(ids, staging)
-    return _staging_side(storage.layout, staging)
+def _copy_from_disk(
+    source: DiskStorage, src_arr: np.ndarray, target: TensorStorage, dst_arr: np.ndarray
+) -> None:
+    """Read the blocks into a staging buffer, then scatter its rows into ``target``."""
+    staging = source.staging_buffer(src_arr.size)
+    source.read_into(src_arr, staging)
+    staged = _staging_storage(source.layout, staging)
+    plan = build_plan(staged.layout, staged.tensors, target.layout, target.tensors)
+    _copy_rows(plan, np.arange(src_arr.size), dst_arr, same_storage=False)
 
 
-def _copy_rows(src: _Side, dst: _Side, *, same_storage: bool) -> None:
-    overlapping = same_storage and np.intersect1d(src.ids, dst.ids).size > 0
-    starts = _run_starts(src.ids, dst.ids)
-    num_pairs = 1 if _both_contiguous(src.layout, dst.layout) else src.layout.num_layers
-    bytes_per_pair = src.ids.size * src.layout.block_bytes // num_pairs
-    on_cpu = all(t.device.type == "cpu" for t in (*src.tensors, *dst.tensors))
+def _copy_to_disk(
+    source: TensorStorage | DiskStorage,
+    src_arr: np.ndarray,
+    target: DiskStorage,
+    dst_arr: np.ndarray,
+) -> None:
+    """Gather the blocks into a staging buffer (read from disk first if ``source`` is a file),
+    then write its rows to ``target``."""
+    staging = target.staging_buffer(dst_arr.size)
+    staged = _staging_storage(target.layout, staging)
+    if isinstance(source, DiskStorage):
+        read = source.staging_buffer(src_arr.size)
+        source.read_into(src_arr, read)
+        memory = _staging_storage(source.layout, read)
+        src_arr = np.arange(src_arr.size)
+    else:
+        memory = source
+    plan = build_plan(memory.layout, memory.tensors, staged.layout, staged.tensors)
+    _copy_rows(plan, src_arr, np.arange(dst_arr.size), same_storage=False)
+    target.write_from(dst_arr, staging)
+
+
+def _copy_rows(
+    plan: PairPlan, src_ids: np.ndarray, dst_ids: np.ndarray, *, same_storage: bool
+) -> None:
+    overlapping = same_storage and bool(np.intersect1d(src_ids, dst_ids).size)
+    small = src_ids.size <= SMALL_BATCH and not overlapping and plan.on_cpu
+    if small and kernels.native_available():
+        _batched_copy_small(plan, src_ids.tolist(), dst_ids.tolist())
+        return
+    starts = _run_starts(src_ids, dst_ids)
+    bytes_per_pair = src_ids.size * plan.src_layout.block_bytes // plan.num_pairs
     short_runs = bytes_per_pair < NATIVE_MAX_RUN_BYTES * starts.size
     if (
-        on_cpu
+        plan.on_cpu
         and not overlapping
         and (short_runs or torch.get_num_threads() == 1)
         and kernels.native_available()
     ):
-        _batched_copy_rows(src, dst, starts)
+        _batched_copy_rows(plan, src_ids, dst_ids, starts)
         return
-    word = _word_size(src, dst)
-    src_views = _split(src.layout, [_word_view(src.layout, t, word) for t in src.tensors], dst)
-    dst_views = _split(dst.layout, [_word_view(dst.layout, t, word) for t in dst.tensors], src)
+    src_views, dst_views = plan.word_views()
     if bytes_per_pair >= SLICE_MIN_RUN_BYTES * starts.size and not overlapping:
-        ends = np.append(starts[1:], src.ids.size)
+        ends = np.append(starts[1:], src_ids.size)
         runs = [
-            (int(src.ids[s]), int(dst.ids[s]), int(e - s))
+            (int(src_ids[s]), int(dst_ids[s]), int(e - s))
             for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
         ]
         for sv, dv in zip(src_views, dst_views, strict=True):
@@ -260,10 +305,10 @@ def _copy_rows(src: _Side, dst: _Side, *, same_storage: bool) -> None:
         return
     for sv, dv in zip(src_views, dst_views, strict=True):
         if sv.device.type == dv.device.type == "cpu":
-            dv.numpy()[dst.ids] = sv.numpy()[src.ids]
+            dv.numpy()[dst_ids] = sv.numpy()[src_ids]
         else:
-            rows = sv.index_select(0, torch.from_numpy(src.ids).to(sv.device))
-            dv.index_copy_(0, torch.from_numpy(dst.ids).to(dv.device), rows.to(dv.device))
+            rows = sv.index_select(0, torch.from_numpy(src_ids).to(sv.device))
+            dv.index_copy_(0, torch.from_numpy(dst_ids).to(dv.device), rows.to(dv.device))
 
 
 def _run_starts(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
@@ -274,25 +319,53 @@ def _run_starts(src_ids: np.ndarray, dst_ids: np.ndarray) -> np.ndarray:
     )
 
 
-def _batched_copy_rows(src: _Side, dst: _Side, starts: np.ndarray) -> None:
+def _batched_copy_small(plan: PairPlan, src_ids: list[int], dst_ids: list[int]) -> None:
+    """``_batched_copy_rows`` for a few blocks: runs found with Python ints, descriptors built
+    from lists (``np.array`` of a short list is the cheapest way to an int64 tensor)."""
+    chunks: list[list[int]] = []  # [source block, destination block, number of blocks]
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        last = chunks[-1] if chunks else None
+        if plan.whole_runs and last and s == last[0] + last[2] and d == last[1] + last[2]:
+            last[2] += 1
+        else:
+            chunks.append([s, d, 1])
+    lengths = _int64_tensor([n * plan.row_bytes for _, _, n in chunks])
+    for (src_bytes, src_base), (dst_bytes, dst_base) in zip(
+        plan.src_rows, plan.dst_rows, strict=True
+    ):
+        kernels.batched_copy(
+            src_bytes,
+            dst_bytes,
+            _int64_tensor([s * plan.src_stride + src_base for s, _, _ in chunks]),
+            _int64_tensor([d * plan.dst_stride + dst_base for _, d, _ in chunks]),
+            lengths,
+        )
+
+
+def _int64_tensor(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
+def _batched_copy_rows(
+    plan: PairPlan, src_ids: np.ndarray, dst_ids: np.ndarray, starts: np.ndarray
+) -> None:
     """One native batched copy per buffer pair.
 
     Each pair copies one row per block, or one chunk per run when both sides hold their rows
     back to back (no padding, no per-layer split).
     """
-    src_rows = _byte_rows(src.layout, src.tensors, dst)
-    dst_rows = _byte_rows(dst.layout, dst.tensors, src)
-    row_bytes = src.layout.block_bytes // len(src_rows)
-    src_stride, dst_stride = src.layout.block_stride, dst.layout.block_stride
-    if src_stride == dst_stride == row_bytes:
-        run_lengths = np.diff(starts, append=src.ids.size)
-        src_offsets = src.ids[starts] * src_stride
-        dst_offsets = dst.ids[starts] * dst_stride
-        lengths = torch.from_numpy(run_lengths * row_bytes)
+    src_stride, dst_stride = plan.src_stride, plan.dst_stride
+    if plan.whole_runs:
+        run_lengths = np.diff(starts, append=src_ids.size)
+        src_offsets = src_ids[starts] * src_stride
+        dst_offsets = dst_ids[starts] * dst_stride
+        lengths = torch.from_numpy(run_lengths * plan.row_bytes)
     else:
-        src_offsets, dst_offsets = src.ids * src_stride, dst.ids * dst_stride
-        lengths = torch.full((src.ids.size,), row_bytes, dtype=torch.int64)
-    for (src_bytes, src_base), (dst_bytes, dst_base) in zip(src_rows, dst_rows, strict=True):
+        src_offsets, dst_offsets = src_ids * src_stride, dst_ids * dst_stride
+        lengths = torch.full((src_ids.size,), plan.row_bytes, dtype=torch.int64)
+    for (src_bytes, src_base), (dst_bytes, dst_base) in zip(
+        plan.src_rows, plan.dst_rows, strict=True
+    ):
         kernels.batched_copy(
             src_bytes,
             dst_bytes,
@@ -300,48 +373,3 @@ def _batched_copy_rows(src: _Side, dst: _Side, starts: np.ndarray) -> None:
             torch.from_numpy(dst_offsets + dst_base),
             lengths,
         )
-
-
-def _byte_rows(
-    layout: LayoutSpec, tensors: list[torch.Tensor], other: _Side
-) -> list[tuple[torch.Tensor, int]]:
-    """Per buffer pair (cut as ``_split`` cuts): the buffer as flat bytes, and the offset of the
-    pair's row inside each slot."""
-    flats = [t.reshape(-1).view(torch.uint8) for t in tensors]
-    if _both_contiguous(layout, other.layout) or layout.kind is LayoutKind.LAYER_SEPARATE:
-        return [(flat, 0) for flat in flats]
-    (flat,) = flats
-    layer_bytes = layout.outer_dim * layout.chunk_bytes
-    return [(flat, layer * layer_bytes) for layer in range(layout.num_layers)]
-
-
-def _word_size(*sides: _Side) -> int:
-    """Widest power-of-two word (<= 8 bytes) dividing every chunk, stride and buffer address."""
-    g = 0
-    for side in sides:
-        g = math.gcd(g, side.layout.chunk_bytes, side.layout.block_stride)
-        for t in side.tensors:
-            g = math.gcd(g, t.data_ptr())
-    return min(8, g & -g)
-
-
-def _word_view(layout: LayoutSpec, buffer: torch.Tensor, word: int) -> torch.Tensor:
-    """``buffer`` as ``(num_blocks, chunks_per_slot, chunk_words)`` integer words (aliasing)."""
-    words = buffer.reshape(-1).view(torch.uint8).view(_WORD_DTYPES[word])
-    return words.as_strided(
-        (layout.num_blocks, layout.chunks_per_slot, layout.chunk_bytes // word),
-        (layout.block_stride // word, layout.chunk_bytes // word, 1),
-        words.storage_offset(),
-    )
-
-
-def _split(layout: LayoutSpec, views: list[torch.Tensor], other: _Side) -> list[torch.Tensor]:
-    """One view per layer unless both sides are fully contiguous (then the one whole view)."""
-    if _both_contiguous(layout, other.layout) or layout.kind is LayoutKind.LAYER_SEPARATE:
-        return views
-    (view,) = views
-    return list(torch.split(view, layout.outer_dim, dim=1))
-
-
-def _both_contiguous(a: LayoutSpec, b: LayoutSpec) -> bool:
-    return a.kind is b.kind is LayoutKind.FULLY_CONTIGUOUS

@@ -38,6 +38,7 @@ import torch
 
 from fabric.errors import InvalidInput, LayoutMismatch, StorageError
 from fabric.kvbm.core.layout import LayoutKind, LayoutSpec
+from fabric.kvbm.tiers.copy_plan import forget as forget_plans
 from fabric.transfer.memory import BufferInfo, MemoryKind
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class TensorStorage:
 
     def close(self) -> None:
         """Drop the tensors; close (and, if this process created it, unlink) a shared segment."""
+        forget_plans(self)  # cached copy plans hold views of the tensors
         self.tensors = []
         shm, self._shm = self._shm, None
         if shm is None:
