@@ -13,7 +13,8 @@ It knows nothing of block states; ``copy.py`` moves blocks.
   preallocated (``posix_fallocate``, else zero-filled). It uses ``O_DIRECT`` when the filesystem
   accepts it and ``block_stride`` is a multiple of 4096; then every buffer handed to
   ``read_into``/``write_from`` must be 4096-byte aligned (``staging_buffer`` gives one).
-  File I/O moves whole block strides (padding included), so runs of adjacent blocks are one call.
+  File I/O moves whole block strides (padding included), so runs of adjacent blocks are one call;
+  ``read_into`` cuts runs into ``READ_PIECE_BYTES`` reads and keeps ``READ_THREADS`` in flight.
 
 Invariants: ``close`` is idempotent and releases what the storage created (tensors, the shared
 segment if this process created it, the file unless ``keep_file``); it never frees adopted tensors
