@@ -20,14 +20,16 @@ Wire form (version 1), a UTF-8 JSON object::
      "role": "prefill" | "decode" | "aggregated" | "frontend" | "node-cache",
      "endpoints": {"signal" | "http" | "metrics" | "events" | "events_replay": address},
      "agent_name": str | null, "layout": {field: int | str}, "compat_hash": u64,
-     "started_at": seconds since the epoch, "node": str, "leaving": true, "draining": true}
+     "started_at": seconds since the epoch, "node": str, "leaving": true, "draining": true,
+     "node_cache": true}
 
 Only present fields are written (``node`` only when known: the host a process runs on, which
 pairs a node cache with the instances that can map it; ``leaving`` only when true: the worker
 is shutting down, see ``registration``; ``draining`` only when true: the worker finishes the
 requests it holds and takes no new ones, and routers stop choosing it while its connections
 stay; readers that predate it ignore the key and keep routing to it, which the worker then
-refuses with ``ErrorCode.UNAVAILABLE``). A fabric worker's ``layout`` has no ``engine`` key; a vLLM
+refuses with ``ErrorCode.UNAVAILABLE``; ``node_cache`` only when true: the worker attached to
+its node's cache). A fabric worker's ``layout`` has no ``engine`` key; a vLLM
 instance's has ``"engine": "vllm"``. Reading is lenient where older or newer writers differ: an
 empty address is an absent one (older workers wrote ``"events_replay": ""``), and keys this build
 does not know are ignored.
@@ -174,6 +176,9 @@ class WorkerRecord:
     before it revokes its lease on shutdown: directories drop it at once instead of waiting out
     their grace (``registration.WorkerDirectory``). ``node`` names the host the process runs on
     (None: not told); a ``NODE_CACHE`` record and the workers of its host share it.
+    ``node_cache`` marks a worker attached to its node's cache (``--node-cache``): it finds the
+    node tier's blocks, so routers credit it with that tier's prefix; one on the node that did
+    not attach is credited nothing of it.
     ``draining`` marks a worker that stopped taking new requests and finishes those it holds
     (``WorkerRegistration.drain``): still live in every directory (its open requests and holds
     are served), chosen by no router.
@@ -189,6 +194,7 @@ class WorkerRecord:
     leaving: bool = False
     node: str | None = None
     draining: bool = False
+    node_cache: bool = False
 
     def __post_init__(self) -> None:
         check_segment("worker_id", self.worker_id)
@@ -217,6 +223,8 @@ class WorkerRecord:
             body["node"] = self.node
         if self.draining:
             body["draining"] = True
+        if self.node_cache:
+            body["node_cache"] = True
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
@@ -244,6 +252,7 @@ class WorkerRecord:
                 leaving=_flag(body, "leaving"),
                 node=_typed(body, "node", str) if "node" in body else None,
                 draining=_flag(body, "draining"),
+                node_cache=_flag(body, "node_cache"),
             )
         except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
             raise DiscoveryError(f"worker record at {key!r} is malformed: {exc}") from exc

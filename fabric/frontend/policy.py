@@ -23,9 +23,9 @@ node tier's prefix as its own: its prefix is ``max(own pools, node tier)``, sinc
 finds node-tier blocks right after its own pools (one copy out of the shared segment). A node
 hit is weighed as a device or host hit (the policy weighs tiers alike: a node hit costs one
 memcpy, a host hit one too), so a prefix in node N's tier makes every instance of node N a
-holder, and the least-loaded of them serves it without a peer transfer. The record does not say
-whether a worker attached to its node cache (``--node-cache``): one that did not would be
-credited a prefix it then recomputes (a miss, never a wrong answer).
+holder, and the least-loaded of them serves it without a peer transfer. Only workers whose
+record says they attached to their node's cache (``WorkerRecord.node_cache``, set by
+``--node-cache``) are credited: one on the node that did not attach cannot find those blocks.
 
 The policy, in order:
 
@@ -241,7 +241,7 @@ class Prefixes(Mapping[str, Prefix]):
 
     def _node_location(self, record: WorkerRecord) -> str | None:
         """The index location of ``record``'s node tier, when one of its geometry is followed."""
-        if record.node is None:
+        if record.node is None or not record.node_cache:
             return None
         cache = self._node_caches.get(record.node)
         return cache.worker_id if cache is not None and compatible(cache, record) else None

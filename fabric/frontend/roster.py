@@ -2,15 +2,16 @@
 
 Owns, for the routable workers of a fleet (live, eligible, not draining): their records by id,
 their ids by geometry (compat hash and block size: a prompt is hashed once per geometry), by node
-(the workers a node tier's prefix counts for) and without a geometry, and the serving workers
-(decode and aggregated) by in-flight load, so the least-loaded ones are found in O(distinct
-loads) instead of a pass over every worker. ``Fleet`` keeps it under its lock; ``policy`` and
-the router read it inside ``Fleet.dispatch``.
+(the workers a node tier's prefix counts for: those attached to their node's cache) and without
+a geometry, and the serving workers (decode and aggregated) by in-flight load, so the
+least-loaded ones are found in O(distinct loads) instead of a pass over every worker. ``Fleet``
+keeps it under its lock; ``policy`` and the router read it inside ``Fleet.dispatch``.
 
 Invariants:
 
 * A worker is in ``records`` exactly when it is in one geometry group (or ``no_geometry``), in
-  ``by_node`` when its record names a node, and, when it serves, in one load bucket.
+  ``by_node`` when its record names a node and says it attached to its cache, and, when it
+  serves, in one load bucket.
 * A serving worker's bucket is its in-flight count (``set_load``); a bucket is never empty (it is
   deleted with its last worker). Not thread-safe: the owner locks.
 """
@@ -67,7 +68,7 @@ class Roster:
             self.no_geometry[worker_id] = None
         else:
             self.by_geometry.setdefault(geometry, {})[worker_id] = None
-        if record.node is not None:
+        if record.node is not None and record.node_cache:
             self.by_node.setdefault(record.node, {})[worker_id] = None
         if record.role in SERVING_ROLES:
             self._load_of[worker_id] = load
@@ -83,7 +84,7 @@ class Roster:
         del group[worker_id]
         if geometry is not None and not group:
             del self.by_geometry[geometry]
-        if record.node is not None:
+        if record.node is not None and record.node_cache:
             members = self.by_node[record.node]
             del members[worker_id]
             if not members:

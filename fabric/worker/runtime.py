@@ -424,6 +424,7 @@ def _build(
         compat_hash=kvbm.compat_hash,
         started_at=time.time(),
         node=node_name(config),
+        node_cache=config.kvbm.node_cache is not None,
     )
     with _step(f"registered in namespace {config.serve.namespace!r}"):
         registration = WorkerRegistration(

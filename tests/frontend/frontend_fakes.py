@@ -82,6 +82,7 @@ def register(
         compat_hash=compat_hash,
         started_at=time.time(),
         node=node,
+        node_cache=node is not None and role is not Role.NODE_CACHE,
     )
     return WorkerRegistration(registry, record, ttl_s=5.0).start()
 

@@ -63,9 +63,21 @@ def record(
     node: str | None = None,
     compat: int = COMPAT,
     block_size: int = BLOCK_SIZE,
+    attached: bool = True,
 ) -> WorkerRecord:
+    """A worker's record (attached to its node's cache when it names a node, unless told)."""
     layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(worker_id, role, Endpoints(), None, layout, compat, 0.0, node=node)
+    return WorkerRecord(
+        worker_id,
+        role,
+        Endpoints(),
+        None,
+        layout,
+        compat,
+        0.0,
+        node=node,
+        node_cache=attached and node is not None and role is not Role.NODE_CACHE,
+    )
 
 
 def node_cache(node: str, *, compat: int = COMPAT) -> WorkerRecord:
@@ -104,6 +116,7 @@ def test_a_worker_counts_its_nodes_tier_when_it_holds_more_than_its_own_pools() 
         record("elsewhere", node="n2"),
         record("nameless"),  # no node in its record
         record("seeded", node="n1", compat=COMPAT + 1),  # another geometry than the cache's
+        record("detached", node="n1", attached=False),  # on n1, not attached to its cache
     ]
     prefixes = cached_prefixes(workers, PROMPT, index, {"n1": cache})
     assert dict(prefixes) == {
@@ -112,6 +125,7 @@ def test_a_worker_counts_its_nodes_tier_when_it_holds_more_than_its_own_pools() 
         "elsewhere": Prefix(0, 4),
         "nameless": Prefix(0, 4),
         "seeded": Prefix(0, 4),
+        "detached": Prefix(0, 4),
     }
     assert cache.worker_id not in prefixes  # a location, not a worker
     # Without the node caches' view (or with one of another geometry) nothing is credited.

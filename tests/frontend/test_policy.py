@@ -46,7 +46,10 @@ def record(
     node: str | None = None,
 ) -> WorkerRecord:
     layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(worker_id, role, Endpoints(), None, layout, compat, 0.0, node=node)
+    attached = node is not None and role is not Role.NODE_CACHE  # to its node's cache
+    return WorkerRecord(
+        worker_id, role, Endpoints(), None, layout, compat, 0.0, node=node, node_cache=attached
+    )
 
 
 def route(

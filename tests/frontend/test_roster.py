@@ -11,10 +11,26 @@ from fabric.frontend.roster import Roster
 
 
 def record(
-    worker_id: str, role: Role, *, block_size: int | None = 16, node: str | None = None
+    worker_id: str,
+    role: Role,
+    *,
+    block_size: int | None = 16,
+    node: str | None = None,
+    attached: bool = True,
 ) -> WorkerRecord:
+    """A worker's record; one naming a node attached to its cache unless ``attached`` is False."""
     layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(worker_id, role, Endpoints(), None, layout, 7, 0.0, node=node)
+    return WorkerRecord(
+        worker_id,
+        role,
+        Endpoints(),
+        None,
+        layout,
+        7,
+        0.0,
+        node=node,
+        node_cache=attached and node is not None,
+    )
 
 
 def test_groups_follow_puts_replacements_and_discards() -> None:
@@ -22,9 +38,11 @@ def test_groups_follow_puts_replacements_and_discards() -> None:
     roster.put(record("a", Role.AGGREGATED, node="n1"))
     roster.put(record("p", Role.PREFILL, node="n1"), load=3)
     roster.put(record("g", Role.DECODE, block_size=None))
-    assert roster.by_geometry == {(7, 16): {"a": None, "p": None}}
+    roster.put(record("d", Role.DECODE, node="n1", attached=False))  # not in n1's group
+    assert roster.by_geometry == {(7, 16): {"a": None, "p": None, "d": None}}
     assert roster.no_geometry == {"g": None} and roster.by_node == {"n1": {"a": None, "p": None}}
-    assert roster.num_serving == 2  # a prefill worker is no serving worker, whatever its load
+    assert roster.num_serving == 3  # a prefill worker is no serving worker, whatever its load
+    roster.discard("d")
     roster.put(record("a", Role.AGGREGATED, block_size=32, node="n2"), load=1)  # replaced
     assert roster.by_geometry == {(7, 16): {"p": None}, (7, 32): {"a": None}}
     assert roster.by_node == {"n1": {"p": None}, "n2": {"a": None}}
