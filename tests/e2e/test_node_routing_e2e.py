@@ -75,6 +75,10 @@ def deployed(
         yield deployment, node
     finally:
         deployment.close()
+        # The node cache removes its segment and owner file when it stops cleanly; after a
+        # failure (a process killed in teardown) they are removed here.
+        for leftover in Path("/dev/shm").glob(f"kvfabric-{deployment.namespace}-*"):
+            leftover.unlink(missing_ok=True)
 
 
 def complete(
