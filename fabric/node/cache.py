@@ -417,7 +417,7 @@ class NodeCache:
             "num_free": pool.num_free,
             "num_cached": pool.num_cached,
             "num_in_use": pool.num_in_use,
-            "hits": pool.hits,
+            "hits": pool.hits + self.counters.optimistic_hits,  # by lookups or through the index
             "misses": pool.misses,
             "evictions": pool.evictions,
             "registered": pool.registered,

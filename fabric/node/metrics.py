@@ -41,7 +41,12 @@ METRICS: tuple[tuple[str, Kind, str, str], ...] = (
     ("stores", Kind.COUNTER, "reservations", "Stores begun (reservations granted)."),
     ("stored_blocks", Kind.COUNTER, "committed_blocks", "Blocks committed by stores."),
     ("loads", Kind.COUNTER, "pins", "Loads that found a prefix (pins granted)."),
-    ("hits", Kind.COUNTER, "hits", "Blocks found by lookups."),
+    (
+        "hits",
+        Kind.COUNTER,
+        "hits",
+        "Blocks found: by lookups, or read through the shared index (optimistic_hits).",
+    ),
     ("misses", Kind.COUNTER, "misses", "Blocks asked for by lookups and not found."),
     ("evictions", Kind.COUNTER, "evictions", "Cached blocks evicted to make room."),
     ("aborted_stores", Kind.COUNTER, "aborted", "Reservations released without a commit."),

@@ -118,6 +118,7 @@ def test_a_full_hit_is_read_with_no_request_and_counted_at_the_next_one(
     assert reader.num_optimistic_loads == 1
     stats = writer.stats()  # a request: the reader's marks are drained first
     assert (stats["pins"], stats["optimistic_hits"], stats["misses"]) == (0, 2, 0)  # no lookup
+    assert stats["hits"] == 2  # hits count what the index served too (dashboards' hit rates)
     store(writer, hashes(101, 102))  # evicts the two least recently used: 3 and 4, not 1 and 2
     assert reader.load(hashes(1, 2), dst, [0, 1]) == 2 and exact(dst, [1, 2], 2)
     assert reader.num_optimistic_loads == 2
