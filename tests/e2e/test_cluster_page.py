@@ -107,9 +107,11 @@ def number(text: str) -> float:
         return float("nan")
 
 
-def wait_for(what: str, predicate: Callable[[], object], driver: Any) -> None:
-    assert wait_until(predicate, PAGE_S, poll_s=0.2), (
-        f"the page did not show {what} within {PAGE_S} s; status "
+def wait_for(what: str | Callable[[], str], predicate: Callable[[], object], driver: Any) -> None:
+    """Wait for ``predicate``; the failure names ``what`` (called then, if a callable)."""
+    shown = wait_until(predicate, PAGE_S, poll_s=0.2)
+    assert shown, (
+        f"the page did not show {what() if callable(what) else what} within {PAGE_S} s; status "
         f"{text_of(driver, '#status')!r}; console {driver.get_log('browser')}"
     )
 
@@ -179,7 +181,7 @@ def test_dashboard_shows_workers_and_moves_after_requests(
         now = figures()
         return all(now[name] > before[name] for name in before)
 
-    wait_for(f"every figure of {before} grow (now {figures()})", moved, browser)
+    wait_for(lambda: f"every figure of {before} grow (at the end {figures()})", moved, browser)
     assert text_of(browser, f"{row['decode-0']} [data-field=kv-read]") != "—"
     # Both workers attached to the node cache (a worker attaches at its first store or load).
     assert number(text_of(browser, f"{cache} [data-field=clients]")) == 2

@@ -53,6 +53,30 @@ STATS: dict[str, float | int | str | bool] = {
 }
 
 
+def worker_record(
+    worker_id: str,
+    role: Role = Role.AGGREGATED,
+    *,
+    node: str | None = None,
+    compat: int = COMPAT,
+    block_size: int | None = BLOCK_SIZE,
+    attached: bool = True,
+) -> WorkerRecord:
+    """A record as a worker (or a node cache) publishes it, with no endpoints; a worker naming a
+    node is attached to its node's cache unless ``attached`` is False."""
+    return WorkerRecord(
+        worker_id,
+        role,
+        Endpoints(),
+        None,
+        FabricLayout(block_size=block_size),
+        compat,
+        0.0,
+        node=node,
+        node_cache=attached and node is not None and role is not Role.NODE_CACHE,
+    )
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float = WAIT_S) -> bool:
     """Poll ``predicate`` until it is truthy; False once ``timeout_s`` has passed."""
     deadline = time.monotonic() + timeout_s

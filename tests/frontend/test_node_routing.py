@@ -22,8 +22,9 @@ from frontend_fakes import (
     register,
     wait_until,
 )
+from frontend_fakes import worker_record as record
 
-from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
+from fabric.discovery.records import Endpoints, WorkerRecord
 from fabric.discovery.registration import WorkerRegistration
 from fabric.discovery.registry import Registry, Role
 from fabric.frontend.kv_index import KvPrefixIndex
@@ -54,30 +55,6 @@ HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
 
 def stored(hashes: list[SequenceHash], tier: Tier) -> BlockStored:
     return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
-
-
-def record(
-    worker_id: str,
-    role: Role = Role.AGGREGATED,
-    *,
-    node: str | None = None,
-    compat: int = COMPAT,
-    block_size: int = BLOCK_SIZE,
-    attached: bool = True,
-) -> WorkerRecord:
-    """A worker's record (attached to its node's cache when it names a node, unless told)."""
-    layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(
-        worker_id,
-        role,
-        Endpoints(),
-        None,
-        layout,
-        compat,
-        0.0,
-        node=node,
-        node_cache=attached and node is not None and role is not Role.NODE_CACHE,
-    )
 
 
 def node_cache(node: str, *, compat: int = COMPAT) -> WorkerRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator
 
 from frontend_fakes import BLOCK_SIZE, COMPAT
+from frontend_fakes import worker_record as record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,21 +36,6 @@ HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
 
 def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
     return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
-
-
-def record(
-    worker_id: str,
-    role: Role,
-    *,
-    compat: int = COMPAT,
-    block_size: int = BLOCK_SIZE,
-    node: str | None = None,
-) -> WorkerRecord:
-    layout = FabricLayout(block_size=block_size)
-    attached = node is not None and role is not Role.NODE_CACHE  # to its node's cache
-    return WorkerRecord(
-        worker_id, role, Endpoints(), None, layout, compat, 0.0, node=node, node_cache=attached
-    )
 
 
 def route(

@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
+from frontend_fakes import COMPAT
+from frontend_fakes import worker_record as record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric.discovery.records import Endpoints, FabricLayout, WorkerRecord
 from fabric.discovery.registry import Role
 from fabric.frontend.roster import Roster
-
-
-def record(
-    worker_id: str,
-    role: Role,
-    *,
-    block_size: int | None = 16,
-    node: str | None = None,
-    attached: bool = True,
-) -> WorkerRecord:
-    """A worker's record; one naming a node attached to its cache unless ``attached`` is False."""
-    layout = FabricLayout(block_size=block_size)
-    return WorkerRecord(
-        worker_id,
-        role,
-        Endpoints(),
-        None,
-        layout,
-        7,
-        0.0,
-        node=node,
-        node_cache=attached and node is not None,
-    )
 
 
 def test_groups_follow_puts_replacements_and_discards() -> None:
@@ -39,18 +17,18 @@ def test_groups_follow_puts_replacements_and_discards() -> None:
     roster.put(record("p", Role.PREFILL, node="n1"), load=3)
     roster.put(record("g", Role.DECODE, block_size=None))
     roster.put(record("d", Role.DECODE, node="n1", attached=False))  # not in n1's group
-    assert roster.by_geometry == {(7, 16): {"a": None, "p": None, "d": None}}
+    assert roster.by_geometry == {(COMPAT, 16): {"a": None, "p": None, "d": None}}
     assert roster.no_geometry == {"g": None} and roster.by_node == {"n1": {"a": None, "p": None}}
     assert roster.num_serving == 3  # a prefill worker is no serving worker, whatever its load
     roster.discard("d")
     roster.put(record("a", Role.AGGREGATED, block_size=32, node="n2"), load=1)  # replaced
-    assert roster.by_geometry == {(7, 16): {"p": None}, (7, 32): {"a": None}}
+    assert roster.by_geometry == {(COMPAT, 16): {"p": None}, (COMPAT, 32): {"a": None}}
     assert roster.by_node == {"n1": {"p": None}, "n2": {"a": None}}
     assert roster.least_loaded() == (0, {"g": roster.records["g"]})
     roster.discard("g")
     roster.discard("p")
     roster.discard("missing")
-    assert roster.by_geometry == {(7, 32): {"a": None}} and not roster.no_geometry
+    assert roster.by_geometry == {(COMPAT, 32): {"a": None}} and not roster.no_geometry
     assert roster.by_node == {"n2": {"a": None}} and roster.least_loaded()[0] == 1
 
 

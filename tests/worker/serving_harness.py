@@ -192,6 +192,12 @@ class Frontend:
             client.close()
 
 
+def check_equal(result: Result, reference: Result) -> None:
+    """``result`` generated the tokens of ``reference`` and both ended on their length."""
+    assert result.tokens == reference.tokens
+    assert result.final.finish_reason == reference.final.finish_reason == "length"
+
+
 def scrape(record: WorkerRecord) -> str:
     """The worker's metrics, from the endpoint its record names."""
     assert record.endpoints.metrics is not None, f"{record.worker_id} has no metrics endpoint"

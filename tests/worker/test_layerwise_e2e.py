@@ -24,9 +24,9 @@ import pytest
 from harness_probes import wait_until
 from serving_harness import (
     Frontend,
-    Result,
     WorkerProcess,
     blocks_in_use,
+    check_equal,
     prompt_of,
     scrape,
     serving_fleet,
@@ -82,11 +82,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     ]
     with serving_fleet(tmp_path_factory.mktemp("layerwise"), WORKERS, extra) as (frontend, workers):
         yield Deployment(frontend, workers)
-
-
-def check_equal(disaggregated: Result, aggregated: Result) -> None:
-    assert disaggregated.tokens == aggregated.tokens
-    assert disaggregated.final.finish_reason == aggregated.final.finish_reason == "length"
 
 
 @pytest.mark.parametrize("length", [5, 40, 130, 1000])

@@ -24,9 +24,9 @@ import pytest
 from harness_probes import wait_until
 from serving_harness import (
     Frontend,
-    Result,
     WorkerProcess,
     blocks_in_use,
+    check_equal,
     metric,
     prompt_of,
     scrape,
@@ -76,11 +76,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     ]
     with serving_fleet(tmp_path_factory.mktemp("serving"), WORKERS, extra) as (frontend, workers):
         yield Deployment(frontend, workers)
-
-
-def check_equal(disaggregated: Result, aggregated: Result) -> None:
-    assert disaggregated.tokens == aggregated.tokens
-    assert disaggregated.final.finish_reason == aggregated.final.finish_reason == "length"
 
 
 def test_disaggregated_output_equals_aggregated(deployment: Deployment) -> None:
