@@ -4,7 +4,7 @@
 # machines without CUDA.
 #   launch/test.sh                 everything (what CI runs): about 10 + 15 minutes on 2 cores
 #   launch/test.sh --fast          lint + the default suite only (no vLLM environment needed)
-#   launch/test.sh --slow          only the slow suites: the vLLM connector suite under
+#   launch/test.sh --slow          only the slow suites: the vLLM connector suite (all of it) under
 #                                  .venv-vllm, then the rest (the vLLM benchmark's own test)
 #   launch/test.sh --fast -k pool  any further arguments go to every pytest run
 set -euo pipefail
@@ -40,8 +40,9 @@ if [[ $mode != slow ]]; then
 fi
 if [[ $mode != fast ]]; then
   "$ROOT/launch/setup_vllm.sh"
-  echo "[test] pytest -m slow (vLLM connector suite, .venv-vllm)"
-  run_pytest "$ROOT/.venv-vllm/bin/python" -m pytest tests/integrations -m slow "$@"
+  # Every test of the connector: its unit tests need vLLM too (the default suite skips them).
+  echo "[test] pytest tests/integrations (vLLM connector suite, .venv-vllm)"
+  run_pytest "$ROOT/.venv-vllm/bin/python" -m pytest tests/integrations "$@"
   echo "[test] pytest -m slow (the rest)"
   run_pytest "$VENV/bin/python" -m pytest -m slow --ignore=tests/integrations "$@"
 fi
