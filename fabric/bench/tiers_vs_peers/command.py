@@ -13,13 +13,24 @@ from typing import Any
 import torch
 
 from fabric.bench.deployment import machine
-from fabric.bench.tiers_vs_peers import measure, peers, report
+from fabric.bench.tiers_vs_peers.measure import (
+    BLOCK_TOKENS,
+    WARM_UP_BATCHES,
+    ClosablePath,
+    Plan,
+    VerificationFailed,
+    kv_shape,
+    measure_and_close,
+    memcpy_gbps,
+)
+from fabric.bench.tiers_vs_peers.peers import PEERS, error_row, peer_row
+from fabric.bench.tiers_vs_peers.report import best_of_rounds, size_label, summarize
 from fabric.errors import ConfigError
 from fabric.kvbm.tiers import kernels
 from fabric.supervise import sigterm_raises
 
 OURS = ("fabric_host", "fabric_node", "fabric_disk")
-SYSTEMS = (*OURS, *peers.PEERS)
+SYSTEMS = (*OURS, *PEERS)
 TIERS = {"fabric_host": "host", "fabric_node": "host", "fabric_disk": "disk"}
 PATHS = {
     "fabric_host": "kvbm G2: offload(device blocks, HOST) = allocate + one copy_blocks + "
@@ -124,16 +135,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for system in systems:
                         _log(
                             f"round {round_index + 1}/{args.rounds}: {system}, "
-                            f"{report.size_label(plan.block_bytes)} blocks x {plan.num_blocks}"
+                            f"{size_label(plan.block_bytes)} blocks x {plan.num_blocks}"
                         )
                         row = _row(system, plan, Path(tmp), args.peer_timeout)
                         runs.setdefault((system, plan.block_bytes), []).append(row)
                         _log(_describe(row))
-            memcpy = measure.memcpy_gbps(total, args.repeats)
+            memcpy = memcpy_gbps(total, args.repeats)
     finally:
         torch.set_num_threads(threads)
-    rows = [report.best_of_rounds(runs[(s, p.block_bytes)]) for p in plans for s in systems]
-    summary, goals = report.summarize(rows)
+    rows = [best_of_rounds(runs[(s, p.block_bytes)]) for p in plans for s in systems]
+    summary, goals = summarize(rows)
     return {
         "rows": rows,
         "memcpy": {"gbps": memcpy, "bytes": total, "what": "np.copyto, one process, best"},
@@ -145,9 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "total_mib": args.total_mib,
             "rounds": args.rounds,
             "repeats": args.repeats,
-            "warm_up_batches": measure.WARM_UP_BATCHES,
+            "warm_up_batches": WARM_UP_BATCHES,
             "latency_samples": args.latency_samples,
-            "block_tokens": measure.BLOCK_TOKENS,
+            "block_tokens": BLOCK_TOKENS,
             "tier_capacity": "a batch and an eighth (every store evicts)",
             "copy_threads": 1,
             "native_copy_kernels": kernels.native_available(),
@@ -156,40 +167,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _plan(block_bytes: int, total: int, args: argparse.Namespace) -> measure.Plan:
+def _plan(block_bytes: int, total: int, args: argparse.Namespace) -> Plan:
     if total % block_bytes or total < block_bytes:
         raise ConfigError(f"--total-mib is no whole number of {block_bytes} B blocks")
-    return measure.Plan(block_bytes, total // block_bytes, args.repeats, args.latency_samples)
+    return Plan(block_bytes, total // block_bytes, args.repeats, args.latency_samples)
 
 
-def _row(system: str, plan: measure.Plan, tmp: Path, peer_timeout_s: float) -> dict[str, Any]:
+def _row(system: str, plan: Plan, tmp: Path, peer_timeout_s: float) -> dict[str, Any]:
     """One measurement of ``system``, in a fresh directory under ``tmp``."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=tmp))
-    if system in peers.PEERS:
-        return peers.peer_row(peers.PEERS[system], plan, workdir, peer_timeout_s)
+    if system in PEERS:
+        return peer_row(PEERS[system], plan, workdir, peer_timeout_s)
     return _our_row(system, plan, workdir)
 
 
-def _our_row(system: str, plan: measure.Plan, workdir: Path) -> dict[str, Any]:
+def _our_row(system: str, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Measure one of our systems in this process (the node cache in its own)."""
-    from fabric.bench.tiers_vs_peers import ours
+    from fabric.bench.tiers_vs_peers.ours import KvbmTierPath, NodeTierPath
     from fabric.kvbm import Tier
 
     tier = TIERS[system]
-    build: Callable[[], measure.ClosablePath]
+    build: Callable[[], ClosablePath]
     if system == "fabric_node":
-        build = lambda: ours.NodeTierPath(plan, workdir, progress=_log)  # noqa: E731
+        build = lambda: NodeTierPath(plan, workdir, progress=_log)  # noqa: E731
     else:
         kvbm_tier = Tier.HOST if tier == "host" else Tier.DISK
-        build = lambda: ours.KvbmTierPath(plan, kvbm_tier, workdir)  # noqa: E731
+        build = lambda: KvbmTierPath(plan, kvbm_tier, workdir)  # noqa: E731
     try:
-        figures = measure.measure_and_close(build(), plan, log=lambda m: _log(f"{system}: {m}"))
-    except measure.VerificationFailed as exc:
-        row = peers.error_row(system, tier, plan, f"verification failed: {exc}")
+        figures = measure_and_close(build(), plan, log=lambda m: _log(f"{system}: {m}"))
+    except VerificationFailed as exc:
+        row = error_row(system, tier, plan, f"verification failed: {exc}")
         row["verified"] = False
         return row
     except Exception as exc:  # reported in its row: the other rows still run
-        return peers.error_row(system, tier, plan, f"{type(exc).__name__}: {exc}")
+        return error_row(system, tier, plan, f"{type(exc).__name__}: {exc}")
     return {"system": system, "tier": tier, **figures}
 
 
@@ -208,7 +219,7 @@ def _sizes(value: str) -> list[int]:
         raise ConfigError(f"--sizes takes KiB numbers separated by commas, not {value!r}") from None
     for size in sizes:
         try:
-            measure.kv_shape(size)
+            kv_shape(size)
         except ValueError as exc:
             raise ConfigError(f"--sizes: {exc}") from None
     if not sizes:

@@ -35,7 +35,12 @@ import torch
 import xxhash
 
 from fabric.bench.deployment import STARTUP_S
-from fabric.bench.tiers_vs_peers import measure
+from fabric.bench.tiers_vs_peers.measure import (
+    BLOCK_TOKENS,
+    Plan,
+    capacity_blocks,
+    kv_shape,
+)
 from fabric.errors import FabricError
 from fabric.kvbm import (
     ImmutableBlocks,
@@ -55,7 +60,7 @@ from fabric.supervise import Child, Progress, ReadyLine, start_process, stop_pro
 
 def geometry(block_bytes: int) -> KvGeometry:
     """The fp16 geometry whose 16-token blocks are ``block_bytes`` long (``measure.kv_shape``)."""
-    layers, heads, head_size = measure.kv_shape(block_bytes)
+    layers, heads, head_size = kv_shape(block_bytes)
     return KvGeometry(layers, heads, head_size, torch.float16)
 
 
@@ -75,12 +80,12 @@ def sequence_hashes(keys: Sequence[int]) -> list[SequenceHash]:
 class KvbmTierPath:
     """``fabric_host`` (``Tier.HOST``) or ``fabric_disk`` (``Tier.DISK``): see the module doc."""
 
-    def __init__(self, plan: measure.Plan, tier: Tier, workdir: Path) -> None:
+    def __init__(self, plan: Plan, tier: Tier, workdir: Path) -> None:
         if tier not in (Tier.HOST, Tier.DISK):
             raise FabricError(f"no kvbm tier path for {tier.name}")
-        capacity = measure.capacity_blocks(plan)
+        capacity = capacity_blocks(plan)
         config = load_kvbm_config(
-            block_size=measure.BLOCK_TOKENS,
+            block_size=BLOCK_TOKENS,
             device_blocks=plan.num_blocks,
             cpu_cache_gb=0.0,
             cpu_cache_blocks=capacity if tier is Tier.HOST else 0,
@@ -150,14 +155,14 @@ class NodeTierPath:
     """``fabric_node``: a node cache process and this process attached to it (module doc)."""
 
     def __init__(
-        self, plan: measure.Plan, workdir: Path, *, progress: Progress, name: str = "node-cache"
+        self, plan: Plan, workdir: Path, *, progress: Progress, name: str = "node-cache"
     ) -> None:
         geo = geometry(plan.block_bytes)
         model_dir = workdir / "model"
         model_dir.mkdir(exist_ok=True)
         (model_dir / "config.json").write_text(json.dumps(_llama_config(geo)))
         cmd = [sys.executable, "-m", "fabric.node", f"--model={model_dir}"]
-        cmd += [f"--blocks={measure.capacity_blocks(plan)}", f"--block-size={measure.BLOCK_TOKENS}"]
+        cmd += [f"--blocks={capacity_blocks(plan)}", f"--block-size={BLOCK_TOKENS}"]
         cmd += [f"--node=tiers-vs-peers-{os.getpid()}", "--namespace=bench"]
         self._children: list[Child] = [start_process(name, cmd, workdir, progress=progress)]
         self._progress = progress
@@ -168,7 +173,7 @@ class NodeTierPath:
             ready = ReadyLine(self._children[0], progress)
             wait_ready(self._children, ready, STARTUP_S)
             assert ready.line is not None
-            layout = geo.layout(LayoutKind.FULLY_CONTIGUOUS, plan.num_blocks, measure.BLOCK_TOKENS)
+            layout = geo.layout(LayoutKind.FULLY_CONTIGUOUS, plan.num_blocks, BLOCK_TOKENS)
             self.storage = host_storage(layout, pin=False)
             self.rows = block_rows(self.storage)
             self.rows[:] = 0  # fault the engine buffers in, as a running engine's are

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fabric.bench.tiers_vs_peers import measure
+from fabric.bench.tiers_vs_peers.measure import Plan, plan_flags
 from fabric.supervise import child_env
 
 HERE = Path(__file__).resolve().parent
@@ -49,13 +49,13 @@ PEERS = {
 }
 
 
-def peer_row(peer: Peer, plan: measure.Plan, workdir: Path, timeout_s: float) -> dict[str, Any]:
+def peer_row(peer: Peer, plan: Plan, workdir: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``peer``'s runner for ``plan``; its measured figures, or an error row."""
     python = peer.python()
     if not python.exists():
         return error_row(peer.system, peer.tier, plan, f"{python} is missing: {SETUP_HINT}")
     cmd = [str(python), str(HERE / peer.runner), f"--tier={peer.tier}", f"--workdir={workdir}"]
-    cmd += measure.plan_flags(plan)
+    cmd += plan_flags(plan)
     try:
         proc = subprocess.run(
             cmd,
@@ -86,7 +86,7 @@ def peer_row(peer: Peer, plan: measure.Plan, workdir: Path, timeout_s: float) ->
     return {"system": peer.system, "tier": peer.tier, **figures}
 
 
-def error_row(system: str, tier: str, plan: measure.Plan, reason: str) -> dict[str, Any]:
+def error_row(system: str, tier: str, plan: Plan, reason: str) -> dict[str, Any]:
     """A row that measured nothing: its figures None, ``error`` the reason."""
     return {
         "system": system,
