@@ -32,7 +32,7 @@ from fabric.errors import FabricError
 from fabric.frontend.generation import Frontend
 from fabric.frontend.server import BackgroundServer
 from fabric.frontend.tokenizer import TextCodec
-from fabric.kvbm import ZmqEventPublisher
+from fabric.kvbm import BlockStored, SequenceHash, Tier, ZmqEventPublisher
 from fabric.signal.errors import ErrorCode
 from fabric.signal.framing import PeerId
 from fabric.signal.messages import Abort, ErrorReply, GenerateRequest, Message, TokenChunk
@@ -51,6 +51,11 @@ STATS: dict[str, float | int | str | bool] = {
     "prefill_ms": 3.0,
     "ttft_ms": 5.0,
 }
+
+
+def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
+    """A KV event: ``hashes`` (one chain, no parent) stored in ``tier``, blocks of BLOCK_SIZE."""
+    return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
 
 
 def worker_record(

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from frontend_fakes import BLOCK_SIZE, COMPAT
+from frontend_fakes import BLOCK_SIZE, COMPAT, stored
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fabric.frontend.kv_index import KvPrefixIndex
-from fabric.kvbm import AllCleared, BlockRemoved, BlockStored, SequenceHash, Tier, sequence_hashes
+from fabric.kvbm import AllCleared, BlockRemoved, SequenceHash, Tier, sequence_hashes
 
 PROMPT = list(range(100, 100 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
-
-
-def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
-    return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
 
 
 def test_match_stops_at_the_first_missing_block() -> None:

@@ -20,6 +20,7 @@ from frontend_fakes import (
     FakeWorker,
     RunningFrontend,
     register,
+    stored,
     wait_until,
 )
 from frontend_fakes import worker_record as record
@@ -40,8 +41,6 @@ from fabric.frontend.policy import (
 from fabric.frontend.router import _source_candidates as source_candidates
 from fabric.kvbm import (
     AllCleared,
-    BlockStored,
-    SequenceHash,
     Tier,
     ZmqEventPublisher,
     sequence_hashes,
@@ -51,10 +50,6 @@ MakeWorker = Callable[..., FakeWorker]
 StartFrontend = Callable[..., RunningFrontend]
 PROMPT = list(range(300, 300 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
-
-
-def stored(hashes: list[SequenceHash], tier: Tier) -> BlockStored:
-    return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
 
 
 def node_cache(node: str, *, compat: int = COMPAT) -> WorkerRecord:

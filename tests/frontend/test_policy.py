@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
 
-from frontend_fakes import BLOCK_SIZE, COMPAT
+from frontend_fakes import BLOCK_SIZE, COMPAT, stored
 from frontend_fakes import worker_record as record
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,14 +28,10 @@ from fabric.frontend.policy import (
 )
 from fabric.frontend.roster import Roster
 from fabric.frontend.router import _source_candidates as source_candidates
-from fabric.kvbm import BlockStored, SequenceHash, Tier, sequence_hashes
+from fabric.kvbm import Tier, sequence_hashes
 
 PROMPT = list(range(100, 100 + 4 * BLOCK_SIZE + 3))  # 4 full blocks and a partial one
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
-
-
-def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
-    return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
 
 
 def route(

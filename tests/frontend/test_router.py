@@ -13,7 +13,15 @@ from collections.abc import Callable, Iterator
 import httpx
 import openai
 import pytest
-from frontend_fakes import BLOCK_SIZE, COMPAT, FakeWorker, RunningFrontend, register, wait_until
+from frontend_fakes import (
+    BLOCK_SIZE,
+    COMPAT,
+    FakeWorker,
+    RunningFrontend,
+    register,
+    stored,
+    wait_until,
+)
 
 from fabric.discovery.etcd import EtcdRegistry
 from fabric.discovery.etcd_server import EtcdServer
@@ -25,8 +33,6 @@ from fabric.frontend.tokenizer import TextCodec
 from fabric.kvbm import (
     AllCleared,
     BlockRemoved,
-    BlockStored,
-    SequenceHash,
     Tier,
     ZmqEventPublisher,
     sequence_hashes,
@@ -36,10 +42,6 @@ MakeWorker = Callable[..., FakeWorker]
 StartFrontend = Callable[..., RunningFrontend]
 PROMPT = list(range(200, 200 + 4 * BLOCK_SIZE))  # 4 full blocks
 HASHES = sequence_hashes(PROMPT, BLOCK_SIZE, seed=COMPAT)
-
-
-def stored(hashes: list[SequenceHash], tier: Tier = Tier.DEVICE) -> BlockStored:
-    return BlockStored(tier, tuple(hashes), None, None, None, BLOCK_SIZE)
 
 
 class PrefillWorkers:

@@ -6,7 +6,7 @@ SIGTERM and waits (bounded), then SIGKILLs. ``Frontend`` plays the frontend of t
 ``TokenChunk``s collected per request id until the finished one. ``prompt_of`` makes a seeded
 prompt; ``blocks_in_use`` scrapes a worker's ``fabric_kvbm_blocks_in_use{tier="G1"}``.
 ``serving_fleet`` runs a private etcd, the given workers on the tiny model and a ``Frontend``,
-and stops all of them on exit.
+and stops all of them on exit; ``ServingFleet`` is what a test module keeps of it.
 """
 
 from __future__ import annotations
@@ -190,6 +190,34 @@ class Frontend:
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
+
+
+@dataclass
+class ServingFleet:
+    """A running ``serving_fleet``: its frontend and its workers by id."""
+
+    frontend: Frontend
+    workers: dict[str, WorkerProcess]
+
+    def logs(self, *worker_ids: str) -> str:
+        """The log tails of ``worker_ids`` (every worker's without any)."""
+        return "\n\n".join(
+            f"== {w.worker_id}\n{w.log_tail()}"
+            for w in self.workers.values()
+            if not worker_ids or w.worker_id in worker_ids
+        )
+
+    def in_use(self, worker_id: str) -> float:
+        """The worker's G1 blocks in use."""
+        return blocks_in_use(self.frontend.record(worker_id))
+
+    def in_use_live(self) -> dict[str, float]:
+        """G1 blocks in use on every live worker."""
+        return {
+            worker_id: self.in_use(worker_id)
+            for worker_id, worker in self.workers.items()
+            if worker.proc.poll() is None
+        }
 
 
 def check_equal(result: Result, reference: Result) -> None:

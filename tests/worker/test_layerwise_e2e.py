@@ -18,14 +18,11 @@ teardown; every wait is bounded.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from harness_probes import wait_until
 from serving_harness import (
-    Frontend,
-    WorkerProcess,
-    blocks_in_use,
+    ServingFleet,
     check_equal,
     prompt_of,
     scrape,
@@ -50,20 +47,8 @@ WORKERS = {
 }
 
 
-@dataclass
-class Deployment:
-    frontend: Frontend
-    workers: dict[str, WorkerProcess]
-
-    def logs(self, *worker_ids: str) -> str:
-        return "\n\n".join(
-            f"== {w.worker_id}\n{w.log_tail()}"
-            for w in self.workers.values()
-            if not worker_ids or w.worker_id in worker_ids
-        )
-
-    def in_use(self, worker_id: str) -> float:
-        return blocks_in_use(self.frontend.record(worker_id))
+class Deployment(ServingFleet):
+    """The module's fleet, with its NIXL read counts."""
 
     def reads_done(self, worker_id: str) -> float:
         """NIXL READs the worker completed (``fabric_nixl_transfers_total``)."""

@@ -18,14 +18,11 @@ wait is bounded.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from harness_probes import wait_until
 from serving_harness import (
-    Frontend,
-    WorkerProcess,
-    blocks_in_use,
+    ServingFleet,
     check_equal,
     metric,
     prompt_of,
@@ -50,35 +47,18 @@ WORKERS = {
 }
 
 
-@dataclass
-class Deployment:
-    frontend: Frontend
-    workers: dict[str, WorkerProcess]
-
-    def logs(self) -> str:
-        return "\n\n".join(f"== {w.worker_id}\n{w.log_tail()}" for w in self.workers.values())
-
-    def in_use(self) -> dict[str, float]:
-        """G1 blocks in use on every live worker."""
-        return {
-            worker_id: blocks_in_use(self.frontend.record(worker_id))
-            for worker_id, worker in self.workers.items()
-            if worker.proc.poll() is None
-        }
-
-
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingFleet]:
     extra = [
         f"--device-blocks={DEVICE_BLOCKS}",
         f"--block-size={BLOCK_SIZE}",
         "--registration-ttl=1",
     ]
     with serving_fleet(tmp_path_factory.mktemp("serving"), WORKERS, extra) as (frontend, workers):
-        yield Deployment(frontend, workers)
+        yield ServingFleet(frontend, workers)
 
 
-def test_disaggregated_output_equals_aggregated(deployment: Deployment) -> None:
+def test_disaggregated_output_equals_aggregated(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     for length in (5, 40, 130):
         prompt = prompt_of(length, seed=length)
@@ -106,7 +86,7 @@ def test_disaggregated_output_equals_aggregated(deployment: Deployment) -> None:
     assert local.stats["prefill_worker"] == "" and local.stats["computed_tokens"] == 40
 
 
-def test_concurrent_requests_are_batched_and_equal(deployment: Deployment) -> None:
+def test_concurrent_requests_are_batched_and_equal(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     prompts = [prompt_of(length, seed=1000 + length) for length in (9, 33, 70)]
     references = [frontend.generate("aggregated", p, MAX_TOKENS) for p in prompts]
@@ -127,7 +107,7 @@ def test_concurrent_requests_are_batched_and_equal(deployment: Deployment) -> No
     assert steps < tokens, (steps, tokens)
 
 
-def test_shared_prefix_is_computed_once(deployment: Deployment) -> None:
+def test_shared_prefix_is_computed_once(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     first = prompt_of(100, seed=7)
     second = first[:96] + prompt_of(20, seed=8)
@@ -142,7 +122,7 @@ def test_shared_prefix_is_computed_once(deployment: Deployment) -> None:
     assert reference.stats["computed_tokens"] == 20
 
 
-def test_one_prefill_two_decodes_and_two_prefills_one_decode(deployment: Deployment) -> None:
+def test_one_prefill_two_decodes_and_two_prefills_one_decode(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     prompts = [prompt_of(length, seed=2000 + length) for length in (21, 37, 52, 66)]
     references = [frontend.generate("aggregated", p, MAX_TOKENS) for p in prompts]
@@ -162,7 +142,7 @@ def test_one_prefill_two_decodes_and_two_prefills_one_decode(deployment: Deploym
         assert result.stats["prefill_worker"] == prefill
 
 
-def test_abort_mid_stream_frees_blocks_on_both_sides(deployment: Deployment) -> None:
+def test_abort_mid_stream_frees_blocks_on_both_sides(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     max_tokens = 1000
     request_id = frontend.send(
@@ -174,13 +154,15 @@ def test_abort_mid_stream_frees_blocks_on_both_sides(deployment: Deployment) -> 
     assert result.final.finish_reason == "error"
     assert "aborted" in str(result.stats["error"])
     assert 3 <= len(result.tokens) < max_tokens
-    assert wait_until(lambda: deployment.in_use()["decode-r"] == 0, 5.0), deployment.in_use()
-    assert deployment.in_use()["prefill-a"] == 0
+    assert wait_until(lambda: deployment.in_use_live()["decode-r"] == 0, 5.0), (
+        deployment.in_use_live()
+    )
+    assert deployment.in_use_live()["prefill-a"] == 0
     errors = scrape(frontend.record("decode-r"))
     assert metric(errors, 'fabric_worker_errors_total{kind="aborted"}') >= 1
 
 
-def test_request_larger_than_the_pool_is_refused(deployment: Deployment) -> None:
+def test_request_larger_than_the_pool_is_refused(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     too_long = DEVICE_BLOCKS * BLOCK_SIZE  # prompt + max_tokens - 1 positions > the pool
     result = frontend.generate("decode-r", prompt_of(40, seed=12), too_long, prefill_worker="")
@@ -190,7 +172,7 @@ def test_request_larger_than_the_pool_is_refused(deployment: Deployment) -> None
     assert unknown.final.finish_reason == "error" and "vocabulary" in str(unknown.stats["error"])
 
 
-def test_killed_prefill_worker_recompute_or_fail(deployment: Deployment) -> None:
+def test_killed_prefill_worker_recompute_or_fail(deployment: ServingFleet) -> None:
     frontend = deployment.frontend
     prompt = prompt_of(50, seed=13)
     reference = frontend.generate("aggregated", prompt, MAX_TOKENS)
@@ -213,11 +195,11 @@ def test_killed_prefill_worker_recompute_or_fail(deployment: Deployment) -> None
     check_equal(unknown, reference)
 
 
-def test_no_blocks_leaked_anywhere(deployment: Deployment) -> None:
+def test_no_blocks_leaked_anywhere(deployment: ServingFleet) -> None:
     def idle() -> bool:
-        return all(n == 0 for n in deployment.in_use().values())
+        return all(n == 0 for n in deployment.in_use_live().values())
 
-    assert wait_until(idle, 5.0), f"{deployment.in_use()}\n{deployment.logs()}"
+    assert wait_until(idle, 5.0), f"{deployment.in_use_live()}\n{deployment.logs()}"
     for worker_id, worker in deployment.workers.items():
         if worker_id != "prefill-b":
             assert worker.proc.poll() is None, f"{worker_id} died:\n{worker.log_tail()}"
